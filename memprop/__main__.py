@@ -1,0 +1,5 @@
+import sys
+
+from memprop.cli import main
+
+sys.exit(main())

@@ -1,0 +1,120 @@
+"""What every memprop model provides, and the validation its configs share.
+
+A *workload* is a model plus a way to make an example batch and a loss, so that "one
+training step" is defined for every model:
+
+    inputs, targets = config.example_batch(batch_size)
+    loss = model.objective(model(*inputs), targets)
+
+Each zoo model keeps its repeated layers in ``model.blocks`` (an ``nn.ModuleList``):
+that chain is what checkpointing strategies and the planner segment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from memprop.errors import ConfigError
+
+__all__ = ["Batch", "ModelConfig", "ZooModel", "PHIS", "make_phi"]
+
+Batch = tuple[tuple[torch.Tensor, ...], Any]
+"""``(inputs, targets)``: positional inputs of ``model.forward``, and what
+``model.objective`` compares the output with (a tensor, or ``None``)."""
+
+# The element-wise non-linearities φ the zoo offers. NOTE [ What each φ saves ]:
+# autograd saves the *output* of relu, tanh and sigmoid (φ' is computed from φ(z)),
+# but the *input* of gelu. memprop.predict relies on this for its closed forms.
+PHIS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "gelu": nn.GELU,
+}
+
+
+def make_phi(name: str) -> nn.Module:
+    return PHIS[name]()
+
+
+class ZooModel(nn.Module):
+    """Base of the built-in models: ``forward`` plus ``objective`` and ``blocks``."""
+
+    blocks: nn.ModuleList
+
+    def objective(self, output: torch.Tensor, targets: Any) -> torch.Tensor:
+        """The scalar a training step differentiates (cross-entropy by default)."""
+        return nn.functional.cross_entropy(output.reshape(-1, output.shape[-1]),
+                                           targets.reshape(-1))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Base of the frozen, keyword-only model configs. Subclasses set ``name``,
+    validate in ``_validate`` (called from ``__post_init__``) and implement
+    ``build`` and ``example_batch``."""
+
+    name = "model"
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    def _validate(self) -> None:  # pragma: no cover - overridden
+        pass
+
+    # -- validation helpers: each names the model, the field, the value and what is allowed
+    def _fail(self, field: str, allowed: str) -> None:
+        value = getattr(self, field)
+        raise ConfigError(
+            f"memprop.models: {self.name}.{field} = {value!r} is not allowed; "
+            f"{field} must be {allowed}"
+        )
+
+    def _int_at_least(self, field: str, low: int) -> None:
+        value = getattr(self, field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            self._fail(field, f"an integer >= {low}")
+
+    def _float_range(self, field: str, low: float, high: float, *, high_open=False) -> None:
+        value = getattr(self, field)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = ok and low <= value and (value < high if high_open else value <= high)
+        if not ok:
+            self._fail(field, f"a number in [{low}, {high}{')' if high_open else ']'}")
+
+    def _choice(self, field: str, options) -> None:
+        if getattr(self, field) not in options:
+            self._fail(field, "one of: " + ", ".join(map(str, options)))
+
+    def build(self, *, dtype: torch.dtype = torch.float32, device="cpu",
+              seed: int = 0) -> ZooModel:
+        """The model with deterministic weights (``seed``), on ``device`` in ``dtype``."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = self._build()
+        return model.to(device=device, dtype=dtype)
+
+    def _build(self) -> ZooModel:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def example_batch(self, batch_size: int, *, dtype: torch.dtype = torch.float32,
+                      device="cpu", seed: int = 0) -> Batch:
+        """A deterministic random batch of ``batch_size`` examples."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"memprop.models: batch size {batch_size!r} is not allowed; "
+                              "it must be an integer >= 1")
+        gen = torch.Generator().manual_seed(seed)
+        inputs, targets = self._batch(batch_size, gen, dtype)
+        move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        return tuple(move(t) for t in inputs), move(targets)
+
+    def _batch(self, batch_size: int, gen: torch.Generator, dtype: torch.dtype) -> Batch:
+        raise NotImplementedError  # pragma: no cover
+
+    def fields(self) -> dict[str, Any]:
+        """The config's fields as a plain dict (for result rows and specs)."""
+        return dataclasses.asdict(self)

@@ -1,0 +1,27 @@
+import subprocess
+import sys
+
+from memprop import __version__
+from memprop.cli import main
+
+
+def test_version_and_help(capsys):
+    assert main([]) == 0
+    assert "backprop" in capsys.readouterr().out
+    out = subprocess.run([sys.executable, "-m", "memprop", "--version"], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == f"memprop {__version__}"
+
+
+def test_backprop_command_prints_walkthrough(capsys):
+    assert main(["backprop", "--d", "10", "--h", "6", "--q", "3", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "stored: 200 B (200 bytes) = B·(d + 2h + q)·4 = 2·(10 + 12 + 3)·4" in out
+    assert "∂J/∂z = ∂J/∂h ⊙ φ′(z)" in out
+
+
+def test_bad_option_is_a_clear_error(capsys):
+    assert main(["backprop", "--phi", "gelu"]) == 2
+    assert "phi must be one of: relu, tanh, sigmoid" in capsys.readouterr().err
+    assert main(["backprop", "--dtype", "float8"]) == 2
+    assert "unknown dtype 'float8'" in capsys.readouterr().err
