@@ -35,6 +35,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from memprop._module_scope import ModuleScope
+
 __all__ = ["SavedRecord", "SavedTensorRecorder", "KINDS"]
 
 KINDS = ("activation", "input", "parameter", "buffer")
@@ -83,17 +85,14 @@ class SavedTensorRecorder:
         self.model = model
         self.records: list[SavedRecord] = []
         self._by_key: dict[int, tuple[weakref.ref, SavedRecord]] = {}
-        self._module_names: dict[int, str] = {}
         self._params: set[int] = set()
         self._buffers: set[int] = set()
         if model is not None:
-            self._module_names = {id(m): name for name, m in model.named_modules()}
             self._params = storage_keys(model.parameters())
             self._buffers = storage_keys(model.buffers())
         self._inputs = storage_keys(inputs)
-        self._module_stack: list[str] = []
+        self._scope = ModuleScope(model)
         self._walking: tuple[str, int] | None = None  # (name, sequence_nr) of the node read
-        self._handles: list = []
         self._hooks = None
 
     # -- hooks -------------------------------------------------------------------
@@ -118,7 +117,7 @@ class SavedTensorRecorder:
         else:
             record = SavedRecord(
                 order=len(self.records),
-                module=self._module_stack[-1] if self._module_stack else "",
+                module=self._scope.current,
                 op="?", shape=tuple(t.shape), dtype=str(t.dtype).replace("torch.", ""),
                 kind=self._kind(t, key), nbytes=storage.nbytes())
             self.records.append(record)
@@ -134,26 +133,15 @@ class SavedTensorRecorder:
                 record.op, record.op_seq = name, seq
         return packed.tensor
 
-    def _pre(self, module, args):
-        self._module_stack.append(self._module_names.get(id(module), type(module).__name__))
-
-    def _post(self, module, args, output):
-        if self._module_stack:
-            self._module_stack.pop()
-
     def __enter__(self) -> "SavedTensorRecorder":
-        reg = torch.nn.modules.module
-        self._handles = [reg.register_module_forward_pre_hook(self._pre),
-                         reg.register_module_forward_hook(self._post, always_call=True)]
+        self._scope.__enter__()
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         self._hooks.__exit__(*exc)
-        for h in self._handles:
-            h.remove()
-        self._handles, self._module_stack = [], []
+        self._scope.__exit__(*exc)
 
     # -- op attribution ----------------------------------------------------------
     def add_root(self, *roots: torch.Tensor) -> None:

@@ -92,11 +92,20 @@ class ModelConfig:
 
     def build(self, *, dtype: torch.dtype = torch.float32, device="cpu",
               seed: int = 0) -> ZooModel:
-        """The model with deterministic weights (``seed``), on ``device`` in ``dtype``."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = self._build()
-        return model.to(device=device, dtype=dtype)
+        """The model with deterministic weights (``seed``), on ``device`` in ``dtype``.
+
+        Parameters are created in place (default dtype and device set while building),
+        never converted afterwards: no second copy of the weights, and it works under
+        ``FakeTensorMode``, whose tensors cannot be swapped by ``Module.to``."""
+        previous = torch.get_default_dtype()
+        try:
+            with torch.random.fork_rng(devices=[]), torch.device(device):
+                torch.manual_seed(seed)
+                torch.set_default_dtype(dtype)
+                model = self._build()
+        finally:
+            torch.set_default_dtype(previous)
+        return model
 
     def _build(self) -> ZooModel:  # pragma: no cover - overridden
         raise NotImplementedError

@@ -1,0 +1,212 @@
+"""Track every tensor storage alive during a training step, by category and phase.
+
+    tracker = LiveMemoryTracker(model, optimizer=opt, inputs=(x, y))
+    with tracker:
+        tracker.phase = "forward";   loss = model.objective(model(x), y)
+        tracker.phase = "backward";  loss.backward()
+        tracker.phase = "optimizer"; opt.step(); opt.zero_grad(set_to_none=True)
+    tracker.peak_bytes, tracker.timeline(), tracker.peak_by_category()
+
+NOTE [ What counts as live memory ]
+  * Live memory is the sum of ``untyped_storage().nbytes()`` over distinct storages that
+    are alive: the model's parameters and buffers, the batch, gradients and optimizer
+    state present at the start, plus every storage an op creates while the tracker is
+    active (seen by a ``TorchDispatchMode``, so it works on CPU, CUDA and fake tensors).
+  * A storage stops counting the moment it is freed: a weakref callback on the storage
+    object fires when its StorageImpl dies (PyTorch keeps one Python object per live
+    storage), so each allocation and free costs O(1) - no scan of ``gc``.
+  * Category: parameter, buffer, input (the batch), gradient (a parameter's ``.grad``,
+    tagged by a post-accumulate-grad hook), optimizer (storages in ``optimizer.state``
+    after the step), activation (saved by autograd for backward, tagged by a
+    ``saved_tensors_hooks`` pack hook; released to temporary when backward ends),
+    temporary (everything else: outputs not saved, gradients in flight, workspaces).
+  * One timeline row per op, taken right after the op's outputs are counted; frees
+    between ops show in the next row. The tensor-level peak is the maximum row total:
+    the CPU analogue of ``torch.cuda.max_memory_allocated``, without allocator rounding,
+    caching or kernel workspaces that never surface as tensors.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Iterable
+
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from memprop._module_scope import ModuleScope
+
+__all__ = ["LiveMemoryTracker", "CATEGORIES", "PHASES"]
+
+CATEGORIES = ("parameter", "buffer", "input", "gradient", "optimizer", "activation",
+              "temporary")
+PHASES = ("forward", "backward", "optimizer", "inference")
+_CAT = {c: i for i, c in enumerate(CATEGORIES)}
+_IGNORED_OPS = {"profiler._record_function_enter_new", "profiler._record_function_exit"}
+
+
+class _DispatchHook(TorchDispatchMode):
+    def __init__(self, tracker: "LiveMemoryTracker"):
+        super().__init__()
+        self.tracker = tracker
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.tracker._on_op(func, out)
+        return out
+
+
+class LiveMemoryTracker:
+    """Context manager tracking live storages by category; see NOTE above.
+
+    Set ``tracker.phase`` to ``forward`` / ``backward`` / ``optimizer`` (or
+    ``inference``) as the step proceeds; rows carry the phase in force."""
+
+    def __init__(self, model: nn.Module | None = None, *, optimizer=None,
+                 inputs: Iterable = ()):
+        self.model, self.optimizer = model, optimizer
+        self.phase = "forward"
+        self._inputs = [t for t in tree_flatten(list(inputs))[0] if isinstance(t, torch.Tensor)]
+        self._live: dict[int, list] = {}     # storage key -> [category index, nbytes, weakref]
+        self._totals = [0] * len(CATEGORIES)
+        self._rows: list[tuple] = []
+        self._scope = ModuleScope(model)
+        self._handles: list = []
+        self._mode = _DispatchHook(self)
+        self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    # -- bookkeeping ----------------------------------------------------------------
+    def _add(self, t: torch.Tensor, category: str, *, retag: bool = False) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        entry = self._live.get(key)
+        if entry is not None:
+            if retag and entry[0] != _CAT[category]:
+                self._totals[entry[0]] -= entry[1]
+                entry[0] = _CAT[category]
+                self._totals[entry[0]] += entry[1]
+            return
+        nbytes = storage.nbytes()
+        cat = _CAT[category]
+        ref = weakref.ref(storage, self._make_release(key))
+        self._live[key] = [cat, nbytes, ref]
+        self._totals[cat] += nbytes
+
+    def _make_release(self, key: int):
+        def release(_ref, key=key, live=self._live, totals=self._totals):
+            entry = live.get(key)
+            if entry is not None and entry[2] is _ref:
+                del live[key]
+                totals[entry[0]] -= entry[1]
+        return release
+
+    def _on_op(self, func, out) -> None:
+        name = str(func.overloadpacket) if hasattr(func, "overloadpacket") else str(func)
+        if name in _IGNORED_OPS:
+            return
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._add(t, "temporary")
+        node = torch._C._current_autograd_node() if self.phase == "backward" else None
+        where = node.name() if node is not None else self._scope.current
+        totals = self._totals
+        self._rows.append((len(self._rows), self.phase, where, name.replace("aten.", ""),
+                           *totals, sum(totals)))
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage()._cdata
+        entry = self._live.get(key)
+        if entry is None or entry[0] == _CAT["temporary"]:
+            self._add(t, "activation", retag=True)
+        return t
+
+    @staticmethod
+    def _unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def _on_grad(self, param: torch.Tensor) -> None:
+        if param.grad is not None:
+            self._add(param.grad, "gradient", retag=True)
+
+    def _tag_existing(self) -> None:
+        if self.model is not None:
+            for p in self.model.parameters():
+                self._add(p, "parameter")
+                if p.grad is not None:
+                    self._add(p.grad, "gradient")
+            for b in self.model.buffers():
+                self._add(b, "buffer")
+        for t in self._inputs:
+            self._add(t, "input")
+        self.tag_optimizer_state()
+
+    def tag_optimizer_state(self) -> None:
+        """Count (or retag) every tensor in ``optimizer.state`` as optimizer state."""
+        if self.optimizer is None:
+            return
+        for state in self.optimizer.state.values():
+            for t in tree_flatten(state)[0]:
+                if isinstance(t, torch.Tensor):
+                    self._add(t, "optimizer", retag=True)
+
+    def end_backward(self) -> None:
+        """Storages still tagged activation after backward are no longer held for it."""
+        for entry in self._live.values():
+            if entry[0] == _CAT["activation"]:
+                self._totals[entry[0]] -= entry[1]
+                entry[0] = _CAT["temporary"]
+                self._totals[entry[0]] += entry[1]
+
+    # -- context --------------------------------------------------------------------
+    def __enter__(self) -> "LiveMemoryTracker":
+        self._tag_existing()
+        if self.model is not None:
+            self._handles = [p.register_post_accumulate_grad_hook(self._on_grad)
+                             for p in self.model.parameters() if p.requires_grad]
+        self._scope.__enter__()
+        self._saved_hooks.__enter__()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+        self._saved_hooks.__exit__(*exc)
+        self._scope.__exit__(*exc)
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    # -- results --------------------------------------------------------------------
+    @property
+    def live_bytes(self) -> int:
+        """Bytes alive now."""
+        return sum(self._totals)
+
+    def live_by_category(self) -> dict[str, int]:
+        return dict(zip(CATEGORIES, self._totals))
+
+    def timeline(self) -> pd.DataFrame:
+        """One row per op: op_index, phase, module (forward) or autograd node (backward),
+        op, then live bytes per category and ``total_bytes``."""
+        cols = ["op_index", "phase", "module", "op", *(f"{c}_bytes" for c in CATEGORIES),
+                "total_bytes"]
+        return pd.DataFrame(self._rows, columns=cols)
+
+    @property
+    def peak_bytes(self) -> int:
+        """Tensor-level peak: the largest row total (see NOTE)."""
+        return max((r[-1] for r in self._rows), default=self.live_bytes)
+
+    def peak_by_phase(self) -> dict[str, int]:
+        peaks: dict[str, int] = {}
+        for r in self._rows:
+            peaks[r[1]] = max(peaks.get(r[1], 0), r[-1])
+        return peaks
+
+    def peak_by_category(self) -> dict[str, int]:
+        """Per category, the largest bytes it held at any row (maxima need not coincide)."""
+        return {c: max((r[4 + i] for r in self._rows), default=self._totals[i])
+                for i, c in enumerate(CATEGORIES)}
