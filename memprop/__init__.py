@@ -5,8 +5,12 @@ The public surface is listed in ``__all__``; everything else is private.
 
 from memprop._version import __version__
 from memprop.errors import BudgetError, ConfigError, MemPropError, StrategyError
+from memprop.estimate import estimate
+from memprop.measure import Measurement, measure, measure_step
 from memprop.models import MODELS, model_config, training_loss
+from memprop.predict import predict_saved_bytes
 from memprop.saved import SavedRecord, SavedTensorRecorder
+from memprop.tracker import CATEGORIES, PHASES, LiveMemoryTracker
 from memprop.units import format_bytes, parse_size
 
 __all__ = [
@@ -14,7 +18,10 @@ __all__ = [
     # models
     "MODELS", "model_config", "training_loss",
     # measurement
-    "SavedTensorRecorder", "SavedRecord",
+    "SavedTensorRecorder", "SavedRecord", "LiveMemoryTracker", "CATEGORIES", "PHASES",
+    "measure_step", "measure", "Measurement",
+    # prediction
+    "estimate", "predict_saved_bytes",
     # units and errors
     "parse_size", "format_bytes",
     "MemPropError", "ConfigError", "StrategyError", "BudgetError",

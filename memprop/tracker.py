@@ -21,7 +21,8 @@ NOTE [ What counts as live memory ]
     ``saved_tensors_hooks`` pack hook; released to temporary when backward ends),
     temporary (everything else: outputs not saved, gradients in flight, workspaces).
   * One timeline row per op, taken right after the op's outputs are counted; frees
-    between ops show in the next row. The tensor-level peak is the maximum row total:
+    between ops show in the next row, and so does the activation tag of an op's outputs
+    (autograd packs them after the op returns; the total is unaffected). The tensor-level peak is the maximum row total:
     the CPU analogue of ``torch.cuda.max_memory_allocated``, without allocator rounding,
     caching or kernel workspaces that never surface as tensors.
 """
@@ -68,15 +69,30 @@ class LiveMemoryTracker:
     def __init__(self, model: nn.Module | None = None, *, optimizer=None,
                  inputs: Iterable = ()):
         self.model, self.optimizer = model, optimizer
-        self.phase = "forward"
+        self._phase = "forward"
         self._inputs = [t for t in tree_flatten(list(inputs))[0] if isinstance(t, torch.Tensor)]
         self._live: dict[int, list] = {}     # storage key -> [category index, nbytes, weakref]
         self._totals = [0] * len(CATEGORIES)
         self._rows: list[tuple] = []
         self._scope = ModuleScope(model)
-        self._handles: list = []
+        self._handles: list | None = None   # not None while tracking
         self._mode = _DispatchHook(self)
         self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    @phase.setter
+    def phase(self, value: str) -> None:
+        """Setting the phase writes a boundary row (op ``[phase]``) while tracking."""
+        self._phase = value
+        if self._handles is not None:
+            self._snapshot(f"[{value}]")
+
+    def _snapshot(self, label: str) -> None:
+        totals = self._totals
+        self._rows.append((len(self._rows), self._phase, "", label, *totals, sum(totals)))
 
     # -- bookkeeping ----------------------------------------------------------------
     def _add(self, t: torch.Tensor, category: str, *, retag: bool = False) -> None:
@@ -154,6 +170,7 @@ class LiveMemoryTracker:
 
     def end_backward(self) -> None:
         """Storages still tagged activation after backward are no longer held for it."""
+        self._snapshot("[end backward]")
         for entry in self._live.values():
             if entry[0] == _CAT["activation"]:
                 self._totals[entry[0]] -= entry[1]
@@ -166,18 +183,22 @@ class LiveMemoryTracker:
         if self.model is not None:
             self._handles = [p.register_post_accumulate_grad_hook(self._on_grad)
                              for p in self.model.parameters() if p.requires_grad]
+        else:
+            self._handles = []
         self._scope.__enter__()
         self._saved_hooks.__enter__()
         self._mode.__enter__()
+        self._snapshot(f"[{self._phase}]")
         return self
 
     def __exit__(self, *exc) -> None:
         self._mode.__exit__(*exc)
         self._saved_hooks.__exit__(*exc)
         self._scope.__exit__(*exc)
+        self._snapshot("[end]")
         for h in self._handles:
             h.remove()
-        self._handles = []
+        self._handles = None
 
     # -- results --------------------------------------------------------------------
     @property

@@ -25,3 +25,28 @@ def test_bad_option_is_a_clear_error(capsys):
     assert "phi must be one of: relu, tanh, sigmoid" in capsys.readouterr().err
     assert main(["backprop", "--dtype", "float8"]) == 2
     assert "unknown dtype 'float8'" in capsys.readouterr().err
+
+
+def test_profile_json_estimate_and_timeline(tmp_path, capsys):
+    import json
+
+    import pandas as pd
+    timeline = tmp_path / "tl.csv"
+    assert main(["profile", "--set", "depth=3", "--set", "width=32", "--batch", "4",
+                 "--repeats", "1", "--json", "--timeline", str(timeline)]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["saved_bytes"] == row["closed_form_saved_bytes"]
+    assert pd.read_csv(timeline).total_bytes.max() == row["peak_bytes"]
+    assert main(["profile", "--model", "transformer", "--set", "depth=2", "--batch", "2",
+                 "--estimate"]) == 0
+    out = capsys.readouterr().out
+    assert "PREDICTED on fake tensors" in out and "blocks.1.attn" in out
+
+
+def test_profile_bad_inputs(capsys):
+    assert main(["profile", "--set", "depth"]) == 2
+    assert "is not KEY=VALUE" in capsys.readouterr().err
+    assert main(["profile", "--set", "depht=3"]) == 2
+    assert "did you mean 'depth'" in capsys.readouterr().err
+    assert main(["profile", "--model", "os.path:join"]) == 2
+    assert "needs --input-shape" in capsys.readouterr().err
