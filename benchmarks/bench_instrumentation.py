@@ -87,9 +87,9 @@ def run() -> dict:
                   "predicted_peak_GiB": round(est.peak_bytes / 2**30, 1),
                   "estimate_seconds": round(est_s, 2)})
     verdicts = [
-        *(f"{r['workload']}: recorder {r["recorder_overhead"]:+.1%} "
+        *(f"{r['workload']}: recorder {r['recorder_overhead']:+.1%} "
           f"({'meets' if r['recorder_overhead'] <= 0.05 else 'MISSES'} <= 5 %), tracker "
-          f"{r["tracker_overhead"]:+.1%} ({'meets' if r['tracker_overhead'] <= 0.25 else 'MISSES'}"
+          f"{r['tracker_overhead']:+.1%} ({'meets' if r['tracker_overhead'] <= 0.25 else 'MISSES'}"
           " <= 25 %)" for r in table[:-1]),
         f"estimate of a {est.peak_bytes / 2**30:.0f} GiB step took {est_s:.2f} s "
         f"({'meets' if est_s <= 5 else 'MISSES'} <= 5 s)",
