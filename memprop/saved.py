@@ -18,8 +18,8 @@ NOTE [ What counts as a stored intermediate ]
     the batch), ``activation`` (everything else). ``saved_bytes`` = activation + input.
   * Attributed to the module (fully qualified name) running when the storage was first
     saved, and to the op (``grad_fn`` name) that saved it first; the op names come from
-    a walk of the autograd graph (``add_root``), which reads each node's ``_saved_*``
-    fields and so passes every saved tensor through the unpack hook once.
+    a walk of the autograd graph (``add_root``) that reads each node's raw saved
+    tensors without unpacking them.
   * Under non-reentrant checkpointing, tensors saved inside a checkpointed region are
     packed by the checkpoint's own hooks; only the checkpoint's inputs reach an outer
     hook, and those are exactly what is retained. The same rule measures both modes.
@@ -37,7 +37,7 @@ from torch import nn
 
 from memprop._module_scope import ModuleScope
 
-__all__ = ["SavedRecord", "SavedTensorRecorder", "KINDS"]
+__all__ = ["SavedRecord", "SavedTensorRecorder", "KINDS", "report_stored"]
 
 KINDS = ("activation", "input", "parameter", "buffer")
 
@@ -55,6 +55,18 @@ class SavedRecord:
     nbytes: int
     saves: int = 1           # how many times autograd saved (a view of) this storage
     op_seq: int | None = dataclasses.field(default=None, repr=False)  # sequence_nr of `op`
+
+
+# Instruments that want to hear of tensors stored for backward *outside* autograd's
+# pack hooks (selective checkpointing keeps its saved op outputs in a cache of its own).
+_STORE_OBSERVERS: list = []
+
+
+def report_stored(tensor: torch.Tensor, op: str) -> None:
+    """Tell active recorders and trackers that ``tensor`` is kept for backward by ``op``
+    without passing through a pack hook (see memprop.checkpoint.selective)."""
+    for observer in _STORE_OBSERVERS:
+        observer.observe_stored(tensor, op)
 
 
 class _Packed:
@@ -92,7 +104,6 @@ class SavedTensorRecorder:
             self._buffers = storage_keys(model.buffers())
         self._inputs = storage_keys(inputs)
         self._scope = ModuleScope(model)
-        self._walking: tuple[str, int] | None = None  # (name, sequence_nr) of the node read
         self._hooks = None
 
     # -- hooks -------------------------------------------------------------------
@@ -124,29 +135,36 @@ class SavedTensorRecorder:
             self._by_key[key] = (weakref.ref(storage), record)
         return _Packed(t, record)
 
-    def _unpack(self, packed: _Packed) -> torch.Tensor:
-        if self._walking is not None:
-            # the first saver is the node created first: the lowest sequence number
-            name, seq = self._walking
-            record = packed.record
-            if record.op_seq is None or seq < record.op_seq:
-                record.op, record.op_seq = name, seq
+    def observe_stored(self, t: torch.Tensor, op: str) -> None:
+        record = self._pack(t).record
+        if record.op == "?":
+            record.op = op
+
+    @staticmethod
+    def _unpack(packed: _Packed) -> torch.Tensor:
         return packed.tensor
 
     def __enter__(self) -> "SavedTensorRecorder":
         self._scope.__enter__()
+        _STORE_OBSERVERS.append(self)
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         self._hooks.__exit__(*exc)
+        _STORE_OBSERVERS.remove(self)
         self._scope.__exit__(*exc)
 
     # -- op attribution ----------------------------------------------------------
     def add_root(self, *roots: torch.Tensor) -> None:
         """Walk the autograd graph behind ``roots`` (before backward frees it) and name
-        the ``grad_fn`` that saved each recorded storage."""
+        the ``grad_fn`` that saved each recorded storage: the node created first (lowest
+        sequence number) among those that saved it.
+
+        The walk reads each node's raw saved tensors and keeps only those this recorder
+        packed (their ``unpack_hook`` is ours); it unpacks nothing, so another hook's
+        tensors (a checkpoint's, an offload's) are never recomputed or moved by it."""
         seen: set = set()
         stack = [r.grad_fn for r in roots if isinstance(r, torch.Tensor)]
         while stack:
@@ -154,16 +172,21 @@ class SavedTensorRecorder:
             if node is None or node in seen:
                 continue
             seen.add(node)
-            self._walking = (node.name(), node._sequence_nr())
-            try:
-                for attr in dir(node):
-                    if attr.startswith("_saved_") or attr == "saved_tensors":
-                        try:
-                            getattr(node, attr)
-                        except RuntimeError:  # already freed by a backward
-                            pass
-            finally:
-                self._walking = None
+            name, seq = node.name(), node._sequence_nr()
+            for attr in dir(node):
+                if not attr.startswith("_raw_saved_"):
+                    continue
+                try:
+                    raw = getattr(node, attr)
+                except RuntimeError:   # freed by an earlier backward
+                    continue
+                for item in raw if isinstance(raw, (list, tuple)) else (raw,):
+                    packed = getattr(item, "data", None) if getattr(
+                        item, "unpack_hook", None) == self._unpack else None
+                    if isinstance(packed, _Packed):
+                        record = packed.record
+                        if record.op_seq is None or seq < record.op_seq:
+                            record.op, record.op_seq = name, seq
             stack.extend(fn for fn, _ in node.next_functions)
 
     # -- results -----------------------------------------------------------------

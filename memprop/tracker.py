@@ -39,6 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from memprop._module_scope import ModuleScope
+from memprop.saved import _STORE_OBSERVERS
 
 __all__ = ["LiveMemoryTracker", "CATEGORIES", "PHASES"]
 
@@ -139,6 +140,9 @@ class LiveMemoryTracker:
             self._add(t, "activation", retag=True)
         return t
 
+    def observe_stored(self, t: torch.Tensor, op: str) -> None:
+        self._pack(t)
+
     @staticmethod
     def _unpack(t: torch.Tensor) -> torch.Tensor:
         return t
@@ -186,6 +190,7 @@ class LiveMemoryTracker:
         else:
             self._handles = []
         self._scope.__enter__()
+        _STORE_OBSERVERS.append(self)
         self._saved_hooks.__enter__()
         self._mode.__enter__()
         self._snapshot(f"[{self._phase}]")
@@ -194,6 +199,7 @@ class LiveMemoryTracker:
     def __exit__(self, *exc) -> None:
         self._mode.__exit__(*exc)
         self._saved_hooks.__exit__(*exc)
+        _STORE_OBSERVERS.remove(self)
         self._scope.__exit__(*exc)
         self._snapshot("[end]")
         for h in self._handles:

@@ -1,0 +1,274 @@
+"""Checkpointing strategies: small policy objects with one verb, ``apply(model)``.
+
+    from memprop.checkpoint import Sqrt, parse_strategy
+    Sqrt().apply(model)                         # or: parse_strategy("sqrt").apply(model)
+    remove_strategy(model)                      # back to the plain model
+
+String forms (CLI and experiment specs):
+
+    none            nothing recomputed
+    full            every block checkpointed on its own: stores only block inputs
+    every:K         every K-th block checkpointed (blocks K-1, 2K-1, ...), as torchtitan's
+                    selective layer checkpointing
+    segments:N      N equal segments; all but the last checkpointed, as
+                    torch.utils.checkpoint.checkpoint_sequential (the last segment's
+                    activations are needed first in backward, so recomputing it saves nothing)
+    sqrt            segments:ceil(sqrt(n)) for n blocks (Chen et al. 2016, arXiv:1604.06174)
+    blocks:i,j,...  exactly these blocks checkpointed, each on its own
+    selective       every block, op-level: keep matmul/conv/attention outputs, recompute
+                    pointwise ops (memprop.checkpoint.selective)
+    offload         keep saved tensors in host memory (torch.autograd.graph.save_on_cpu);
+                    on a CPU run it moves nothing and says so
+    budget:SIZE     the planner's cheapest plan whose predicted peak fits SIZE (e.g. 2GiB)
+
+All strategies use non-reentrant checkpointing and preserve RNG state; see NOTE [ How a
+segment is checkpointed without changing the model ] in memprop.checkpoint.chain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+import warnings
+
+import torch
+from torch import nn
+
+from memprop.checkpoint.chain import CheckpointedChain, find_blocks
+from memprop.checkpoint.selective import selective_context_fn
+from memprop.errors import StrategyError
+from memprop.units import parse_size
+
+__all__ = ["Strategy", "NoCheckpoint", "Full", "EveryK", "Segments", "Sqrt", "Blocks",
+           "Selective", "Offload", "Budget", "parse_strategy", "apply_strategy",
+           "remove_strategy", "applied_strategy", "STRATEGY_FORMS"]
+
+STRATEGY_FORMS = ("none", "full", "every:K", "segments:N", "sqrt", "blocks:i,j,...",
+                  "selective", "offload", "budget:SIZE")
+
+_APPLIED = "_memprop_applied"   # model.__dict__ key: (strategy, undo callable)
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """Base: subclasses choose ``segments(n)`` (inclusive block ranges to recompute)."""
+
+    def segments(self, n_blocks: int) -> list[tuple[int, int]]:
+        return []
+
+    context_fn = None
+
+    def apply(self, model: nn.Module, *, blocks_attr: str | None = None,
+              example_batch=None) -> nn.Module:
+        """Checkpoint ``model`` in place (``state_dict`` keys unchanged); returns it."""
+        if _APPLIED in model.__dict__:
+            raise StrategyError(f"memprop.checkpoint: {type(model).__name__} already has "
+                                f"strategy {model.__dict__[_APPLIED][0]} applied; call "
+                                "remove_strategy(model) first")
+        segments = self.segments_for(model, blocks_attr=blocks_attr,
+                                     example_batch=example_batch)
+        blocks = find_blocks(model, blocks_attr) if segments else []
+        chain = CheckpointedChain(blocks, segments, context_fn=self.context_fn).apply()
+        model.__dict__[_APPLIED] = (self, chain.remove)
+        return model
+
+    def segments_for(self, model, *, blocks_attr=None, example_batch=None):
+        if type(self).segments is Strategy.segments:
+            return []
+        return self.segments(len(find_blocks(model, blocks_attr)))
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+@dataclasses.dataclass(frozen=True)
+class NoCheckpoint(Strategy):
+    spec = "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class Full(Strategy):
+    spec = "full"
+
+    def segments(self, n):
+        return [(i, i) for i in range(n)]
+
+
+@dataclasses.dataclass(frozen=True)
+class EveryK(Strategy):
+    k: int = 2
+
+    def __post_init__(self):
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise StrategyError(f"memprop.checkpoint: every:K needs an integer K >= 1, got {self.k!r}")
+
+    @property
+    def spec(self):
+        return f"every:{self.k}"
+
+    def segments(self, n):
+        return [(i, i) for i in range(self.k - 1, n, self.k)]
+
+
+def _equal_segments(n: int, count: int) -> list[tuple[int, int]]:
+    """``count`` contiguous ranges covering 0..n-1, sizes differing by at most one."""
+    count = max(1, min(count, n))
+    base, extra = divmod(n, count)
+    bounds, start = [], 0
+    for i in range(count):
+        size = base + (1 if i < extra else 0)
+        bounds.append((start, start + size - 1))
+        start += size
+    return bounds
+
+
+@dataclasses.dataclass(frozen=True)
+class Segments(Strategy):
+    n: int = 2
+
+    def __post_init__(self):
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise StrategyError(f"memprop.checkpoint: segments:N needs an integer N >= 1, got {self.n!r}")
+
+    @property
+    def spec(self):
+        return f"segments:{self.n}"
+
+    def segments(self, n):
+        return _equal_segments(n, self.n)[:-1]   # the last segment runs plainly
+
+
+@dataclasses.dataclass(frozen=True)
+class Sqrt(Strategy):
+    spec = "sqrt"
+
+    def segments(self, n):
+        return _equal_segments(n, math.ceil(math.sqrt(n)))[:-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks(Strategy):
+    indices: tuple[int, ...] = ()
+
+    @property
+    def spec(self):
+        return "blocks:" + ",".join(map(str, self.indices))
+
+    def segments(self, n):
+        bad = [i for i in self.indices if not 0 <= i < n]
+        if bad:
+            raise StrategyError(f"memprop.checkpoint: blocks:{','.join(map(str, self.indices))} "
+                                f"names blocks {bad} but the chain has blocks 0..{n - 1}")
+        return [(i, i) for i in sorted(set(self.indices))]
+
+
+@dataclasses.dataclass(frozen=True)
+class Selective(Strategy):
+    spec = "selective"
+    context_fn = staticmethod(selective_context_fn)
+
+    def segments(self, n):
+        return [(i, i) for i in range(n)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Offload(Strategy):
+    spec = "offload"
+
+    def apply(self, model, *, blocks_attr=None, example_batch=None):
+        if _APPLIED in model.__dict__:
+            raise StrategyError("memprop.checkpoint: a strategy is already applied; call "
+                                "remove_strategy(model) first")
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        if device.type == "cpu":
+            warnings.warn("memprop.checkpoint: offload on a CPU model moves nothing: saved "
+                          "tensors already live in host memory; the step runs as 'none'",
+                          stacklevel=2)
+            model.__dict__[_APPLIED] = (self, lambda: None)
+            return model
+        original = model.__dict__.get("forward")
+        bound = type(model).forward.__get__(model)
+
+        @functools.wraps(bound)
+        def forward(*args, **kwargs):
+            with torch.autograd.graph.save_on_cpu(pin_memory=True):
+                return bound(*args, **kwargs)
+
+        def undo():
+            if original is None:
+                model.__dict__.pop("forward", None)
+            else:
+                model.forward = original
+        model.forward = forward
+        model.__dict__[_APPLIED] = (self, undo)
+        return model
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget(Strategy):
+    budget_bytes: int = 0
+
+    @property
+    def spec(self):
+        from memprop.units import format_bytes
+        return f"budget:{format_bytes(self.budget_bytes).replace(' ', '')}"
+
+    def segments_for(self, model, *, blocks_attr=None, example_batch=None):
+        if example_batch is None:
+            raise StrategyError("memprop.checkpoint: budget:SIZE plans from a profile of one "
+                                "step; pass example_batch=(inputs, targets) to apply()")
+        from memprop.checkpoint.planner import plan
+        return plan(model, example_batch, self.budget_bytes, blocks_attr=blocks_attr).segments
+
+
+def remove_strategy(model: nn.Module) -> nn.Module:
+    """Undo ``apply``: the model runs plainly again."""
+    entry = model.__dict__.pop(_APPLIED, None)
+    if entry is not None:
+        entry[1]()
+    return model
+
+
+def applied_strategy(model: nn.Module) -> Strategy | None:
+    entry = model.__dict__.get(_APPLIED)
+    return entry[0] if entry else None
+
+
+_SIMPLE = {"none": NoCheckpoint, "full": Full, "sqrt": Sqrt, "selective": Selective,
+           "offload": Offload}
+
+
+def parse_strategy(text: str | Strategy | None) -> Strategy:
+    """A ``Strategy`` from its string form; an error listing the valid forms otherwise."""
+    if isinstance(text, Strategy):
+        return text
+    if text is None:
+        return NoCheckpoint()
+    spec = str(text).strip().lower()
+    if spec in _SIMPLE:
+        return _SIMPLE[spec]()
+    name, _, arg = spec.partition(":")
+    try:
+        if name == "every" and re.fullmatch(r"\d+", arg):
+            return EveryK(int(arg))
+        if name == "segments" and re.fullmatch(r"\d+", arg):
+            return Segments(int(arg))
+        if name == "blocks" and re.fullmatch(r"\d+(,\d+)*", arg):
+            return Blocks(tuple(int(i) for i in arg.split(",")))
+        if name == "budget" and arg:
+            return Budget(parse_size(arg))
+    except ValueError as exc:
+        raise StrategyError(f"memprop.checkpoint: bad strategy {text!r}: {exc}") from None
+    raise StrategyError(f"memprop.checkpoint: unknown strategy {text!r}; choose one of: "
+                        f"{', '.join(STRATEGY_FORMS)} (e.g. every:2, segments:4, blocks:0,3, "
+                        "budget:1.5GiB)")
+
+
+def apply_strategy(model: nn.Module, strategy, *, blocks_attr: str | None = None,
+                   example_batch=None) -> Strategy:
+    """Parse (if a string) and apply ``strategy`` to ``model``; returns the Strategy."""
+    strat = parse_strategy(strategy)
+    strat.apply(model, blocks_attr=blocks_attr, example_batch=example_batch)
+    return strat
