@@ -14,7 +14,8 @@ String forms (CLI and experiment specs):
                     torch.utils.checkpoint.checkpoint_sequential (the last segment's
                     activations are needed first in backward, so recomputing it saves nothing)
     sqrt            segments:ceil(sqrt(n)) for n blocks (Chen et al. 2016, arXiv:1604.06174)
-    blocks:i,j,...  exactly these blocks checkpointed, each on its own
+    blocks:i,j,...  exactly these blocks checkpointed, each on its own; i-j is one
+                    segment of blocks i..j (blocks:0-3,5)
     selective       every block, op-level: keep matmul/conv/attention outputs, recompute
                     pointwise ops (memprop.checkpoint.selective)
     offload         keep saved tensors in host memory (torch.autograd.graph.save_on_cpu);
@@ -45,7 +46,7 @@ __all__ = ["Strategy", "NoCheckpoint", "Full", "EveryK", "Segments", "Sqrt", "Bl
            "Selective", "Offload", "Budget", "parse_strategy", "apply_strategy",
            "remove_strategy", "applied_strategy", "STRATEGY_FORMS"]
 
-STRATEGY_FORMS = ("none", "full", "every:K", "segments:N", "sqrt", "blocks:i,j,...",
+STRATEGY_FORMS = ("none", "full", "every:K", "segments:N", "sqrt", "blocks:i,j-k,...",
                   "selective", "offload", "budget:SIZE")
 
 _APPLIED = "_memprop_applied"   # model.__dict__ key: (strategy, undo callable)
@@ -150,18 +151,30 @@ class Sqrt(Strategy):
 
 @dataclasses.dataclass(frozen=True)
 class Blocks(Strategy):
-    indices: tuple[int, ...] = ()
+    """Explicit segments: ``blocks:0,3`` checkpoints blocks 0 and 3 each on its own,
+    ``blocks:0-3,5`` blocks 0..3 as one segment and block 5 (what a ``Plan`` applies)."""
+
+    ranges: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self):
+        ranges = tuple((r, r) if isinstance(r, int) else tuple(r) for r in self.ranges)
+        object.__setattr__(self, "ranges", ranges)
+        ends = [i for r in ranges for i in r]
+        if any(a > b for a, b in ranges) or ends != sorted(ends) or len(set(
+                i for a, b in ranges for i in range(a, b + 1))) != sum(b - a + 1 for a, b in ranges):
+            raise StrategyError(f"memprop.checkpoint: {self.spec} needs ordered, disjoint "
+                                "blocks or ranges, e.g. blocks:0-3,5")
 
     @property
     def spec(self):
-        return "blocks:" + ",".join(map(str, self.indices))
+        return "blocks:" + ",".join(str(a) if a == b else f"{a}-{b}" for a, b in self.ranges)
 
     def segments(self, n):
-        bad = [i for i in self.indices if not 0 <= i < n]
+        bad = [b for _, b in self.ranges if b >= n]
         if bad:
-            raise StrategyError(f"memprop.checkpoint: blocks:{','.join(map(str, self.indices))} "
-                                f"names blocks {bad} but the chain has blocks 0..{n - 1}")
-        return [(i, i) for i in sorted(set(self.indices))]
+            raise StrategyError(f"memprop.checkpoint: {self.spec} names block {max(bad)} but "
+                                f"the chain has blocks 0..{n - 1}")
+        return list(self.ranges)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,10 +268,13 @@ def parse_strategy(text: str | Strategy | None) -> Strategy:
             return EveryK(int(arg))
         if name == "segments" and re.fullmatch(r"\d+", arg):
             return Segments(int(arg))
-        if name == "blocks" and re.fullmatch(r"\d+(,\d+)*", arg):
-            return Blocks(tuple(int(i) for i in arg.split(",")))
+        if name == "blocks" and re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", arg):
+            return Blocks(tuple(tuple(int(i) for i in part.split("-")) if "-" in part
+                                else int(part) for part in arg.split(",")))
         if name == "budget" and arg:
             return Budget(parse_size(arg))
+    except StrategyError:
+        raise
     except ValueError as exc:
         raise StrategyError(f"memprop.checkpoint: bad strategy {text!r}: {exc}") from None
     raise StrategyError(f"memprop.checkpoint: unknown strategy {text!r}; choose one of: "
