@@ -11,10 +11,10 @@ NOTE [ How a segment is checkpointed without changing the model ]
     * blocks ``i+1..j`` hand back the segment's result when the loop calls them;
     * while a segment runs (first time or recompute) each block runs its own forward,
       through ``__call__``, so module hooks still fire.
-  Inside a segment, block ``k+1`` receives block ``k``'s output (its first element if a
-  tuple) and the keyword arguments the segment was called with: a chain of several
-  blocks must pass its hidden state along that way. Single-block segments work with
-  any signature, kwargs and non-tensor outputs.
+  Inside a segment, block ``k+1`` receives block ``k``'s output and the keyword
+  arguments the segment was called with: a segment of several blocks needs blocks that
+  return one tensor (anything else raises ``StrategyError`` rather than silently losing
+  outputs). Single-block segments work with any signature, kwargs and non-tensor outputs.
   A recompute re-runs BatchNorm in training mode, which would update its running
   statistics a second time; they are snapshot before and restored after the recompute,
   so one checkpointed step leaves them exactly as one plain step does.
@@ -70,8 +70,13 @@ def _running(bn) -> list[torch.Tensor]:
             if t is not None]
 
 
-def _next_input(output):
-    return output[0] if isinstance(output, tuple) else output
+def _check_chainable(output, seg) -> None:
+    if len(seg) > 1 and not isinstance(output, torch.Tensor):
+        raise StrategyError(
+            f"memprop.checkpoint: a segment of {len(seg)} blocks needs blocks that return "
+            f"one tensor (the next block's input), but a {type(seg[0]).__name__} block "
+            f"returned {type(output).__name__}; use a per-block strategy (full, every:K, "
+            "blocks:i,j) for this model")
 
 
 class CheckpointedChain:
@@ -134,7 +139,9 @@ class CheckpointedChain:
             try:
                 out = seg[0](*args, **kwargs)
                 for block in seg[1:]:
-                    out = block(_next_input(out), **kwargs)
+                    _check_chainable(out, seg)
+                    out = block(out, **kwargs)
+                _check_chainable(out, seg)
                 return out
             finally:
                 _state.depth -= 1

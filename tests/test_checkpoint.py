@@ -1,0 +1,247 @@
+"""Checkpointing strategies: gradients identical to the plain run, recompute FLOPs
+counted by hand, state_dict unchanged, and clear errors."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from memprop.checkpoint import (STRATEGY_FORMS, Blocks, EveryK, Full, Segments, Sqrt,
+                                apply_strategy, parse_strategy, remove_strategy)
+from memprop.errors import StrategyError
+from memprop.measure import build_workload, measure
+from memprop.models import model_config, training_loss
+
+ZOO = {
+    "d2l_mlp": dict(d=20, h=12, q=5),
+    "mlp": dict(depth=5, width=24, d_in=16, d_out=6, phi="gelu"),
+    "transformer": dict(depth=3, d_model=16, heads=2, seq_len=8, vocab=30, dropout=0.2),
+    "convnet": dict(depth=3, channels=4, image_size=8),
+}
+STRATEGIES = ["full", "every:2", "segments:2", "sqrt", "blocks:0-1", "blocks:1",
+              "selective", "offload"]
+
+
+def one_step(name, strategy):
+    """Loss, gradients and buffers after one forward + backward; dropout's RNG is
+    seeded identically, so any difference comes from the strategy."""
+    cfg = model_config(name, **ZOO[name])
+    model, batch = build_workload(cfg, 4)
+    keys = list(model.state_dict())
+    if strategy != "none":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            apply_strategy(model, strategy)
+    assert list(model.state_dict()) == keys      # applying keeps the state_dict keys
+    torch.manual_seed(123)
+    loss = training_loss(model, batch)
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    return loss.detach(), grads, {n: b.clone() for n, b in model.named_buffers()}
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_loss_gradients_and_buffers_bitwise_equal_to_plain(name, strategy):
+    # CPU float32 kernels are deterministic and a recompute replays the same ops on the
+    # same inputs (RNG state restored for dropout), so equality is exact, not approximate
+    loss0, grads0, bufs0 = one_step(name, "none")
+    loss1, grads1, bufs1 = one_step(name, strategy)
+    assert torch.equal(loss0, loss1)
+    for key in grads0:
+        assert torch.equal(grads0[key], grads1[key]), key
+    # BatchNorm running statistics: one update, not two (recompute restores them)
+    for key in bufs0:
+        assert torch.equal(bufs0[key], bufs1[key]), key
+
+
+def test_batchnorm_stats_after_checkpointed_step_equal_plain_after_optimizer_step():
+    cfg = model_config("convnet", depth=2, channels=3, image_size=6)
+    runs = []
+    for strategy in ("none", "full"):
+        model, batch = build_workload(cfg, 5)
+        apply_strategy(model, strategy)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        training_loss(model, batch).backward()
+        opt.step()
+        runs.append(model.state_dict())
+    for key, value in runs[0].items():
+        assert torch.equal(value, runs[1][key]), key
+    assert runs[1]["blocks.0.bn.num_batches_tracked"].item() == 1
+
+
+def _mlp_flops(strategy, depth, B=8, w=32):
+    # d_in = width, so every block's forward costs the same: 2·B·w·w FLOPs (one addmm)
+    cfg = model_config("mlp", depth=depth, width=w, d_in=w, d_out=4)
+    m = measure(cfg, B, strategy=strategy, repeats=1, inference=False)
+    return m, 2 * B * w * w
+
+
+@pytest.mark.parametrize("strategy,depth,recomputed_layers", [
+    ("full", 8, 8),            # every block recomputed once
+    ("every:2", 8, 4),         # blocks 1, 3, 5, 7
+    ("every:3", 8, 2),         # blocks 2, 5
+    ("segments:4", 8, 6),      # 4 segments of 2, the last not checkpointed
+    ("sqrt", 16, 12),          # ceil(sqrt 16) = 4 segments of 4, the last not checkpointed
+    ("sqrt", 10, 6),           # 4 segments (3, 3, 2, 2): the first three, 8 blocks... see below
+    ("blocks:0-2,5", 8, 4),
+    ("selective", 8, 0),       # recomputes pointwise ops only; FlopCounter counts matmuls
+    ("none", 8, 0),
+])
+def test_backward_flops_in_units_of_one_layer_forward(strategy, depth, recomputed_layers):
+    if (strategy, depth) == ("sqrt", 10):
+        recomputed_layers = 3 + 3 + 2   # segments (0-2), (3-5), (6-7); (8-9) runs plainly
+    plain, layer = _mlp_flops("none", depth)
+    m, _ = _mlp_flops(strategy, depth)
+    assert m.forward_flops == plain.forward_flops
+    assert m.backward_flops - plain.backward_flops == recomputed_layers * layer
+
+
+def test_full_checkpointing_stores_only_block_inputs():
+    # gelu MLP: each block saves its input (Linear) and z (gelu's input); checkpointing
+    # every block keeps only the block inputs: x, then depth-1 block outputs
+    B, w, depth = 6, 20, 4
+    cfg = model_config("mlp", depth=depth, width=w, d_in=w, d_out=3, phi="gelu")
+    plain = measure(cfg, B, repeats=1, inference=False)
+    full = measure(cfg, B, strategy="full", repeats=1, inference=False)
+    tail = B * 3 * 4 + 4 + B * 8            # log-softmax, NLL total weight, int64 targets
+    assert plain.saved_bytes == B * w * 4 * (1 + 2 * depth) + tail
+    assert full.saved_bytes == B * w * 4 * (1 + depth) + tail   # + last block output (head input)
+
+
+def test_selective_reports_the_op_outputs_it_keeps():
+    B, w, depth = 6, 20, 3
+    cfg = model_config("mlp", depth=depth, width=w, d_in=w, d_out=3, phi="relu")
+    m = measure(cfg, B, strategy="selective", repeats=1, inference=False)
+    frame = m.saved
+    kept = frame[frame.op == "selective:addmm"]
+    assert len(kept) == depth and (kept.saved_bytes == B * w * 4).all()   # each block's z
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("none", "none"), ("FULL", "full"), ("every:3", "every:3"), ("segments:4", "segments:4"),
+    ("sqrt", "sqrt"), ("blocks:0,2", "blocks:0,2"), ("blocks:0-3,5", "blocks:0-3,5"),
+    ("selective", "selective"), ("offload", "offload"), ("budget:1.5GiB", "budget:1.5GiB")])
+def test_parse_round_trips(text, expected):
+    assert parse_strategy(text).spec == expected
+
+
+@pytest.mark.parametrize("text,message", [
+    ("sqrtn", "unknown strategy 'sqrtn'; choose one of: " + ", ".join(STRATEGY_FORMS)),
+    ("every:0", "every:K needs an integer K >= 1"),
+    ("every:x", "unknown strategy 'every:x'"),
+    ("blocks:3,1", "needs ordered, disjoint blocks"),
+    ("budget:lots", "cannot read 'lots' as a size"),
+])
+def test_bad_strategies_list_valid_forms(text, message):
+    with pytest.raises(StrategyError) as info:
+        parse_strategy(text)
+    assert message in str(info.value)
+
+
+def test_bad_block_index_and_double_apply():
+    model, _ = build_workload(model_config("mlp", depth=3, width=8, d_in=8), 2)
+    with pytest.raises(StrategyError, match="names block 7 but the chain has blocks 0..2"):
+        apply_strategy(model, "blocks:7")
+    apply_strategy(model, "full")
+    with pytest.raises(StrategyError, match="already has strategy full applied"):
+        apply_strategy(model, "sqrt")
+    remove_strategy(model)
+    apply_strategy(model, "sqrt")
+
+
+def test_remove_strategy_restores_plain_run_and_state_dicts_interchange():
+    cfg = model_config("mlp", depth=4, width=8, d_in=8)
+    model, batch = build_workload(cfg, 3)
+    plain_state = {k: v.clone() for k, v in model.state_dict().items()}
+    Full().apply(model)
+    model.load_state_dict(plain_state)           # a plain checkpoint loads
+    other, _ = build_workload(cfg, 3, seed=1)
+    other.load_state_dict(model.state_dict())    # and vice versa
+    remove_strategy(model)
+    assert not any("forward" in b.__dict__ for b in model.blocks)
+    with SavedCount() as counter:
+        training_loss(model, batch)
+    assert counter.n > 4                          # plain again: every layer saves
+
+
+class SavedCount:
+    def __enter__(self):
+        self.n = 0
+        self._h = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._h.__enter__()
+        return self
+
+    def _pack(self, t):
+        self.n += 1
+        return t
+
+    def __exit__(self, *exc):
+        self._h.__exit__(*exc)
+
+
+class KwargBlock(nn.Module):
+    """A block with a keyword argument and a tuple output (hidden state, auxiliary)."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.lin = nn.Linear(w, w)
+
+    def forward(self, x, *, scale=1.0):
+        y = torch.tanh(self.lin(x)) * scale
+        return y, y.mean()
+
+
+class UserNet(nn.Module):
+    def __init__(self, w=8, n=4):
+        super().__init__()
+        self.layers = nn.ModuleList(KwargBlock(w) for _ in range(n))
+
+    def forward(self, x):
+        aux = 0
+        for layer in self.layers:
+            x, a = layer(x, scale=0.5)
+            aux = aux + a
+        return x.sum() + aux
+
+
+@pytest.mark.parametrize("strategy", [Full(), EveryK(2), Blocks((0, 3))])
+def test_user_model_with_kwargs_and_tuple_outputs(strategy):
+    x = torch.randn(5, 8)
+    results = []
+    for strat in (None, strategy):
+        torch.manual_seed(0)
+        net = UserNet()
+        if strat is not None:
+            strat.apply(net, blocks_attr="layers")
+        out = net(x)
+        out.backward()
+        results.append((out.detach(), [p.grad for p in net.parameters()]))
+    assert torch.equal(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("strategy", [Segments(2), Sqrt(), Blocks(((1, 3),))])
+def test_multi_block_segment_refuses_tuple_outputs(strategy):
+    net = UserNet()
+    strategy.apply(net, blocks_attr="layers")
+    with pytest.raises(StrategyError, match="needs blocks that return one tensor"):
+        net(torch.randn(5, 8))
+
+
+def test_sequential_and_missing_chain():
+    seq = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU())
+    apply_strategy(seq, "segments:2")
+    seq(torch.randn(2, 4)).sum().backward()
+    with pytest.raises(StrategyError, match="cannot find the block chain of Linear"):
+        apply_strategy(nn.Linear(3, 3), "full")
+    with pytest.raises(StrategyError, match="UserNet.nope is not a non-empty"):
+        apply_strategy(UserNet(), "full", blocks_attr="nope")
+
+
+def test_offload_on_cpu_says_it_moves_nothing():
+    model, _ = build_workload(model_config("mlp", depth=2, width=8, d_in=8), 2)
+    with pytest.warns(UserWarning, match="offload on a CPU model moves nothing"):
+        apply_strategy(model, "offload")
