@@ -29,7 +29,7 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-bench: install
+bench: install  ## writes benchmarks/results/*.json and *.md
 	$(BIN)/python benchmarks/run.py
 
 clean:

@@ -22,7 +22,8 @@ def random_chain(rng: random.Random) -> ChainCosts:
         saves_out=tuple(rng.random() < 0.5 for _ in range(n)),
         keep=tuple(rng.random() < 0.3 for _ in range(n + 1)),
         flops=tuple(rng.randint(1, 20) for _ in range(n)),
-        const=rng.randint(0, 30))
+        const=rng.randint(0, 30),
+        grad=tuple(rng.randint(0, 20) for _ in range(n)), grad_post=rng.randint(0, 10))
 
 
 def test_dp_cost_equals_brute_force_on_random_chains():

@@ -12,7 +12,11 @@ NOTE [ The chain cost model ]
     recompute of segment [i..j] in backward holds what is retained before it (t[i]
     included) plus the segment's own tensors:
                  Σ_{k=i..j} inner[k] + Σ_{k=i+1..j+1} t[k]·[saves_in[k] or saves_out[k-1]]
-    peak       = max(retained, max over segments of that recompute term)
+    backward reaches block k (stored) or segment [i..j] when the parameter gradients of
+    every later block exist: G(k) = Σ_{q>k} grad[q] + grad_post (the chain's tail, e.g.
+    a head, gets its gradients first); each such moment adds G to what is held then
+    peak       = max(retained + G(n), max over stored blocks k of (retained up to k)
+                 + G(k+1), max over segments of that recompute term + G(j+1))
     cost       = Σ over checkpointed blocks of their forward FLOPs (each recomputed once)
   Sharing a boundary tensor between neighbours is what makes per-block checkpointing of
   a ReLU MLP store almost as much as no checkpointing: each block's checkpointed input
@@ -43,6 +47,12 @@ class ChainCosts:
     keep: tuple[bool, ...]           # n + 1 entries
     flops: tuple[float, ...]
     const: int = 0
+    grad: tuple[int, ...] = ()       # parameter-gradient bytes of each block (default 0)
+    grad_post: int = 0               # of the parameters used after the chain
+
+    def grads_after(self, k: int) -> int:
+        """G(k-1): gradient bytes present when backward reaches block k - 1."""
+        return sum(self.grad[k:]) + self.grad_post if self.grad else self.grad_post
 
     @property
     def n(self) -> int:
@@ -99,15 +109,16 @@ def model_peak(c: ChainCosts, placement) -> tuple[int, float]:
     while k < c.n:
         if placement[k] == "S":
             m += _store(c, k, prev_stored)
+            peak = max(peak, m + c.grads_after(k + 1))
             prev_stored, k = True, k + 1
         else:
             j = ends[k]
             retained, held = _segment(c, k, j)
             m += retained
-            peak = max(peak, m + held)
+            peak = max(peak, m + held + c.grads_after(j + 1))
             cost += sum(c.flops[k:j + 1])
             prev_stored, k = False, j + 1
-    return max(peak, m + _finish(c, prev_stored)), cost
+    return max(peak, m + _finish(c, prev_stored) + c.grads_after(c.n)), cost
 
 
 def brute_force(c: ChainCosts, budget: int):
@@ -138,6 +149,7 @@ def solve(c: ChainCosts, budget: int):
 
     Exact for the cost model; O(n² · front) with fronts of (retained, cost) pairs."""
     n = c.n
+    after = [c.grads_after(k) for k in range(n + 1)]
     prefix = [0.0]
     for f in c.flops:
         prefix.append(prefix[-1] + f)
@@ -149,7 +161,7 @@ def solve(c: ChainCosts, budget: int):
             front = _pareto(fronts[k][prev_stored])
             for m, cost, labels in front:
                 m_s = m + _store(c, k, bool(prev_stored))          # store block k
-                if m_s <= budget:
+                if m_s + after[k + 1] <= budget:
                     fronts[k + 1][1].append((m_s, cost, labels + ("S",)))
                 # checkpoint k..j: _segment(c, k, j), summed incrementally; retained +
                 # held without the last boundary only grows with j, so it bounds the loop
@@ -159,16 +171,17 @@ def solve(c: ChainCosts, budget: int):
                         retained += c.t[j] if c.keep[j] else 0
                         held += c.inner[j] + (c.t[j] if (c.saves_in[j] or c.saves_out[j - 1])
                                               and not c.keep[j] else 0)
-                    if m + retained + held > budget:
+                    if m + retained + held + after[n] > budget:
                         break
                     last = c.t[j + 1] if c.saves_out[j] or c.keep[j + 1] else 0
-                    if m + retained + held + last <= budget:
+                    if m + retained + held + last + after[j + 1] <= budget:
                         fronts[j + 1][0].append((m + retained, cost + prefix[j + 1] - prefix[k],
                                                  labels + ("C",) + ("c",) * (j - k)))
     best = None
     for prev_stored in (0, 1):
         for m, cost, labels in fronts[n][prev_stored]:
-            if m + _finish(c, bool(prev_stored)) <= budget and (best is None or cost < best[0]):
+            if m + _finish(c, bool(prev_stored)) + after[n] <= budget and (
+                    best is None or cost < best[0]):
                 best = (cost, labels)
     return best
 

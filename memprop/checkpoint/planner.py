@@ -63,6 +63,12 @@ def profile_chain(model: nn.Module, batch, *, blocks_attr=None,
     ins, outs, flops = [None] * n, [None] * n, [0] * n
     state = {"region": "pre", "flops_at": 0}
     counter = FlopCounterMode(display=False)
+    param_region: dict[int, object] = {}   # parameter storage -> region of first use
+
+    def any_module(module, args):
+        for p in module._parameters.values():
+            if p is not None and p.requires_grad:
+                param_region.setdefault(storage_key(p), (state["region"], p))
 
     def pre(module, args):
         k = index[id(module)]
@@ -85,6 +91,7 @@ def profile_chain(model: nn.Module, batch, *, blocks_attr=None,
 
     handles = [h for b in blocks for h in (b.register_forward_pre_hook(pre),
                                            b.register_forward_hook(post))]
+    handles.append(nn.modules.module.register_module_forward_pre_hook(any_module))
     try:
         with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = loss_fn(model, batch)
@@ -106,10 +113,15 @@ def profile_chain(model: nn.Module, batch, *, blocks_attr=None,
         keep=tuple(key in outside for key, _ in boundary),
         flops=tuple(float(f) for f in flops),
         const=sum(v for key, v in {**saves["pre"], **saves["post"]}.items()
-                  if key not in boundary_keys))
+                  if key not in boundary_keys),
+        grad=tuple(sum(p.untyped_storage().nbytes() for region, p in param_region.values()
+                       if region == k) for k in range(n)),
+        grad_post=sum(p.untyped_storage().nbytes() for region, p in param_region.values()
+                      if region == "post"))
     table = pd.DataFrame({"block": range(n), "input_bytes": costs.t[:-1],
                           "output_bytes": costs.t[1:], "saves_input": costs.saves_in,
                           "saves_output": costs.saves_out, "inner_saved_bytes": costs.inner,
+                          "param_bytes": costs.grad,
                           "forward_flops": flops})
     return costs, table
 
@@ -224,6 +236,20 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, optimizer="sgd",
         ms = _block_times_ms(model, batch, blocks, loss_fn=loss_fn)
         table["forward_ms"] = ms
 
+    def make_plan(segments, result) -> Plan:
+        table["checkpointed"] = [any(a <= k <= b for a, b in segments) for k in range(costs.n)]
+        return Plan(segments=segments, n_blocks=costs.n, budget_bytes=budget_bytes,
+                    predicted_peak_bytes=result.peak_bytes,
+                    predicted_saved_bytes=result.saved_bytes,
+                    none_peak_bytes=plain.peak_bytes, none_saved_bytes=plain.saved_bytes,
+                    recompute_flops=result.backward_flops - plain.backward_flops,
+                    forward_flops=plain.forward_flops,
+                    recompute_ms=(sum(ms[k] for a, b in segments for k in range(a, b + 1))
+                                  if ms is not None else None),
+                    blocks=table)
+
+    # solve the model at the budget less the calibrated overhead; a plan whose simulated
+    # peak overshoots tightens the model budget by the excess
     target = budget_bytes - overhead
     for _ in range(max_rounds):
         solution = solve(costs, target) if target > 0 else None
@@ -232,20 +258,14 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, optimizer="sgd",
         segments = segments_of(solution[1])
         result = sim(segments) if segments else plain
         if result.peak_bytes <= budget_bytes:
-            table["checkpointed"] = [any(a <= k <= b for a, b in segments)
-                                     for k in range(costs.n)]
-            return Plan(segments=segments, n_blocks=costs.n, budget_bytes=budget_bytes,
-                        predicted_peak_bytes=result.peak_bytes,
-                        predicted_saved_bytes=result.saved_bytes,
-                        none_peak_bytes=plain.peak_bytes, none_saved_bytes=plain.saved_bytes,
-                        recompute_flops=result.backward_flops - plain.backward_flops,
-                        forward_flops=plain.forward_flops,
-                        recompute_ms=(sum(ms[k] for a, b in segments for k in range(a, b + 1))
-                                      if ms is not None else None),
-                        blocks=table)
+            return make_plan(segments, result)
         target -= result.peak_bytes - budget_bytes
-    lowest = solve(costs, min_peak(costs))
-    smallest = sim(segments_of(lowest[1])).peak_bytes
+    # the placement of least modelled peak is the fallback, and bounds what is feasible
+    lowest = segments_of(solve(costs, min_peak(costs))[1])
+    lowest_result = sim(lowest) if lowest else plain
+    if lowest_result.peak_bytes <= budget_bytes:
+        return make_plan(lowest, lowest_result)
+    smallest = min(lowest_result.peak_bytes, plain.peak_bytes)
     raise BudgetError(
         f"memprop.checkpoint: no checkpointing plan fits a budget of "
         f"{format_bytes(budget_bytes)} ({budget_bytes} bytes); the smallest feasible "
