@@ -32,6 +32,18 @@ __all__ = ["Measurement", "measure_step", "measure", "make_optimizer", "OPTIMIZE
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 
+_phase = {"now": "setup"}
+
+
+def current_phase() -> str:
+    """The step phase running now (forward / backward / optimizer / inference / setup):
+    where an out-of-memory error happened, when one does."""
+    return _phase["now"]
+
+
+def _enter(phase: str) -> None:
+    _phase["now"] = phase
+
 
 def make_optimizer(name: str, params) -> torch.optim.Optimizer:
     """``sgd`` (no state), ``momentum`` (one buffer per parameter), ``adam`` (two)."""
@@ -133,13 +145,16 @@ def measure_step(model: nn.Module, batch: Batch, *, optimizer: str = "sgd",
     model.train()
 
     def step(tracker: LiveMemoryTracker | None = None):
+        _enter("forward")
         if tracker is not None:
             tracker.phase = "forward"
         loss = loss_fn(model, batch)
+        _enter("backward")
         if tracker is not None:
             tracker.phase = "backward"
         loss.backward()
         del loss
+        _enter("optimizer")
         if tracker is not None:
             tracker.end_backward()
             tracker.phase = "optimizer"
@@ -155,13 +170,16 @@ def measure_step(model: nn.Module, batch: Batch, *, optimizer: str = "sgd",
         for _ in range(repeats):
             _sync(device)
             t0 = time.perf_counter()
+            _enter("forward")
             loss = loss_fn(model, batch)
             _sync(device)
             t1 = time.perf_counter()
+            _enter("backward")
             loss.backward()
             del loss
             _sync(device)
             t2 = time.perf_counter()
+            _enter("optimizer")
             opt.step()
             opt.zero_grad(set_to_none=True)
             _sync(device)
@@ -174,6 +192,7 @@ def measure_step(model: nn.Module, batch: Batch, *, optimizer: str = "sgd",
         step()  # the optimizer state exists from here on, as after a warm-up
 
     inputs, targets = batch
+    _enter("forward")
     with SavedTensorRecorder(model, inputs=(*inputs, targets)) as rec:
         loss = loss_fn(model, batch)
         rec.add_root(loss)
@@ -199,6 +218,7 @@ def measure_step(model: nn.Module, batch: Batch, *, optimizer: str = "sgd",
 
     inf_peak = inf_saved = 0
     if inference:
+        _enter("inference")
         model.eval()
         infer = LiveMemoryTracker(model, inputs=batch)
         infer.phase = "inference"
@@ -220,6 +240,7 @@ def measure_step(model: nn.Module, batch: Batch, *, optimizer: str = "sgd",
         else:
             dev_peak = _rss_peak_bytes()
 
+    _enter("setup")
     med = {k: statistics.median(v) if v else None for k, v in times.items()}
     first = next(iter(inputs))
     return Measurement(

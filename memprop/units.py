@@ -41,8 +41,8 @@ def parse_size(text: str | int | float) -> int:
 
 def format_bytes(n: float | int | None, *, precision: int = 1) -> str:
     """``n`` bytes in binary units for display, e.g. ``format_bytes(3 * 2**20) == '3.0 MiB'``."""
-    if n is None:
-        return "-"
+    if n is None or isinstance(n, (str, bool)) or n != n:   # missing, text or NaN
+        return "-" if n is None or n != n else str(n)
     sign = "-" if n < 0 else ""
     n = abs(float(n))
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

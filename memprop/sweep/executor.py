@@ -1,0 +1,164 @@
+"""Executors run trials somewhere and report each result as it finishes.
+
+The interface is one method, ``run(trials, on_result)``, so a cluster engine can stand in
+for the local pool. ``LocalProcessExecutor`` runs every trial as its own child process:
+its own memory limit, a clean resident-set peak, a fresh allocator, and isolation from
+crashes. By default children are forked from a fork server that has imported torch and
+memprop once (and never allocated a tensor, started a thread or touched CUDA), so a
+trial starts in milliseconds instead of re-importing torch; ``start="subprocess"`` runs
+``python -m memprop.sweep.worker`` instead, as a cluster engine would.
+
+A child killed by a signal or exiting without a result becomes status ``crashed`` (with
+its signal or exit code); one past its timeout is killed and becomes ``timeout``.
+Children start their own session, so Ctrl-C reaches only the parent, which stops them
+and keeps every finished trial.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, Protocol
+
+from memprop.sweep.budget import CHILD_ENV
+from memprop.sweep.spec import Trial
+
+__all__ = ["Executor", "LocalProcessExecutor"]
+
+OnResult = Callable[[Trial, dict], None]
+
+
+class Executor(Protocol):
+    def run(self, trials: list[Trial], on_result: OnResult) -> None:
+        """Run ``trials``; call ``on_result(trial, result)`` as each one ends."""
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _forked_trial(trial_path: str, result_path: str, log_path: str, threads: int) -> None:
+    """Body of a forked trial process."""
+    os.setsid()                                   # out of the terminal's Ctrl-C
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    from memprop.sweep import worker
+    from memprop.sweep.budget import tune_malloc
+
+    tune_malloc()
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+    code = worker.main([trial_path, result_path])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+class _Child:
+    """A running trial: forked or a subprocess, with its scratch folder."""
+
+    def __init__(self, trial: Trial, executor: "LocalProcessExecutor"):
+        self.trial, self.started = trial, time.monotonic()
+        self.workdir = tempfile.TemporaryDirectory(prefix="memprop-trial-")
+        self.trial_path = os.path.join(self.workdir.name, "trial.json")
+        self.result_path = os.path.join(self.workdir.name, "result.json")
+        self.log_path = os.path.join(self.workdir.name, "log.txt")
+        with open(self.trial_path, "w") as f:
+            json.dump(trial.to_dict(), f)
+        if executor.start == "subprocess":
+            with open(self.log_path, "w") as log:
+                self.proc = subprocess.Popen(
+                    [executor.python, "-m", "memprop.sweep.worker", self.trial_path,
+                     self.result_path], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                    env=executor.env, start_new_session=True)
+        else:
+            self.proc = executor.context.Process(
+                target=_forked_trial, daemon=False,
+                args=(self.trial_path, self.result_path, self.log_path, executor.threads))
+            self.proc.start()
+
+    def returncode(self):
+        if isinstance(self.proc, subprocess.Popen):
+            return self.proc.poll()
+        return self.proc.exitcode
+
+    def kill(self) -> None:
+        if self.returncode() is None:
+            self.proc.kill()
+        if isinstance(self.proc, subprocess.Popen):
+            self.proc.wait()
+        else:
+            self.proc.join()
+
+    def result(self) -> dict:
+        rc, elapsed = self.returncode(), time.monotonic() - self.started
+        if rc == 0 and os.path.exists(self.result_path):
+            with open(self.result_path) as f:
+                return json.load(f)
+        with open(self.log_path) as f:
+            tail = f.read()[-1500:].strip()
+        how = f"killed by {_signal_name(-rc)}" if rc < 0 else f"exited with code {rc}"
+        return {"status": "crashed", "exit_code": rc,
+                "signal": _signal_name(-rc) if rc < 0 else None,
+                "error": f"the trial's process {how}" + (f": {tail}" if tail else ""),
+                "duration_s": round(elapsed, 3)}
+
+    def close(self) -> None:
+        self.workdir.cleanup()
+
+
+class LocalProcessExecutor:
+    """Run trials in child processes, ``workers`` at a time (1 keeps timings clean)."""
+
+    def __init__(self, workers: int = 1, *, start: str = "fork-server",
+                 python: str = sys.executable, poll_s: float = 0.02):
+        if workers < 1:
+            raise ValueError(f"memprop.sweep: workers must be >= 1, got {workers}")
+        if start not in ("fork-server", "subprocess"):
+            raise ValueError(f"memprop.sweep: start must be fork-server or subprocess, got {start!r}")
+        if start == "fork-server" and "forkserver" not in multiprocessing.get_all_start_methods():
+            start = "subprocess"
+        self.workers, self.start, self.python, self.poll_s = workers, start, python, poll_s
+        self.threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
+        self.env = {**os.environ, **CHILD_ENV}
+        if self.threads:   # share the cores instead of oversubscribing them
+            self.env.update(OMP_NUM_THREADS=str(self.threads))
+        if start == "fork-server":
+            self.context = multiprocessing.get_context("forkserver")
+            self.context.set_forkserver_preload(["memprop.sweep.worker", "torch", "pandas"])
+
+    def run(self, trials: list[Trial], on_result: OnResult) -> None:
+        queue, running = list(trials), []
+        try:
+            while queue or running:
+                while queue and len(running) < self.workers:
+                    running.append(_Child(queue.pop(0), self))
+                for child in list(running):
+                    if child.returncode() is None:
+                        if time.monotonic() - child.started <= child.trial.timeout_s:
+                            continue
+                        child.kill()
+                        result = {"status": "timeout", "duration_s": round(
+                            time.monotonic() - child.started, 3), "error":
+                            f"killed after its timeout of {child.trial.timeout_s:g} s"}
+                    else:
+                        result = child.result()
+                    running.remove(child)
+                    child.close()
+                    on_result(child.trial, result)
+                time.sleep(self.poll_s)
+        finally:
+            for child in running:              # interrupted: stop the children
+                child.kill()
+                child.close()

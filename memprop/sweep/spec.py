@@ -1,0 +1,358 @@
+"""Experiment specs (TOML) and the trials they expand to, validated before anything runs.
+
+    name = "depth_batch"                  # letters, digits, _ and -
+    description = "claim C5: ..."
+    [model]                               # or [[model]] tables, one per model
+    name = "mlp"                          # a built-in model or package.module:factory
+    width = 256                           # fixed fields of the model config
+    [grid]                                # lists; the sweep is their product
+    depth = [2, 4, 8]                     # any model field
+    batch = [16, 64]                      # and batch, strategy, dtype, optimizer
+    strategy = ["none", "sqrt"]
+    [run]
+    dtype = "float32"; device = "cpu"; optimizer = "sgd"
+    repeats = 3; warmup = 1; timeout = 300; seed = 0
+    budget = "1.5GiB"                     # optional: a memory limit the runtime enforces
+    estimate = true                       # also predict each trial on fake tensors
+    [frontier]                            # optional (memprop frontier): the OOM frontier
+    budget = "512MiB"; depths = [4, 8]; strategies = ["none", "sqrt"]
+    batch_step = 16; max_batch = 65536
+
+Every error names the file, the key path, the bad value and what is allowed
+(``SpecError``); no trial starts until the whole spec, and every model config it
+expands to, has been checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import itertools
+import json
+import pathlib
+import re
+import sys
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from memprop._version import __version__
+from memprop.checkpoint import parse_strategy
+from memprop.errors import ConfigError, MemPropError
+from memprop.measure import OPTIMIZERS
+from memprop.models import MODELS, ModelConfig, model_config
+from memprop.units import parse_size
+
+__all__ = ["SpecError", "Trial", "SweepSpec", "FrontierOptions", "load_spec", "parse_spec"]
+
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+DEVICES = ("cpu", "cuda")
+MODES = ("measure", "fit")
+_TOP = ("name", "description", "model", "grid", "run", "frontier")
+_RUN = ("dtype", "device", "optimizer", "repeats", "warmup", "timeout", "seed", "budget",
+        "estimate")
+_GRID_EXTRA = ("batch", "strategy", "dtype", "optimizer")
+_FRONTIER = ("budget", "depths", "strategies", "batch_step", "max_batch", "field")
+
+
+class SpecError(ConfigError):
+    """A malformed experiment spec: names the file, the key path, value and what is allowed."""
+
+    def __init__(self, path, key: str, message: str):
+        super().__init__(f"{path}: {key}: {message}")
+        self.path, self.key = str(path), key
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Trial:
+    """One isolated run: a model config, a batch, a strategy, and how to run it.
+
+    Frozen and hashable; ``key()`` identifies its result in the store (the full config,
+    the memprop version and the torch version)."""
+
+    spec: str
+    model: str
+    model_fields: tuple[tuple[str, Any], ...]
+    batch: int
+    strategy: str = "none"
+    dtype: str = "float32"
+    device: str = "cpu"
+    optimizer: str = "sgd"
+    repeats: int = 3
+    warmup: int = 1
+    timeout_s: float = 600.0
+    seed: int = 0
+    budget_bytes: int | None = None
+    estimate: bool = True
+    mode: str = "measure"          # "measure": everything; "fit": does one step fit?
+
+    def config(self) -> ModelConfig:
+        return model_config(self.model, **dict(self.model_fields))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["model_fields"] = dict(self.model_fields)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Trial":
+        d = dict(d)
+        d["model_fields"] = tuple(sorted(d["model_fields"].items()))
+        return cls(**d)
+
+    def key(self) -> str:
+        import torch
+        payload = json.dumps({**self.to_dict(), "memprop": __version__,
+                              "torch": torch.__version__}, sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+    def label(self) -> str:
+        fields = ",".join(f"{k}={v}" for k, v in self.model_fields)
+        return f"{self.model}({fields}) batch={self.batch} {self.strategy}"
+
+
+@dataclasses.dataclass(frozen=True)
+class FrontierOptions:
+    budget_bytes: int
+    depths: tuple[int, ...]
+    strategies: tuple[str, ...]
+    batch_step: int = 8
+    max_batch: int = 1 << 16
+    field: str = "depth"           # the model field the frontier walks
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSpec:
+    name: str
+    path: str
+    description: str
+    models: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
+    grid: tuple[tuple[str, tuple], ...]
+    run: dict[str, Any]
+    frontier: FrontierOptions | None = None
+
+    def trials(self) -> list[Trial]:
+        """The grid's product, in a stable order, one ``Trial`` each."""
+        keys = [k for k, _ in self.grid]
+        out = []
+        for model, fixed in self.models:
+            for values in itertools.product(*(v for _, v in self.grid)):
+                point = dict(zip(keys, values))
+                fields = dict(fixed)
+                fields.update({k: v for k, v in point.items() if k not in _GRID_EXTRA})
+                out.append(Trial(
+                    spec=self.name, model=model, model_fields=tuple(sorted(fields.items())),
+                    batch=point.get("batch", self.run["batch"]),
+                    strategy=point.get("strategy", "none"),
+                    dtype=point.get("dtype", self.run["dtype"]),
+                    device=self.run["device"],
+                    optimizer=point.get("optimizer", self.run["optimizer"]),
+                    repeats=self.run["repeats"], warmup=self.run["warmup"],
+                    timeout_s=self.run["timeout"], seed=self.run["seed"],
+                    budget_bytes=self.run["budget"], estimate=self.run["estimate"]))
+        return out
+
+
+# -- validation helpers ----------------------------------------------------------------
+
+def _unknown(path, where: str, key: str, allowed) -> SpecError:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return SpecError(path, f"{where}{key}", f"unknown key{hint}; allowed keys: "
+                     f"{', '.join(allowed)}")
+
+
+def _int(path, key, value, low, what="an integer") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise SpecError(path, key, f"{value!r} is not allowed; it must be {what} >= {low}")
+    return value
+
+
+def _choice(path, key, value, options) -> str:
+    if value not in options:
+        raise SpecError(path, key, f"{value!r} is not allowed; choose one of: "
+                        f"{', '.join(map(str, options))}")
+    return value
+
+
+def _size(path, key, value) -> int:
+    try:
+        return parse_size(value)
+    except ValueError:
+        raise SpecError(path, key, f"{value!r} is not a size; write e.g. \"512MiB\" or "
+                        "\"1.5GiB\"") from None
+
+
+def _strategy(path, key, value) -> str:
+    if not isinstance(value, str):
+        raise SpecError(path, key, f"{value!r} is not a strategy string, e.g. \"sqrt\"")
+    try:
+        return parse_strategy(value).spec if not value.startswith("budget:") else value
+    except MemPropError as exc:
+        raise SpecError(path, key, str(exc).replace("memprop.checkpoint: ", "")) from None
+
+
+def _list(path, key, value) -> tuple:
+    if not isinstance(value, list):
+        raise SpecError(path, key, f"{value!r} is not a list; write e.g. {key.split('.')[-1]} "
+                        "= [1, 2, 4]")
+    if not value:
+        raise SpecError(path, key, "the list is empty, so the grid expands to zero trials")
+    return tuple(value)
+
+
+# -- loading ---------------------------------------------------------------------------
+
+def load_spec(path) -> SweepSpec:
+    """Read and validate a TOML spec file; raises ``SpecError``."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise SpecError(path, "(file)", "no such spec file; see experiments/*.toml")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(path, "(syntax)", f"not valid TOML: {exc}") from None
+    return parse_spec(data, path=path)
+
+
+def parse_spec(data: dict, *, path="<spec>") -> SweepSpec:
+    """Validate a spec's parsed TOML (see module docstring)."""
+    for key in data:
+        if key not in _TOP:
+            raise _unknown(path, "", key, _TOP)
+    name = data.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise SpecError(path, "name", f"{name!r} is not allowed; give the experiment a name of "
+                        "letters, digits, _ and - (it names its results folder)")
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        raise SpecError(path, "description", f"{description!r} is not a string")
+
+    run = {"dtype": "float32", "device": "cpu", "optimizer": "sgd", "repeats": 3,
+           "warmup": 1, "timeout": 600, "seed": 0, "budget": None, "estimate": True,
+           "batch": 32}
+    raw_run = data.get("run", {})
+    if not isinstance(raw_run, dict):
+        raise SpecError(path, "run", "must be a table: [run]")
+    for key, value in raw_run.items():
+        if key not in _RUN:
+            raise _unknown(path, "run.", key, _RUN)
+        k = f"run.{key}"
+        if key == "dtype":
+            run[key] = _choice(path, k, value, DTYPES)
+        elif key == "device":
+            run[key] = _choice(path, k, value, DEVICES)
+        elif key == "optimizer":
+            run[key] = _choice(path, k, value, OPTIMIZERS)
+        elif key in ("repeats", "warmup", "seed"):
+            run[key] = _int(path, k, value, 1 if key == "repeats" else 0)
+        elif key == "timeout":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise SpecError(path, k, f"{value!r} is not allowed; it must be a number of "
+                                "seconds > 0")
+            run[key] = float(value)
+        elif key == "budget":
+            run[key] = _size(path, k, value)
+        elif key == "estimate":
+            if not isinstance(value, bool):
+                raise SpecError(path, k, f"{value!r} is not allowed; write true or false")
+            run[key] = value
+
+    raw_models = data.get("model")
+    if raw_models is None:
+        raise SpecError(path, "model", "missing; add a [model] table with name = \"mlp\" "
+                        f"(one of {', '.join(MODELS)} or package.module:factory)")
+    raw_models = raw_models if isinstance(raw_models, list) else [raw_models]
+    models = []
+    for i, m in enumerate(raw_models):
+        where = "model" if len(raw_models) == 1 else f"model[{i}]"
+        if not isinstance(m, dict) or not isinstance(m.get("name"), str):
+            raise SpecError(path, f"{where}.name", "missing; name the model, e.g. name = \"mlp\"")
+        fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in m.items() if k != "name"}
+        models.append((m["name"], fields, where))
+
+    raw_grid = data.get("grid", {})
+    if not isinstance(raw_grid, dict):
+        raise SpecError(path, "grid", "must be a table: [grid]")
+    grid = []
+    for key, values in raw_grid.items():
+        k = f"grid.{key}"
+        values = _list(path, k, values)
+        if key == "batch":
+            values = tuple(_int(path, k, v, 1, "a batch size, an integer") for v in values)
+        elif key == "strategy":
+            values = tuple(_strategy(path, k, v) for v in values)
+        elif key == "dtype":
+            values = tuple(_choice(path, k, v, DTYPES) for v in values)
+        elif key == "optimizer":
+            values = tuple(_choice(path, k, v, OPTIMIZERS) for v in values)
+        grid.append((key, values))
+    if "batch" not in raw_grid:
+        raise SpecError(path, "grid.batch", "missing; list the batch sizes, e.g. batch = [16, 64]")
+
+    frontier = None
+    if "frontier" in data:
+        frontier = _parse_frontier(path, data["frontier"], run)
+
+    spec = SweepSpec(name=name, path=str(path), description=description,
+                     models=tuple((n, tuple(sorted(f.items()))) for n, f, _ in models),
+                     grid=tuple(grid), run=run, frontier=frontier)
+    _check_configs(path, spec, models, dict(grid))
+    return spec
+
+
+def _parse_frontier(path, raw, run) -> FrontierOptions:
+    if not isinstance(raw, dict):
+        raise SpecError(path, "frontier", "must be a table: [frontier]")
+    for key in raw:
+        if key not in _FRONTIER:
+            raise _unknown(path, "frontier.", key, _FRONTIER)
+    if "budget" not in raw and run["budget"] is None:
+        raise SpecError(path, "frontier.budget", "missing; the frontier needs a memory "
+                        "budget, e.g. budget = \"512MiB\"")
+    budget = _size(path, "frontier.budget", raw["budget"]) if "budget" in raw else run["budget"]
+    depths = tuple(_int(path, "frontier.depths", d, 1) for d in
+                   _list(path, "frontier.depths", raw.get("depths", [])))
+    strategies = tuple(_strategy(path, "frontier.strategies", s) for s in
+                       _list(path, "frontier.strategies", raw.get("strategies", ["none"])))
+    step = _int(path, "frontier.batch_step", raw.get("batch_step", 8), 1)
+    top = _int(path, "frontier.max_batch", raw.get("max_batch", 1 << 16), step)
+    field = raw.get("field", "depth")
+    if not isinstance(field, str):
+        raise SpecError(path, "frontier.field", f"{field!r} is not a model field name")
+    return FrontierOptions(budget, depths, strategies, step, top, field)
+
+
+def _check_configs(path, spec: SweepSpec, models, grid) -> None:
+    """Build every model config the spec expands to, naming the key of a bad value."""
+    for name, fields, where in models:
+        if ":" not in name and name not in MODELS:
+            close = difflib.get_close_matches(name, MODELS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SpecError(path, f"{where}.name", f"unknown model {name!r}{hint}; choose one "
+                            f"of: {', '.join(MODELS)}, or package.module:factory")
+        model_keys = [k for k in grid if k not in _GRID_EXTRA]
+        if spec.frontier is not None:
+            model_keys.append(spec.frontier.field)
+        for key in model_keys:
+            values = grid.get(key, spec.frontier.depths if spec.frontier else ())
+            for value in values:
+                try:
+                    model_config(name, **{**fields, key: value})
+                except ConfigError as exc:
+                    field_path = f"grid.{key}" if key in grid else f"frontier.{key}"
+                    raise SpecError(path, field_path, _short(exc)) from None
+        try:
+            model_config(name, **{**fields, **{k: v[0] for k, v in grid.items()
+                                               if k not in _GRID_EXTRA}})
+        except ConfigError as exc:
+            bad = next((k for k in fields if f"'{k}'" in str(exc) or f".{k} " in str(exc)), None)
+            raise SpecError(path, f"{where}.{bad}" if bad else where, _short(exc)) from None
+
+
+def _short(exc: Exception) -> str:
+    return str(exc).replace("memprop.models: ", "")

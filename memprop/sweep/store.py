@@ -1,0 +1,176 @@
+"""The results store: one embedded SQLite database per experiment.
+
+One row per trial, keyed by ``Trial.key()`` (a hash of the trial's full config with the
+memprop and torch versions), committed the moment the trial ends (WAL mode), so a
+killed sweep loses no finished trial. The trial's config and its result are kept as
+JSON; ``load_results`` flattens them into one pandas row per trial. An ``environment``
+table records where the results were measured.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import os
+import pathlib
+import platform
+import sqlite3
+import subprocess
+import zlib
+
+import pandas as pd
+
+from memprop._version import __version__
+
+__all__ = ["ResultsStore", "load_results", "default_db_path", "unpack_frame"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS trials (
+    key TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,
+    status TEXT NOT NULL,
+    config TEXT NOT NULL,
+    result TEXT NOT NULL,
+    finished_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS frames (
+    key TEXT NOT NULL,
+    name TEXT NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (key, name)
+);
+CREATE TABLE IF NOT EXISTS environment (name TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS frontier (
+    spec TEXT, field TEXT, depth INTEGER, strategy TEXT, budget_bytes INTEGER,
+    predicted_batch INTEGER, confirmed_batch INTEGER, first_oom_batch INTEGER,
+    real_trials INTEGER, probe_trials_doubling INTEGER, predicted_peak_bytes INTEGER,
+    PRIMARY KEY (spec, depth, strategy, budget_bytes)
+);
+"""
+
+
+def default_db_path(spec_name: str, root="reports") -> pathlib.Path:
+    return pathlib.Path(root) / spec_name / "results.sqlite"
+
+
+def unpack_frame(data: str | None) -> pd.DataFrame | None:
+    """Inverse of the worker's frame packing (hex of zlib-compressed CSV)."""
+    if not data:
+        return None
+    return pd.read_csv(io.StringIO(zlib.decompress(bytes.fromhex(data)).decode()))
+
+
+def _environment() -> dict[str, str]:
+    import psutil
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=5, cwd=pathlib.Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {"memprop_version": __version__, "git_commit": commit or "unknown",
+            "torch_version": torch.__version__, "python_version": platform.python_version(),
+            "cpu_model": cpu, "cpu_count": str(os.cpu_count()),
+            "ram_bytes": str(psutil.virtual_memory().total),
+            "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+            "recorded_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+class ResultsStore:
+    """SQLite results of one experiment (see module docstring)."""
+
+    def __init__(self, path):
+        self.path = pathlib.Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, timeout=30)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(_SCHEMA)
+        self.db.commit()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def record_environment(self) -> None:
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO environment VALUES (?, ?)",
+                                _environment().items())
+
+    def environment(self) -> dict[str, str]:
+        return dict(self.db.execute("SELECT name, value FROM environment"))
+
+    def keys(self) -> set[str]:
+        return {k for (k,) in self.db.execute("SELECT key FROM trials")}
+
+    def put(self, trial, result: dict) -> None:
+        """Store one finished trial, committed at once."""
+        frames = {name: result.pop(name) for name in ("timeline", "saved") if result.get(name)}
+        key = trial.key()
+        with self.db:
+            self.db.execute(
+                "INSERT OR REPLACE INTO trials VALUES (?, ?, ?, ?, ?, ?)",
+                (key, trial.spec, result.get("status", "crashed"),
+                 json.dumps(trial.to_dict(), default=str), json.dumps(result, default=str),
+                 datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")))
+            self.db.execute("DELETE FROM frames WHERE key = ?", (key,))
+            self.db.executemany("INSERT INTO frames VALUES (?, ?, ?)",
+                                [(key, n, d) for n, d in frames.items()])
+
+    def frame(self, key: str, name: str) -> pd.DataFrame | None:
+        row = self.db.execute("SELECT data FROM frames WHERE key = ? AND name = ?",
+                              (key, name)).fetchone()
+        return unpack_frame(row[0]) if row else None
+
+    def put_frontier(self, row: dict) -> None:
+        cols = ["spec", "field", "depth", "strategy", "budget_bytes", "predicted_batch",
+                "confirmed_batch", "first_oom_batch", "real_trials", "probe_trials_doubling",
+                "predicted_peak_bytes"]
+        with self.db:
+            self.db.execute(f"INSERT OR REPLACE INTO frontier VALUES ({', '.join('?' * len(cols))})",
+                            [row.get(c) for c in cols])
+
+    def frontier(self) -> pd.DataFrame:
+        return pd.read_sql_query("SELECT * FROM frontier ORDER BY strategy, depth", self.db)
+
+    def results(self) -> pd.DataFrame:
+        """One row per trial: key, status, the config's fields (``cfg_*`` for the model's),
+        then every result field."""
+        rows = []
+        for key, status, config, result, finished in self.db.execute(
+                "SELECT key, status, config, result, finished_at FROM trials"):
+            config, result = json.loads(config), json.loads(result)
+            row = {"key": key, "status": status, "finished_at": finished}
+            row.update({k: v for k, v in config.items() if k != "model_fields"})
+            row.update({f"cfg_{k}": v for k, v in config["model_fields"].items()})
+            row.update({k: v for k, v in result.items() if k not in row or k == "status"})
+            rows.append(row)
+        frame = pd.DataFrame(rows)
+        if not frame.empty:
+            frame = frame.sort_values(["model", "strategy", "batch"] + sorted(
+                c for c in frame.columns if c.startswith("cfg_"))).reset_index(drop=True)
+        return frame
+
+
+def load_results(path) -> pd.DataFrame:
+    """The results of a store (a .sqlite path, or a spec whose default store is used),
+    as a DataFrame: the one call to get a sweep into pandas."""
+    path = pathlib.Path(path)
+    if path.suffix == ".toml":
+        from memprop.sweep.spec import load_spec
+        path = default_db_path(load_spec(path).name)
+    with ResultsStore(path) as store:
+        return store.results()
