@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/memprop backprop
+	$(BIN)/memprop sweep experiments/quickstart.toml
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

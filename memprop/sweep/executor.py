@@ -46,9 +46,11 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-def _forked_trial(trial_path: str, result_path: str, log_path: str, threads: int) -> None:
+def _forked_trial(trial_path: str, result_path: str, log_path: str, threads: int,
+                  path: list[str]) -> None:
     """Body of a forked trial process."""
     os.setsid()                                   # out of the terminal's Ctrl-C
+    sys.path[:] = path                            # user factories import as in the parent
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -85,7 +87,8 @@ class _Child:
         else:
             self.proc = executor.context.Process(
                 target=_forked_trial, daemon=False,
-                args=(self.trial_path, self.result_path, self.log_path, executor.threads))
+                args=(self.trial_path, self.result_path, self.log_path, executor.threads,
+                      list(sys.path)))
             self.proc.start()
 
     def returncode(self):
@@ -131,7 +134,8 @@ class LocalProcessExecutor:
             start = "subprocess"
         self.workers, self.start, self.python, self.poll_s = workers, start, python, poll_s
         self.threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
-        self.env = {**os.environ, **CHILD_ENV}
+        self.env = {**os.environ, **CHILD_ENV,
+                    "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         if self.threads:   # share the cores instead of oversubscribing them
             self.env.update(OMP_NUM_THREADS=str(self.threads))
         if start == "fork-server":

@@ -91,7 +91,8 @@ class Trial:
     mode: str = "measure"          # "measure": everything; "fit": does one step fit?
 
     def config(self) -> ModelConfig:
-        return model_config(self.model, **dict(self.model_fields))
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in self.model_fields}
+        return model_config(self.model, **fields)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -160,7 +161,8 @@ class SweepSpec:
 # -- validation helpers ----------------------------------------------------------------
 
 def _unknown(path, where: str, key: str, allowed) -> SpecError:
-    close = difflib.get_close_matches(key, allowed, n=1)
+    close = difflib.get_close_matches(key, allowed, n=1) or [
+        a for a in allowed if key in a or a in key][:1]
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return SpecError(path, f"{where}{key}", f"unknown key{hint}; allowed keys: "
                      f"{', '.join(allowed)}")
@@ -335,23 +337,32 @@ def _check_configs(path, spec: SweepSpec, models, grid) -> None:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise SpecError(path, f"{where}.name", f"unknown model {name!r}{hint}; choose one "
                             f"of: {', '.join(MODELS)}, or package.module:factory")
-        model_keys = [k for k in grid if k not in _GRID_EXTRA]
+        varied = {k: v for k, v in grid.items() if k not in _GRID_EXTRA}
         if spec.frontier is not None:
-            model_keys.append(spec.frontier.field)
-        for key in model_keys:
-            values = grid.get(key, spec.frontier.depths if spec.frontier else ())
+            varied[spec.frontier.field] = spec.frontier.depths
+        first = {k: v[0] for k, v in varied.items()}
+        try:                                  # the fixed fields, with each grid's first value
+            model_config(name, **{**fields, **first})
+        except ConfigError as exc:
+            raise SpecError(path, _culprit(exc, where, fields, varied), _short(exc)) from None
+        for key, values in varied.items():    # then every value of every grid
             for value in values:
                 try:
-                    model_config(name, **{**fields, key: value})
+                    model_config(name, **{**fields, **first, key: value})
                 except ConfigError as exc:
-                    field_path = f"grid.{key}" if key in grid else f"frontier.{key}"
-                    raise SpecError(path, field_path, _short(exc)) from None
-        try:
-            model_config(name, **{**fields, **{k: v[0] for k, v in grid.items()
-                                               if k not in _GRID_EXTRA}})
-        except ConfigError as exc:
-            bad = next((k for k in fields if f"'{k}'" in str(exc) or f".{k} " in str(exc)), None)
-            raise SpecError(path, f"{where}.{bad}" if bad else where, _short(exc)) from None
+                    prefix = "grid" if key in grid else "frontier"
+                    raise SpecError(path, f"{prefix}.{key}", _short(exc)) from None
+
+
+def _culprit(exc: ConfigError, where: str, fields: dict, varied: dict) -> str:
+    text = str(exc)
+    for key in fields:
+        if f"'{key}'" in text or f".{key} " in text:
+            return f"{where}.{key}"
+    for key in varied:
+        if f"'{key}'" in text or f".{key} " in text:
+            return f"grid.{key}"
+    return where
 
 
 def _short(exc: Exception) -> str:

@@ -155,7 +155,8 @@ class ResultsStore:
             config, result = json.loads(config), json.loads(result)
             row = {"key": key, "status": status, "finished_at": finished}
             row.update({k: v for k, v in config.items() if k != "model_fields"})
-            row.update({f"cfg_{k}": v for k, v in config["model_fields"].items()})
+            row.update({f"cfg_{k}": tuple(v) if isinstance(v, list) else v
+                        for k, v in config["model_fields"].items()})
             row.update({k: v for k, v in result.items() if k not in row or k == "status"})
             rows.append(row)
         frame = pd.DataFrame(rows)

@@ -42,9 +42,9 @@ def run_trial(trial) -> dict:
     from memprop.sweep.budget import apply_budget, is_out_of_memory
 
     result: dict = {"status": "ok"}
-    dtype = parse_dtype(trial.dtype)
-    config = trial.config()
     try:
+        dtype = parse_dtype(trial.dtype)
+        config = trial.config()
         if trial.estimate and trial.mode == "measure":
             predicted = estimate(config, trial.batch, dtype=dtype, strategy=trial.strategy,
                                  optimizer=trial.optimizer, inference=False)

@@ -1,0 +1,266 @@
+"""Sweeps: specs rejected before anything runs, isolated trials whose failures are
+results, a store that survives SIGKILL and resumes, and a confirmed OOM frontier."""
+
+import json
+import os
+import pathlib
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from memprop.cli import main
+from memprop.sweep import SpecError, load_results, load_spec, run_sweep
+from memprop.sweep.frontier import doubling_probe_count, run_frontier
+from memprop.sweep.store import ResultsStore
+
+TESTS = pathlib.Path(__file__).parent
+
+GOOD = """
+name = "t"
+[model]
+name = "mlp"
+width = 16
+d_in = 16
+[grid]
+depth = [1, 2]
+batch = [4]
+[run]
+repeats = 1
+"""
+
+
+def write(tmp_path, text, name="spec.toml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+BAD_SPECS = [
+    # (what is wrong, edit of GOOD, key path, message fragment)
+    ("TOML syntax", lambda s: s + "\n[run\n", "(syntax)", "not valid TOML"),
+    ("unknown top-level key", lambda s: s.replace("[grid]", "[grdi]"), "grdi",
+     "unknown key (did you mean 'grid'?)"),
+    ("unknown run key", lambda s: s.replace("repeats = 1", "repeat = 1"), "run.repeat",
+     "did you mean 'repeats'?"),
+    ("wrong type", lambda s: s.replace("repeats = 1", 'repeats = "3"'), "run.repeats",
+     "'3' is not allowed; it must be an integer >= 1"),
+    ("out of range", lambda s: s.replace("repeats = 1", "repeats = 0"), "run.repeats",
+     "0 is not allowed"),
+    ("negative timeout", lambda s: s.replace("repeats = 1", "timeout = -5"), "run.timeout",
+     "a number of seconds > 0"),
+    ("unknown model", lambda s: s.replace('name = "mlp"', 'name = "mpl"'), "model.name",
+     "unknown model 'mpl' (did you mean 'mlp'?)"),
+    ("unknown model field", lambda s: s.replace("width = 16", "widht = 16"), "model.widht",
+     "has no field 'widht' (did you mean 'width'?)"),
+    ("bad model value", lambda s: s.replace("depth = [1, 2]", "depth = [0, 2]"), "grid.depth",
+     "mlp.depth = 0 is not allowed; depth must be an integer >= 1"),
+    ("unknown strategy", lambda s: s.replace("batch = [4]", 'batch = [4]\nstrategy = ["sqrtn"]'),
+     "grid.strategy", "unknown strategy 'sqrtn'; choose one of: none, full"),
+    ("unparsable size", lambda s: s + 'budget = "lots"\n', "run.budget", "'lots' is not a size"),
+    ("empty grid", lambda s: s.replace("depth = [1, 2]", "depth = []"), "grid.depth",
+     "expands to zero trials"),
+    ("grid value not a list", lambda s: s.replace("depth = [1, 2]", "depth = 4"), "grid.depth",
+     "is not a list"),
+    ("unknown dtype", lambda s: s + 'dtype = "float8"\n', "run.dtype",
+     "'float8' is not allowed; choose one of: float32"),
+    ("unknown device", lambda s: s + 'device = "tpu"\n', "run.device", "choose one of: cpu, cuda"),
+    ("missing batch", lambda s: s.replace("batch = [4]", ""), "grid.batch", "missing"),
+    ("bad name", lambda s: s.replace('name = "t"', 'name = "my spec"'), "name",
+     "letters, digits, _ and -"),
+    ("missing model", lambda s: s.replace('[model]\nname = "mlp"\nwidth = 16\nd_in = 16\n', ""),
+     "model", "missing"),
+    ("bad batch", lambda s: s.replace("batch = [4]", "batch = [0]"), "grid.batch",
+     "must be a batch size, an integer >= 1"),
+    ("frontier key", lambda s: s + '[frontier]\nbudget = "1GiB"\ndepths = [2]\nstep = 8\n',
+     "frontier.step", "did you mean 'batch_step'?"),
+]
+
+
+@pytest.mark.parametrize("what,edit,key,message", BAD_SPECS, ids=[b[0] for b in BAD_SPECS])
+def test_malformed_spec_names_file_key_value_and_starts_nothing(tmp_path, capsys, what, edit,
+                                                                key, message):
+    path = write(tmp_path, edit(textwrap.dedent(GOOD)))
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert info.value.key == key
+    assert str(info.value).startswith(f"{path}: {key}: ")
+    assert message in str(info.value)
+    db = tmp_path / "out.sqlite"
+    assert main(["sweep", str(path), "--db", str(db)]) == 2     # exit status 2
+    assert message in capsys.readouterr().err
+    assert not db.exists()                                       # no trial started
+
+
+def test_missing_spec_file(capsys):
+    assert main(["sweep", "no/such/spec.toml"]) == 2
+    assert "no such spec file" in capsys.readouterr().err
+
+
+def test_every_shipped_spec_validates():
+    specs = sorted((TESTS.parent / "experiments").glob("*.toml"))
+    assert {p.stem for p in specs} >= {"quickstart", "depth_batch", "train_vs_inference",
+                                       "checkpoint_tradeoff", "oom_frontier", "d2l_mlp"}
+    for path in specs:
+        spec = load_spec(path)
+        assert spec.trials() and spec.name == path.stem
+
+
+def test_trial_keys_are_stable_and_distinct(tmp_path):
+    spec = load_spec(write(tmp_path, GOOD))
+    keys = [t.key() for t in spec.trials()]
+    assert len(set(keys)) == 2 and keys == [t.key() for t in load_spec(
+        write(tmp_path, GOOD, "again.toml")).trials()]
+
+
+def test_failures_are_results_oom_crashed_timeout(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+    # an MLP whose step needs ~0.5 MiB at batch 8 and ~67 MiB at batch 4096, under 16 MiB
+    spec = load_spec(write(tmp_path, """
+        name = "budgeted"
+        [model]
+        name = "mlp"
+        width = 512
+        d_in = 512
+        [grid]
+        depth = [4]
+        batch = [8, 4096]
+        [run]
+        repeats = 1
+        budget = "16MiB"
+        timeout = 60
+    """))
+    db = tmp_path / "r.sqlite"
+    summary = run_sweep(spec, db_path=db, progress=False)
+    assert summary.counts == {"ok": 1, "oom": 1}
+    rows = load_results(db).set_index("batch")
+    assert rows.loc[8, "status"] == "ok" and rows.loc[8, "peak_bytes"] < 16 * 2**20
+    assert rows.loc[4096, "status"] == "oom"
+    assert rows.loc[4096, "phase"] in ("forward", "backward")
+    assert "can't allocate memory" in rows.loc[4096, "error"]
+    assert rows.loc[8, "address_space_limit_bytes"] > rows.loc[8, "baseline_address_space_bytes"]
+
+    for factory, status in (("trial_models:dies", "crashed"), ("trial_models:hangs", "timeout")):
+        other = load_spec(write(tmp_path, f"""
+            name = "bad_{status}"
+            [model]
+            name = "{factory}"
+            input_shape = [4]
+            [grid]
+            batch = [2]
+            [run]
+            repeats = 1
+            timeout = 3
+            estimate = false
+        """, f"{status}.toml"))
+        run_sweep(other, db_path=db, progress=False)
+    rows = load_results(db)
+    crashed = rows[rows.status == "crashed"].iloc[0]
+    assert crashed.signal == "SIGKILL" and "killed by SIGKILL" in crashed.error
+    assert (rows.status == "timeout").sum() == 1
+    assert set(rows.status) == {"ok", "oom", "crashed", "timeout"}   # the sweep went on
+
+
+SLOW_SPEC = """
+name = "killme"
+[model]
+name = "mlp"
+width = 64
+d_in = 64
+[grid]
+depth = [1, 2, 3, 4, 5, 6, 7, 8]
+batch = [16]
+[run]
+repeats = 40
+estimate = false
+"""
+
+
+def test_sigkill_keeps_finished_trials_and_rerun_completes_the_rest(tmp_path):
+    spec_path = write(tmp_path, SLOW_SPEC)
+    db = tmp_path / "k.sqlite"
+    cmd = [sys.executable, "-m", "memprop", "sweep", str(spec_path), "--db", str(db), "--quiet"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    deadline = time.monotonic() + 120
+    stored = 0
+    while time.monotonic() < deadline and stored < 3:
+        time.sleep(0.2)
+        if db.exists():
+            try:
+                stored = sqlite3.connect(db).execute("SELECT COUNT(*) FROM trials").fetchone()[0]
+            except sqlite3.OperationalError:
+                stored = 0
+    os.killpg(proc.pid, signal.SIGKILL)                 # the sweep and its fork server
+    proc.wait()
+    with ResultsStore(db) as store:
+        kept = store.results()
+    assert 3 <= len(kept) < 8
+    assert (kept.status == "ok").all() and kept.peak_bytes.notna().all()   # rows intact
+
+    spec = load_spec(spec_path)
+    summary = run_sweep(spec, db_path=db, progress=False)
+    assert summary.skipped == len(kept) and summary.ran == 8 - len(kept)
+    final = load_results(db)
+    assert sorted(final.key) == sorted(t.key() for t in spec.trials())   # = an uninterrupted run
+    assert (final.status == "ok").all()
+
+
+def test_frontier_finds_a_batch_that_fits_and_the_next_step_runs_out(tmp_path):
+    spec = load_spec(write(tmp_path, """
+        name = "front"
+        [model]
+        name = "mlp"
+        width = 128
+        d_in = 128
+        [grid]
+        batch = [8]
+        [frontier]
+        budget = "12MiB"
+        depths = [4]
+        strategies = ["none"]
+        batch_step = 512
+        max_batch = 65536
+    """))
+    db = tmp_path / "f.sqlite"
+    (point,) = run_frontier(spec, db_path=db, progress=None)
+    rows = load_results(db).set_index("batch")
+    assert rows.loc[point.confirmed_batch, "status"] == "ok"
+    assert rows.loc[point.confirmed_batch + 512, "status"] == "oom"
+    assert point.first_oom_batch == point.confirmed_batch + 512
+    assert 0 < point.predicted_batch <= point.confirmed_batch     # the prediction is safe
+    assert point.real_trials == len(rows) < point.probe_trials_doubling
+    with ResultsStore(db) as store:
+        assert store.frontier().confirmed_batch.tolist() == [point.confirmed_batch]
+
+
+def test_doubling_probe_count_by_hand():
+    # boundary 700, step 100: 100 200 400 800(x) then 600 700 (between 400 and 800)
+    assert doubling_probe_count(700, 100, 10_000) == 6
+    assert doubling_probe_count(100, 100, 10_000) == 2        # 100, 200(x)
+
+
+def test_results_command_and_csv(tmp_path, capsys):
+    spec_path = write(tmp_path, GOOD)
+    db = tmp_path / "g.sqlite"
+    assert main(["sweep", str(spec_path), "--db", str(db), "--quiet"]) == 0
+    assert main(["results", str(db)]) == 0
+    out = capsys.readouterr().out
+    assert "2 trials (2 ok)" in out
+    assert main(["results", str(db), "--csv", str(tmp_path / "r.csv")]) == 0
+    import pandas as pd
+    frame = pd.read_csv(tmp_path / "r.csv")
+    assert len(frame) == 2 and {"saved_bytes", "peak_bytes", "cfg_depth"} <= set(frame.columns)
+    assert main(["results", str(tmp_path / "none.sqlite")]) == 2
+    assert "no results database" in capsys.readouterr().err
+    with ResultsStore(db) as store:
+        env = store.environment()
+    assert env["torch_version"] and env["memprop_version"] and int(env["ram_bytes"]) > 0
+    key = load_results(db).key.iloc[0]
+    with ResultsStore(db) as store:
+        timeline = store.frame(key, "timeline")
+    assert timeline.total_bytes.max() == load_results(db).set_index("key").loc[key, "peak_bytes"]

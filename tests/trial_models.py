@@ -1,0 +1,43 @@
+"""Factories for sweep tests: models whose trials crash or hang on purpose."""
+
+import os
+import signal
+import time
+
+import torch
+from torch import nn
+
+
+class _Dies(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        os.kill(os.getpid(), signal.SIGKILL)   # the trial's process dies mid-step
+        return self.lin(x)
+
+
+class _Hangs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        time.sleep(60)
+        return self.lin(x)
+
+
+def dies():
+    return _Dies()
+
+
+def hangs():
+    return _Hangs()
+
+
+def tiny():
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+__all__ = ["dies", "hangs", "tiny", "torch"]
