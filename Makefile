@@ -25,6 +25,7 @@ $(STAMP): pyproject.toml Makefile
 
 demo: install
 	$(BIN)/memprop sweep experiments/quickstart.toml
+	$(BIN)/memprop report experiments/quickstart.toml
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

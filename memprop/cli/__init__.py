@@ -17,7 +17,7 @@ __all__ = ["main", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from memprop.cli import backprop_cmd, plan_cmd, profile_cmd, sweep_cmd
+    from memprop.cli import backprop_cmd, plan_cmd, profile_cmd, report_cmd, sweep_cmd
 
     parser = argparse.ArgumentParser(
         prog="memprop",
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "measured, not assumed.")
     parser.add_argument("--version", action="version", version=f"memprop {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (backprop_cmd, profile_cmd, plan_cmd, sweep_cmd):
+    for module in (backprop_cmd, profile_cmd, plan_cmd, sweep_cmd, report_cmd):
         module.add_parser(sub)
     return parser
 

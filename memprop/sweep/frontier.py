@@ -93,7 +93,7 @@ def run_frontier(spec: SweepSpec, *, db_path=None, executor: Executor | None = N
     db_path = db_path or default_db_path(spec.name)
     points = []
     with ResultsStore(db_path) as store:
-        store.record_environment()
+        store.record_environment(spec)
         for model, fixed in spec.models:
             for depth in opts.depths:
                 fields = tuple(sorted({**dict(fixed), opts.field: depth}.items()))

@@ -71,7 +71,7 @@ def run_sweep(spec: SweepSpec, *, db_path=None, workers: int = 1, force: bool = 
     trials = spec.trials() if trials is None else trials
     executor = executor or LocalProcessExecutor(workers)
     with ResultsStore(db_path) as store:
-        store.record_environment()
+        store.record_environment(spec)
         done = set() if force else store.keys()
         pending = [t for t in trials if t.key() not in done]
         bar = Progress(len(pending), enabled=progress, workers=workers)

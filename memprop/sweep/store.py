@@ -105,10 +105,15 @@ class ResultsStore:
     def __exit__(self, *exc):
         self.close()
 
-    def record_environment(self) -> None:
+    def record_environment(self, spec=None) -> None:
+        """Record where results are measured (and, given a spec, its name and description)."""
+        values = _environment()
+        if spec is not None:
+            values.update(spec_name=spec.name, spec_description=spec.description,
+                          spec_path=spec.path)
         with self.db:
             self.db.executemany("INSERT OR REPLACE INTO environment VALUES (?, ?)",
-                                _environment().items())
+                                values.items())
 
     def environment(self) -> dict[str, str]:
         return dict(self.db.execute("SELECT name, value FROM environment"))

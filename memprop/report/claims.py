@@ -1,0 +1,266 @@
+"""The notes' claims C1-C7, each with a verdict computed from the measured data.
+
+A verdict carries its numbers (``Claim.numbers``), so tests recompute them from the store;
+``supported`` is True, False (the data contradicts the claim) or None (no data for it).
+Nothing here is hard-coded: a claim the data does not support says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import torch
+
+from memprop import backprop as bp
+from memprop.report.data import ReportData
+from memprop.units import format_bytes
+
+__all__ = ["Claim", "compute_claims", "fit_depth_batch", "STATEMENTS"]
+
+STATEMENTS = {
+    "C1": "Forward propagation stores each layer's intermediates in order: the stored set "
+          "grows layer by layer during the forward pass.",
+    "C2": "Backward propagation reuses the stored intermediates, so they stay alive until "
+          "backward has consumed them; memory falls as backward walks from the output back "
+          "to the input.",
+    "C3": "The chain-rule formulas (∂J/∂W2 = ∂J/∂o hᵀ + λW2, ∂J/∂h = W2ᵀ ∂J/∂o, "
+          "∂J/∂z = ∂J/∂h ⊙ φ′(z), ∂J/∂W1 = ∂J/∂z xᵀ + λW1) are exactly what autograd computes.",
+    "C4": "Training needs more memory than prediction alone: inference under "
+          "torch.no_grad() stores nothing for backward.",
+    "C5": "The size of the stored intermediates is roughly proportional to the number of "
+          "layers and to the batch size.",
+    "C6": "Deeper networks with larger batches therefore run out of memory sooner.",
+    "C7": "Recomputing activations during backward (checkpointing) trades extra compute for "
+          "less stored memory, which moves the out-of-memory boundary.",
+}
+
+
+@dataclasses.dataclass
+class Claim:
+    id: str
+    statement: str
+    verdict: str
+    supported: bool | None
+    evidence: list[str]                       # figure names, table names
+    numbers: dict = dataclasses.field(default_factory=dict)
+
+
+def _lstsq(columns, y) -> tuple[np.ndarray, float]:
+    design = np.column_stack([np.ones_like(y), *columns])
+    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+    total = ((y - y.mean()) ** 2).sum()
+    r2 = 1.0 - ((y - design @ coef) ** 2).sum() / total if total > 0 else float("nan")
+    return coef, float(r2)
+
+
+def fit_depth_batch(rows: pd.DataFrame) -> dict:
+    """Least squares saved_bytes ≈ a + b·depth·batch over ``rows``: a, b, R², n; and the
+    same with a per-example term c·batch (the input and output layers, which do not grow
+    with depth): R² as ``r2_with_batch``."""
+    depth_batch = (rows.cfg_depth * rows.batch).to_numpy(float)
+    y = rows.saved_bytes.to_numpy(float)
+    (a, b), r2 = _lstsq([depth_batch], y)
+    _, r2_batch = _lstsq([depth_batch, rows.batch.to_numpy(float)], y)
+    return {"a": float(a), "b": float(b), "r2": r2, "r2_with_batch": r2_batch,
+            "n": int(len(rows))}
+
+
+def _deepest_plain_with_timeline(data: ReportData):
+    plain = data.plain()
+    if plain.empty or "cfg_depth" not in plain:
+        plain = data.ok[data.ok.strategy == "none"] if not data.ok.empty else plain
+    for _, row in plain.sort_values(["saved_bytes"], ascending=False).iterrows():
+        timeline = data.frame(row.key, "timeline")
+        if timeline is not None:
+            return row, timeline
+    return None, None
+
+
+def _where(row) -> str:
+    depth = f"depth {int(row.cfg_depth)}, " if "cfg_depth" in row and pd.notna(row.cfg_depth) else ""
+    return f"{row.model}, {depth}batch {int(row.batch)}"
+
+
+def claim_c1_c2(data: ReportData) -> list[Claim]:
+    row, tl = _deepest_plain_with_timeline(data)
+    if row is None:
+        none = "no measured plain trial with a timeline in this store"
+        return [Claim("C1", STATEMENTS["C1"], none, None, []),
+                Claim("C2", STATEMENTS["C2"], none, None, [])]
+    fwd = tl[tl.phase == "forward"].activation_bytes.to_numpy()
+    bwd = tl[tl.phase == "backward"].activation_bytes.to_numpy()
+    saved = data.frame(row.key, "saved")
+    in_order = True
+    if saved is not None:
+        blocks = saved[saved.module.str.match(r"^blocks\.\d+")].module.str.extract(
+            r"^blocks\.(\d+)")[0].astype(int)
+        in_order = bool((blocks.diff().dropna() >= 0).all())
+    rising = bool(len(fwd) > 1 and (np.diff(fwd) >= 0).all() and fwd[-1] > fwd[0])
+    c1 = Claim("C1", STATEMENTS["C1"],
+               f"{'supported' if rising and in_order else 'NOT supported'}: over the "
+               f"{len(fwd)} forward ops of one step ({_where(row)}) the bytes held for backward "
+               f"only grew, from {format_bytes(fwd[0])} to {format_bytes(fwd.max())}, in "
+               f"{int((np.diff(fwd) > 0).sum())} increments; layers stored in order: "
+               f"{'yes' if in_order else 'no'}",
+               rising and in_order, ["stored_per_layer", "timeline"],
+               {"forward_ops": len(fwd), "start_bytes": int(fwd[0]),
+                "end_bytes": int(fwd.max()), "increments": int((np.diff(fwd) > 0).sum()),
+                "trial": row.key})
+    falling = bool(len(bwd) > 1 and (np.diff(bwd) <= 0).all() and bwd[-1] == 0)
+    c2 = Claim("C2", STATEMENTS["C2"],
+               f"{'supported' if falling else 'NOT supported'}: during backward the stored "
+               f"bytes fell from {format_bytes(bwd.max())} to {format_bytes(bwd[-1])} over "
+               f"{len(bwd)} ops and never rose; they were all alive when backward began",
+               falling, ["timeline"],
+               {"backward_ops": len(bwd), "start_bytes": int(bwd.max()),
+                "end_bytes": int(bwd[-1]), "trial": row.key})
+    return [c1, c2]
+
+
+def claim_c3(data: ReportData) -> Claim:
+    d2l = data.ok[data.ok.model == "d2l_mlp"] if not data.ok.empty else data.ok
+    if not d2l.empty:
+        r = d2l.iloc[0]
+        sizes = dict(d=int(r.cfg_d), h=int(r.cfg_h), q=int(r.cfg_q), phi=str(r.cfg_phi),
+                     lam=float(r.cfg_lam), batch=int(r.batch))
+    else:
+        sizes = dict(d=784, h=256, q=10, phi="relu", lam=1e-3, batch=64)
+    worst = 0.0
+    for phi in ("relu", "tanh", "sigmoid"):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(sizes["batch"], sizes["d"], dtype=torch.float64, generator=g)
+        y = torch.randint(0, sizes["q"], (sizes["batch"],), generator=g)
+        W1 = torch.randn(sizes["h"], sizes["d"], dtype=torch.float64, generator=g) * 0.05
+        W2 = torch.randn(sizes["q"], sizes["h"], dtype=torch.float64, generator=g) * 0.05
+        cache = bp.forward(x, y, W1, W2, phi=phi, lam=sizes["lam"])
+        hand = bp.backward(cache, y, W1, W2, phi=phi, lam=sizes["lam"])
+        auto = bp.autograd_gradients(x, y, W1, W2, phi=phi, lam=sizes["lam"])
+        worst = max(worst, max((getattr(hand, k) - auto[k]).abs().max().item() for k in auto))
+    ok = worst < 1e-10
+    return Claim("C3", STATEMENTS["C3"],
+                 f"{'supported' if ok else 'NOT supported'}: the notes' formulas and autograd "
+                 f"agree to {worst:.1e} (largest |difference| over ∂J/∂o, ∂J/∂h, ∂J/∂z, ∂J/∂W1, "
+                 f"∂J/∂W2, φ ∈ relu/tanh/sigmoid; float64, d={sizes['d']}, h={sizes['h']}, "
+                 f"q={sizes['q']}, batch {sizes['batch']})",
+                 ok, ["graph"], {"max_abs_diff": worst, **sizes})
+
+
+def claim_c4(data: ReportData) -> Claim:
+    ok = data.ok
+    if ok.empty or "inference_peak_bytes" not in ok:
+        return Claim("C4", STATEMENTS["C4"], "no measured trials in this store", None, [])
+    rows = ok[ok.inference_peak_bytes > 0]
+    ratio = rows.peak_bytes / rows.inference_peak_bytes
+    plain = data.plain()
+    top = plain.sort_values(["saved_bytes"]).iloc[-1] if not plain.empty else rows.iloc[-1]
+    top_ratio = top.peak_bytes / top.inference_peak_bytes
+    stores_nothing = bool((rows.inference_saved_bytes == 0).all())
+    supported = bool((ratio > 1).all() and stores_nothing)
+    return Claim("C4", STATEMENTS["C4"],
+                 f"{'supported' if supported else 'NOT supported'}: training needs "
+                 f"{top_ratio:.1f}× the memory of inference at {_where(top)}; over all "
+                 f"{len(rows)} trials the ratio is {ratio.min():.2f}× to {ratio.max():.2f}×, and "
+                 f"inference stored {'0 B for backward in every trial' if stores_nothing else 'tensors for backward in some trials'}",
+                 supported, ["train_vs_inference"],
+                 {"top_ratio": float(top_ratio), "min_ratio": float(ratio.min()),
+                  "max_ratio": float(ratio.max()), "n": int(len(rows)), "trial": top.key})
+
+
+def claim_c5(data: ReportData) -> Claim:
+    plain = data.plain()
+    if plain.empty or "cfg_depth" not in plain or plain[["cfg_depth", "batch"]].drop_duplicates().shape[0] < 3:
+        return Claim("C5", STATEMENTS["C5"], "not enough plain trials across depth and batch "
+                     "(need 3 or more (depth, batch) points)", None, ["stored_vs_depth"])
+    fit = fit_depth_batch(plain)
+    # "roughly proportional": linear in depth × batch once the input and output layers'
+    # per-example bytes (which do not grow with depth) have their own term
+    good = fit["r2_with_batch"] >= 0.99 and fit["b"] > 0
+    return Claim("C5", STATEMENTS["C5"],
+                 f"{'supported' if good else 'NOT supported'}: stored bytes ≈ "
+                 f"{format_bytes(fit['a'])} + {fit['b']:.1f} B × depth × batch, "
+                 f"R² = {fit['r2']:.5f} over {fit['n']} trials; with a per-example term for the "
+                 f"input and output layers R² = {fit['r2_with_batch']:.6f}",
+                 good, ["stored_vs_depth", "stored_vs_batch", "peak_heatmap"], fit)
+
+
+def _flops_ratio(data: ReportData, strategy: str, depth) -> float | None:
+    _, rows = data.main_model()
+    if rows.empty or "forward_flops" not in rows:
+        return None
+    rows = rows.assign(flops=rows.forward_flops + rows.backward_flops)
+    if "cfg_depth" in rows and depth is not None:
+        near = (rows.cfg_depth - depth).abs()
+        rows = rows[near == near.min()]
+    base = rows[rows.strategy == "none"]
+    other = rows[rows.strategy == strategy]
+    if base.empty or other.empty:
+        return None
+    merged = other.merge(base, on=["batch"], suffixes=("", "_none"))
+    return float((merged.flops / merged.flops_none).median()) if not merged.empty else None
+
+
+def claim_c6(data: ReportData) -> Claim:
+    fr = data.frontier[data.frontier.strategy == "none"] if not data.frontier.empty else data.frontier
+    if fr.empty or fr.depth.nunique() < 2:
+        return Claim("C6", STATEMENTS["C6"], "no out-of-memory frontier with two or more depths "
+                     "in this store (add a [frontier] table and run memprop sweep)", None,
+                     ["frontier", "peak_heatmap"])
+    fr = fr.sort_values("depth")
+    shrinking = bool((fr.confirmed_batch.diff().dropna() < 0).all())
+    parts = "; ".join(f"depth {int(d)}: batch {int(b)}" for d, b in zip(fr.depth, fr.confirmed_batch))
+    return Claim("C6", STATEMENTS["C6"],
+                 f"{'supported' if shrinking else 'NOT supported'}: at a real budget of "
+                 f"{format_bytes(fr.budget_bytes.iloc[0])}, the largest batch that fits falls as "
+                 f"depth grows ({parts}); each confirmed by a real out-of-memory one step above",
+                 shrinking, ["frontier", "peak_heatmap"],
+                 {"depths": fr.depth.astype(int).tolist(),
+                  "batches": fr.confirmed_batch.astype(int).tolist(),
+                  "budget_bytes": int(fr.budget_bytes.iloc[0])})
+
+
+def claim_c7(data: ReportData) -> Claim:
+    fr = data.frontier
+    if not fr.empty and (fr.strategy != "none").any() and (fr.strategy == "none").any():
+        pivot = fr.pivot_table(index="depth", columns="strategy", values="confirmed_batch")
+        others = [c for c in pivot.columns if c != "none"]
+        best = pivot[others].max(axis=1)
+        strategy = pivot[others].idxmax(axis=1)
+        depth = int(pivot.index.max())
+        moved = bool(best.loc[depth] > pivot.loc[depth, "none"])
+        unmoved = [int(d) for d in pivot.index if best.loc[d] <= pivot.loc[d, "none"]]
+        ratio = _flops_ratio(data, strategy.loc[depth], depth)
+        cost = f", at {ratio:.2f}× FLOPs" if ratio else ""
+        note = (f"; at depth {', '.join(map(str, unmoved))} it does not move the boundary "
+                "(too few layers to recompute)") if unmoved else ""
+        return Claim("C7", STATEMENTS["C7"],
+                     f"{'supported' if moved else 'NOT supported'}: at "
+                     f"{format_bytes(fr.budget_bytes.iloc[0])}, depth {depth}: batch "
+                     f"{int(pivot.loc[depth, 'none'])} without checkpointing, "
+                     f"{int(best.loc[depth])} with {strategy.loc[depth]}{cost}"
+                     f"{' (FLOPs measured at the nearest grid depth)' if ratio else ''}{note}",
+                     moved, ["frontier", "tradeoff", "timeline"],
+                     {"depth": depth, "none_batch": int(pivot.loc[depth, "none"]), "unmoved": unmoved,
+                      "best_batch": int(best.loc[depth]), "strategy": strategy.loc[depth],
+                      "flops_ratio": ratio})
+    _, rows = data.main_model()
+    if rows.empty or rows.strategy.nunique() < 2:
+        return Claim("C7", STATEMENTS["C7"], "no checkpointed trials in this store", None, [])
+    deepest = rows[rows.cfg_depth == rows.cfg_depth.max()] if "cfg_depth" in rows else rows
+    base = deepest[deepest.strategy == "none"].saved_bytes.median()
+    cand = deepest[deepest.strategy != "none"].groupby("strategy").saved_bytes.median()
+    strategy = cand.idxmin()
+    ratio = _flops_ratio(data, strategy, deepest.cfg_depth.max() if "cfg_depth" in deepest else None)
+    less = bool(cand.min() < base)
+    return Claim("C7", STATEMENTS["C7"],
+                 f"{'partly supported' if less else 'NOT supported'}: {strategy} stores "
+                 f"{cand.min() / base:.2f}× the bytes of no checkpointing"
+                 f"{f' for {ratio:.2f}× FLOPs' if ratio else ''}; no frontier in this store, so "
+                 "the moved boundary is not measured", less if less else False, ["tradeoff"],
+                 {"strategy": strategy, "saved_ratio": float(cand.min() / base), "flops_ratio": ratio})
+
+
+def compute_claims(data: ReportData) -> list[Claim]:
+    return [*claim_c1_c2(data), claim_c3(data), claim_c4(data), claim_c5(data),
+            claim_c6(data), claim_c7(data)]

@@ -1,0 +1,90 @@
+"""What a report reads from a results store, and how it picks the trials each claim needs.
+
+Every selection is written down here once, so that the figures and the claim verdicts
+look at the same rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import pandas as pd
+
+from memprop.sweep.spec import load_spec
+from memprop.sweep.store import ResultsStore, default_db_path
+
+__all__ = ["ReportData", "load_report_data"]
+
+
+@dataclasses.dataclass
+class ReportData:
+    name: str
+    db_path: pathlib.Path
+    results: pd.DataFrame          # one row per trial (ResultsStore.results)
+    frontier: pd.DataFrame         # one row per (depth, strategy)
+    environment: dict[str, str]
+    description: str = ""
+    _store: ResultsStore | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def ok(self) -> pd.DataFrame:
+        """Trials that finished and were measured in full (not frontier probes)."""
+        r = self.results
+        if r.empty or "saved_bytes" not in r:
+            return pd.DataFrame(columns=["key", "model", "strategy", "batch", "status",
+                                         "saved_bytes", "peak_bytes"])
+        return r[(r.status == "ok") & (r["mode"] == "measure")]
+
+    def frame(self, key: str, name: str) -> pd.DataFrame | None:
+        return self._store.frame(key, name) if self._store is not None else None
+
+    def main_model(self) -> tuple[str | None, pd.DataFrame]:
+        """The model with the most measured trials, and those trials restricted to its most
+        common setting of every model field other than depth (so one line is one setup)."""
+        ok = self.ok
+        if ok.empty:
+            return None, ok
+        model = ok.model.value_counts().idxmax()
+        rows = ok[ok.model == model]
+        others = [c for c in rows.columns if c.startswith("cfg_") and c != "cfg_depth"
+                  and rows[c].notna().any()]
+        if others:
+            keys = rows[others].astype(str).agg("|".join, axis=1)
+            rows = rows[keys == keys.value_counts().idxmax()]
+        return model, rows
+
+    def plain(self) -> pd.DataFrame:
+        """Measured trials of the main model without checkpointing."""
+        _, rows = self.main_model()
+        return rows[rows.strategy == "none"] if not rows.empty else rows
+
+    def missing(self) -> dict[str, int]:
+        """Trials that did not finish, by status."""
+        r = self.results
+        if r.empty:
+            return {}
+        return r[r.status != "ok"].status.value_counts().to_dict()
+
+
+def load_report_data(source) -> ReportData:
+    """The store of a spec (.toml, its default database) or a database path (.sqlite)."""
+    path = pathlib.Path(source)
+    description = ""
+    if path.suffix == ".toml":
+        spec = load_spec(path)
+        description = spec.description
+        path = default_db_path(spec.name)
+    if not path.is_file():
+        from memprop.errors import ConfigError
+        raise ConfigError(f"memprop report: no results database at {path}; run "
+                          "'memprop sweep SPEC' first")
+    store = ResultsStore(path)
+    results = store.results()
+    environment = store.environment()
+    name = environment.get("spec_name") or (results.spec.iloc[0] if not results.empty
+                                            else path.parent.name)
+    return ReportData(name=name, db_path=path, results=results, frontier=store.frontier(),
+                      environment=environment,
+                      description=description or environment.get("spec_description", ""),
+                      _store=store)

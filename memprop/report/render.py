@@ -1,0 +1,197 @@
+"""Write a report: ``report.md``, a self-contained ``report.html`` (figures embedded as
+data URIs, no network), ``figures/*.png`` and ``*.svg``, and the tables as CSV.
+
+Names that come from users (spec names, model factories, strategies) are HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import pathlib
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from memprop.report.claims import Claim, compute_claims
+from memprop.report.data import ReportData, load_report_data
+from memprop.report.figures import make_figures
+from memprop.units import format_bytes
+
+__all__ = ["build_report", "ReportFiles"]
+
+CAPTIONS = {
+    "stored_vs_depth": "Stored intermediates vs depth, one line per batch: measured points, "
+                       "closed-form prediction (dashed), least-squares fit (dotted).",
+    "stored_vs_batch": "Stored intermediates vs batch, one line per depth.",
+    "peak_heatmap": "Peak memory over depth × batch; the red contour is the budget, cells "
+                    "marked OOM need more than it.",
+    "train_vs_inference": "Training-step peak vs inference peak of the same batch.",
+    "timeline": "Live memory of one training step by category, plain vs checkpointed.",
+    "tradeoff": "Checkpointing strategies: peak memory vs step time and vs FLOPs.",
+    "frontier": "Largest batch that fits the budget per depth: confirmed by real trials "
+                "(the next step up ran out of memory) and predicted on fake tensors.",
+    "graph": "The notes' computational graph with the bytes forward propagation stores.",
+    "stored_per_layer": "Stored bytes per layer for one configuration.",
+}
+
+SUMMARY_COLUMNS = ["model", "cfg_depth", "batch", "strategy", "status", "phase", "saved_bytes",
+                   "peak_bytes", "predicted_peak_bytes", "inference_peak_bytes",
+                   "forward_flops", "backward_flops", "step_ms"]
+
+
+class ReportFiles(dict):
+    """name -> path of everything written."""
+
+
+def _summary(data: ReportData) -> pd.DataFrame:
+    r = data.results
+    if r.empty:
+        return r
+    cols = [c for c in SUMMARY_COLUMNS if c in r.columns]
+    return r[cols]
+
+
+def _md_table(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return "_(none)_"
+    shown = frame.copy()
+    for c in shown.columns:
+        if c.endswith("_bytes"):
+            shown[c] = shown[c].map(format_bytes)
+    shown = shown.astype(object).where(shown.notna(), "").astype(str)
+    header = "| " + " | ".join(shown.columns) + " |"
+    rule = "|" + "---|" * len(shown.columns)
+    rows = ["| " + " | ".join(v.replace("|", "\\|") for v in row) + " |"
+            for row in shown.itertuples(index=False)]
+    return "\n".join([header, rule, *rows])
+
+
+def _verdict_mark(claim: Claim) -> str:
+    return {True: "✅", False: "❌", None: "⚪"}[claim.supported]
+
+
+def build_report(source, out_dir=None, *, dpi: int = 90) -> ReportFiles:
+    """Build the report of a store (spec or database) into ``out_dir`` (default: the
+    store's folder). Works on partial results and lists what is missing."""
+    data = load_report_data(source)
+    out = pathlib.Path(out_dir) if out_dir else data.db_path.parent
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    files = ReportFiles()
+    figures, missing_figures = make_figures(data)
+    pngs = {}
+    for name, fig in figures.items():
+        png, svg = out / "figures" / f"{name}.png", out / "figures" / f"{name}.svg"
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+        png.write_bytes(buf.getvalue())
+        fig.savefig(svg, format="svg", bbox_inches="tight")
+        plt.close(fig)
+        pngs[name] = buf.getvalue()
+        files[f"figures/{name}.png"], files[f"figures/{name}.svg"] = png, svg
+    claims = compute_claims(data)
+    tables = {"trials": _summary(data), "frontier": data.frontier,
+              "claims": pd.DataFrame([{"claim": c.id, "supported": c.supported,
+                                       "verdict": c.verdict} for c in claims])}
+    for name, frame in tables.items():
+        path = out / f"{name}.csv"
+        frame.to_csv(path, index=False)
+        files[f"{name}.csv"] = path
+    files["report.md"] = out / "report.md"
+    files["report.md"].write_text(_markdown(data, claims, figures, missing_figures, tables))
+    files["report.html"] = out / "report.html"
+    files["report.html"].write_text(_html(data, claims, pngs, missing_figures, tables))
+    return files
+
+
+def _missing_lines(data: ReportData, missing_figures: dict) -> list[str]:
+    lines = [f"{n} trials ended {status}" for status, n in data.missing().items()]
+    lines += [f"figure '{name}' not drawn: {why}" for name, why in missing_figures.items()]
+    return lines
+
+
+def _environment(data: ReportData) -> str:
+    env = data.environment
+    keys = ("memprop_version", "git_commit", "torch_version", "cpu_model", "cpu_count",
+            "ram_bytes", "cuda_device", "recorded_at")
+    return ", ".join(f"{k}: {format_bytes(int(env[k])) if k == 'ram_bytes' else env[k]}"
+                     for k in keys if k in env)
+
+
+def _markdown(data, claims, figures, missing_figures, tables) -> str:
+    counts = data.results.status.value_counts().to_dict() if not data.results.empty else {}
+    lines = [f"# memprop report: {data.name}", ""]
+    if data.description:
+        lines += [data.description, ""]
+    lines += [f"{len(data.results)} trials (" + ", ".join(f"{v} {k}" for k, v in counts.items())
+              + f"); measured on {_environment(data)}.", "",
+              "Every number below is measured, or labelled as a prediction (fake tensors).", "",
+              "## Claims", ""]
+    for c in claims:
+        lines += [f"### {_verdict_mark(c)} {c.id}: {c.statement}", "", f"**Verdict:** {c.verdict}", ""]
+        for name in c.evidence:
+            if name in figures:
+                lines += [f"![{name}](figures/{name}.png)", ""]
+    missing = _missing_lines(data, missing_figures)
+    if missing:
+        lines += ["## What is missing", "", *[f"- {m}" for m in missing], ""]
+    lines += ["## All figures", ""]
+    for name in figures:
+        lines += [f"**{name}**: {CAPTIONS.get(name, '')}", "", f"![{name}](figures/{name}.png)", ""]
+    lines += ["## Trials", "", _md_table(tables["trials"]), ""]
+    if not tables["frontier"].empty:
+        lines += ["## Out-of-memory frontier", "", _md_table(tables["frontier"]), ""]
+    return "\n".join(lines)
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+color:#222}img{max-width:100%;border:1px solid #ddd}table{border-collapse:collapse;
+font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}
+.claim{border-left:4px solid #888;padding:.3em 1em;margin:1em 0}.yes{border-color:#2e7d32}
+.no{border-color:#c62828}.none{border-color:#9e9e9e}figcaption{font-size:13px;color:#555}
+.badge{font-size:12px;padding:1px 6px;border-radius:3px;color:white;vertical-align:middle}
+.badge.yes{background:#2e7d32}.badge.no{background:#c62828}.badge.none{background:#9e9e9e}"""
+
+
+def _html(data, claims, pngs, missing_figures, tables) -> str:
+    e = html.escape
+
+    def img(name: str) -> str:
+        uri = "data:image/png;base64," + base64.b64encode(pngs[name]).decode()
+        return (f'<figure><img alt="{e(name)}" src="{uri}">'
+                f"<figcaption>{e(CAPTIONS.get(name, name))}</figcaption></figure>")
+
+    def table(frame: pd.DataFrame) -> str:
+        shown = frame.copy()
+        for c in shown.columns:
+            if c.endswith("_bytes"):
+                shown[c] = shown[c].map(format_bytes)
+        return shown.astype(object).where(shown.notna(), "").to_html(index=False, escape=True,
+                                                                       border=0)
+
+    counts = data.results.status.value_counts().to_dict() if not data.results.empty else {}
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>memprop report: "
+             f"{e(data.name)}</title><style>{_CSS}</style></head><body>",
+             f"<h1>memprop report: {e(data.name)}</h1>",
+             f"<p>{e(data.description)}</p>" if data.description else "",
+             f"<p>{len(data.results)} trials (" + e(", ".join(f"{v} {k}" for k, v in counts.items()))
+             + f"); measured on {e(_environment(data))}. Every number is measured, or labelled "
+             "as a prediction (fake tensors).</p>", "<h2>Claims</h2>"]
+    for c in claims:
+        css = {True: "yes", False: "no", None: "none"}[c.supported]
+        badge = {True: "supported", False: "not supported", None: "no data"}[c.supported]
+        parts.append(f"<div class='claim {css}'><h3><span class='badge {css}'>{badge}</span> "
+                     f"{e(c.id)}: "
+                     f"{e(c.statement)}</h3><p><b>Verdict:</b> {e(c.verdict)}</p>"
+                     + "".join(img(n) for n in c.evidence[:1] if n in pngs) + "</div>")
+    missing = _missing_lines(data, missing_figures)
+    if missing:
+        parts.append("<h2>What is missing</h2><ul>" + "".join(f"<li>{e(m)}</li>" for m in missing)
+                     + "</ul>")
+    parts.append("<h2>All figures</h2>" + "".join(img(n) for n in pngs))
+    parts.append("<h2>Trials</h2>" + table(tables["trials"]))
+    if not tables["frontier"].empty:
+        parts.append("<h2>Out-of-memory frontier</h2>" + table(tables["frontier"]))
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,184 @@
+"""Reports built from a small real sweep: figures are valid images, every claim verdict's
+numbers equal a recomputation from the store, partial stores render, HTML is offline."""
+
+import html
+import json
+import pathlib
+import re
+import shutil
+import sqlite3
+import subprocess
+import textwrap
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from memprop.cli import main
+from memprop.report.data import load_report_data
+from memprop.report.claims import compute_claims
+from memprop.report.figures import ALL_FIGURES
+from memprop.report.render import build_report
+from memprop.sweep import load_spec, run_sweep
+from memprop.sweep.frontier import run_frontier
+from memprop.sweep.store import ResultsStore
+
+SPEC = """
+name = "tiny_report"
+description = "A <b>tiny</b> sweep & its report"
+[model]
+name = "mlp"
+width = 64
+d_in = 64
+[grid]
+depth = [1, 2, 4]
+batch = [16, 64]
+strategy = ["none", "sqrt"]
+[run]
+repeats = 1
+[frontier]
+budget = "10MiB"
+depths = [2, 8]
+strategies = ["none", "sqrt"]
+batch_step = 1024
+max_batch = 65536
+"""
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    spec_path = root / "tiny_report.toml"
+    spec_path.write_text(textwrap.dedent(SPEC))
+    spec = load_spec(spec_path)
+    db = root / "results.sqlite"
+    run_sweep(spec, db_path=db, progress=False)
+    run_frontier(spec, db_path=db, progress=None)
+    files = build_report(db, root / "out")
+    return root, db, files
+
+
+def test_every_figure_exists_and_is_a_valid_image(built):
+    import matplotlib.image as mpimg
+    _, _, files = built
+    for name in ALL_FIGURES:
+        png = files[f"figures/{name}.png"]
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        height, width, _ = mpimg.imread(png).shape
+        assert width > 200 and height > 150
+        svg = files[f"figures/{name}.svg"].read_text()
+        assert svg.lstrip().startswith("<?xml") and "</svg>" in svg
+
+
+def test_claim_numbers_equal_a_recomputation_from_the_store(built):
+    _, db, _ = built
+    claims = {c.id: c for c in compute_claims(load_report_data(db))}
+    assert all(c.supported for c in claims.values()), {k: c.verdict for k, c in claims.items()}
+    rows = pd.read_sql_query("SELECT config, result, status FROM trials", sqlite3.connect(db))
+    config = pd.json_normalize(rows.config.map(json.loads))
+    result = pd.json_normalize(rows.result.map(json.loads))
+    trials = pd.concat([config, result.drop(columns=[c for c in result.columns
+                                                      if c in config.columns or c == "status"])],
+                       axis=1)
+    measured = trials[(rows.status == "ok") & (trials["mode"] == "measure")]
+    plain = measured[measured.strategy == "none"]
+
+    # C5: least squares of saved bytes on depth·batch, by numpy's polyfit
+    x = plain["model_fields.depth"] * plain.batch
+    b, a = np.polyfit(x, plain.saved_bytes, 1)
+    r2 = 1 - ((plain.saved_bytes - (a + b * x)) ** 2).sum() / \
+        ((plain.saved_bytes - plain.saved_bytes.mean()) ** 2).sum()
+    assert claims["C5"].numbers["n"] == len(plain) == 6
+    assert claims["C5"].numbers["b"] == pytest.approx(b, rel=1e-9)
+    assert claims["C5"].numbers["r2"] == pytest.approx(r2, rel=1e-9)
+    assert f"R² = {r2:.5f} over 6 trials" in claims["C5"].verdict
+
+    # C4: training / inference peak, per trial
+    ratio = measured.peak_bytes / measured.inference_peak_bytes
+    assert claims["C4"].numbers["min_ratio"] == pytest.approx(ratio.min())
+    assert claims["C4"].numbers["max_ratio"] == pytest.approx(ratio.max())
+    assert (measured.inference_saved_bytes == 0).all()
+
+    # C6, C7: the confirmed frontier, read straight from its table
+    frontier = pd.read_sql_query("SELECT * FROM frontier", sqlite3.connect(db))
+    none = frontier[frontier.strategy == "none"].sort_values("depth")
+    assert claims["C6"].numbers["batches"] == none.confirmed_batch.tolist()
+    assert claims["C6"].numbers["depths"] == [2, 8]
+    deepest = frontier[frontier.depth == 8]
+    assert claims["C7"].numbers["none_batch"] == int(deepest[deepest.strategy == "none"].confirmed_batch.iloc[0])
+    assert claims["C7"].numbers["best_batch"] == int(deepest.confirmed_batch.max())
+
+    # C1, C2: the stored timeline of the deepest plain trial
+    key = claims["C1"].numbers["trial"]
+    with ResultsStore(db) as store:
+        timeline = store.frame(key, "timeline")
+    fwd = timeline[timeline.phase == "forward"].activation_bytes
+    assert claims["C1"].numbers["end_bytes"] == fwd.max()
+    assert claims["C2"].numbers["end_bytes"] == 0
+    assert claims["C3"].numbers["max_abs_diff"] < 1e-10
+
+
+def test_html_is_offline_escaped_and_md_links_figures(built):
+    root, db, files = built
+    text = files["report.html"].read_text()
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", text)
+    assert "http://" not in text and "https://" not in text
+    assert text.count("data:image/png;base64,") >= len(ALL_FIGURES)
+    # the spec's description (recorded in the store) is user text: escaped, never markup
+    assert html.escape("A <b>tiny</b> sweep & its report") in text and "<b>tiny</b>" not in text
+    md = files["report.md"].read_text()
+    for name in ALL_FIGURES:
+        assert f"figures/{name}.png" in md
+
+
+def test_store_with_oom_and_crashed_rows_still_renders(built, tmp_path):
+    _, db, _ = built
+    copy = tmp_path / "partial.sqlite"
+    shutil.copy(db, copy)
+    with ResultsStore(copy) as store:
+        trial = load_spec_trial()
+        store.put(trial, {"status": "crashed", "signal": "SIGKILL", "error": "killed"})
+        store.put(__import__("dataclasses").replace(trial, batch=3),
+                  {"status": "oom", "phase": "backward", "error": "can't allocate memory"})
+    files = build_report(copy, tmp_path / "out")
+    md = files["report.md"].read_text()
+    assert "## What is missing" in md and "trials ended crashed" in md and "trials ended oom" in md
+
+
+def load_spec_trial():
+    from memprop.sweep.spec import Trial
+    return Trial(spec="tiny_report", model="mlp", model_fields=(("d_in", 64), ("depth", 1),
+                                                                  ("width", 64)), batch=2)
+
+
+def test_empty_store_says_what_is_missing(tmp_path):
+    db = tmp_path / "empty.sqlite"
+    ResultsStore(db).close()
+    files = build_report(db, tmp_path / "out")
+    md = files["report.md"].read_text()
+    assert "not drawn" in md and "no measured plain trial" in md
+
+
+def test_report_command(built, capsys, tmp_path):
+    _, db, _ = built
+    assert main(["report", str(db), "-o", str(tmp_path / "cli")]) == 0
+    out = capsys.readouterr().out
+    assert "report written to" in out and "C5,True" in out
+    assert main(["report", str(tmp_path / "missing.sqlite")]) == 2
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Chromium is not installed")
+def test_chromium_decodes_every_figure(built, tmp_path):
+    _, _, files = built
+    page = files["report.html"].read_text().replace(
+        "</body>", "<script>window.addEventListener('load',()=>{document.body.setAttribute("
+        "'data-widths',[...document.images].map(i=>i.naturalWidth).join(','))})</script></body>")
+    probe = tmp_path / "probe.html"
+    probe.write_text(page)
+    dom = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+         "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
+        capture_output=True, text=True, timeout=120).stdout
+    widths = [int(w) for w in re.search(r'data-widths="([^"]*)"', dom).group(1).split(",")]
+    assert len(widths) >= len(ALL_FIGURES) and all(w > 0 for w in widths)
