@@ -200,7 +200,7 @@ def measure_step(model: nn.Module, batch: Batch, *, optimizer: str = "sgd",
     del loss
     opt.zero_grad(set_to_none=True)
 
-    tracker = LiveMemoryTracker(model, optimizer=opt, inputs=batch)
+    tracker = LiveMemoryTracker(model, optimizer=opt, inputs=batch, device=device)
     with tracker:
         start_bytes = tracker.live_bytes
         step(tracker)
@@ -220,7 +220,7 @@ def measure_step(model: nn.Module, batch: Batch, *, optimizer: str = "sgd",
     if inference:
         _enter("inference")
         model.eval()
-        infer = LiveMemoryTracker(model, inputs=batch)
+        infer = LiveMemoryTracker(model, inputs=batch, device=device)
         infer.phase = "inference"
         with torch.no_grad(), SavedTensorRecorder(model) as inf_rec, infer:
             out = model(*inputs)

@@ -9,7 +9,7 @@
 
 NOTE [ What counts as live memory ]
   * Live memory is the sum of ``untyped_storage().nbytes()`` over distinct storages that
-    are alive: the model's parameters and buffers, the batch, gradients and optimizer
+    are alive (on the tracker's ``device``, when one is given): the model's parameters and buffers, the batch, gradients and optimizer
     state present at the start, plus every storage an op creates while the tracker is
     active (seen by a ``TorchDispatchMode``, so it works on CPU, CUDA and fake tensors).
   * A storage stops counting the moment it is freed: a weakref callback on the storage
@@ -68,8 +68,11 @@ class LiveMemoryTracker:
     ``inference``) as the step proceeds; rows carry the phase in force."""
 
     def __init__(self, model: nn.Module | None = None, *, optimizer=None,
-                 inputs: Iterable = ()):
+                 inputs: Iterable = (), device=None):
         self.model, self.optimizer = model, optimizer
+        # count only storages on this device (None: all), so that on CUDA host copies
+        # (offloaded activations, pinned buffers) do not count as device memory
+        self.device = torch.device(device) if device is not None else None
         self._phase = "forward"
         self._inputs = [t for t in tree_flatten(list(inputs))[0] if isinstance(t, torch.Tensor)]
         self._live: dict[int, list] = {}     # storage key -> [category index, nbytes, weakref]
@@ -97,6 +100,8 @@ class LiveMemoryTracker:
 
     # -- bookkeeping ----------------------------------------------------------------
     def _add(self, t: torch.Tensor, category: str, *, retag: bool = False) -> None:
+        if self.device is not None and t.device.type != self.device.type:
+            return
         storage = t.untyped_storage()
         key = storage._cdata
         entry = self._live.get(key)
