@@ -97,13 +97,18 @@ class Full(Strategy):
         return [(i, i) for i in range(n)]
 
 
+def _check_count(value, form: str, letter: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise StrategyError(f"memprop.checkpoint: {form} needs an integer {letter} >= 1, "
+                            f"got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class EveryK(Strategy):
     k: int = 2
 
     def __post_init__(self):
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise StrategyError(f"memprop.checkpoint: every:K needs an integer K >= 1, got {self.k!r}")
+        _check_count(self.k, "every:K", "K")
 
     @property
     def spec(self):
@@ -130,8 +135,7 @@ class Segments(Strategy):
     n: int = 2
 
     def __post_init__(self):
-        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
-            raise StrategyError(f"memprop.checkpoint: segments:N needs an integer N >= 1, got {self.n!r}")
+        _check_count(self.n, "segments:N", "N")
 
     @property
     def spec(self):
