@@ -13,7 +13,6 @@ import time
 
 import torch
 
-from memprop.checkpoint import apply_strategy
 from memprop.checkpoint.planner import plan
 from memprop.measure import build_workload, measure_step
 from memprop.models import model_config

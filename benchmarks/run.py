@@ -39,9 +39,11 @@ def main(names: list[str]) -> int:
                                  "seconds": round(time.perf_counter() - t0, 1)}
         (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
         table = pd.DataFrame(result["table"])
-        md = [f"# benchmark: {name}", "", module.TARGETS.strip(), "",
-              table.to_markdown(index=False) if _has_tabulate() else table.to_string(index=False),
-              "", "```", json.dumps(result["environment"]), "```"]
+        rendered = (table.to_markdown(index=False) if _has_tabulate()
+                    else "```\n" + table.to_string(index=False) + "\n```")
+        md = [f"# benchmark: {name}", "", module.TARGETS.strip(), "", rendered, "",
+              *(f"- {v}" for v in result.get("verdicts", [])), "",
+              "```", json.dumps(result["environment"]), "```"]
         (out / f"{name}.md").write_text("\n".join(md) + "\n")
         print(table.to_string(index=False))
         for line in result.get("verdicts", []):

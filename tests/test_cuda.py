@@ -4,7 +4,6 @@ torch.OutOfMemoryError under a budget recorded as an 'oom' trial. Run where a GP
 import textwrap
 
 import pytest
-import torch
 
 from memprop.measure import build_workload, measure_step
 from memprop.models import model_config

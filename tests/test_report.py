@@ -3,7 +3,6 @@ numbers equal a recomputation from the store, partial stores render, HTML is off
 
 import html
 import json
-import pathlib
 import re
 import shutil
 import sqlite3
@@ -182,3 +181,29 @@ def test_chromium_decodes_every_figure(built, tmp_path):
         capture_output=True, text=True, timeout=120).stdout
     widths = [int(w) for w in re.search(r'data-widths="([^"]*)"', dom).group(1).split(",")]
     assert len(widths) >= len(ALL_FIGURES) and all(w > 0 for w in widths)
+
+
+def test_report_of_a_spec_shows_its_current_grid_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                        # the spec's default store lands here
+    spec_path = tmp_path / "changing.toml"
+    spec_path.write_text(textwrap.dedent("""
+        name = "changing"
+        [model]
+        name = "mlp"
+        width = 16
+        d_in = 16
+        [grid]
+        depth = [1, 2]
+        batch = [4]
+        [run]
+        repeats = 1
+        estimate = false
+    """))
+    run_sweep(load_spec(spec_path), progress=False)
+    spec_path.write_text(spec_path.read_text().replace("batch = [4]", "batch = [8]"))
+    run_sweep(load_spec(spec_path), progress=False)
+    data = load_report_data(spec_path)
+    assert data.stale == 2 and sorted(data.results.batch) == [8, 8]
+    assert len(load_report_data(tmp_path / "reports/changing/results.sqlite").results) == 4
+    md = build_report(spec_path)["report.md"].read_text()
+    assert "2 stored trials belong to an earlier version of the spec" in md

@@ -1,7 +1,6 @@
 """Sweeps: specs rejected before anything runs, isolated trials whose failures are
 results, a store that survives SIGKILL and resumes, and a confirmed OOM frontier."""
 
-import json
 import os
 import pathlib
 import signal

@@ -22,7 +22,6 @@ def report_command(args) -> int:
     figures = sum(1 for k in files if k.endswith(".png"))
     print(f"report written to {folder}: report.md, report.html, {figures} figures "
           "(PNG + SVG), trials.csv, frontier.csv, claims.csv")
-    from memprop.report.claims import compute_claims  # noqa: F401 - verdicts are in the files
     claims = (folder / "claims.csv").read_text().splitlines()[1:]
     for line in claims:
         print("  " + line)

@@ -5,7 +5,6 @@ stored."""
 from __future__ import annotations
 
 import pathlib
-import sys
 
 from memprop.cli._common import render_table
 from memprop.errors import ConfigError

@@ -123,8 +123,9 @@ def claim_c3(data: ReportData) -> Claim:
     d2l = data.ok[data.ok.model == "d2l_mlp"] if not data.ok.empty else data.ok
     if not d2l.empty:
         r = d2l.iloc[0]
-        sizes = dict(d=int(r.cfg_d), h=int(r.cfg_h), q=int(r.cfg_q), phi=str(r.cfg_phi),
-                     lam=float(r.cfg_lam), batch=int(r.batch))
+        sizes = dict(d=int(r.get("cfg_d", 784)), h=int(r.get("cfg_h", 256)),
+                     q=int(r.get("cfg_q", 10)), phi=str(r.get("cfg_phi", "relu")),
+                     lam=float(r.get("cfg_lam", 1e-3)), batch=int(r.batch))
     else:
         sizes = dict(d=784, h=256, q=10, phi="relu", lam=1e-3, batch=64)
     worst = 0.0
@@ -160,7 +161,7 @@ def claim_c4(data: ReportData) -> Claim:
     supported = bool((ratio > 1).all() and stores_nothing)
     return Claim("C4", STATEMENTS["C4"],
                  f"{'supported' if supported else 'NOT supported'}: training needs "
-                 f"{top_ratio:.1f}× the memory of inference at {_where(top)}; over all "
+                 f"{top_ratio:.2f}× the memory of inference at {_where(top)}; over all "
                  f"{len(rows)} trials the ratio is {ratio.min():.2f}× to {ratio.max():.2f}×, and "
                  f"inference stored {'0 B for backward in every trial' if stores_nothing else 'tensors for backward in some trials'}",
                  supported, ["train_vs_inference"],

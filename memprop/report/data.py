@@ -25,6 +25,7 @@ class ReportData:
     frontier: pd.DataFrame         # one row per (depth, strategy)
     environment: dict[str, str]
     description: str = ""
+    stale: int = 0                 # stored trials not in the spec's current grid (not shown)
     _store: ResultsStore | None = dataclasses.field(default=None, repr=False)
 
     @property
@@ -70,10 +71,11 @@ class ReportData:
 def load_report_data(source) -> ReportData:
     """The store of a spec (.toml, its default database) or a database path (.sqlite)."""
     path = pathlib.Path(source)
-    description = ""
+    description, current = "", None
     if path.suffix == ".toml":
         spec = load_spec(path)
         description = spec.description
+        current = {t.key() for t in spec.trials()}
         path = default_db_path(spec.name)
     if not path.is_file():
         from memprop.errors import ConfigError
@@ -81,10 +83,15 @@ def load_report_data(source) -> ReportData:
                           "'memprop sweep SPEC' first")
     store = ResultsStore(path)
     results = store.results()
+    stale = 0
+    if current is not None and not results.empty:   # a spec: its current grid + frontier probes
+        keep = results.key.isin(current) | (results["mode"] == "fit")
+        stale = int((~keep).sum())
+        results = results[keep].reset_index(drop=True)
     environment = store.environment()
     name = environment.get("spec_name") or (results.spec.iloc[0] if not results.empty
                                             else path.parent.name)
     return ReportData(name=name, db_path=path, results=results, frontier=store.frontier(),
                       environment=environment,
                       description=description or environment.get("spec_description", ""),
-                      _store=store)
+                      stale=stale, _store=store)

@@ -55,6 +55,13 @@ def _format_tick(value, _pos=None, unit=None) -> str:
 BYTES = FuncFormatter(_format_tick)
 
 
+def _log_bytes_axis(axis) -> None:
+    """Log-scale byte ticks at powers of two (16 MiB, 32 MiB, ... 1 GiB)."""
+    axis.set_major_locator(matplotlib.ticker.LogLocator(base=2, numticks=12))
+    axis.set_major_formatter(BYTES)
+    axis.set_minor_locator(matplotlib.ticker.NullLocator())
+
+
 def _bytes_axis(axis) -> None:
     """Byte ticks at round numbers of one unit, all labelled in that unit (0.4 MiB, not
     409.6 KiB)."""
@@ -257,34 +264,49 @@ def _pareto(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
     return pd.DataFrame(front)
 
 
-def fig_tradeoff(data: ReportData):
-    _, rows = data.main_model()
-    if rows.empty or rows.strategy.nunique() < 2:
-        return None, "needs trials of two or more strategies"
-    key = ["cfg_depth", "batch"] if "cfg_depth" in rows else ["batch"]
+def _tradeoff_points(rows: pd.DataFrame) -> pd.DataFrame:
+    """One model's configuration with the most strategies measured (the deepest, largest)."""
+    key = [k for k in ("cfg_depth", "batch") if k in rows]
     counts = rows.groupby(key).strategy.nunique()
     best = counts[counts == counts.max()].index[-1]
     best = best if isinstance(best, tuple) else (best,)
-    sel = rows
     for k, v in zip(key, best):
-        sel = sel[sel[k] == v]
-    sel = sel.assign(gflops=(sel.forward_flops + sel.backward_flops) / 1e9)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, x, label in ((axes[0], "step_ms", "step time (ms, median)"),
-                         (axes[1], "gflops", "GFLOP per step (forward + backward, counted)")):
-        ax.scatter(sel[x], sel.peak_bytes, s=40, zorder=3)
-        for _, p in sel.iterrows():
-            ax.annotate(p.strategy, (p[x], p.peak_bytes), fontsize=8, xytext=(4, 4),
-                        textcoords="offset points")
-        front = _pareto(sel, x, "peak_bytes")
-        ax.plot(front[x], front.peak_bytes, "r--", lw=1, label="Pareto front")
+        rows = rows[rows[k] == v]
+    return rows.assign(gflops=(rows.forward_flops + rows.backward_flops) / 1e9)
+
+
+def fig_tradeoff(data: ReportData):
+    ok = data.ok
+    models = [m for m in ok.model.unique() if ok[ok.model == m].strategy.nunique() >= 2] \
+        if not ok.empty else []
+    if not models:
+        return None, "needs trials of two or more strategies"
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
+    titles = []
+    for i, model in enumerate(models):
+        sel = _tradeoff_points(ok[ok.model == model])
+        where = ", ".join(f"{k.replace('cfg_', '')} {int(sel[k].iloc[0])}"
+                          for k in ("cfg_depth", "batch") if k in sel)
+        titles.append(f"{model} ({where})")
+        for ax, x in ((axes[0], "step_ms"), (axes[1], "gflops")):
+            ax.scatter(sel[x], sel.peak_bytes, s=40, zorder=3, color=f"C{i}",
+                       label=titles[-1] if ax is axes[0] else None)
+            for _, p in sel.iterrows():
+                ax.annotate(p.strategy, (p[x], p.peak_bytes), fontsize=7, xytext=(4, 3),
+                            textcoords="offset points")
+            front = _pareto(sel, x, "peak_bytes")
+            ax.plot(front[x], front.peak_bytes, "--", color=f"C{i}", lw=1)
+    for ax, label in ((axes[0], "step time (ms, median)"),
+                      (axes[1], "GFLOP per step (forward + backward, counted)")):
         ax.set_xlabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_yscale("log")
     axes[0].set_ylabel("tensor-level peak")
-    _bytes_axis(axes[0].yaxis)
-    where = ", ".join(f"{k.replace('cfg_', '')} {int(v)}" for k, v in zip(key, best))
-    fig.suptitle(f"Checkpointing tradeoff: memory vs compute ({sel.model.iloc[0]}, {where})")
+    _log_bytes_axis(axes[0].yaxis)
+    axes[0].plot([], [], "k--", lw=1, label="Pareto front (per model)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Checkpointing tradeoff: memory vs compute, one point per strategy")
     fig.tight_layout()
     return fig, None
 

@@ -35,8 +35,9 @@ def d2l_sizes(data=None) -> dict:
         d2l = data.ok[data.ok.model == "d2l_mlp"]
         if not d2l.empty:
             r = d2l.sort_values("batch").iloc[-1]
-            return dict(d=int(r.cfg_d), h=int(r.cfg_h), q=int(r.cfg_q), batch=int(r.batch),
-                        phi=str(r.cfg_phi))
+            return dict(d=int(r.get("cfg_d", 784)), h=int(r.get("cfg_h", 256)),
+                        q=int(r.get("cfg_q", 10)), batch=int(r.batch),
+                        phi=str(r.get("cfg_phi", "relu")))
     return dict(d=784, h=256, q=10, batch=64, phi="relu")
 
 

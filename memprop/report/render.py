@@ -53,14 +53,19 @@ def _summary(data: ReportData) -> pd.DataFrame:
     return r[cols]
 
 
-def _md_table(frame: pd.DataFrame) -> str:
-    if frame.empty:
-        return "_(none)_"
+def _display(frame: pd.DataFrame) -> pd.DataFrame:
+    """A table for people: ``*_bytes`` columns in binary units, missing values blank."""
     shown = frame.copy()
     for c in shown.columns:
         if c.endswith("_bytes"):
             shown[c] = shown[c].map(format_bytes)
-    shown = shown.astype(object).where(shown.notna(), "").astype(str)
+    return shown.astype(object).where(shown.notna(), "")
+
+
+def _md_table(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return "_(none)_"
+    shown = _display(frame).astype(str)
     header = "| " + " | ".join(shown.columns) + " |"
     rule = "|" + "---|" * len(shown.columns)
     rows = ["| " + " | ".join(v.replace("|", "\\|") for v in row) + " |"
@@ -107,6 +112,9 @@ def build_report(source, out_dir=None, *, dpi: int = 90) -> ReportFiles:
 
 def _missing_lines(data: ReportData, missing_figures: dict) -> list[str]:
     lines = [f"{n} trials ended {status}" for status, n in data.missing().items()]
+    if data.stale:
+        lines.append(f"{data.stale} stored trials belong to an earlier version of the spec "
+                     "and are not shown (report the .sqlite file to see every trial)")
     lines += [f"figure '{name}' not drawn: {why}" for name, why in missing_figures.items()]
     return lines
 
@@ -163,12 +171,7 @@ def _html(data, claims, pngs, missing_figures, tables) -> str:
                 f"<figcaption>{e(CAPTIONS.get(name, name))}</figcaption></figure>")
 
     def table(frame: pd.DataFrame) -> str:
-        shown = frame.copy()
-        for c in shown.columns:
-            if c.endswith("_bytes"):
-                shown[c] = shown[c].map(format_bytes)
-        return shown.astype(object).where(shown.notna(), "").to_html(index=False, escape=True,
-                                                                       border=0)
+        return _display(frame).to_html(index=False, escape=True, border=0)
 
     counts = data.results.status.value_counts().to_dict() if not data.results.empty else {}
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>memprop report: "

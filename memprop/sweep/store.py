@@ -162,7 +162,8 @@ class ResultsStore:
             row.update({k: v for k, v in config.items() if k != "model_fields"})
             row.update({f"cfg_{k}": tuple(v) if isinstance(v, list) else v
                         for k, v in config["model_fields"].items()})
-            row.update({k: v for k, v in result.items() if k not in row or k == "status"})
+            row.update({k: tuple(v) if isinstance(v, list) else v
+                        for k, v in result.items() if k not in row or k == "status"})
             rows.append(row)
         frame = pd.DataFrame(rows)
         if not frame.empty:

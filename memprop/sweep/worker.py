@@ -45,6 +45,8 @@ def run_trial(trial) -> dict:
     try:
         dtype = parse_dtype(trial.dtype)
         config = trial.config()
+        # the full config, defaults included: the store says exactly what was measured
+        result.update({f"cfg_{k}": v for k, v in config.fields().items()})
         if trial.estimate and trial.mode == "measure":
             predicted = estimate(config, trial.batch, dtype=dtype, strategy=trial.strategy,
                                  optimizer=trial.optimizer, inference=False)
