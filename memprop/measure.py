@@ -260,9 +260,26 @@ def measure_step(model: nn.Module, batch: Batch, *, optimizer: str = "sgd",
         repeats=repeats if timing else 0)
 
 
+def check_device(device) -> None:
+    """A clear error for a device this torch cannot use (before anything is built)."""
+    from memprop.errors import ConfigError
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"memprop: unknown device {device!r}; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"memprop: device {device!r} requested, but torch {torch.__version__} sees no CUDA "
+            "device; use --device cpu, or install a CUDA build (make test "
+            "TORCH_INDEX=https://download.pytorch.org/whl/cu128)")
+    if dev.type not in ("cpu", "cuda", "meta"):
+        raise ConfigError(f"memprop: device {device!r} is not supported; use cpu or cuda")
+
+
 def build_workload(config, batch_size: int, *, dtype=torch.float32, device="cpu",
                    strategy: str = "none", seed: int = 0):
     """(model, batch) for a model config, with ``strategy`` applied to the model."""
+    check_device(device)
     model = config.build(dtype=dtype, device=device, seed=seed)
     batch = config.example_batch(batch_size, dtype=dtype, device=device, seed=seed)
     if strategy not in (None, "none"):

@@ -50,3 +50,32 @@ def test_profile_bad_inputs(capsys):
     assert "did you mean 'depth'" in capsys.readouterr().err
     assert main(["profile", "--model", "os.path:join"]) == 2
     assert "needs --input-shape" in capsys.readouterr().err
+
+
+def test_unavailable_device_is_a_clear_error(capsys, tmp_path):
+    import pytest
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["profile", "--device", "cuda", "--batch", "2"]) == 2
+    assert "sees no CUDA device; use --device cpu" in capsys.readouterr().err
+    spec = tmp_path / "s.toml"
+    spec.write_text('name = "g"\n[model]\nname = "mlp"\n[grid]\nbatch = [2]\n[run]\ndevice = "cuda"\n')
+    assert main(["sweep", str(spec), "--db", str(tmp_path / "x.sqlite")]) == 2
+    assert "run.device: 'cuda' is not available" in capsys.readouterr().err
+
+
+def test_sequential_factory_from_the_current_folder(tmp_path, monkeypatch, capsys):
+    (tmp_path / "seqmodels.py").write_text(
+        "import torch\n"
+        "def net():\n"
+        "    return torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(8, 8),"
+        " torch.nn.Tanh()) for _ in range(4)])\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["profile", "--model", "seqmodels:net", "--input-shape", "8", "--batch", "4",
+                 "--strategy", "segments:2", "--repeats", "1", "--json"]) == 0
+    import json
+    row = json.loads(capsys.readouterr().out)
+    # segment 1 (blocks 0-1) keeps its input x; blocks 2-3 run plainly: each Linear saves
+    # its input, each tanh its output (shared with the next Linear): x, h1, h2, h3 = 4 · 4·8·4
+    assert row["saved_bytes"] == 4 * (4 * 8 * 4)

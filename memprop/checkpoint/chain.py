@@ -61,8 +61,9 @@ def find_blocks(model: nn.Module, attr: str | None = None) -> list[nn.Module]:
         return list(model)
     raise StrategyError(
         f"memprop.checkpoint: cannot find the block chain of {type(model).__name__}; it has no "
-        "'blocks' ModuleList and is not an nn.Sequential. Pass blocks_attr='layers' (the "
-        "attribute holding its ModuleList of blocks)")
+        "'blocks' ModuleList and is not an nn.Sequential. Name the attribute holding its "
+        "ModuleList of blocks: blocks_attr='layers' in Python, --blocks-attr layers on the "
+        "command line, blocks_attr = \"layers\" in a spec's [model]")
 
 
 def _running(bn) -> list[torch.Tensor]:

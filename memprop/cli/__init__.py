@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # factories named package.module:factory resolve from the current folder too, as with
+    # `python -m` (a console script's path does not include it); last, so it shadows nothing
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.append("")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -52,6 +52,8 @@ class _UserWorkload(nn.Module):
         self.module = module
         if blocks_attr:
             self.blocks_attr = "module." + blocks_attr
+        elif isinstance(module, nn.Sequential):    # a Sequential is its own chain of blocks
+            self.blocks_attr = "module"
 
     def forward(self, *inputs):
         return self.module(*inputs)

@@ -248,6 +248,11 @@ def parse_spec(data: dict, *, path="<spec>") -> SweepSpec:
             run[key] = _choice(path, k, value, DTYPES)
         elif key == "device":
             run[key] = _choice(path, k, value, DEVICES)
+            if value == "cuda":
+                import torch
+                if not torch.cuda.is_available():
+                    raise SpecError(path, k, f"'cuda' is not available: torch {torch.__version__} "
+                                    "sees no CUDA device on this machine; use device = \"cpu\"")
         elif key == "optimizer":
             run[key] = _choice(path, k, value, OPTIMIZERS)
         elif key in ("repeats", "warmup", "seed"):
