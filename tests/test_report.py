@@ -145,7 +145,7 @@ def test_store_with_oom_and_crashed_rows_still_renders(built, tmp_path):
 
 
 def load_spec_trial():
-    from memprop.sweep.spec import Trial
+    from memprop.sweep.trial import Trial
     return Trial(spec="tiny_report", model="mlp", model_fields=(("d_in", 64), ("depth", 1),
                                                                   ("width", 64)), batch=2)
 

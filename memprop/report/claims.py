@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from memprop import backprop as bp
-from memprop.report.data import ReportData
+from memprop.report.data import ReportData, config_of
 from memprop.units import format_bytes
 
 __all__ = ["Claim", "compute_claims", "fit_depth_batch", "STATEMENTS"]
@@ -202,6 +202,21 @@ def _flops_ratio(data: ReportData, strategy: str, depth) -> float | None:
     return float((merged.flops / merged.flops_none).median()) if not merged.empty else None
 
 
+def _counted_flops_ratio(data: ReportData, strategy: str, depth: int, batch: int) -> float | None:
+    """FLOPs of ``strategy`` over ``none``, counted on fake tensors (exact, no memory used),
+    for the model of the frontier trials at ``depth``."""
+    from memprop.estimate import estimate
+
+    rows = data.results[data.results.get("cfg_depth", pd.Series(dtype=float)) == depth] \
+        if "cfg_depth" in data.results else data.results
+    config = config_of(rows.iloc[0]) if not rows.empty else None
+    if config is None:
+        return None
+    flops = {s: (lambda m: m.forward_flops + m.backward_flops)(
+        estimate(config, batch, strategy=s, inference=False)) for s in ("none", strategy)}
+    return flops[strategy] / flops["none"]
+
+
 def claim_c6(data: ReportData) -> Claim:
     fr = data.frontier[data.frontier.strategy == "none"] if not data.frontier.empty else data.frontier
     if fr.empty or fr.depth.nunique() < 2:
@@ -231,7 +246,12 @@ def claim_c7(data: ReportData) -> Claim:
         depth = int(pivot.index.max())
         moved = bool(best.loc[depth] > pivot.loc[depth, "none"])
         unmoved = [int(d) for d in pivot.index if best.loc[d] <= pivot.loc[d, "none"]]
-        ratio = _flops_ratio(data, strategy.loc[depth], depth)
+        ratio, source = _flops_ratio(data, strategy.loc[depth], depth), \
+            "FLOPs measured at the nearest grid depth"
+        if ratio is None:
+            ratio, source = _counted_flops_ratio(
+                data, strategy.loc[depth], depth, int(pivot.loc[depth, "none"])), \
+                "FLOPs counted on fake tensors at that depth"
         cost = f", at {ratio:.2f}× FLOPs" if ratio else ""
         note = (f"; at depth {', '.join(map(str, unmoved))} it does not move the boundary "
                 "(too few layers to recompute)") if unmoved else ""
@@ -240,7 +260,7 @@ def claim_c7(data: ReportData) -> Claim:
                      f"{format_bytes(fr.budget_bytes.iloc[0])}, depth {depth}: batch "
                      f"{int(pivot.loc[depth, 'none'])} without checkpointing, "
                      f"{int(best.loc[depth])} with {strategy.loc[depth]}{cost}"
-                     f"{' (FLOPs measured at the nearest grid depth)' if ratio else ''}{note}",
+                     f"{f' ({source})' if ratio else ''}{note}",
                      moved, ["frontier", "tradeoff", "timeline"],
                      {"depth": depth, "none_batch": int(pivot.loc[depth, "none"]), "unmoved": unmoved,
                       "best_batch": int(best.loc[depth]), "strategy": strategy.loc[depth],

@@ -14,7 +14,24 @@ import pandas as pd
 from memprop.sweep.spec import load_spec
 from memprop.sweep.store import ResultsStore, default_db_path
 
-__all__ = ["ReportData", "load_report_data"]
+__all__ = ["ReportData", "load_report_data", "config_of"]
+
+
+def config_of(row):
+    """The model config a result row was measured with (None if it cannot be rebuilt)."""
+    fields = {}
+    for k, v in row.items():
+        if not k.startswith("cfg_") or (not isinstance(v, (tuple, list)) and pd.isna(v)):
+            continue
+        v = v.item() if hasattr(v, "item") else v            # numpy scalar -> Python
+        if isinstance(v, float) and v.is_integer() and k not in ("cfg_lam", "cfg_dropout"):
+            v = int(v)
+        fields[k[4:]] = v
+    try:
+        from memprop.models import model_config
+        return model_config(row["model"], **fields)
+    except Exception:  # noqa: BLE001 - a user model may not rebuild here
+        return None
 
 
 @dataclasses.dataclass

@@ -11,86 +11,25 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from matplotlib.ticker import FuncFormatter, Locator, MaxNLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from memprop.models import MLPConfig, model_config  # noqa: E402
 from memprop.predict import predict_saved_bytes  # noqa: E402
+from memprop.report.axes import BYTES, bytes_axis, log_bytes_axis  # noqa: E402
 from memprop.report.claims import fit_depth_batch  # noqa: E402
-from memprop.report.data import ReportData  # noqa: E402
+from memprop.report.data import ReportData, config_of  # noqa: E402
 from memprop.tracker import CATEGORIES  # noqa: E402
 from memprop.units import format_bytes  # noqa: E402
 
 __all__ = ["ALL_FIGURES", "make_figures"]
 
-def _unit(value: float) -> float:
-    unit = 1.0
-    while value >= 1024 * unit and unit < 2**40:
-        unit *= 1024
-    return unit
-
-
-class BytesLocator(Locator):
-    """Ticks at round numbers of one binary unit (0, 256 KiB, 512 KiB ... or 1, 2, 3 MiB)."""
-
-    def __call__(self):
-        vmin, vmax = self.axis.get_view_interval()
-        return self.tick_values(vmin, vmax)
-
-    def tick_values(self, vmin, vmax):
-        unit = _unit(max(abs(vmin), abs(vmax), 1))
-        inner = MaxNLocator(nbins=6, steps=[1, 2, 2.5, 4, 5, 8, 10])
-        return [t * unit for t in inner.tick_values(vmin / unit, vmax / unit)]
-
-
-_UNIT_NAMES = {1: "B", 1024: "KiB", 1024**2: "MiB", 1024**3: "GiB", 1024**4: "TiB"}
-
-
-def _format_tick(value, _pos=None, unit=None) -> str:
-    if value < 0:
-        return ""
-    unit = unit or (_unit(value) if value else 1)
-    return f"{value / unit:g} {_UNIT_NAMES[unit]}"
-
-
-BYTES = FuncFormatter(_format_tick)
-
-
-def _log_bytes_axis(axis) -> None:
-    """Log-scale byte ticks at powers of two (16 MiB, 32 MiB, ... 1 GiB)."""
-    axis.set_major_locator(matplotlib.ticker.LogLocator(base=2, numticks=12))
-    axis.set_major_formatter(BYTES)
-    axis.set_minor_locator(matplotlib.ticker.NullLocator())
-
-
-def _bytes_axis(axis) -> None:
-    """Byte ticks at round numbers of one unit, all labelled in that unit (0.4 MiB, not
-    409.6 KiB)."""
-    axis.set_major_locator(BytesLocator())
-    axis.set_major_formatter(FuncFormatter(lambda v, pos: _format_tick(
-        v, pos, unit=_unit(max(abs(x) for x in axis.get_view_interval()) or 1))))
 COLORS = {"parameter": "#4C72B0", "buffer": "#8172B3", "input": "#937860",
           "gradient": "#DD8452", "optimizer": "#C44E52", "activation": "#55A868",
           "temporary": "#BBBBBB"}
 
 
-def _config_of(row):
-    """The model config a result row was measured with (None if it cannot be rebuilt)."""
-    fields = {}
-    for k, v in row.items():
-        if not k.startswith("cfg_") or (not isinstance(v, (tuple, list)) and pd.isna(v)):
-            continue
-        v = v.item() if hasattr(v, "item") else v            # numpy scalar -> Python
-        if isinstance(v, float) and v.is_integer() and k not in ("cfg_lam", "cfg_dropout"):
-            v = int(v)
-        fields[k[4:]] = v
-    try:
-        return model_config(row["model"], **fields)
-    except Exception:  # noqa: BLE001 - a user model may not rebuild here
-        return None
-
-
 def _closed_form(row, depth=None, batch=None):
-    cfg = _config_of(row)
+    cfg = config_of(row)
     if cfg is None or not isinstance(cfg, MLPConfig) and cfg.name != "d2l_mlp":
         return None
     if depth is not None and isinstance(cfg, MLPConfig):
@@ -120,7 +59,7 @@ def fig_stored_vs(data: ReportData, axis: str):
     ax.plot([], [], "k:", lw=1, label=f"fit a + b·depth·batch (R² = {fit['r2']:.4f})")
     ax.set_xlabel("depth (hidden layers)" if axis == "depth" else "batch size (examples)")
     ax.set_ylabel("stored for backward")
-    _bytes_axis(ax.yaxis)
+    bytes_axis(ax.yaxis)
     ax.set_title(f"Stored intermediates vs {axis} ({plain.model.iloc[0]}, no checkpointing)")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
@@ -155,7 +94,7 @@ def fig_peak_heatmap(data: ReportData):
         row = plain.iloc[0]
         grid = pd.DataFrame(index=depths, columns=batches, dtype=float)
         for d in depths:
-            cfg = _config_of({**row, "cfg_depth": d})
+            cfg = config_of({**row, "cfg_depth": d})
             if cfg is None:
                 return None, "the model cannot be rebuilt here to predict the heatmap"
             for b in batches:
@@ -201,7 +140,7 @@ def fig_train_vs_inference(data: ReportData):
     ax.set_xticks(x, [str(int(d)) for d in rows.cfg_depth])
     ax.set_xlabel("depth (hidden layers)")
     ax.set_ylabel("tensor-level peak")
-    _bytes_axis(ax.yaxis)
+    bytes_axis(ax.yaxis)
     ax.set_title(f"Training vs inference memory (batch {int(rows.batch.iloc[0])}); "
                  "label: training / inference")
     ax.legend(fontsize=8)
@@ -245,7 +184,7 @@ def fig_timeline(data: ReportData):
         ax.set_xlabel("op index in one training step")
         ax.grid(alpha=0.2)
     axes[0].set_ylabel("live tensor memory")
-    _bytes_axis(axes[0].yaxis)
+    bytes_axis(axes[0].yaxis)
     handles, labels = axes[1].get_legend_handles_labels()
     fig.legend(handles[::-1], labels[::-1], fontsize=7, loc="center right")
     depth = f"depth {int(pair[0].cfg_depth)}, " if "cfg_depth" in pair[0] else ""
@@ -303,7 +242,7 @@ def fig_tradeoff(data: ReportData):
         ax.grid(alpha=0.3, which="both")
     axes[0].set_yscale("log")
     axes[0].set_ylabel("tensor-level peak")
-    _log_bytes_axis(axes[0].yaxis)
+    log_bytes_axis(axes[0].yaxis)
     axes[0].plot([], [], "k--", lw=1, label="Pareto front (per model)")
     axes[0].legend(fontsize=7)
     fig.suptitle("Checkpointing tradeoff: memory vs compute, one point per strategy")
@@ -350,7 +289,7 @@ def fig_stored_per_layer(data: ReportData):
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     ax.bar(range(len(table)), table.to_numpy(), color="#55A868")
     ax.set_xticks(range(len(table)), table.index, rotation=60, ha="right", fontsize=7)
-    _bytes_axis(ax.yaxis)
+    bytes_axis(ax.yaxis)
     ax.set_ylabel("stored for backward")
     depth = f"depth {int(row.cfg_depth)}, " if "cfg_depth" in row and pd.notna(row.cfg_depth) else ""
     ax.set_title(f"Stored bytes per layer, in order of saving ({row.model}, {depth}batch {int(row.batch)})")

@@ -27,7 +27,7 @@ import time
 from typing import Callable, Protocol
 
 from memprop.sweep.budget import CHILD_ENV
-from memprop.sweep.spec import Trial
+from memprop.sweep.trial import Trial
 
 __all__ = ["Executor", "LocalProcessExecutor"]
 

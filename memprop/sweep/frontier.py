@@ -19,7 +19,8 @@ from typing import Callable
 from memprop.cli._common import parse_dtype
 from memprop.estimate import estimate
 from memprop.sweep.executor import Executor, LocalProcessExecutor
-from memprop.sweep.spec import SweepSpec, Trial
+from memprop.sweep.spec import SweepSpec
+from memprop.sweep.trial import Trial
 from memprop.sweep.store import ResultsStore, default_db_path
 
 __all__ = ["run_frontier", "predict_largest_batch", "doubling_probe_count", "FrontierPoint"]

@@ -14,7 +14,8 @@ import time
 from typing import Callable
 
 from memprop.sweep.executor import Executor, LocalProcessExecutor
-from memprop.sweep.spec import SweepSpec, Trial
+from memprop.sweep.spec import SweepSpec
+from memprop.sweep.trial import Trial
 from memprop.sweep.store import ResultsStore, default_db_path
 
 __all__ = ["run_sweep", "SweepSummary", "Progress"]

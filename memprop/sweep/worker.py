@@ -87,7 +87,7 @@ def run_trial(trial) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    from memprop.sweep.spec import Trial
+    from memprop.sweep.trial import Trial
 
     trial_path, result_path = argv
     with open(trial_path) as f:
