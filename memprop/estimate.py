@@ -33,5 +33,5 @@ def estimate(config, batch_size: int, *, dtype=torch.float32, device="cpu",
                                       strategy=strategy, seed=seed)
         result = measure_step(model, batch, optimizer=optimizer, strategy=strategy,
                               timing=False, flops=flops, inference=inference, predicted=True)
-    result.meta.update(model=config.name, **{f"cfg_{k}": v for k, v in config.fields().items()})
+    result.meta.update(config.row_fields())
     return result

@@ -296,5 +296,5 @@ def measure(config, batch_size: int, *, dtype=torch.float32, device="cpu",
     model, batch = build_workload(config, batch_size, dtype=dtype, device=device,
                                   strategy=strategy, seed=seed)
     result = measure_step(model, batch, optimizer=optimizer, strategy=strategy, **kwargs)
-    result.meta.update(model=config.name, **{f"cfg_{k}": v for k, v in config.fields().items()})
+    result.meta.update(config.row_fields())
     return result

@@ -11,7 +11,7 @@ from memprop.errors import ConfigError
 from memprop.sweep.frontier import run_frontier
 from memprop.sweep.runner import run_sweep
 from memprop.sweep.spec import load_spec
-from memprop.sweep.store import ResultsStore, default_db_path
+from memprop.sweep.store import ResultsStore, default_db_path, resolve_source
 from memprop.units import format_bytes
 
 RESULT_COLUMNS = ["model", "batch", "strategy", "status", "phase", "saved_bytes", "peak_bytes",
@@ -41,16 +41,6 @@ def add_parser(sub) -> None:
     r.add_argument("--csv", metavar="FILE", help="export every column to a CSV file")
     r.add_argument("--all-columns", action="store_true", help="print every column")
     r.set_defaults(func=results_command)
-
-
-def _db_for(source: str) -> pathlib.Path:
-    path = pathlib.Path(source)
-    if path.suffix == ".toml":
-        path = default_db_path(load_spec(path).name)
-    if not path.is_file():
-        raise ConfigError(f"memprop results: no results database at {path}; run "
-                          f"'memprop sweep SPEC' first")
-    return path
 
 
 def sweep_command(args) -> int:
@@ -85,7 +75,7 @@ def frontier_command(args) -> int:
 
 
 def results_command(args) -> int:
-    db = _db_for(args.source)
+    db, _ = resolve_source(args.source)
     with ResultsStore(db) as store:
         frame = store.results()
         frontier = store.frontier()

@@ -127,3 +127,7 @@ class ModelConfig:
     def fields(self) -> dict[str, Any]:
         """The config's fields as a plain dict (for result rows and specs)."""
         return dataclasses.asdict(self)
+
+    def row_fields(self) -> dict[str, Any]:
+        """``model`` and every field as ``cfg_<field>``: how result rows name the config."""
+        return {"model": self.name, **{f"cfg_{k}": v for k, v in self.fields().items()}}

@@ -11,8 +11,7 @@ import pathlib
 
 import pandas as pd
 
-from memprop.sweep.spec import load_spec
-from memprop.sweep.store import ResultsStore, default_db_path
+from memprop.sweep.store import ResultsStore, resolve_source
 
 __all__ = ["ReportData", "load_report_data", "config_of"]
 
@@ -87,17 +86,9 @@ class ReportData:
 
 def load_report_data(source) -> ReportData:
     """The store of a spec (.toml, its default database) or a database path (.sqlite)."""
-    path = pathlib.Path(source)
-    description, current = "", None
-    if path.suffix == ".toml":
-        spec = load_spec(path)
-        description = spec.description
-        current = {t.key() for t in spec.trials()}
-        path = default_db_path(spec.name)
-    if not path.is_file():
-        from memprop.errors import ConfigError
-        raise ConfigError(f"memprop report: no results database at {path}; run "
-                          "'memprop sweep SPEC' first")
+    path, spec = resolve_source(source)
+    description = spec.description if spec is not None else ""
+    current = {t.key() for t in spec.trials()} if spec is not None else None
     store = ResultsStore(path)
     results = store.results()
     stale = 0

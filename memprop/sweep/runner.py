@@ -34,8 +34,8 @@ class SweepSummary:
 class Progress:
     """A one-line progress bar on a stream: done/total, ETA, and counts by status."""
 
-    def __init__(self, total: int, *, stream=sys.stderr, enabled: bool = True, workers: int = 1):
-        self.total, self.stream, self.enabled, self.workers = total, stream, enabled, workers
+    def __init__(self, total: int, *, stream=sys.stderr, enabled: bool = True):
+        self.total, self.stream, self.enabled = total, stream, enabled
         self.done, self.counts, self.start = 0, collections.Counter(), time.monotonic()
 
     def update(self, trial: Trial, status: str) -> None:
@@ -75,7 +75,7 @@ def run_sweep(spec: SweepSpec, *, db_path=None, workers: int = 1, force: bool = 
         store.record_environment(spec)
         done = set() if force else store.keys()
         pending = [t for t in trials if t.key() not in done]
-        bar = Progress(len(pending), enabled=progress, workers=workers)
+        bar = Progress(len(pending), enabled=progress)
 
         def finished(trial: Trial, result: dict) -> None:
             store.put(trial, result)

@@ -49,7 +49,6 @@ __all__ = ["SpecError", "Trial", "SweepSpec", "FrontierOptions", "load_spec", "p
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
-MODES = ("measure", "fit")
 _TOP = ("name", "description", "model", "grid", "run", "frontier")
 _RUN = ("dtype", "device", "optimizer", "repeats", "warmup", "timeout", "seed", "budget",
         "estimate")

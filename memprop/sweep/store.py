@@ -23,7 +23,7 @@ import pandas as pd
 
 from memprop._version import __version__
 
-__all__ = ["ResultsStore", "load_results", "default_db_path", "unpack_frame"]
+__all__ = ["ResultsStore", "load_results", "resolve_source", "default_db_path", "unpack_frame"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS trials (
@@ -172,12 +172,25 @@ class ResultsStore:
         return frame
 
 
-def load_results(path) -> pd.DataFrame:
+def resolve_source(source):
+    """(database path, spec or None) for a spec (.toml: its default store) or a database;
+    a clear error, and no empty database created, when the store does not exist."""
+    from memprop.errors import ConfigError
+    from memprop.sweep.spec import load_spec
+
+    path, spec = pathlib.Path(source), None
+    if path.suffix == ".toml":
+        spec = load_spec(path)
+        path = default_db_path(spec.name)
+    if not path.is_file():
+        raise ConfigError(f"memprop: no results database at {path}; run 'memprop sweep SPEC' "
+                          "first")
+    return path, spec
+
+
+def load_results(source) -> pd.DataFrame:
     """The results of a store (a .sqlite path, or a spec whose default store is used),
     as a DataFrame: the one call to get a sweep into pandas."""
-    path = pathlib.Path(path)
-    if path.suffix == ".toml":
-        from memprop.sweep.spec import load_spec
-        path = default_db_path(load_spec(path).name)
+    path, _ = resolve_source(source)
     with ResultsStore(path) as store:
         return store.results()

@@ -46,7 +46,7 @@ def run_trial(trial) -> dict:
         dtype = parse_dtype(trial.dtype)
         config = trial.config()
         # the full config, defaults included: the store says exactly what was measured
-        result.update({f"cfg_{k}": v for k, v in config.fields().items()})
+        result.update({k: v for k, v in config.row_fields().items() if k != "model"})
         if trial.estimate and trial.mode == "measure":
             predicted = estimate(config, trial.batch, dtype=dtype, strategy=trial.strategy,
                                  optimizer=trial.optimizer, inference=False)
