@@ -32,6 +32,6 @@ def estimate(config, batch_size: int, *, dtype=torch.float32, device="cpu",
         model, batch = build_workload(config, batch_size, dtype=dtype, device=device,
                                       strategy=strategy, seed=seed)
         result = measure_step(model, batch, optimizer=optimizer, strategy=strategy,
-                              timing=False, flops=flops, inference=inference, predicted=True)
+                              loss_fn=config.loss, forward_fn=config.forward, timing=False, flops=flops, inference=inference, predicted=True)
     result.meta.update(config.row_fields())
     return result

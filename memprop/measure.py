@@ -24,7 +24,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from memprop.models import Batch, training_loss
+from torch.utils._pytree import tree_flatten
+
+from memprop.models import Batch, inference_forward, training_loss
 from memprop.saved import SavedTensorRecorder, per_module_table
 from memprop.tracker import CATEGORIES, LiveMemoryTracker
 
@@ -124,19 +126,27 @@ def _rss_peak_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
 
-def _batch_device(batch: Batch) -> torch.device:
-    for t in batch[0]:
-        if isinstance(t, torch.Tensor):
-            return t.device
-    return torch.device("cpu")
+def _batch_tensors(batch) -> list[torch.Tensor]:
+    """Every tensor in a batch of any structure (tuple, dict, nested)."""
+    return [t for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor)]
+
+
+def _batch_device(batch) -> torch.device:
+    tensors = _batch_tensors(batch)
+    return tensors[0].device if tensors else torch.device("cpu")
 
 
 def measure_step(model: nn.Module, batch: Batch, *, optimizer: str = "sgd",
-                 loss_fn: Callable[[nn.Module, Batch], torch.Tensor] = training_loss,
+                 loss_fn: Callable[[nn.Module, Any], torch.Tensor] = training_loss,
+                 forward_fn: Callable[[nn.Module, Any], Any] = inference_forward,
                  strategy: str = "none", warmup: int = 1, repeats: int = 3,
                  timing: bool = True, flops: bool = True, inference: bool = True,
                  predicted: bool = False) -> Measurement:
     """Measure one training step of ``model`` on ``batch`` (see module docstring).
+
+    ``batch`` may have any structure; ``loss_fn(model, batch)`` returns the scalar a step
+    differentiates and ``forward_fn(model, batch)`` runs prediction alone (defaults: the
+    zoo's ``(inputs, targets)`` and ``model.objective``).
 
     ``strategy`` is only recorded here; apply it to ``model`` first (memprop.checkpoint).
     ``timing=False`` skips warm-up and timed repeats (used under fake tensors)."""
@@ -191,9 +201,8 @@ def measure_step(model: nn.Module, batch: Batch, *, optimizer: str = "sgd",
     else:
         step()  # the optimizer state exists from here on, as after a warm-up
 
-    inputs, targets = batch
     _enter("forward")
-    with SavedTensorRecorder(model, inputs=(*inputs, targets)) as rec:
+    with SavedTensorRecorder(model, inputs=_batch_tensors(batch)) as rec:
         loss = loss_fn(model, batch)
         rec.add_root(loss)
     loss.backward()
@@ -223,7 +232,7 @@ def measure_step(model: nn.Module, batch: Batch, *, optimizer: str = "sgd",
         infer = LiveMemoryTracker(model, inputs=batch, device=device)
         infer.phase = "inference"
         with torch.no_grad(), SavedTensorRecorder(model) as inf_rec, infer:
-            out = model(*inputs)
+            out = forward_fn(model, batch)
             del out
         inf_peak, inf_saved = infer.peak_bytes, inf_rec.saved_bytes
         model.train()
@@ -242,9 +251,9 @@ def measure_step(model: nn.Module, batch: Batch, *, optimizer: str = "sgd",
 
     _enter("setup")
     med = {k: statistics.median(v) if v else None for k, v in times.items()}
-    first = next(iter(inputs))
+    tensors = _batch_tensors(batch)
     return Measurement(
-        batch_size=int(first.shape[0]) if isinstance(first, torch.Tensor) else 0,
+        batch_size=int(tensors[0].shape[0]) if tensors and tensors[0].dim() else 0,
         device=str(device), dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
         strategy=str(strategy), optimizer=optimizer, predicted=predicted,
         saved_bytes=rec.saved_bytes, saved_count=rec.saved_count,
@@ -295,6 +304,7 @@ def measure(config, batch_size: int, *, dtype=torch.float32, device="cpu",
     ``strategy``, measures. ``kwargs`` go to ``measure_step``."""
     model, batch = build_workload(config, batch_size, dtype=dtype, device=device,
                                   strategy=strategy, seed=seed)
-    result = measure_step(model, batch, optimizer=optimizer, strategy=strategy, **kwargs)
+    result = measure_step(model, batch, optimizer=optimizer, strategy=strategy,
+                          loss_fn=config.loss, forward_fn=config.forward, **kwargs)
     result.meta.update(config.row_fields())
     return result

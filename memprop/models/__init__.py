@@ -12,7 +12,8 @@ import dataclasses
 import difflib
 
 from memprop.errors import ConfigError
-from memprop.models.base import PHIS, Batch, ModelConfig, ZooModel
+from memprop.models.base import (PHIS, Batch, ModelConfig, ZooModel, inference_forward,
+                                  training_loss)
 from memprop.models.convnet import ConvNetConfig
 from memprop.models.d2l import D2LConfig
 from memprop.models.mlp import MLPConfig
@@ -21,7 +22,7 @@ from memprop.models.user import UserModelConfig, load_factory
 
 __all__ = ["MODELS", "model_config", "ModelConfig", "ZooModel", "Batch", "PHIS",
            "D2LConfig", "MLPConfig", "TransformerConfig", "ConvNetConfig", "UserModelConfig",
-           "load_factory", "training_loss"]
+           "load_factory", "training_loss", "inference_forward"]
 
 MODELS: dict[str, type[ModelConfig]] = {
     c.name: c for c in (D2LConfig, MLPConfig, TransformerConfig, ConvNetConfig)
@@ -50,9 +51,3 @@ def model_config(name: str, **fields) -> ModelConfig:
             raise ConfigError(f"memprop.models: {cls.name} has no field {key!r}{hint}; "
                               f"its fields are: {', '.join(allowed)}")
     return cls(**fields)
-
-
-def training_loss(model, batch: Batch):
-    """The scalar one training step differentiates: ``model.objective(model(*x), y)``."""
-    inputs, targets = batch
-    return model.objective(model(*inputs), targets)

@@ -20,11 +20,26 @@ from torch import nn
 
 from memprop.errors import ConfigError
 
-__all__ = ["Batch", "ModelConfig", "ZooModel", "PHIS", "make_phi"]
+__all__ = ["Batch", "ModelConfig", "ZooModel", "PHIS", "make_phi", "training_loss",
+           "inference_forward"]
 
 Batch = tuple[tuple[torch.Tensor, ...], Any]
 """``(inputs, targets)``: positional inputs of ``model.forward``, and what
 ``model.objective`` compares the output with (a tensor, or ``None``)."""
+
+
+
+def training_loss(model, batch: Batch):
+    """The scalar one training step differentiates: ``model.objective(model(*x), y)``."""
+    inputs, targets = batch
+    return model.objective(model(*inputs), targets)
+
+
+def inference_forward(model, batch: Batch):
+    """The forward pass of prediction alone: ``model(*x)`` (no loss, no targets)."""
+    inputs, _ = batch
+    return model(*inputs)
+
 
 # The element-wise non-linearities φ the zoo offers. NOTE [ What each φ saves ]:
 # autograd saves the *output* of relu, tanh and sigmoid (φ' is computed from φ(z)),
@@ -123,6 +138,17 @@ class ModelConfig:
 
     def _batch(self, batch_size: int, gen: torch.Generator, dtype: torch.dtype) -> Batch:
         raise NotImplementedError  # pragma: no cover
+
+    # -- the workload contract: how one step of this config's batches is computed.
+    # Measurement, estimate, checkpoint planning and sweeps call these, never
+    # ``model.objective`` directly, so a workload may use any batch structure.
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        """The scalar one training step differentiates, on a batch of this config."""
+        return training_loss(model, batch)
+
+    def forward(self, model: nn.Module, batch):
+        """The forward pass of prediction alone (claim C4), on a batch of this config."""
+        return inference_forward(model, batch)
 
     def fields(self) -> dict[str, Any]:
         """The config's fields as a plain dict (for result rows and specs)."""
