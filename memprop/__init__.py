@@ -8,7 +8,8 @@ from memprop.checkpoint import apply_strategy, parse_strategy, remove_strategy
 from memprop.checkpoint.planner import Plan, plan
 from memprop.errors import BudgetError, ConfigError, MemPropError, StrategyError
 from memprop.estimate import estimate
-from memprop.measure import Measurement, measure, measure_step
+from memprop.measure import Measurement, measure_step
+from memprop.workload import measure
 from memprop.models import MODELS, model_config, training_loss
 from memprop.predict import predict_saved_bytes
 from memprop.saved import SavedRecord, SavedTensorRecorder

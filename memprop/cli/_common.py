@@ -3,19 +3,9 @@
 from __future__ import annotations
 
 import pandas as pd
-import torch
 
-from memprop.errors import ConfigError
+from memprop.dtypes import DTYPES, parse_dtype  # noqa: F401 - re-exported for subcommands
 from memprop.units import format_bytes
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64,
-          "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ConfigError(f"memprop: unknown dtype {name!r}; choose one of: {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def render_table(frame: pd.DataFrame, *, bytes_columns=None, indent: str = "  ") -> str:

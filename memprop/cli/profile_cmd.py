@@ -10,7 +10,8 @@ import math
 from memprop.cli._common import parse_dtype, render_table
 from memprop.errors import ConfigError
 from memprop.estimate import estimate
-from memprop.measure import OPTIMIZERS, Measurement, measure
+from memprop.measure import OPTIMIZERS, Measurement
+from memprop.workload import measure
 from memprop.models import MODELS, D2LConfig, MLPConfig, model_config
 from memprop.predict import predict_saved_bytes
 from memprop.units import format_bytes

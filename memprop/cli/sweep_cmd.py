@@ -43,6 +43,13 @@ def add_parser(sub) -> None:
     r.set_defaults(func=results_command)
 
 
+def _print_point(point) -> None:
+    print(f"  depth {point.depth:>4} {point.strategy:>12}: predicted batch "
+          f"{point.predicted_batch}, confirmed {point.confirmed_batch} (next "
+          f"{point.first_oom_batch} runs out of memory) in {point.real_trials} real trials; "
+          f"a doubling search needs {point.probe_trials_doubling}", flush=True)
+
+
 def sweep_command(args) -> int:
     spec = load_spec(args.spec)           # validates everything before any trial starts
     if args.workers < 1:
@@ -59,7 +66,7 @@ def sweep_command(args) -> int:
         return 130
     if spec.frontier is not None and not args.no_frontier:
         print(f"frontier at a budget of {format_bytes(spec.frontier.budget_bytes)}:")
-        run_frontier(spec, db_path=db)
+        run_frontier(spec, db_path=db, progress=_print_point)
     return 0
 
 
@@ -70,7 +77,7 @@ def frontier_command(args) -> int:
                           "with budget, depths and strategies (see experiments/oom_frontier.toml)")
     db = pathlib.Path(args.db) if args.db else default_db_path(spec.name)
     print(f"{spec.name}: frontier at a budget of {format_bytes(spec.frontier.budget_bytes)} -> {db}")
-    run_frontier(spec, db_path=db)
+    run_frontier(spec, db_path=db, progress=_print_point)
     return 0
 
 
@@ -99,5 +106,5 @@ def results_command(args) -> int:
     print(render_table(shown.fillna("")))
     if not frontier.empty:
         print("\nfrontier:")
-        print(render_table(frontier.drop(columns=["spec"])))
+        print(render_table(frontier.drop(columns=["spec", "point_key"])))
     return 0
