@@ -7,7 +7,7 @@
   1. the first step (creates the optimizer's state), under a ``LiveMemoryTracker``;
   2. the measured step, under a ``LiveMemoryTracker``: the timeline and the peak;
   3. one forward and backward under the ``SavedTensorRecorder``: what is stored;
-  4. one forward and backward under ``FlopCounterMode``;
+  4. one forward and backward under ``FlopCounter`` (memprop.flops);
   5. the same batch as inference (``eval()`` under ``torch.no_grad()``), tracked;
   6. further warm-up steps, then the timed steps (medians, min and max; device synced);
   7. on CUDA, one plain step between allocator-peak resets.
@@ -43,9 +43,9 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode
 
 from memprop.errors import ConfigError
+from memprop.flops import FlopCounter
 from memprop.models import inference_forward, training_loss
 from memprop.saved import SavedTensorRecorder, per_module_table
 from memprop.tracker import CATEGORIES, LiveMemoryTracker
@@ -95,7 +95,7 @@ class Measurement:
     """One training step, measured (or, with ``predicted=True``, estimated on fake tensors).
 
     Bytes are raw bytes; times are milliseconds (medians, with the min and max of the
-    timed repeats); FLOPs are counted by ``FlopCounterMode`` (a multiply-add counts 2).
+    timed repeats); FLOPs are counted by ``FlopCounter`` (torch's formulas) (a multiply-add counts 2).
     ``None`` = not measured in this mode."""
 
     batch_size: int
@@ -318,12 +318,12 @@ def measure_step(model: nn.Module, batch, *, optimizer: str = "sgd",
         # 4. FLOPs
         fwd_flops = bwd_flops = 0
         if flops:
-            with FlopCounterMode(display=False) as fc:
+            with FlopCounter() as fc:
                 loss = step.loss()
-            fwd_flops = fc.get_total_flops()
-            with FlopCounterMode(display=False) as fc:
+            fwd_flops = fc.total
+            with FlopCounter() as fc:
                 loss.backward()
-            bwd_flops = fc.get_total_flops()
+            bwd_flops = fc.total
             del loss
             opt.zero_grad(set_to_none=True)
         # 5. inference (claim C4)
