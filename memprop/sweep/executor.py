@@ -37,7 +37,10 @@ import tempfile
 import time
 from typing import Callable, Protocol
 
-from memprop.sweep.budget import CHILD_ENV
+import torch
+
+from memprop.sweep import worker
+from memprop.sweep.budget import CHILD_ENV, tune_malloc
 from memprop.sweep.trial import Trial
 
 __all__ = ["Executor", "LocalProcessExecutor", "default_threads", "clean_stale_trials"]
@@ -118,11 +121,7 @@ def _forked_trial(trial_path: str, result_path: str, log_path: str, threads: int
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
-    from memprop.sweep import worker
-    from memprop.sweep.budget import tune_malloc
-
     tune_malloc()
-    import torch
     torch.set_num_threads(threads)
     code = worker.main([trial_path, result_path])
     sys.stdout.flush()
