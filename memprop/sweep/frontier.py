@@ -84,7 +84,7 @@ def predict_largest_batch(config, strategy: str, budget_bytes: int, *, step: int
 
 
 def run_frontier(spec: SweepSpec, *, db_path=None, executor: Executor | None = None,
-                 progress: Callable[[str], None] | None = print) -> list[FrontierPoint]:
+                 progress: Callable[[str], None] | None = None) -> list[FrontierPoint]:
     """Predict and confirm the frontier of ``spec.frontier`` (see module docstring);
     stores every real trial and one frontier row per (depth, strategy)."""
     opts = spec.frontier
