@@ -79,3 +79,146 @@ def test_sequential_factory_from_the_current_folder(tmp_path, monkeypatch, capsy
     # segment 1 (blocks 0-1) keeps its input x; blocks 2-3 run plainly: each Linear saves
     # its input, each tanh its output (shared with the next Linear): x, h1, h2, h3 = 4 · 4·8·4
     assert row["saved_bytes"] == 4 * (4 * 8 * 4)
+
+
+# -- bad input: one line on stderr, exit 2, no traceback, nothing written -------------
+
+def _store_with_trials(path, n=3):
+    """A results database holding ``n`` finished trials (no measuring needed)."""
+    from memprop.sweep.store import ResultsStore
+    from memprop.sweep.trial import Trial
+
+    with ResultsStore(path) as store:
+        for batch in range(1, n + 1):
+            store.put(Trial(spec="t", model="mlp", model_fields=(("depth", 2),), batch=batch),
+                      {"status": "ok", "saved_bytes": 1024 * batch, "peak_bytes": 4096 * batch,
+                       "step_ms": 1.23456, "mode": "measure"})
+    return path
+
+
+def _bad_inputs(tmp):
+    """(argv, text the one error line must contain, paths that must not be created)."""
+    (tmp / "folder").mkdir()
+    (tmp / "not.sqlite").write_text("hello, I am not a database\n")
+    (tmp / "empty.sqlite").write_bytes(b"")
+    (tmp / "existing.txt").write_text("keep me\n")
+    db = _store_with_trials(tmp / "results.sqlite")
+    from memprop.sweep.store import ResultsStore
+    ResultsStore(tmp / "none.sqlite").close()          # a database with no trials
+    spec = tmp / "s.toml"
+    spec.write_text('name = "s"\n[model]\nname = "mlp"\n[grid]\nbatch = [2]\n')
+    t = str(tmp)
+    return [
+        (["plan", "--budget", "12 potatoes"], "cannot read '12 potatoes' as a size", []),
+        (["plan", "--budget=-5MiB"], "size '-5MiB' is negative", []),
+        (["profile", "--timeline", f"{t}/folder"], "is a folder; give a file name", []),
+        (["profile", "--timeline", f"{t}/missing/tl.csv"], "folder", [f"{t}/missing"]),
+        (["profile", "--trace", f"{t}/missing/tl.json"], "does not exist", [f"{t}/missing"]),
+        (["profile", "--timeline", "/proc/memprop-tl.csv"], "is read-only", []),
+        (["report", str(db), "-o", "/proc/memprop-report"], "is read-only", []),
+        (["results", f"{t}/not.sqlite"], "is not a SQLite results database", []),
+        (["report", f"{t}/not.sqlite"], "is not a SQLite results database", [f"{t}/figures"]),
+        (["sweep", str(spec), "--db", f"{t}/not.sqlite"], "is not a SQLite results database",
+         []),
+        (["results", f"{t}/folder"], "is a folder, not a results database", []),
+        (["sweep", str(spec), "--db", f"{t}/folder"], "is a folder, not a results database",
+         [f"{t}/folder/results.sqlite"]),
+        (["report", str(db), "-o", f"{t}/existing.txt"], "is an existing file, not a folder", []),
+        (["results", str(db), "--csv", f"{t}/folder"], "is a folder; give a file name", []),
+        (["report", str(db), "--dpi", "0"], "--dpi: 0 is not allowed; use 1 or more", []),
+        (["results", f"{t}/empty.sqlite"], "is an empty file, not a results database", []),
+        (["profile", "--repeats", "0"], "--repeats: 0 is not allowed", []),
+        (["profile", "--repeats", "-1"], "--repeats: -1 is not allowed", []),
+        (["profile", "--model", "torch.nn:Linear", "--input-shape", "8"],
+         "missing 2 required positional arguments", []),
+        (["profile", "--model", "torch.nn:Linear", "--input-shape", "8", "--set",
+          "in_features=4", "--set", "out_features=2", "--batch", "2"],
+         "mat1 and mat2 shapes cannot be multiplied", []),
+        (["report", f"{t}/none.sqlite"], "holds no trials", [f"{t}/figures", f"{t}/report.md"]),
+    ]
+
+
+def test_every_bad_input_is_one_clear_line(tmp_path, capsys):
+    import pathlib
+
+    cases = _bad_inputs(tmp_path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for argv, expected, absent in cases:
+        assert main(argv) == 2, argv
+        out, err = capsys.readouterr()
+        assert err.count("\n") == 1 and err.endswith("\n"), (argv, err)
+        assert expected in err, (argv, err)
+        assert "Traceback" not in err + out, argv
+        for path in absent:
+            assert not pathlib.Path(path).exists(), (argv, path)
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before        # nothing written, nothing changed (the empty file stays empty)
+
+
+def test_results_into_a_closed_pipe_is_one_line(tmp_path):
+    db = _store_with_trials(tmp_path / "r.sqlite", n=3000)  # ~400 KB: more than a pipe holds
+    proc = subprocess.Popen([sys.executable, "-m", "memprop", "results", str(db)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.readline()        # like `| head -1`: read one line, then close the pipe
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 2
+    assert err.count("\n") == 1 and "broken pipe" in err and "Traceback" not in err, err
+
+
+def test_building_the_parser_imports_no_heavy_module():
+    code = ("import sys, memprop.cli; memprop.cli.build_parser(); "
+            "print(' '.join(m for m in ('torch', 'pandas', 'matplotlib', 'memprop.measure') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == ""
+
+
+def test_the_parser_offers_the_library_names():
+    from memprop.cli._common import DTYPE_NAMES, MODEL_NAMES, OPTIMIZER_NAMES
+    from memprop.measure import OPTIMIZERS
+    from memprop.models import MODELS
+    from memprop.sweep.spec import DTYPES
+    assert MODEL_NAMES == tuple(MODELS) and OPTIMIZER_NAMES == OPTIMIZERS
+    assert DTYPE_NAMES == DTYPES
+
+
+def test_help_shows_defaults_and_no_rest_markup(capsys):
+    for command in ("profile", "plan", "sweep", "frontier", "results", "report", "backprop"):
+        assert main([command, "--help"]) == 0
+        out = capsys.readouterr().out
+        assert "``" not in out, command
+        assert "(default:" in out, command
+    assert main(["--help"]) == 0
+    top = capsys.readouterr().out
+    assert "list the trials stored" in top and "the largest batch that fits" in top
+
+
+def test_profile_trace_is_a_chrome_trace_of_the_timeline(tmp_path, capsys):
+    import json
+
+    import pandas as pd
+    trace_path, csv_path = tmp_path / "step.json", tmp_path / "step.csv"
+    assert main(["profile", "--set", "depth=3", "--set", "width=32", "--batch", "4",
+                 "--repeats", "1", "--trace", str(trace_path), "--timeline", str(csv_path)]) == 0
+    assert "Chrome trace: " in capsys.readouterr().out
+    trace, timeline = json.loads(trace_path.read_text()), pd.read_csv(csv_path)
+    events = trace["traceEvents"]
+    assert {e["ph"] for e in events} == {"M", "X", "C"}
+    for e in events:                      # what chrome://tracing and Perfetto require
+        assert isinstance(e["name"], str) and isinstance(e["pid"], int)
+        if e["ph"] in ("X", "C"):
+            assert isinstance(e["ts"], int) and e["ts"] >= 0
+        if e["ph"] == "C":                # counter arguments must all be numbers
+            assert all(isinstance(v, int) for v in e["args"].values())
+    ops = [e for e in events if e["ph"] == "X" and e["tid"] == 1]
+    assert [e["name"] for e in ops] == timeline.op.tolist()
+    assert [e["args"]["module"] for e in ops] == timeline.module.fillna("").tolist()
+    for column in [c for c in timeline.columns if c.endswith("_bytes")]:
+        name = column.replace("_bytes", " bytes")
+        series = [(e["ts"], e["args"]["bytes"]) for e in events
+                  if e["ph"] == "C" and e["name"] == name]
+        assert series == list(zip(timeline.op_index, timeline[column])), column
+    phases = [e["name"] for e in events if e["ph"] == "X" and e["tid"] == 2]
+    assert phases == ["forward", "backward", "optimizer"]

@@ -51,7 +51,7 @@ def built(tmp_path_factory):
     spec_path.write_text(textwrap.dedent(SPEC))
     spec = load_spec(spec_path)
     db = root / "results.sqlite"
-    run_sweep(spec, db_path=db, progress=False)
+    run_sweep(spec, db_path=db)
     run_frontier(spec, db_path=db, progress=None)
     files = build_report(db, root / "out")
     return root, db, files
@@ -199,9 +199,9 @@ def test_report_of_a_spec_shows_its_current_grid_only(tmp_path, monkeypatch):
         repeats = 1
         estimate = false
     """))
-    run_sweep(load_spec(spec_path), progress=False)
+    run_sweep(load_spec(spec_path))
     spec_path.write_text(spec_path.read_text().replace("batch = [4]", "batch = [8]"))
-    run_sweep(load_spec(spec_path), progress=False)
+    run_sweep(load_spec(spec_path))
     data = load_report_data(spec_path)
     assert data.stale == 2 and sorted(data.results.batch) == [8, 8]
     assert len(load_report_data(tmp_path / "reports/changing/results.sqlite").results) == 4

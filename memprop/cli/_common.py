@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import tempfile
 
 from memprop.errors import ConfigError
 from memprop.units import format_value, parse_size
@@ -25,8 +26,16 @@ DTYPE_NAMES = ("float32", "float64", "bfloat16", "float16")
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Every option's default shown; descriptions kept as written."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's default shown, "(default: ...)", unless its help already says what
+    happens without it; descriptions kept as written."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or "(default" in text
+                or any(action.default is v for v in (None, False, argparse.SUPPRESS))):
+            return text
+        return f"{text} (default: %(default)s)".strip()
 
 
 def describe(doc: str) -> str:
@@ -83,10 +92,20 @@ def check_output_file(path, option: str, command: str) -> pathlib.Path:
     if not folder.is_dir():
         raise ConfigError(f"{where}: folder {folder} does not exist; create it "
                           "(mkdir -p) or choose another path")
-    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise ConfigError(f"{where} cannot be written (permission denied); choose a "
+    if not _writable(folder) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ConfigError(f"{where} cannot be written ({folder} is read-only); choose a "
                           "writable location")
     return path
+
+
+def _writable(folder: pathlib.Path) -> bool:
+    """Whether a file can be created in ``folder``: tried, not guessed from permission
+    bits (which root ignores, and a read-only file system does not show)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
 
 
 def check_output_dir(path, option: str, command: str) -> pathlib.Path:
@@ -98,7 +117,7 @@ def check_output_dir(path, option: str, command: str) -> pathlib.Path:
     existing = path
     while not existing.exists():
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    if not existing.is_dir() or not _writable(existing):
         raise ConfigError(f"{where} cannot be written ({existing} is read-only); choose a "
                           "writable folder with -o")
     return path

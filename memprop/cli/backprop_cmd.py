@@ -120,7 +120,7 @@ def add_parser(sub) -> None:
     p.add_argument("--batch", type=positive_int, default=64, help="minibatch size B")
     p.add_argument("--phi", default="relu", help="activation φ: relu, tanh, sigmoid")
     p.add_argument("--lam", type=float, default=1e-3, help="L2 weight λ")
-    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="dtype of weights and inputs")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch")
     p.set_defaults(func=backprop_command)
 

@@ -53,7 +53,7 @@ def add_parser(sub) -> None:
     p = add_command(sub, "plan", help="plan checkpointing to fit a memory budget", doc=__doc__)
     add_model_options(p)
     p.add_argument("--budget", required=True, type=size,
-                   help="memory budget, e.g. 2GiB or 512MiB (powers of 2) or 500MB")
+                   help="memory budget (required), e.g. 2GiB or 512MiB (powers of 2) or 500MB")
     p.add_argument("--json", action="store_true", help="print the plan and the table as JSON")
     p.set_defaults(func=plan_command)
 

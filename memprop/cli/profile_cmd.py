@@ -117,13 +117,16 @@ def add_model_options(p) -> None:
                    help=f"one of {', '.join(MODEL_NAMES)}, or package.module:factory")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="a model field, repeatable: --set depth=16 --set width=1024 "
-                        "(default: the model's own)")
-    p.add_argument("--input-shape", help="factory models: one example's shape, e.g. 3,32,32")
+                        "(default: the model's own sizes)")
+    p.add_argument("--input-shape", help="factory models: one example's shape, e.g. 3,32,32 "
+                   "(default: none; required for a factory)")
     p.add_argument("--blocks-attr", help="factory models: attribute holding the block chain "
-                   "(default: found)")
+                   "(default: found by class)")
     p.add_argument("--batch", type=positive_int, default=32, help="batch size (examples)")
-    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
-    p.add_argument("--optimizer", default="sgd", choices=OPTIMIZER_NAMES)
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
+                   help="parameter and input dtype")
+    p.add_argument("--optimizer", default="sgd", choices=OPTIMIZER_NAMES,
+                   help="optimizer whose state the step holds")
 
 
 def add_parser(sub) -> None:
@@ -138,10 +141,10 @@ def add_parser(sub) -> None:
     p.add_argument("--estimate", action="store_true",
                    help="predict on fake tensors: no memory allocated, no times")
     p.add_argument("--timeline", metavar="FILE.csv", help="write the live-memory timeline "
-                   "as CSV (one row per op)")
+                   "as CSV, one row per op (default: not written)")
     p.add_argument("--trace", metavar="FILE.json", help="write the live-memory timeline as a "
-                   "Chrome trace (chrome://tracing, ui.perfetto.dev)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+                   "Chrome trace for chrome://tracing or ui.perfetto.dev (default: not written)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON instead of text")
     p.set_defaults(func=profile_command)
 
 
