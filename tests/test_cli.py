@@ -179,9 +179,9 @@ def test_the_parser_offers_the_library_names():
     from memprop.cli._common import DTYPE_NAMES, MODEL_NAMES, OPTIMIZER_NAMES
     from memprop.measure import OPTIMIZERS
     from memprop.models import MODELS
-    from memprop.sweep.spec import DTYPES
+    from memprop.dtypes import DTYPES
     assert MODEL_NAMES == tuple(MODELS) and OPTIMIZER_NAMES == OPTIMIZERS
-    assert DTYPE_NAMES == DTYPES
+    assert DTYPE_NAMES == tuple(DTYPES)
 
 
 def test_help_shows_defaults_and_no_rest_markup(capsys):
@@ -222,3 +222,25 @@ def test_profile_trace_is_a_chrome_trace_of_the_timeline(tmp_path, capsys):
         assert series == list(zip(timeline.op_index, timeline[column])), column
     phases = [e["name"] for e in events if e["ph"] == "X" and e["tid"] == 2]
     assert phases == ["forward", "backward", "optimizer"]
+
+
+def test_numbers_for_people():
+    from memprop.units import (format_bytes, format_flops, format_ms, format_number,
+                               format_ratio, format_value)
+    assert format_flops(158_364_034_000_000) == "158.4 TFLOP"
+    assert format_flops(7_516_192_768) == "7.516 GFLOP"
+    assert format_flops(0) == "0 FLOP" and format_flops(float("nan")) == "-"
+    assert format_ms(0.012345) == "0.0123 ms" and format_ms(12.345) == "12.3 ms"
+    assert format_ms(1234.5) == "1.23 s" and format_ms(None) == "-"
+    assert format_ratio(0.87431) == "0.874" and format_ratio(1.9137) == "1.91"
+    assert format_number(1024.0) == "1024" and format_number(3) == "3"
+    assert format_bytes(None) == "-" and format_bytes(float("nan")) == "-"
+    assert format_value("recompute_vs_forward", 0.0) == "0"
+    assert format_value("step_ms", 2.0) == "2.00 ms"
+    assert format_value("duration_s", 0.5) == "500 ms"
+
+
+def test_readme_imports_work():
+    from memprop.checkpoint import Plan, apply_strategy, plan, remove_strategy  # noqa: F401
+    import memprop
+    assert memprop.plan is plan and memprop.Plan is Plan

@@ -5,7 +5,8 @@ import textwrap
 
 import pytest
 
-from memprop.measure import build_workload, measure_step
+from memprop.measure import measure_step
+from memprop.workload import build_workload
 from memprop.models import model_config
 
 pytestmark = pytest.mark.requires_cuda

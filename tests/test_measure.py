@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from memprop.estimate import estimate
-from memprop.measure import build_workload, measure, measure_step
+from memprop.measure import measure_step
+from memprop.workload import build_workload, measure
 from memprop.models import model_config
 from memprop.tracker import LiveMemoryTracker
 

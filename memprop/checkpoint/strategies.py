@@ -75,6 +75,10 @@ class Strategy:
         model.__dict__[_APPLIED] = (self, chain.remove)
         return model
 
+    def remove(self, model: nn.Module) -> nn.Module:
+        """Undo ``apply``: the model runs plainly again."""
+        return remove_strategy(model)
+
     def segments_for(self, model, *, blocks_attr=None, example_batch=None):
         if type(self).segments is Strategy.segments:
             return []

@@ -18,7 +18,8 @@ from memprop.errors import ConfigError
 from memprop.units import format_value, parse_size
 
 # The names the parser offers; tests/test_cli.py checks them against the library's
-# tables (memprop.models.MODELS, memprop.measure.OPTIMIZERS), which import torch.
+# tables (memprop.models.MODELS, memprop.measure.OPTIMIZERS, memprop.dtypes.DTYPES),
+# which import torch.
 MODEL_NAMES = ("d2l_mlp", "mlp", "transformer", "convnet")
 OPTIMIZER_NAMES = ("sgd", "momentum", "adam")
 DTYPE_NAMES = ("float32", "float64", "bfloat16", "float16")
@@ -49,12 +50,11 @@ def add_command(sub, name: str, *, help: str, doc: str):
 
 
 def parse_dtype(name: str):
-    """The torch dtype called ``name``; a ConfigError listing the choices otherwise."""
-    if name not in DTYPE_NAMES:
-        raise ConfigError(f"memprop: unknown dtype {name!r}; choose one of: {', '.join(DTYPE_NAMES)}")
-    import torch   # only when a command runs: the parser must not load torch
+    """The torch dtype called ``name`` (memprop.dtypes, loaded only when a command runs:
+    building the parser must not import torch)."""
+    from memprop.dtypes import parse_dtype as parse
 
-    return getattr(torch, name)
+    return parse(name)
 
 
 # -- argument types: argparse turns ArgumentTypeError into one line (see cli.Parser) --

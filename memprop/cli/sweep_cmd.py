@@ -73,12 +73,21 @@ def _run_frontier(spec, db, *, quiet: bool, echo: bool) -> list:
     library finds it unless ``echo`` is off."""
     from memprop.sweep.frontier import run_frontier
 
+    field = spec.frontier.field
     with Spinner("frontier: predicting, then confirming with real trials",
                  enabled=False if quiet else None) as spinner:
-        def show(line: str) -> None:
+        def show(point) -> None:
             spinner.clear()
-            print(line, flush=True)
+            print(_frontier_line(field, point), flush=True)
         return run_frontier(spec, db_path=db, progress=show if echo else None)
+
+
+def _frontier_line(field: str, point) -> str:
+    oom = "-" if point.first_oom_batch is None else point.first_oom_batch
+    return (f"  {field} {point.depth:>4} {point.strategy:>12}: predicted batch "
+            f"{point.predicted_batch}, confirmed {point.confirmed_batch} (next: {oom}, runs "
+            f"out of memory) in {point.real_trials} real trials; a doubling search needs "
+            f"{point.probe_trials_doubling}")
 
 
 def sweep_command(args) -> int:
@@ -126,12 +135,13 @@ def frontier_command(args) -> int:
 
 
 def results_command(args) -> int:
+    from memprop.report.data import mark_unmeasured
     from memprop.sweep.store import ResultsStore
 
     db = database_of(args.source, "results")
     csv = args.csv and check_output_file(args.csv, "--csv", "results")
     with ResultsStore(db) as store:
-        frame = store.results()
+        frame = mark_unmeasured(store.results())
         frontier = store.frontier()
     if csv:
         frame.to_csv(csv, index=False)
@@ -153,5 +163,5 @@ def results_command(args) -> int:
     print(render_table(frame[cols]))
     if not frontier.empty:
         print("\nfrontier:")
-        print(render_table(frontier.drop(columns=["spec"])))
+        print(render_table(frontier.drop(columns=["spec", "point_key"])))
     return 0

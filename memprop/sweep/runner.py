@@ -41,6 +41,7 @@ def run_sweep(spec: SweepSpec, *, db_path=None, workers: int = 1, force: bool = 
     trials = spec.trials() if trials is None else trials
     executor = executor or LocalProcessExecutor(workers)
     with ResultsStore(db_path) as store:
+        store.lock("sweep")
         store.record_environment(spec)
         done = set() if force else store.keys()
         pending = [t for t in trials if t.key() not in done]

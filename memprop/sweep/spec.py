@@ -12,7 +12,10 @@
     [run]
     dtype = "float32"; device = "cpu"; optimizer = "sgd"
     repeats = 3; warmup = 1; timeout = 300; seed = 0
+    threads = 1                           # torch threads per trial (default: cores / workers)
+    amp = "bf16"                          # optional: autocast (bf16 or fp16)
     budget = "1.5GiB"                     # optional: a memory limit the runtime enforces
+    budget_mode = "tensor"                # live tensor bytes (default) or "process" (the OS)
     estimate = true                       # also predict each trial on fake tensors
     [frontier]                            # optional (memprop frontier): the OOM frontier
     budget = "512MiB"; depths = [4, 8]; strategies = ["none", "sqrt"]
@@ -40,18 +43,19 @@ else:  # pragma: no cover
 
 from memprop.checkpoint import parse_strategy
 from memprop.errors import ConfigError, MemPropError
-from memprop.measure import OPTIMIZERS
+from memprop.budget import BUDGET_MODES
+from memprop.dtypes import DTYPES
+from memprop.measure import AMP_MODES, OPTIMIZERS
 from memprop.models import MODELS, model_config
 from memprop.sweep.trial import Trial
 from memprop.units import parse_size
 
 __all__ = ["SpecError", "Trial", "SweepSpec", "FrontierOptions", "load_spec", "parse_spec"]
 
-DTYPES = ("float32", "float64", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
 _TOP = ("name", "description", "model", "grid", "run", "frontier")
 _RUN = ("dtype", "device", "optimizer", "repeats", "warmup", "timeout", "seed", "budget",
-        "estimate")
+        "budget_mode", "threads", "amp", "estimate")
 _GRID_EXTRA = ("batch", "strategy", "dtype", "optimizer")
 _FRONTIER = ("budget", "depths", "strategies", "batch_step", "max_batch", "field")
 
@@ -102,7 +106,9 @@ class SweepSpec:
                     optimizer=point.get("optimizer", self.run["optimizer"]),
                     repeats=self.run["repeats"], warmup=self.run["warmup"],
                     timeout_s=self.run["timeout"], seed=self.run["seed"],
-                    budget_bytes=self.run["budget"], estimate=self.run["estimate"]))
+                    budget_bytes=self.run["budget"], budget_mode=self.run["budget_mode"],
+                    threads=self.run["threads"], amp=self.run["amp"],
+                    estimate=self.run["estimate"]))
         return out
 
 
@@ -184,7 +190,7 @@ def parse_spec(data: dict, *, path="<spec>") -> SweepSpec:
 
     run = {"dtype": "float32", "device": "cpu", "optimizer": "sgd", "repeats": 3,
            "warmup": 1, "timeout": 600, "seed": 0, "budget": None, "estimate": True,
-           "batch": 32}
+           "batch": 32, "budget_mode": "tensor", "threads": 0, "amp": None}
     raw_run = data.get("run", {})
     if not isinstance(raw_run, dict):
         raise SpecError(path, "run", "must be a table: [run]")
@@ -203,8 +209,12 @@ def parse_spec(data: dict, *, path="<spec>") -> SweepSpec:
                                     "sees no CUDA device on this machine; use device = \"cpu\"")
         elif key == "optimizer":
             run[key] = _choice(path, k, value, OPTIMIZERS)
-        elif key in ("repeats", "warmup", "seed"):
-            run[key] = _int(path, k, value, 1 if key == "repeats" else 0)
+        elif key in ("repeats", "warmup", "seed", "threads"):
+            run[key] = _int(path, k, value, 1 if key in ("repeats", "threads") else 0)
+        elif key == "budget_mode":
+            run[key] = _choice(path, k, value, BUDGET_MODES)
+        elif key == "amp":
+            run[key] = _choice(path, k, value, AMP_MODES)
         elif key == "timeout":
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise SpecError(path, k, f"{value!r} is not allowed; it must be a number of "
