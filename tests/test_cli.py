@@ -133,7 +133,7 @@ def _bad_inputs(tmp):
          "missing 2 required positional arguments", []),
         (["profile", "--model", "torch.nn:Linear", "--input-shape", "8", "--set",
           "in_features=4", "--set", "out_features=2", "--batch", "2"],
-         "mat1 and mat2 shapes cannot be multiplied", []),
+         "does not run with --input-shape 8 and --set in_features=4 out_features=2", []),
         (["report", f"{t}/none.sqlite"], "holds no trials", [f"{t}/figures", f"{t}/report.md"]),
     ]
 
@@ -244,3 +244,41 @@ def test_readme_imports_work():
     from memprop.checkpoint import Plan, apply_strategy, plan, remove_strategy  # noqa: F401
     import memprop
     assert memprop.plan is plan and memprop.Plan is Plan
+
+
+class _Stream:
+    """A stream that says whether it is a terminal, and keeps what is written."""
+
+    def __init__(self, tty: bool):
+        self.tty, self.text = tty, ""
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, text):
+        self.text += text
+
+    def flush(self):
+        pass
+
+
+def test_progress_draws_on_a_terminal_only():
+    import time
+
+    from memprop.cli._progress import Spinner, SweepBar
+    from memprop.sweep.trial import Trial
+    for tty in (True, False):
+        stream = _Stream(tty)
+        with Spinner("measuring one step", stream=stream):
+            time.sleep(0.35)
+        bar = SweepBar(2, stream=stream)
+        trial = Trial(spec="t", model="mlp", model_fields=(("depth", 2),), batch=4)
+        bar.update(trial, {"status": "ok"})
+        bar.update(trial, {"status": "oom"})
+        bar.close()
+        assert (bar.done, dict(bar.counts)) == (2, {"ok": 1, "oom": 1})
+        if tty:
+            assert "measuring one step |" in stream.text or "measuring one step /" in stream.text
+            assert "2/2 ok 1 oom 1" in stream.text and stream.text.endswith("\n")
+        else:
+            assert stream.text == ""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import json
+import logging
 
 from memprop.cli._common import (MODEL_NAMES, OPTIMIZER_NAMES, DTYPE_NAMES, add_command,
                                  check_output_file, parse_dtype, positive_int, render_table, json_ready)
@@ -52,18 +53,25 @@ def config_from_args(args):
 def factory_errors(args, command: str):
     """A user factory that cannot be called with these options, or whose module does not
     take an input of ``--input-shape``, fails inside torch (TypeError, RuntimeError):
-    say which option to change instead of showing torch's traceback."""
+    say which option to change instead of showing torch's traceback (nor the one torch's
+    fake-tensor logger prints when the shapes fail on fake tensors first)."""
+    if ":" not in args.model:
+        yield
+        return
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
     try:
         yield
     except (TypeError, RuntimeError) as exc:
-        if ":" not in args.model:
-            raise
         first = " ".join(str(exc).split())[:300]
         raise ConfigError(
             f"memprop {command}: factory {args.model!r} does not run with --input-shape "
             f"{args.input_shape} and --set {' '.join(args.set or []) or '(none)'}: "
             f"{type(exc).__name__}: {first}; pass the factory's arguments with --set KEY=VALUE "
             "and one example's shape with --input-shape") from None
+    finally:
+        fake_log.setLevel(level)
 
 
 def render_profile(m, config, *, closed_form: dict | None = None) -> str:
@@ -158,10 +166,10 @@ def gather_profile(config, args):
                   optimizer=args.optimizer)
     with factory_errors(args, "profile"):
         if args.estimate:
-            from memprop.estimate import estimate
+            from memprop.workload import estimate
             result = estimate(config, args.batch, **common)
         else:
-            from memprop.measure import measure
+            from memprop.workload import measure
             result = measure(config, args.batch, repeats=args.repeats, **common)
     closed = None
     if isinstance(config, (D2LConfig, MLPConfig)) and args.strategy == "none":

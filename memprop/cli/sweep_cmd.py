@@ -49,7 +49,8 @@ def add_parser(sub) -> None:
     r = add_command(sub, "results", help="list the trials stored for a spec or database",
                     doc=RESULTS_DOC)
     r.add_argument("source", help="a spec (.toml) or a results database (.sqlite)")
-    r.add_argument("--csv", metavar="FILE", help="export every column to a CSV file")
+    r.add_argument("--csv", metavar="FILE", help="export every column to a CSV file "
+                   "(default: print a table)")
     r.add_argument("--all-columns", action="store_true", help="print every column")
     r.add_argument("--json", action="store_true", help="print every trial (and the frontier) "
                    "as JSON, raw units")
