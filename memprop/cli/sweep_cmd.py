@@ -7,8 +7,9 @@ from __future__ import annotations
 import json
 import pathlib
 
-from memprop.cli._common import (add_command, check_database, database_of, check_output_file,
-                                 positive_int, render_table, table_rows)
+from memprop.cli._common import (add_command, check_database, check_output_dir,
+                                 check_output_file, database_of, positive_int, render_table,
+                                 table_rows)
 from memprop.cli._progress import Spinner, SweepBar
 from memprop.errors import ConfigError
 from memprop.units import format_bytes
@@ -63,9 +64,13 @@ def _spec_and_db(args, command: str):
     from memprop.sweep.store import default_db_path
 
     spec = load_spec(args.spec)           # validates everything before any trial starts
+    if command == "frontier" and spec.frontier is None:
+        raise ConfigError(f"memprop frontier: {args.spec} has no [frontier] table; add one "
+                          "with budget, depths and strategies (see experiments/oom_frontier.toml)")
     db = pathlib.Path(args.db) if args.db else default_db_path(spec.name)
-    if not db.parent.exists() and not args.db:
-        db.parent.mkdir(parents=True, exist_ok=True)
+    if not db.parent.exists():       # a new store's folder is made, where it can be
+        check_output_dir(db.parent, "--db", command)
+        db.parent.mkdir(parents=True)
     return spec, check_database(db, "--db", command, must_exist=False)
 
 
@@ -84,10 +89,11 @@ def _run_frontier(spec, db, *, quiet: bool, echo: bool) -> list:
 
 
 def _frontier_line(field: str, point) -> str:
-    oom = "-" if point.first_oom_batch is None else point.first_oom_batch
+    oom = ("no batch up to the spec's max_batch ran out of memory"
+           if point.first_oom_batch is None else f"{point.first_oom_batch} ran out of memory")
     return (f"  {field} {point.depth:>4} {point.strategy:>12}: predicted batch "
-            f"{point.predicted_batch}, confirmed {point.confirmed_batch} (next: {oom}, runs "
-            f"out of memory) in {point.real_trials} real trials; a doubling search needs "
+            f"{point.predicted_batch}, confirmed {point.confirmed_batch} ({oom}) in "
+            f"{point.real_trials} real trials; a doubling search needs "
             f"{point.probe_trials_doubling}")
 
 
@@ -122,9 +128,6 @@ def frontier_command(args) -> int:
     import dataclasses
 
     spec, db = _spec_and_db(args, "frontier")
-    if spec.frontier is None:
-        raise ConfigError(f"memprop frontier: {args.spec} has no [frontier] table; add one "
-                          "with budget, depths and strategies (see experiments/oom_frontier.toml)")
     if not args.json:
         print(f"{spec.name}: frontier at a budget of "
               f"{format_bytes(spec.frontier.budget_bytes)} -> {db}")

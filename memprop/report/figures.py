@@ -179,7 +179,8 @@ def fig_timeline(data: ReportData):
         stack = [tl[f"{c}_bytes"].to_numpy() for c in shown]
         ax.stackplot(tl.op_index, *stack, labels=shown, colors=[COLORS[c] for c in shown],
                      alpha=0.9)
-        for phase, color in (("forward", "#E8F0FF"), ("backward", "#FFF0E0")):
+        for phase, color in (("forward", "#E8F0FF"), ("backward", "#FFF0E0"),
+                             ("optimizer", "#EFEFEF")):
             idx = tl.op_index[tl.phase == phase]
             if not idx.empty:
                 ax.axvspan(idx.min(), idx.max(), color=color, zorder=-1)
@@ -278,7 +279,7 @@ def fig_frontier(data: ReportData):
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(nbins=6, integer=True))
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, 1.12 * max(fr.confirmed_batch.max(), fr.predicted_batch.max()))
     ax.margins(x=0.1)
     ax.set_xlabel(f"{fr.field.iloc[0]} (hidden layers)")
     ax.set_ylabel("largest batch that fits (examples)")
