@@ -33,6 +33,12 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_PUBLIC[name]), name)
         globals()[name] = value
         return value
+    if not name.startswith("_"):         # a subpackage: `import memprop; memprop.sweep`
+        try:
+            return importlib.import_module(f"memprop.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"memprop.{name}":
+                raise
     raise AttributeError(f"module 'memprop' has no attribute {name!r}")
 
 

@@ -282,3 +282,55 @@ def test_progress_draws_on_a_terminal_only():
             assert "2/2 ok 1 oom 1" in stream.text and stream.text.endswith("\n")
         else:
             assert stream.text == ""
+
+
+def test_the_package_loads_its_public_names_on_use():
+    code = ("import sys, memprop; names = [getattr(memprop, n) for n in memprop.__all__]; "
+            "print(memprop.sweep.load_results is memprop.load_results, "
+            "memprop.measure.__module__, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["True", "memprop.workload", "True"]
+
+
+def test_results_and_plan_as_json(tmp_path, capsys):
+    import json
+    db = _store_with_trials(tmp_path / "r.sqlite", n=2)
+    assert main(["results", str(db), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(t["batch"], t["saved_bytes"], t["step_ms"]) for t in rows["trials"]] == [
+        (1, 1024, 1.23456), (2, 2048, 1.23456)]
+    assert rows["frontier"] == []
+    assert main(["plan", "--set", "depth=8", "--set", "width=64", "--set", "d_in=64",
+                 "--batch", "64", "--budget", "1GiB", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["budget_bytes"] == 2**30 and plan["blocks"] == 8 and plan["error"] is None
+    by = {row["strategy"]: row for row in plan["strategies"]}
+    assert by["none"]["recompute_flops"] == 0 and by["none"]["fits"] is True
+    # sqrt on 8 blocks: recompute the forward of the checkpointed blocks, in raw FLOPs
+    assert by["sqrt"]["recompute_flops"] > 0
+    assert plan["plan"]["spec"] == "none"          # 1 GiB fits without checkpointing
+    assert main(["plan", "--set", "depth=8", "--set", "width=64", "--batch", "64",
+                 "--budget", "1KiB", "--json"]) == 2
+    failed = json.loads(capsys.readouterr().out)
+    assert failed["plan"] is None and "1.0 KiB" in failed["error"]
+
+
+def test_frontier_as_json_equals_the_stored_frontier(tmp_path, capsys):
+    import json
+
+    from memprop.sweep.store import ResultsStore
+    spec = tmp_path / "f.toml"
+    spec.write_text('name = "f"\n[model]\nname = "mlp"\nwidth = 64\nd_in = 64\n'
+                    '[grid]\nbatch = [2]\n[run]\nrepeats = 1\n'
+                    '[frontier]\nbudget = "4MiB"\ndepths = [2]\nstrategies = ["none"]\n'
+                    'batch_step = 512\nmax_batch = 8192\n')
+    db = tmp_path / "new" / "r.sqlite"
+    assert main(["frontier", str(spec), "--db", str(db), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    (point,) = out["points"]
+    with ResultsStore(db) as store:
+        (row,) = store.frontier().to_dict(orient="records")
+    assert (point["depth"], point["confirmed_batch"], point["first_oom_batch"]) == (
+        row["depth"], row["confirmed_batch"], row["first_oom_batch"])
+    assert point["first_oom_batch"] == point["confirmed_batch"] + 512
