@@ -43,7 +43,7 @@ def test_cuda_budget_records_a_real_out_of_memory(tmp_path):
         budget = "512MiB"
         repeats = 1
     """))
-    run_sweep(load_spec(spec), db_path=tmp_path / "r.sqlite", progress=False)
+    run_sweep(load_spec(spec), db_path=tmp_path / "r.sqlite")
     rows = load_results(tmp_path / "r.sqlite").set_index("batch")
     assert rows.loc[64, "status"] == "ok"
     assert rows.loc[65536, "status"] == "oom"

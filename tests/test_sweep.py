@@ -134,7 +134,7 @@ def test_failures_are_results_oom_crashed_timeout(tmp_path, monkeypatch):
         timeout = 60
     """))
     db = tmp_path / "r.sqlite"
-    summary = run_sweep(spec, db_path=db, progress=False)
+    summary = run_sweep(spec, db_path=db)
     assert summary.counts == {"ok": 1, "oom": 1}
     rows = load_results(db).set_index("batch")
     assert rows.loc[8, "status"] == "ok" and rows.loc[8, "budget_peak_bytes"] <= 16 * 2**20
@@ -159,7 +159,7 @@ def test_failures_are_results_oom_crashed_timeout(tmp_path, monkeypatch):
             timeout = 15
             estimate = false
         """, f"{status}.toml"))
-        run_sweep(other, db_path=db, progress=False)
+        run_sweep(other, db_path=db)
     rows = load_results(db)
     crashed = rows[rows.status == "crashed"].iloc[0]
     assert crashed.signal == "SIGKILL" and "killed by SIGKILL" in crashed.error
@@ -205,7 +205,7 @@ def test_sigkill_keeps_finished_trials_and_rerun_completes_the_rest(tmp_path):
     assert (kept.status == "ok").all() and kept.peak_bytes.notna().all()   # rows intact
 
     spec = load_spec(spec_path)
-    summary = run_sweep(spec, db_path=db, progress=False)
+    summary = run_sweep(spec, db_path=db)
     assert summary.skipped == len(kept) and summary.ran == 8 - len(kept)
     final = load_results(db)
     assert sorted(final.key) == sorted(t.key() for t in spec.trials())   # = an uninterrupted run
