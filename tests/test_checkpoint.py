@@ -206,7 +206,8 @@ class UserNet(nn.Module):
         return x.sum() + aux
 
 
-@pytest.mark.parametrize("strategy", [Full(), EveryK(2), Blocks((0, 3))])
+@pytest.mark.parametrize("strategy", [Full(), EveryK(2), Blocks((0, 3)), Segments(2), Sqrt(),
+                                      Blocks(((1, 3),))])
 def test_user_model_with_kwargs_and_tuple_outputs(strategy):
     x = torch.randn(5, 8)
     results = []
@@ -223,12 +224,41 @@ def test_user_model_with_kwargs_and_tuple_outputs(strategy):
         assert torch.equal(a, b)
 
 
+class LoopWorkNet(UserNet):
+    """A loop that does work between blocks: the next block's input is not the previous
+    block's output, so a multi-block segment cannot replay it."""
+
+    def forward(self, x):
+        for layer in self.layers:
+            x, _ = layer(x, scale=0.5)
+            x = x * 2
+        return x.sum()
+
+
+class ExtraArgNet(UserNet):
+    """A loop passing each block a different keyword argument."""
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x, _ = layer(x, scale=0.5 + i)
+        return x.sum()
+
+
+@pytest.mark.parametrize("net_cls,problem", [(LoopWorkNet, "transformed the previous block"),
+                                             (ExtraArgNet, "keyword 'scale' is not the one")])
 @pytest.mark.parametrize("strategy", [Segments(2), Sqrt(), Blocks(((1, 3),))])
-def test_multi_block_segment_refuses_tuple_outputs(strategy):
-    net = UserNet()
+def test_multi_block_segment_raises_when_the_loop_is_not_a_plain_chain(net_cls, problem,
+                                                                         strategy):
+    net = net_cls()
     strategy.apply(net, blocks_attr="layers")
-    with pytest.raises(StrategyError, match="needs blocks that return one tensor"):
+    with pytest.raises(StrategyError, match=f"block 1 \\(KwargBlock\\).*{problem}.*per-block"):
         net(torch.randn(5, 8))
+    remove_strategy(net)
+    Full().apply(net, blocks_attr="layers")      # a per-block strategy is exact on it
+    x = torch.randn(5, 8)
+    checkpointed = net(x)
+    remove_strategy(net)
+    assert torch.equal(checkpointed, net(x))
 
 
 def test_sequential_and_missing_chain():
