@@ -63,6 +63,7 @@ SMALL_DEFAULTS = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_head
                   "intermediate_size": 128, "vocab_size": 512, "patch_size": 8}
 
 _WORKLOAD = ("task", "seq_len", "pad", "image_size", "num_labels")
+_CONFIG_KWARGS = ("attn_implementation",)   # accepted by every config, not in to_dict()
 
 
 def _require_transformers() -> None:
@@ -80,7 +81,7 @@ def hf_config(name: str, **fields) -> "HFConfig":
 
 
 def _has_field(config, key: str) -> bool:
-    return key in config.attribute_map or key in config.to_dict() or hasattr(config, key)
+    return key in _CONFIG_KWARGS or key in config.attribute_map or key in config.to_dict() or hasattr(config, key)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -120,7 +121,8 @@ class HFConfig(ModelConfig):
             raise ConfigError(f"memprop.models: {self.name} has none of the heads memprop "
                               f"drives ({', '.join(TASKS)}); choose another model type")
         default = transformers.AutoConfig.for_model(self.model_type)
-        allowed = sorted(set(default.to_dict()) | set(default.attribute_map))
+        allowed = sorted(k for k in {*default.to_dict(), *default.attribute_map, *_CONFIG_KWARGS}
+                         if not k.startswith("_"))
         for key, _ in self.options:
             if not _has_field(default, key):
                 close = difflib.get_close_matches(key, allowed + list(_WORKLOAD), n=1)
