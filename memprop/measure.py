@@ -293,7 +293,7 @@ def build_workload(config, batch_size: int, *, dtype=torch.float32, device="cpu"
     batch = config.example_batch(batch_size, dtype=dtype, device=device, seed=seed)
     if strategy not in (None, "none"):
         from memprop.checkpoint import apply_strategy
-        apply_strategy(model, strategy, example_batch=batch)
+        apply_strategy(model, strategy, example_batch=batch, loss_fn=config.loss)
     return model, batch
 
 

@@ -166,10 +166,12 @@ def simulate(model: nn.Module, batch, segments, *, blocks_attr=None, blocks=None
     with mode:
         chain = CheckpointedChain(find_blocks(target, blocks_attr, blocks=blocks,
                                               check_fn=check_fn), list(segments)).apply()
+        restore_cache = cache_off(target, warn=False) if segments else (lambda: None)
         try:
             return measure_step(target, target_batch, optimizer=optimizer, loss_fn=loss_fn,
                                 timing=False, inference=False, predicted=True)
         finally:
+            restore_cache()
             chain.remove()
 
 

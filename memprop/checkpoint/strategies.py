@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from memprop.checkpoint.cache import cache_off as _cache_off
-from memprop.checkpoint.chain import CheckpointedChain, find_chains
+from memprop.checkpoint.chain import CheckpointedChain, find_blocks, find_chains
 from memprop.checkpoint.selective import selective_context_fn
 from memprop.errors import StrategyError
 from memprop.units import parse_size
@@ -94,6 +94,17 @@ class Strategy:
     def _planned(self, model, blocks_attr, select, example_batch, loss_fn):
         """Segments chosen from a profile of the model (``budget:SIZE``), else None."""
         return None
+
+    def segments_for(self, model, *, blocks_attr=None, blocks=None, check_fn=None,
+                     example_batch=None, loss_fn=None) -> list[tuple[int, int]]:
+        """The segments this strategy checkpoints on ``model``'s one chain."""
+        select = dict(blocks=blocks, check_fn=check_fn)
+        planned = self._planned(model, blocks_attr, select, example_batch, loss_fn)
+        if planned is not None:
+            return planned
+        if type(self).segments is Strategy.segments:
+            return []
+        return self.segments(len(find_blocks(model, blocks_attr, **select)))
 
     def __str__(self) -> str:
         return self.spec

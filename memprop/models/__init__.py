@@ -20,12 +20,12 @@ from memprop.models.hf import PREFIX as HF_PREFIX
 from memprop.models.hf import HFConfig, hf_config
 from memprop.models.mlp import MLPConfig
 from memprop.models.transformer import TransformerConfig
-from memprop.models.user import UserModelConfig, load_factory
+from memprop.models.user import UserModelConfig, Workload, load_factory
 
 __all__ = ["MODELS", "model_config", "ModelConfig", "ZooModel", "Batch", "PHIS",
            "D2LConfig", "MLPConfig", "TransformerConfig", "ConvNetConfig", "UserModelConfig",
            "HFConfig",
-           "load_factory", "training_loss", "inference_forward"]
+           "Workload", "load_factory", "training_loss", "inference_forward"]
 
 MODELS: dict[str, type[ModelConfig]] = {
     c.name: c for c in (D2LConfig, MLPConfig, TransformerConfig, ConvNetConfig)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import sys
 from typing import Any
 
 import torch
@@ -37,12 +38,6 @@ from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from memprop.errors import ConfigError
 from memprop.models.base import ModelConfig
 
-try:
-    import transformers
-    from transformers import masking_utils
-    from transformers.models.auto import modeling_auto
-except ImportError:                       # the optional extra is not installed
-    transformers = masking_utils = modeling_auto = None
 
 __all__ = ["HFConfig", "hf_config", "TASKS", "SMALL_DEFAULTS", "eager_masks"]
 
@@ -66,10 +61,16 @@ _WORKLOAD = ("task", "seq_len", "pad", "image_size", "num_labels")
 _CONFIG_KWARGS = ("attn_implementation",)   # accepted by every config, not in to_dict()
 
 
-def _require_transformers() -> None:
-    if transformers is None:
+def _transformers():
+    """transformers, imported on first use of an ``hf:`` model: it is an optional extra,
+    and importing it takes seconds that every other memprop user would pay."""
+    try:
+        import transformers
+        import transformers.masking_utils  # noqa: F401 - patched by eager_masks
+    except ImportError:
         raise ConfigError("memprop.models: hf:<model_type> models need transformers, which "
-                          "is not installed; pip install memprop[hf]")
+                          "is not installed; pip install memprop[hf]") from None
+    return transformers
 
 
 def hf_config(name: str, **fields) -> "HFConfig":
@@ -101,7 +102,7 @@ class HFConfig(ModelConfig):
         return PREFIX + self.model_type
 
     def _validate(self):
-        _require_transformers()
+        transformers = _transformers()
         types = list(transformers.CONFIG_MAPPING.keys())
         if self.model_type not in types:
             close = difflib.get_close_matches(self.model_type, types, n=3)
@@ -120,6 +121,8 @@ class HFConfig(ModelConfig):
         elif not self.supported_tasks():
             raise ConfigError(f"memprop.models: {self.name} has none of the heads memprop "
                               f"drives ({', '.join(TASKS)}); choose another model type")
+        else:   # "" means the architecture's default: record which, so rows name it
+            object.__setattr__(self, "task", self.supported_tasks()[0])
         default = transformers.AutoConfig.for_model(self.model_type)
         allowed = sorted(k for k in {*default.to_dict(), *default.attribute_map, *_CONFIG_KWARGS}
                          if not k.startswith("_"))
@@ -132,12 +135,8 @@ class HFConfig(ModelConfig):
                                   f"transformers config fields: {', '.join(allowed)}")
 
     def supported_tasks(self) -> list[str]:
-        return [t for t, (_, names) in TASKS.items()
-                if self.model_type in getattr(modeling_auto, names)]
-
-    @property
-    def resolved_task(self) -> str:
-        return self.task or self.supported_tasks()[0]
+        auto = _transformers().models.auto.modeling_auto
+        return [t for t, (_, names) in TASKS.items() if self.model_type in getattr(auto, names)]
 
     def fields(self) -> dict[str, Any]:
         """Workload and transformers fields in one flat dict: ``model_config(self.name,
@@ -146,6 +145,7 @@ class HFConfig(ModelConfig):
 
     def hf_config(self):
         """The transformers config: SMALL_DEFAULTS, the workload's sizes, the options."""
+        transformers = _transformers()
         default = transformers.AutoConfig.for_model(self.model_type)
         own = lambda key: default.attribute_map.get(key, key)  # noqa: E731
         set_by_user = {own(k) for k, _ in self.options}
@@ -154,18 +154,18 @@ class HFConfig(ModelConfig):
         values["num_labels"] = self.num_labels
         if _has_field(default, "image_size"):
             values["image_size"] = self.image_size
-        if self.resolved_task == "sequence-classification" and default.pad_token_id is None:
+        if self.task == "sequence-classification" and default.pad_token_id is None:
             values["pad_token_id"] = 0   # decoders find each row's last token by it
         values.update({own(k): v for k, v in self.options})
         return transformers.AutoConfig.for_model(self.model_type, **values)
 
     def _build(self) -> nn.Module:
-        auto = getattr(transformers, TASKS[self.resolved_task][0])
+        auto = getattr(_transformers(), TASKS[self.task][0])
         return auto.from_config(self.hf_config())
 
     def _batch(self, batch_size, gen, dtype) -> dict:
         config = self.hf_config()
-        task = self.resolved_task
+        task = self.task
         if task == "image-classification":
             channels = getattr(config, "num_channels", 3)
             return {"pixel_values": torch.randn(batch_size, channels, self.image_size,
@@ -230,6 +230,7 @@ _SKIP_TESTS = ("_ignore_causal_mask_sdpa", "_ignore_bidirectional_mask_sdpa")
 @contextlib.contextmanager
 def eager_masks(batch, *, all_ones: bool):
     """While a fake batch runs, transformers decides masks as eagerly (NOTE above)."""
+    masking_utils = sys.modules.get("transformers.masking_utils")
     fake = masking_utils is not None and any(
         isinstance(t, FakeTensor) for t in (batch.values() if isinstance(batch, dict) else ()))
     if not fake:
