@@ -315,3 +315,28 @@ def test_user_workload_with_token_ids(tmp_path, monkeypatch):
         if strategy == "none":
             assert m.saved_bytes == expected
     sys.modules.pop("tokenmodels", None)
+
+
+# -- the CLI and specs reach hf: configs -------------------------------------------------
+
+def test_cli_profile_and_spec_take_hf_models(tmp_path, capsys):
+    import json
+
+    from memprop.cli import main
+    from memprop.sweep import load_spec
+    assert main(["profile", "--model", "hf:gpt2", "--set", "n_layer=2", "--set", "n_embd=16",
+                 "--set", "seq_len=8", "--set", "pad=2", "--batch", "2", "--estimate",
+                 "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert (row["model"], row["cfg_n_layer"], row["cfg_task"]) == ("hf:gpt2", 2, "causal-lm")
+    assert row["predicted"] and row["saved_bytes"] > 0
+    spec = tmp_path / "hf.toml"
+    spec.write_text('name = "hf"\n[model]\nname = "hf:llama"\nnum_hidden_layers = 2\n'
+                    'seq_len = 8\n[grid]\nbatch = [2]\nstrategy = ["none", "sqrt"]\n')
+    trials = load_spec(spec).trials()
+    assert [t.config() for t in trials] == [model_config("hf:llama", num_hidden_layers=2,
+                                                         seq_len=8)] * 2
+    spec.write_text('name = "hf"\n[model]\nname = "hf:llama"\nnum_layers = 2\n'
+                    '[grid]\nbatch = [2]\n')
+    with pytest.raises(ConfigError, match="num_layers"):
+        load_spec(spec)

@@ -12,7 +12,7 @@ Workload fields (memprop's own; documented defaults):
                 else sequence-classification
     seq_len     tokens per example (64)
     pad         left-padded positions in every odd-numbered row of the example batch
-                (8): the attention mask has zeros there and labels are -100
+                (default seq_len // 8): the attention mask has zeros there, labels -100
     image_size  pixels per side of ``pixel_values`` for vision models (32)
     num_labels  classes of the classification tasks (2)
 Every other field is a transformers config field (``n_layer``, ``hidden_size``, ...),
@@ -57,6 +57,7 @@ TASKS = {
 SMALL_DEFAULTS = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
                   "intermediate_size": 128, "vocab_size": 512, "patch_size": 8}
 
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 _WORKLOAD = ("task", "seq_len", "pad", "image_size", "num_labels")
 _CONFIG_KWARGS = ("attn_implementation",)   # accepted by every config, not in to_dict()
 
@@ -92,7 +93,7 @@ class HFConfig(ModelConfig):
     model_type: str
     task: str = ""
     seq_len: int = 64
-    pad: int = 8
+    pad: int | None = None                      # None: seq_len // 8
     image_size: int = 32
     num_labels: int = 2
     options: tuple[tuple[str, Any], ...] = ()   # transformers config fields
@@ -112,6 +113,8 @@ class HFConfig(ModelConfig):
                                  else "") + "; write hf:<model_type>, e.g. hf:gpt2, hf:llama")
         for f in ("seq_len", "image_size"):
             self._int_at_least(f, 1)
+        if self.pad is None:
+            object.__setattr__(self, "pad", self.seq_len // 8)
         self._int_at_least("pad", 0)
         self._int_at_least("num_labels", 2)
         if self.pad >= self.seq_len:
@@ -157,6 +160,11 @@ class HFConfig(ModelConfig):
         if self.task == "sequence-classification" and default.pad_token_id is None:
             values["pad_token_id"] = 0   # decoders find each row's last token by it
         values.update({own(k): v for k, v in self.options})
+        vocab = values.get(own("vocab_size"))
+        for key in _TOKEN_IDS:     # special tokens of the full vocabulary, out of a tiny one
+            value = getattr(default, key, None)
+            if vocab and key not in set_by_user and isinstance(value, int) and value >= vocab:
+                values[key] = vocab - 1
         return transformers.AutoConfig.for_model(self.model_type, **values)
 
     def _build(self) -> nn.Module:

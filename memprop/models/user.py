@@ -32,6 +32,9 @@ from memprop.models.base import Batch, ModelConfig
 
 __all__ = ["UserModelConfig", "Workload", "load_factory"]
 
+_SHAPE_HINT = ("a factory returning an nn.Module needs --input-shape 3,32,32 (input_shape="
+               "(3, 32, 32) in Python or a spec); one returning a workload "
+               "(memprop.models.Workload) builds its own batches")
 _FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -126,13 +129,17 @@ class UserModelConfig(ModelConfig):
             self._fail("input_shape", "a non-empty tuple of positive integers, e.g. (3, 32, 32)")
 
     def _make(self):
-        return load_factory(self.factory)(**dict(self.kwargs))
+        try:
+            return load_factory(self.factory)(**dict(self.kwargs))
+        except TypeError as exc:       # wrong arguments for the factory
+            raise ConfigError(f"memprop.models: factory {self.factory!r} cannot be called with "
+                              f"{dict(self.kwargs)}: {exc}. Set its arguments with --set "
+                              f"(kwargs= in Python); {_SHAPE_HINT}") from exc
 
     def _need_shape(self) -> None:
         if not self.input_shape:
-            self._fail("input_shape", "a non-empty tuple of positive integers, e.g. (3, 32, 32), "
-                       "when the factory returns an nn.Module (or return a workload with "
-                       "its own batch builder: memprop.models.Workload)")
+            raise ConfigError(f"memprop.models: factory {self.factory!r} returned an nn.Module "
+                              f"and input_shape is empty; {_SHAPE_HINT}")
 
     def _build(self) -> nn.Module:
         made = self._make()
