@@ -99,16 +99,19 @@ def _same(a, b) -> bool:
 class _Call:
     """One call's arguments, with the hidden state's place: index 0, or a keyword."""
 
-    def __init__(self, args: tuple, kwargs: dict, slot):
-        self.args, self.kwargs, self.slot = args, kwargs, slot
+    def __init__(self, args: tuple, kwargs: dict, slot, params: tuple = ()):
+        self.args, self.kwargs, self.slot, self.params = args, kwargs, slot, params
 
     @classmethod
     def of(cls, forward, args, kwargs, name: str) -> "_Call":
+        try:
+            params = tuple(inspect.signature(forward).parameters)
+        except (TypeError, ValueError):   # no signature to read: positions stay unnamed
+            params = ()
         if args:
-            return cls(args, kwargs, 0)
-        params = list(inspect.signature(forward).parameters)
+            return cls(args, kwargs, 0, params)
         if params and params[0] in kwargs:
-            return cls(args, kwargs, params[0])
+            return cls(args, kwargs, params[0], params)
         raise StrategyError(f"memprop.checkpoint: {name} was called without a hidden-state "
                             f"argument a segment could chain; {_per_block_hint(name)}")
 
@@ -124,13 +127,14 @@ class _Call:
             return (f"its arguments differ ({len(args)} positional, keywords "
                     f"{sorted(kwargs)}; expected {len(want_args)} positional, keywords "
                     f"{sorted(want_kwargs)})")
-        named = [*((f"argument {i}", a, b) for i, (a, b) in enumerate(zip(args, want_args))),
+        named = [*((f"argument {i}" + (f" ({self.params[i]})" if i < len(self.params) else ""),
+                    a, b) for i, (a, b) in enumerate(zip(args, want_args))),
                  *((f"keyword {k!r}", kwargs[k], want_kwargs[k]) for k in kwargs)]
         for label, got, want in named:
             got_leaves, got_spec = tree_flatten(got)
             want_leaves, want_spec = tree_flatten(want)
             if got_spec != want_spec or not all(map(_same, got_leaves, want_leaves)):
-                hidden_slot = (label == "argument 0") if self.slot == 0 else (
+                hidden_slot = label.startswith("argument 0") if self.slot == 0 else (
                     label == f"keyword {self.slot!r}")
                 return ("the model's loop transformed the previous block's output before "
                         "passing it on" if hidden_slot else
@@ -235,7 +239,7 @@ class CheckpointedChain:
                     for i, t in zip(where, tensors):
                         filled[i] = t
                     a, kw = tree_unflatten(filled, spec)
-                    return run(_Call(a, kw, call.slot), recompute=calls[0] > 1)
+                    return run(_Call(a, kw, call.slot, call.params), recompute=calls[0] > 1)
 
                 options: dict[str, Any] = dict(use_reentrant=False, preserve_rng_state=True)
                 if context_fn is not None:

@@ -23,7 +23,10 @@ String forms (CLI and experiment specs):
     budget:SIZE     the planner's cheapest plan whose predicted peak fits SIZE (e.g. 2GiB)
 
 All strategies use non-reentrant checkpointing and preserve RNG state; see NOTE [ How a
-segment is checkpointed without changing the model ] in memprop.checkpoint.chain.
+segment is checkpointed without changing the model ] in memprop.checkpoint.chain. Blocks
+are found automatically, or named by class or predicate (NOTE [ How blocks are found ] in
+memprop.checkpoint.blocks); a strategy applies to each chain, and turns a model's KV cache
+off while applied (NOTE [ Checkpointing and KV caches ] in memprop.checkpoint.cache).
 """
 
 from __future__ import annotations

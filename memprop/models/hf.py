@@ -83,7 +83,8 @@ def hf_config(name: str, **fields) -> "HFConfig":
 
 
 def _has_field(config, key: str) -> bool:
-    return key in _CONFIG_KWARGS or key in config.attribute_map or key in config.to_dict() or hasattr(config, key)
+    return (key in _CONFIG_KWARGS or key in config.attribute_map or key in config.to_dict()
+            or hasattr(config, key))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -209,17 +210,21 @@ def _rows(batch: dict) -> int:
 
 
 # NOTE [ transformers masks on fake tensors ]
-#   transformers' masking_utils asks ``is_tracing(padding_mask)`` before reading the
-#   attention mask's values (can sdpa skip the mask and use is_causal? is every
-#   position attended?), and ``is_tracing`` is true for a FakeTensor. So on fake tensors
-#   it never skips: it materialises a mask the eager run on an unpadded batch never makes
-#   (Llama: +2.1 % stored bytes), and an estimate drifts from the measurement. Values
-#   cannot be read from a fake tensor, but the workload knows them: whether its attention
-#   mask is all ones. ``eager_masks`` makes masking_utils answer as eagerly, while a
-#   fake batch runs, and restores the module in ``finally``:
-#     * ``is_tracing`` ignores fake-ness (compile, jit, fx tracing still count);
-#     * the two skip tests get a real stand-in padding mask of the same shape, all ones
-#       or not as the batch's is (their answer depends only on that).
+#   Before building an attention mask, transformers' masking_utils asks whether sdpa can
+#   skip it (``_ignore_causal_mask_sdpa``: is every position attended, so is_causal
+#   does?; ``_ignore_bidirectional_mask_sdpa`` likewise). Both first ask
+#   ``is_tracing(padding_mask)``, which is true for a FakeTensor: on fake tensors the
+#   mask is never skipped, and an estimate on an unpadded batch materialises a mask the
+#   eager run never makes (+2.1 % stored bytes on the issue's Llama; +4.2 % on the
+#   2-layer default). A fake tensor's values cannot be read, but the workload knows the
+#   one fact these tests depend on: whether its attention mask is all ones. While a fake
+#   batch runs, ``eager_masks`` replaces the two tests in masking_utils with versions
+#   that ask the original a real stand-in mask of the same shape (all ones, or with a
+#   padded position, as the batch's is), and restores them in ``finally``. Residual:
+#   recurrent-attention models (mamba2, kimi-linear) trim their mask through
+#   ``create_recurrent_attention_mask``, imported into each model module; on fake
+#   tensors they keep a mask the eager run drops when the batch is unpadded (pad > 0,
+#   the default, pads half the rows and agrees).
 def _with_real_mask(original, all_ones: bool):
     def decide(padding_mask=None, *args, **kwargs):
         if isinstance(padding_mask, FakeTensor):
@@ -244,15 +249,11 @@ def eager_masks(batch, *, all_ones: bool):
     if not fake:
         yield
         return
-    names = ("is_tracing", *(n for n in _SKIP_TESTS if hasattr(masking_utils, n)))
-    saved = {n: getattr(masking_utils, n) for n in names}
-    is_tracing = saved["is_tracing"]
+    saved = {n: getattr(masking_utils, n) for n in _SKIP_TESTS if hasattr(masking_utils, n)}
     try:
-        masking_utils.is_tracing = lambda tensor=None: is_tracing(
-            None if isinstance(tensor, FakeTensor) else tensor)
-        for n in names[1:]:
-            setattr(masking_utils, n, _with_real_mask(saved[n], all_ones))
+        for name, original in saved.items():
+            setattr(masking_utils, name, _with_real_mask(original, all_ones))
         yield
     finally:
-        for n, fn in saved.items():
-            setattr(masking_utils, n, fn)
+        for name, original in saved.items():
+            setattr(masking_utils, name, original)
