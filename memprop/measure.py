@@ -252,7 +252,7 @@ def _as_found(model: nn.Module, strategy, batch, loss_fn):
         buffers = [(b, b.clone()) for b in model.buffers()]
     applied = hasattr(strategy, "apply")
     if applied:
-        strategy.apply(model, example_batch=batch)
+        strategy.apply(model, example_batch=batch, loss_fn=loss_fn)
     try:
         yield
     finally:

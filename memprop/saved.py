@@ -23,6 +23,12 @@ NOTE [ What counts as a stored intermediate ]
   * Under non-reentrant checkpointing, tensors saved inside a checkpointed region are
     packed by the checkpoint's own hooks; only the checkpoint's inputs reach an outer
     hook, and those are exactly what is retained. The same rule measures both modes.
+    ``torch.utils.checkpoint`` keeps its *keyword* arguments in a closure, past every
+    hook (transformers' own gradient checkpointing passes masks and rotary cos/sin so):
+    the graph walk (``add_root``) finds each checkpoint's frame and records the tensors
+    of its keyword arguments too (op ``checkpoint:kwargs``), so stored bytes count
+    everything a checkpoint keeps alive. (memprop's strategies pass every tensor
+    positionally: NOTE [ How a segment is checkpointed without changing the model ].)
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from typing import Iterable
 import pandas as pd
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from memprop._module_scope import ModuleScope
 
@@ -76,6 +83,18 @@ class _Packed:
 
     def __init__(self, tensor: torch.Tensor, record: SavedRecord):
         self.tensor, self.record = tensor, record
+
+
+def _closure(fn) -> dict:
+    """A function's closure variables by name (empty cells and non-functions: none)."""
+    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None) or ()
+    out = {}
+    for name, cell in zip(code.co_freevars if code else (), cells):
+        try:
+            out[name] = cell.cell_contents
+        except ValueError:     # an empty cell
+            pass
+    return out
 
 
 def storage_key(t: torch.Tensor) -> int:
@@ -144,6 +163,21 @@ class SavedTensorRecorder:
     def _unpack(packed: _Packed) -> torch.Tensor:
         return packed.tensor
 
+    def _record_checkpoint_kwargs(self, unpack_hook, frames: set) -> None:
+        """Record the tensors a non-reentrant checkpoint keeps in its closure (NOTE)."""
+        frame = _closure(unpack_hook).get("frame")
+        if frame is None or id(frame) in frames:
+            return
+        frames.add(id(frame))
+        cells = _closure(getattr(frame, "recompute_fn", None))
+        fn = cells.get("fn")          # a functools.partial carries keywords too (transformers)
+        kept = [cells.get("kwargs"), getattr(fn, "args", None), getattr(fn, "keywords", None)]
+        for t in tree_flatten(kept)[0]:
+            if isinstance(t, torch.Tensor):
+                record = self._pack(t).record
+                if record.op == "?":
+                    record.op = "checkpoint:kwargs"
+
     def __enter__(self) -> "SavedTensorRecorder":
         self._scope.__enter__()
         _STORE_OBSERVERS.append(self)
@@ -166,6 +200,7 @@ class SavedTensorRecorder:
         packed (their ``unpack_hook`` is ours); it unpacks nothing, so another hook's
         tensors (a checkpoint's, an offload's) are never recomputed or moved by it."""
         seen: set = set()
+        frames: set = set()
         stack = [r.grad_fn for r in roots if isinstance(r, torch.Tensor)]
         while stack:
             node = stack.pop()
@@ -181,8 +216,10 @@ class SavedTensorRecorder:
                 except RuntimeError:   # freed by an earlier backward
                     continue
                 for item in raw if isinstance(raw, (list, tuple)) else (raw,):
-                    packed = getattr(item, "data", None) if getattr(
-                        item, "unpack_hook", None) == self._unpack else None
+                    hook = getattr(item, "unpack_hook", None)
+                    if hook is not None and hook != self._unpack:
+                        self._record_checkpoint_kwargs(hook, frames)
+                    packed = getattr(item, "data", None) if hook == self._unpack else None
                     if isinstance(packed, _Packed):
                         record = packed.record
                         if record.op_seq is None or seq < record.op_seq:

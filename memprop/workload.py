@@ -61,7 +61,7 @@ def build_workload(config, batch_size: int, *, dtype=torch.float32, device="cpu"
     batch = config.example_batch(batch_size, dtype=dtype, device=device, seed=seed)
     strat = parse_strategy(strategy)
     if strat.spec != "none":
-        strat.apply(model, example_batch=batch)
+        strat.apply(model, example_batch=batch, loss_fn=config.loss)
     return model, batch
 
 

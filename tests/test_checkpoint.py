@@ -206,7 +206,8 @@ class UserNet(nn.Module):
         return x.sum() + aux
 
 
-@pytest.mark.parametrize("strategy", [Full(), EveryK(2), Blocks((0, 3))])
+@pytest.mark.parametrize("strategy", [Full(), EveryK(2), Blocks((0, 3)), Segments(2), Sqrt(),
+                                      Blocks(((1, 3),))])
 def test_user_model_with_kwargs_and_tuple_outputs(strategy):
     x = torch.randn(5, 8)
     results = []
@@ -223,12 +224,41 @@ def test_user_model_with_kwargs_and_tuple_outputs(strategy):
         assert torch.equal(a, b)
 
 
+class LoopWorkNet(UserNet):
+    """A loop that does work between blocks: the next block's input is not the previous
+    block's output, so a multi-block segment cannot replay it."""
+
+    def forward(self, x):
+        for layer in self.layers:
+            x, _ = layer(x, scale=0.5)
+            x = x * 2
+        return x.sum()
+
+
+class ExtraArgNet(UserNet):
+    """A loop passing each block a different keyword argument."""
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x, _ = layer(x, scale=0.5 + i)
+        return x.sum()
+
+
+@pytest.mark.parametrize("net_cls,problem", [(LoopWorkNet, "transformed the previous block"),
+                                             (ExtraArgNet, "keyword 'scale' is not the one")])
 @pytest.mark.parametrize("strategy", [Segments(2), Sqrt(), Blocks(((1, 3),))])
-def test_multi_block_segment_refuses_tuple_outputs(strategy):
-    net = UserNet()
+def test_multi_block_segment_raises_when_the_loop_is_not_a_plain_chain(net_cls, problem,
+                                                                         strategy):
+    net = net_cls()
     strategy.apply(net, blocks_attr="layers")
-    with pytest.raises(StrategyError, match="needs blocks that return one tensor"):
+    with pytest.raises(StrategyError, match=f"block 1 \\(KwargBlock\\).*{problem}.*per-block"):
         net(torch.randn(5, 8))
+    remove_strategy(net)
+    Full().apply(net, blocks_attr="layers")      # a per-block strategy is exact on it
+    x = torch.randn(5, 8)
+    checkpointed = net(x)
+    remove_strategy(net)
+    assert torch.equal(checkpointed, net(x))
 
 
 def test_sequential_and_missing_chain():
@@ -245,3 +275,55 @@ def test_offload_on_cpu_says_it_moves_nothing():
     model, _ = build_workload(model_config("mlp", depth=2, width=8, d_in=8), 2)
     with pytest.warns(UserWarning, match="offload on a CPU model moves nothing"):
         apply_strategy(model, "offload")
+
+
+class EncDec(nn.Module):
+    """Two chains of blocks (an encoder of 3, a decoder of 2) and a loop-free head."""
+
+    def __init__(self, w=8):
+        super().__init__()
+        self.encoder = nn.ModuleList(nn.Sequential(nn.Linear(w, w), nn.Tanh()) for _ in range(3))
+        self.decoder = nn.ModuleList(KwargBlock(w) for _ in range(2))
+        self.head = nn.Linear(w, 1)
+
+    def forward(self, x):
+        for block in self.encoder:
+            x = block(x)
+        for block in self.decoder:
+            x, _ = block(x, scale=2.0)
+        return self.head(x).sum()
+
+
+def test_every_chain_is_found_and_checkpointed():
+    from memprop.checkpoint import find_blocks, find_chains
+    net = EncDec()
+    assert find_chains(net) == [list(net.encoder), list(net.decoder)]
+    assert find_chains(net, blocks="KwargBlock") == [list(net.decoder)]
+    assert find_chains(net, blocks=KwargBlock) == [list(net.decoder)]
+    assert find_chains(net, check_fn=lambda m: m is net.encoder[1]) == [[net.encoder[1]]]
+    with pytest.raises(StrategyError, match=r"2 block chains \(encoder \(3 x Sequential\), "
+                                            r"decoder \(2 x KwargBlock\)\).*blocks_attr"):
+        find_blocks(net)
+    with pytest.raises(StrategyError, match="no module of EncDec matches blocks='Nope'"):
+        find_chains(net, blocks="Nope")
+    x = torch.randn(4, 8)
+    runs = []
+    for strategy in ("none", "full", "sqrt"):
+        torch.manual_seed(0)
+        model = EncDec()
+        apply_strategy(model, strategy)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
+                                                      lambda t: t):
+            out = model(x)
+        out.backward()
+        runs.append((out.detach(), [p.grad for p in model.parameters()], len(saved)))
+    for out, grads, _ in runs[1:]:
+        assert torch.equal(runs[0][0], out)
+        assert all(torch.equal(a, b) for a, b in zip(runs[0][1], grads))
+    # tensors reaching an outer hook. none: 3 per block (Linear's input and weight, tanh's
+    # output; the first Linear keeps no weight, its input needs no gradient) + the head's
+    # input and weight = 5·3 - 1 + 2. full: each of the 5 blocks of both
+    # chains keeps its input only, + 2. sqrt: encoder segment 0-1 keeps 1, block 2 plain
+    # 3; decoder block 0 checkpointed 1, block 1 plain 3; + 2
+    assert [saves for _, _, saves in runs] == [16, 7, 10]

@@ -94,8 +94,10 @@ def test_user_factory(tmp_path, monkeypatch):
     out = model(*batch[0])
     torch.testing.assert_close(loss, out.pow(2).mean())  # the synthetic objective
     assert model.module[0].out_features == 6
+    with pytest.raises(ConfigError, match="input_shape"):    # a bare module needs a shape
+        model_config("mymodels:tiny", input_shape=()).build()
     with pytest.raises(ConfigError, match="input_shape"):
-        model_config("mymodels:tiny", input_shape=())
+        model_config("mymodels:tiny", input_shape=(0,))
     with pytest.raises(ConfigError, match="has no callable 'nope'"):
         model_config("mymodels:nope", input_shape=(4,))
     sys.modules.pop("mymodels", None)

@@ -2,10 +2,11 @@
 
     from memprop.checkpoint import apply_strategy, remove_strategy, plan
     apply_strategy(model, "sqrt")                     # or Sqrt().apply(model)
+    apply_strategy(model, "full", blocks="LlamaDecoderLayer")   # blocks by class
     p = plan(model, batch, budget="1.5GiB"); p.apply(model)
 """
 
-from memprop.checkpoint.chain import CheckpointedChain, find_blocks
+from memprop.checkpoint.chain import CheckpointedChain, find_blocks, find_chains
 from memprop.checkpoint.strategies import (
     STRATEGY_FORMS, Blocks, Budget, EveryK, Full, NoCheckpoint, Offload, Segments,
     Selective, Sqrt, Strategy, applied_strategy, apply_strategy, parse_strategy,
@@ -14,5 +15,5 @@ from memprop.checkpoint.planner import Plan, plan
 
 __all__ = ["Strategy", "NoCheckpoint", "Full", "EveryK", "Segments", "Sqrt", "Blocks",
            "Selective", "Offload", "Budget", "parse_strategy", "apply_strategy",
-           "remove_strategy", "applied_strategy", "find_blocks", "CheckpointedChain",
-           "STRATEGY_FORMS", "plan", "Plan"]
+           "remove_strategy", "applied_strategy", "find_blocks", "find_chains",
+           "CheckpointedChain", "STRATEGY_FORMS", "plan", "Plan"]

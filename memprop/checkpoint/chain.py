@@ -1,4 +1,4 @@
-"""The block chain of a model, and checkpointed segments of it.
+"""Checkpointed segments of a chain of blocks.
 
 NOTE [ How a segment is checkpointed without changing the model ]
   A strategy decides which *segments* (runs of consecutive blocks ``i..j``) to
@@ -7,14 +7,27 @@ NOTE [ How a segment is checkpointed without changing the model ]
   checkpointed model loads a plain checkpoint and vice versa) and the model's own
   ``forward`` loop still drives execution:
     * block ``i``'s forward runs blocks ``i..j`` inside one non-reentrant
-      ``torch.utils.checkpoint.checkpoint`` (RNG state preserved, so dropout replays);
-    * blocks ``i+1..j`` hand back the segment's result when the loop calls them;
+      ``torch.utils.checkpoint.checkpoint`` (RNG state preserved, so dropout replays)
+      and returns block ``i``'s output;
+    * blocks ``i+1..j`` hand back their own outputs from that run when the loop calls
+      them;
     * while a segment runs (first time or recompute) each block runs its own forward,
       through ``__call__``, so module hooks still fire.
-  Inside a segment, block ``k+1`` receives block ``k``'s output and the keyword
-  arguments the segment was called with: a segment of several blocks needs blocks that
-  return one tensor (anything else raises ``StrategyError`` rather than silently losing
-  outputs). Single-block segments work with any signature, kwargs and non-tensor outputs.
+  Inside a segment block ``k+1`` is called with every positional and keyword argument
+  block ``i`` got, the first (the hidden state; by keyword if block ``i`` got it so)
+  replaced by block ``k``'s *hidden output*: the output itself if a tensor, else its
+  first element (a tuple, or a transformers ``ModelOutput``). That is an assumption
+  about the model's loop, so it is verified when the loop calls block ``k+1``: the
+  hidden state must be the very tensor object (identity) the segment passed on, every
+  other tensor argument the same object, every other argument equal, and the blocks
+  called in order. Anything else (the loop transforms the hidden state between blocks,
+  passes other arguments, skips a block) raises ``StrategyError`` naming the block;
+  nothing is ever silently computed from other inputs. Single-block segments make no
+  assumption and work with any signature, arguments and outputs.
+  Every tensor argument, positional, keyword or nested (a mask, rotary cos/sin), is
+  handed to ``checkpoint`` positionally, so the checkpoint saves it through autograd's
+  saved-tensor hooks and memprop's recorder counts what the checkpoint keeps alive
+  (NOTE [ What counts as a stored intermediate ], memprop.saved).
   A recompute re-runs BatchNorm in training mode, which would update its running
   statistics a second time; they are snapshot before and restored after the recompute,
   so one checkpointed step leaves them exactly as one plain step does.
@@ -22,17 +35,20 @@ NOTE [ How a segment is checkpointed without changing the model ]
 
 from __future__ import annotations
 
+import inspect
 import threading
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
+from memprop.checkpoint.blocks import find_blocks, find_chains
 from memprop.errors import StrategyError
 
-__all__ = ["find_blocks", "CheckpointedChain"]
+__all__ = ["find_blocks", "find_chains", "CheckpointedChain"]
 
 _state = threading.local()   # .depth > 0 while a segment's blocks run
 
@@ -41,43 +57,89 @@ def _inside_segment() -> bool:
     return getattr(_state, "depth", 0) > 0
 
 
-def find_blocks(model: nn.Module, attr: str | None = None) -> list[nn.Module]:
-    """The chain of blocks checkpointing segments: ``model.<attr>`` if given, else
-    ``model.blocks_attr`` / ``model.blocks`` (the zoo), else the model itself if it is an
-    ``nn.Sequential``."""
-    attr = attr or getattr(model, "blocks_attr", None) or (
-        "blocks" if isinstance(getattr(model, "blocks", None), (nn.ModuleList, nn.Sequential))
-        else None)
-    if attr:
-        target = model
-        for part in attr.split("."):
-            target = getattr(target, part, None)
-        if not isinstance(target, (nn.ModuleList, nn.Sequential)) or len(target) == 0:
-            raise StrategyError(f"memprop.checkpoint: {type(model).__name__}.{attr} is not a "
-                                "non-empty nn.ModuleList or nn.Sequential of blocks; name the "
-                                "attribute that holds the chain")
-        return list(target)
-    if isinstance(model, nn.Sequential):
-        return list(model)
-    raise StrategyError(
-        f"memprop.checkpoint: cannot find the block chain of {type(model).__name__}; it has no "
-        "'blocks' ModuleList and is not an nn.Sequential. Name the attribute holding its "
-        "ModuleList of blocks: blocks_attr='layers' in Python, --blocks-attr layers on the "
-        "command line, blocks_attr = \"layers\" in a spec's [model]")
-
-
 def _running(bn) -> list[torch.Tensor]:
     return [t for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)
             if t is not None]
 
 
-def _check_chainable(output, seg) -> None:
-    if len(seg) > 1 and not isinstance(output, torch.Tensor):
-        raise StrategyError(
-            f"memprop.checkpoint: a segment of {len(seg)} blocks needs blocks that return "
-            f"one tensor (the next block's input), but a {type(seg[0]).__name__} block "
-            f"returned {type(output).__name__}; use a per-block strategy (full, every:K, "
-            "blocks:i,j) for this model")
+def _per_block_hint(name: str) -> str:
+    return (f"checkpoint {name} with a per-block strategy instead (full, every:K, "
+            "blocks:i,j, selective)")
+
+
+def _hidden(output, name: str) -> torch.Tensor:
+    """The tensor a block's output hands the next block (NOTE above)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    first = None
+    if isinstance(output, (tuple, list)) and output:
+        first = output[0]
+    elif hasattr(output, "to_tuple") and len(output):    # transformers ModelOutput
+        first = output[0]
+    if isinstance(first, torch.Tensor):
+        return first
+    raise StrategyError(
+        f"memprop.checkpoint: a multi-block segment passes each block's output to the next "
+        f"block, but {name} returned {type(output).__name__}, which has no hidden-state "
+        f"tensor first; {_per_block_hint('this model')}")
+
+
+def _same(a, b) -> bool:
+    """Tensors: the same object. Anything else: equal (NOTE above)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
+    if a is b:
+        return True
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:   # noqa: BLE001 - an __eq__ that cannot answer counts as different
+        return False
+
+
+class _Call:
+    """One call's arguments, with the hidden state's place: index 0, or a keyword."""
+
+    def __init__(self, args: tuple, kwargs: dict, slot, params: tuple = ()):
+        self.args, self.kwargs, self.slot, self.params = args, kwargs, slot, params
+
+    @classmethod
+    def of(cls, forward, args, kwargs, name: str) -> "_Call":
+        try:
+            params = tuple(inspect.signature(forward).parameters)
+        except (TypeError, ValueError):   # no signature to read: positions stay unnamed
+            params = ()
+        if args:
+            return cls(args, kwargs, 0, params)
+        if params and params[0] in kwargs:
+            return cls(args, kwargs, params[0], params)
+        raise StrategyError(f"memprop.checkpoint: {name} was called without a hidden-state "
+                            f"argument a segment could chain; {_per_block_hint(name)}")
+
+    def with_hidden(self, hidden) -> tuple[tuple, dict]:
+        if self.slot == 0:
+            return (hidden, *self.args[1:]), self.kwargs
+        return self.args, {**self.kwargs, self.slot: hidden}
+
+    def mismatch(self, args, kwargs, hidden) -> str | None:
+        """What differs between this call with ``hidden`` and the loop's actual call."""
+        want_args, want_kwargs = self.with_hidden(hidden)
+        if len(args) != len(want_args) or set(kwargs) != set(want_kwargs):
+            return (f"its arguments differ ({len(args)} positional, keywords "
+                    f"{sorted(kwargs)}; expected {len(want_args)} positional, keywords "
+                    f"{sorted(want_kwargs)})")
+        named = [*((f"argument {i}" + (f" ({self.params[i]})" if i < len(self.params) else ""),
+                    a, b) for i, (a, b) in enumerate(zip(args, want_args))),
+                 *((f"keyword {k!r}", kwargs[k], want_kwargs[k]) for k in kwargs)]
+        for label, got, want in named:
+            got_leaves, got_spec = tree_flatten(got)
+            want_leaves, want_spec = tree_flatten(want)
+            if got_spec != want_spec or not all(map(_same, got_leaves, want_leaves)):
+                hidden_slot = label.startswith("argument 0") if self.slot == 0 else (
+                    label == f"keyword {self.slot!r}")
+                return ("the model's loop transformed the previous block's output before "
+                        "passing it on" if hidden_slot else
+                        f"its {label} is not the one the segment's first block received")
+        return None
 
 
 class CheckpointedChain:
@@ -94,10 +156,12 @@ class CheckpointedChain:
     def apply(self) -> "CheckpointedChain":
         for first, last in self.segments:
             seg = self.blocks[first:last + 1]
-            box: dict = {}  # the segment's latest output, handed back by blocks first+1..last
-            self._patch(seg[0], self._segment_forward(seg, box))
-            for block in seg[1:]:
-                self._patch(block, self._pass_through(block, box, last=block is seg[-1]))
+            names = [f"block {k} ({type(b).__name__})" for k, b in
+                     zip(range(first, last + 1), seg)]
+            box: dict = {}  # the segment's outputs and call, for blocks first+1..last
+            self._patch(seg[0], self._segment_forward(seg, names, box))
+            for p in range(1, len(seg)):
+                self._patch(seg[p], self._pass_through(seg[p], p, names, box))
         return self
 
     def remove(self) -> None:
@@ -122,13 +186,13 @@ class CheckpointedChain:
         orig = block.__dict__.get("_memprop_forward")
         return orig if orig is not None else type(block).forward.__get__(block)
 
-    def _segment_forward(self, seg: list[nn.Module], box: dict):
+    def _segment_forward(self, seg: list[nn.Module], names: list[str], box: dict):
         context_fn = self.context_fn
         first_original = self._original(seg[0])
         norms = [m for b in seg for m in b.modules()
                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
-        def run(*args, recompute: bool, **kwargs):
+        def run(call: _Call, *, recompute: bool) -> tuple:
             # a recompute must not update BatchNorm's running statistics a second time:
             # snapshot them and put them back (the kernel path, and so the saved tensors
             # checkpoint compares, stay exactly those of the first pass)
@@ -138,12 +202,11 @@ class CheckpointedChain:
                             if bn.training] if recompute else []
             _state.depth = getattr(_state, "depth", 0) + 1
             try:
-                out = seg[0](*args, **kwargs)
-                for block in seg[1:]:
-                    _check_chainable(out, seg)
-                    out = block(out, **kwargs)
-                _check_chainable(out, seg)
-                return out
+                outs = [seg[0](*call.args, **call.kwargs)]
+                for p, block in enumerate(seg[1:], start=1):
+                    args, kwargs = call.with_hidden(_hidden(outs[-1], names[p - 1]))
+                    outs.append(block(*args, **kwargs))
+                return tuple(outs)
             finally:
                 _state.depth -= 1
                 with torch.no_grad(), _disable_current_modes():
@@ -154,29 +217,62 @@ class CheckpointedChain:
         def forward(*args, **kwargs):
             if _inside_segment():            # called from inside a running segment
                 return first_original(*args, **kwargs)
+            if box.get("next") is not None:
+                raise StrategyError(
+                    f"memprop.checkpoint: the model's loop did not call {names[box['next']]} "
+                    f"after {names[box['next'] - 1]} (a checkpointed segment runs them "
+                    f"together); {_per_block_hint(names[0])}")
+            call = _Call.of(first_original, args, kwargs, names[0]) if len(seg) > 1 \
+                else _Call(args, kwargs, 0)
             if not torch.is_grad_enabled():  # inference: nothing to save or recompute
-                out = run(*args, recompute=False, **kwargs)
+                outs = run(call, recompute=False)
             else:
+                # every tensor argument goes to checkpoint positionally, so it is saved
+                # through the saved-tensor hooks (NOTE above); the rest rides along
+                leaves, spec = tree_flatten((args, kwargs))
+                where = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
                 calls = [0]                  # 1st call: the forward pass; later: recomputes
 
-                def segment(*a, **kw):
+                def segment(*tensors):
                     calls[0] += 1
-                    return run(*a, recompute=calls[0] > 1, **kw)
+                    filled = list(leaves)
+                    for i, t in zip(where, tensors):
+                        filled[i] = t
+                    a, kw = tree_unflatten(filled, spec)
+                    return run(_Call(a, kw, call.slot, call.params), recompute=calls[0] > 1)
 
-                options = dict(use_reentrant=False, preserve_rng_state=True)
+                options: dict[str, Any] = dict(use_reentrant=False, preserve_rng_state=True)
                 if context_fn is not None:
                     options["context_fn"] = context_fn
-                out = checkpoint(segment, *args, **options, **kwargs)
+                outs = checkpoint(segment, *(leaves[i] for i in where), **options)
             if len(seg) > 1:
-                box["out"] = out
-            return out
+                box.update(outs=outs, next=1, call=call)
+            return outs[0]
         return forward
 
-    def _pass_through(self, block: nn.Module, box: dict, *, last: bool):
+    def _pass_through(self, block: nn.Module, p: int, names: list[str], box: dict):
         original = self._original(block)
+        last = p == len(names) - 1
 
         def forward(*args, **kwargs):
             if _inside_segment():
                 return original(*args, **kwargs)
-            return box.pop("out") if last else box["out"]
+            if box.get("next") != p:
+                raise StrategyError(
+                    f"memprop.checkpoint: the model called {names[p]} out of the order of "
+                    f"its checkpointed segment ({names[0]} .. {names[-1]}); "
+                    f"{_per_block_hint(names[0])}")
+            problem = box["call"].mismatch(args, kwargs, _hidden(box["outs"][p - 1], names[p - 1]))
+            if problem:
+                box.clear()
+                raise StrategyError(
+                    f"memprop.checkpoint: {names[p]} is in a segment with {names[p - 1]}, but "
+                    f"when the model called it {problem}: the segment cannot replay what the "
+                    f"model computes; {_per_block_hint(names[0] + ' .. ' + names[-1])}")
+            out = box["outs"][p]
+            if last:
+                box.clear()
+            else:
+                box["next"] = p + 1
+            return out
         return forward

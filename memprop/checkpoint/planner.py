@@ -32,6 +32,9 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from torch.utils._pytree import tree_flatten
+
+from memprop.checkpoint.cache import cache_off
 from memprop.checkpoint.chain import CheckpointedChain, find_blocks
 from memprop.checkpoint.dp import ChainCosts, min_peak, model_peak, segments_of, solve
 from memprop.errors import BudgetError
@@ -51,11 +54,11 @@ def _first_tensor(value):
     return None
 
 
-def profile_chain(model: nn.Module, batch, *, blocks_attr=None,
+def profile_chain(model: nn.Module, batch, *, blocks_attr=None, blocks=None, check_fn=None,
                   loss_fn=training_loss) -> tuple[ChainCosts, pd.DataFrame]:
     """One forward of ``model`` (real or fake), recording per block what the cost model
     needs. Returns the ``ChainCosts`` and a per-block table (bytes, FLOPs)."""
-    blocks = find_blocks(model, blocks_attr)
+    blocks = find_blocks(model, blocks_attr, blocks=blocks, check_fn=check_fn)
     index = {id(b): k for k, b in enumerate(blocks)}
     n = len(blocks)
     skip = storage_keys([*model.parameters(), *model.buffers()])
@@ -102,7 +105,7 @@ def profile_chain(model: nn.Module, batch, *, blocks_attr=None,
 
     boundary = [ins[0]] + outs             # t[0..n]
     outside = set(saves["pre"]) | set(saves["post"]) | storage_keys(
-        t for t in batch[0] if isinstance(t, torch.Tensor))
+        tree_flatten(batch)[0])
     boundary_keys = {key for key, _ in boundary}
     costs = ChainCosts(
         t=tuple(nbytes for _, nbytes in boundary),
@@ -148,8 +151,8 @@ def _block_times_ms(model, batch, blocks, *, repeats=3, loss_fn=training_loss) -
     return [sorted(times[id(b)])[len(times[id(b)]) // 2] for b in blocks]
 
 
-def simulate(model: nn.Module, batch, segments, *, blocks_attr=None, optimizer="sgd",
-             loss_fn=training_loss):
+def simulate(model: nn.Module, batch, segments, *, blocks_attr=None, blocks=None,
+             check_fn=None, optimizer="sgd", loss_fn=training_loss):
     """A predicted ``Measurement`` of one step with ``segments`` checkpointed, run on
     fake tensors (the model itself if already fake, else a fake copy)."""
     from memprop.measure import measure_step
@@ -161,11 +164,14 @@ def simulate(model: nn.Module, batch, segments, *, blocks_attr=None, optimizer="
     else:
         target, target_batch = model, batch
     with mode:
-        chain = CheckpointedChain(find_blocks(target, blocks_attr), list(segments)).apply()
+        chain = CheckpointedChain(find_blocks(target, blocks_attr, blocks=blocks,
+                                              check_fn=check_fn), list(segments)).apply()
+        restore_cache = cache_off(target, warn=False) if segments else (lambda: None)
         try:
             return measure_step(target, target_batch, optimizer=optimizer, loss_fn=loss_fn,
                                 timing=False, inference=False, predicted=True)
         finally:
+            restore_cache()
             chain.remove()
 
 
@@ -196,8 +202,10 @@ class Plan:
     def spec(self) -> str:
         return self.strategy.spec
 
-    def apply(self, model: nn.Module, *, blocks_attr=None) -> nn.Module:
-        return self.strategy.apply(model, blocks_attr=blocks_attr)
+    def apply(self, model: nn.Module, *, blocks_attr=None, blocks=None,
+              check_fn=None) -> nn.Module:
+        return self.strategy.apply(model, blocks_attr=blocks_attr, blocks=blocks,
+                                   check_fn=check_fn)
 
     def describe(self) -> str:
         n_ckpt = sum(b - a + 1 for a, b in self.segments)
@@ -217,23 +225,38 @@ class Plan:
         return "\n".join(lines)
 
 
-def plan(model: nn.Module, batch, budget, *, blocks_attr=None, optimizer="sgd",
-         loss_fn=training_loss, max_rounds: int = 8) -> Plan:
+def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, check_fn=None,
+         optimizer="sgd", loss_fn=training_loss, max_rounds: int = 8) -> Plan:
     """The placement with the least recompute FLOPs whose simulated peak fits ``budget``
     (bytes or a size string). Raises ``BudgetError`` stating the smallest feasible
-    budget when none fits."""
-    budget_bytes = parse_size(budget)
+    budget when none fits.
+
+    ``batch`` may have any structure: ``loss_fn(model, batch)`` is the step's loss
+    (default: the zoo's ``(inputs, targets)`` and ``model.objective``). The model's KV
+    cache is off while planning, as under the plan (NOTE [ Checkpointing and KV caches ])."""
+    restore_cache = cache_off(model, warn=False)
+    try:
+        return _plan(model, batch, parse_size(budget), blocks_attr=blocks_attr,
+                     select=dict(blocks=blocks, check_fn=check_fn), optimizer=optimizer,
+                     loss_fn=loss_fn, max_rounds=max_rounds)
+    finally:
+        restore_cache()
+
+
+def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn,
+          max_rounds) -> Plan:
     mode = fake_mode_of(model)
     with (mode if mode is not None else contextlib.nullcontext()):
-        costs, table = profile_chain(model, batch, blocks_attr=blocks_attr, loss_fn=loss_fn)
+        costs, table = profile_chain(model, batch, blocks_attr=blocks_attr, **select,
+                                     loss_fn=loss_fn)
     sim = lambda segs: simulate(model, batch, segs, blocks_attr=blocks_attr,  # noqa: E731
-                                optimizer=optimizer, loss_fn=loss_fn)
+                                **select, optimizer=optimizer, loss_fn=loss_fn)
     plain = sim([])
     overhead = plain.peak_bytes - model_peak(costs, ("S",) * costs.n)[0]
     ms = None
     if mode is None:
-        blocks = find_blocks(model, blocks_attr)
-        ms = _block_times_ms(model, batch, blocks, loss_fn=loss_fn)
+        ms = _block_times_ms(model, batch, find_blocks(model, blocks_attr, **select),
+                             loss_fn=loss_fn)
         table["forward_ms"] = ms
 
     def make_plan(segments, result) -> Plan:

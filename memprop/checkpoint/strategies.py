@@ -23,7 +23,10 @@ String forms (CLI and experiment specs):
     budget:SIZE     the planner's cheapest plan whose predicted peak fits SIZE (e.g. 2GiB)
 
 All strategies use non-reentrant checkpointing and preserve RNG state; see NOTE [ How a
-segment is checkpointed without changing the model ] in memprop.checkpoint.chain.
+segment is checkpointed without changing the model ] in memprop.checkpoint.chain. Blocks
+are found automatically, or named by class or predicate (NOTE [ How blocks are found ] in
+memprop.checkpoint.blocks); a strategy applies to each chain, and turns a model's KV cache
+off while applied (NOTE [ Checkpointing and KV caches ] in memprop.checkpoint.cache).
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ import warnings
 import torch
 from torch import nn
 
-from memprop.checkpoint.chain import CheckpointedChain, find_blocks
+from memprop.checkpoint.cache import cache_off as _cache_off
+from memprop.checkpoint.chain import CheckpointedChain, find_blocks, find_chains
 from memprop.checkpoint.selective import selective_context_fn
 from memprop.errors import StrategyError
 from memprop.units import parse_size
@@ -61,28 +65,53 @@ class Strategy:
 
     context_fn = None
 
-    def apply(self, model: nn.Module, *, blocks_attr: str | None = None,
-              example_batch=None) -> nn.Module:
-        """Checkpoint ``model`` in place (``state_dict`` keys unchanged); returns it."""
+    def apply(self, model: nn.Module, *, blocks_attr: str | None = None, blocks=None,
+              check_fn=None, example_batch=None, loss_fn=None) -> nn.Module:
+        """Checkpoint ``model`` in place (``state_dict`` keys unchanged); returns it.
+
+        Blocks: NOTE [ How blocks are found ] (memprop.checkpoint.blocks); the strategy
+        applies to each chain. ``example_batch`` and ``loss_fn`` serve ``budget:SIZE``."""
         if _APPLIED in model.__dict__:
             raise StrategyError(f"memprop.checkpoint: {type(model).__name__} already has "
                                 f"strategy {model.__dict__[_APPLIED][0]} applied; call "
                                 "remove_strategy(model) first")
-        segments = self.segments_for(model, blocks_attr=blocks_attr,
-                                     example_batch=example_batch)
-        blocks = find_blocks(model, blocks_attr) if segments else []
-        chain = CheckpointedChain(blocks, segments, context_fn=self.context_fn).apply()
-        model.__dict__[_APPLIED] = (self, chain.remove)
+        select = dict(blocks=blocks, check_fn=check_fn)
+        plan_for = self._planned(model, blocks_attr, select, example_batch, loss_fn)
+        chains = find_chains(model, blocks_attr, **select) if plan_for or type(
+            self).segments is not Strategy.segments else []
+        applied = []
+        for chain in chains:
+            segments = plan_for if plan_for is not None else self.segments(len(chain))
+            if segments:
+                applied.append(CheckpointedChain(chain, segments,
+                                                 context_fn=self.context_fn).apply())
+        restore_cache = _cache_off(model) if applied else (lambda: None)
+
+        def undo():
+            for chain in applied:
+                chain.remove()
+            restore_cache()
+        model.__dict__[_APPLIED] = (self, undo)
         return model
 
     def remove(self, model: nn.Module) -> nn.Module:
         """Undo ``apply``: the model runs plainly again."""
         return remove_strategy(model)
 
-    def segments_for(self, model, *, blocks_attr=None, example_batch=None):
+    def _planned(self, model, blocks_attr, select, example_batch, loss_fn):
+        """Segments chosen from a profile of the model (``budget:SIZE``), else None."""
+        return None
+
+    def segments_for(self, model, *, blocks_attr=None, blocks=None, check_fn=None,
+                     example_batch=None, loss_fn=None) -> list[tuple[int, int]]:
+        """The segments this strategy checkpoints on ``model``'s one chain."""
+        select = dict(blocks=blocks, check_fn=check_fn)
+        planned = self._planned(model, blocks_attr, select, example_batch, loss_fn)
+        if planned is not None:
+            return planned
         if type(self).segments is Strategy.segments:
             return []
-        return self.segments(len(find_blocks(model, blocks_attr)))
+        return self.segments(len(find_blocks(model, blocks_attr, **select)))
 
     def __str__(self) -> str:
         return self.spec
@@ -198,7 +227,8 @@ class Selective(Strategy):
 class Offload(Strategy):
     spec = "offload"
 
-    def apply(self, model, *, blocks_attr=None, example_batch=None):
+    def apply(self, model, *, blocks_attr=None, blocks=None, check_fn=None,
+              example_batch=None, loss_fn=None):
         if _APPLIED in model.__dict__:
             raise StrategyError("memprop.checkpoint: a strategy is already applied; call "
                                 "remove_strategy(model) first")
@@ -236,12 +266,15 @@ class Budget(Strategy):
         from memprop.units import format_bytes
         return f"budget:{format_bytes(self.budget_bytes).replace(' ', '')}"
 
-    def segments_for(self, model, *, blocks_attr=None, example_batch=None):
+    def _planned(self, model, blocks_attr, select, example_batch, loss_fn):
         if example_batch is None:
             raise StrategyError("memprop.checkpoint: budget:SIZE plans from a profile of one "
-                                "step; pass example_batch=(inputs, targets) to apply()")
+                                "step; pass example_batch= (and loss_fn= for a batch that is "
+                                "not the zoo's (inputs, targets)) to apply()")
         from memprop.checkpoint.planner import plan
-        return plan(model, example_batch, self.budget_bytes, blocks_attr=blocks_attr).segments
+        kwargs = {"loss_fn": loss_fn} if loss_fn is not None else {}
+        return plan(model, example_batch, self.budget_bytes, blocks_attr=blocks_attr,
+                    **select, **kwargs).segments
 
 
 def remove_strategy(model: nn.Module) -> nn.Module:
@@ -291,8 +324,14 @@ def parse_strategy(text: str | Strategy | None) -> Strategy:
 
 
 def apply_strategy(model: nn.Module, strategy, *, blocks_attr: str | None = None,
-                   example_batch=None) -> Strategy:
-    """Parse (if a string) and apply ``strategy`` to ``model``; returns the Strategy."""
+                   blocks=None, check_fn=None, example_batch=None, loss_fn=None) -> Strategy:
+    """Parse (if a string) and apply ``strategy`` to ``model``; returns the Strategy.
+
+    ``blocks`` (a class or class name) or ``check_fn`` (a predicate) name the blocks;
+    by default they are found (NOTE [ How blocks are found ], memprop.checkpoint.blocks).
+    ``budget:SIZE`` profiles one step: ``example_batch`` and its ``loss_fn(model, batch)``
+    (default: the zoo's ``(inputs, targets)`` and ``model.objective``)."""
     strat = parse_strategy(strategy)
-    strat.apply(model, blocks_attr=blocks_attr, example_batch=example_batch)
+    strat.apply(model, blocks_attr=blocks_attr, blocks=blocks, check_fn=check_fn,
+                example_batch=example_batch, loss_fn=loss_fn)
     return strat

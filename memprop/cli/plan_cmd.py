@@ -32,12 +32,13 @@ def gather_plan(config, batch_size: int, budget, *, dtype, optimizer="sgd",
     n = len(find_blocks(model))
     rows, plain = [], None
     for spec in compare:
-        m = simulate(model, batch, parse_strategy(spec).segments_for(model), optimizer=optimizer)
+        m = simulate(model, batch, parse_strategy(spec).segments_for(model), optimizer=optimizer,
+                     loss_fn=config.loss)
         plain = plain or m
         rows.append(dict(strategy=spec, peak_bytes=m.peak_bytes, saved_bytes=m.saved_bytes,
                          recompute_flops=m.backward_flops - plain.backward_flops))
     try:
-        result = plan(model, batch, budget_bytes, optimizer=optimizer)
+        result = plan(model, batch, budget_bytes, optimizer=optimizer, loss_fn=config.loss)
         rows.append(dict(strategy=f"plan: {result.spec}", peak_bytes=result.predicted_peak_bytes,
                          saved_bytes=result.predicted_saved_bytes,
                          recompute_flops=result.recompute_flops))

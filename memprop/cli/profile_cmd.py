@@ -35,12 +35,9 @@ def config_from_args(args):
     from memprop.models import model_config
 
     fields = parse_assignments(args.set)
-    if ":" in args.model:
-        if not args.input_shape:
-            raise ConfigError("memprop profile: a factory model needs --input-shape, "
-                              "e.g. --input-shape 3,32,32")
-        try:
-            shape = tuple(int(n) for n in args.input_shape.split(","))
+    if ":" in args.model and not args.model.startswith("hf:"):
+        try:   # a factory returning a workload builds its own batch: no shape needed
+            shape = tuple(int(n) for n in (args.input_shape or "").split(",") if n.strip())
         except ValueError:
             raise ConfigError(f"memprop profile: --input-shape {args.input_shape!r} is not "
                               "a comma-separated list of integers, e.g. 3,32,32") from None

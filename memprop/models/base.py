@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from memprop.errors import ConfigError
 
@@ -132,9 +133,8 @@ class ModelConfig:
             raise ConfigError(f"memprop.models: batch size {batch_size!r} is not allowed; "
                               "it must be an integer >= 1")
         gen = torch.Generator().manual_seed(seed)
-        inputs, targets = self._batch(batch_size, gen, dtype)
         move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
-        return tuple(move(t) for t in inputs), move(targets)
+        return tree_map(move, self._batch(batch_size, gen, dtype))
 
     def _batch(self, batch_size: int, gen: torch.Generator, dtype: torch.dtype) -> Batch:
         raise NotImplementedError  # pragma: no cover

@@ -1,0 +1,375 @@
+"""transformers models (``hf:`` and built directly) and user workloads: stored bytes
+against an independent count, estimate equal to measurement to the byte, checkpointing
+bitwise equal to the plain step on left-padded batches, and transformers' own
+checkpointing as the reference peak. Tiny random-weight configs, nothing downloaded."""
+
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+from memprop import estimate, measure, model_config  # noqa: E402
+from memprop.checkpoint import apply_strategy, find_blocks, remove_strategy  # noqa: E402
+from memprop.checkpoint.planner import simulate  # noqa: E402
+from memprop.checkpoint.blocks import find_chains  # noqa: E402
+from memprop.errors import ConfigError, StrategyError  # noqa: E402
+from memprop.measure import measure_step  # noqa: E402
+from memprop.saved import SavedTensorRecorder  # noqa: E402
+from memprop.tracker import LiveMemoryTracker  # noqa: E402
+
+# 3 blocks, so sqrt makes a 2-block segment (the case that used to drop GPT-2's mask).
+# No KV cache: a plain step with one computes K/V through the cache's concatenation, and
+# its gradients may differ from the cache-free step in the last bit; checkpointing turns
+# the cache off (NOTE [ Checkpointing and KV caches ]), so the cache-free plain step is
+# the exact reference.
+TINY = dict(num_hidden_layers=3, hidden_size=32, vocab_size=128, seq_len=16, pad=4,
+            use_cache=False)
+ARCHS = ["gpt2", "llama", "bert"]
+BATCH = 4                      # rows 1 and 3 are left-padded by 4 positions
+
+
+def hf(arch, **fields):
+    return model_config(f"hf:{arch}", **{**TINY, **fields})
+
+
+def quiet_apply(model, strategy, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")       # the KV-cache notice
+        return apply_strategy(model, strategy, **kwargs)
+
+
+def independent_saved_bytes(model, run) -> int:
+    """Storages reaching a saved_tensors_hooks pack hook during ``run()``, each once (by
+    data pointer, tensors held so no address is reused), parameters and buffers apart."""
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    kept, sizes = [], {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            sizes[storage.data_ptr()] = storage.nbytes()
+            kept.append(t)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = run()
+    del loss
+    return sum(sizes.values())
+
+
+def step(cfg, strategy, **apply_kwargs):
+    """Loss and gradients of one forward + backward (dropout seeded alike)."""
+    model, batch = cfg.build(), cfg.example_batch(BATCH)
+    model.train()
+    if strategy != "none":
+        quiet_apply(model, strategy, **apply_kwargs)
+    torch.manual_seed(7)
+    loss = cfg.loss(model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+# -- hf: configs -------------------------------------------------------------------------
+
+def test_hf_config_is_tiny_offline_and_validated():
+    cfg = hf("gpt2", n_embd=16)
+    assert cfg.name == "hf:gpt2" and cfg.task == "causal-lm"
+    model = cfg.build()
+    assert (model.config.n_layer, model.config.n_embd, model.config.vocab_size) == (3, 16, 128)
+    assert model_config("hf:llama").build().config.num_hidden_layers == 2   # SMALL_DEFAULTS
+    assert hf("bert").task == "masked-lm" and hf("llama").task == "causal-lm"
+    # fields round-trip through result rows
+    assert model_config(cfg.name, **cfg.fields()) == cfg
+    batch = cfg.example_batch(BATCH)
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert batch["attention_mask"].sum(1).tolist() == [16, 12, 16, 12]   # left-padded rows
+    assert (batch["attention_mask"][1, :4] == 0).all()
+    assert (batch["labels"][1, :4] == -100).all() and (batch["labels"][0] >= 0).all()
+    a, b = cfg.build(seed=3), cfg.build(seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    with pytest.raises(ConfigError, match="hf:gpt2 has no field 'n_layers' \\(did you mean "
+                                          "'n_layer'\\?\\)"):
+        model_config("hf:gpt2", n_layers=2)
+    with pytest.raises(ConfigError, match="no model type 'lama'.*'llama'"):
+        model_config("hf:lama")
+    with pytest.raises(ConfigError, match="pad = 40 is not allowed"):
+        model_config("hf:gpt2", seq_len=16, pad=40)
+
+
+def test_hf_without_transformers_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)   # import fails
+    with pytest.raises(ConfigError, match=r"pip install memprop\[hf\]"):
+        model_config("hf:gpt2")
+
+
+def test_vision_and_classification_tasks_run():
+    vit = model_config("hf:vit", image_size=16, patch_size=8)
+    batch = vit.example_batch(2)
+    assert batch["pixel_values"].shape == (2, 3, 16, 16)
+    assert torch.isfinite(vit.loss(vit.build(), batch))
+    cls = hf("llama", task="sequence-classification", num_labels=3)
+    out = cls.forward(cls.build(), cls.example_batch(BATCH))
+    assert out.logits.shape == (BATCH, 3)
+
+
+# -- stored bytes, live memory, estimate -------------------------------------------------
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_stored_bytes_equal_independent_count_and_live_memory(arch):
+    cfg = hf(arch)
+    for strategy in ("none", "sqrt", "selective"):
+        model, batch = cfg.build(), cfg.example_batch(BATCH)
+        model.train()
+        if strategy != "none":
+            quiet_apply(model, strategy)
+        tracker = LiveMemoryTracker(model, inputs=list(batch.values()))
+        with tracker, SavedTensorRecorder(model, inputs=list(batch.values())) as rec:
+            loss = cfg.loss(model, batch)
+            rec.add_root(loss)
+            live = tracker.live_by_category()
+        if strategy != "selective":   # its op cache lives outside the pack hooks
+            expected = independent_saved_bytes(model, lambda: cfg.loss(model, batch))
+            assert rec.saved_bytes == expected, strategy
+        # what the graph keeps alive after forward is exactly the stored activations
+        held = live["activation"] + live["temporary"] - loss.untyped_storage().nbytes()
+        assert held == rec.bytes_of("activation"), strategy
+
+
+def test_transformers_own_checkpointing_is_counted_whole():
+    # transformers hands checkpoint the mask and rotary cos/sin as keyword arguments,
+    # which torch keeps in a closure past every hook: the recorder still counts them
+    cfg = hf("llama")
+    model, batch = cfg.build(), cfg.example_batch(BATCH)
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    tracker = LiveMemoryTracker(model, inputs=list(batch.values()))
+    with tracker, SavedTensorRecorder(model, inputs=list(batch.values())) as rec:
+        loss = cfg.loss(model, batch)
+        rec.add_root(loss)
+        live = tracker.live_by_category()
+    assert "checkpoint:kwargs" in set(rec.frame().op)
+    assert live["activation"] + live["temporary"] - 4 == rec.bytes_of("activation")
+
+
+@pytest.mark.parametrize("arch,strategies", [("gpt2", ("none", "full", "sqrt")),
+                                             ("llama", ("none", "every:2", "selective")),
+                                             ("bert", ("none", "full", "sqrt"))])
+def test_estimate_equals_measurement_to_the_byte(arch, strategies):
+    cfg = hf(arch, pad=0 if arch == "llama" else 4)   # llama unpadded: the fake-mask case
+    skip_test = transformers.masking_utils._ignore_causal_mask_sdpa
+    for strategy in strategies:
+        m = measure(cfg, BATCH, strategy=strategy, timing=False, flops=False,
+                    inference=strategy == "none")
+        e = estimate(cfg, BATCH, strategy=strategy, flops=False, inference=strategy == "none")
+        assert e.predicted and not m.predicted
+        assert (e.saved_bytes, e.peak_bytes, e.inference_peak_bytes) == (
+            m.saved_bytes, m.peak_bytes, m.inference_peak_bytes), strategy
+    assert transformers.masking_utils._ignore_causal_mask_sdpa is skip_test   # restored
+
+
+# -- checkpointing: exact, and as transformers' own --------------------------------------
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_checkpointed_loss_and_gradients_bitwise_equal_plain(arch):
+    cfg = hf(arch)
+    loss0, grads0 = step(cfg, "none")
+    for strategy in ("full", "sqrt", "every:2", "selective"):
+        loss1, grads1 = step(cfg, strategy)
+        assert torch.equal(loss0, loss1), strategy
+        assert all(torch.equal(grads0[k], grads1[k]) for k in grads0), strategy
+
+
+def test_planned_budget_on_a_dict_batch_is_exact_and_fits():
+    cfg = hf("llama")
+    model, batch = cfg.build(), cfg.example_batch(BATCH)
+    model.train()
+    budget = simulate(model, batch, [], loss_fn=cfg.loss).peak_bytes * 3 // 4
+    loss0, grads0 = step(cfg, "none")
+    quiet_apply(model, f"budget:{budget}B", example_batch=batch, loss_fn=cfg.loss)
+    assert any("_memprop_forward" in block.__dict__ for block in model.model.layers)
+    torch.manual_seed(7)
+    loss1 = cfg.loss(model, batch)
+    loss1.backward()
+    assert torch.equal(loss0, loss1.detach())
+    assert all(torch.equal(grads0[n], p.grad) for n, p in model.named_parameters())
+    model.zero_grad(set_to_none=True)
+    m = measure_step(model, batch, loss_fn=cfg.loss, timing=False, flops=False, inference=False)
+    assert m.peak_bytes <= budget
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_full_matches_transformers_gradient_checkpointing_peak(arch):
+    cfg = hf(arch)
+    peaks = []
+    for ours in (True, False):
+        model, batch = cfg.build(), cfg.example_batch(BATCH)
+        if ours:
+            quiet_apply(model, "full")
+        else:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        m = measure_step(model, batch, loss_fn=cfg.loss, forward_fn=cfg.forward,
+                         timing=False, flops=False, inference=False)
+        peaks.append(m.peak_bytes)
+    assert peaks[0] == peaks[1]
+
+
+def test_kv_cache_off_while_checkpointed_and_restored():
+    model = model_config("hf:gpt2").build()
+    assert model.config.use_cache is True
+    with pytest.warns(UserWarning, match="KV cache is off"):
+        apply_strategy(model, "sqrt")
+    assert model.config.use_cache is False
+    remove_strategy(model)
+    assert model.config.use_cache is True
+
+
+# -- models built directly with transformers ---------------------------------------------
+
+def direct(model_type, auto, **fields):
+    config = transformers.AutoConfig.for_model(model_type, num_hidden_layers=3, hidden_size=32,
+                                               num_attention_heads=4, vocab_size=128,
+                                               use_cache=False, **fields)
+    torch.manual_seed(0)
+    return getattr(transformers, auto).from_config(config)
+
+
+def test_blocks_found_in_transformers_models():
+    llama = direct("llama", "AutoModelForCausalLM", intermediate_size=64)
+    layers = list(llama.model.layers)
+    assert find_blocks(llama) == layers                                  # automatically
+    assert find_blocks(llama, blocks="LlamaDecoderLayer") == layers      # by class name
+    assert find_blocks(llama, check_fn=lambda m: m in layers[:2]) == layers[:2]
+    t5 = direct("t5", "AutoModelForSeq2SeqLM", d_ff=64, num_decoder_layers=2)
+    chains = find_chains(t5)                                 # encoder and decoder
+    assert [len(c) for c in chains] == [3, 2]
+    assert [type(c[0]).__name__ for c in chains] == ["T5Block", "T5Block"]
+
+
+def test_t5_chains_per_block_exact_and_multi_block_refused():
+    # T5's loop hands block 0's position bias to every later block: a segment of several
+    # blocks cannot replay that, so it is refused; per-block strategies are exact on both
+    # chains (encoder and decoder)
+    ids = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids.roll(1, 1))
+    runs = {}
+    for strategy in ("none", "full", "every:2", "sqrt"):
+        model = direct("t5", "AutoModelForSeq2SeqLM", d_ff=64, decoder_start_token_id=0)
+        model.train()
+        if strategy != "none":
+            quiet_apply(model, strategy)
+        torch.manual_seed(1)
+        if strategy == "sqrt":
+            with pytest.raises(StrategyError, match=r"block 1 \(T5Block\) is in a segment with "
+                               r"block 0 .* argument 2 \(position_bias\) is not the one"):
+                model(**batch)
+            continue
+        loss = model(**batch).loss
+        loss.backward()
+        runs[strategy] = (loss.detach(), [p.grad for p in model.parameters()])
+    for strategy in ("full", "every:2"):
+        assert torch.equal(runs["none"][0], runs[strategy][0])
+        assert all(torch.equal(a, b) for a, b in zip(runs["none"][1], runs[strategy][1]))
+
+
+def test_direct_gpt2_sqrt_with_padded_mask_is_exact():
+    ids = torch.randint(1, 128, (BATCH, 16), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1::2, :4] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    results = []
+    for strategy in ("none", "sqrt"):
+        model = direct("gpt2", "AutoModelForCausalLM")
+        if strategy != "none":
+            quiet_apply(model, strategy, blocks="GPT2Block")
+        torch.manual_seed(1)
+        loss = model(**batch).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+
+
+# -- a user factory returning a workload (token ids, an nn.Embedding first) --------------
+
+FACTORY = """
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.lin = nn.Linear(d, d)
+
+        def forward(self, x):
+            return x + torch.tanh(self.lin(x))
+
+    class TokenNet(nn.Module):
+        def __init__(self, vocab, d, depth):
+            super().__init__()
+            self.embed = nn.Embedding(vocab, d)
+            self.layers = nn.ModuleList(Block(d) for _ in range(depth))
+            self.head = nn.Linear(d, vocab)
+
+        def forward(self, ids):
+            x = self.embed(ids)
+            for layer in self.layers:
+                x = layer(x)
+            return self.head(x)
+
+    def make(vocab=50, d=16, depth=3):
+        def batch(batch_size, generator):
+            ids = torch.randint(0, vocab, (batch_size, 12), generator=generator)
+            return {"ids": ids, "target": ids.roll(-1, dims=1)}
+
+        def loss(model, b):
+            logits = model(b["ids"])
+            return nn.functional.cross_entropy(logits.flatten(0, 1), b["target"].flatten())
+        return {"model": TokenNet(vocab, d, depth), "batch": batch, "loss": loss}
+"""
+
+
+def test_user_workload_with_token_ids(tmp_path, monkeypatch):
+    (tmp_path / "tokenmodels.py").write_text(textwrap.dedent(FACTORY))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = model_config("tokenmodels:make", kwargs=(("d", 16),))
+    batch = cfg.example_batch(3)
+    assert batch["ids"].dtype == torch.int64 and batch["ids"].shape == (3, 12)
+    model = cfg.build()
+    expected = independent_saved_bytes(model, lambda: cfg.loss(model, batch))
+    for strategy in ("none", "sqrt"):
+        m = measure(cfg, 3, strategy=strategy, timing=False, flops=False)
+        e = estimate(cfg, 3, strategy=strategy, flops=False)
+        assert (e.saved_bytes, e.peak_bytes) == (m.saved_bytes, m.peak_bytes)
+        if strategy == "none":
+            assert m.saved_bytes == expected
+    sys.modules.pop("tokenmodels", None)
+
+
+# -- the CLI and specs reach hf: configs -------------------------------------------------
+
+def test_cli_profile_and_spec_take_hf_models(tmp_path, capsys):
+    import json
+
+    from memprop.cli import main
+    from memprop.sweep import load_spec
+    assert main(["profile", "--model", "hf:gpt2", "--set", "n_layer=2", "--set", "n_embd=16",
+                 "--set", "seq_len=8", "--set", "pad=2", "--batch", "2", "--estimate",
+                 "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert (row["model"], row["cfg_n_layer"], row["cfg_task"]) == ("hf:gpt2", 2, "causal-lm")
+    assert row["predicted"] and row["saved_bytes"] > 0
+    spec = tmp_path / "hf.toml"
+    spec.write_text('name = "hf"\n[model]\nname = "hf:llama"\nnum_hidden_layers = 2\n'
+                    'seq_len = 8\n[grid]\nbatch = [2]\nstrategy = ["none", "sqrt"]\n')
+    trials = load_spec(spec).trials()
+    assert [t.config() for t in trials] == [model_config("hf:llama", num_hidden_layers=2,
+                                                         seq_len=8)] * 2
+    spec.write_text('name = "hf"\n[model]\nname = "hf:llama"\nnum_layers = 2\n'
+                    '[grid]\nbatch = [2]\n')
+    with pytest.raises(ConfigError, match="num_layers"):
+        load_spec(spec)
