@@ -78,7 +78,8 @@ def render_profile(m, config, *, closed_form: dict | None = None) -> str:
     peaks = ", ".join(f"{k} {format_bytes(v)}" for k, v in m.peak_by_phase.items())
     lines = [
         f"{config.name} ({sizes})",
-        f"batch {m.batch_size}, {m.dtype}, {m.device}, strategy {m.strategy}, "
+        f"batch {m.batch_size}, {m.dtype}"
+        f"{f' (autocast {m.amp})' if m.amp else ''}, {m.device}, strategy {m.strategy}, "
         f"optimizer {m.optimizer}: {label}",
         "",
         f"  stored for backward   {format_bytes(m.saved_bytes)} in {m.saved_count} tensors "
@@ -138,6 +139,9 @@ def add_parser(sub) -> None:
     p = add_command(sub, "profile", help="measure (or --estimate) one training step",
                     doc=__doc__)
     add_model_options(p)
+    p.add_argument("--amp", choices=("bf16", "fp16"), default=None,
+                   help="mixed precision: forward under torch.autocast with float32 master "
+                        "weights (fp16 adds a GradScaler) (default: off)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--strategy", default="none", help="checkpointing strategy, e.g. sqrt, "
                    "full, every:2, budget:1GiB")
@@ -160,7 +164,7 @@ def gather_profile(config, args):
 
     dtype = parse_dtype(args.dtype)
     common = dict(dtype=dtype, device=args.device, strategy=args.strategy,
-                  optimizer=args.optimizer)
+                  optimizer=args.optimizer, amp=args.amp)
     with factory_errors(args, "profile"):
         if args.estimate:
             from memprop.workload import estimate
