@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from memprop._version import __version__
 from memprop.cli import backprop_cmd, plan_cmd, profile_cmd, report_cmd, sweep_cmd
@@ -45,11 +46,18 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     # factories named package.module:factory resolve from the current folder too, as with
     # `python -m` (a console script's path does not include it); last, so it shadows nothing
     if "" not in sys.path and "." not in sys.path:
         sys.path.append("")
+    # library warnings reach a person as one line each; transformers' notices stay quiet
+    warnings.showwarning = _one_line_warning
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
