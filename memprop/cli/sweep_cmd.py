@@ -9,6 +9,7 @@ import pathlib
 from memprop.cli._common import render_table
 from memprop.errors import ConfigError
 from memprop.sweep.frontier import run_frontier
+from memprop.sweep.ray_executor import EXECUTORS, make_executor
 from memprop.sweep.runner import run_sweep
 from memprop.sweep.spec import load_spec
 from memprop.sweep.store import ResultsStore, default_db_path, resolve_source
@@ -28,12 +29,18 @@ def add_parser(sub) -> None:
     p.add_argument("--force", action="store_true", help="redo trials already stored")
     p.add_argument("--no-frontier", action="store_true", help="skip the [frontier] table")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--executor", choices=EXECUTORS, help="where trials run (default: the "
+                   "spec's [run] executor, else local); ray: tasks on a Ray cluster")
+    p.add_argument("--ray-address", help="the Ray cluster (default $RAY_ADDRESS, else a "
+                   "local one for this run)")
     p.set_defaults(func=sweep_command)
 
     f = sub.add_parser("frontier", help="the largest batch that fits a budget, per depth "
                        "and strategy: predicted, then confirmed by real trials")
     f.add_argument("spec")
     f.add_argument("--db")
+    f.add_argument("--executor", choices=EXECUTORS)
+    f.add_argument("--ray-address")
     f.set_defaults(func=frontier_command)
 
     r = sub.add_parser("results", help="list the trials stored for a spec or database")
@@ -50,6 +57,11 @@ def _print_point(point) -> None:
           f"a doubling search needs {point.probe_trials_doubling}", flush=True)
 
 
+def _executor(args, spec, workers: int = 1):
+    return make_executor(args.executor or spec.run["executor"], workers=workers,
+                         ray_address=args.ray_address)
+
+
 def sweep_command(args) -> int:
     spec = load_spec(args.spec)           # validates everything before any trial starts
     if args.workers < 1:
@@ -58,6 +70,7 @@ def sweep_command(args) -> int:
     db = pathlib.Path(args.db) if args.db else default_db_path(spec.name)
     print(f"{spec.name}: {len(trials)} trials -> {db}")
     summary = run_sweep(spec, db_path=db, workers=args.workers, force=args.force,
+                        executor=_executor(args, spec, args.workers),
                         progress=not args.quiet)
     counts = ", ".join(f"{v} {k}" for k, v in sorted(summary.counts.items())) or "nothing new"
     print(f"ran {summary.ran} ({counts}); {summary.skipped} already stored")
@@ -66,7 +79,7 @@ def sweep_command(args) -> int:
         return 130
     if spec.frontier is not None and not args.no_frontier:
         print(f"frontier at a budget of {format_bytes(spec.frontier.budget_bytes)}:")
-        run_frontier(spec, db_path=db, progress=_print_point)
+        run_frontier(spec, db_path=db, progress=_print_point, executor=_executor(args, spec))
     return 0
 
 
@@ -77,7 +90,7 @@ def frontier_command(args) -> int:
                           "with budget, depths and strategies (see experiments/oom_frontier.toml)")
     db = pathlib.Path(args.db) if args.db else default_db_path(spec.name)
     print(f"{spec.name}: frontier at a budget of {format_bytes(spec.frontier.budget_bytes)} -> {db}")
-    run_frontier(spec, db_path=db, progress=_print_point)
+    run_frontier(spec, db_path=db, progress=_print_point, executor=_executor(args, spec))
     return 0
 
 
