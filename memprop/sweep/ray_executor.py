@@ -146,31 +146,35 @@ class RayExecutor:
         task = ray.remote(max_calls=1, max_retries=0)(_ray_trial)   # a fresh worker each
         cwd = os.getcwd()
         path = [os.path.abspath(p) if p else cwd for p in sys.path]   # "" is the cwd
-        in_flight = {}                 # ObjectRef -> (trial, attempt)
+        in_flight = {}                 # ObjectRef -> (trial, why earlier tries died)
 
-        def submit(trial: Trial, attempt: int) -> None:
+        def submit(trial: Trial, died: list[str]) -> None:
             ref = task.options(num_cpus=_threads(trial), num_gpus=int(_uses_gpu(trial)),
-                               name=f"memprop {trial.label()}").remote(trial, path, cwd, attempt)
-            in_flight[ref] = (trial, attempt)
+                               name=f"memprop {trial.label()}"
+                               ).remote(trial, path, cwd, len(died) + 1)
+            in_flight[ref] = (trial, died)
 
         for trial in trials:
-            submit(trial, 1)
+            submit(trial, [])
         try:
             while in_flight:
                 (ref,), _ = ray.wait(list(in_flight), num_returns=1)
-                trial, attempt = in_flight.pop(ref)
+                trial, died = in_flight.pop(ref)
                 try:
                     result = ray.get(ref)
                 except ray.exceptions.RayTaskError as exc:    # the task's own code raised
-                    result = {"status": "crashed", "ray_attempts": attempt,
+                    result = {"status": "crashed", "ray_attempts": len(died) + 1,
                               "error": f"the Ray task running the trial raised: {exc}"[:2000]}
                 except ray.exceptions.RayError as exc:        # its worker or node died
-                    if attempt <= self.retries:
-                        submit(trial, attempt + 1)
+                    died = died + [f"{type(exc).__name__}: {str(exc)[:1000]}"]
+                    if len(died) <= self.retries:
+                        submit(trial, died)
                         continue
-                    result = {"status": "crashed", "ray_attempts": attempt, "error":
-                              f"the Ray worker running the trial died on each of {attempt} "
-                              f"tries ({type(exc).__name__}): {str(exc)[:1500]}"}
+                    result = {"status": "crashed", "ray_attempts": len(died), "error":
+                              f"the Ray worker running the trial died on each of {len(died)} "
+                              f"tries; last: {died[-1]}"}
+                if died:
+                    result["ray_retried_after"] = died
                 on_result(trial, result)
         finally:
             for ref in in_flight:      # interrupted: a KeyboardInterrupt in each task,
