@@ -219,6 +219,8 @@ def test_spec_executor_key_and_a_missing_ray_name_the_fix(tmp_path, monkeypatch)
                                                       'timeout = 120\nexecutor = "ray"')))
     assert spec.run["executor"] == "ray"
     assert spec.trials() == load_spec(write(tmp_path, BUDGETED, "local.toml")).trials()
+    with pytest.raises(ConfigError, match="the executor is local; add --executor ray"):
+        make_executor("local", ray_address="10.0.0.1:6379")
     monkeypatch.setitem(sys.modules, "ray", None)            # as if Ray were not installed
     with pytest.raises(ConfigError, match=r"pip install 'memprop\[ray\]'"):
         make_executor("ray")

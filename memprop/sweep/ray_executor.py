@@ -48,8 +48,13 @@ _LOCAL_CLUSTER = {"include_dashboard": False, "object_store_memory": 128 * 2**20
 
 def make_executor(name: str = "local", *, workers: int = 1,
                   ray_address: str | None = None) -> Executor:
-    """The executor a spec's ``[run] executor`` or ``--executor`` names."""
+    """The executor a spec's ``[run] executor`` or ``--executor`` names. ``workers`` is
+    the local pool's size; on Ray the cluster's CPUs and GPUs decide what runs at once."""
     if name == "local":
+        if ray_address:
+            raise ConfigError(f"memprop.sweep: a Ray address ({ray_address}) was given but "
+                              "the executor is local; add --executor ray (or executor = "
+                              "\"ray\" in the spec's [run] table)")
         return LocalProcessExecutor(workers)
     if name == "ray":
         return RayExecutor(ray_address)
