@@ -14,6 +14,7 @@ from memprop.models import MODELS, model_config, training_loss
 from memprop.predict import predict_saved_bytes
 from memprop.saved import SavedRecord, SavedTensorRecorder
 from memprop.sweep import load_results, load_spec, run_sweep
+from memprop.track import TrainingLoopTracker, track
 from memprop.tracker import CATEGORIES, PHASES, LiveMemoryTracker
 from memprop.units import format_bytes, parse_size
 
@@ -23,7 +24,7 @@ __all__ = [
     "MODELS", "model_config", "training_loss",
     # measurement
     "SavedTensorRecorder", "SavedRecord", "LiveMemoryTracker", "CATEGORIES", "PHASES",
-    "measure_step", "measure", "Measurement",
+    "measure_step", "measure", "Measurement", "track", "TrainingLoopTracker",
     # prediction
     "estimate", "predict_saved_bytes",
     # checkpointing
