@@ -217,7 +217,7 @@ def test_spec_executor_key_and_a_missing_ray_name_the_fix(tmp_path, monkeypatch)
         load_spec(bad)
     spec = load_spec(write(tmp_path, BUDGETED.replace("timeout = 120",
                                                       'timeout = 120\nexecutor = "ray"')))
-    assert spec.run["executor"] == "ray"
+    assert spec.run.executor == "ray"
     assert spec.trials() == load_spec(write(tmp_path, BUDGETED, "local.toml")).trials()
     with pytest.raises(ConfigError, match="the executor is local; add --executor ray"):
         make_executor("local", ray_address="10.0.0.1:6379")

@@ -58,7 +58,7 @@ def _print_point(point) -> None:
 
 
 def _executor(args, spec, workers: int = 1):
-    return make_executor(args.executor or spec.run["executor"], workers=workers,
+    return make_executor(args.executor or spec.run.executor, workers=workers,
                          ray_address=args.ray_address)
 
 

@@ -98,6 +98,7 @@ class RunOptions:
     amp: str | None = None
     estimate: bool = True
     batch: int = 32
+    executor: str = "local"         # where trials run: local processes or Ray tasks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +216,7 @@ def parse_spec(data: dict, *, path="<spec>") -> SweepSpec:
 
     run = {"dtype": "float32", "device": "cpu", "optimizer": "sgd", "repeats": 3,
            "warmup": 1, "timeout": 600, "seed": 0, "budget": None, "estimate": True,
-           "batch": 32, "budget_mode": "tensor", "threads": 0, "amp": None, "executor": "local"}
+           "batch": 32, "budget_mode": "tensor", "threads": 0, "amp": None}
     raw_run = data.get("run", {})
     if not isinstance(raw_run, dict):
         raise SpecError(path, "run", "must be a table: [run]")
