@@ -38,6 +38,10 @@ def add_parser(sub) -> None:
     p.add_argument("--force", action="store_true", help="redo trials already stored")
     p.add_argument("--no-frontier", action="store_true", help="skip the [frontier] table")
     p.add_argument("--quiet", action="store_true", help="no progress bar, even on a terminal")
+    p.add_argument("--executor", choices=("local", "ray"), help="where trials run (default: "
+                   "the spec's [run] executor, else local); ray: tasks on a Ray cluster")
+    p.add_argument("--ray-address", help="the Ray cluster (default: $RAY_ADDRESS, else a "
+                   "local one started for this run)")
     p.set_defaults(func=sweep_command)
 
     f = add_command(sub, "frontier", help="the largest batch that fits a budget, per depth "
@@ -45,6 +49,10 @@ def add_parser(sub) -> None:
     f.add_argument("spec", help="a TOML spec with a [frontier] table")
     f.add_argument("--db", help="results database (default: reports/<spec name>/results.sqlite)")
     f.add_argument("--json", action="store_true", help="print the frontier points as JSON")
+    f.add_argument("--executor", choices=("local", "ray"), help="where trials run (default: "
+                   "the spec's [run] executor, else local); ray: tasks on a Ray cluster")
+    f.add_argument("--ray-address", help="the Ray cluster (default: $RAY_ADDRESS, else a "
+                   "local one started for this run)")
     f.set_defaults(func=frontier_command)
 
     r = add_command(sub, "results", help="list the trials stored for a spec or database",
@@ -74,7 +82,15 @@ def _spec_and_db(args, command: str):
     return spec, check_database(db, "--db", command, must_exist=False)
 
 
-def _run_frontier(spec, db, *, quiet: bool, echo: bool) -> list:
+def _executor(args, spec, workers: int = 1):
+    """The executor the options or the spec name (local processes, or Ray tasks)."""
+    from memprop.sweep.ray_executor import make_executor
+
+    return make_executor(args.executor or spec.run.executor, workers=workers,
+                         ray_address=args.ray_address)
+
+
+def _run_frontier(spec, db, *, quiet: bool, echo: bool, executor=None) -> list:
     """Run the frontier under a spinner (on a terminal), printing each point as the
     library finds it unless ``echo`` is off."""
     from memprop.sweep.frontier import run_frontier
@@ -85,7 +101,8 @@ def _run_frontier(spec, db, *, quiet: bool, echo: bool) -> list:
         def show(point) -> None:
             spinner.clear()
             print(_frontier_line(field, point), flush=True)
-        return run_frontier(spec, db_path=db, progress=show if echo else None)
+        return run_frontier(spec, db_path=db, progress=show if echo else None,
+                            executor=executor)
 
 
 def _frontier_line(field: str, point) -> str:
@@ -110,7 +127,7 @@ def sweep_command(args) -> int:
                    enabled=False if args.quiet else None)
     try:
         summary = run_sweep(spec, db_path=db, workers=args.workers, force=args.force,
-                            on_result=bar.update)
+                            executor=_executor(args, spec, args.workers), on_result=bar.update)
     finally:
         bar.close()
     counts = ", ".join(f"{v} {k}" for k, v in sorted(summary.counts.items())) or "nothing new"
@@ -120,7 +137,7 @@ def sweep_command(args) -> int:
         return 130
     if spec.frontier is not None and not args.no_frontier:
         print(f"frontier at a budget of {format_bytes(spec.frontier.budget_bytes)}:")
-        _run_frontier(spec, db, quiet=args.quiet, echo=True)
+        _run_frontier(spec, db, quiet=args.quiet, echo=True, executor=_executor(args, spec))
     return 0
 
 
@@ -131,7 +148,8 @@ def frontier_command(args) -> int:
     if not args.json:
         print(f"{spec.name}: frontier at a budget of "
               f"{format_bytes(spec.frontier.budget_bytes)} -> {db}")
-    points = _run_frontier(spec, db, quiet=False, echo=not args.json)
+    points = _run_frontier(spec, db, quiet=False, echo=not args.json,
+                           executor=_executor(args, spec))
     if args.json:
         print(json.dumps({"spec": spec.name, "db": str(db), "field": spec.frontier.field,
                           "points": [dataclasses.asdict(p) for p in points]}, indent=2))

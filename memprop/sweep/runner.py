@@ -12,7 +12,8 @@ import dataclasses
 import pathlib
 from typing import Callable
 
-from memprop.sweep.executor import Executor, LocalProcessExecutor
+from memprop.sweep.executor import Executor
+from memprop.sweep.ray_executor import make_executor
 from memprop.sweep.spec import SweepSpec
 from memprop.sweep.trial import Trial
 from memprop.sweep.store import ResultsStore, default_db_path
@@ -39,7 +40,7 @@ def run_sweep(spec: SweepSpec, *, db_path=None, workers: int = 1, force: bool = 
     finished trial and returns with ``interrupted=True`` (rerun to resume)."""
     db_path = pathlib.Path(db_path) if db_path else default_db_path(spec.name)
     trials = spec.trials() if trials is None else trials
-    executor = executor or LocalProcessExecutor(workers)
+    executor = executor or make_executor(spec.run.executor, workers=workers)
     with ResultsStore(db_path) as store:
         store.lock("sweep")
         store.record_environment(spec)

@@ -17,6 +17,7 @@
     budget = "1.5GiB"                     # optional: a memory limit the runtime enforces
     budget_mode = "tensor"                # live tensor bytes (default) or "process" (the OS)
     estimate = true                       # also predict each trial on fake tensors
+    executor = "ray"                      # optional: trials as Ray tasks (default "local")
     [frontier]                            # optional (memprop frontier): the OOM frontier
     budget = "512MiB"; depths = [4, 8]; strategies = ["none", "sqrt"]
     batch_step = 16; max_batch = 65536
@@ -47,6 +48,7 @@ from memprop.budget import BUDGET_MODES
 from memprop.dtypes import DTYPES
 from memprop.measure import AMP_MODES, OPTIMIZERS
 from memprop.models import MODELS, model_config
+from memprop.sweep.ray_executor import EXECUTORS
 from memprop.sweep.trial import Trial
 from memprop.units import parse_size
 
@@ -56,7 +58,7 @@ __all__ = ["SpecError", "Trial", "SweepSpec", "RunOptions", "FrontierOptions", "
 DEVICES = ("cpu", "cuda")
 _TOP = ("name", "description", "model", "grid", "run", "frontier")
 _RUN = ("dtype", "device", "optimizer", "repeats", "warmup", "timeout", "seed", "budget",
-        "budget_mode", "threads", "amp", "estimate")
+        "budget_mode", "threads", "amp", "estimate", "executor")
 _GRID_EXTRA = ("batch", "strategy", "dtype", "optimizer")
 _FRONTIER = ("budget", "depths", "strategies", "batch_step", "max_batch", "field")
 
@@ -96,6 +98,7 @@ class RunOptions:
     amp: str | None = None
     estimate: bool = True
     batch: int = 32
+    executor: str = "local"         # where trials run: local processes or Ray tasks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,6 +241,8 @@ def parse_spec(data: dict, *, path="<spec>") -> SweepSpec:
             run[key] = _choice(path, k, value, BUDGET_MODES)
         elif key == "amp":
             run[key] = _choice(path, k, value, AMP_MODES)
+        elif key == "executor":
+            run[key] = _choice(path, k, value, EXECUTORS)
         elif key == "timeout":
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise SpecError(path, k, f"{value!r} is not allowed; it must be a number of "
