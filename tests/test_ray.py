@@ -119,8 +119,7 @@ def test_a_trial_that_kills_its_process_or_its_worker_is_crashed_and_the_sweep_g
     monkeypatch.syspath_prepend(str(TESTS))       # reaches the tasks with the driver's path
     spec = load_spec(write(tmp_path, MIXED))
     db = tmp_path / "m.sqlite"
-    summary = run_sweep(spec, db_path=db, executor=RayExecutor(cluster, retries=1),
-                        progress=False)
+    summary = run_sweep(spec, db_path=db, executor=RayExecutor(cluster, retries=1))
     assert summary.counts == {"crashed": 2, "ok": 1}
     rows = load_results(db).set_index("model")
     dies = rows.loc["trial_models:dies"]            # the trial's own process: as locally
@@ -169,7 +168,7 @@ def test_a_killed_driver_keeps_finished_trials_and_a_rerun_runs_only_the_rest(cl
     assert 1 <= len(kept) < 3 and (kept.status == "ok").all()
 
     spec, ran = load_spec(spec_path), []
-    summary = run_sweep(spec, db_path=db, executor=RayExecutor(cluster), progress=False,
+    summary = run_sweep(spec, db_path=db, executor=RayExecutor(cluster),
                         on_result=lambda trial, result: ran.append(trial.key()))
     assert summary.skipped == len(kept) and summary.ran == 3 - len(kept)
     assert sorted(ran) == sorted(set(t.key() for t in spec.trials()) - set(kept.key))
