@@ -24,6 +24,7 @@ _PUBLIC = {name: module for module, names in {
     "memprop.saved": ["SavedRecord", "SavedTensorRecorder"],
     "memprop.sweep": ["load_results", "load_spec", "run_sweep"],
     "memprop.tracker": ["CATEGORIES", "PHASES", "LiveMemoryTracker"],
+    "memprop.training_loop": ["track", "TrainingLoopTracker"],
     "memprop.units": ["format_bytes", "parse_size"],
 }.items() for name in names}
 
@@ -66,7 +67,7 @@ __all__ = [
     "MODELS", "model_config", "training_loss",
     # measurement
     "SavedTensorRecorder", "SavedRecord", "LiveMemoryTracker", "CATEGORIES", "PHASES",
-    "measure_step", "measure", "Measurement",
+    "measure_step", "measure", "Measurement", "track", "TrainingLoopTracker",
     # prediction
     "estimate", "predict_saved_bytes",
     # checkpointing

@@ -7,7 +7,7 @@
   1. the first step (creates the optimizer's state), under a ``LiveMemoryTracker``;
   2. the measured step, under a ``LiveMemoryTracker``: the timeline and the peak;
   3. one forward and backward under the ``SavedTensorRecorder``: what is stored;
-  4. one forward and backward under ``FlopCounterMode``;
+  4. one forward and backward under ``FlopCounter`` (memprop.flops);
   5. the same batch as inference (``eval()`` under ``torch.no_grad()``), tracked;
   6. further warm-up steps, then the timed steps (medians, min and max; device synced);
   7. on CUDA, one plain step between allocator-peak resets.
@@ -43,9 +43,9 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode
 
 from memprop.errors import ConfigError
+from memprop.flops import FlopCounter
 from memprop.models import inference_forward, training_loss
 from memprop.saved import SavedTensorRecorder, per_module_table
 from memprop.tracker import CATEGORIES, LiveMemoryTracker
@@ -95,7 +95,7 @@ class Measurement:
     """One training step, measured (or, with ``predicted=True``, estimated on fake tensors).
 
     Bytes are raw bytes; times are milliseconds (medians, with the min and max of the
-    timed repeats); FLOPs are counted by ``FlopCounterMode`` (a multiply-add counts 2).
+    timed repeats); FLOPs are counted by ``FlopCounter`` (torch's formulas) (a multiply-add counts 2).
     ``None`` = not measured in this mode."""
 
     batch_size: int
@@ -264,6 +264,55 @@ def _as_found(model: nn.Module, strategy, batch, loss_fn):
         model.train(was_training)
 
 
+def _stored_pass(step: _Step, tensors) -> SavedTensorRecorder:
+    """Pass 3: one forward under the recorder (then its backward): what is stored."""
+    with _phase("forward"), SavedTensorRecorder(step.model, inputs=tensors) as rec:
+        with step.autocast():
+            loss = step.loss_fn(step.model, step.batch)
+        rec.add_root(loss)
+    with _phase("backward"):
+        loss.backward()
+        del loss
+    step.opt.zero_grad(set_to_none=True)
+    return rec
+
+
+def _flops_pass(step: _Step) -> tuple[int, int]:
+    """Pass 4: (forward, backward) FLOPs of one step."""
+    with FlopCounter() as fwd:
+        loss = step.loss()
+    with FlopCounter() as bwd:
+        loss.backward()
+    del loss
+    step.opt.zero_grad(set_to_none=True)
+    return fwd.total, bwd.total
+
+
+def _inference_pass(step: _Step, forward_fn, tracker: LiveMemoryTracker) -> tuple[int, int]:
+    """Pass 5 (claim C4): (peak, stored bytes) of the batch as prediction alone."""
+    step.model.eval()
+    tracker.phase = "inference"
+    with _phase("inference"), torch.no_grad(), SavedTensorRecorder(step.model) as rec:
+        with tracker, step.autocast():
+            out = forward_fn(step.model, step.batch)
+            del out
+    step.model.train()
+    return tracker.peak_bytes, rec.saved_bytes
+
+
+def _device_peak_pass(step: _Step) -> tuple[int | None, int | None]:
+    """Pass 7: (allocated, reserved) peak bytes of one plain step as the device sees it:
+    CUDA's allocator after a reset; on CPU the process's resident-set high-water mark."""
+    if step.device.type != "cuda":
+        return _rss_peak_bytes(), None
+    _sync(step.device)
+    torch.cuda.reset_peak_memory_stats(step.device)
+    step.run()
+    _sync(step.device)
+    return (torch.cuda.max_memory_allocated(step.device),
+            torch.cuda.max_memory_reserved(step.device))
+
+
 def measure_step(model: nn.Module, batch, *, optimizer: str = "sgd",
                  loss_fn: Callable[[nn.Module, Any], torch.Tensor] = training_loss,
                  forward_fn: Callable[[nn.Module, Any], Any] = inference_forward,
@@ -287,75 +336,31 @@ def measure_step(model: nn.Module, batch, *, optimizer: str = "sgd",
                           "be an integer >= 1")
     tensors = _batch_tensors(batch)
     device = tensors[0].device if tensors else torch.device("cpu")
-    label = str(getattr(strategy, "spec", strategy))
     with _as_found(model, strategy, batch, loss_fn):
         model.train()
         opt = make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad],
                              lr=0.0)
         step = _Step(model, batch, opt, loss_fn, device, amp)
 
-        def tracked(**kw) -> LiveMemoryTracker:
+        def tracker(**kw) -> LiveMemoryTracker:
             return LiveMemoryTracker(model, inputs=batch, device=device,
                                      limit_bytes=budget_bytes, **kw)
 
-        # 1. the first step: the optimizer creates its state
-        with tracked(optimizer=opt) as first:
+        with tracker(optimizer=opt) as first:             # 1. creates optimizer state
             step.run(first)
-        # 2. the measured step
-        tracker = tracked(optimizer=opt)
-        with tracker:
-            start_bytes = tracker.live_bytes
-            step.run(tracker)
-        # 3. what autograd stores
-        with _phase("forward"), SavedTensorRecorder(model, inputs=tensors) as rec:
-            with step.autocast():
-                loss = loss_fn(model, batch)
-            rec.add_root(loss)
-        with _phase("backward"):
-            loss.backward()
-            del loss
-        opt.zero_grad(set_to_none=True)
-        # 4. FLOPs
-        fwd_flops = bwd_flops = 0
-        if flops:
-            with FlopCounterMode(display=False) as fc:
-                loss = step.loss()
-            fwd_flops = fc.get_total_flops()
-            with FlopCounterMode(display=False) as fc:
-                loss.backward()
-            bwd_flops = fc.get_total_flops()
-            del loss
-            opt.zero_grad(set_to_none=True)
-        # 5. inference (claim C4)
-        inf_peak = inf_saved = 0
-        if inference:
-            model.eval()
-            infer = tracked()
-            infer.phase = "inference"
-            with _phase("inference"), torch.no_grad(), SavedTensorRecorder(model) as inf_rec:
-                with infer, step.autocast():
-                    out = forward_fn(model, batch)
-                    del out
-            inf_peak, inf_saved = infer.peak_bytes, inf_rec.saved_bytes
-            model.train()
-        # 6. time
-        times: list[tuple[float, float, float]] = []
-        if timing:
+        with tracker(optimizer=opt) as tracked:           # 2. the measured step
+            start_bytes = tracked.live_bytes
+            step.run(tracked)
+        rec = _stored_pass(step, tensors)                 # 3. what autograd stores
+        fwd_flops, bwd_flops = _flops_pass(step) if flops else (0, 0)
+        inf_peak, inf_saved = _inference_pass(step, forward_fn, tracker()) if inference \
+            else (0, 0)
+        times = []
+        if timing:                                        # 6. time
             for _ in range(max(warmup - 1, 0)):
                 step.run()
             times = [step.timed() for _ in range(repeats)]
-        # 7. the device's own peak
-        dev_peak = dev_reserved = None
-        if not predicted:
-            if device.type == "cuda":
-                _sync(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                step.run()
-                _sync(device)
-                dev_peak = torch.cuda.max_memory_allocated(device)
-                dev_reserved = torch.cuda.max_memory_reserved(device)
-            else:
-                dev_peak = _rss_peak_bytes()
+        dev_peak, dev_reserved = (None, None) if predicted else _device_peak_pass(step)
 
     steps = [sum(t) for t in times]
     median = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
@@ -365,13 +370,14 @@ def measure_step(model: nn.Module, batch, *, optimizer: str = "sgd",
         device=str(device),
         dtype=str(first_param.dtype if first_param is not None else torch.float32
                   ).replace("torch.", ""),
-        strategy=label, optimizer=optimizer, predicted=predicted, amp=amp,
+        strategy=str(getattr(strategy, "spec", strategy)), optimizer=optimizer,
+        predicted=predicted, amp=amp,
         saved_bytes=rec.saved_bytes, saved_count=rec.saved_count,
         param_saved_bytes=rec.param_saved_bytes, saved=rec.frame(),
-        peak_bytes=tracker.peak_bytes, start_bytes=start_bytes,
-        peak_by_phase=tracker.peak_by_phase(), peak_by_category=tracker.peak_by_category(),
-        timeline=tracker.timeline(), first_step_peak_bytes=first.peak_bytes,
-        budget_peak_bytes=max(first.peak_bytes, tracker.peak_bytes, inf_peak),
+        peak_bytes=tracked.peak_bytes, start_bytes=start_bytes,
+        peak_by_phase=tracked.peak_by_phase(), peak_by_category=tracked.peak_by_category(),
+        timeline=tracked.timeline(), first_step_peak_bytes=first.peak_bytes,
+        budget_peak_bytes=max(first.peak_bytes, tracked.peak_bytes, inf_peak),
         inference_peak_bytes=inf_peak, inference_saved_bytes=inf_saved,
         device_peak_bytes=dev_peak, device_reserved_bytes=dev_reserved,
         forward_flops=fwd_flops, backward_flops=bwd_flops,

@@ -156,7 +156,7 @@ def test_failures_are_results_oom_crashed_timeout(tmp_path, monkeypatch):
             batch = [2]
             [run]
             repeats = 1
-            timeout = 3
+            timeout = 15
             estimate = false
         """, f"{status}.toml"))
         run_sweep(other, db_path=db)

@@ -37,7 +37,10 @@ import tempfile
 import time
 from typing import Callable, Protocol
 
-from memprop.sweep.budget import CHILD_ENV
+import torch
+
+from memprop.sweep import worker
+from memprop.sweep.budget import CHILD_ENV, tune_malloc
 from memprop.sweep.trial import Trial
 
 __all__ = ["Executor", "LocalProcessExecutor", "default_threads", "clean_stale_trials"]
@@ -84,16 +87,24 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+_UNOWNED_STALE_S = 24 * 3600   # a folder with no owner file (memprop < 0.2): a day old
+
+
 def clean_stale_trials() -> int:
-    """Remove the scratch folders of trials whose sweep is dead; returns how many."""
+    """Remove the scratch folders of trials whose sweep is dead; returns how many.
+    A folder without an owner file is removed only once it is a day old: it may belong
+    to a running sweep of an older memprop."""
     removed = 0
     for folder in glob.glob(os.path.join(tempfile.gettempdir(), _TRIAL_PREFIX + "*")):
         try:
             with open(os.path.join(folder, "owner")) as f:
-                owner = int(f.read().split()[0])
+                stale = not _pid_alive(int(f.read().split()[0]))
         except (OSError, ValueError, IndexError):
-            owner = None
-        if owner is None or not _pid_alive(owner):
+            try:
+                stale = time.time() - os.path.getmtime(folder) > _UNOWNED_STALE_S
+            except OSError:
+                stale = False
+        if stale:
             shutil.rmtree(folder, ignore_errors=True)
             removed += 1
     return removed
@@ -110,11 +121,7 @@ def _forked_trial(trial_path: str, result_path: str, log_path: str, threads: int
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
-    from memprop.sweep import worker
-    from memprop.sweep.budget import tune_malloc
-
     tune_malloc()
-    import torch
     torch.set_num_threads(threads)
     code = worker.main([trial_path, result_path])
     sys.stdout.flush()

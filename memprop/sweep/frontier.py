@@ -120,17 +120,10 @@ def run_frontier(spec: SweepSpec, *, db_path=None, executor: Executor | None = N
         store.record_environment(spec)
         for model, fixed in spec.models:
             for depth in opts.depths:
-                fields = tuple(sorted({**dict(fixed), opts.field: depth}.items()))
                 for strategy in opts.strategies:
-                    probe = Trial(spec=spec.name, model=model, model_fields=fields, batch=1,
-                                  strategy=strategy, dtype=spec.run["dtype"],
-                                  device=spec.run["device"], optimizer=spec.run["optimizer"],
-                                  amp=spec.run["amp"], threads=spec.run["threads"],
-                                  repeats=1, warmup=spec.run["warmup"],
-                                  timeout_s=spec.run["timeout"], seed=spec.run["seed"],
-                                  budget_bytes=opts.budget_bytes,
-                                  budget_mode=spec.run["budget_mode"],
-                                  estimate=False, mode="fit")
+                    probe = spec.trial(model, {**dict(fixed), opts.field: depth}, batch=1,
+                                       strategy=strategy, repeats=1, estimate=False,
+                                       budget_bytes=opts.budget_bytes, mode="fit")
                     point = _confirm(probe, store, executor, opts)
                     store.put_frontier({"spec": spec.name, "point_key": point_key(probe),
                                         "field": opts.field, **dataclasses.asdict(point)})

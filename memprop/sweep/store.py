@@ -24,7 +24,8 @@ import zlib
 import pandas as pd
 
 from memprop._version import __version__
-from memprop.errors import MemPropError
+from memprop.errors import ConfigError, MemPropError
+from memprop.sweep.spec import load_spec
 
 __all__ = ["ResultsStore", "StoreError", "load_results", "resolve_source", "default_db_path",
            "unpack_frame"]
@@ -235,9 +236,6 @@ class ResultsStore:
 def resolve_source(source):
     """(database path, spec or None) for a spec (.toml: its default store) or a database;
     a clear error, and no empty database created, when the store does not exist."""
-    from memprop.errors import ConfigError
-    from memprop.sweep.spec import load_spec
-
     path, spec = pathlib.Path(source), None
     if path.suffix == ".toml":
         spec = load_spec(path)
