@@ -173,7 +173,7 @@ def test_process_budget_far_above_fits_far_below_runs_out(tmp_path):
         estimate = false
     """))
     db = tmp_path / "p.sqlite"
-    run_sweep(spec, db_path=db, progress=False)
+    run_sweep(spec, db_path=db)
     rows = load_results(db).set_index("batch")
     assert rows.loc[8, "status"] == "ok" and rows.loc[8, "budget_kind"] == "rlimit_as"
     assert rows.loc[8, "process_margin_bytes"] is not None
@@ -196,7 +196,7 @@ def test_trial_records_threads_and_timing_spread(tmp_path):
         threads = 1
     """))
     db = tmp_path / "t.sqlite"
-    run_sweep(spec, db_path=db, progress=False)
+    run_sweep(spec, db_path=db)
     row = load_results(db).iloc[0]
     assert row.threads == 1 and row.repeats == 5
     assert row.step_ms_min <= row.step_ms <= row.step_ms_max
@@ -231,7 +231,7 @@ def test_killed_sweep_leaves_no_trial_process_and_no_folder(tmp_path, monkeypatc
     code = (f"import sys; sys.argv=['x']; from memprop.sweep import load_spec, run_sweep; "
             f"from memprop.sweep.executor import LocalProcessExecutor; "
             f"run_sweep(load_spec({str(spec_path)!r}), db_path={str(tmp_path / 'o.sqlite')!r}, "
-            f"progress=False, executor=LocalProcessExecutor(1, start={start!r}))")
+            f"executor=LocalProcessExecutor(1, start={start!r}))")
     proc = subprocess.Popen([sys.executable, "-c", code], env=_env(scratch),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
@@ -263,7 +263,7 @@ def test_second_sweep_on_one_database_refuses_clearly(tmp_path, capsys):
         while time.monotonic() < deadline and not (lock.exists() and lock.read_text()):
             time.sleep(0.1)
         with pytest.raises(StoreError, match=rf"being written by memprop sweep \(pid {proc.pid}"):
-            run_sweep(load_spec(spec_path), db_path=db, progress=False)
+            run_sweep(load_spec(spec_path), db_path=db)
         assert main(["sweep", str(spec_path), "--db", str(db), "--quiet"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "another --db" in err[0]
