@@ -41,7 +41,7 @@ from memprop.errors import BudgetError
 from memprop.fake import fake_batch, fake_copy, fake_mode_of
 from memprop.models import training_loss
 from memprop.saved import storage_key, storage_keys
-from memprop.units import format_bytes, parse_size
+from memprop.units import format_bytes, format_flops, format_ms, format_ratio, parse_size
 
 __all__ = ["Plan", "plan", "profile_chain", "simulate"]
 
@@ -217,11 +217,11 @@ class Plan:
             f"{format_bytes(self.none_peak_bytes)}); stored for backward "
             f"{format_bytes(self.predicted_saved_bytes)} (plain "
             f"{format_bytes(self.none_saved_bytes)})",
-            f"  recompute {self.recompute_flops / 1e9:.3f} GFLOP = "
-            f"{self.recompute_flops / max(self.forward_flops, 1):.2f} forward passes",
+            f"  recompute {format_flops(self.recompute_flops)} = "
+            f"{format_ratio(self.recompute_flops / max(self.forward_flops, 1))} forward passes",
         ]
         if self.recompute_ms is not None:
-            lines.append(f"  recompute time ≈ {self.recompute_ms:.1f} ms (measured block forwards)")
+            lines.append(f"  recompute time ≈ {format_ms(self.recompute_ms)} (measured block forwards)")
         return "\n".join(lines)
 
 
