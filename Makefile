@@ -24,9 +24,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
-demo: install
-	$(BIN)/memprop sweep experiments/quickstart.toml
-	$(BIN)/memprop report experiments/quickstart.toml
+demo: install  ## writes reports/demo/ (ignored by git); reports/quickstart/ is the committed copy
+	$(BIN)/memprop sweep experiments/quickstart.toml --db reports/demo/results.sqlite
+	$(BIN)/memprop report reports/demo/results.sqlite -o reports/demo
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -14,7 +14,8 @@ import time
 import torch
 
 from memprop.checkpoint.planner import plan
-from memprop.measure import build_workload, measure_step
+from memprop.measure import measure_step
+from memprop.workload import build_workload
 from memprop.models import model_config
 
 TARGETS = """

@@ -9,7 +9,7 @@ import time
 import torch
 
 from memprop.estimate import estimate
-from memprop.measure import build_workload
+from memprop.workload import build_workload
 from memprop.models import model_config
 from memprop.saved import SavedTensorRecorder
 from memprop.tracker import LiveMemoryTracker

@@ -1,17 +1,37 @@
 """Measure one training step of any ``nn.Module``: what it stores, what it holds, how long.
 
-    m = measure_step(model, batch)            # batch = (inputs, targets)
+    m = measure_step(model, batch)            # batch = (inputs, targets), or any structure
     m.saved_bytes, m.peak_bytes, m.inference_peak_bytes, m.step_ms, m.backward_flops
 
-``measure_step`` runs, in order: warm-up steps; timed plain steps (medians, device
-synchronised); one forward under the ``SavedTensorRecorder``; one step under the
-``LiveMemoryTracker``; one step under ``FlopCounterMode``; the same batch as inference
-(``model.eval()`` under ``torch.no_grad()``); and on CUDA one plain step between
-allocator-peak resets. Each pass measures one thing, so no instrument disturbs another.
+``measure_step`` runs one step body (``_Step``) under one instrument per pass, in order:
+  1. the first step (creates the optimizer's state), under a ``LiveMemoryTracker``;
+  2. the measured step, under a ``LiveMemoryTracker``: the timeline and the peak;
+  3. one forward and backward under the ``SavedTensorRecorder``: what is stored;
+  4. one forward and backward under ``FlopCounter`` (memprop.flops);
+  5. the same batch as inference (``eval()`` under ``torch.no_grad()``), tracked;
+  6. further warm-up steps, then the timed steps (medians, min and max; device synced);
+  7. on CUDA, one plain step between allocator-peak resets.
+Each pass measures one thing, so no instrument disturbs another.
+
+NOTE [ measure_step leaves the model as it found it ]
+  The optimizer memprop builds steps with learning rate 0: every op of the update runs
+  (the same memory, FLOPs and time), and the weights stay bitwise as they were. Buffers
+  (BatchNorm statistics) are restored after the last pass and so is the training mode.
+  A ``Strategy`` object given as ``strategy`` is applied for the measurement and removed
+  afterwards; a string is only the label of what is already applied.
+
+NOTE [ How a tensor budget covers every pass ]
+  With ``budget_bytes``, passes 1, 2 and 5 run under a tracker with that limit
+  (NOTE [ What a tensor budget means ], memprop.budget). Passes 3, 4, 6 and 7 repeat the
+  step of pass 2 (forward and backward alone, or the whole step) from the same state, so
+  they create and free exactly the same storages and need no guard of their own. The
+  largest of the guarded peaks is ``budget_peak_bytes``: the trial fits a tensor budget
+  exactly when ``budget_peak_bytes <= budget``, which a fake-tensor estimate predicts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import resource
 import statistics
@@ -22,50 +42,61 @@ from typing import Any, Callable
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
-
 from torch.utils._pytree import tree_flatten
 
-from memprop.models import Batch, inference_forward, training_loss
+from memprop.errors import ConfigError
+from memprop.flops import FlopCounter
+from memprop.models import inference_forward, training_loss
 from memprop.saved import SavedTensorRecorder, per_module_table
 from memprop.tracker import CATEGORIES, LiveMemoryTracker
 
-__all__ = ["Measurement", "measure_step", "measure", "make_optimizer", "OPTIMIZERS"]
+__all__ = ["Measurement", "measure_step", "make_optimizer", "OPTIMIZERS", "AMP_MODES",
+           "phase_of"]
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
-
-_phase = {"now": "setup"}
-
-
-def current_phase() -> str:
-    """The step phase running now (forward / backward / optimizer / inference / setup):
-    where an out-of-memory error happened, when one does."""
-    return _phase["now"]
+AMP_MODES = ("bf16", "fp16")
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _enter(phase: str) -> None:
-    _phase["now"] = phase
-
-
-def make_optimizer(name: str, params) -> torch.optim.Optimizer:
+def make_optimizer(name: str, params, *, lr: float = 1e-3) -> torch.optim.Optimizer:
     """``sgd`` (no state), ``momentum`` (one buffer per parameter), ``adam`` (two)."""
     if name == "sgd":
-        return torch.optim.SGD(params, lr=1e-3)
+        return torch.optim.SGD(params, lr=lr)
     if name == "momentum":
-        return torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
     if name == "adam":
-        return torch.optim.Adam(params, lr=1e-3)
-    from memprop.errors import ConfigError
+        return torch.optim.Adam(params, lr=lr)
     raise ConfigError(f"memprop.measure: unknown optimizer {name!r}; choose one of: "
                       f"{', '.join(OPTIMIZERS)}")
+
+
+def phase_of(exc: BaseException) -> str:
+    """The step phase (forward / backward / optimizer / inference / setup) in which
+    ``exc`` was raised inside ``measure_step``: where memory ran out, when it did."""
+    return getattr(exc, "memprop_phase", None) or "setup"
+
+
+@contextlib.contextmanager
+def _phase(name: str, tracker: LiveMemoryTracker | None = None):
+    """Run a phase of the step: the tracker's rows carry it, and an exception raised in
+    it carries it too (``phase_of``)."""
+    if tracker is not None:
+        tracker.phase = name
+    try:
+        yield
+    except BaseException as exc:
+        if getattr(exc, "memprop_phase", None) is None:
+            exc.memprop_phase = name
+        raise
 
 
 @dataclasses.dataclass
 class Measurement:
     """One training step, measured (or, with ``predicted=True``, estimated on fake tensors).
 
-    Bytes are raw bytes; times are milliseconds (medians); FLOPs are counted by
-    ``FlopCounterMode`` (a multiply-add counts 2). ``None`` = not measured in this mode."""
+    Bytes are raw bytes; times are milliseconds (medians, with the min and max of the
+    timed repeats); FLOPs are counted by ``FlopCounter`` (torch's formulas) (a multiply-add counts 2).
+    ``None`` = not measured in this mode."""
 
     batch_size: int
     device: str
@@ -78,12 +109,15 @@ class Measurement:
     saved_count: int
     param_saved_bytes: int
     saved: pd.DataFrame = dataclasses.field(repr=False)        # one row per storage
+    amp: str | None = None                                      # autocast: bf16 / fp16
     # live memory (NOTE [ What counts as live memory ], memprop.tracker)
     peak_bytes: int = 0
     start_bytes: int = 0                                        # live before the step
     peak_by_phase: dict[str, int] = dataclasses.field(default_factory=dict)
     peak_by_category: dict[str, int] = dataclasses.field(default_factory=dict)
     timeline: pd.DataFrame = dataclasses.field(default=None, repr=False)
+    first_step_peak_bytes: int = 0                              # the step creating opt. state
+    budget_peak_bytes: int = 0          # max over every pass: what a tensor budget must hold
     # claim C4: the same batch as prediction
     inference_peak_bytes: int = 0
     inference_saved_bytes: int = 0
@@ -97,17 +131,28 @@ class Measurement:
     backward_ms: float | None = None
     optimizer_ms: float | None = None
     step_ms: float | None = None
+    step_ms_min: float | None = None
+    step_ms_max: float | None = None
     repeats: int = 0
+    threads: int = 0                                            # torch.get_num_threads()
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def saved_per_module(self) -> pd.DataFrame:
         return per_module_table(self.saved)
 
+    @property
+    def timing_spread(self) -> float | None:
+        """(max - min) / median of the timed steps: 0 for steady timings."""
+        if not self.step_ms or self.step_ms_min is None:
+            return None
+        return (self.step_ms_max - self.step_ms_min) / self.step_ms
+
     def summary(self) -> dict[str, Any]:
         """The scalar results as one flat dict (a result row)."""
         row = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                if not isinstance(getattr(self, f.name), (pd.DataFrame, dict))}
+        row["timing_spread"] = self.timing_spread
         for phase, value in self.peak_by_phase.items():
             row[f"{phase}_peak_bytes"] = value
         for cat in CATEGORIES:
@@ -131,180 +176,212 @@ def _batch_tensors(batch) -> list[torch.Tensor]:
     return [t for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor)]
 
 
-def _batch_device(batch) -> torch.device:
-    tensors = _batch_tensors(batch)
-    return tensors[0].device if tensors else torch.device("cpu")
+class _Step:
+    """One training step - forward (the loss), backward, optimizer - of a model on a
+    batch: the body every pass of ``measure_step`` runs under its own instrument.
+
+    ``amp``: run forward (and the loss) under ``torch.autocast`` in bf16 or fp16; fp16
+    scales the loss with a ``GradScaler``, as mixed-precision training does."""
+
+    def __init__(self, model, batch, optimizer: torch.optim.Optimizer, loss_fn,
+                 device: torch.device, amp: str | None):
+        self.model, self.batch, self.opt, self.loss_fn = model, batch, optimizer, loss_fn
+        self.device, self.amp = device, amp
+        self.scaler = (torch.amp.GradScaler(device.type) if amp == "fp16" else None)
+
+    def autocast(self):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=_AMP_DTYPES[self.amp])
+
+    def loss(self) -> torch.Tensor:
+        with self.autocast():
+            loss = self.loss_fn(self.model, self.batch)
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
+    def forward_backward(self, tracker: LiveMemoryTracker | None = None) -> None:
+        with _phase("forward", tracker):
+            loss = self.loss()
+        with _phase("backward", tracker):
+            loss.backward()
+            del loss
+
+    def optimizer_step(self, tracker: LiveMemoryTracker | None = None) -> None:
+        with _phase("optimizer", tracker):
+            if self.scaler is not None:
+                self.scaler.step(self.opt)
+                self.scaler.update()
+            else:
+                self.opt.step()
+            if tracker is not None:
+                tracker.tag_optimizer_state()
+            self.opt.zero_grad(set_to_none=True)
+
+    def run(self, tracker: LiveMemoryTracker | None = None) -> None:
+        self.forward_backward(tracker)
+        if tracker is not None:
+            tracker.end_backward()
+        self.optimizer_step(tracker)
+
+    def timed(self) -> tuple[float, float, float]:
+        """One step timed: (forward, backward, optimizer) milliseconds, device synced."""
+        _sync(self.device)
+        t0 = time.perf_counter()
+        with _phase("forward"):
+            loss = self.loss()
+        _sync(self.device)
+        t1 = time.perf_counter()
+        with _phase("backward"):
+            loss.backward()
+            del loss
+        _sync(self.device)
+        t2 = time.perf_counter()
+        self.optimizer_step()
+        _sync(self.device)
+        t3 = time.perf_counter()
+        return (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3
 
 
-def measure_step(model: nn.Module, batch: Batch, *, optimizer: str = "sgd",
+@contextlib.contextmanager
+def _as_found(model: nn.Module, strategy, batch, loss_fn):
+    """Apply ``strategy`` (an object with ``apply``) for the measurement; afterwards put
+    back the mode, the buffers and the plain model (NOTE [ measure_step leaves the model
+    as it found it ])."""
+    was_training = model.training
+    with torch.no_grad():
+        buffers = [(b, b.clone()) for b in model.buffers()]
+    applied = hasattr(strategy, "apply")
+    if applied:
+        strategy.apply(model, example_batch=batch)
+    try:
+        yield
+    finally:
+        if applied:
+            strategy.remove(model)
+        with torch.no_grad():
+            for b, value in buffers:
+                b.copy_(value)
+        model.train(was_training)
+
+
+def _stored_pass(step: _Step, tensors) -> SavedTensorRecorder:
+    """Pass 3: one forward under the recorder (then its backward): what is stored."""
+    with _phase("forward"), SavedTensorRecorder(step.model, inputs=tensors) as rec:
+        with step.autocast():
+            loss = step.loss_fn(step.model, step.batch)
+        rec.add_root(loss)
+    with _phase("backward"):
+        loss.backward()
+        del loss
+    step.opt.zero_grad(set_to_none=True)
+    return rec
+
+
+def _flops_pass(step: _Step) -> tuple[int, int]:
+    """Pass 4: (forward, backward) FLOPs of one step."""
+    with FlopCounter() as fwd:
+        loss = step.loss()
+    with FlopCounter() as bwd:
+        loss.backward()
+    del loss
+    step.opt.zero_grad(set_to_none=True)
+    return fwd.total, bwd.total
+
+
+def _inference_pass(step: _Step, forward_fn, tracker: LiveMemoryTracker) -> tuple[int, int]:
+    """Pass 5 (claim C4): (peak, stored bytes) of the batch as prediction alone."""
+    step.model.eval()
+    tracker.phase = "inference"
+    with _phase("inference"), torch.no_grad(), SavedTensorRecorder(step.model) as rec:
+        with tracker, step.autocast():
+            out = forward_fn(step.model, step.batch)
+            del out
+    step.model.train()
+    return tracker.peak_bytes, rec.saved_bytes
+
+
+def _device_peak_pass(step: _Step) -> tuple[int | None, int | None]:
+    """Pass 7: (allocated, reserved) peak bytes of one plain step as the device sees it:
+    CUDA's allocator after a reset; on CPU the process's resident-set high-water mark."""
+    if step.device.type != "cuda":
+        return _rss_peak_bytes(), None
+    _sync(step.device)
+    torch.cuda.reset_peak_memory_stats(step.device)
+    step.run()
+    _sync(step.device)
+    return (torch.cuda.max_memory_allocated(step.device),
+            torch.cuda.max_memory_reserved(step.device))
+
+
+def measure_step(model: nn.Module, batch, *, optimizer: str = "sgd",
                  loss_fn: Callable[[nn.Module, Any], torch.Tensor] = training_loss,
                  forward_fn: Callable[[nn.Module, Any], Any] = inference_forward,
-                 strategy: str = "none", warmup: int = 1, repeats: int = 3,
-                 timing: bool = True, flops: bool = True, inference: bool = True,
-                 predicted: bool = False) -> Measurement:
+                 strategy="none", amp: str | None = None, budget_bytes: int | None = None,
+                 warmup: int = 1, repeats: int = 3, timing: bool = True, flops: bool = True,
+                 inference: bool = True, predicted: bool = False) -> Measurement:
     """Measure one training step of ``model`` on ``batch`` (see module docstring).
 
     ``batch`` may have any structure; ``loss_fn(model, batch)`` returns the scalar a step
     differentiates and ``forward_fn(model, batch)`` runs prediction alone (defaults: the
-    zoo's ``(inputs, targets)`` and ``model.objective``).
-
-    ``strategy`` is only recorded here; apply it to ``model`` first (memprop.checkpoint).
-    ``timing=False`` skips warm-up and timed repeats (used under fake tensors)."""
-    device = _batch_device(batch)
-    opt = make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad])
-    model.train()
-
-    def step(tracker: LiveMemoryTracker | None = None):
-        _enter("forward")
-        if tracker is not None:
-            tracker.phase = "forward"
-        loss = loss_fn(model, batch)
-        _enter("backward")
-        if tracker is not None:
-            tracker.phase = "backward"
-        loss.backward()
-        del loss
-        _enter("optimizer")
-        if tracker is not None:
-            tracker.end_backward()
-            tracker.phase = "optimizer"
-        opt.step()
-        if tracker is not None:
-            tracker.tag_optimizer_state()
-        opt.zero_grad(set_to_none=True)
-
-    times: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": [], "step": []}
-    if timing:
-        for _ in range(warmup):
-            step()
-        for _ in range(repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            _enter("forward")
-            loss = loss_fn(model, batch)
-            _sync(device)
-            t1 = time.perf_counter()
-            _enter("backward")
-            loss.backward()
-            del loss
-            _sync(device)
-            t2 = time.perf_counter()
-            _enter("optimizer")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            _sync(device)
-            t3 = time.perf_counter()
-            times["forward"].append((t1 - t0) * 1e3)
-            times["backward"].append((t2 - t1) * 1e3)
-            times["optimizer"].append((t3 - t2) * 1e3)
-            times["step"].append((t3 - t0) * 1e3)
-    else:
-        step()  # the optimizer state exists from here on, as after a warm-up
-
-    _enter("forward")
-    with SavedTensorRecorder(model, inputs=_batch_tensors(batch)) as rec:
-        loss = loss_fn(model, batch)
-        rec.add_root(loss)
-    loss.backward()
-    del loss
-    opt.zero_grad(set_to_none=True)
-
-    tracker = LiveMemoryTracker(model, optimizer=opt, inputs=batch, device=device)
-    with tracker:
-        start_bytes = tracker.live_bytes
-        step(tracker)
-
-    fwd_flops = bwd_flops = 0
-    if flops:
-        with FlopCounterMode(display=False) as fc:
-            loss = loss_fn(model, batch)
-        fwd_flops = fc.get_total_flops()
-        with FlopCounterMode(display=False) as fc:
-            loss.backward()
-        bwd_flops = fc.get_total_flops()
-        del loss
-        opt.zero_grad(set_to_none=True)
-
-    inf_peak = inf_saved = 0
-    if inference:
-        _enter("inference")
-        model.eval()
-        infer = LiveMemoryTracker(model, inputs=batch, device=device)
-        infer.phase = "inference"
-        with torch.no_grad(), SavedTensorRecorder(model) as inf_rec, infer:
-            out = forward_fn(model, batch)
-            del out
-        inf_peak, inf_saved = infer.peak_bytes, inf_rec.saved_bytes
-        model.train()
-
-    dev_peak = dev_reserved = None
-    if not predicted:
-        if device.type == "cuda":
-            _sync(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            step()
-            _sync(device)
-            dev_peak = torch.cuda.max_memory_allocated(device)
-            dev_reserved = torch.cuda.max_memory_reserved(device)
-        else:
-            dev_peak = _rss_peak_bytes()
-
-    _enter("setup")
-    med = {k: statistics.median(v) if v else None for k, v in times.items()}
+    zoo's ``(inputs, targets)`` and ``model.objective``). ``amp``: ``bf16`` / ``fp16``
+    autocast. ``budget_bytes``: a tensor budget (NOTE [ How a tensor budget covers every
+    pass ]); past it ``TensorBudgetExceeded`` (a ``torch.OutOfMemoryError``) is raised.
+    ``timing=False`` skips the timed repeats (used under fake tensors). The model is left
+    as it was found (NOTE [ measure_step leaves the model as it found it ])."""
+    if amp is not None and amp not in AMP_MODES:
+        raise ConfigError(f"memprop.measure: amp {amp!r} is not allowed; choose one of: "
+                          f"{', '.join(AMP_MODES)}, or None for full precision")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ConfigError(f"memprop.measure: repeats = {repeats!r} is not allowed; it must "
+                          "be an integer >= 1")
     tensors = _batch_tensors(batch)
+    device = tensors[0].device if tensors else torch.device("cpu")
+    with _as_found(model, strategy, batch, loss_fn):
+        model.train()
+        opt = make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad],
+                             lr=0.0)
+        step = _Step(model, batch, opt, loss_fn, device, amp)
+
+        def tracker(**kw) -> LiveMemoryTracker:
+            return LiveMemoryTracker(model, inputs=batch, device=device,
+                                     limit_bytes=budget_bytes, **kw)
+
+        with tracker(optimizer=opt) as first:             # 1. creates optimizer state
+            step.run(first)
+        with tracker(optimizer=opt) as tracked:           # 2. the measured step
+            start_bytes = tracked.live_bytes
+            step.run(tracked)
+        rec = _stored_pass(step, tensors)                 # 3. what autograd stores
+        fwd_flops, bwd_flops = _flops_pass(step) if flops else (0, 0)
+        inf_peak, inf_saved = _inference_pass(step, forward_fn, tracker()) if inference \
+            else (0, 0)
+        times = []
+        if timing:                                        # 6. time
+            for _ in range(max(warmup - 1, 0)):
+                step.run()
+            times = [step.timed() for _ in range(repeats)]
+        dev_peak, dev_reserved = (None, None) if predicted else _device_peak_pass(step)
+
+    steps = [sum(t) for t in times]
+    median = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
+    first_param = next(model.parameters(), None)
     return Measurement(
         batch_size=int(tensors[0].shape[0]) if tensors and tensors[0].dim() else 0,
-        device=str(device), dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
-        strategy=str(strategy), optimizer=optimizer, predicted=predicted,
+        device=str(device),
+        dtype=str(first_param.dtype if first_param is not None else torch.float32
+                  ).replace("torch.", ""),
+        strategy=str(getattr(strategy, "spec", strategy)), optimizer=optimizer,
+        predicted=predicted, amp=amp,
         saved_bytes=rec.saved_bytes, saved_count=rec.saved_count,
         param_saved_bytes=rec.param_saved_bytes, saved=rec.frame(),
-        peak_bytes=tracker.peak_bytes, start_bytes=start_bytes,
-        peak_by_phase=tracker.peak_by_phase(), peak_by_category=tracker.peak_by_category(),
-        timeline=tracker.timeline(),
+        peak_bytes=tracked.peak_bytes, start_bytes=start_bytes,
+        peak_by_phase=tracked.peak_by_phase(), peak_by_category=tracked.peak_by_category(),
+        timeline=tracked.timeline(), first_step_peak_bytes=first.peak_bytes,
+        budget_peak_bytes=max(first.peak_bytes, tracked.peak_bytes, inf_peak),
         inference_peak_bytes=inf_peak, inference_saved_bytes=inf_saved,
         device_peak_bytes=dev_peak, device_reserved_bytes=dev_reserved,
         forward_flops=fwd_flops, backward_flops=bwd_flops,
-        forward_ms=med["forward"], backward_ms=med["backward"], optimizer_ms=med["optimizer"],
-        step_ms=med["step"],
-        repeats=repeats if timing else 0)
-
-
-def check_device(device) -> None:
-    """A clear error for a device this torch cannot use (before anything is built)."""
-    from memprop.errors import ConfigError
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"memprop: unknown device {device!r}; use cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            f"memprop: device {device!r} requested, but torch {torch.__version__} sees no CUDA "
-            "device; use --device cpu, or install a CUDA build (make test "
-            "TORCH_INDEX=https://download.pytorch.org/whl/cu128)")
-    if dev.type not in ("cpu", "cuda", "meta"):
-        raise ConfigError(f"memprop: device {device!r} is not supported; use cpu or cuda")
-
-
-def build_workload(config, batch_size: int, *, dtype=torch.float32, device="cpu",
-                   strategy: str = "none", seed: int = 0):
-    """(model, batch) for a model config, with ``strategy`` applied to the model."""
-    check_device(device)
-    model = config.build(dtype=dtype, device=device, seed=seed)
-    batch = config.example_batch(batch_size, dtype=dtype, device=device, seed=seed)
-    if strategy not in (None, "none"):
-        from memprop.checkpoint import apply_strategy
-        apply_strategy(model, strategy, example_batch=batch, loss_fn=config.loss)
-    return model, batch
-
-
-def measure(config, batch_size: int, *, dtype=torch.float32, device="cpu",
-            strategy: str = "none", optimizer: str = "sgd", seed: int = 0,
-            **kwargs) -> Measurement:
-    """``measure_step`` on a model config: builds the model and batch, applies
-    ``strategy``, measures. ``kwargs`` go to ``measure_step``."""
-    model, batch = build_workload(config, batch_size, dtype=dtype, device=device,
-                                  strategy=strategy, seed=seed)
-    result = measure_step(model, batch, optimizer=optimizer, strategy=strategy,
-                          loss_fn=config.loss, forward_fn=config.forward, **kwargs)
-    result.meta.update(config.row_fields())
-    return result
+        forward_ms=median([t[0] for t in times]), backward_ms=median([t[1] for t in times]),
+        optimizer_ms=median([t[2] for t in times]), step_ms=median(steps),
+        step_ms_min=min(steps) if steps else None, step_ms_max=max(steps) if steps else None,
+        repeats=len(times), threads=torch.get_num_threads())

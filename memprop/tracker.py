@@ -39,6 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from memprop._module_scope import ModuleScope
+from memprop.budget import TensorBudgetExceeded
 from memprop.saved import _STORE_OBSERVERS
 
 __all__ = ["LiveMemoryTracker", "CATEGORIES", "PHASES"]
@@ -65,10 +66,15 @@ class LiveMemoryTracker:
     """Context manager tracking live storages by category; see NOTE above.
 
     Set ``tracker.phase`` to ``forward`` / ``backward`` / ``optimizer`` (or
-    ``inference``) as the step proceeds; rows carry the phase in force."""
+    ``inference``) as the step proceeds; rows carry the phase in force.
+
+    ``limit_bytes``: a tensor budget (NOTE [ What a tensor budget means ],
+    memprop.budget): the op whose new storages take live bytes above it raises
+    ``TensorBudgetExceeded``."""
 
     def __init__(self, model: nn.Module | None = None, *, optimizer=None,
-                 inputs: Iterable = (), device=None):
+                 inputs: Iterable = (), device=None, limit_bytes: int | None = None):
+        self.limit_bytes = limit_bytes
         self.model, self.optimizer = model, optimizer
         # count only storages on this device (None: all), so that on CUDA host copies
         # (offloaded activations, pinned buffers) do not count as device memory
@@ -129,14 +135,19 @@ class LiveMemoryTracker:
         name = str(func.overloadpacket) if hasattr(func, "overloadpacket") else str(func)
         if name in _IGNORED_OPS:
             return
+        totals = self._totals
+        before = sum(totals)
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self._add(t, "temporary")
         node = torch._C._current_autograd_node() if self.phase == "backward" else None
         where = node.name() if node is not None else self._scope.current
-        totals = self._totals
-        self._rows.append((len(self._rows), self.phase, where, name.replace("aten.", ""),
-                           *totals, sum(totals)))
+        live, op = sum(totals), name.replace("aten.", "")
+        if self.limit_bytes is not None and live > self.limit_bytes:
+            raise TensorBudgetExceeded(budget_bytes=self.limit_bytes, live_bytes=live,
+                                       requested_bytes=live - before, op=op, where=where,
+                                       phase=self.phase)
+        self._rows.append((len(self._rows), self.phase, where, op, *totals, live))
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         key = t.untyped_storage()._cdata
@@ -189,6 +200,11 @@ class LiveMemoryTracker:
     # -- context --------------------------------------------------------------------
     def __enter__(self) -> "LiveMemoryTracker":
         self._tag_existing()
+        live = self.live_bytes
+        if self.limit_bytes is not None and live > self.limit_bytes:
+            raise TensorBudgetExceeded(budget_bytes=self.limit_bytes, live_bytes=live,
+                                       requested_bytes=0, op="(already live)", where="",
+                                       phase=self._phase)
         if self.model is not None:
             self._handles = [p.register_post_accumulate_grad_hook(self._on_grad)
                              for p in self.model.parameters() if p.requires_grad]

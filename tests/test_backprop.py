@@ -62,8 +62,14 @@ def test_walkthrough_numbers():
     assert "∂J/∂W1 = (∂J/∂z)ᵀ x + λ W1" in text and "ReluBackward0" in text
 
 
-@pytest.mark.parametrize("phi,saves_z", [("relu", False), ("tanh", False), ("sigmoid", False)])
-def test_autograd_keeps_h_not_z(phi, saves_z):
+@pytest.mark.parametrize("phi,op", [("relu", "ReluBackward0"), ("tanh", "TanhBackward0"),
+                                    ("sigmoid", "SigmoidBackward0")])
+def test_autograd_keeps_h_not_z(phi, op):
+    """φ' is computed from φ(z) for these φ: autograd keeps h (shared with W2's matmul),
+    and z is stored by nobody."""
     w = gather_backprop(d=6, h=5, q=3, batch=2, phi=phi)
     hidden = w.autograd_saved[w.autograd_saved["module"] == "blocks.0.phi"]
     assert len(hidden) == 1 and hidden.saves.iloc[0] == 2  # φ's output, and W2's input
+    assert hidden.op.iloc[0] == op and hidden["shape"].iloc[0] == "(2, 5)"   # (B, h)
+    assert not (w.autograd_saved["module"] == "blocks.0.linear").any() or (
+        w.autograd_saved.query("module == 'blocks.0.linear'").kind == "input").all()

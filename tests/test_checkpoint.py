@@ -10,7 +10,7 @@ from torch import nn
 from memprop.checkpoint import (STRATEGY_FORMS, Blocks, EveryK, Full, Segments, Sqrt,
                                 apply_strategy, parse_strategy, remove_strategy)
 from memprop.errors import StrategyError
-from memprop.measure import build_workload, measure
+from memprop.workload import build_workload, measure
 from memprop.models import model_config, training_loss
 
 ZOO = {

@@ -5,7 +5,8 @@ import textwrap
 
 import pytest
 
-from memprop.measure import build_workload, measure_step
+from memprop.measure import measure_step
+from memprop.workload import build_workload
 from memprop.models import model_config
 
 pytestmark = pytest.mark.requires_cuda
@@ -42,7 +43,7 @@ def test_cuda_budget_records_a_real_out_of_memory(tmp_path):
         budget = "512MiB"
         repeats = 1
     """))
-    run_sweep(load_spec(spec), db_path=tmp_path / "r.sqlite", progress=False)
+    run_sweep(load_spec(spec), db_path=tmp_path / "r.sqlite")
     rows = load_results(tmp_path / "r.sqlite").set_index("batch")
     assert rows.loc[64, "status"] == "ok"
     assert rows.loc[65536, "status"] == "oom"

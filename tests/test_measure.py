@@ -1,10 +1,15 @@
 """Live memory, peaks, inference vs training, and fake-tensor estimates against measurement."""
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
 from memprop.estimate import estimate
-from memprop.measure import build_workload, measure, measure_step
+from memprop.measure import measure_step
+from memprop.workload import build_workload, measure
 from memprop.models import model_config
 from memprop.tracker import LiveMemoryTracker
 
@@ -102,3 +107,27 @@ def test_estimate_of_a_config_beyond_this_machine_allocates_nothing():
     assert psutil.Process().memory_info().rss - rss < 512 * 2**20
     # 31 hidden weights of 16384² floats are saved as Wᵀ (counted apart)
     assert m.param_saved_bytes == 31 * 16384 * 16384 * 4 + 10 * 16384 * 4
+
+
+def test_flops_of_a_20000_block_chain_count_and_free_without_crashing():
+    """FlopCounterMode's module wrappers overflowed the C stack freeing this graph (rc 139);
+    memprop's counter has none. Run in a child so that a crash fails the test."""
+    code = textwrap.dedent("""
+        import torch
+        from memprop.flops import FlopCounter
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(*[torch.nn.Linear(2, 2, bias=False) for _ in range(20000)])
+        x = torch.randn(3, 2)
+        with FlopCounter() as fwd:
+            loss = net(x).sum()
+        with FlopCounter() as bwd:
+            loss.backward()
+        del loss
+        print(fwd.total, bwd.total)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-500:]
+    # one (3 x 2) @ (2 x 2) matmul = 2 * 3 * 2 * 2 FLOPs per block; backward: the weight's
+    # gradient in every block, the input's in all but the first (x needs no gradient)
+    assert out.stdout.split() == [str(20000 * 24), str(20000 * 24 + 19999 * 24)]

@@ -9,7 +9,8 @@ from memprop.checkpoint import apply_strategy, parse_strategy
 from memprop.checkpoint.dp import ChainCosts, brute_force, min_peak, model_peak, solve
 from memprop.checkpoint.planner import plan, simulate
 from memprop.errors import BudgetError
-from memprop.measure import build_workload, measure_step
+from memprop.measure import measure_step
+from memprop.workload import build_workload
 from memprop.models import model_config
 
 

@@ -7,6 +7,7 @@ import re
 import shutil
 import sqlite3
 import subprocess
+import sys
 import textwrap
 
 import numpy as np
@@ -51,7 +52,7 @@ def built(tmp_path_factory):
     spec_path.write_text(textwrap.dedent(SPEC))
     spec = load_spec(spec_path)
     db = root / "results.sqlite"
-    run_sweep(spec, db_path=db, progress=False)
+    run_sweep(spec, db_path=db)
     run_frontier(spec, db_path=db, progress=None)
     files = build_report(db, root / "out")
     return root, db, files
@@ -72,6 +73,8 @@ def test_every_figure_exists_and_is_a_valid_image(built):
 def test_claim_numbers_equal_a_recomputation_from_the_store(built):
     _, db, _ = built
     claims = {c.id: c for c in compute_claims(load_report_data(db))}
+    # C3 reads a check the sweep stores for d2l_mlp trials; this store has none
+    assert claims.pop("C3").verdict.startswith("no data")
     assert all(c.supported for c in claims.values()), {k: c.verdict for k, c in claims.items()}
     rows = pd.read_sql_query("SELECT config, result, status FROM trials", sqlite3.connect(db))
     config = pd.json_normalize(rows.config.map(json.loads))
@@ -114,7 +117,54 @@ def test_claim_numbers_equal_a_recomputation_from_the_store(built):
     fwd = timeline[timeline.phase == "forward"].activation_bytes
     assert claims["C1"].numbers["end_bytes"] == fwd.max()
     assert claims["C2"].numbers["end_bytes"] == 0
-    assert claims["C3"].numbers["max_abs_diff"] < 1e-10
+
+
+def test_c3_reads_the_formula_check_the_sweep_stored(built, tmp_path):
+    from memprop.report.claims import FORMULA_CHECK_FIELD, claim_c3
+    from memprop.sweep.trial import Trial
+    _, db, _ = built
+    copy = tmp_path / "with_d2l.sqlite"
+    shutil.copy(db, copy)
+    with ResultsStore(copy) as store:
+        for batch, diff in ((8, 2.5e-17), (16, 5.6e-17)):
+            store.put(Trial(spec="tiny_report", model="d2l_mlp",
+                            model_fields=(("d", 20), ("h", 8), ("q", 4)), batch=batch),
+                      {"status": "ok", "mode": "measure", "saved_bytes": 1, "peak_bytes": 2,
+                       FORMULA_CHECK_FIELD: diff})
+    c3 = claim_c3(load_report_data(copy))
+    assert c3.supported is True and c3.numbers == {"max_abs_diff": 5.6e-17, "n": 2}
+    assert "agree to 5.6e-17" in c3.verdict and "d=20, h=8, q=4" in c3.verdict
+
+
+def test_rendering_measures_nothing(built, tmp_path, monkeypatch):
+    """The report reads the store: no step is measured or estimated while it renders."""
+    import memprop.checkpoint.planner
+    import memprop.measure
+    import memprop.workload
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the report ran a measurement")
+    for module, name in ((memprop.workload, "estimate"), (memprop.workload, "measure"),
+                         (sys.modules["memprop.measure"], "measure_step"),
+                         (memprop.checkpoint.planner, "simulate")):
+        monkeypatch.setattr(module, name, refuse)
+    _, db, _ = built
+    files = build_report(db, tmp_path / "pure")
+    assert all(files[f"figures/{name}.png"].exists() for name in ALL_FIGURES)
+
+
+def test_configs_are_rebuilt_exactly_from_the_stored_trial(built):
+    from memprop.sweep.trial import Trial
+    _, db, _ = built
+    data = load_report_data(db)
+    with ResultsStore(db) as store:
+        stored = dict(store.db.execute("SELECT key, config FROM trials"))
+    for key in data.results.key:
+        assert data.config(key) == Trial.from_dict(json.loads(stored[key])).config()
+    # frontier probes count no FLOPs and run no inference: "not measured", not 0
+    probes = data.results[data.results["mode"] == "fit"]
+    assert len(probes) and probes.forward_flops.isna().all()
+    assert probes.inference_peak_bytes.isna().all()
 
 
 def test_html_is_offline_escaped_and_md_links_figures(built):
@@ -199,9 +249,9 @@ def test_report_of_a_spec_shows_its_current_grid_only(tmp_path, monkeypatch):
         repeats = 1
         estimate = false
     """))
-    run_sweep(load_spec(spec_path), progress=False)
+    run_sweep(load_spec(spec_path))
     spec_path.write_text(spec_path.read_text().replace("batch = [4]", "batch = [8]"))
-    run_sweep(load_spec(spec_path), progress=False)
+    run_sweep(load_spec(spec_path))
     data = load_report_data(spec_path)
     assert data.stale == 2 and sorted(data.results.batch) == [8, 8]
     assert len(load_report_data(tmp_path / "reports/changing/results.sqlite").results) == 4

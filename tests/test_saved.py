@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from memprop.measure import build_workload, measure
+from memprop.workload import build_workload, measure
 from memprop.models import model_config, training_loss
 from memprop.predict import predict_saved_bytes
 from memprop.saved import SavedTensorRecorder

@@ -134,14 +134,17 @@ def test_failures_are_results_oom_crashed_timeout(tmp_path, monkeypatch):
         timeout = 60
     """))
     db = tmp_path / "r.sqlite"
-    summary = run_sweep(spec, db_path=db, progress=False)
+    summary = run_sweep(spec, db_path=db)
     assert summary.counts == {"ok": 1, "oom": 1}
     rows = load_results(db).set_index("batch")
-    assert rows.loc[8, "status"] == "ok" and rows.loc[8, "peak_bytes"] < 16 * 2**20
-    assert rows.loc[4096, "status"] == "oom"
-    assert rows.loc[4096, "phase"] in ("forward", "backward")
-    assert "can't allocate memory" in rows.loc[4096, "error"]
-    assert rows.loc[8, "address_space_limit_bytes"] > rows.loc[8, "baseline_address_space_bytes"]
+    assert rows.loc[8, "status"] == "ok" and rows.loc[8, "budget_peak_bytes"] <= 16 * 2**20
+    oom = rows.loc[4096]
+    assert oom.status == "oom" and oom.budget_mode == "tensor"
+    # the first matmul's output (4096 x 512 float32 = 8 MiB) is what no longer fits
+    assert (oom.phase, oom.oom_op, oom.oom_where) == ("forward", "addmm", "blocks.0.linear")
+    assert oom.oom_requested_bytes == 4096 * 512 * 4
+    assert oom.oom_live_bytes > 16 * 2**20 >= oom.oom_live_bytes - oom.oom_requested_bytes
+    assert "TensorBudgetExceeded" in oom.error
 
     for factory, status in (("trial_models:dies", "crashed"), ("trial_models:hangs", "timeout")):
         other = load_spec(write(tmp_path, f"""
@@ -153,10 +156,10 @@ def test_failures_are_results_oom_crashed_timeout(tmp_path, monkeypatch):
             batch = [2]
             [run]
             repeats = 1
-            timeout = 3
+            timeout = 15
             estimate = false
         """, f"{status}.toml"))
-        run_sweep(other, db_path=db, progress=False)
+        run_sweep(other, db_path=db)
     rows = load_results(db)
     crashed = rows[rows.status == "crashed"].iloc[0]
     assert crashed.signal == "SIGKILL" and "killed by SIGKILL" in crashed.error
@@ -202,7 +205,7 @@ def test_sigkill_keeps_finished_trials_and_rerun_completes_the_rest(tmp_path):
     assert (kept.status == "ok").all() and kept.peak_bytes.notna().all()   # rows intact
 
     spec = load_spec(spec_path)
-    summary = run_sweep(spec, db_path=db, progress=False)
+    summary = run_sweep(spec, db_path=db)
     assert summary.skipped == len(kept) and summary.ran == 8 - len(kept)
     final = load_results(db)
     assert sorted(final.key) == sorted(t.key() for t in spec.trials())   # = an uninterrupted run
@@ -231,8 +234,8 @@ def test_frontier_finds_a_batch_that_fits_and_the_next_step_runs_out(tmp_path):
     assert rows.loc[point.confirmed_batch, "status"] == "ok"
     assert rows.loc[point.confirmed_batch + 512, "status"] == "oom"
     assert point.first_oom_batch == point.confirmed_batch + 512
-    assert 0 < point.predicted_batch <= point.confirmed_batch     # the prediction is safe
-    assert point.real_trials == len(rows) < point.probe_trials_doubling
+    assert point.predicted_batch == point.confirmed_batch      # exact with a tensor budget
+    assert point.real_trials == len(rows) == 2 < point.probe_trials_doubling
     with ResultsStore(db) as store:
         assert store.frontier().confirmed_batch.tolist() == [point.confirmed_batch]
 

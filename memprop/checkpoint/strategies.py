@@ -98,6 +98,10 @@ class Strategy:
         """Segments chosen from a profile of the model (``budget:SIZE``), else None."""
         return None
 
+    def remove(self, model: nn.Module) -> nn.Module:
+        """Undo ``apply``: the model runs plainly again."""
+        return remove_strategy(model)
+
     def segments_for(self, model, *, blocks_attr=None, blocks=None, check_fn=None,
                      example_batch=None, loss_fn=None) -> list[tuple[int, int]]:
         """The segments this strategy checkpoints on ``model``'s one chain."""

@@ -5,14 +5,7 @@ the tensors autograd itself saves."""
 from __future__ import annotations
 
 import dataclasses
-
-import pandas as pd
-import torch
-
-from memprop import backprop as bp
-from memprop.cli._common import parse_dtype, render_table
-from memprop.models import D2LConfig, training_loss
-from memprop.saved import SavedTensorRecorder
+from memprop.cli._common import DTYPE_NAMES, add_command, parse_dtype, positive_int, render_table
 from memprop.units import format_bytes
 
 _FORWARD_STEPS = [("x", "input", "(B, d)"), ("z", "X W1ᵀ", "(B, h)"),
@@ -30,21 +23,29 @@ _BACKWARD_STEPS = [
 class BackpropWalkthrough:
     """Everything ``memprop backprop`` shows, as data."""
 
-    config: D2LConfig
+    config: "D2LConfig"
     batch: int
-    dtype: torch.dtype
-    forward: pd.DataFrame        # step, variable, formula, shape, stored_bytes
+    dtype: "torch.dtype"
+    forward: "pd.DataFrame"        # step, variable, formula, shape, stored_bytes
     stored_bytes: int            # measured from the cache
     formula_bytes: int           # B·(d + 2h + q)·itemsize
     scalars: dict[str, float]    # L, s, J
-    backward: pd.DataFrame       # step, gradient, formula, uses, shape, max_abs_diff
-    autograd_saved: pd.DataFrame  # SavedTensorRecorder.frame() of the same network
+    backward: "pd.DataFrame"       # step, gradient, formula, uses, shape, max_abs_diff
+    autograd_saved: "pd.DataFrame"  # SavedTensorRecorder.frame() of the same network
     autograd_saved_bytes: int
     autograd_param_bytes: int
 
 
 def gather_backprop(*, d=784, h=256, q=10, batch=64, phi="relu", lam=1e-3,
-                    dtype=torch.float32, seed=0) -> BackpropWalkthrough:
+                    dtype=None, seed=0) -> BackpropWalkthrough:
+    import pandas as pd
+    import torch
+
+    from memprop import backprop as bp
+    from memprop.models import D2LConfig, training_loss
+    from memprop.saved import SavedTensorRecorder
+
+    dtype = dtype or torch.float32
     cfg = D2LConfig(d=d, h=h, q=q, phi=phi, lam=lam)
     model = cfg.build(dtype=dtype, seed=seed)
     (x,), y = cfg.example_batch(batch, dtype=dtype, seed=seed)
@@ -77,6 +78,8 @@ def gather_backprop(*, d=784, h=256, q=10, batch=64, phi="relu", lam=1e-3,
 
 
 def render_backprop(w: BackpropWalkthrough) -> str:
+    import torch
+
     c = w.config
     dtype = str(w.dtype).replace("torch.", "")
     itemsize = torch.empty((), dtype=w.dtype).element_size()
@@ -109,17 +112,16 @@ def render_backprop(w: BackpropWalkthrough) -> str:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("backprop", help="walk through forward and backward propagation of "
-                       "the notes' one-hidden-layer network",
-                       description=__doc__)
-    p.add_argument("--d", type=int, default=784, help="input size d (default 784)")
-    p.add_argument("--h", type=int, default=256, help="hidden size h (default 256)")
-    p.add_argument("--q", type=int, default=10, help="output size q (default 10)")
-    p.add_argument("--batch", type=int, default=64, help="minibatch size B (default 64)")
+    p = add_command(sub, "backprop", help="walk through forward and backward propagation of "
+                    "the notes' one-hidden-layer network", doc=__doc__)
+    p.add_argument("--d", type=positive_int, default=784, help="input size d")
+    p.add_argument("--h", type=positive_int, default=256, help="hidden size h")
+    p.add_argument("--q", type=positive_int, default=10, help="output size q")
+    p.add_argument("--batch", type=positive_int, default=64, help="minibatch size B")
     p.add_argument("--phi", default="relu", help="activation φ: relu, tanh, sigmoid")
-    p.add_argument("--lam", type=float, default=1e-3, help="L2 weight λ (default 1e-3)")
-    p.add_argument("--dtype", default="float32", help="float32 (default), float64, bfloat16")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lam", type=float, default=1e-3, help="L2 weight λ")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="dtype of weights and inputs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch")
     p.set_defaults(func=backprop_command)
 
 

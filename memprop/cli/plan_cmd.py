@@ -4,27 +4,29 @@ allocated), so budgets for configurations beyond this machine can be planned."""
 
 from __future__ import annotations
 
-import pandas as pd
-from torch._subclasses.fake_tensor import FakeTensorMode
+import json
 
-from memprop.checkpoint import parse_strategy
-from memprop.checkpoint.chain import find_blocks
-from memprop.checkpoint.planner import plan, simulate
-from memprop.cli._common import parse_dtype, render_table
-from memprop.cli.profile_cmd import config_from_args
-from memprop.errors import BudgetError
-from memprop.measure import OPTIMIZERS
-from memprop.models import MODELS
-from memprop.units import format_bytes, parse_size
+from memprop.cli._common import add_command, parse_dtype, render_table, size, table_rows
+from memprop.cli._progress import Spinner
+from memprop.cli.profile_cmd import add_model_options, config_from_args, factory_errors
+from memprop.units import format_bytes
 
 
 def gather_plan(config, batch_size: int, budget, *, dtype, optimizer="sgd",
                 compare=("none", "sqrt", "full")):
-    """(Plan or BudgetError, comparison DataFrame): one row per strategy with predicted
-    peak, stored bytes and recompute FLOPs; ``fits`` says whether it meets the budget."""
+    """(Plan or BudgetError, comparison DataFrame, number of blocks): one row per strategy
+    with predicted peak, stored bytes and recompute FLOPs; ``fits`` says whether it meets
+    the budget."""
+    import pandas as pd
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memprop.checkpoint import find_blocks, parse_strategy
+    from memprop.checkpoint.planner import plan, simulate
+    from memprop.errors import BudgetError
+    from memprop.units import parse_size
+
     budget_bytes = parse_size(budget)
-    mode = FakeTensorMode()
-    with mode:
+    with FakeTensorMode():
         model = config.build(dtype=dtype)
         batch = config.example_batch(batch_size, dtype=dtype)
     n = len(find_blocks(model))
@@ -43,40 +45,48 @@ def gather_plan(config, batch_size: int, budget, *, dtype, optimizer="sgd",
     except BudgetError as exc:
         result = exc
     table = pd.DataFrame(rows)
-    table["recompute_vs_forward"] = (table.recompute_flops / plain.forward_flops).round(3)
+    table["recompute_vs_forward"] = table.recompute_flops / plain.forward_flops
     table["fits"] = table.peak_bytes <= budget_bytes
     return result, table, n
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("plan", help="plan checkpointing to fit a memory budget",
-                       description=__doc__)
-    p.add_argument("--model", default="mlp",
-                   help=f"one of {', '.join(MODELS)}, or package.module:factory")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a model size, repeatable")
-    p.add_argument("--input-shape", help="factory models: one example's shape, e.g. 3,32,32")
-    p.add_argument("--blocks-attr", help="factory models: attribute holding the block chain")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS)
-    p.add_argument("--budget", required=True, help="memory budget, e.g. 2GiB or 512MiB")
+    p = add_command(sub, "plan", help="plan checkpointing to fit a memory budget", doc=__doc__)
+    add_model_options(p)
+    p.add_argument("--budget", required=True, type=size,
+                   help="memory budget (required), e.g. 2GiB or 512MiB (powers of 2) or 500MB")
+    p.add_argument("--json", action="store_true", help="print the plan and the table as JSON")
     p.set_defaults(func=plan_command)
 
 
 def plan_command(args) -> int:
-    config = config_from_args(args)
-    result, table, n = gather_plan(config, args.batch, args.budget,
-                                   dtype=parse_dtype(args.dtype), optimizer=args.optimizer)
+    from memprop.errors import BudgetError
+
+    with Spinner("planning on fake tensors"):
+        config = config_from_args(args)
+        with factory_errors(args, "plan"):
+            result, table, n = gather_plan(config, args.batch, args.budget,
+                                           dtype=parse_dtype(args.dtype), optimizer=args.optimizer)
+    failed = isinstance(result, BudgetError)
+    if args.json:
+        print(json.dumps({
+            "model": config.name, "fields": config.fields(), "batch": args.batch,
+            "dtype": args.dtype, "blocks": n, "budget_bytes": args.budget,
+            "plan": None if failed else {
+                "spec": result.spec, "predicted_peak_bytes": result.predicted_peak_bytes,
+                "predicted_saved_bytes": result.predicted_saved_bytes,
+                "recompute_flops": result.recompute_flops},
+            "error": str(result) if failed else None,
+            "strategies": table_rows(table)}, indent=2, default=str))
+        return 2 if failed else 0
     sizes = ", ".join(f"{k}={v}" for k, v in config.fields().items())
     print(f"{config.name} ({sizes}), batch {args.batch}, {args.dtype}, {n} blocks; "
-          f"budget {format_bytes(parse_size(args.budget))}")
+          f"budget {format_bytes(args.budget)}")
     print("predicted on fake tensors (tensor-level peak of a whole training step):")
-    shown = table.assign(recompute_flops=(table.recompute_flops / 1e9).map("{:.3f} GFLOP".format))
-    print(render_table(shown))
+    print(render_table(table))
     print()
-    if isinstance(result, BudgetError):
-        print(f"error: {result}")
-        return 2
+    if failed:
+        raise result
     print(result.describe())
     print(f"\napply it: memprop profile --strategy {result.spec} ...  or in Python: "
           f"apply_strategy(model, {result.spec!r})")

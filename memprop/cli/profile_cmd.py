@@ -4,16 +4,15 @@ zoo model or a ``package.module:factory`` and show where its memory goes."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
-import math
+import logging
 
-from memprop.cli._common import parse_dtype, render_table
+from memprop.cli._common import (MODEL_NAMES, OPTIMIZER_NAMES, DTYPE_NAMES, add_command,
+                                 check_output_file, parse_dtype, positive_int, render_table, json_ready)
+from memprop.cli._progress import Spinner
 from memprop.errors import ConfigError
-from memprop.estimate import estimate
-from memprop.measure import OPTIMIZERS, Measurement, measure
-from memprop.models import MODELS, D2LConfig, MLPConfig, model_config
-from memprop.predict import predict_saved_bytes
-from memprop.units import format_bytes
+from memprop.units import format_bytes, format_flops, format_ms, format_ratio
 
 
 def parse_assignments(pairs: list[str]) -> dict:
@@ -32,6 +31,9 @@ def parse_assignments(pairs: list[str]) -> dict:
 
 
 def config_from_args(args):
+    """The model config the options name (a ConfigError naming the option otherwise)."""
+    from memprop.models import model_config
+
     fields = parse_assignments(args.set)
     if ":" in args.model and not args.model.startswith("hf:"):
         try:   # a factory returning a workload builds its own batch: no shape needed
@@ -44,7 +46,33 @@ def config_from_args(args):
     return model_config(args.model, **fields)
 
 
-def render_profile(m: Measurement, config, *, closed_form: dict | None = None) -> str:
+@contextlib.contextmanager
+def factory_errors(args, command: str):
+    """A user factory that cannot be called with these options, or whose module does not
+    take an input of ``--input-shape``, fails inside torch (TypeError, RuntimeError):
+    say which option to change instead of showing torch's traceback (nor the one torch's
+    fake-tensor logger prints when the shapes fail on fake tensors first)."""
+    if ":" not in args.model or args.model.startswith("hf:"):
+        yield
+        return
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    except (TypeError, RuntimeError) as exc:
+        first = " ".join(str(exc).split())[:300]
+        raise ConfigError(
+            f"memprop {command}: factory {args.model!r} does not run with --input-shape "
+            f"{args.input_shape} and --set {' '.join(args.set or []) or '(none)'}: "
+            f"{type(exc).__name__}: {first}; pass the factory's arguments with --set KEY=VALUE "
+            "and one example's shape with --input-shape") from None
+    finally:
+        fake_log.setLevel(level)
+
+
+def render_profile(m, config, *, closed_form: dict | None = None) -> str:
+    """A Measurement as text for people."""
     label = "PREDICTED on fake tensors (nothing allocated)" if m.predicted else "measured"
     sizes = ", ".join(f"{k}={v}" for k, v in config.fields().items())
     peaks = ", ".join(f"{k} {format_bytes(v)}" for k, v in m.peak_by_phase.items())
@@ -67,68 +95,106 @@ def render_profile(m: Measurement, config, *, closed_form: dict | None = None) -
     if m.inference_peak_bytes:
         lines.append(f"  inference peak        {format_bytes(m.inference_peak_bytes)} "
                      f"(eval, no_grad; stores {format_bytes(m.inference_saved_bytes)}): "
-                     f"training needs {m.peak_bytes / m.inference_peak_bytes:.2f}x")
+                     f"training needs {format_ratio(m.peak_bytes / m.inference_peak_bytes)}x")
     if m.device_peak_bytes is not None:
-        what = ("CUDA max_memory_allocated" if m.device.startswith("cuda")
-                else "process resident-set high-water")
-        lines.append(f"  device peak           {format_bytes(m.device_peak_bytes)} ({what})")
+        if m.device.startswith("cuda"):
+            lines.append(f"  device peak           {format_bytes(m.device_peak_bytes)} "
+                         "(CUDA max_memory_allocated)")
+        else:   # not a tensor figure: the whole process, libraries and allocator pools too
+            lines.append(f"  process resident set  {format_bytes(m.device_peak_bytes)} "
+                         "(high-water mark of this process: torch, libraries and all)")
     if m.step_ms is not None:
-        lines.append(f"  time (median of {m.repeats})  forward {m.forward_ms:.2f} ms, backward "
-                     f"{m.backward_ms:.2f} ms, optimizer {m.optimizer_ms:.2f} ms, "
-                     f"step {m.step_ms:.2f} ms")
+        lines.append(f"  time (median of {m.repeats})  forward {format_ms(m.forward_ms)}, backward "
+                     f"{format_ms(m.backward_ms)}, optimizer {format_ms(m.optimizer_ms)}, "
+                     f"step {format_ms(m.step_ms)}")
     if m.forward_flops:
-        lines.append(f"  FLOPs                 forward {m.forward_flops / 1e9:.3f} GFLOP, "
-                     f"backward {m.backward_flops / 1e9:.3f} GFLOP "
-                     f"(backward/forward {m.backward_flops / m.forward_flops:.2f})")
+        lines.append(f"  FLOPs                 forward {format_flops(m.forward_flops)}, "
+                     f"backward {format_flops(m.backward_flops)} "
+                     f"(backward/forward {format_ratio(m.backward_flops / m.forward_flops)})")
     lines += ["", "Stored for backward, per module (in order of saving):",
               render_table(m.saved_per_module)]
     return "\n".join(lines)
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser("profile", help="measure (or --estimate) one training step",
-                       description=__doc__)
+def add_model_options(p) -> None:
+    """The options that name a workload (shared by profile and plan)."""
     p.add_argument("--model", default="mlp",
-                   help=f"one of {', '.join(MODELS)}, or package.module:factory (default mlp)")
+                   help=f"one of {', '.join(MODEL_NAMES)}, or package.module:factory")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="a model size, repeatable: --set depth=16 --set width=1024")
-    p.add_argument("--input-shape", help="factory models: one example's shape, e.g. 3,32,32")
-    p.add_argument("--blocks-attr", help="factory models: attribute holding the block chain")
-    p.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--strategy", default="none", help="checkpointing strategy (default none)")
-    p.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS)
-    p.add_argument("--repeats", type=int, default=3, help="timed steps (median reported)")
+                   help="a model field, repeatable: --set depth=16 --set width=1024 "
+                        "(default: the model's own sizes)")
+    p.add_argument("--input-shape", help="factory models: one example's shape, e.g. 3,32,32 "
+                   "(default: none; required for a factory)")
+    p.add_argument("--blocks-attr", help="factory models: attribute holding the block chain "
+                   "(default: found by class)")
+    p.add_argument("--batch", type=positive_int, default=32, help="batch size (examples)")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
+                   help="parameter and input dtype")
+    p.add_argument("--optimizer", default="sgd", choices=OPTIMIZER_NAMES,
+                   help="optimizer whose state the step holds")
+
+
+def add_parser(sub) -> None:
+    p = add_command(sub, "profile", help="measure (or --estimate) one training step",
+                    doc=__doc__)
+    add_model_options(p)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--strategy", default="none", help="checkpointing strategy, e.g. sqrt, "
+                   "full, every:2, budget:1GiB")
+    p.add_argument("--repeats", type=positive_int, default=3,
+                   help="timed steps (median reported)")
     p.add_argument("--estimate", action="store_true",
                    help="predict on fake tensors: no memory allocated, no times")
-    p.add_argument("--timeline", metavar="FILE.csv", help="write the live-memory timeline")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--timeline", metavar="FILE.csv", help="write the live-memory timeline "
+                   "as CSV, one row per op (default: not written)")
+    p.add_argument("--trace", metavar="FILE.json", help="write the live-memory timeline as a "
+                   "Chrome trace for chrome://tracing or ui.perfetto.dev (default: not written)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON instead of text")
     p.set_defaults(func=profile_command)
 
 
-def profile_command(args) -> int:
-    config = config_from_args(args)
+def gather_profile(config, args):
+    """(Measurement, closed-form prediction or None) for the options in ``args``."""
+    from memprop.models import D2LConfig, MLPConfig
+    from memprop.predict import predict_saved_bytes
+
     dtype = parse_dtype(args.dtype)
     common = dict(dtype=dtype, device=args.device, strategy=args.strategy,
                   optimizer=args.optimizer)
-    if args.estimate:
-        result = estimate(config, args.batch, **common)
-    else:
-        result = measure(config, args.batch, repeats=args.repeats, **common)
-    if args.timeline:
-        result.timeline.to_csv(args.timeline, index=False)
+    with factory_errors(args, "profile"):
+        if args.estimate:
+            from memprop.workload import estimate
+            result = estimate(config, args.batch, **common)
+        else:
+            from memprop.workload import measure
+            result = measure(config, args.batch, repeats=args.repeats, **common)
     closed = None
     if isinstance(config, (D2LConfig, MLPConfig)) and args.strategy == "none":
         closed = predict_saved_bytes(config, args.batch, dtype=dtype)
+    return result, closed
+
+
+def profile_command(args) -> int:
+    # output paths first: a typo must not cost a measurement
+    timeline = args.timeline and check_output_file(args.timeline, "--timeline", "profile")
+    trace = args.trace and check_output_file(args.trace, "--trace", "profile")
+    with Spinner("predicting on fake tensors" if args.estimate else "measuring one step"):
+        config = config_from_args(args)
+        result, closed = gather_profile(config, args)
+    if timeline:
+        result.timeline.to_csv(timeline, index=False)
+    if trace:
+        from memprop.report.trace import timeline_trace
+        label = f"{config.name} batch {args.batch}, strategy {args.strategy}"
+        trace.write_text(json.dumps(timeline_trace(result.timeline, label=label)))
     if args.json:
-        row = {k: (None if isinstance(v, float) and math.isnan(v) else v)
-               for k, v in result.summary().items()}
+        row = {k: json_ready(v) for k, v in result.summary().items()}
         if closed is not None:
             row["closed_form_saved_bytes"] = closed["saved_bytes"]
         print(json.dumps(row, indent=2, default=str))
-    else:
-        print(render_profile(result, config, closed_form=closed))
-        if args.timeline:
-            print(f"\ntimeline: {len(result.timeline)} ops written to {args.timeline}")
+        return 0
+    print(render_profile(result, config, closed_form=closed))
+    for path, what in ((timeline, "timeline (CSV)"), (trace, "Chrome trace")):
+        if path:
+            print(f"{what}: {len(result.timeline)} ops written to {path}")
     return 0

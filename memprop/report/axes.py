@@ -1,12 +1,14 @@
-"""Byte axes for people: ticks at round numbers of one binary unit (0.4 MiB, not 409.6 KiB),
-and powers of two on log scales. Data stay in raw bytes; only the labels convert."""
+"""Byte axes for people: ticks at round numbers of one binary unit (0.4 MiB, not 409.6 KiB).
+Data stay in raw bytes; only the labels convert."""
 
 from __future__ import annotations
+
+import math
 
 import matplotlib
 from matplotlib.ticker import FuncFormatter, Locator, MaxNLocator
 
-__all__ = ["BYTES", "BytesLocator", "bytes_axis", "log_bytes_axis"]
+__all__ = ["BYTES", "BytesLocator", "bytes_axis", "flops_axis", "power_of_two_ticks"]
 
 
 def _unit(value: float) -> float:
@@ -42,16 +44,35 @@ def _format_tick(value, _pos=None, unit=None) -> str:
 BYTES = FuncFormatter(_format_tick)
 
 
-def log_bytes_axis(axis) -> None:
-    """Log-scale byte ticks at powers of two (16 MiB, 32 MiB, ... 1 GiB)."""
-    axis.set_major_locator(matplotlib.ticker.LogLocator(base=2, numticks=12))
-    axis.set_major_formatter(BYTES)
-    axis.set_minor_locator(matplotlib.ticker.NullLocator())
-
-
 def bytes_axis(axis) -> None:
     """Byte ticks at round numbers of one unit, all labelled in that unit (0.4 MiB, not
     409.6 KiB)."""
     axis.set_major_locator(BytesLocator())
     axis.set_major_formatter(FuncFormatter(lambda v, pos: _format_tick(
         v, pos, unit=_unit(max(abs(x) for x in axis.get_view_interval()) or 1))))
+
+
+_SI = ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1, ""))
+
+
+def flops_axis(axis, label: str) -> None:
+    """FLOPs in one SI unit picked from the axis range, named in the label
+    (``FLOPs per step, in MFLOP``), ticks at round numbers of it: 5.8, 6.0, 6.2 (no offsets)."""
+    vmax = max(abs(v) for v in axis.get_view_interval()) or 1
+    scale, prefix = next((s, p) for s, p in _SI if vmax >= s or s == 1)
+    axis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / scale:g}"))
+    axis.set_label_text(f"{label}, in {prefix}FLOP")
+
+
+def power_of_two_ticks(axis, values) -> None:
+    """Log-2 axis ticks at the powers of two spanning ``values``, labelled plainly
+    (16, 32, 64, not 2^4 or 1.6x10^1)."""
+    lo, hi = min(values), max(values)
+    low = 2 ** math.floor(math.log2(lo))
+    ticks = [low * 2**k for k in range(64) if low * 2**k <= hi * 1.0001 or k == 0]
+    if ticks[-1] < hi:
+        ticks.append(ticks[-1] * 2)
+    axis.set_ticks(ticks)
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_locator(matplotlib.ticker.NullLocator())

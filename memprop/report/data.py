@@ -7,30 +7,31 @@ look at the same rows.
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 
+import numpy as np
 import pandas as pd
 
+from memprop.errors import MemPropError
 from memprop.sweep.store import ResultsStore, resolve_source
+from memprop.sweep.trial import Trial
 
-__all__ = ["ReportData", "load_report_data", "config_of"]
+__all__ = ["ReportData", "load_report_data", "mark_unmeasured", "NOT_MEASURED_IN_FIT_MODE"]
+
+# A frontier probe ("fit" mode) runs one step to see whether it fits: it counts no FLOPs
+# and runs no inference pass, so those fields are "not measured", not zero.
+NOT_MEASURED_IN_FIT_MODE = ("forward_flops", "backward_flops", "inference_peak_bytes",
+                            "inference_saved_bytes")
 
 
-def config_of(row):
-    """The model config a result row was measured with (None if it cannot be rebuilt)."""
-    fields = {}
-    for k, v in row.items():
-        if not k.startswith("cfg_") or (not isinstance(v, (tuple, list)) and pd.isna(v)):
-            continue
-        v = v.item() if hasattr(v, "item") else v            # numpy scalar -> Python
-        if isinstance(v, float) and v.is_integer() and k not in ("cfg_lam", "cfg_dropout"):
-            v = int(v)
-        fields[k[4:]] = v
-    try:
-        from memprop.models import model_config
-        return model_config(row["model"], **fields)
-    except Exception:  # noqa: BLE001 - a user model may not rebuild here
-        return None
+def mark_unmeasured(results: pd.DataFrame) -> pd.DataFrame:
+    """``results`` with what a frontier probe never measured as NaN, not 0."""
+    if results.empty or "mode" not in results:
+        return results
+    fit = results["mode"] == "fit"
+    return results.assign(**{col: results[col].astype(float).where(~fit, np.nan)
+                             for col in NOT_MEASURED_IN_FIT_MODE if col in results})
 
 
 @dataclasses.dataclass
@@ -55,6 +56,21 @@ class ReportData:
 
     def frame(self, key: str, name: str) -> pd.DataFrame | None:
         return self._store.frame(key, name) if self._store is not None else None
+
+    def config(self, key: str):
+        """The model config of trial ``key``, rebuilt exactly from the trial's stored
+        config (JSON keeps 4 and 4.0 apart); None if it cannot be rebuilt here (a user
+        factory that is not importable)."""
+        if self._store is None:
+            return None
+        row = self._store.db.execute("SELECT config FROM trials WHERE key = ?",
+                                     (key,)).fetchone()
+        if row is None:
+            return None
+        try:
+            return Trial.from_dict(json.loads(row[0])).config()
+        except (MemPropError, TypeError):     # a factory not importable, an older row
+            return None
 
     def main_model(self) -> tuple[str | None, pd.DataFrame]:
         """The model with the most measured trials, and those trials restricted to its most
@@ -90,7 +106,7 @@ def load_report_data(source) -> ReportData:
     description = spec.description if spec is not None else ""
     current = {t.key() for t in spec.trials()} if spec is not None else None
     store = ResultsStore(path)
-    results = store.results()
+    results = mark_unmeasured(store.results())
     stale = 0
     if current is not None and not results.empty:   # a spec: its current grid + frontier probes
         keep = results.key.isin(current) | (results["mode"] == "fit")

@@ -1,6 +1,9 @@
 """The report's figures: each takes ``ReportData`` and returns a matplotlib Figure (or
 None with the reason, when the store lacks what it needs). Axes carry units, bytes
-are shown in binary units, predictions are drawn dashed and labelled as such."""
+are shown in binary units, predictions are drawn dashed and labelled as such.
+
+Drawing only reads the store: nothing is measured or estimated here (the closed-form
+saved bytes of the zoo MLPs are arithmetic on the stored config)."""
 
 from __future__ import annotations
 
@@ -15,11 +18,11 @@ from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from memprop.models import MLPConfig, model_config  # noqa: E402
 from memprop.predict import predict_saved_bytes  # noqa: E402
-from memprop.report.axes import BYTES, bytes_axis, log_bytes_axis  # noqa: E402
+from memprop.report.axes import BYTES, bytes_axis, flops_axis, power_of_two_ticks  # noqa: E402
 from memprop.report.claims import fit_depth_batch  # noqa: E402
-from memprop.report.data import ReportData, config_of  # noqa: E402
+from memprop.report.data import ReportData  # noqa: E402
 from memprop.tracker import CATEGORIES  # noqa: E402
-from memprop.units import format_bytes  # noqa: E402
+from memprop.units import format_bytes, format_ratio  # noqa: E402
 
 __all__ = ["ALL_FIGURES", "make_figures"]
 
@@ -28,8 +31,8 @@ COLORS = {"parameter": "#4C72B0", "buffer": "#8172B3", "input": "#937860",
           "temporary": "#BBBBBB"}
 
 
-def _closed_form(row, depth=None, batch=None):
-    cfg = config_of(row)
+def _closed_form(data: ReportData, row, depth=None, batch=None):
+    cfg = data.config(row.key)
     if cfg is None or not isinstance(cfg, MLPConfig) and cfg.name != "d2l_mlp":
         return None
     if depth is not None and isinstance(cfg, MLPConfig):
@@ -51,13 +54,15 @@ def fig_stored_vs(data: ReportData, axis: str):
         xs = np.linspace(rows[x_key].min(), rows[x_key].max(), 50)
         depth_batch = xs * value
         ax.plot(xs, fit["a"] + fit["b"] * depth_batch, ":", color=color, lw=1)
-        closed = [_closed_form(rows.iloc[0], depth=x if axis == "depth" else value,
+        closed = [_closed_form(data, rows.iloc[0], depth=x if axis == "depth" else value,
                                batch=value if axis == "depth" else x) for x in rows[x_key]]
         if all(c is not None for c in closed):
             ax.plot(rows[x_key], closed, "--", color=color, lw=1, alpha=0.8)
     ax.plot([], [], "k--", lw=1, label="closed-form prediction")
     ax.plot([], [], "k:", lw=1, label=f"fit a + b·depth·batch (R² = {fit['r2']:.4f})")
     ax.set_xlabel("depth (hidden layers)" if axis == "depth" else "batch size (examples)")
+    ax.set_xticks(sorted(plain[x_key].unique()))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_ylabel("stored for backward")
     bytes_axis(ax.yaxis)
     ax.set_title(f"Stored intermediates vs {axis} ({plain.model.iloc[0]}, no checkpointing)")
@@ -75,54 +80,53 @@ def _budget(data: ReportData):
     return None
 
 
+def _plain_peaks(data: ReportData) -> pd.DataFrame:
+    """Every stored step of the main model without checkpointing: the measured grid and
+    the frontier's probes under the real budget; depth, batch, peak_bytes, status."""
+    model, _ = data.main_model()
+    r = data.results
+    if model is None or r.empty or "cfg_depth" not in r:
+        return pd.DataFrame(columns=["cfg_depth", "batch", "peak_bytes", "status"])
+    rows = r[(r.model == model) & (r.strategy == "none") & r.status.isin(["ok", "oom"])]
+    return rows[["cfg_depth", "batch", "peak_bytes", "status"]]
+
+
 def fig_peak_heatmap(data: ReportData):
-    plain = data.plain()
-    if plain.empty or "cfg_depth" not in plain:
-        return None, "needs plain trials over depth and batch"
+    rows = _plain_peaks(data)
+    if rows.empty or rows.cfg_depth.nunique() < 2:
+        return None, "needs plain trials over two or more depths"
     budget = _budget(data)
-    depths = sorted(set(plain.cfg_depth.astype(int)) | set(
-        data.frontier.depth.astype(int) if not data.frontier.empty else []))
-    measured = plain.pivot_table(index="cfg_depth", columns="batch", values="peak_bytes")
-    if budget is None:
-        grid, batches, title = measured, list(measured.columns), "measured"
-    else:   # predicted on fake tensors across the boundary, so the OOM region shows
-        from memprop.estimate import estimate
-        top = int(data.frontier.first_oom_batch.max()) if not data.frontier.empty and \
-            data.frontier.first_oom_batch.notna().any() else int(plain.batch.max()) * 4
-        low = 2 ** int(np.floor(np.log2(plain.batch.min())))
-        batches = [low * 2**k for k in range(40) if low * 2**k <= top * 2]
-        row = plain.iloc[0]
-        grid = pd.DataFrame(index=depths, columns=batches, dtype=float)
-        for d in depths:
-            cfg = config_of({**row, "cfg_depth": d})
-            if cfg is None:
-                return None, "the model cannot be rebuilt here to predict the heatmap"
-            for b in batches:
-                grid.loc[d, b] = estimate(cfg, b, flops=False, inference=False).peak_bytes
-        title = "predicted on fake tensors"
-    fig, ax = plt.subplots(figsize=(6.8, 4.4))
-    values = grid.to_numpy(float)
-    im = ax.imshow(values, origin="lower", aspect="auto", cmap="viridis",
-                   norm=matplotlib.colors.LogNorm(vmin=np.nanmin(values), vmax=np.nanmax(values)))
-    ax.set_xticks(range(len(grid.columns)), [str(int(b)) for b in grid.columns], rotation=45)
-    ax.set_yticks(range(len(grid.index)), [str(int(d)) for d in grid.index])
+    ok, oom = rows[rows.status == "ok"], rows[rows.status == "oom"]
+    fig, ax = plt.subplots(figsize=(7.2, 4.4))
+    norm = matplotlib.colors.LogNorm(vmin=ok.peak_bytes.min(), vmax=ok.peak_bytes.max())
+    points = ax.scatter(ok.batch, ok.cfg_depth, c=ok.peak_bytes, norm=norm, cmap="viridis",
+                        marker="s", s=110, edgecolors="#333333", linewidths=0.5, zorder=3,
+                        label="fits: colour = measured peak")
+    if not oom.empty:
+        ax.scatter(oom.batch, oom.cfg_depth, marker="X", s=110, color="#C62828", zorder=3,
+                   label="ran out of memory" + (f" (budget {format_bytes(budget)})"
+                                                if budget else ""))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    power_of_two_ticks(ax.xaxis, rows.batch)
+    ax.set_yticks(sorted(rows.cfg_depth.unique()))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.margins(y=0.15)
     ax.set_xlabel("batch size (examples)")
     ax.set_ylabel("depth (hidden layers)")
-    cbar = fig.colorbar(im, ax=ax)
-    lo, hi = np.log2(np.nanmin(values)), np.log2(np.nanmax(values))
+    cbar = fig.colorbar(points, ax=ax)
+    lo, hi = np.log2(ok.peak_bytes.min()), np.log2(ok.peak_bytes.max())
     ticks = [2.0**k for k in range(int(np.ceil(lo)), int(np.floor(hi)) + 1)]
-    cbar.set_ticks(ticks[:: max(1, len(ticks) // 6)])
+    cbar.set_ticks(ticks[:: max(1, len(ticks) // 6)] or [ok.peak_bytes.min()])
     cbar.ax.yaxis.set_major_formatter(BYTES)
     cbar.ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    cbar.set_label("tensor-level peak of one training step")
-    for (i, j), v in np.ndenumerate(values):
-        if budget is not None and v > budget:
-            ax.text(j, i, "OOM", ha="center", va="center", color="white", fontsize=7)
-    if budget is not None and np.nanmin(values) < budget < np.nanmax(values):
-        ax.contour(values, levels=[budget], colors="red", linewidths=2)
-        ax.plot([], [], color="red", lw=2, label=f"budget {format_bytes(budget)}")
-        ax.legend(loc="upper right", fontsize=8)
-    ax.set_title(f"Peak memory over depth × batch ({title}; no checkpointing)")
+    cbar.set_label("tensor-level peak of one training step (measured)")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2,
+              frameon=False)
+    ax.grid(alpha=0.3)
+    ax.set_title("Peak memory over depth × batch, measured\n(grid trials and frontier "
+                 "probes, no checkpointing)", fontsize=10)
     return fig, None
 
 
@@ -136,7 +140,7 @@ def fig_train_vs_inference(data: ReportData):
     ax.bar(x - 0.2, rows.peak_bytes, 0.4, label="training step peak")
     ax.bar(x + 0.2, rows.inference_peak_bytes, 0.4, label="inference peak (no_grad)")
     for xi, (t, i) in enumerate(zip(rows.peak_bytes, rows.inference_peak_bytes)):
-        ax.text(xi, t, f"{t / i:.2f}×", ha="center", va="bottom", fontsize=8)
+        ax.text(xi - 0.2, t, f"{format_ratio(t / i)}×", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(x, [str(int(d)) for d in rows.cfg_depth])
     ax.set_xlabel("depth (hidden layers)")
     ax.set_ylabel("tensor-level peak")
@@ -165,15 +169,18 @@ def fig_timeline(data: ReportData):
     pair = _timeline_pair(data)
     if pair is None:
         return None, "needs a plain and a checkpointed trial of the same configuration"
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, row in zip(axes, pair):
-        tl = data.frame(row.key, "timeline")
-        if tl is None:
-            return None, "the trials have no stored timeline"
-        stack = [tl[f"{c}_bytes"].to_numpy() for c in CATEGORIES]
-        ax.stackplot(tl.op_index, *stack, labels=CATEGORIES, colors=[COLORS[c] for c in CATEGORIES],
+    timelines = [data.frame(row.key, "timeline") for row in pair]
+    if any(tl is None for tl in timelines):
+        return None, "the trials have no stored timeline"
+    # only the categories that held memory in either step: empty ones clutter the legend
+    shown = [c for c in CATEGORIES if any(tl[f"{c}_bytes"].max() > 0 for tl in timelines)]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
+    for ax, row, tl in zip(axes, pair, timelines):
+        stack = [tl[f"{c}_bytes"].to_numpy() for c in shown]
+        ax.stackplot(tl.op_index, *stack, labels=shown, colors=[COLORS[c] for c in shown],
                      alpha=0.9)
-        for phase, color in (("forward", "#E8F0FF"), ("backward", "#FFF0E0")):
+        for phase, color in (("forward", "#E8F0FF"), ("backward", "#FFF0E0"),
+                             ("optimizer", "#EFEFEF")):
             idx = tl.op_index[tl.phase == phase]
             if not idx.empty:
                 ax.axvspan(idx.min(), idx.max(), color=color, zorder=-1)
@@ -186,15 +193,17 @@ def fig_timeline(data: ReportData):
     axes[0].set_ylabel("live tensor memory")
     bytes_axis(axes[0].yaxis)
     handles, labels = axes[1].get_legend_handles_labels()
-    fig.legend(handles[::-1], labels[::-1], fontsize=7, loc="center right")
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=len(shown),
+               frameon=False, title="live memory by category (stacked)", title_fontsize=8)
     depth = f"depth {int(pair[0].cfg_depth)}, " if "cfg_depth" in pair[0] else ""
     fig.suptitle(f"Memory timeline of one training step ({pair[0].model}, {depth}batch "
                  f"{int(pair[0].batch)}): plain vs checkpointed - recompute shows as saw-teeth")
-    fig.tight_layout(rect=(0, 0, 0.88, 1))
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     return fig, None
 
 
 def _pareto(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    """The points no other point beats on both ``x`` and ``y`` (lower is better)."""
     front, best = [], float("inf")
     for _, p in points.sort_values([x, y]).iterrows():
         if p[y] < best:
@@ -211,7 +220,7 @@ def _tradeoff_points(rows: pd.DataFrame) -> pd.DataFrame:
     best = best if isinstance(best, tuple) else (best,)
     for k, v in zip(key, best):
         rows = rows[rows[k] == v]
-    return rows.assign(gflops=(rows.forward_flops + rows.backward_flops) / 1e9)
+    return rows.assign(flops=rows.forward_flops + rows.backward_flops)
 
 
 def fig_tradeoff(data: ReportData):
@@ -221,31 +230,33 @@ def fig_tradeoff(data: ReportData):
     if not models:
         return None, "needs trials of two or more strategies"
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
-    titles = []
+    fronts = False
     for i, model in enumerate(models):
         sel = _tradeoff_points(ok[ok.model == model])
         where = ", ".join(f"{k.replace('cfg_', '')} {int(sel[k].iloc[0])}"
                           for k in ("cfg_depth", "batch") if k in sel)
-        titles.append(f"{model} ({where})")
-        for ax, x in ((axes[0], "step_ms"), (axes[1], "gflops")):
+        for ax, x in ((axes[0], "step_ms"), (axes[1], "flops")):
             ax.scatter(sel[x], sel.peak_bytes, s=40, zorder=3, color=f"C{i}",
-                       label=titles[-1] if ax is axes[0] else None)
+                       label=f"{model} ({where})" if ax is axes[0] else None)
             for _, p in sel.iterrows():
-                ax.annotate(p.strategy, (p[x], p.peak_bytes), fontsize=7, xytext=(4, 3),
+                ax.annotate(p.strategy, (p[x], p.peak_bytes), fontsize=8, xytext=(5, 3),
                             textcoords="offset points")
             front = _pareto(sel, x, "peak_bytes")
-            ax.plot(front[x], front.peak_bytes, "--", color=f"C{i}", lw=1)
-    for ax, label in ((axes[0], "step time (ms, median)"),
-                      (axes[1], "GFLOP per step (forward + backward, counted)")):
-        ax.set_xlabel(label)
-        ax.set_xscale("log")
-        ax.grid(alpha=0.3, which="both")
-    axes[0].set_yscale("log")
+            if len(front) >= 3:         # two points are a line, not a front
+                ax.plot(front[x], front.peak_bytes, "--", color=f"C{i}", lw=1)
+                fronts = True
+    axes[0].set_xlabel("step time (median, ms)")
+    for ax in axes:
+        ax.margins(x=0.25, y=0.15)
+        ax.grid(alpha=0.3)
+    flops_axis(axes[1].xaxis, "FLOPs per step (forward + backward, counted)")
     axes[0].set_ylabel("tensor-level peak")
-    log_bytes_axis(axes[0].yaxis)
-    axes[0].plot([], [], "k--", lw=1, label="Pareto front (per model)")
+    bytes_axis(axes[0].yaxis)
+    if fronts:
+        axes[0].plot([], [], "k--", lw=1, label="Pareto front (per model)")
     axes[0].legend(fontsize=7)
-    fig.suptitle("Checkpointing tradeoff: memory vs compute, one point per strategy")
+    fig.suptitle("Checkpointing tradeoff: memory vs compute, one point per strategy "
+                 "(lower left is better)")
     fig.tight_layout()
     return fig, None
 
@@ -258,20 +269,23 @@ def fig_frontier(data: ReportData):
     for i, (strategy, rows) in enumerate(fr.sort_values("depth").groupby("strategy", sort=False)):
         ax.plot(rows.depth, rows.confirmed_batch, "o-", color=f"C{i}",
                 label=f"{strategy}: confirmed (fits; next step OOM)")
-        ax.plot(rows.depth, rows.predicted_batch, "--", color=f"C{i}", alpha=0.7,
+        ax.plot(rows.depth, rows.predicted_batch, "x--", color=f"C{i}", alpha=0.8, ms=9,
                 label=f"{strategy}: predicted (fake tensors)")
+        for d, b in zip(rows.depth, rows.confirmed_batch):
+            ax.annotate(f"{int(b)}", (d, b), fontsize=7, xytext=(5, 4),
+                        textcoords="offset points", color=f"C{i}")
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log", base=2)
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
     ax.set_xticks(sorted(fr.depth.unique()))
-    for axis in (ax.xaxis, ax.yaxis):
-        axis.set_major_formatter(plain)
-        axis.set_minor_formatter(plain if axis is ax.yaxis else FuncFormatter(lambda v, _: ""))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(nbins=6, integer=True))
+    ax.set_ylim(0, 1.12 * max(fr.confirmed_batch.max(), fr.predicted_batch.max()))
+    ax.margins(x=0.1)
     ax.set_xlabel(f"{fr.field.iloc[0]} (hidden layers)")
     ax.set_ylabel("largest batch that fits (examples)")
     ax.set_title(f"Out-of-memory frontier at a real budget of {format_bytes(fr.budget_bytes.iloc[0])}")
     ax.legend(fontsize=7)
-    ax.grid(alpha=0.3, which="both")
+    ax.grid(alpha=0.3)
     return fig, None
 
 

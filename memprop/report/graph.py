@@ -1,6 +1,10 @@
 """The notes' computational graph of the one-hidden-layer network, drawn as in the notes:
 variables as squares, operators as circles, inputs bottom-left, the objective top-right,
-each stored variable annotated with the bytes forward propagation keeps for it."""
+each stored variable annotated with the bytes forward propagation keeps for it.
+
+The bytes are arithmetic on the shapes (nothing is run): x (B, d), z and h (B, h),
+o (B, q) in float32, and the targets y (B,) in int64, which autograd keeps as well (the
+cross-entropy's backward reads them)."""
 
 from __future__ import annotations
 
@@ -11,7 +15,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Circle, FancyBboxPatch  # noqa: E402
 
-from memprop import backprop as bp  # noqa: E402
 from memprop.units import format_bytes  # noqa: E402
 
 __all__ = ["d2l_graph_figure", "d2l_sizes"]
@@ -25,7 +28,14 @@ OPERATORS = {"×₁": (1.3, 0.8), "φ": (3.9, 0.8), "×₂": (6.5, 1.5), "l": (9
 EDGES = [("x", "×₁"), ("W1", "×₁"), ("×₁", "z"), ("z", "φ"), ("φ", "h"), ("h", "×₂"),
          ("W2", "×₂"), ("×₂", "o"), ("o", "l"), ("y", "l"), ("l", "L"), ("W1", "‖·‖²"),
          ("W2", "‖·‖²"), ("‖·‖²", "s"), ("L", "+"), ("s", "+"), ("+", "J")]
-STORED = ("x", "z", "h", "o")
+STORED = ("x", "z", "h", "o", "y")     # the notes' cache, and the targets autograd saves
+
+
+def stored_bytes(B: int, d: int, h: int, q: int, itemsize: int = 4) -> dict[str, int]:
+    """Bytes of each stored variable: the notes' cache x, z, h, o (float32) and the
+    targets y (int64 class indices)."""
+    return {"x": B * d * itemsize, "z": B * h * itemsize, "h": B * h * itemsize,
+            "o": B * q * itemsize, "y": B * 8}
 
 
 def d2l_sizes(data=None) -> dict:
@@ -42,13 +52,9 @@ def d2l_sizes(data=None) -> dict:
 
 
 def d2l_graph_figure(data=None):
-    import torch
-
     sizes = d2l_sizes(data)
     B, d, h, q = sizes["batch"], sizes["d"], sizes["h"], sizes["q"]
-    cache = bp.forward(torch.zeros(B, d), torch.zeros(B, dtype=torch.long),
-                       torch.zeros(h, d), torch.zeros(q, h), phi=sizes["phi"])
-    stored = {k: t.numel() * t.element_size() for k, t in cache.stored.items()}
+    stored = stored_bytes(B, d, h, q)
     fig, ax = plt.subplots(figsize=(11, 4.8))
     pos = {**VARIABLES, **OPERATORS}
     for a, b in EDGES:
@@ -70,9 +76,10 @@ def d2l_graph_figure(data=None):
     ax.set_ylim(-1.1, 4.4)
     ax.set_aspect("equal")
     ax.axis("off")
-    total = sum(stored.values())
+    cache = sum(stored[k] for k in ("x", "z", "h", "o"))
     ax.set_title(f"The notes' computational graph (squares: variables, circles: operators). "
-                 f"Forward stores x, z, h, o: {format_bytes(total)}\n= B·(d + 2h + q)·4 bytes "
-                 f"for B={B}, d={d}, h={h}, q={q}, float32; green = kept until backward "
-                 "has used it", fontsize=10)
+                 f"Forward stores x, z, h, o: {format_bytes(cache)} = B·(d + 2h + q)·4 bytes\n"
+                 f"for B={B}, d={d}, h={h}, q={q}, float32, and autograd also keeps the targets "
+                 f"y ({format_bytes(stored['y'])}, int64); green = kept until backward has "
+                 "used it", fontsize=10)
     return fig

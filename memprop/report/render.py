@@ -17,7 +17,7 @@ import pandas as pd
 from memprop.report.claims import Claim, compute_claims
 from memprop.report.data import ReportData, load_report_data
 from memprop.report.figures import make_figures
-from memprop.units import format_bytes
+from memprop.units import format_bytes, format_value
 
 __all__ = ["build_report", "ReportFiles"]
 
@@ -36,7 +36,7 @@ CAPTIONS = {
     "stored_per_layer": "Stored bytes per layer for one configuration.",
 }
 
-SUMMARY_COLUMNS = ["model", "cfg_depth", "batch", "strategy", "status", "phase", "saved_bytes",
+SUMMARY_COLUMNS = ["model", "cfg_depth", "batch", "strategy", "mode", "status", "phase", "saved_bytes",
                    "peak_bytes", "predicted_peak_bytes", "inference_peak_bytes",
                    "forward_flops", "backward_flops", "step_ms"]
 
@@ -54,12 +54,12 @@ def _summary(data: ReportData) -> pd.DataFrame:
 
 
 def _display(frame: pd.DataFrame) -> pd.DataFrame:
-    """A table for people: ``*_bytes`` columns in binary units, missing values blank."""
-    shown = frame.copy()
+    """A table for people: each cell in its column's unit (memprop.units.format_value:
+    binary bytes, SI FLOPs, 3 significant digits), "-" where nothing was measured."""
+    shown = frame.copy().astype(object)
     for c in shown.columns:
-        if c.endswith("_bytes"):
-            shown[c] = shown[c].map(format_bytes)
-    return shown.astype(object).where(shown.notna(), "")
+        shown[c] = [format_value(str(c), v) for v in frame[c]]
+    return shown
 
 
 def _md_table(frame: pd.DataFrame) -> str:
@@ -71,6 +71,11 @@ def _md_table(frame: pd.DataFrame) -> str:
     rows = ["| " + " | ".join(v.replace("|", "\\|") for v in row) + " |"
             for row in shown.itertuples(index=False)]
     return "\n".join([header, rule, *rows])
+
+
+def _frontier_shown(tables) -> pd.DataFrame:
+    """The frontier table for people: without the spec name and the point's hash."""
+    return tables["frontier"].drop(columns=["spec", "point_key"], errors="ignore")
 
 
 def _verdict_mark(claim: Claim) -> str:
@@ -149,7 +154,7 @@ def _markdown(data, claims, figures, missing_figures, tables) -> str:
         lines += [f"**{name}**: {CAPTIONS.get(name, '')}", "", f"![{name}](figures/{name}.png)", ""]
     lines += ["## Trials", "", _md_table(tables["trials"]), ""]
     if not tables["frontier"].empty:
-        lines += ["## Out-of-memory frontier", "", _md_table(tables["frontier"]), ""]
+        lines += ["## Out-of-memory frontier", "", _md_table(_frontier_shown(tables)), ""]
     return "\n".join(lines)
 
 
@@ -195,6 +200,6 @@ def _html(data, claims, pngs, missing_figures, tables) -> str:
     parts.append("<h2>All figures</h2>" + "".join(img(n) for n in pngs))
     parts.append("<h2>Trials</h2>" + table(tables["trials"]))
     if not tables["frontier"].empty:
-        parts.append("<h2>Out-of-memory frontier</h2>" + table(tables["frontier"]))
+        parts.append("<h2>Out-of-memory frontier</h2>" + table(_frontier_shown(tables)))
     parts.append("</body></html>")
     return "\n".join(parts)

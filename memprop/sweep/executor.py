@@ -12,13 +12,24 @@ A child killed by a signal or exiting without a result becomes status ``crashed`
 its signal or exit code); one past its timeout is killed and becomes ``timeout``.
 Children start their own session, so Ctrl-C reaches only the parent, which stops them
 and keeps every finished trial.
+
+NOTE [ No trial outlives its sweep ]
+  A child asks the kernel for SIGKILL when its parent dies (``PR_SET_PDEATHSIG``): a
+  subprocess's parent is the sweep; a forked child's parent is the fork server, which
+  exits when the sweep's end of its pipe closes - also when the sweep is SIGKILLed. Each
+  trial's scratch folder (``memprop-trial-*`` in the temp folder) holds an ``owner`` file
+  with the sweep's pid; a sweep removes every such folder whose owner is dead before it
+  starts, so a killed sweep leaks nothing past the next run.
 """
 
 from __future__ import annotations
 
+import ctypes
+import glob
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,10 +37,16 @@ import tempfile
 import time
 from typing import Callable, Protocol
 
-from memprop.sweep.budget import CHILD_ENV
+import torch
+
+from memprop.sweep import worker
+from memprop.sweep.budget import CHILD_ENV, tune_malloc
 from memprop.sweep.trial import Trial
 
-__all__ = ["Executor", "LocalProcessExecutor"]
+__all__ = ["Executor", "LocalProcessExecutor", "default_threads", "clean_stale_trials"]
+
+_PR_SET_PDEATHSIG = 1
+_TRIAL_PREFIX = "memprop-trial-"
 
 OnResult = Callable[[Trial, dict], None]
 
@@ -46,21 +63,66 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
+def default_threads(workers: int) -> int:
+    """Torch threads per trial when a spec sets none: the cores shared among the workers,
+    so that ``workers x threads`` never exceeds them."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def _die_with_parent() -> None:
+    """NOTE [ No trial outlives its sweep ]: SIGKILL this process when its parent dies."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):   # not Linux: the sweep's finally still kills us
+        return
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_UNOWNED_STALE_S = 24 * 3600   # a folder with no owner file (memprop < 0.2): a day old
+
+
+def clean_stale_trials() -> int:
+    """Remove the scratch folders of trials whose sweep is dead; returns how many.
+    A folder without an owner file is removed only once it is a day old: it may belong
+    to a running sweep of an older memprop."""
+    removed = 0
+    for folder in glob.glob(os.path.join(tempfile.gettempdir(), _TRIAL_PREFIX + "*")):
+        try:
+            with open(os.path.join(folder, "owner")) as f:
+                stale = not _pid_alive(int(f.read().split()[0]))
+        except (OSError, ValueError, IndexError):
+            try:
+                stale = time.time() - os.path.getmtime(folder) > _UNOWNED_STALE_S
+            except OSError:
+                stale = False
+        if stale:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    return removed
+
+
 def _forked_trial(trial_path: str, result_path: str, log_path: str, threads: int,
-                  path: list[str]) -> None:
+                  path: list[str], sweep_pid: int) -> None:
     """Body of a forked trial process."""
     os.setsid()                                   # out of the terminal's Ctrl-C
+    _die_with_parent()
+    if not _pid_alive(sweep_pid):                 # the sweep died before we could ask
+        os._exit(1)
     sys.path[:] = path                            # user factories import as in the parent
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
-    from memprop.sweep import worker
-    from memprop.sweep.budget import tune_malloc
-
     tune_malloc()
-    if threads:
-        import torch
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads)
     code = worker.main([trial_path, result_path])
     sys.stdout.flush()
     sys.stderr.flush()
@@ -72,7 +134,10 @@ class _Child:
 
     def __init__(self, trial: Trial, executor: "LocalProcessExecutor"):
         self.trial, self.started = trial, time.monotonic()
-        self.workdir = tempfile.TemporaryDirectory(prefix="memprop-trial-")
+        self.workdir = tempfile.TemporaryDirectory(prefix=_TRIAL_PREFIX)
+        with open(os.path.join(self.workdir.name, "owner"), "w") as f:
+            f.write(f"{os.getpid()}\n")
+        threads = trial.threads or executor.threads
         self.trial_path = os.path.join(self.workdir.name, "trial.json")
         self.result_path = os.path.join(self.workdir.name, "result.json")
         self.log_path = os.path.join(self.workdir.name, "log.txt")
@@ -83,12 +148,13 @@ class _Child:
                 self.proc = subprocess.Popen(
                     [executor.python, "-m", "memprop.sweep.worker", self.trial_path,
                      self.result_path], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                    env=executor.env, start_new_session=True)
+                    env={**executor.env, "OMP_NUM_THREADS": str(threads)},
+                    start_new_session=True, preexec_fn=_die_with_parent)
         else:
             self.proc = executor.context.Process(
                 target=_forked_trial, daemon=False,
-                args=(self.trial_path, self.result_path, self.log_path, executor.threads,
-                      list(sys.path)))
+                args=(self.trial_path, self.result_path, self.log_path, threads,
+                      list(sys.path), os.getpid()))
             self.proc.start()
 
     def returncode(self):
@@ -133,16 +199,15 @@ class LocalProcessExecutor:
         if start == "fork-server" and "forkserver" not in multiprocessing.get_all_start_methods():
             start = "subprocess"
         self.workers, self.start, self.python, self.poll_s = workers, start, python, poll_s
-        self.threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0
+        self.threads = default_threads(workers)   # for trials whose spec sets none
         self.env = {**os.environ, **CHILD_ENV,
                     "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        if self.threads:   # share the cores instead of oversubscribing them
-            self.env.update(OMP_NUM_THREADS=str(self.threads))
         if start == "fork-server":
             self.context = multiprocessing.get_context("forkserver")
             self.context.set_forkserver_preload(["memprop.sweep.worker", "torch", "pandas"])
 
     def run(self, trials: list[Trial], on_result: OnResult) -> None:
+        clean_stale_trials()
         queue, running = list(trials), []
         try:
             while queue or running:

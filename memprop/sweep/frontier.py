@@ -2,6 +2,14 @@
 memory budget - predicted on fake tensors, then confirmed by real trials under the real
 budget (the batch fits, the next step up runs out of memory).
 
+With a tensor budget (the default, NOTE [ What a tensor budget means ]) the prediction is
+exact on CPU: the fake-tensor step creates and frees the same storages as the real one,
+so the confirmation costs two real trials (b fits, b + step runs out) on any machine.
+A frontier point is keyed by its spec and its workload (``Trial.point()``: model config,
+strategy, dtype, optimizer, amp, budget and budget mode); its probes are ordinary trials
+in the store, so a rerun reuses every probe already run - it resumes after a kill and
+never stores a second, contradicting outcome for the same trial.
+
 The prediction is a search over batch sizes (multiples of ``batch_step``) with
 ``estimate``: doubling, then bisection, each probe a fake-tensor step that allocates
 nothing. The confirmation starts at the predicted batch and gallops (1, 2, 4 ... steps) up or
@@ -16,12 +24,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from memprop.cli._common import parse_dtype
-from memprop.estimate import estimate
+import hashlib
+import json
+
 from memprop.sweep.executor import Executor, LocalProcessExecutor
 from memprop.sweep.spec import SweepSpec
 from memprop.sweep.trial import Trial
 from memprop.sweep.store import ResultsStore, default_db_path
+from memprop.workload import estimate
 
 __all__ = ["run_frontier", "predict_largest_batch", "doubling_probe_count", "FrontierPoint"]
 
@@ -31,6 +41,7 @@ class FrontierPoint:
     depth: int
     strategy: str
     budget_bytes: int
+    budget_mode: str
     predicted_batch: int            # 0: not even one step fits
     predicted_peak_bytes: int | None
     confirmed_batch: int            # largest batch that really fitted (0: none)
@@ -69,24 +80,35 @@ def doubling_probe_count(boundary: int, step: int, top: int) -> int:
     return _search(lambda b: b <= boundary, step, top)[1]
 
 
-def predict_largest_batch(config, strategy: str, budget_bytes: int, *, step: int, top: int,
-                          dtype="float32", optimizer="sgd") -> tuple[int, int | None]:
-    """(largest batch whose fake-tensor peak fits ``budget_bytes``, its predicted peak)."""
+def predict_largest_batch(config, strategy, budget_bytes: int, *, step: int, top: int,
+                          dtype="float32", optimizer="sgd",
+                          amp: str | None = None) -> tuple[int, int | None]:
+    """(largest batch whose fake-tensor step fits ``budget_bytes``, its predicted peak).
+    A step fits when every pass a "fit" trial runs does: ``budget_peak_bytes``
+    (NOTE [ How a tensor budget covers every pass ], memprop.measure)."""
     peaks: dict[int, int] = {}
 
     def fits(b: int) -> bool:
-        peaks[b] = estimate(config, b, dtype=parse_dtype(dtype), strategy=strategy,
-                            optimizer=optimizer, flops=False, inference=False).peak_bytes
+        peaks[b] = estimate(config, b, dtype=dtype, strategy=strategy, optimizer=optimizer,
+                            amp=amp, flops=False, inference=False).budget_peak_bytes
         return peaks[b] <= budget_bytes
 
     batch, _ = _search(fits, step, top)
     return batch, peaks.get(batch)
 
 
+def point_key(probe: Trial) -> str:
+    """A frontier point's identity: a hash of ``probe.point()``."""
+    payload = json.dumps(probe.point(), sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
 def run_frontier(spec: SweepSpec, *, db_path=None, executor: Executor | None = None,
-                 progress: Callable[[str], None] | None = print) -> list[FrontierPoint]:
+                 progress: Callable[[FrontierPoint], None] | None = None
+                 ) -> list[FrontierPoint]:
     """Predict and confirm the frontier of ``spec.frontier`` (see module docstring);
-    stores every real trial and one frontier row per (depth, strategy)."""
+    stores every real trial and one frontier row per point; ``progress(point)`` is
+    called as each point is confirmed."""
     opts = spec.frontier
     if opts is None:
         raise ValueError(f"memprop.sweep: {spec.path} has no [frontier] table")
@@ -94,26 +116,20 @@ def run_frontier(spec: SweepSpec, *, db_path=None, executor: Executor | None = N
     db_path = db_path or default_db_path(spec.name)
     points = []
     with ResultsStore(db_path) as store:
+        store.lock("frontier")
         store.record_environment(spec)
         for model, fixed in spec.models:
             for depth in opts.depths:
-                fields = tuple(sorted({**dict(fixed), opts.field: depth}.items()))
                 for strategy in opts.strategies:
-                    probe = Trial(spec=spec.name, model=model, model_fields=fields, batch=1,
-                                  strategy=strategy, dtype=spec.run["dtype"],
-                                  device=spec.run["device"], optimizer=spec.run["optimizer"],
-                                  repeats=1, warmup=1, timeout_s=spec.run["timeout"],
-                                  seed=spec.run["seed"], budget_bytes=opts.budget_bytes,
-                                  estimate=False, mode="fit")
+                    probe = spec.trial(model, {**dict(fixed), opts.field: depth}, batch=1,
+                                       strategy=strategy, repeats=1, estimate=False,
+                                       budget_bytes=opts.budget_bytes, mode="fit")
                     point = _confirm(probe, store, executor, opts)
-                    store.put_frontier({"spec": spec.name, "field": opts.field, **dataclasses.asdict(point)})
+                    store.put_frontier({"spec": spec.name, "point_key": point_key(probe),
+                                        "field": opts.field, **dataclasses.asdict(point)})
                     points.append(point)
                     if progress:
-                        progress(f"  {opts.field} {depth:>4} {strategy:>12}: predicted batch "
-                                 f"{point.predicted_batch}, confirmed {point.confirmed_batch} "
-                                 f"(next {point.first_oom_batch} runs out of memory) in "
-                                 f"{point.real_trials} real trials; a doubling search needs "
-                                 f"{point.probe_trials_doubling}")
+                        progress(point)
     return points
 
 
@@ -121,14 +137,16 @@ def _confirm(probe: Trial, store, executor, opts) -> FrontierPoint:
     step = opts.batch_step
     predicted, predicted_peak = predict_largest_batch(
         probe.config(), probe.strategy, opts.budget_bytes, step=step, top=opts.max_batch,
-        dtype=probe.dtype, optimizer=probe.optimizer)
+        dtype=probe.dtype, optimizer=probe.optimizer, amp=probe.amp)
     outcomes: dict[int, str] = {}
 
     def real(batch: int) -> bool:
         trial = dataclasses.replace(probe, batch=batch)
-        box = {}
-        executor.run([trial], lambda t, r: box.update(r))
-        store.put(trial, dict(box))
+        box = store.get(trial.key())          # run before (a resumed frontier): reuse it
+        if box is None or box.get("status") not in ("ok", "oom"):
+            box = {}
+            executor.run([trial], lambda t, r: box.update(r))
+            store.put(trial, dict(box))
         outcomes[batch] = box.get("status", "crashed")
         if outcomes[batch] not in ("ok", "oom"):
             raise RuntimeError(f"memprop.sweep: frontier trial {trial.label()} ended "
@@ -165,7 +183,8 @@ def _confirm(probe: Trial, store, executor, opts) -> FrontierPoint:
         real(first_oom)
     return FrontierPoint(
         depth=dict(probe.model_fields)[opts.field], strategy=probe.strategy,
-        budget_bytes=opts.budget_bytes, predicted_batch=predicted,
+        budget_bytes=opts.budget_bytes, budget_mode=probe.budget_mode,
+        predicted_batch=predicted,
         predicted_peak_bytes=predicted_peak, confirmed_batch=fitted,
         first_oom_batch=first_oom if first_oom is not None and outcomes.get(first_oom) == "oom"
         else None,

@@ -1,5 +1,6 @@
 """Run a sweep: expand the spec, skip trials already stored, run the rest in isolation,
-store each result as it ends, and show progress.
+store each result as it ends, and report each one to ``on_result`` (the CLI draws
+its progress bar from that callback; the library prints nothing).
 
     summary = run_sweep(load_spec("experiments/quickstart.toml"))
 """
@@ -9,8 +10,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import pathlib
-import sys
-import time
 from typing import Callable
 
 from memprop.sweep.executor import Executor, LocalProcessExecutor
@@ -18,7 +17,7 @@ from memprop.sweep.spec import SweepSpec
 from memprop.sweep.trial import Trial
 from memprop.sweep.store import ResultsStore, default_db_path
 
-__all__ = ["run_sweep", "SweepSummary", "Progress"]
+__all__ = ["run_sweep", "SweepSummary"]
 
 
 @dataclasses.dataclass
@@ -31,38 +30,8 @@ class SweepSummary:
     interrupted: bool = False
 
 
-class Progress:
-    """A one-line progress bar on a stream: done/total, ETA, and counts by status."""
-
-    def __init__(self, total: int, *, stream=sys.stderr, enabled: bool = True):
-        self.total, self.stream, self.enabled = total, stream, enabled
-        self.done, self.counts, self.start = 0, collections.Counter(), time.monotonic()
-
-    def update(self, trial: Trial, status: str) -> None:
-        self.done += 1
-        self.counts[status] += 1
-        if not self.enabled:
-            return
-        elapsed = time.monotonic() - self.start
-        eta = elapsed / self.done * (self.total - self.done)
-        width = 24
-        filled = int(width * self.done / max(self.total, 1))
-        counts = " ".join(f"{k} {self.counts[k]}" for k in ("ok", "oom", "error", "crashed",
-                                                             "timeout") if self.counts[k])
-        line = (f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-                f"{counts} | {elapsed:4.0f}s elapsed, ETA {eta:4.0f}s | {trial.label()[:60]}")
-        self.stream.write(line.ljust(150)[:150])
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled and self.done:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
 def run_sweep(spec: SweepSpec, *, db_path=None, workers: int = 1, force: bool = False,
               executor: Executor | None = None, trials: list[Trial] | None = None,
-              progress: bool = True,
               on_result: Callable[[Trial, dict], None] | None = None) -> SweepSummary:
     """Run every trial of ``spec`` not yet in the store (all of them with ``force``).
 
@@ -72,14 +41,15 @@ def run_sweep(spec: SweepSpec, *, db_path=None, workers: int = 1, force: bool = 
     trials = spec.trials() if trials is None else trials
     executor = executor or LocalProcessExecutor(workers)
     with ResultsStore(db_path) as store:
+        store.lock("sweep")
         store.record_environment(spec)
         done = set() if force else store.keys()
         pending = [t for t in trials if t.key() not in done]
-        bar = Progress(len(pending), enabled=progress)
+        counts: collections.Counter = collections.Counter()
 
         def finished(trial: Trial, result: dict) -> None:
             store.put(trial, result)
-            bar.update(trial, result.get("status", "crashed"))
+            counts[result.get("status", "crashed")] += 1
             if on_result is not None:
                 on_result(trial, result)
 
@@ -88,7 +58,5 @@ def run_sweep(spec: SweepSpec, *, db_path=None, workers: int = 1, force: bool = 
             executor.run(pending, finished)
         except KeyboardInterrupt:
             interrupted = True
-        finally:
-            bar.close()
     return SweepSummary(db_path=db_path, total=len(trials), skipped=len(trials) - len(pending),
-                        ran=bar.done, counts=dict(bar.counts), interrupted=interrupted)
+                        ran=sum(counts.values()), counts=dict(counts), interrupted=interrupted)

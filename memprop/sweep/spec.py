@@ -12,7 +12,10 @@
     [run]
     dtype = "float32"; device = "cpu"; optimizer = "sgd"
     repeats = 3; warmup = 1; timeout = 300; seed = 0
+    threads = 1                           # torch threads per trial (default: cores / workers)
+    amp = "bf16"                          # optional: autocast (bf16 or fp16)
     budget = "1.5GiB"                     # optional: a memory limit the runtime enforces
+    budget_mode = "tensor"                # live tensor bytes (default) or "process" (the OS)
     estimate = true                       # also predict each trial on fake tensors
     [frontier]                            # optional (memprop frontier): the OOM frontier
     budget = "512MiB"; depths = [4, 8]; strategies = ["none", "sqrt"]
@@ -40,18 +43,20 @@ else:  # pragma: no cover
 
 from memprop.checkpoint import parse_strategy
 from memprop.errors import ConfigError, MemPropError
-from memprop.measure import OPTIMIZERS
+from memprop.budget import BUDGET_MODES
+from memprop.dtypes import DTYPES
+from memprop.measure import AMP_MODES, OPTIMIZERS
 from memprop.models import MODELS, model_config
 from memprop.sweep.trial import Trial
 from memprop.units import parse_size
 
-__all__ = ["SpecError", "Trial", "SweepSpec", "FrontierOptions", "load_spec", "parse_spec"]
+__all__ = ["SpecError", "Trial", "SweepSpec", "RunOptions", "FrontierOptions", "load_spec",
+           "parse_spec"]
 
-DTYPES = ("float32", "float64", "bfloat16", "float16")
 DEVICES = ("cpu", "cuda")
 _TOP = ("name", "description", "model", "grid", "run", "frontier")
 _RUN = ("dtype", "device", "optimizer", "repeats", "warmup", "timeout", "seed", "budget",
-        "estimate")
+        "budget_mode", "threads", "amp", "estimate")
 _GRID_EXTRA = ("batch", "strategy", "dtype", "optimizer")
 _FRONTIER = ("budget", "depths", "strategies", "batch_step", "max_batch", "field")
 
@@ -74,6 +79,25 @@ class FrontierOptions:
     field: str = "depth"           # the model field the frontier walks
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """A spec's ``[run]`` table: how every trial runs (validated by ``parse_spec``)."""
+
+    dtype: str = "float32"
+    device: str = "cpu"
+    optimizer: str = "sgd"
+    repeats: int = 3
+    warmup: int = 1
+    timeout: float = 600.0          # seconds
+    seed: int = 0
+    budget: int | None = None       # bytes
+    budget_mode: str = "tensor"
+    threads: int = 0                # 0: the executor's share of the cores
+    amp: str | None = None
+    estimate: bool = True
+    batch: int = 32
+
+
 @dataclasses.dataclass(frozen=True)
 class SweepSpec:
     name: str
@@ -81,8 +105,21 @@ class SweepSpec:
     description: str
     models: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
     grid: tuple[tuple[str, tuple], ...]
-    run: dict[str, Any]
+    run: RunOptions
     frontier: FrontierOptions | None = None
+
+    def trial(self, model: str, fields: dict[str, Any], **point) -> Trial:
+        """The trial of ``model`` with ``fields`` at one grid point (``batch``,
+        ``strategy``, ``dtype``, ``optimizer``; the rest from ``[run]``); ``point`` may
+        also override any other ``Trial`` field (the frontier's ``mode``, say)."""
+        run = self.run
+        defaults = dict(batch=run.batch, strategy="none", dtype=run.dtype, device=run.device,
+                        optimizer=run.optimizer, repeats=run.repeats, warmup=run.warmup,
+                        timeout_s=run.timeout, seed=run.seed, budget_bytes=run.budget,
+                        budget_mode=run.budget_mode, threads=run.threads, amp=run.amp,
+                        estimate=run.estimate)
+        return Trial(spec=self.name, model=model, model_fields=tuple(sorted(fields.items())),
+                     **{**defaults, **point})
 
     def trials(self) -> list[Trial]:
         """The grid's product, in a stable order, one ``Trial`` each."""
@@ -91,18 +128,10 @@ class SweepSpec:
         for model, fixed in self.models:
             for values in itertools.product(*(v for _, v in self.grid)):
                 point = dict(zip(keys, values))
-                fields = dict(fixed)
-                fields.update({k: v for k, v in point.items() if k not in _GRID_EXTRA})
-                out.append(Trial(
-                    spec=self.name, model=model, model_fields=tuple(sorted(fields.items())),
-                    batch=point.get("batch", self.run["batch"]),
-                    strategy=point.get("strategy", "none"),
-                    dtype=point.get("dtype", self.run["dtype"]),
-                    device=self.run["device"],
-                    optimizer=point.get("optimizer", self.run["optimizer"]),
-                    repeats=self.run["repeats"], warmup=self.run["warmup"],
-                    timeout_s=self.run["timeout"], seed=self.run["seed"],
-                    budget_bytes=self.run["budget"], estimate=self.run["estimate"]))
+                fields = {**dict(fixed), **{k: v for k, v in point.items()
+                                            if k not in _GRID_EXTRA}}
+                out.append(self.trial(model, fields, **{k: v for k, v in point.items()
+                                                        if k in _GRID_EXTRA}))
         return out
 
 
@@ -184,7 +213,7 @@ def parse_spec(data: dict, *, path="<spec>") -> SweepSpec:
 
     run = {"dtype": "float32", "device": "cpu", "optimizer": "sgd", "repeats": 3,
            "warmup": 1, "timeout": 600, "seed": 0, "budget": None, "estimate": True,
-           "batch": 32}
+           "batch": 32, "budget_mode": "tensor", "threads": 0, "amp": None}
     raw_run = data.get("run", {})
     if not isinstance(raw_run, dict):
         raise SpecError(path, "run", "must be a table: [run]")
@@ -203,8 +232,12 @@ def parse_spec(data: dict, *, path="<spec>") -> SweepSpec:
                                     "sees no CUDA device on this machine; use device = \"cpu\"")
         elif key == "optimizer":
             run[key] = _choice(path, k, value, OPTIMIZERS)
-        elif key in ("repeats", "warmup", "seed"):
-            run[key] = _int(path, k, value, 1 if key == "repeats" else 0)
+        elif key in ("repeats", "warmup", "seed", "threads"):
+            run[key] = _int(path, k, value, 1 if key in ("repeats", "threads") else 0)
+        elif key == "budget_mode":
+            run[key] = _choice(path, k, value, BUDGET_MODES)
+        elif key == "amp":
+            run[key] = _choice(path, k, value, AMP_MODES)
         elif key == "timeout":
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise SpecError(path, k, f"{value!r} is not allowed; it must be a number of "
@@ -255,7 +288,7 @@ def parse_spec(data: dict, *, path="<spec>") -> SweepSpec:
 
     spec = SweepSpec(name=name, path=str(path), description=description,
                      models=tuple((n, tuple(sorted(f.items()))) for n, f, _ in models),
-                     grid=tuple(grid), run=run, frontier=frontier)
+                     grid=tuple(grid), run=RunOptions(**run), frontier=frontier)
     _check_configs(path, spec, models, dict(grid))
     return spec
 

@@ -9,7 +9,9 @@ table records where the results were measured.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import io
 import json
 import os
@@ -22,8 +24,15 @@ import zlib
 import pandas as pd
 
 from memprop._version import __version__
+from memprop.errors import ConfigError, MemPropError
+from memprop.sweep.spec import load_spec
 
-__all__ = ["ResultsStore", "load_results", "resolve_source", "default_db_path", "unpack_frame"]
+__all__ = ["ResultsStore", "StoreError", "load_results", "resolve_source", "default_db_path",
+           "unpack_frame"]
+
+
+class StoreError(MemPropError):
+    """The results database cannot be written (disk full, locked by another sweep)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS trials (
@@ -42,12 +51,16 @@ CREATE TABLE IF NOT EXISTS frames (
 );
 CREATE TABLE IF NOT EXISTS environment (name TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS frontier (
-    spec TEXT, field TEXT, depth INTEGER, strategy TEXT, budget_bytes INTEGER,
+    spec TEXT, point_key TEXT, field TEXT, depth INTEGER, strategy TEXT,
+    budget_bytes INTEGER, budget_mode TEXT,
     predicted_batch INTEGER, confirmed_batch INTEGER, first_oom_batch INTEGER,
     real_trials INTEGER, probe_trials_doubling INTEGER, predicted_peak_bytes INTEGER,
-    PRIMARY KEY (spec, depth, strategy, budget_bytes)
+    PRIMARY KEY (spec, point_key)
 );
 """
+_FRONTIER_COLUMNS = ("spec", "point_key", "field", "depth", "strategy", "budget_bytes",
+                     "budget_mode", "predicted_batch", "confirmed_batch", "first_oom_batch",
+                     "real_trials", "probe_trials_doubling", "predicted_peak_bytes")
 
 
 def default_db_path(spec_name: str, root="reports") -> pathlib.Path:
@@ -93,11 +106,55 @@ class ResultsStore:
         self.db = sqlite3.connect(self.path, timeout=30)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
+        columns = [r[1] for r in self.db.execute("PRAGMA table_info(frontier)")]
+        if columns and "point_key" not in columns:   # memprop < 0.2: derived data, rebuilt
+            self.db.execute("DROP TABLE frontier")
         self.db.executescript(_SCHEMA)
         self.db.commit()
+        self._lock_file = None
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """One transaction; a full disk becomes a ``StoreError`` (rows committed before
+        stay intact: each trial is its own transaction)."""
+        try:
+            with self.db:
+                yield
+        except sqlite3.OperationalError as exc:
+            text = str(exc).lower()
+            if "full" in text or "disk i/o" in text:
+                raise StoreError(f"memprop.sweep: cannot write {self.path}: {exc}; every "
+                                 "trial stored before is intact; free disk space and rerun "
+                                 "to resume") from None
+            raise
+
+    def lock(self, what: str = "sweep") -> "ResultsStore":
+        """Claim this database for one writer (a sweep or frontier) until ``close``: a
+        second one refuses at once, naming the first, instead of running trials twice."""
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        f = open(lock_path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise StoreError(f"memprop.sweep: {self.path} is being written by {holder}; wait "
+                             "for it to finish (a rerun then resumes), or give this run "
+                             "another --db") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"memprop {what} (pid {os.getpid()}, since "
+                f"{datetime.datetime.now().isoformat(timespec='seconds')})")
+        f.flush()
+        self._lock_file = f
+        return self
 
     def close(self) -> None:
         self.db.close()
+        if self._lock_file is not None:
+            self._lock_file.close()     # releases the flock
+            self._lock_file = None
 
     def __enter__(self):
         return self
@@ -111,7 +168,7 @@ class ResultsStore:
         if spec is not None:
             values.update(spec_name=spec.name, spec_description=spec.description,
                           spec_path=spec.path)
-        with self.db:
+        with self._writing():
             self.db.executemany("INSERT OR REPLACE INTO environment VALUES (?, ?)",
                                 values.items())
 
@@ -125,7 +182,7 @@ class ResultsStore:
         """Store one finished trial, committed at once."""
         frames = {name: result.pop(name) for name in ("timeline", "saved") if result.get(name)}
         key = trial.key()
-        with self.db:
+        with self._writing():
             self.db.execute(
                 "INSERT OR REPLACE INTO trials VALUES (?, ?, ?, ?, ?, ?)",
                 (key, trial.spec, result.get("status", "crashed"),
@@ -140,11 +197,15 @@ class ResultsStore:
                               (key, name)).fetchone()
         return unpack_frame(row[0]) if row else None
 
+    def get(self, key: str) -> dict | None:
+        """The stored result of the trial with ``key`` (status included), or None."""
+        row = self.db.execute("SELECT status, result FROM trials WHERE key = ?",
+                              (key,)).fetchone()
+        return None if row is None else {**json.loads(row[1]), "status": row[0]}
+
     def put_frontier(self, row: dict) -> None:
-        cols = ["spec", "field", "depth", "strategy", "budget_bytes", "predicted_batch",
-                "confirmed_batch", "first_oom_batch", "real_trials", "probe_trials_doubling",
-                "predicted_peak_bytes"]
-        with self.db:
+        cols = _FRONTIER_COLUMNS
+        with self._writing():
             self.db.execute(f"INSERT OR REPLACE INTO frontier VALUES ({', '.join('?' * len(cols))})",
                             [row.get(c) for c in cols])
 
@@ -175,9 +236,6 @@ class ResultsStore:
 def resolve_source(source):
     """(database path, spec or None) for a spec (.toml: its default store) or a database;
     a clear error, and no empty database created, when the store does not exist."""
-    from memprop.errors import ConfigError
-    from memprop.sweep.spec import load_spec
-
     path, spec = pathlib.Path(source), None
     if path.suffix == ".toml":
         spec = load_spec(path)

@@ -33,6 +33,9 @@ class Trial:
     timeout_s: float = 600.0
     seed: int = 0
     budget_bytes: int | None = None
+    budget_mode: str = "tensor"    # NOTE [ What a tensor budget means ]; or "process"
+    threads: int = 0               # torch threads; 0: the executor's share of the cores
+    amp: str | None = None         # autocast: "bf16" / "fp16"
     estimate: bool = True
     mode: str = "measure"          # "measure": everything; "fit": does one step fit?
 
@@ -50,6 +53,14 @@ class Trial:
         d = dict(d)
         d["model_fields"] = tuple(sorted(d["model_fields"].items()))
         return cls(**d)
+
+    def point(self) -> dict[str, Any]:
+        """What identifies the trial's workload apart from its batch: a frontier is keyed
+        by this (model config, strategy, dtype, optimizer, amp, budget and its mode)."""
+        d = self.to_dict()
+        for k in ("batch", "repeats", "warmup", "timeout_s", "estimate", "mode", "spec"):
+            d.pop(k)
+        return d
 
     def key(self) -> str:
         import torch

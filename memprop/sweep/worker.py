@@ -1,9 +1,9 @@
 """One trial in its own process: ``python -m memprop.sweep.worker TRIAL.json RESULT.json``.
 
 Reads a ``Trial``, measures it (under its budget, if any) and writes one JSON result:
-status ``ok``, ``oom`` (with the phase where memory ran out) or ``error`` (a Python
-exception, with its message). A process that dies before writing a result is recorded
-by the executor as ``crashed`` (signal or exit code) or ``timeout``.
+status ``ok``, ``oom`` (with the phase, op and bytes where memory ran out) or ``error``
+(a Python exception, with its message). A process that dies before writing a result is
+recorded by the executor as ``crashed`` (signal or exit code) or ``timeout``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,20 @@ import sys
 import time
 import traceback
 import zlib
+
+import torch
+
+from memprop.budget import TensorBudgetExceeded
+from memprop.checkpoint import parse_strategy
+from memprop.measure import measure_step, phase_of
+from memprop.sweep.budget import (apply_process_budget, is_out_of_memory,
+                                  peak_address_space_bytes)
+from memprop.sweep.trial import Trial
+from memprop.workload import build_workload, estimate
+
+__all__ = ["run_trial", "main", "TIMING_SPREAD_LIMIT"]
+
+TIMING_SPREAD_LIMIT = 0.5   # (max - min) / median of the timed steps above this: noisy
 
 
 def _pack_frame(frame) -> str | None:
@@ -32,52 +46,80 @@ def _clean(value):
     return value
 
 
-def run_trial(trial) -> dict:
+def _set_budget(trial: Trial, config, strategy) -> tuple[int | None, dict]:
+    """Put the trial's budget in force. Returns (tensor limit for measure_step, what was
+    set, for the row). CUDA: the caching allocator's fraction; CPU: the tensor budget
+    (NOTE [ What a tensor budget means ]) or the process's address-space limit."""
+    if trial.budget_bytes is None:
+        return None, {}
+    if trial.device.startswith("cuda"):
+        device = torch.device(trial.device)
+        total = torch.cuda.get_device_properties(device).total_memory
+        fraction = min(1.0, trial.budget_bytes / total)
+        torch.cuda.set_per_process_memory_fraction(fraction, device)
+        return None, {"budget_kind": "cuda_memory_fraction", "budget_fraction": fraction}
+    if trial.budget_mode == "tensor":
+        return trial.budget_bytes, {"budget_kind": "tensor_bytes"}
+    # process: a dry run at batch 1 loads every module and kernel the step needs before
+    # the baseline is measured (NOTE [ How a process budget is enforced ])
+    model, batch = build_workload(config, 1, dtype=trial.dtype, device=trial.device,
+                                  strategy=strategy, seed=trial.seed)
+    measure_step(model, batch, optimizer=trial.optimizer, loss_fn=config.loss,
+                 forward_fn=config.forward, amp=trial.amp, warmup=0, repeats=1,
+                 flops=trial.mode == "measure", inference=True)
+    del model, batch
+    return None, apply_process_budget(trial.budget_bytes)
+
+
+def run_trial(trial: Trial) -> dict:
     """Measure ``trial`` in this process; the result dict the store keeps."""
-    import torch
-
-    from memprop.cli._common import parse_dtype
-    from memprop.estimate import estimate
-    from memprop.measure import build_workload, current_phase, measure_step
-    from memprop.sweep.budget import apply_budget, is_out_of_memory
-
-    result: dict = {"status": "ok"}
+    if trial.threads:
+        torch.set_num_threads(trial.threads)
+    result: dict = {"status": "ok", "threads": torch.get_num_threads(),
+                    "budget_mode": trial.budget_mode if trial.budget_bytes else None}
     try:
-        dtype = parse_dtype(trial.dtype)
         config = trial.config()
+        strategy = parse_strategy(trial.strategy)
         # the full config, defaults included: the store says exactly what was measured
         result.update({k: v for k, v in config.row_fields().items() if k != "model"})
         if trial.estimate and trial.mode == "measure":
-            predicted = estimate(config, trial.batch, dtype=dtype, strategy=trial.strategy,
-                                 optimizer=trial.optimizer, inference=False)
+            predicted = estimate(config, trial.batch, dtype=trial.dtype, strategy=strategy,
+                                 optimizer=trial.optimizer, amp=trial.amp)
             result.update(predicted_peak_bytes=predicted.peak_bytes,
-                          predicted_saved_bytes=predicted.saved_bytes)
-        if trial.budget_bytes is not None:
-            # a dry run at batch 1 loads every module and kernel the step needs before
-            # the baseline is measured (NOTE [ How a CPU budget is enforced ])
-            warm_model, warm_batch = build_workload(config, 1, dtype=dtype, device=trial.device,
-                                                    strategy=trial.strategy, seed=trial.seed)
-            measure_step(warm_model, warm_batch, optimizer=trial.optimizer, warmup=0,
-                         repeats=1, flops=trial.mode == "measure", inference=True)
-            del warm_model, warm_batch
-            result.update(apply_budget(trial.budget_bytes, trial.device))
-        model, batch = build_workload(config, trial.batch, dtype=dtype, device=trial.device,
-                                      strategy=trial.strategy, seed=trial.seed)
-        if trial.mode == "fit":   # does one step fit? one timed step and the instruments
-            m = measure_step(model, batch, optimizer=trial.optimizer, strategy=trial.strategy,
-                             warmup=0, repeats=1, flops=False, inference=False)
-        else:
-            m = measure_step(model, batch, optimizer=trial.optimizer, strategy=trial.strategy,
-                             warmup=trial.warmup, repeats=trial.repeats)
+                          predicted_saved_bytes=predicted.saved_bytes,
+                          predicted_budget_peak_bytes=predicted.budget_peak_bytes,
+                          predicted_forward_flops=predicted.forward_flops,
+                          predicted_backward_flops=predicted.backward_flops)
+        limit, budget_row = _set_budget(trial, config, strategy)
+        result.update(budget_row)
+        model, batch = build_workload(config, trial.batch, dtype=trial.dtype,
+                                      device=trial.device, strategy=strategy, seed=trial.seed)
+        measuring = trial.mode == "measure"   # "fit": does one step fit the budget?
+        m = measure_step(model, batch, optimizer=trial.optimizer, strategy=strategy.spec,
+                         loss_fn=config.loss, forward_fn=config.forward, amp=trial.amp,
+                         budget_bytes=limit, warmup=trial.warmup,
+                         repeats=trial.repeats if measuring else 1,
+                         flops=measuring, inference=measuring)
         result.update({k: _clean(v) for k, v in m.summary().items()})
-        result["timeline"] = _pack_frame(m.timeline) if trial.mode == "measure" else None
-        result["saved"] = _pack_frame(m.saved) if trial.mode == "measure" else None
+        result["timing_noisy"] = bool(m.timing_spread is not None
+                                      and m.timing_spread > TIMING_SPREAD_LIMIT)
+        result["timeline"] = _pack_frame(m.timeline) if measuring else None
+        result["saved"] = _pack_frame(m.saved) if measuring else None
+        if result.get("budget_kind") == "rlimit_as":
+            # what the process mapped beyond the tensors it held: the margin of this mode
+            peak = peak_address_space_bytes()
+            result.update(address_space_peak_bytes=peak, process_margin_bytes=peak - result[
+                "baseline_address_space_bytes"] - m.budget_peak_bytes)
     except BaseException as exc:  # noqa: BLE001 - every failure becomes a result row
         if isinstance(exc, KeyboardInterrupt):
             raise
         oom = is_out_of_memory(exc)
-        result.update(status="oom" if oom else "error", phase=current_phase(),
+        result.update(status="oom" if oom else "error", phase=phase_of(exc),
                       error=f"{type(exc).__name__}: {str(exc)[:500]}")
+        if isinstance(exc, TensorBudgetExceeded):
+            result.update(oom_op=exc.op, oom_where=exc.where,
+                          oom_requested_bytes=exc.requested_bytes,
+                          oom_live_bytes=exc.live_bytes)
         if not oom:
             result["traceback"] = traceback.format_exc()[-2000:]
         del exc
@@ -87,8 +129,6 @@ def run_trial(trial) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    from memprop.sweep.trial import Trial
-
     trial_path, result_path = argv
     with open(trial_path) as f:
         trial = Trial.from_dict(json.load(f))

@@ -1,0 +1,51 @@
+"""Count the FLOPs of the ops that run, with PyTorch's own per-op formulas.
+
+``FlopCounter`` is ``torch.utils.flop_counter.FlopCounterMode`` without its per-module
+breakdown: the same registry of formulas (``flop_registry``: a multiply-add counts 2),
+the same decomposition of ops it has no formula for, the same totals. FlopCounterMode
+tracks modules by wrapping every module's inputs and outputs in an autograd Function;
+on a chain of thousands of blocks, freeing that graph recurses once per wrapper and
+overflows the C stack (a depth-20000 MLP segfaulted). Totals are all memprop reports,
+so it needs none of that.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+__all__ = ["FlopCounter"]
+
+_SHAPE_QUERIES = {
+    torch.ops.aten.is_contiguous.default, torch.ops.aten.is_contiguous.memory_format,
+    torch.ops.aten.is_strides_like_format.default,
+    torch.ops.aten.is_non_overlapping_and_dense.default, torch.ops.aten.size.default,
+    torch.ops.aten.sym_size.default, torch.ops.aten.stride.default,
+    torch.ops.aten.sym_stride.default, torch.ops.aten.storage_offset.default,
+    torch.ops.aten.sym_storage_offset.default, torch.ops.aten.numel.default,
+    torch.ops.aten.sym_numel.default, torch.ops.aten.dim.default, torch.ops.prim.layout.default,
+}
+
+
+class FlopCounter(TorchDispatchMode):
+    """``with FlopCounter() as fc: ...``; then ``fc.total`` FLOPs (see module docstring)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _SHAPE_QUERIES:
+            return NotImplemented
+        if func not in flop_registry and func is not torch.ops.prim.device.default:
+            with self:                        # count the ops it is made of
+                out = func.decompose(*args, **kwargs)
+                if out is not NotImplemented:
+                    return out
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
