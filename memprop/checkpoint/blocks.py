@@ -89,9 +89,10 @@ def find_chains(model: nn.Module, blocks_attr: str | None = None, *, blocks=None
             chains.setdefault(name.rpartition(".")[0], []).append(module)
         if not chains:
             what = f"blocks={blocks!r}" if check_fn is None else "check_fn"
+            classes = sorted({type(m).__name__ for m in model.modules()})[:12]
             raise StrategyError(f"memprop.checkpoint: no module of {type(model).__name__} "
                                 f"matches {what}; its module classes include: "
-                                f"{', '.join(sorted({type(m).__name__ for m in model.modules()})[:12])}")
+                                f"{', '.join(classes)}")
         return list(chains.values())
     if isinstance(model, nn.Sequential):
         return [list(model)]

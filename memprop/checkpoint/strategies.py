@@ -94,13 +94,13 @@ class Strategy:
         model.__dict__[_APPLIED] = (self, undo)
         return model
 
-    def remove(self, model: nn.Module) -> nn.Module:
-        """Undo ``apply``: the model runs plainly again."""
-        return remove_strategy(model)
-
     def _planned(self, model, blocks_attr, select, example_batch, loss_fn):
         """Segments chosen from a profile of the model (``budget:SIZE``), else None."""
         return None
+
+    def remove(self, model: nn.Module) -> nn.Module:
+        """Undo ``apply``: the model runs plainly again."""
+        return remove_strategy(model)
 
     def segments_for(self, model, *, blocks_attr=None, blocks=None, check_fn=None,
                      example_batch=None, loss_fn=None) -> list[tuple[int, int]]:

@@ -52,7 +52,7 @@ def factory_errors(args, command: str):
     take an input of ``--input-shape``, fails inside torch (TypeError, RuntimeError):
     say which option to change instead of showing torch's traceback (nor the one torch's
     fake-tensor logger prints when the shapes fail on fake tensors first)."""
-    if ":" not in args.model:
+    if ":" not in args.model or args.model.startswith("hf:"):
         yield
         return
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")

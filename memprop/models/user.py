@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from memprop.errors import ConfigError
-from memprop.models.base import Batch, ModelConfig
+from memprop.models.base import ModelConfig
 
 __all__ = ["UserModelConfig", "Workload", "load_factory"]
 
