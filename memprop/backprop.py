@@ -107,3 +107,16 @@ def autograd_gradients(x, y, W1, W2, *, phi: str = "relu",
            "dJ_dz": cache.stored["z"], "dJ_dW1": W1, "dJ_dW2": W2}
     grads = torch.autograd.grad(cache.J, list(wrt.values()))
     return dict(zip(wrt, grads))
+
+
+def max_formula_error(config, batch_size: int, *, seed: int = 0) -> float:
+    """Claim C3 in one number: the largest |formula - autograd| over the five gradients
+    (∂J/∂o, ∂J/∂h, ∂J/∂z, ∂J/∂W1, ∂J/∂W2) of ``config``'s network (a ``d2l_mlp`` config)
+    on its example batch of ``batch_size``, in float64."""
+    model = config.build(dtype=torch.float64, seed=seed)
+    (x,), y = config.example_batch(batch_size, dtype=torch.float64, seed=seed)
+    W1, W2 = model.W1.detach(), model.W2.detach()
+    cache = forward(x, y, W1, W2, phi=config.phi, lam=config.lam)
+    hand = backward(cache, y, W1, W2, phi=config.phi, lam=config.lam)
+    auto = autograd_gradients(x, y, W1, W2, phi=config.phi, lam=config.lam)
+    return max((getattr(hand, k) - g).abs().max().item() for k, g in auto.items())

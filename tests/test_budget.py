@@ -113,6 +113,9 @@ def test_frontier_prediction_equals_confirmation_in_two_trials(tmp_path, name, b
         assert point.predicted_batch == point.confirmed_batch
         assert point.first_oom_batch == point.confirmed_batch + step
         assert point.real_trials == 2 and point.budget_mode == "tensor"
+        counted = estimate(model_config(name, **MODELS[name]), point.confirmed_batch,
+                           strategy=point.strategy, optimizer="adam", inference=False)
+        assert point.predicted_flops == counted.forward_flops + counted.backward_flops > 0
         mine = rows[rows.strategy == point.strategy].set_index("batch")
         assert mine.loc[point.confirmed_batch, "status"] == "ok"
         assert mine.loc[point.first_oom_batch, "status"] == "oom"

@@ -266,3 +266,20 @@ def test_results_command_and_csv(tmp_path, capsys):
     with ResultsStore(db) as store:
         timeline = store.frame(key, "timeline")
     assert timeline.total_bytes.max() == load_results(db).set_index("key").loc[key, "peak_bytes"]
+
+
+def test_d2l_trials_store_the_formula_check_for_claim_c3(tmp_path):
+    spec = load_spec(write(tmp_path, """
+        name = "c3"
+        [model]
+        name = "d2l_mlp"
+        [grid]
+        batch = [4]
+        [run]
+        repeats = 1
+        estimate = false
+    """))
+    db = tmp_path / "c3.sqlite"
+    run_sweep(spec, db_path=db)
+    row = load_results(db).iloc[0]
+    assert row.status == "ok" and 0 <= row.backprop_max_abs_diff < 1e-12    # float64

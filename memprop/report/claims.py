@@ -216,6 +216,20 @@ def _frontier_flops_ratio(data: ReportData, strategy: str, depth: int) -> float 
     return float((at[strategy] / batch[strategy]) / (at["none"] / batch["none"]))
 
 
+_BUDGET_MODES = {"tensor": "a tensor budget (live tensor bytes, checked at every allocation; "
+                          "the same on any CPU, BLAS and thread count)",
+                "process": "a process budget (the operating system's address-space limit: "
+                           "libraries and allocator pools count too)"}
+
+
+def _budget_words(fr) -> str:
+    """'24.0 MiB, a tensor budget (...)': the budget and what it means."""
+    mode = fr.budget_mode.iloc[0] if "budget_mode" in fr and fr.budget_mode.notna().any() \
+        else None
+    return (f"{format_bytes(fr.budget_bytes.iloc[0])}"
+            f"{', ' + _BUDGET_MODES[mode] if mode in _BUDGET_MODES else ''}")
+
+
 def claim_c6(data: ReportData) -> Claim:
     fr = data.frontier[data.frontier.strategy == "none"] if not data.frontier.empty else data.frontier
     if fr.empty or fr.depth.nunique() < 2:
@@ -227,7 +241,7 @@ def claim_c6(data: ReportData) -> Claim:
     parts = "; ".join(f"depth {int(d)}: batch {int(b)}" for d, b in zip(fr.depth, fr.confirmed_batch))
     return Claim("C6", STATEMENTS["C6"],
                  f"{'supported' if shrinking else 'NOT supported'}: at a real budget of "
-                 f"{format_bytes(fr.budget_bytes.iloc[0])}, the largest batch that fits falls as "
+                 f"{_budget_words(fr)}, the largest batch that fits falls as "
                  f"depth grows ({parts}); each confirmed by a real out-of-memory one step above",
                  shrinking, ["frontier", "peak_heatmap"],
                  {"depths": fr.depth.astype(int).tolist(),
@@ -255,7 +269,7 @@ def claim_c7(data: ReportData) -> Claim:
                 "(too few layers to recompute)") if unmoved else ""
         return Claim("C7", STATEMENTS["C7"],
                      f"{'supported' if moved else 'NOT supported'}: at "
-                     f"{format_bytes(fr.budget_bytes.iloc[0])}, depth {depth}: batch "
+                     f"{_budget_words(fr)}, depth {depth}: batch "
                      f"{int(pivot.loc[depth, 'none'])} without checkpointing, "
                      f"{int(best.loc[depth])} with {strategy.loc[depth]}{cost}"
                      f"{f' ({source})' if ratio else ''}{note}",

@@ -48,6 +48,7 @@ class FrontierPoint:
     first_oom_batch: int | None     # confirmed_batch + step, which really ran out of memory
     real_trials: int
     probe_trials_doubling: int
+    predicted_flops: int | None = None   # forward + backward at the confirmed batch (fake)
 
 
 def _search(fits: Callable[[int], bool], step: int, top: int) -> tuple[int, int]:
@@ -95,6 +96,14 @@ def predict_largest_batch(config, strategy, budget_bytes: int, *, step: int, top
 
     batch, _ = _search(fits, step, top)
     return batch, peaks.get(batch)
+
+
+def _step_flops(probe: Trial, batch: int) -> int:
+    """Forward + backward FLOPs of one step at ``batch``, counted on fake tensors: what
+    claim C7's recompute costs are read from when the grid measured no pair."""
+    m = estimate(probe.config(), batch, dtype=probe.dtype, strategy=probe.strategy,
+                 optimizer=probe.optimizer, amp=probe.amp, inference=False)
+    return m.forward_flops + m.backward_flops
 
 
 def point_key(probe: Trial) -> str:
@@ -189,4 +198,5 @@ def _confirm(probe: Trial, store, executor, opts) -> FrontierPoint:
         first_oom_batch=first_oom if first_oom is not None and outcomes.get(first_oom) == "oom"
         else None,
         real_trials=len(outcomes),
+        predicted_flops=_step_flops(probe, fitted) if fitted else None,
         probe_trials_doubling=doubling_probe_count(fitted, step, opts.max_batch))

@@ -55,12 +55,14 @@ CREATE TABLE IF NOT EXISTS frontier (
     budget_bytes INTEGER, budget_mode TEXT,
     predicted_batch INTEGER, confirmed_batch INTEGER, first_oom_batch INTEGER,
     real_trials INTEGER, probe_trials_doubling INTEGER, predicted_peak_bytes INTEGER,
+    predicted_flops INTEGER,
     PRIMARY KEY (spec, point_key)
 );
 """
 _FRONTIER_COLUMNS = ("spec", "point_key", "field", "depth", "strategy", "budget_bytes",
                      "budget_mode", "predicted_batch", "confirmed_batch", "first_oom_batch",
-                     "real_trials", "probe_trials_doubling", "predicted_peak_bytes")
+                     "real_trials", "probe_trials_doubling", "predicted_peak_bytes",
+                     "predicted_flops")
 
 
 def default_db_path(spec_name: str, root="reports") -> pathlib.Path:
@@ -107,7 +109,7 @@ class ResultsStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         columns = [r[1] for r in self.db.execute("PRAGMA table_info(frontier)")]
-        if columns and "point_key" not in columns:   # memprop < 0.2: derived data, rebuilt
+        if columns and "predicted_flops" not in columns:   # older: derived data, rebuilt
             self.db.execute("DROP TABLE frontier")
         self.db.executescript(_SCHEMA)
         self.db.commit()

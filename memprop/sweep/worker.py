@@ -18,6 +18,7 @@ import zlib
 
 import torch
 
+from memprop.backprop import max_formula_error
 from memprop.budget import TensorBudgetExceeded
 from memprop.checkpoint import parse_strategy
 from memprop.measure import measure_step, phase_of
@@ -103,6 +104,9 @@ def run_trial(trial: Trial) -> dict:
         result.update({k: _clean(v) for k, v in m.summary().items()})
         result["timing_noisy"] = bool(m.timing_spread is not None
                                       and m.timing_spread > TIMING_SPREAD_LIMIT)
+        if measuring and config.name == "d2l_mlp":      # claim C3, checked per trial
+            result["backprop_max_abs_diff"] = max_formula_error(config, trial.batch,
+                                                                seed=trial.seed)
         result["timeline"] = _pack_frame(m.timeline) if measuring else None
         result["saved"] = _pack_frame(m.saved) if measuring else None
         if result.get("budget_kind") == "rlimit_as":
