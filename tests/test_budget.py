@@ -1,8 +1,9 @@
 """Budgets that mean tensor memory on any machine: exact in-process, exact frontiers,
 and sweeps that survive faults (kills, two writers, a full disk).
 
-Everything marked ``budget`` must pass unchanged under MKL_DISABLE_FAST_MM=1 and
-OMP_NUM_THREADS=1 / 2: .ci/run runs this file under each setting.
+The tests marked ``budget`` (the budget's meaning: exact bytes, frontiers, the process
+mode) must pass unchanged under MKL_DISABLE_FAST_MM=1 and OMP_NUM_THREADS=1 / 2: .ci/run
+runs them again under each setting. The fault tests need no BLAS and run once.
 """
 
 import dataclasses
@@ -30,8 +31,6 @@ from memprop.sweep.store import ResultsStore, StoreError
 from memprop.sweep.trial import Trial
 from memprop.workload import WontFitError, build_workload, estimate, measure
 
-pytestmark = pytest.mark.budget
-
 MODELS = {
     "mlp": dict(depth=6, width=128, d_in=64),
     "transformer": dict(depth=4, d_model=32, heads=4, seq_len=16, vocab=64),
@@ -45,6 +44,7 @@ def _write(tmp_path, text, name="spec.toml"):
     return path
 
 
+@pytest.mark.budget
 @pytest.mark.parametrize("strategy", ["none", "sqrt"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_tensor_budget_is_exact_at_the_byte(name, strategy):
@@ -100,6 +100,7 @@ def _frontier_spec(tmp_path, model, fields, strategies, budget, step, name="fron
     """.replace("'", '"'), f"{name}.toml"))
 
 
+@pytest.mark.budget
 @pytest.mark.parametrize("name,budget,step", [("mlp", "6MiB", 64),
                                               ("transformer", "4MiB", 4),
                                               ("convnet", "3MiB", 8)])
@@ -138,6 +139,7 @@ class _Counting:
         self.inner.run(trials, on_result)
 
 
+@pytest.mark.budget
 def test_frontier_rerun_is_identical_and_a_killed_frontier_resumes(tmp_path):
     spec = _frontier_spec(tmp_path, "mlp", MODELS["mlp"], ["none", "sqrt"], "6MiB", 64)
     full_db, cut_db = tmp_path / "full.sqlite", tmp_path / "cut.sqlite"
@@ -158,6 +160,7 @@ def test_frontier_rerun_is_identical_and_a_killed_frontier_resumes(tmp_path):
     assert sorted(load_results(cut_db).key) == sorted(load_results(full_db).key)
 
 
+@pytest.mark.budget
 def test_process_budget_far_above_fits_far_below_runs_out(tmp_path):
     """The process mode counts libraries and pools too: only what holds on any machine."""
     spec = load_spec(_write(tmp_path, """

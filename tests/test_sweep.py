@@ -212,6 +212,7 @@ def test_sigkill_keeps_finished_trials_and_rerun_completes_the_rest(tmp_path):
     assert (final.status == "ok").all()
 
 
+@pytest.mark.budget
 def test_frontier_finds_a_batch_that_fits_and_the_next_step_runs_out(tmp_path):
     spec = load_spec(write(tmp_path, """
         name = "front"
