@@ -283,7 +283,9 @@ def fig_frontier(data: ReportData):
     ax.margins(x=0.1)
     ax.set_xlabel(f"{fr.field.iloc[0]} (hidden layers)")
     ax.set_ylabel("largest batch that fits (examples)")
-    ax.set_title(f"Out-of-memory frontier at a real budget of {format_bytes(fr.budget_bytes.iloc[0])}")
+    mode = fr.budget_mode.iloc[0] if "budget_mode" in fr and fr.budget_mode.notna().any() else ""
+    ax.set_title(f"Out-of-memory frontier at a real {mode + ' ' if mode else ''}budget of "
+                 f"{format_bytes(fr.budget_bytes.iloc[0])}")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return fig, None
