@@ -10,8 +10,9 @@ from memprop.checkpoint.strategies import (
     STRATEGY_FORMS, Blocks, Budget, EveryK, Full, NoCheckpoint, Offload, Segments,
     Selective, Sqrt, Strategy, applied_strategy, apply_strategy, parse_strategy,
     remove_strategy)
+from memprop.checkpoint.multilevel import Nested
 
 __all__ = ["Strategy", "NoCheckpoint", "Full", "EveryK", "Segments", "Sqrt", "Blocks",
            "Selective", "Offload", "Budget", "parse_strategy", "apply_strategy",
            "remove_strategy", "applied_strategy", "find_blocks", "CheckpointedChain",
-           "STRATEGY_FORMS"]
+           "STRATEGY_FORMS", "Nested"]

@@ -14,10 +14,12 @@
    tracker's tensor-level peak: on CPU equal to the measured one to the byte); if it
    does not fit, tighten the model budget by the excess and solve again.
 
-Each segment is recomputed once (optimal segmenting). Multi-level schedules that
-recompute a segment more than once (Revolve; rotor, Beaumont et al. 2019) are not
-implemented: for chains of up to a few hundred blocks one level already reaches within
-a few block inputs of the smallest peak.
+Each segment is recomputed once (optimal segmenting) while that fits. Below the
+single-level floor, a multi-level schedule (Revolve; rotor, Beaumont et al. 2019:
+checkpoints inside recomputed segments, memprop.checkpoint.rotor) is searched the same
+way and applied as nested checkpoints (memprop.checkpoint.multilevel).
+``metric="stored"`` plans for the bytes stored for backward instead of the peak
+(NOTE [ The two metrics ], memprop.checkpoint.levels).
 """
 
 from __future__ import annotations
@@ -32,9 +34,13 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from memprop.checkpoint import levels
 from memprop.checkpoint.chain import CheckpointedChain, find_blocks
 from memprop.checkpoint.dp import ChainCosts, min_peak, model_peak, segments_of, solve
-from memprop.errors import BudgetError
+from memprop.checkpoint.multilevel import Nested
+from memprop.checkpoint.rotor import stored_fronts
+from memprop.checkpoint.strategies import Blocks, NoCheckpoint
+from memprop.errors import BudgetError, ConfigError
 from memprop.fake import fake_batch, fake_copy, fake_mode_of
 from memprop.models import training_loss
 from memprop.saved import storage_key, storage_keys
@@ -186,10 +192,13 @@ class Plan:
     forward_flops: int
     recompute_ms: float | None
     blocks: pd.DataFrame = dataclasses.field(repr=False)
+    metric: str = "peak"                 # NOTE [ The two metrics ], checkpoint.levels
+    tree: tuple = ()                     # a multi-level schedule (segments: its top level)
 
     @property
     def strategy(self):
-        from memprop.checkpoint.strategies import Blocks, NoCheckpoint
+        if self.tree:
+            return Nested(self.tree)
         return Blocks(tuple(self.segments)) if self.segments else NoCheckpoint()
 
     @property
@@ -202,7 +211,9 @@ class Plan:
     def describe(self) -> str:
         n_ckpt = sum(b - a + 1 for a, b in self.segments)
         lines = [
-            f"plan for a budget of {format_bytes(self.budget_bytes)}: {self.spec}",
+            f"plan for a budget of {format_bytes(self.budget_bytes)} of "
+            f"{'tensor peak' if self.metric == 'peak' else 'bytes stored for backward'}: "
+            f"{self.spec}",
             f"  {len(self.segments)} checkpointed segment(s) covering {n_ckpt} of "
             f"{self.n_blocks} blocks",
             f"  predicted peak {format_bytes(self.predicted_peak_bytes)} (plain step "
@@ -218,10 +229,15 @@ class Plan:
 
 
 def plan(model: nn.Module, batch, budget, *, blocks_attr=None, optimizer="sgd",
-         loss_fn=training_loss, max_rounds: int = 8) -> Plan:
+         loss_fn=training_loss, max_rounds: int = 8, metric: str = "peak") -> Plan:
     """The placement with the least recompute FLOPs whose simulated peak fits ``budget``
-    (bytes or a size string). Raises ``BudgetError`` stating the smallest feasible
-    budget when none fits."""
+    (bytes or a size string); with ``metric="stored"``, whose bytes stored for backward
+    fit it. Below the single-level floor of the peak, a multi-level schedule. Raises
+    ``BudgetError`` stating the smallest feasible budget when none fits."""
+    if metric not in levels.METRICS:
+        raise ConfigError(f"memprop.checkpoint: unknown plan metric {metric!r}; choose one "
+                          f"of: {', '.join(levels.METRICS)} (peak: the step's tensor peak; "
+                          "stored: bytes saved for backward at the end of forward)")
     budget_bytes = parse_size(budget)
     mode = fake_mode_of(model)
     with (mode if mode is not None else contextlib.nullcontext()):
@@ -236,9 +252,10 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, optimizer="sgd",
         ms = _block_times_ms(model, batch, blocks, loss_fn=loss_fn)
         table["forward_ms"] = ms
 
-    def make_plan(segments, result) -> Plan:
+    def make_plan(segments, result, tree=()) -> Plan:
         table["checkpointed"] = [any(a <= k <= b for a, b in segments) for k in range(costs.n)]
         return Plan(segments=segments, n_blocks=costs.n, budget_bytes=budget_bytes,
+                    metric=metric, tree=tree,
                     predicted_peak_bytes=result.peak_bytes,
                     predicted_saved_bytes=result.saved_bytes,
                     none_peak_bytes=plain.peak_bytes, none_saved_bytes=plain.saved_bytes,
@@ -248,6 +265,10 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, optimizer="sgd",
                                   if ms is not None else None),
                     blocks=table)
 
+    simulated = lambda strategy: levels.simulate_strategy(  # noqa: E731
+        model, batch, strategy, blocks_attr=blocks_attr, optimizer=optimizer, loss_fn=loss_fn)
+    if metric == "stored":
+        return _plan_stored(costs, plain, budget_bytes, simulated, make_plan, max_rounds)
     # solve the model at the budget less the calibrated overhead; a plan whose simulated
     # peak overshoots tightens the model budget by the excess
     target = budget_bytes - overhead
@@ -260,15 +281,44 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, optimizer="sgd",
         if result.peak_bytes <= budget_bytes:
             return make_plan(segments, result)
         target -= result.peak_bytes - budget_bytes
+    # below the single-level floor: checkpoints inside recomputed segments
+    found = levels.fit(levels.nested_solver(costs), simulated, levels.metric_of("peak"),
+                       budget_bytes, plain.peak_bytes - levels.nested_model_need(
+                           costs, NoCheckpoint()), max_rounds=max_rounds)
+    if found is not None:
+        strategy, result = found
+        return make_plan(strategy.segments(costs.n), result, getattr(strategy, "tree", ()))
     # the placement of least modelled peak is the fallback, and bounds what is feasible
     lowest = segments_of(solve(costs, min_peak(costs))[1])
     lowest_result = sim(lowest) if lowest else plain
     if lowest_result.peak_bytes <= budget_bytes:
         return make_plan(lowest, lowest_result)
-    smallest = min(lowest_result.peak_bytes, plain.peak_bytes)
+    deepest = levels.lowest_nested(costs)
+    smallest = min(lowest_result.peak_bytes, plain.peak_bytes,
+                   simulated(deepest).peak_bytes)
     raise BudgetError(
         f"memprop.checkpoint: no checkpointing plan fits a budget of "
         f"{format_bytes(budget_bytes)} ({budget_bytes} bytes); the smallest feasible "
         f"budget is about {format_bytes(smallest)} ({smallest} bytes) - the plain step "
         f"needs {format_bytes(plain.peak_bytes)}. Raise the budget or shrink the batch",
+        smallest_feasible_bytes=smallest)
+
+
+def _plan_stored(costs, plain, budget_bytes, simulated, make_plan, max_rounds) -> Plan:
+    """``plan(metric="stored")``: single-level placements on the bytes the forward
+    stores (NOTE [ The two metrics ], memprop.checkpoint.levels)."""
+    overhead = plain.saved_bytes - levels.stored_model_bytes(costs, [])
+    found = levels.fit(levels.stored_solver(costs), simulated, levels.metric_of("stored"),
+                       budget_bytes, overhead, max_rounds=max_rounds)
+    if found is not None:
+        strategy, result = found
+        return make_plan(strategy.segments(costs.n), result)
+    front = stored_fronts(costs)
+    least = Blocks(tuple(front[0][2])) if front[0][2] else NoCheckpoint()
+    smallest = simulated(least).saved_bytes
+    raise BudgetError(
+        f"memprop.checkpoint: no checkpointing plan stores at most "
+        f"{format_bytes(budget_bytes)} ({budget_bytes} bytes) for backward; the smallest "
+        f"feasible is about {format_bytes(smallest)} ({smallest} bytes) - the plain step "
+        f"stores {format_bytes(plain.saved_bytes)}. Raise the budget or shrink the batch",
         smallest_feasible_bytes=smallest)

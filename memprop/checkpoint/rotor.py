@@ -55,23 +55,39 @@ Schedule = tuple
 
 # -- evaluating a schedule: the reference semantics, event by event ------------------
 
+def _store_bytes(c: ChainCosts, k: int, held: bool) -> int:
+    """Bytes storing block k retains; t[n] (kept by the chain's tail until backward
+    reaches the chain) counts with the last block that saves it."""
+    h = held or c.keep[k]
+    return c.inner[k] + (c.t[k] if c.saves_in[k] and not h else 0) + (
+        c.t[k + 1] if c.saves_out[k] and (k + 1 == c.n or not c.keep[k + 1]) else 0)
+
+
+def _kept(c: ChainCosts) -> int:
+    """Boundaries kept outside the chain the whole step (t[n] apart: see _tail)."""
+    return sum(c.t[k] for k in range(c.n) if c.keep[k])
+
+
+def _tail(c: ChainCosts, held: bool) -> int:
+    """t[n] at the end of the forward, if the tail keeps it and no block holds it."""
+    return c.t[c.n] if c.keep[c.n] and not held else 0
+
+
 def run_schedule(c: ChainCosts, schedule) -> tuple[int, float]:
     """(need, total forward cost) of a top-level schedule over 0..n-1, by running it:
     forward item by item, then backward in reverse, recomputing checkpointed items."""
-    kept = sum(c.t[k] for k in range(c.n + 1) if c.keep[k])
+    kept = _kept(c)
     after = [c.grads_after(k) for k in range(c.n + 1)]
     peak = [0]
 
-    def run(items, s, e, base, held_start) -> float:
+    def run(items, s, e, base, held_start, top=False) -> float:
         """Forward then backward of ``items`` over s..e-1 above ``base`` bytes."""
         mem, cost, held, marks = base, 0.0, held_start, []
         k = s
         for item in items:
             if isinstance(item, int):
                 assert item == k
-                h = held or c.keep[k]
-                mem += c.inner[k] + (c.t[k] if c.saves_in[k] and not h else 0) + (
-                    c.t[k + 1] if c.saves_out[k] and not c.keep[k + 1] else 0)
+                mem += _store_bytes(c, k, held)
                 cost += c.flops[k]
                 marks.append(("S", k, mem))
                 held, k = c.saves_out[k], k + 1
@@ -84,7 +100,7 @@ def run_schedule(c: ChainCosts, schedule) -> tuple[int, float]:
                 marks.append(("C", item, mem))
                 held, k = False, j + 1
         assert k == e
-        peak[0] = max(peak[0], mem + kept + after[e])
+        peak[0] = max(peak[0], mem + kept + after[e] + (_tail(c, held) if top else 0))
         for kind, item, m in reversed(marks):
             if kind == "S":
                 peak[0] = max(peak[0], m + kept + after[item + 1])
@@ -93,7 +109,7 @@ def run_schedule(c: ChainCosts, schedule) -> tuple[int, float]:
                 cost += run(inner, i, j + 1, m, True)
         return cost
 
-    cost = run(tuple(schedule), 0, c.n, 0, False)
+    cost = run(tuple(schedule), 0, c.n, 0, False, top=True)
     return peak[0], cost
 
 
@@ -156,7 +172,7 @@ def _solve_table(c: ChainCosts, budget: float, quantum: int) -> _Table:
     state is one numpy minimum over its n + 1 choices, O(n³·slots) in all."""
     n, t, q = c.n, c.t, quantum
     up = lambda b: -(-int(b) // q)  # noqa: E731   bytes -> slots, rounded up
-    kept = sum(t[k] for k in range(n + 1) if c.keep[k])
+    kept = _kept(c)
     after = [up(c.grads_after(k) + kept) for k in range(n + 1)]
     slots = int(budget // q)
     table = _Table(c, slots, q)
@@ -164,13 +180,17 @@ def _solve_table(c: ChainCosts, budget: float, quantum: int) -> _Table:
     inf = np.full(size, np.inf)
     base = {}
     for e in range(n + 1):
-        arr = inf.copy()
-        arr[min(after[e], size):] = 0.0
-        base[e] = arr
+        for held in (False, True):
+            for top in (False, True):
+                arr = inf.copy()
+                arr[min(up(c.grads_after(e) + kept + (_tail(c, held) if top and e == n
+                                                      else 0)), size):] = 0.0
+                base[(e, held, top)] = arr
     prefix = list(itertools.accumulate(c.flops, initial=0.0))
 
-    def get(s, e, held):
-        return base[e] if s == e else table.cost[(s, e, held)]
+    def get(s, e, held, top=False):
+        top = top and e == n     # the top level differs only by t[n] at its end
+        return base[(e, held, top)] if s == e else table.cost[(s, e, held, top)]
 
     def shifted(arr, r, add):
         out = inf.copy()
@@ -181,41 +201,42 @@ def _solve_table(c: ChainCosts, budget: float, quantum: int) -> _Table:
     for length in range(1, n + 1):
         for s in range(0, n - length + 1):
             e = s + length
-            for held in (True, False):        # (s, e, True) is used by (s, e, False)
+            for held, top in itertools.product((True, False), (False, True) if e == n
+                                               else (False,)):
+                # (s, e, True, top) is used by (s, e, False, top)
                 h = held or c.keep[s]
                 if c.keep[s] and not held:
-                    table.cost[(s, e, False)] = table.cost[(s, e, True)]
-                    table.choice[(s, e, False)] = table.choice[(s, e, True)]
+                    table.cost[(s, e, False, top)] = table.cost[(s, e, True, top)]
+                    table.choice[(s, e, False, top)] = table.choice[(s, e, True, top)]
                     continue
                 rows = np.empty((e - s + 1, size))
-                r = up(c.inner[s] + (t[s] if c.saves_in[s] and not h else 0) + (
-                    t[s + 1] if c.saves_out[s] and not c.keep[s + 1] else 0))
-                row = shifted(get(s + 1, e, c.saves_out[s]), r, c.flops[s])
+                r = up(_store_bytes(c, s, held))
+                row = shifted(get(s + 1, e, c.saves_out[s], top), r, c.flops[s])
                 row[:min(r + after[s + 1], size)] = np.inf
                 rows[0] = row
                 r = 0 if h else up(t[s])
                 for j in range(s, e):
-                    if j == e - 1 and h:
+                    if j == e - 1 and h and not top:   # repeats (s, e): dominated
                         rows[j - s + 1] = np.inf
                         continue
-                    both = get(s, j + 1, True) + get(j + 1, e, False)
+                    both = get(s, j + 1, True) + get(j + 1, e, False, top)
                     rows[j - s + 1] = shifted(both, r, prefix[j + 1] - prefix[s])
                 pick = rows.argmin(axis=0)
-                table.cost[(s, e, held)] = rows[pick, np.arange(size)]
-                table.choice[(s, e, held)] = pick.astype(np.int16)
-    table.top = get(0, n, False)
+                table.cost[(s, e, held, top)] = rows[pick, np.arange(size)]
+                table.choice[(s, e, held, top)] = pick.astype(np.int16)
+    table.top = get(0, n, False, True)
     return table
 
 
-def _read(table: _Table, s: int, e: int, held: bool, m: int) -> tuple:
-    """The schedule the table chose for (s, e, held) within m slots."""
+def _read(table: _Table, s: int, e: int, held: bool, m: int, top: bool = False) -> tuple:
+    """The schedule the table chose for (s, e, held, top) within m slots."""
     c, items = table.c, []
+    top = top and e == c.n
     while s < e:
-        pick = int(table.choice[(s, e, held)][m])
+        pick = int(table.choice[(s, e, held, top)][m])
         h = held or c.keep[s]
         if pick == 0:
-            r = -(-(c.inner[s] + (c.t[s] if c.saves_in[s] and not h else 0) + (
-                c.t[s + 1] if c.saves_out[s] and not c.keep[s + 1] else 0)) // table.q)
+            r = -(-_store_bytes(c, s, held) // table.q)
             items.append(s)
             held, s, m = c.saves_out[s], s + 1, m - r
         else:
@@ -242,7 +263,7 @@ def solve_schedule(c: ChainCosts, budget: float, *, quantum: int | None = None,
     table = _solve_table(c, budget, q)
     if not np.isfinite(table.top[-1]):
         return None
-    return float(table.top[-1]), _read(table, 0, c.n, False, table.slots)
+    return float(table.top[-1]), _read(table, 0, c.n, False, table.slots, True)
 
 
 def cost_curve(c: ChainCosts, budget: float, *, quantum: int | None = None,
@@ -255,7 +276,7 @@ def cost_curve(c: ChainCosts, budget: float, *, quantum: int | None = None,
     for m in range(table.slots + 1):
         cost = table.top[m]
         if np.isfinite(cost) and cost < last:
-            sched = _read(table, 0, c.n, False, m)
+            sched = _read(table, 0, c.n, False, m, True)
             need, exact = run_schedule(c, sched)
             points.append((need, exact, sched))
             last = cost
@@ -284,15 +305,14 @@ def stored_fronts(c: ChainCosts):
                 fronts[("end", held)] = cur
                 continue
             h = held or c.keep[k]
-            r_store = c.inner[k] + (t[k] if c.saves_in[k] and not h else 0) + (
-                t[k + 1] if c.saves_out[k] and not c.keep[k + 1] else 0)
+            r_store = _store_bytes(c, k, held)
             for m, cost, segs in cur:
                 fronts.setdefault((k + 1, c.saves_out[k]), []).append((m + r_store, cost, segs))
                 for j in range(k, n):
                     fronts.setdefault((j + 1, False), []).append(
                         (m + (0 if h else t[k]), cost + sum(c.flops[k:j + 1]), ((k, j), segs)))
-    kept = sum(t[k] for k in range(n + 1) if c.keep[k])
-    out = [(m + kept, cost, segs) for held in (False, True) for m, cost, segs in
+    kept = _kept(c)
+    out = [(m + kept + _tail(c, held), cost, segs) for held in (False, True) for m, cost, segs in
            fronts[("end", held)]]
     result = []
     for m, cost, segs in _pareto(out):

@@ -21,6 +21,11 @@ String forms (CLI and experiment specs):
     offload         keep saved tensors in host memory (torch.autograd.graph.save_on_cpu);
                     on a CPU run it moves nothing and says so
     budget:SIZE     the planner's cheapest plan whose predicted peak fits SIZE (e.g. 2GiB)
+    nested:0-40[0-20[0-9]],41-62
+                    a multi-level schedule: segments checkpointed again inside recomputed
+                    segments (memprop.checkpoint.multilevel)
+    ops:mm,sdpa     every block, op-level: keep the outputs of these ops, recompute the
+                    rest (memprop.checkpoint.oplevel)
 
 All strategies use non-reentrant checkpointing and preserve RNG state; see NOTE [ How a
 segment is checkpointed without changing the model ] in memprop.checkpoint.chain.
@@ -47,7 +52,15 @@ __all__ = ["Strategy", "NoCheckpoint", "Full", "EveryK", "Segments", "Sqrt", "Bl
            "remove_strategy", "applied_strategy", "STRATEGY_FORMS"]
 
 STRATEGY_FORMS = ("none", "full", "every:K", "segments:N", "sqrt", "blocks:i,j-k,...",
-                  "selective", "offload", "budget:SIZE")
+                  "selective", "offload", "budget:SIZE", "nested:i-j[k-l],...", "ops:OPS")
+
+# "name:" -> parser of the text after it, for strategies defined in their own modules
+# (memprop.checkpoint.multilevel: nested, memprop.checkpoint.oplevel: ops)
+_FORMS: dict = {}
+
+
+def register_form(name: str, parse) -> None:
+    _FORMS[name] = parse
 
 _APPLIED = "_memprop_applied"   # model.__dict__ key: (strategy, undo callable)
 
@@ -281,6 +294,8 @@ def parse_strategy(text: str | Strategy | None) -> Strategy:
                                 else int(part) for part in arg.split(",")))
         if name == "budget" and arg:
             return Budget(parse_size(arg))
+        if name in _FORMS and arg:
+            return _FORMS[name](arg)
     except StrategyError:
         raise
     except ValueError as exc:
