@@ -10,6 +10,7 @@ import torch
 
 from memprop.checkpoint import apply_strategy, parse_strategy, remove_strategy
 from memprop.checkpoint.dp import ChainCosts, min_peak, model_peak, solve
+from memprop.checkpoint.levels import early_stop_flops
 from memprop.checkpoint.multilevel import Nested
 from memprop.checkpoint.planner import plan, profile_chain, simulate
 from memprop.checkpoint.rotor import (brute_force, cost_curve, format_schedule,
@@ -31,15 +32,18 @@ def test_dp_equals_brute_force_on_random_chains():
         chain = random_chain(rng)            # the single-level test's chains
         if chain.n > 5:                      # brute force enumerates nested trees
             continue
+        # FLOPs a recompute ending in block k skips (NOTE [ Early stop ]): some chains
+        early = tuple(rng.randint(0, f) for f in chain.flops) if rng.random() < 0.5 else None
         everything = run_schedule(chain, tuple(range(chain.n)))[0]
-        curve = cost_curve(chain, everything, quantum=1)
+        curve = cost_curve(chain, everything, quantum=1, early=early)
         lowest = curve[0][0]
         for budget in (lowest - 1, lowest, (lowest + everything) // 2, everything):
-            dp, brute = solve_schedule(chain, budget, quantum=1), brute_force(chain, budget)
+            dp = solve_schedule(chain, budget, quantum=1, early=early)
+            brute = brute_force(chain, budget, early=early)
             assert (dp is None) == (brute is None), (chain, budget)
             if dp is not None:
                 assert dp[0] == brute[0], (chain, budget)
-                assert run_schedule(chain, dp[1])[1] == dp[0]
+                assert run_schedule(chain, dp[1], early=early)[1] == dp[0]
                 assert run_schedule(chain, dp[1])[0] <= budget
                 compared += 1
     assert compared > 200
@@ -105,6 +109,8 @@ def loss_and_grads(cfg, model, data):
     ("mlp", dict(depth=16, width=64, d_in=64), 256, "0-11[0-5[0-2],7-9],12-14"),
     ("transformer", dict(depth=6, d_model=32, heads=4, seq_len=32, vocab=64, dropout=0.1),
      4, "0-4[0-2[0-1]]"),
+    ("transformer", dict(depth=6, d_model=32, heads=4, seq_len=32, vocab=64),
+     4, "0-3[0-1],4-5[5]"),
 ])
 def test_nested_schedule_is_bitwise_and_costs_what_the_model_says(name, sizes, batch, spec):
     cfg = model_config(name, **sizes)
@@ -121,8 +127,9 @@ def test_nested_schedule_is_bitwise_and_costs_what_the_model_says(name, sizes, b
     remove_strategy(model)
     # recompute FLOPs = the schedule's extra forwards, counted by the DP's model
     costs, _ = profile_chain(model, data)
+    early = early_stop_flops(model, data)
     schedule = tree_schedule(parse_schedule(spec), 0, costs.n)
-    extra = run_schedule(costs, schedule)[1] - sum(costs.flops)
+    extra = run_schedule(costs, schedule, early=early)[1] - sum(costs.flops)
     assert measured.backward_flops - plain_m.backward_flops == extra
     assert str(strategy) == "nested:" + spec
 

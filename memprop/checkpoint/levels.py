@@ -21,9 +21,12 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from memprop.checkpoint import rotor
+from memprop.checkpoint.chain import find_blocks
 from memprop.checkpoint.dp import ChainCosts
 from memprop.checkpoint.multilevel import Nested
 from memprop.checkpoint.strategies import Blocks, NoCheckpoint, Strategy, remove_strategy
@@ -32,6 +35,7 @@ from memprop.measure import Measurement, measure_step
 from memprop.models import training_loss
 
 __all__ = ["METRICS", "metric_of", "simulate_strategy", "fit", "nested_solver",
+           "early_stop_flops",
            "lowest_nested", "stored_solver", "stored_model_bytes", "strategy_of"]
 
 METRICS = ("peak", "stored")
@@ -85,10 +89,49 @@ def strategy_of(schedule) -> Strategy:
     return Nested(tree)
 
 
-def nested_solver(costs: ChainCosts, *, slots: int = 1500) -> Callable[[int], Strategy | None]:
+def early_stop_flops(model, batch, *, blocks_attr=None, loss_fn=training_loss) -> tuple:
+    """Per block, the forward FLOPs after its last saved tensor: what a recompute ending
+    with that block skips (NOTE [ Early stop ], memprop.checkpoint.rotor). One forward
+    on fake tensors."""
+    given = fake_mode_of(model)
+    mode = given or FakeTensorMode()
+    target = model if given else fake_copy(model, mode)
+    target_batch = batch if given else fake_batch(batch, mode)
+    blocks = find_blocks(target, blocks_attr)
+    index = {id(b): k for k, b in enumerate(blocks)}
+    counter = FlopCounterMode(display=False)
+    current, last_pack, end = [None], [0] * len(blocks), [0] * len(blocks)
+
+    def pre(module, args):
+        current[0] = index[id(module)]
+        last_pack[current[0]] = counter.get_total_flops()
+
+    def post(module, args, output):
+        end[index[id(module)]] = counter.get_total_flops()
+        current[0] = None
+
+    def pack(t):
+        if current[0] is not None:
+            last_pack[current[0]] = counter.get_total_flops()
+        return t
+
+    handles = [h for b in blocks for h in (b.register_forward_pre_hook(pre),
+                                           b.register_forward_hook(post))]
+    try:
+        with mode, counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = loss_fn(target, target_batch)
+            del loss
+    finally:
+        for h in handles:
+            h.remove()
+    return tuple(float(e - p) for e, p in zip(end, last_pack))
+
+
+def nested_solver(costs: ChainCosts, *, slots: int = 1500,
+                  early=None) -> Callable[[int], Strategy | None]:
     """Model budget -> the cheapest multi-level schedule within it (rotor DP)."""
     def solve(target: int):
-        found = rotor.solve_schedule(costs, target, slots=slots)
+        found = rotor.solve_schedule(costs, target, slots=slots, early=early)
         return None if found is None else strategy_of(found[1])
     return solve
 
@@ -100,10 +143,10 @@ def nested_model_need(costs: ChainCosts, strategy: Strategy) -> int:
     return rotor.run_schedule(costs, rotor.tree_schedule(tree, 0, costs.n))[0]
 
 
-def lowest_nested(costs: ChainCosts) -> Strategy:
+def lowest_nested(costs: ChainCosts, *, early=None) -> Strategy:
     """The schedule of least modelled need (it recomputes as much as it takes)."""
     everything = rotor.run_schedule(costs, tuple(range(costs.n)))[0]
-    return strategy_of(rotor.cost_curve(costs, everything)[0][2])
+    return strategy_of(rotor.cost_curve(costs, everything, early=early)[0][2])
 
 
 def stored_model_bytes(costs: ChainCosts, segments) -> int:
@@ -122,9 +165,9 @@ def stored_model_bytes(costs: ChainCosts, segments) -> int:
     return total + rotor._kept(costs) + rotor._tail(costs, held)
 
 
-def stored_solver(costs: ChainCosts) -> Callable[[int], Strategy | None]:
+def stored_solver(costs: ChainCosts, *, early=None) -> Callable[[int], Strategy | None]:
     """Model budget on stored bytes -> the placement of least recompute within it."""
-    front = rotor.stored_fronts(costs)
+    front = rotor.stored_fronts(costs, early=early)
 
     def solve(target: int):
         fits = [entry for entry in front if entry[0] <= target]

@@ -267,8 +267,10 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, optimizer="sgd",
 
     simulated = lambda strategy: levels.simulate_strategy(  # noqa: E731
         model, batch, strategy, blocks_attr=blocks_attr, optimizer=optimizer, loss_fn=loss_fn)
+    early = levels.early_stop_flops(model, batch, blocks_attr=blocks_attr, loss_fn=loss_fn)
     if metric == "stored":
-        return _plan_stored(costs, plain, budget_bytes, simulated, make_plan, max_rounds)
+        return _plan_stored(costs, plain, budget_bytes, simulated, make_plan, max_rounds,
+                            early)
     # solve the model at the budget less the calibrated overhead; a plan whose simulated
     # peak overshoots tightens the model budget by the excess
     target = budget_bytes - overhead
@@ -282,7 +284,8 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, optimizer="sgd",
             return make_plan(segments, result)
         target -= result.peak_bytes - budget_bytes
     # below the single-level floor: checkpoints inside recomputed segments
-    found = levels.fit(levels.nested_solver(costs), simulated, levels.metric_of("peak"),
+    found = levels.fit(levels.nested_solver(costs, early=early), simulated,
+                       levels.metric_of("peak"),
                        budget_bytes, plain.peak_bytes - levels.nested_model_need(
                            costs, NoCheckpoint()), max_rounds=max_rounds)
     if found is not None:
@@ -293,7 +296,7 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, optimizer="sgd",
     lowest_result = sim(lowest) if lowest else plain
     if lowest_result.peak_bytes <= budget_bytes:
         return make_plan(lowest, lowest_result)
-    deepest = levels.lowest_nested(costs)
+    deepest = levels.lowest_nested(costs, early=early)
     smallest = min(lowest_result.peak_bytes, plain.peak_bytes,
                    simulated(deepest).peak_bytes)
     raise BudgetError(
@@ -304,16 +307,18 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, optimizer="sgd",
         smallest_feasible_bytes=smallest)
 
 
-def _plan_stored(costs, plain, budget_bytes, simulated, make_plan, max_rounds) -> Plan:
+def _plan_stored(costs, plain, budget_bytes, simulated, make_plan, max_rounds,
+                 early) -> Plan:
     """``plan(metric="stored")``: single-level placements on the bytes the forward
     stores (NOTE [ The two metrics ], memprop.checkpoint.levels)."""
     overhead = plain.saved_bytes - levels.stored_model_bytes(costs, [])
-    found = levels.fit(levels.stored_solver(costs), simulated, levels.metric_of("stored"),
+    found = levels.fit(levels.stored_solver(costs, early=early), simulated,
+                       levels.metric_of("stored"),
                        budget_bytes, overhead, max_rounds=max_rounds)
     if found is not None:
         strategy, result = found
         return make_plan(strategy.segments(costs.n), result)
-    front = stored_fronts(costs)
+    front = stored_fronts(costs, early=early)
     least = Blocks(tuple(front[0][2])) if front[0][2] else NoCheckpoint()
     smallest = simulated(least).saved_bytes
     raise BudgetError(

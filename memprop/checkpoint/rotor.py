@@ -27,11 +27,23 @@ NOTE [ Multi-level schedules ]
        backward reaching block k:    what it retains up to k + K + G(k+1)
        recompute of item (i, j, in): what it retains up to t[i] + need(in)
     cost = every forward the schedule runs (the first sweep included), in FLOPs; the
-    recompute of a plan is cost - Σ flops.
-  The DP (``solve_schedule``) fills, for each sub-problem (s, e, t[s] held or not) and
-  each memory size m, the least cost within m, bottom-up: O(n³·slots), as rotor does. ``brute_force`` enumerates every
-  schedule and evaluates it by running it event by event (``run_schedule``); tests check
-  the two agree and that uniform chains reproduce Revolve's binomial optimum.
+    recompute of a plan is cost - Σ flops. t[n], kept by the chain's tail (a head
+    saving its input), counts at the end of the top-level forward only: it is freed
+    before backward reaches the chain.
+  The DP (``solve_schedule``) fills, for each sub-problem (s, e, t[s] held or not, top
+  level or inside a recompute) and each memory size m, the least cost within m,
+  bottom-up: O(n³·slots), as rotor does. ``brute_force`` enumerates every schedule and
+  evaluates it by running it event by event (``run_schedule``); tests check the two
+  agree and that uniform chains reproduce Revolve's binomial optimum.
+
+NOTE [ Early stop ]
+  torch's non-reentrant checkpoint stops a recompute as soon as every tensor its frame
+  saved is back (Rule 5 of NOTE [ Nestable Checkpoint ]). So a recompute ending with a
+  stored block k skips the ops after block k's last saved tensor (``early[k]`` FLOPs,
+  e.g. a transformer block's last matmul, whose output nothing saves), and one ending
+  with a checkpointed item never runs that item's advance at all (the frame's last
+  saved tensor is the inner checkpoint's input). The cost model counts both, so FLOPs
+  predicted for a schedule equal the ones counted in the step.
 """
 
 from __future__ import annotations
@@ -73,9 +85,15 @@ def _tail(c: ChainCosts, held: bool) -> int:
     return c.t[c.n] if c.keep[c.n] and not held else 0
 
 
-def run_schedule(c: ChainCosts, schedule) -> tuple[int, float]:
+def _early(c: ChainCosts, early) -> tuple:
+    return tuple(early) if early else (0,) * c.n
+
+
+def run_schedule(c: ChainCosts, schedule, *, early=None) -> tuple[int, float]:
     """(need, total forward cost) of a top-level schedule over 0..n-1, by running it:
-    forward item by item, then backward in reverse, recomputing checkpointed items."""
+    forward item by item, then backward in reverse, recomputing checkpointed items.
+    ``early[k]``: the FLOPs a recompute ending with block k skips (NOTE [ Early stop ])."""
+    early = _early(c, early)
     kept = _kept(c)
     after = [c.grads_after(k) for k in range(c.n + 1)]
     peak = [0]
@@ -84,11 +102,12 @@ def run_schedule(c: ChainCosts, schedule) -> tuple[int, float]:
         """Forward then backward of ``items`` over s..e-1 above ``base`` bytes."""
         mem, cost, held, marks = base, 0.0, held_start, []
         k = s
-        for item in items:
+        for pos, item in enumerate(items):
+            last = pos == len(items) - 1 and not top      # where a recompute stops
             if isinstance(item, int):
                 assert item == k
                 mem += _store_bytes(c, k, held)
-                cost += c.flops[k]
+                cost += c.flops[k] - (early[k] if last else 0)
                 marks.append(("S", k, mem))
                 held, k = c.saves_out[k], k + 1
             else:
@@ -96,7 +115,7 @@ def run_schedule(c: ChainCosts, schedule) -> tuple[int, float]:
                 assert i == k and j >= i
                 h = held or c.keep[i]
                 mem += 0 if h else c.t[i]
-                cost += sum(c.flops[i:j + 1])
+                cost += 0 if last else sum(c.flops[i:j + 1])
                 marks.append(("C", item, mem))
                 held, k = False, j + 1
         assert k == e
@@ -131,11 +150,11 @@ def _all_schedules(s: int, e: int, held: bool, top: bool):
                 yield ((s, j, inner),) + rest
 
 
-def brute_force(c: ChainCosts, budget: int):
+def brute_force(c: ChainCosts, budget: int, *, early=None):
     """(cost, schedule) of the cheapest schedule with need <= budget, or None."""
     best = None
     for sched in _all_schedules(0, c.n, False, True):
-        need, cost = run_schedule(c, sched)
+        need, cost = run_schedule(c, sched, early=early)
         if need <= budget and (best is None or cost < best[0]):
             best = (cost, sched)
     return best
@@ -167,10 +186,11 @@ class _Table:
         self.choice: dict = {}
 
 
-def _solve_table(c: ChainCosts, budget: float, quantum: int) -> _Table:
+def _solve_table(c: ChainCosts, budget: float, quantum: int, early=None) -> _Table:
     """Fill the DP bottom-up over segment length (NOTE [ Multi-level schedules ]): each
     state is one numpy minimum over its n + 1 choices, O(n³·slots) in all."""
     n, t, q = c.n, c.t, quantum
+    early = _early(c, early)
     up = lambda b: -(-int(b) // q)  # noqa: E731   bytes -> slots, rounded up
     kept = _kept(c)
     after = [up(c.grads_after(k) + kept) for k in range(n + 1)]
@@ -211,7 +231,9 @@ def _solve_table(c: ChainCosts, budget: float, quantum: int) -> _Table:
                     continue
                 rows = np.empty((e - s + 1, size))
                 r = up(_store_bytes(c, s, held))
-                row = shifted(get(s + 1, e, c.saves_out[s], top), r, c.flops[s])
+                stops = e == s + 1 and not top      # a recompute stops in block s
+                row = shifted(get(s + 1, e, c.saves_out[s], top), r,
+                              c.flops[s] - (early[s] if stops else 0))
                 row[:min(r + after[s + 1], size)] = np.inf
                 rows[0] = row
                 r = 0 if h else up(t[s])
@@ -220,7 +242,9 @@ def _solve_table(c: ChainCosts, budget: float, quantum: int) -> _Table:
                         rows[j - s + 1] = np.inf
                         continue
                     both = get(s, j + 1, True) + get(j + 1, e, False, top)
-                    rows[j - s + 1] = shifted(both, r, prefix[j + 1] - prefix[s])
+                    # the last item of a recompute: stopped before its advance
+                    advance = 0.0 if j == e - 1 and not top else prefix[j + 1] - prefix[s]
+                    rows[j - s + 1] = shifted(both, r, advance)
                 pick = rows.argmin(axis=0)
                 table.cost[(s, e, held, top)] = rows[pick, np.arange(size)]
                 table.choice[(s, e, held, top)] = pick.astype(np.int16)
@@ -252,7 +276,7 @@ def _quantum(c: ChainCosts, budget: float, slots: int) -> int:
 
 
 def solve_schedule(c: ChainCosts, budget: float, *, quantum: int | None = None,
-                   slots: int = 1500):
+                   slots: int = 1500, early=None):
     """(total forward cost, schedule) of the cheapest schedule whose need is within
     ``budget`` bytes, or None. Bytes are counted in slots of ``quantum`` bytes (default:
     budget / ``slots``), rounded up: exact with ``quantum=1``, never over the budget
@@ -260,24 +284,24 @@ def solve_schedule(c: ChainCosts, budget: float, *, quantum: int | None = None,
     if budget < 0:
         return None
     q = quantum or _quantum(c, budget, slots)
-    table = _solve_table(c, budget, q)
+    table = _solve_table(c, budget, q, early)
     if not np.isfinite(table.top[-1]):
         return None
     return float(table.top[-1]), _read(table, 0, c.n, False, table.slots, True)
 
 
 def cost_curve(c: ChainCosts, budget: float, *, quantum: int | None = None,
-               slots: int = 1500) -> list[tuple[int, float, tuple]]:
+               slots: int = 1500, early=None) -> list[tuple[int, float, tuple]]:
     """The Pareto curve (need bytes, total forward cost, schedule) of every schedule up
     to ``budget``, the needs exact (each schedule read back and run)."""
     q = quantum or _quantum(c, budget, slots)
-    table = _solve_table(c, budget, q)
+    table = _solve_table(c, budget, q, early)
     points, last = [], math.inf
     for m in range(table.slots + 1):
         cost = table.top[m]
         if np.isfinite(cost) and cost < last:
             sched = _read(table, 0, c.n, False, m, True)
-            need, exact = run_schedule(c, sched)
+            need, exact = run_schedule(c, sched, early=early)
             points.append((need, exact, sched))
             last = cost
     return _pareto(points)
@@ -291,11 +315,12 @@ def min_need(c: ChainCosts, *, slots: int = 1500) -> int:
 
 # -- the stored metric: bytes retained at the end of the forward ---------------------
 
-def stored_fronts(c: ChainCosts):
+def stored_fronts(c: ChainCosts, *, early=None):
     """Pareto front of (retained bytes at the end of forward, recompute cost, segments)
     over single-level placements: what a checkpoint's inside does later does not change
     what the forward stores, so one level is optimal for this metric."""
     n, t = c.n, c.t
+    early = _early(c, early)
     # state (k, held): front of (retained, cost, segments-cons)
     fronts = {(0, False): [(0, 0.0, ())]}
     for k in range(n + 1):
@@ -310,7 +335,8 @@ def stored_fronts(c: ChainCosts):
                 fronts.setdefault((k + 1, c.saves_out[k]), []).append((m + r_store, cost, segs))
                 for j in range(k, n):
                     fronts.setdefault((j + 1, False), []).append(
-                        (m + (0 if h else t[k]), cost + sum(c.flops[k:j + 1]), ((k, j), segs)))
+                        (m + (0 if h else t[k]), cost + sum(c.flops[k:j + 1]) - early[j],
+                         ((k, j), segs)))
     kept = _kept(c)
     out = [(m + kept + _tail(c, held), cost, segs) for held in (False, True) for m, cost, segs in
            fronts[("end", held)]]
