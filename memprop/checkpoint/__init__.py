@@ -11,8 +11,9 @@ from memprop.checkpoint.strategies import (
     Selective, Sqrt, Strategy, applied_strategy, apply_strategy, parse_strategy,
     remove_strategy)
 from memprop.checkpoint.multilevel import Nested
+from memprop.checkpoint.oplevel import Ops
 
 __all__ = ["Strategy", "NoCheckpoint", "Full", "EveryK", "Segments", "Sqrt", "Blocks",
            "Selective", "Offload", "Budget", "parse_strategy", "apply_strategy",
            "remove_strategy", "applied_strategy", "find_blocks", "CheckpointedChain",
-           "STRATEGY_FORMS", "Nested"]
+           "STRATEGY_FORMS", "Nested", "Ops"]

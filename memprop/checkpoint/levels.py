@@ -22,20 +22,19 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from memprop.checkpoint import rotor
 from memprop.checkpoint.chain import find_blocks
 from memprop.checkpoint.dp import ChainCosts
-from memprop.checkpoint.multilevel import Nested
+from memprop.checkpoint.multilevel import Nested, fake_target
+from memprop.checkpoint.oplevel import Ops, block_options, trace_blocks
 from memprop.checkpoint.strategies import Blocks, NoCheckpoint, Strategy, remove_strategy
-from memprop.fake import fake_batch, fake_copy, fake_mode_of
 from memprop.measure import Measurement, measure_step
 from memprop.models import training_loss
 
 __all__ = ["METRICS", "metric_of", "simulate_strategy", "fit", "nested_solver",
-           "early_stop_flops",
+           "early_stop_flops", "op_options", "placement_strategy",
            "lowest_nested", "stored_solver", "stored_model_bytes", "strategy_of"]
 
 METRICS = ("peak", "stored")
@@ -49,10 +48,7 @@ def simulate_strategy(model, batch, strategy: Strategy, *, blocks_attr=None,
                       optimizer="sgd", loss_fn=training_loss) -> Measurement:
     """A predicted ``Measurement`` of one step with ``strategy`` applied, on fake tensors
     (the model itself if already fake, else a fake copy)."""
-    given = fake_mode_of(model)
-    mode = given or FakeTensorMode()
-    target = model if given else fake_copy(model, mode)
-    target_batch = batch if given else fake_batch(batch, mode)
+    mode, target, target_batch = fake_target(model, batch)
     with mode:
         strategy.apply(target, blocks_attr=blocks_attr)
         try:
@@ -93,10 +89,7 @@ def early_stop_flops(model, batch, *, blocks_attr=None, loss_fn=training_loss) -
     """Per block, the forward FLOPs after its last saved tensor: what a recompute ending
     with that block skips (NOTE [ Early stop ], memprop.checkpoint.rotor). One forward
     on fake tensors."""
-    given = fake_mode_of(model)
-    mode = given or FakeTensorMode()
-    target = model if given else fake_copy(model, mode)
-    target_batch = batch if given else fake_batch(batch, mode)
+    mode, target, target_batch = fake_target(model, batch)
     blocks = find_blocks(target, blocks_attr)
     index = {id(b): k for k, b in enumerate(blocks)}
     counter = FlopCounterMode(display=False)
@@ -165,14 +158,33 @@ def stored_model_bytes(costs: ChainCosts, segments) -> int:
     return total + rotor._kept(costs) + rotor._tail(costs, held)
 
 
-def stored_solver(costs: ChainCosts, *, early=None) -> Callable[[int], Strategy | None]:
-    """Model budget on stored bytes -> the placement of least recompute within it."""
-    front = rotor.stored_fronts(costs, early=early)
+def placement_strategy(segments) -> Strategy:
+    """``Blocks`` for plain segments, ``Ops`` when some block has an op-level policy."""
+    if not segments:
+        return NoCheckpoint()
+    if all(len(seg) == 2 for seg in segments):
+        return Blocks(tuple(segments))
+    return Ops(tuple(seg if len(seg) == 3 else (*seg, frozenset()) for seg in segments))
+
+
+def stored_solver(costs: ChainCosts, *, early=None,
+                  options=None) -> Callable[[int], Strategy | None]:
+    """Model budget on stored bytes -> the placement of least recompute within it
+    (with op-level ``options`` per block, NOTE [ Op-level options of a block ])."""
+    front = rotor.stored_fronts(costs, early=early, options=options)
 
     def solve(target: int):
         fits = [entry for entry in front if entry[0] <= target]
         if not fits:
             return None
-        _, _, segments = min(fits, key=lambda e: (e[1], e[0]))
-        return Blocks(tuple(segments)) if segments else NoCheckpoint()
+        return placement_strategy(min(fits, key=lambda e: (e[1], e[0]))[2])
     return solve
+
+
+def op_options(model, batch, *, blocks_attr=None, loss_fn=training_loss, early=None,
+               max_calls: int = 6) -> list:
+    """Per block, its op-level options (NOTE [ Op-level options of a block ])."""
+    traced = trace_blocks(model, batch, blocks_attr=blocks_attr, loss_fn=loss_fn)
+    early = early or (0.0,) * len(traced)
+    return [block_options(calls, early=e, max_calls=max_calls)
+            for calls, e in zip(traced, early)]

@@ -30,6 +30,7 @@ import threading
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.checkpoint import checkpoint
 
@@ -38,8 +39,9 @@ from memprop.checkpoint.rotor import format_schedule, parse_schedule
 from memprop.checkpoint.strategies import (_APPLIED, Strategy, applied_strategy,
                                            register_form)
 from memprop.errors import StrategyError
+from memprop.fake import fake_batch, fake_copy, fake_mode_of
 
-__all__ = ["Nested", "NestedChain"]
+__all__ = ["Nested", "NestedChain", "claim_blocks", "fake_target"]
 
 _state = threading.local()   # .depth: segments running; .recomputing: recomputes running
 
@@ -173,6 +175,27 @@ class NestedChain:
         return forward
 
 
+def claim_blocks(model: nn.Module, blocks_attr, select: dict) -> list[nn.Module]:
+    """The chain a new strategy will patch; refuses a model that has one applied.
+    ``select``: ``blocks=`` / ``check_fn=`` where ``find_blocks`` takes them."""
+    present = applied_strategy(model)
+    if present is not None:
+        raise StrategyError(f"memprop.checkpoint: {type(model).__name__} already has "
+                            f"strategy {present} applied; call remove_strategy(model) first")
+    select = {k: v for k, v in select.items() if v is not None and k != "loss_fn"}
+    return find_blocks(model, blocks_attr, **select)
+
+
+def fake_target(model: nn.Module, batch):
+    """(fake mode, model, batch) on fake tensors: the model itself if already fake,
+    else a fake copy (no memory used)."""
+    given = fake_mode_of(model)
+    mode = given or FakeTensorMode()
+    if given:
+        return mode, model, batch
+    return mode, fake_copy(model, mode), fake_batch(batch, mode)
+
+
 def _freeze(tree) -> tuple:
     return tuple((int(i), int(j), _freeze(children)) for i, j, children in tree)
 
@@ -203,13 +226,7 @@ class Nested(Strategy):
     def apply(self, model: nn.Module, *, blocks_attr: str | None = None,
               example_batch=None, **select) -> nn.Module:
         # select: blocks= / check_fn= where find_blocks takes them; loss_fn unused
-        present = applied_strategy(model)
-        if present is not None:
-            raise StrategyError(f"memprop.checkpoint: {type(model).__name__} already has "
-                                f"strategy {present} applied; call remove_strategy(model) "
-                                "first")
-        select = {k: v for k, v in select.items() if v is not None and k != "loss_fn"}
-        blocks = find_blocks(model, blocks_attr, **select) if self.tree else []
+        blocks = claim_blocks(model, blocks_attr, select) if self.tree else []
         if self.tree and self.tree[-1][1] >= len(blocks):
             raise StrategyError(f"memprop.checkpoint: {self.spec} names block "
                                 f"{self.tree[-1][1]} but the chain has blocks "

@@ -38,6 +38,7 @@ from memprop.checkpoint import levels
 from memprop.checkpoint.chain import CheckpointedChain, find_blocks
 from memprop.checkpoint.dp import ChainCosts, min_peak, model_peak, segments_of, solve
 from memprop.checkpoint.multilevel import Nested
+from memprop.checkpoint.oplevel import Ops
 from memprop.checkpoint.rotor import stored_fronts
 from memprop.checkpoint.strategies import Blocks, NoCheckpoint
 from memprop.errors import BudgetError, ConfigError
@@ -194,9 +195,12 @@ class Plan:
     blocks: pd.DataFrame = dataclasses.field(repr=False)
     metric: str = "peak"                 # NOTE [ The two metrics ], checkpoint.levels
     tree: tuple = ()                     # a multi-level schedule (segments: its top level)
+    chosen: object = None                # a strategy beyond segments (op-level: Ops)
 
     @property
     def strategy(self):
+        if self.chosen is not None:
+            return self.chosen
         if self.tree:
             return Nested(self.tree)
         return Blocks(tuple(self.segments)) if self.segments else NoCheckpoint()
@@ -252,10 +256,10 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, optimizer="sgd",
         ms = _block_times_ms(model, batch, blocks, loss_fn=loss_fn)
         table["forward_ms"] = ms
 
-    def make_plan(segments, result, tree=()) -> Plan:
+    def make_plan(segments, result, tree=(), chosen=None) -> Plan:
         table["checkpointed"] = [any(a <= k <= b for a, b in segments) for k in range(costs.n)]
         return Plan(segments=segments, n_blocks=costs.n, budget_bytes=budget_bytes,
-                    metric=metric, tree=tree,
+                    metric=metric, tree=tree, chosen=chosen,
                     predicted_peak_bytes=result.peak_bytes,
                     predicted_saved_bytes=result.saved_bytes,
                     none_peak_bytes=plain.peak_bytes, none_saved_bytes=plain.saved_bytes,
@@ -269,8 +273,10 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, optimizer="sgd",
         model, batch, strategy, blocks_attr=blocks_attr, optimizer=optimizer, loss_fn=loss_fn)
     early = levels.early_stop_flops(model, batch, blocks_attr=blocks_attr, loss_fn=loss_fn)
     if metric == "stored":
+        options = levels.op_options(model, batch, blocks_attr=blocks_attr, loss_fn=loss_fn,
+                                    early=early)
         return _plan_stored(costs, plain, budget_bytes, simulated, make_plan, max_rounds,
-                            early)
+                            early, options)
     # solve the model at the budget less the calibrated overhead; a plan whose simulated
     # peak overshoots tightens the model budget by the excess
     target = budget_bytes - overhead
@@ -308,18 +314,18 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, optimizer="sgd",
 
 
 def _plan_stored(costs, plain, budget_bytes, simulated, make_plan, max_rounds,
-                 early) -> Plan:
+                 early, options) -> Plan:
     """``plan(metric="stored")``: single-level placements on the bytes the forward
     stores (NOTE [ The two metrics ], memprop.checkpoint.levels)."""
     overhead = plain.saved_bytes - levels.stored_model_bytes(costs, [])
-    found = levels.fit(levels.stored_solver(costs, early=early), simulated,
+    found = levels.fit(levels.stored_solver(costs, early=early, options=options), simulated,
                        levels.metric_of("stored"),
                        budget_bytes, overhead, max_rounds=max_rounds)
     if found is not None:
         strategy, result = found
-        return make_plan(strategy.segments(costs.n), result)
-    front = stored_fronts(costs, early=early)
-    least = Blocks(tuple(front[0][2])) if front[0][2] else NoCheckpoint()
+        return make_plan(strategy.segments(costs.n), result,
+                         chosen=strategy if isinstance(strategy, Ops) else None)
+    least = levels.placement_strategy(stored_fronts(costs, early=early, options=options)[0][2])
     smallest = simulated(least).saved_bytes
     raise BudgetError(
         f"memprop.checkpoint: no checkpointing plan stores at most "

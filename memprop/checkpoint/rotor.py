@@ -315,10 +315,13 @@ def min_need(c: ChainCosts, *, slots: int = 1500) -> int:
 
 # -- the stored metric: bytes retained at the end of the forward ---------------------
 
-def stored_fronts(c: ChainCosts, *, early=None):
+def stored_fronts(c: ChainCosts, *, early=None, options=None):
     """Pareto front of (retained bytes at the end of forward, recompute cost, segments)
     over single-level placements: what a checkpoint's inside does later does not change
-    what the forward stores, so one level is optimal for this metric."""
+    what the forward stores, so one level is optimal for this metric. ``options[k]``:
+    op-level alternatives for block k, (keys, kept bytes, recompute cost) each (NOTE
+    [ Op-level options of a block ], memprop.checkpoint.oplevel); a segment chosen with
+    one is ``(k, k, keys)``."""
     n, t = c.n, c.t
     early = _early(c, early)
     # state (k, held): front of (retained, cost, segments-cons)
@@ -333,6 +336,9 @@ def stored_fronts(c: ChainCosts, *, early=None):
             r_store = _store_bytes(c, k, held)
             for m, cost, segs in cur:
                 fronts.setdefault((k + 1, c.saves_out[k]), []).append((m + r_store, cost, segs))
+                for keys, kept_bytes, flops in (options[k] if options else ()):
+                    fronts.setdefault((k + 1, False), []).append(
+                        (m + (0 if h else t[k]) + kept_bytes, cost + flops, ((k, k, keys), segs)))
                 for j in range(k, n):
                     fronts.setdefault((j + 1, False), []).append(
                         (m + (0 if h else t[k]), cost + sum(c.flops[k:j + 1]) - early[j],
