@@ -36,6 +36,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from memprop.checkpoint import levels
 from memprop.checkpoint.chain import CheckpointedChain, find_blocks
+from memprop.checkpoint.levers import describe_levers, peak_composition
+from memprop.checkpoint.levers import levers as levers_of
 from memprop.checkpoint.dp import ChainCosts, min_peak, model_peak, segments_of, solve
 from memprop.checkpoint.multilevel import Nested
 from memprop.checkpoint.oplevel import Ops
@@ -196,6 +198,10 @@ class Plan:
     metric: str = "peak"                 # NOTE [ The two metrics ], checkpoint.levels
     tree: tuple = ()                     # a multi-level schedule (segments: its top level)
     chosen: object = None                # a strategy beyond segments (op-level: Ops)
+    # NOTE [ What sets the peak ], memprop.checkpoint.levers: bytes by category at the
+    # predicted peak, and the levers beyond checkpointing when those are not activations
+    peak_parts: dict = dataclasses.field(default_factory=dict)
+    levers: tuple = ()
 
     @property
     def strategy(self):
@@ -229,6 +235,8 @@ class Plan:
         ]
         if self.recompute_ms is not None:
             lines.append(f"  recompute time ≈ {self.recompute_ms:.1f} ms (measured block forwards)")
+        if self.peak_parts:
+            lines += describe_levers(self.predicted_peak_bytes, self.peak_parts, self.levers)
         return "\n".join(lines)
 
 
@@ -258,7 +266,9 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, optimizer="sgd",
 
     def make_plan(segments, result, tree=(), chosen=None) -> Plan:
         table["checkpointed"] = [any(a <= k <= b for a, b in segments) for k in range(costs.n)]
-        return Plan(segments=segments, n_blocks=costs.n, budget_bytes=budget_bytes,
+        parts = peak_composition(result)
+        static = sum(parts.get(c, 0) for c in ("parameter", "gradient", "optimizer"))
+        found = Plan(segments=segments, n_blocks=costs.n, budget_bytes=budget_bytes,
                     metric=metric, tree=tree, chosen=chosen,
                     predicted_peak_bytes=result.peak_bytes,
                     predicted_saved_bytes=result.saved_bytes,
@@ -267,7 +277,11 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, optimizer="sgd",
                     forward_flops=plain.forward_flops,
                     recompute_ms=(sum(ms[k] for a, b in segments for k in range(a, b + 1))
                                   if ms is not None else None),
-                    blocks=table)
+                    blocks=table, peak_parts=parts)
+        if static * 2 >= result.peak_bytes:      # not activations: say what would help
+            found.levers = tuple(levers_of(model, batch, found.strategy, optimizer=optimizer,
+                                           loss_fn=loss_fn)[1])
+        return found
 
     simulated = lambda strategy: levels.simulate_strategy(  # noqa: E731
         model, batch, strategy, blocks_attr=blocks_attr, optimizer=optimizer, loss_fn=loss_fn)
