@@ -138,8 +138,8 @@ def nested_model_need(costs: ChainCosts, strategy: Strategy) -> int:
 
 def lowest_nested(costs: ChainCosts, *, early=None) -> Strategy:
     """The schedule of least modelled need (it recomputes as much as it takes)."""
-    everything = rotor.run_schedule(costs, tuple(range(costs.n)))[0]
-    return strategy_of(rotor.cost_curve(costs, everything, early=early)[0][2])
+    return strategy_of(rotor.cost_curve(costs, rotor.covering_budget(costs),
+                                        early=early)[0][2])
 
 
 def stored_model_bytes(costs: ChainCosts, segments) -> int:

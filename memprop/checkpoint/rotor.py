@@ -57,7 +57,7 @@ import numpy as np
 from memprop.checkpoint.dp import ChainCosts
 from memprop.errors import StrategyError
 
-__all__ = ["Schedule", "solve_schedule", "cost_curve", "min_need",
+__all__ = ["Schedule", "solve_schedule", "cost_curve", "min_need", "covering_budget",
            "run_schedule", "brute_force", "revolve_forwards", "format_schedule",
            "parse_schedule", "schedule_segments", "tree_schedule", "stored_fronts"]
 
@@ -307,10 +307,16 @@ def cost_curve(c: ChainCosts, budget: float, *, quantum: int | None = None,
     return _pareto(points)
 
 
-def min_need(c: ChainCosts, *, slots: int = 1500) -> int:
-    """The smallest need of any schedule (to a quantum of the all-stored need / slots)."""
+def covering_budget(c: ChainCosts, *, slots: int = 1500) -> int:
+    """A budget under which the all-stored schedule fits even with every byte term
+    rounded up to slots of budget / ``slots`` (at most n + 2 terms per moment)."""
     everything = run_schedule(c, tuple(range(c.n)))[0]
-    return cost_curve(c, everything, slots=slots)[0][0]
+    return math.ceil(everything / max(1 - (c.n + 2) / slots, 0.05)) + 1
+
+
+def min_need(c: ChainCosts, *, slots: int = 1500, early=None) -> int:
+    """The smallest need of any schedule (to a quantum of the budget / slots)."""
+    return cost_curve(c, covering_budget(c, slots=slots), slots=slots, early=early)[0][0]
 
 
 # -- the stored metric: bytes retained at the end of the forward ---------------------
