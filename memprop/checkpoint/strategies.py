@@ -254,7 +254,13 @@ class Budget(Strategy):
             raise StrategyError("memprop.checkpoint: budget:SIZE plans from a profile of one "
                                 "step; pass example_batch=(inputs, targets) to apply()")
         from memprop.checkpoint.planner import plan
-        return plan(model, example_batch, self.budget_bytes, blocks_attr=blocks_attr).segments
+        found = plan(model, example_batch, self.budget_bytes, blocks_attr=blocks_attr)
+        if found.tree or found.chosen is not None:   # not expressible as segments
+            raise StrategyError(
+                f"memprop.checkpoint: {self.spec} is below the single-level floor; the plan "
+                f"that fits is the multi-level {found.spec}: apply that strategy, or "
+                "plan(model, batch, budget).apply(model)")
+        return found.segments
 
 
 def remove_strategy(model: nn.Module) -> nn.Module:
