@@ -229,6 +229,10 @@ def run() -> dict:
             shown[key.replace("_bytes", "_mib")] = None if value is None else round(
                 value / MiB, 2)
         shown["recompute_gflop"] = round(shown.pop("recompute_flops") / 1e9, 3)
+        shown["step_ratio"] = shown.pop("step_ratio")
+        shown["measured"] = shown.pop("measured", False)
+        if len(shown["spec"]) > 40:        # op-level specs are long: whole in the JSON
+            shown["spec"] = shown["spec"][:37] + "..."
         table.append(shown)
     return {"table": table, "rows": rows, "verdicts": verdicts,
             "planning_seconds_48_blocks": seconds}
