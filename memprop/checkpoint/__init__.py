@@ -8,12 +8,14 @@
 
 from memprop.checkpoint.chain import CheckpointedChain, find_blocks, find_chains
 from memprop.checkpoint.strategies import (
-    STRATEGY_FORMS, Blocks, Budget, EveryK, Full, NoCheckpoint, Offload, Segments,
+    STRATEGY_FORMS, Blocks, EveryK, Full, NoCheckpoint, Offload, Segments,
     Selective, Sqrt, Strategy, applied_strategy, apply_strategy, parse_strategy,
     remove_strategy)
-from memprop.checkpoint.planner import Plan, plan
+from memprop.checkpoint.planner import Budget, Plan, plan
+from memprop.checkpoint.multilevel import Nested
+from memprop.checkpoint.oplevel import Ops
 
 __all__ = ["Strategy", "NoCheckpoint", "Full", "EveryK", "Segments", "Sqrt", "Blocks",
-           "Selective", "Offload", "Budget", "parse_strategy", "apply_strategy",
-           "remove_strategy", "applied_strategy", "find_blocks", "find_chains",
-           "CheckpointedChain", "STRATEGY_FORMS", "plan", "Plan"]
+           "Selective", "Offload", "Budget", "Nested", "Ops", "parse_strategy",
+           "apply_strategy", "remove_strategy", "applied_strategy", "find_blocks",
+           "find_chains", "CheckpointedChain", "STRATEGY_FORMS", "plan", "Plan"]

@@ -14,10 +14,12 @@
    tracker's tensor-level peak: on CPU equal to the measured one to the byte); if it
    does not fit, tighten the model budget by the excess and solve again.
 
-Each segment is recomputed once (optimal segmenting). Multi-level schedules that
-recompute a segment more than once (Revolve; rotor, Beaumont et al. 2019) are not
-implemented: for chains of up to a few hundred blocks one level already reaches within
-a few block inputs of the smallest peak.
+Each segment is recomputed once (optimal segmenting) while that fits. Below the
+single-level floor, a multi-level schedule (Revolve; rotor, Beaumont et al. 2019:
+checkpoints inside recomputed segments, memprop.checkpoint.rotor) is searched the same
+way and applied as nested checkpoints (memprop.checkpoint.multilevel).
+``metric="stored"`` plans for the bytes stored for backward instead of the peak
+(NOTE [ The two metrics ], memprop.checkpoint.levels).
 """
 
 from __future__ import annotations
@@ -34,16 +36,24 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from torch.utils._pytree import tree_flatten
 
+from memprop.checkpoint import levels
 from memprop.checkpoint.cache import cache_off
 from memprop.checkpoint.chain import CheckpointedChain, find_blocks
+from memprop.checkpoint.levers import describe_levers, peak_composition
+from memprop.checkpoint.levers import levers as levers_of
 from memprop.checkpoint.dp import ChainCosts, min_peak, model_peak, segments_of, solve
-from memprop.errors import BudgetError
+from memprop.checkpoint.multilevel import Nested
+from memprop.checkpoint.oplevel import Ops
+from memprop.checkpoint.rotor import stored_fronts
+from memprop.checkpoint.strategies import Blocks, NoCheckpoint, Strategy, register_form
+from memprop.errors import BudgetError, ConfigError, StrategyError
 from memprop.fake import fake_batch, fake_copy, fake_mode_of
+from memprop.measure import measure_step
 from memprop.models import training_loss
 from memprop.saved import storage_key, storage_keys
 from memprop.units import format_bytes, format_flops, format_ms, format_ratio, parse_size
 
-__all__ = ["Plan", "plan", "profile_chain", "simulate"]
+__all__ = ["Plan", "plan", "profile_chain", "simulate", "Budget"]
 
 
 def _first_tensor(value):
@@ -155,7 +165,6 @@ def simulate(model: nn.Module, batch, segments, *, blocks_attr=None, blocks=None
              check_fn=None, optimizer="sgd", loss_fn=training_loss):
     """A predicted ``Measurement`` of one step with ``segments`` checkpointed, run on
     fake tensors (the model itself if already fake, else a fake copy)."""
-    from memprop.measure import measure_step
 
     mode = fake_mode_of(model)
     if mode is None:
@@ -192,10 +201,20 @@ class Plan:
     forward_flops: int
     recompute_ms: float | None
     blocks: pd.DataFrame = dataclasses.field(repr=False)
+    metric: str = "peak"                 # NOTE [ The two metrics ], checkpoint.levels
+    tree: tuple = ()                     # a multi-level schedule (segments: its top level)
+    chosen: object = None                # a strategy beyond segments (op-level: Ops)
+    # NOTE [ What sets the peak ], memprop.checkpoint.levers: bytes by category at the
+    # predicted peak, and the levers beyond checkpointing when those are not activations
+    peak_parts: dict = dataclasses.field(default_factory=dict)
+    levers: tuple = ()
 
     @property
     def strategy(self):
-        from memprop.checkpoint.strategies import Blocks, NoCheckpoint
+        if self.chosen is not None:
+            return self.chosen
+        if self.tree:
+            return Nested(self.tree)
         return Blocks(tuple(self.segments)) if self.segments else NoCheckpoint()
 
     @property
@@ -210,7 +229,9 @@ class Plan:
     def describe(self) -> str:
         n_ckpt = sum(b - a + 1 for a, b in self.segments)
         lines = [
-            f"plan for a budget of {format_bytes(self.budget_bytes)}: {self.spec}",
+            f"plan for a budget of {format_bytes(self.budget_bytes)} of "
+            f"{'tensor peak' if self.metric == 'peak' else 'bytes stored for backward'}: "
+            f"{self.spec}",
             f"  {len(self.segments)} checkpointed segment(s) covering {n_ckpt} of "
             f"{self.n_blocks} blocks",
             f"  predicted peak {format_bytes(self.predicted_peak_bytes)} (plain step "
@@ -222,29 +243,37 @@ class Plan:
         ]
         if self.recompute_ms is not None:
             lines.append(f"  recompute time ≈ {format_ms(self.recompute_ms)} (measured block forwards)")
+        if self.peak_parts:
+            lines += describe_levers(self.predicted_peak_bytes, self.peak_parts, self.levers)
         return "\n".join(lines)
 
 
 def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, check_fn=None,
-         optimizer="sgd", loss_fn=training_loss, max_rounds: int = 8) -> Plan:
+         optimizer="sgd", loss_fn=training_loss, max_rounds: int = 8,
+         metric: str = "peak") -> Plan:
     """The placement with the least recompute FLOPs whose simulated peak fits ``budget``
-    (bytes or a size string). Raises ``BudgetError`` stating the smallest feasible
-    budget when none fits.
+    (bytes or a size string); with ``metric="stored"``, whose bytes stored for backward
+    fit it. Below the single-level floor of the peak, a multi-level schedule. Raises
+    ``BudgetError`` stating the smallest feasible budget when none fits.
 
     ``batch`` may have any structure: ``loss_fn(model, batch)`` is the step's loss
     (default: the zoo's ``(inputs, targets)`` and ``model.objective``). The model's KV
     cache is off while planning, as under the plan (NOTE [ Checkpointing and KV caches ])."""
+    if metric not in levels.METRICS:
+        raise ConfigError(f"memprop.checkpoint: unknown plan metric {metric!r}; choose one "
+                          f"of: {', '.join(levels.METRICS)} (peak: the step's tensor peak; "
+                          "stored: bytes saved for backward at the end of forward)")
     restore_cache = cache_off(model, warn=False)
     try:
         return _plan(model, batch, parse_size(budget), blocks_attr=blocks_attr,
                      select=dict(blocks=blocks, check_fn=check_fn), optimizer=optimizer,
-                     loss_fn=loss_fn, max_rounds=max_rounds)
+                     loss_fn=loss_fn, max_rounds=max_rounds, metric=metric)
     finally:
         restore_cache()
 
 
 def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn,
-          max_rounds) -> Plan:
+          max_rounds, metric) -> Plan:
     mode = fake_mode_of(model)
     with (mode if mode is not None else contextlib.nullcontext()):
         costs, table = profile_chain(model, batch, blocks_attr=blocks_attr, **select,
@@ -259,9 +288,12 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
                              loss_fn=loss_fn)
         table["forward_ms"] = ms
 
-    def make_plan(segments, result) -> Plan:
+    def make_plan(segments, result, tree=(), chosen=None) -> Plan:
         table["checkpointed"] = [any(a <= k <= b for a, b in segments) for k in range(costs.n)]
-        return Plan(segments=segments, n_blocks=costs.n, budget_bytes=budget_bytes,
+        parts = peak_composition(result)
+        static = sum(parts.get(c, 0) for c in ("parameter", "gradient", "optimizer"))
+        found = Plan(segments=segments, n_blocks=costs.n, budget_bytes=budget_bytes,
+                    metric=metric, tree=tree, chosen=chosen,
                     predicted_peak_bytes=result.peak_bytes,
                     predicted_saved_bytes=result.saved_bytes,
                     none_peak_bytes=plain.peak_bytes, none_saved_bytes=plain.saved_bytes,
@@ -269,8 +301,20 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
                     forward_flops=plain.forward_flops,
                     recompute_ms=(sum(ms[k] for a, b in segments for k in range(a, b + 1))
                                   if ms is not None else None),
-                    blocks=table)
+                    blocks=table, peak_parts=parts)
+        if static * 2 >= result.peak_bytes:      # not activations: say what would help
+            found.levers = tuple(levers_of(model, batch, found.strategy, optimizer=optimizer,
+                                           loss_fn=loss_fn)[1])
+        return found
 
+    simulated = lambda strategy: levels.simulate_strategy(  # noqa: E731
+        model, batch, strategy, blocks_attr=blocks_attr, optimizer=optimizer, loss_fn=loss_fn)
+    early = levels.early_stop_flops(model, batch, blocks_attr=blocks_attr, loss_fn=loss_fn)
+    if metric == "stored":
+        options = levels.op_options(model, batch, blocks_attr=blocks_attr, loss_fn=loss_fn,
+                                    early=early)
+        return _plan_stored(costs, plain, budget_bytes, simulated, make_plan, max_rounds,
+                            early, options)
     # solve the model at the budget less the calibrated overhead; a plan whose simulated
     # peak overshoots tightens the model budget by the excess
     target = budget_bytes - overhead
@@ -283,15 +327,77 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
         if result.peak_bytes <= budget_bytes:
             return make_plan(segments, result)
         target -= result.peak_bytes - budget_bytes
+    # below the single-level floor: checkpoints inside recomputed segments
+    found = levels.fit(levels.nested_solver(costs, early=early), simulated,
+                       levels.metric_of("peak"),
+                       budget_bytes, plain.peak_bytes - levels.nested_model_need(
+                           costs, NoCheckpoint()), max_rounds=max_rounds)
+    if found is not None:
+        strategy, result = found
+        return make_plan(strategy.segments(costs.n), result, getattr(strategy, "tree", ()))
     # the placement of least modelled peak is the fallback, and bounds what is feasible
     lowest = segments_of(solve(costs, min_peak(costs))[1])
     lowest_result = sim(lowest) if lowest else plain
     if lowest_result.peak_bytes <= budget_bytes:
         return make_plan(lowest, lowest_result)
-    smallest = min(lowest_result.peak_bytes, plain.peak_bytes)
+    deepest = levels.lowest_nested(costs, early=early)
+    smallest = min(lowest_result.peak_bytes, plain.peak_bytes,
+                   simulated(deepest).peak_bytes)
     raise BudgetError(
         f"memprop.checkpoint: no checkpointing plan fits a budget of "
         f"{format_bytes(budget_bytes)} ({budget_bytes} bytes); the smallest feasible "
         f"budget is about {format_bytes(smallest)} ({smallest} bytes) - the plain step "
         f"needs {format_bytes(plain.peak_bytes)}. Raise the budget or shrink the batch",
         smallest_feasible_bytes=smallest)
+
+
+def _plan_stored(costs, plain, budget_bytes, simulated, make_plan, max_rounds,
+                 early, options) -> Plan:
+    """``plan(metric="stored")``: single-level placements on the bytes the forward
+    stores (NOTE [ The two metrics ], memprop.checkpoint.levels)."""
+    overhead = plain.saved_bytes - levels.stored_model_bytes(costs, [])
+    found = levels.fit(levels.stored_solver(costs, early=early, options=options), simulated,
+                       levels.metric_of("stored"),
+                       budget_bytes, overhead, max_rounds=max_rounds)
+    if found is not None:
+        strategy, result = found
+        return make_plan(strategy.segments(costs.n), result,
+                         chosen=strategy if isinstance(strategy, Ops) else None)
+    least = levels.placement_strategy(stored_fronts(costs, early=early, options=options)[0][2])
+    smallest = simulated(least).saved_bytes
+    raise BudgetError(
+        f"memprop.checkpoint: no checkpointing plan stores at most "
+        f"{format_bytes(budget_bytes)} ({budget_bytes} bytes) for backward; the smallest "
+        f"feasible is about {format_bytes(smallest)} ({smallest} bytes) - the plain step "
+        f"stores {format_bytes(plain.saved_bytes)}. Raise the budget or shrink the batch",
+        smallest_feasible_bytes=smallest)
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget(Strategy):
+    """``budget:SIZE``: the planner's cheapest single-level plan whose predicted peak fits
+    SIZE, planned from a profile of the example batch when applied."""
+
+    budget_bytes: int = 0
+
+    @property
+    def spec(self):
+        return f"budget:{format_bytes(self.budget_bytes).replace(' ', '')}"
+
+    def _planned(self, model, blocks_attr, select, example_batch, loss_fn):
+        if example_batch is None:
+            raise StrategyError("memprop.checkpoint: budget:SIZE plans from a profile of one "
+                                "step; pass example_batch= (and loss_fn= for a batch that is "
+                                "not the zoo's (inputs, targets)) to apply()")
+        kwargs = {"loss_fn": loss_fn} if loss_fn is not None else {}
+        found = plan(model, example_batch, self.budget_bytes, blocks_attr=blocks_attr,
+                     **select, **kwargs)
+        if found.tree or found.chosen is not None:   # not expressible as segments
+            raise StrategyError(
+                f"memprop.checkpoint: {self.spec} is below the single-level floor; the plan "
+                f"that fits is the multi-level {found.spec}: apply that strategy, or "
+                "plan(model, batch, budget).apply(model)")
+        return found.segments
+
+
+register_form("budget", lambda arg: Budget(parse_size(arg)))

@@ -21,6 +21,11 @@ String forms (CLI and experiment specs):
     offload         keep saved tensors in host memory (torch.autograd.graph.save_on_cpu);
                     on a CPU run it moves nothing and says so
     budget:SIZE     the planner's cheapest plan whose predicted peak fits SIZE (e.g. 2GiB)
+    nested:0-40[0-20[0-9]],41-62
+                    a multi-level schedule: segments checkpointed again inside recomputed
+                    segments (memprop.checkpoint.multilevel)
+    ops:mm,sdpa     every block, op-level: keep the outputs of these ops, recompute the
+                    rest (memprop.checkpoint.oplevel)
 
 All strategies use non-reentrant checkpointing and preserve RNG state; see NOTE [ How a
 segment is checkpointed without changing the model ] in memprop.checkpoint.chain. Blocks
@@ -44,14 +49,22 @@ from memprop.checkpoint.cache import cache_off as _cache_off
 from memprop.checkpoint.chain import CheckpointedChain, find_blocks, find_chains
 from memprop.checkpoint.selective import selective_context_fn
 from memprop.errors import StrategyError
-from memprop.units import parse_size
 
 __all__ = ["Strategy", "NoCheckpoint", "Full", "EveryK", "Segments", "Sqrt", "Blocks",
-           "Selective", "Offload", "Budget", "parse_strategy", "apply_strategy",
+           "Selective", "Offload", "parse_strategy", "apply_strategy",
            "remove_strategy", "applied_strategy", "STRATEGY_FORMS"]
 
 STRATEGY_FORMS = ("none", "full", "every:K", "segments:N", "sqrt", "blocks:i,j-k,...",
-                  "selective", "offload", "budget:SIZE")
+                  "selective", "offload", "budget:SIZE", "nested:i-j[k-l],...", "ops:OPS")
+
+# "name:" -> parser of the text after it, for strategies defined in their own modules
+# (memprop.checkpoint.multilevel: nested, memprop.checkpoint.oplevel: ops,
+# memprop.checkpoint.planner: budget)
+_FORMS: dict = {}
+
+
+def register_form(name: str, parse) -> None:
+    _FORMS[name] = parse
 
 _APPLIED = "_memprop_applied"   # model.__dict__ key: (strategy, undo callable)
 
@@ -257,26 +270,6 @@ class Offload(Strategy):
         return model
 
 
-@dataclasses.dataclass(frozen=True)
-class Budget(Strategy):
-    budget_bytes: int = 0
-
-    @property
-    def spec(self):
-        from memprop.units import format_bytes
-        return f"budget:{format_bytes(self.budget_bytes).replace(' ', '')}"
-
-    def _planned(self, model, blocks_attr, select, example_batch, loss_fn):
-        if example_batch is None:
-            raise StrategyError("memprop.checkpoint: budget:SIZE plans from a profile of one "
-                                "step; pass example_batch= (and loss_fn= for a batch that is "
-                                "not the zoo's (inputs, targets)) to apply()")
-        from memprop.checkpoint.planner import plan
-        kwargs = {"loss_fn": loss_fn} if loss_fn is not None else {}
-        return plan(model, example_batch, self.budget_bytes, blocks_attr=blocks_attr,
-                    **select, **kwargs).segments
-
-
 def remove_strategy(model: nn.Module) -> nn.Module:
     """Undo ``apply``: the model runs plainly again."""
     entry = model.__dict__.pop(_APPLIED, None)
@@ -312,8 +305,8 @@ def parse_strategy(text: str | Strategy | None) -> Strategy:
         if name == "blocks" and re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", arg):
             return Blocks(tuple(tuple(int(i) for i in part.split("-")) if "-" in part
                                 else int(part) for part in arg.split(",")))
-        if name == "budget" and arg:
-            return Budget(parse_size(arg))
+        if name in _FORMS and arg:
+            return _FORMS[name](arg)
     except StrategyError:
         raise
     except ValueError as exc:

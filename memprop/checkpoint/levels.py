@@ -1,0 +1,190 @@
+"""The planner's searches beyond one level and beyond the peak: multi-level schedules
+below the single-level floor, and plans for the bytes stored for backward.
+
+``memprop.checkpoint.planner.plan`` calls these with its profile (``ChainCosts``) and
+its calibrated overhead; each candidate is checked by simulating the whole step on fake
+tensors (``simulate_strategy``), and a candidate that overshoots tightens the model
+budget by the excess, as the single-level search does.
+
+NOTE [ The two metrics ]
+  ``peak``: the step's tensor peak (``Measurement.peak_bytes``): parameters, gradients,
+  optimizer state and every activation alive at the worst moment, recomputes included.
+  ``stored``: the bytes autograd holds for backward at the end of the forward
+  (``Measurement.saved_bytes``, NOTE [ What counts as a stored intermediate ]): what
+  ``torch._functorch.config.activation_memory_budget`` trades against recompute. Only
+  the top level of a schedule decides what the forward stores, so single-level
+  placements are optimal for ``stored`` (``rotor.stored_fronts``); multi-level
+  schedules pay off only for ``peak``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from memprop.checkpoint import rotor
+from memprop.checkpoint.chain import find_blocks
+from memprop.checkpoint.dp import ChainCosts
+from memprop.checkpoint.multilevel import Nested, fake_target
+from memprop.checkpoint.oplevel import Ops, block_options, trace_blocks
+from memprop.checkpoint.strategies import Blocks, NoCheckpoint, Strategy, remove_strategy
+from memprop.measure import Measurement, measure_step
+from memprop.models import training_loss
+
+__all__ = ["METRICS", "metric_of", "simulate_strategy", "fit", "nested_solver",
+           "early_stop_flops", "op_options", "placement_strategy",
+           "lowest_nested", "stored_solver", "stored_model_bytes", "strategy_of"]
+
+METRICS = ("peak", "stored")
+
+
+def metric_of(metric: str) -> Callable[[Measurement], int]:
+    return {"peak": lambda m: m.peak_bytes, "stored": lambda m: m.saved_bytes}[metric]
+
+
+def simulate_strategy(model, batch, strategy: Strategy, *, blocks_attr=None,
+                      optimizer="sgd", loss_fn=training_loss) -> Measurement:
+    """A predicted ``Measurement`` of one step with ``strategy`` applied, on fake tensors
+    (the model itself if already fake, else a fake copy)."""
+    mode, target, target_batch = fake_target(model, batch)
+    with mode:
+        strategy.apply(target, blocks_attr=blocks_attr)
+        try:
+            return measure_step(target, target_batch, optimizer=optimizer, loss_fn=loss_fn,
+                                timing=False, inference=False, predicted=True)
+        finally:
+            remove_strategy(target)
+
+
+def fit(solve: Callable[[int], Strategy | None], simulate: Callable, value: Callable,
+        budget_bytes: int, overhead: int, *, max_rounds: int = 8):
+    """(strategy, simulated Measurement) of ``solve``'s choice at the budget less the
+    overhead, tightened by the excess until ``value(simulation)`` fits; None if none."""
+    target = budget_bytes - overhead
+    for _ in range(max_rounds):
+        strategy = solve(target) if target > 0 else None
+        if strategy is None:
+            return None
+        result = simulate(strategy)
+        if value(result) <= budget_bytes:
+            return strategy, result
+        target -= value(result) - budget_bytes
+    return None
+
+
+def strategy_of(schedule) -> Strategy:
+    """``Blocks`` for a one-level schedule (what ``plan`` has always returned), else
+    ``Nested``."""
+    tree = rotor.schedule_segments(schedule)
+    if not tree:
+        return NoCheckpoint()
+    if all(not children for _, _, children in tree):
+        return Blocks(tuple((i, j) for i, j, _ in tree))
+    return Nested(tree)
+
+
+def early_stop_flops(model, batch, *, blocks_attr=None, loss_fn=training_loss) -> tuple:
+    """Per block, the forward FLOPs after its last saved tensor: what a recompute ending
+    with that block skips (NOTE [ Early stop ], memprop.checkpoint.rotor). One forward
+    on fake tensors."""
+    mode, target, target_batch = fake_target(model, batch)
+    blocks = find_blocks(target, blocks_attr)
+    index = {id(b): k for k, b in enumerate(blocks)}
+    counter = FlopCounterMode(display=False)
+    current, last_pack, end = [None], [0] * len(blocks), [0] * len(blocks)
+
+    def pre(module, args):
+        current[0] = index[id(module)]
+        last_pack[current[0]] = counter.get_total_flops()
+
+    def post(module, args, output):
+        end[index[id(module)]] = counter.get_total_flops()
+        current[0] = None
+
+    def pack(t):
+        if current[0] is not None:
+            last_pack[current[0]] = counter.get_total_flops()
+        return t
+
+    handles = [h for b in blocks for h in (b.register_forward_pre_hook(pre),
+                                           b.register_forward_hook(post))]
+    try:
+        with mode, counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = loss_fn(target, target_batch)
+            del loss
+    finally:
+        for h in handles:
+            h.remove()
+    return tuple(float(e - p) for e, p in zip(end, last_pack))
+
+
+def nested_solver(costs: ChainCosts, *, slots: int = 1500,
+                  early=None) -> Callable[[int], Strategy | None]:
+    """Model budget -> the cheapest multi-level schedule within it (rotor DP)."""
+    def solve(target: int):
+        found = rotor.solve_schedule(costs, target, slots=slots, early=early)
+        return None if found is None else strategy_of(found[1])
+    return solve
+
+
+def nested_model_need(costs: ChainCosts, strategy: Strategy) -> int:
+    tree = getattr(strategy, "tree", None)
+    if tree is None:
+        tree = [(i, j, []) for i, j in strategy.segments(costs.n)]
+    return rotor.run_schedule(costs, rotor.tree_schedule(tree, 0, costs.n))[0]
+
+
+def lowest_nested(costs: ChainCosts, *, early=None) -> Strategy:
+    """The schedule of least modelled need (it recomputes as much as it takes)."""
+    return strategy_of(rotor.cost_curve(costs, rotor.covering_budget(costs),
+                                        early=early)[0][2])
+
+
+def stored_model_bytes(costs: ChainCosts, segments) -> int:
+    """Bytes the cost model says the forward retains with ``segments`` checkpointed."""
+    tree = [(i, j, []) for i, j in segments]
+    items = rotor.tree_schedule(tree, 0, costs.n)
+    t, total, held = costs.t, 0, False
+    for item in items:
+        if isinstance(item, int):
+            total += rotor._store_bytes(costs, item, held)
+            held = costs.saves_out[item]
+        else:
+            i = item[0]
+            total += 0 if (held or costs.keep[i]) else t[i]
+            held = False
+    return total + rotor._kept(costs) + rotor._tail(costs, held)
+
+
+def placement_strategy(segments) -> Strategy:
+    """``Blocks`` for plain segments, ``Ops`` when some block has an op-level policy."""
+    if not segments:
+        return NoCheckpoint()
+    if all(len(seg) == 2 for seg in segments):
+        return Blocks(tuple(segments))
+    return Ops(tuple(seg if len(seg) == 3 else (*seg, frozenset()) for seg in segments))
+
+
+def stored_solver(costs: ChainCosts, *, early=None,
+                  options=None) -> Callable[[int], Strategy | None]:
+    """Model budget on stored bytes -> the placement of least recompute within it
+    (with op-level ``options`` per block, NOTE [ Op-level options of a block ])."""
+    front = rotor.stored_fronts(costs, early=early, options=options)
+
+    def solve(target: int):
+        fits = [entry for entry in front if entry[0] <= target]
+        if not fits:
+            return None
+        return placement_strategy(min(fits, key=lambda e: (e[1], e[0]))[2])
+    return solve
+
+
+def op_options(model, batch, *, blocks_attr=None, loss_fn=training_loss, early=None,
+               max_calls: int = 6) -> list:
+    """Per block, its op-level options (NOTE [ Op-level options of a block ])."""
+    traced = trace_blocks(model, batch, blocks_attr=blocks_attr, loss_fn=loss_fn)
+    early = early or (0.0,) * len(traced)
+    return [block_options(calls, early=e, max_calls=max_calls)
+            for calls, e in zip(traced, early)]

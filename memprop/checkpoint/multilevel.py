@@ -1,0 +1,244 @@
+"""Multi-level recompute applied to a model: nested non-reentrant checkpoints, and the
+planner that reaches budgets below the single-level floor.
+
+    p = plan_multilevel(model, batch, "37MiB")     # rotor DP, checked by simulation
+    p.apply(model)                                  # or Nested.parse("0-31[0-15],...")
+    apply_strategy(model, "nested:0-40[0-20[0-9]],41-62")
+
+NOTE [ How a multi-level schedule is applied ]
+  A schedule (NOTE [ Multi-level schedules ], memprop.checkpoint.rotor) is a tree of
+  checkpointed segments: ``0-40[0-20[0-9]]`` checkpoints blocks 0..40; when backward
+  recomputes them, blocks 0..20 run inside a checkpoint of their own (and, when those
+  are recomputed, blocks 0..9 again), the other blocks of the range are stored. Each
+  segment is one ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False,
+  preserve_rng_state=True)``; torch's nested checkpoints respect an inner checkpoint
+  met during a recompute (NOTE [ Nestable Checkpoint ], torch/utils/checkpoint.py), so
+  the tree runs as the DP scheduled it. Top-level segments are applied as in NOTE
+  [ How a segment is checkpointed without changing the model ] (memprop.checkpoint.
+  chain): instance ``forward`` patches, ``state_dict`` keys unchanged, blocks called
+  through ``__call__``. Inside a segment block k + 1 receives block k's output, so every
+  block of a segment of more than one block must take and return one tensor; anything
+  else raises ``StrategyError``. BatchNorm running statistics are snapshot before the
+  outermost recompute that runs a block and restored after it: one step leaves them as
+  a plain step does. The RNG state is replayed by every level, so dropout matches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils.checkpoint import checkpoint
+
+from memprop.checkpoint.chain import find_blocks
+from memprop.checkpoint.rotor import format_schedule, parse_schedule
+from memprop.checkpoint.strategies import (_APPLIED, Strategy, applied_strategy,
+                                           register_form)
+from memprop.errors import StrategyError
+from memprop.fake import fake_batch, fake_copy, fake_mode_of
+
+__all__ = ["Nested", "NestedChain", "claim_blocks", "fake_target"]
+
+_state = threading.local()   # .depth: segments running; .recomputing: recomputes running
+
+
+def _get(name: str) -> int:
+    return getattr(_state, name, 0)
+
+
+def _norms(blocks):
+    return [m for b in blocks for m in b.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def _running(bn) -> list[torch.Tensor]:
+    return [t for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)
+            if t is not None]
+
+
+class NestedChain:
+    """A tree of checkpointed segments applied to a chain of blocks (NOTE above).
+    ``tree``: ``[(first, last, children), ...]`` with inclusive block indices."""
+
+    _KEY = "_memprop_forward"          # the key chain.CheckpointedChain uses too
+
+    def __init__(self, blocks: list[nn.Module], tree):
+        self.blocks, self.tree = blocks, tree
+        self._patched: list[nn.Module] = []
+
+    def apply(self) -> "NestedChain":
+        for first, last, children in self.tree:
+            box: dict = {}
+            self._patch(self.blocks[first], self._top_forward(first, last, children, box))
+            for k in range(first + 1, last + 1):
+                self._patch(self.blocks[k], self._pass_through(self.blocks[k], box,
+                                                               last=k == last))
+        return self
+
+    def remove(self) -> None:
+        for block in self._patched:
+            orig = block.__dict__.pop(self._KEY)
+            if orig is None:
+                block.__dict__.pop("forward", None)
+            else:
+                block.forward = orig
+        self._patched = []
+
+    def _patch(self, block, forward) -> None:
+        if self._KEY in block.__dict__:
+            raise StrategyError("memprop.checkpoint: a block is already checkpointed; "
+                                "remove the strategy first (memprop.checkpoint.remove_strategy)")
+        block.__dict__[self._KEY] = block.__dict__.get("forward")
+        block.forward = forward
+        self._patched.append(block)
+
+    def _original(self, block):
+        orig = block.__dict__.get(self._KEY)
+        return orig if orig is not None else type(block).forward.__get__(block)
+
+    def _run(self, first: int, last: int, children, x, *, recompute: bool):
+        """Blocks first..last on ``x``, children checkpointed; a recompute that is the
+        outermost one puts BatchNorm statistics back afterwards."""
+        outermost = recompute and _get("recomputing") == 0
+        with _disable_current_modes():
+            snapshot = ([(bn, [t.clone() for t in _running(bn)])
+                         for bn in _norms(self.blocks[first:last + 1]) if bn.training]
+                        if outermost else [])
+        _state.depth = _get("depth") + 1
+        _state.recomputing = _get("recomputing") + int(recompute)
+        try:
+            starts = {c[0]: c for c in children}
+            out, k = x, first
+            while k <= last:
+                if k in starts:
+                    a, b, grand = starts[k]
+                    out = self._checkpointed(a, b, grand, out)
+                    k = b + 1
+                else:
+                    out = self.blocks[k](out)
+                    k += 1
+                if k <= last and not isinstance(out, torch.Tensor):
+                    raise StrategyError(
+                        f"memprop.checkpoint: a nested segment needs blocks that return one "
+                        f"tensor, but block {k - 1} ({type(self.blocks[k - 1]).__name__}) "
+                        f"returned {type(out).__name__}; use a single-level strategy")
+            return out
+        finally:
+            _state.depth -= 1
+            _state.recomputing -= int(recompute)
+            with torch.no_grad(), _disable_current_modes():
+                for bn, saved in snapshot:
+                    for t, value in zip(_running(bn), saved):
+                        t.copy_(value)
+
+    def _checkpointed(self, first: int, last: int, children, x):
+        calls = [0]                     # 1st call: a forward; later: recomputes
+
+        def segment(inp):
+            calls[0] += 1
+            return self._run(first, last, children, inp,
+                             recompute=calls[0] > 1 or _get("recomputing") > 0)
+        return checkpoint(segment, x, use_reentrant=False, preserve_rng_state=True)
+
+    def _top_forward(self, first: int, last: int, children, box: dict):
+        original = self._original(self.blocks[first])
+
+        def forward(*args, **kwargs):
+            if _get("depth") > 0:                  # run by a segment: the block itself
+                return original(*args, **kwargs)
+            if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+                raise StrategyError(
+                    f"memprop.checkpoint: nested segments need blocks called with one "
+                    f"tensor; block {first} ({type(self.blocks[first]).__name__}) got "
+                    f"{len(args)} positional and {sorted(kwargs)} keyword arguments; use a "
+                    "single-level strategy (blocks:..., budget:SIZE) for this model")
+            if not torch.is_grad_enabled():        # inference: nothing to recompute
+                out = self._run(first, last, [], args[0], recompute=False)
+            else:
+                out = self._checkpointed(first, last, children, args[0])
+            if last > first:
+                box["out"] = out
+            return out
+        return forward
+
+    def _pass_through(self, block, box: dict, *, last: bool):
+        original = self._original(block)
+
+        def forward(*args, **kwargs):
+            if _get("depth") > 0:
+                return original(*args, **kwargs)
+            return box.pop("out") if last else box["out"]
+        return forward
+
+
+def claim_blocks(model: nn.Module, blocks_attr, select: dict) -> list[nn.Module]:
+    """The chain a new strategy will patch; refuses a model that has one applied.
+    ``select``: ``blocks=`` / ``check_fn=`` where ``find_blocks`` takes them."""
+    present = applied_strategy(model)
+    if present is not None:
+        raise StrategyError(f"memprop.checkpoint: {type(model).__name__} already has "
+                            f"strategy {present} applied; call remove_strategy(model) first")
+    select = {k: v for k, v in select.items() if v is not None and k != "loss_fn"}
+    return find_blocks(model, blocks_attr, **select)
+
+
+def fake_target(model: nn.Module, batch):
+    """(fake mode, model, batch) on fake tensors: the model itself if already fake,
+    else a fake copy (no memory used)."""
+    given = fake_mode_of(model)
+    mode = given or FakeTensorMode()
+    if given:
+        return mode, model, batch
+    return mode, fake_copy(model, mode), fake_batch(batch, mode)
+
+
+def _freeze(tree) -> tuple:
+    return tuple((int(i), int(j), _freeze(children)) for i, j, children in tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class Nested(Strategy):
+    """A multi-level schedule: ``Nested.parse("0-40[0-20[0-9]],41-62")`` or a tree
+    ``((first, last, children), ...)``; string form ``nested:...`` (NOTE above)."""
+
+    tree: tuple = ()
+
+    def __post_init__(self):
+        tree = _freeze(self.tree)
+        object.__setattr__(self, "tree", tree)
+        parse_schedule(format_schedule(_schedule_of(tree)))   # validates the nesting
+
+    @classmethod
+    def parse(cls, text: str) -> "Nested":
+        return cls(_freeze(parse_schedule(text)))
+
+    @property
+    def spec(self) -> str:
+        return "nested:" + format_schedule(_schedule_of(self.tree))
+
+    def segments(self, n):
+        return [(i, j) for i, j, _ in self.tree]
+
+    def apply(self, model: nn.Module, *, blocks_attr: str | None = None,
+              example_batch=None, **select) -> nn.Module:
+        # select: blocks= / check_fn= where find_blocks takes them; loss_fn unused
+        blocks = claim_blocks(model, blocks_attr, select) if self.tree else []
+        if self.tree and self.tree[-1][1] >= len(blocks):
+            raise StrategyError(f"memprop.checkpoint: {self.spec} names block "
+                                f"{self.tree[-1][1]} but the chain has blocks "
+                                f"0..{len(blocks) - 1}")
+        chain = NestedChain(blocks, self.tree).apply()
+        model.__dict__[_APPLIED] = (self, chain.remove)
+        return model
+
+
+def _schedule_of(tree) -> tuple:
+    """The rotor schedule items of a tree (stored blocks left implicit)."""
+    return tuple((i, j, _schedule_of(children)) for i, j, children in tree)
+
+
+register_form("nested", Nested.parse)

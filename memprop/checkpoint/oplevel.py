@@ -1,0 +1,283 @@
+"""Op-level checkpointing: inside each checkpointed block, which op outputs are kept and
+which are recomputed, as torch's selective checkpointing and compile's partitioner
+decide per op.
+
+    apply_strategy(model, "ops:addmm+sdpa")               # every block: keep these
+    apply_strategy(model, "ops:0-3=addmm#0+sdpa,4-5")     # blocks 0..3 each with a policy
+    Ops.parse("0-3=addmm#0+sdpa,4-5").apply(model)        # 4-5: one plain segment
+
+NOTE [ Op keys ]
+  An op key names calls of one aten op (its overload packet, e.g. ``addmm``,
+  ``_scaled_dot_product_flash_attention_for_cpu``; ``sdpa`` is short for every
+  scaled-dot-product attention kernel) inside one block's forward: ``addmm`` matches
+  every call, ``addmm#2`` the third. A block checkpointed with keys K runs in one
+  non-reentrant checkpoint (RNG preserved) whose selective-checkpoint policy
+  (``torch.utils.checkpoint.create_selective_checkpoint_contexts``) is MUST_SAVE for the
+  outputs of ops matching K and PREFER_RECOMPUTE for every other op: what backward needs
+  from the kept ops comes from the cache, the rest is recomputed. Those cached outputs
+  are reported to memprop's instruments as stored (``memprop.saved.report_stored``), as
+  for ``selective``. Gradients are bitwise those of the plain step on CPU.
+
+NOTE [ Op-level options of a block ]
+  From one traced forward (``trace_blocks``: every op of every block, its output bytes
+  and FLOPs), a block checkpointed with keys K stores its input, plus the outputs of the
+  ops in K, and recomputes the FLOPs of the other ops (``block_options``). The options
+  are every subset of the block's FLOP-carrying calls (matmuls, attention,
+  convolutions) up to ``max_calls`` of them; cheap pointwise ops are always recomputed.
+  The planner's stored-bytes DP (``memprop.checkpoint.rotor.stored_fronts``) weighs
+  them against storing the block and against plain segments; each plan is then checked
+  by simulating the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+from collections import Counter
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+from torch.utils.flop_counter import FlopCounterMode
+
+from memprop.checkpoint.chain import CheckpointedChain, find_blocks
+from memprop.checkpoint.multilevel import claim_blocks, fake_target
+from memprop.checkpoint.selective import _Both
+from memprop.checkpoint.strategies import _APPLIED, Strategy, register_form
+from memprop.errors import StrategyError
+from memprop.models import training_loss
+from memprop.saved import report_stored
+
+__all__ = ["Ops", "trace_blocks", "block_options", "OpCall"]
+
+_SDPA = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
+         "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+_KEY = re.compile(r"[a-z_][a-z0-9_]*(#\d+)?")
+
+
+def _name(func) -> str:
+    name = func.overloadpacket.__name__
+    return "sdpa" if name in _SDPA else name
+
+
+class _Matcher:
+    """Counts op calls of one run; ``kept(func)`` says whether this call's output is
+    kept (NOTE [ Op keys ])."""
+
+    def __init__(self, keys: frozenset):
+        self.keys, self.seen = keys, Counter()
+
+    def kept(self, func) -> bool:
+        name = _name(func)
+        index = self.seen[name]
+        self.seen[name] += 1
+        return name in self.keys or f"{name}#{index}" in self.keys
+
+
+class _Report(TorchDispatchMode):
+    """Reports kept outputs as stored for backward (the forward pass only)."""
+
+    def __init__(self, matcher: _Matcher):
+        super().__init__()
+        self.matcher = matcher
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.matcher.kept(func):
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    report_stored(t, f"ops:{_name(func)}")
+        return out
+
+
+def _context_fn(keys: frozenset):
+    def context_fn():
+        runs = {False: _Matcher(keys), True: _Matcher(keys)}   # forward, recompute
+
+        def policy(ctx, op, *args, **kwargs):
+            if runs[ctx.is_recompute].kept(op):
+                return CheckpointPolicy.MUST_SAVE
+            return CheckpointPolicy.PREFER_RECOMPUTE
+        forward_ctx, recompute_ctx = create_selective_checkpoint_contexts(policy)
+        return _Both(forward_ctx, _Report(_Matcher(keys))), recompute_ctx
+    return context_fn
+
+
+def _parse_keys(text: str, spec: str) -> frozenset:
+    keys = frozenset(k for k in text.split("+") if k)
+    bad = [k for k in keys if not _KEY.fullmatch(k)]
+    if bad:
+        raise StrategyError(f"memprop.checkpoint: ops:{spec} has bad op key(s) {bad}; an op "
+                            "key is an aten op name, optionally #i for its i-th call in the "
+                            "block (addmm, addmm#0, sdpa, mm#2)")
+    return keys
+
+
+@dataclasses.dataclass(frozen=True)
+class Ops(Strategy):
+    """Segments ``(first, last, keys)``: ``keys`` empty = a plain checkpointed segment;
+    else each block of the range checkpointed with that op-level policy. ``every``:
+    keys applied to every block (the form ``ops:addmm+sdpa``)."""
+
+    parts: tuple = ()
+    every: frozenset | None = None
+
+    def __post_init__(self):
+        parts = tuple((int(a), int(b), frozenset(k)) for a, b, k in self.parts)
+        object.__setattr__(self, "parts", parts)
+        if self.every is not None:
+            object.__setattr__(self, "every", frozenset(self.every))
+        ends = [i for a, b, _ in parts for i in (a, b)]
+        if any(a > b for a, b, _ in parts) or ends != sorted(ends) or len(set(ends)) != len(
+                ends) - sum(a == b for a, b, _ in parts):
+            raise StrategyError(f"memprop.checkpoint: {self.spec} needs ordered, disjoint "
+                                "ranges, e.g. ops:0-3=addmm+sdpa,4-5")
+
+    @classmethod
+    def parse(cls, text: str) -> "Ops":
+        if re.fullmatch(r"[a-z_][a-z0-9_#+]*", text):
+            return cls(every=_parse_keys(text, text))
+        parts = []
+        for part in text.split(","):
+            m = re.fullmatch(r"(\d+)(?:-(\d+))?(?:=([a-z0-9_#+]+))?", part)
+            if not m:
+                raise StrategyError(
+                    f"memprop.checkpoint: bad op-level strategy ops:{text} at {part!r}; write "
+                    "ops:KEYS (every block) or ops:RANGE[=KEYS],... e.g. ops:addmm+sdpa, "
+                    "ops:0-3=addmm#0+sdpa,4-5")
+            a = int(m.group(1))
+            parts.append((a, int(m.group(2) or a), _parse_keys(m.group(3) or "", text)))
+        return cls(tuple(parts))
+
+    @property
+    def spec(self) -> str:
+        if self.every is not None:
+            return "ops:" + "+".join(sorted(self.every))
+        out = []
+        for a, b, keys in self.parts:
+            text = str(a) if a == b else f"{a}-{b}"
+            out.append(text + ("=" + "+".join(sorted(keys)) if keys else ""))
+        return "ops:" + ",".join(out)
+
+    def segments(self, n):
+        if self.every is not None:
+            return [(k, k) for k in range(n)]
+        return [(a, b) for a, b, _ in self.parts]
+
+    def groups(self, n: int) -> dict:
+        """keys -> segments checkpointed with them (empty keys: plain segments)."""
+        if self.every is not None:
+            return {self.every: [(k, k) for k in range(n)]}
+        out: dict = {}
+        for a, b, keys in self.parts:
+            if b >= n:
+                raise StrategyError(f"memprop.checkpoint: {self.spec} names block {b} but "
+                                    f"the chain has blocks 0..{n - 1}")
+            out.setdefault(keys, []).extend([(a, b)] if not keys else
+                                             [(k, k) for k in range(a, b + 1)])
+        return out
+
+    def apply(self, model: nn.Module, *, blocks_attr: str | None = None,
+              example_batch=None, **select) -> nn.Module:
+        blocks = claim_blocks(model, blocks_attr, select)
+        chains = [CheckpointedChain(blocks, segs, context_fn=_context_fn(keys) if keys
+                                    else None).apply()
+                  for keys, segs in self.groups(len(blocks)).items()]
+
+        def undo():
+            for chain in chains:
+                chain.remove()
+        model.__dict__[_APPLIED] = (self, undo)
+        return model
+
+
+register_form("ops", Ops.parse)
+
+
+# -- what each block's ops cost: one traced forward -----------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class OpCall:
+    key: str              # name#i within its block
+    out_bytes: int        # bytes of output storages not seen before in the block
+    flops: int
+
+
+class _Trace(TorchDispatchMode):
+    def __init__(self, counter: FlopCounterMode):
+        super().__init__()
+        self.counter, self.block, self.calls = counter, None, {}
+        self.held: list = []      # outputs kept alive: no storage address is reused
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        before = self.counter.get_total_flops()
+        out = func(*args, **(kwargs or {}))
+        if self.block is not None:
+            calls, seen, names = self.calls[self.block]
+            name = _name(func)
+            fresh = 0
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    key = t.untyped_storage()._cdata
+                    if key not in seen:
+                        seen.add(key)
+                        self.held.append(t)
+                        fresh += t.untyped_storage().nbytes()
+            flops = self.counter.get_total_flops() - before
+            if name == "sdpa" and not flops:
+                # FlopCounterMode has no formula for the CPU attention kernel: count
+                # QKᵀ and AV as matmuls, (B, h, T, d) x (B, h, S, d), 2 FLOPs a product
+                q, k = args[0], args[1]
+                flops = 2 * 2 * q.numel() * k.shape[-2]
+            calls.append(OpCall(f"{name}#{names[name]}", fresh, flops))
+            names[name] += 1
+        return out
+
+
+def trace_blocks(model, batch, *, blocks_attr=None, loss_fn=training_loss) -> list:
+    """Per block, its forward's op calls (``OpCall``), on fake tensors."""
+    mode, target, target_batch = fake_target(model, batch)
+    blocks = find_blocks(target, blocks_attr)
+    index = {id(b): k for k, b in enumerate(blocks)}
+    counter = FlopCounterMode(display=False)
+    trace = _Trace(counter)
+
+    def pre(module, args):
+        trace.block = index[id(module)]
+        trace.calls[trace.block] = ([], set(), Counter())
+
+    def post(module, args, output):
+        trace.block = None
+
+    handles = [h for b in blocks for h in (b.register_forward_pre_hook(pre),
+                                           b.register_forward_hook(post))]
+    try:
+        with mode, counter, trace:
+            loss = loss_fn(target, target_batch)
+            del loss
+    finally:
+        for h in handles:
+            h.remove()
+    return [trace.calls[k][0] for k in range(len(blocks))]
+
+
+def block_options(calls: list, *, early: float = 0.0, max_calls: int = 6) -> list:
+    """(keys, kept bytes, recompute FLOPs) of each op-level policy of one block (NOTE
+    [ Op-level options of a block ]); the block's input is not included. The calls in
+    the last ``early`` FLOPs (after the block's last saved tensor) are never recomputed
+    (NOTE [ Early stop ], memprop.checkpoint.rotor) and never worth keeping."""
+    total = sum(c.flops for c in calls)
+    starts = list(itertools.accumulate((c.flops for c in calls), initial=0))
+    needed = [c for c, start in zip(calls, starts) if c.flops > 0 and start < total - early]
+    heavy = needed[:max_calls]
+    recompute = sum(c.flops for c in needed)
+    options = []
+    for r in range(1, len(heavy) + 1):
+        for subset in itertools.combinations(heavy, r):
+            options.append((frozenset(c.key for c in subset),
+                            sum(c.out_bytes for c in subset),
+                            float(recompute - sum(c.flops for c in subset))))
+    return options
