@@ -21,6 +21,7 @@ from memprop.predict import predict_saved_bytes  # noqa: E402
 from memprop.report.axes import BYTES, bytes_axis, flops_axis, power_of_two_ticks  # noqa: E402
 from memprop.report.claims import fit_depth_batch  # noqa: E402
 from memprop.report.data import ReportData  # noqa: E402
+from memprop.report.graph import d2l_graph_figure  # noqa: E402
 from memprop.tracker import CATEGORIES  # noqa: E402
 from memprop.units import format_bytes, format_ratio  # noqa: E402
 
@@ -315,7 +316,6 @@ def fig_stored_per_layer(data: ReportData):
 
 
 def fig_graph(data: ReportData):
-    from memprop.report.graph import d2l_graph_figure
     return d2l_graph_figure(data), None
 
 
