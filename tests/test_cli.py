@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -334,3 +335,14 @@ def test_frontier_as_json_equals_the_stored_frontier(tmp_path, capsys):
     assert (point["depth"], point["confirmed_batch"], point["first_oom_batch"]) == (
         row["depth"], row["confirmed_batch"], row["first_oom_batch"])
     assert point["first_oom_batch"] == point["confirmed_batch"] + 512
+
+
+def test_plan_metric_stored_fits_the_bytes_stored_for_backward(capsys):
+    args = ["plan", "--model", "transformer", "--set", "depth=4", "--set", "d_model=64",
+            "--set", "heads=4", "--set", "seq_len=32", "--batch", "8", "--budget", "1MiB"]
+    assert main([*args, "--metric", "stored", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["metric"] == "stored" and out["plan"]["predicted_saved_bytes"] <= 2**20
+    fits = {row["strategy"]: row["fits"] for row in out["strategies"]}
+    assert fits["full"] and not fits["none"]          # judged on stored bytes, not the peak
+    assert main([*args, "--metric", "peak", "--json"]) == 2  # no plan's peak fits 1 MiB

@@ -13,10 +13,10 @@ from memprop.units import format_bytes
 
 
 def gather_plan(config, batch_size: int, budget, *, dtype, optimizer="sgd",
-                compare=("none", "sqrt", "full")):
+                compare=("none", "sqrt", "full"), metric: str = "peak"):
     """(Plan or BudgetError, comparison DataFrame, number of blocks): one row per strategy
     with predicted peak, stored bytes and recompute FLOPs; ``fits`` says whether it meets
-    the budget."""
+    the budget (on the step's peak, or with ``metric="stored"`` on the bytes stored)."""
     import pandas as pd
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -38,7 +38,8 @@ def gather_plan(config, batch_size: int, budget, *, dtype, optimizer="sgd",
         rows.append(dict(strategy=spec, peak_bytes=m.peak_bytes, saved_bytes=m.saved_bytes,
                          recompute_flops=m.backward_flops - plain.backward_flops))
     try:
-        result = plan(model, batch, budget_bytes, optimizer=optimizer, loss_fn=config.loss)
+        result = plan(model, batch, budget_bytes, optimizer=optimizer, loss_fn=config.loss,
+                      metric=metric)
         rows.append(dict(strategy=f"plan: {result.spec}", peak_bytes=result.predicted_peak_bytes,
                          saved_bytes=result.predicted_saved_bytes,
                          recompute_flops=result.recompute_flops))
@@ -46,7 +47,7 @@ def gather_plan(config, batch_size: int, budget, *, dtype, optimizer="sgd",
         result = exc
     table = pd.DataFrame(rows)
     table["recompute_vs_forward"] = table.recompute_flops / plain.forward_flops
-    table["fits"] = table.peak_bytes <= budget_bytes
+    table["fits"] = table["saved_bytes" if metric == "stored" else "peak_bytes"] <= budget_bytes
     return result, table, n
 
 
@@ -55,6 +56,9 @@ def add_parser(sub) -> None:
     add_model_options(p)
     p.add_argument("--budget", required=True, type=size,
                    help="memory budget (required), e.g. 2GiB or 512MiB (powers of 2) or 500MB")
+    p.add_argument("--metric", choices=("peak", "stored"), default="peak",
+                   help="what the budget limits: the whole step's tensor peak, or the bytes "
+                        "stored for backward at the end of forward")
     p.add_argument("--json", action="store_true", help="print the plan and the table as JSON")
     p.set_defaults(func=plan_command)
 
@@ -66,12 +70,14 @@ def plan_command(args) -> int:
         config = config_from_args(args)
         with factory_errors(args, "plan"):
             result, table, n = gather_plan(config, args.batch, args.budget,
-                                           dtype=parse_dtype(args.dtype), optimizer=args.optimizer)
+                                           dtype=parse_dtype(args.dtype), optimizer=args.optimizer,
+                                           metric=args.metric)
     failed = isinstance(result, BudgetError)
     if args.json:
         print(json.dumps({
             "model": config.name, "fields": config.fields(), "batch": args.batch,
             "dtype": args.dtype, "blocks": n, "budget_bytes": args.budget,
+            "metric": args.metric,
             "plan": None if failed else {
                 "spec": result.spec, "predicted_peak_bytes": result.predicted_peak_bytes,
                 "predicted_saved_bytes": result.predicted_saved_bytes,
@@ -81,7 +87,8 @@ def plan_command(args) -> int:
         return 2 if failed else 0
     sizes = ", ".join(f"{k}={v}" for k, v in config.fields().items())
     print(f"{config.name} ({sizes}), batch {args.batch}, {args.dtype}, {n} blocks; "
-          f"budget {format_bytes(args.budget)}")
+          f"budget {format_bytes(args.budget)} on the "
+          f"{'bytes stored for backward' if args.metric == 'stored' else 'step peak'}")
     print("predicted on fake tensors (tensor-level peak of a whole training step):")
     print(render_table(table))
     print()
