@@ -53,6 +53,17 @@ def built(tmp_path_factory):
     spec = load_spec(spec_path)
     db = root / "results.sqlite"
     run_sweep(spec, db_path=db)
+    # one more trial, the same step under bf16 autocast: the precision figure's pair
+    amp_path = root / "tiny_report_amp.toml"
+    amp_path.write_text(textwrap.dedent(SPEC.split("[grid]")[0] + """
+        [grid]
+        depth = [4]
+        batch = [64]
+        amp = ["bf16"]
+        [run]
+        repeats = 1
+    """))
+    run_sweep(load_spec(amp_path), db_path=db)
     run_frontier(spec, db_path=db, progress=None)
     files = build_report(db, root / "out")
     return root, db, files
@@ -82,7 +93,8 @@ def test_claim_numbers_equal_a_recomputation_from_the_store(built):
     trials = pd.concat([config, result.drop(columns=[c for c in result.columns
                                                       if c in config.columns or c == "status"])],
                        axis=1)
-    measured = trials[(rows.status == "ok") & (trials["mode"] == "measure")]
+    measured = trials[(rows.status == "ok") & (trials["mode"] == "measure")
+                      & trials.amp.isna()]                     # full precision: one setup
     plain = measured[measured.strategy == "none"]
 
     # C5: least squares of saved bytes on depth·batch, by numpy's polyfit
@@ -257,3 +269,33 @@ def test_report_of_a_spec_shows_its_current_grid_only(tmp_path, monkeypatch):
     assert len(load_report_data(tmp_path / "reports/changing/results.sqlite").results) == 4
     md = build_report(spec_path)["report.md"].read_text()
     assert "2 stored trials belong to an earlier version of the spec" in md
+
+
+def test_precision_figure_compares_float32_and_autocast(tmp_path):
+    spec_path = tmp_path / "amp.toml"
+    spec_path.write_text(textwrap.dedent("""
+        name = "amp"
+        [model]
+        name = "transformer"
+        depth = 2
+        d_model = 32
+        heads = 4
+        seq_len = 16
+        vocab = 64
+        [grid]
+        batch = [8]
+        amp = ["none", "bf16"]
+        [run]
+        repeats = 1
+        estimate = false
+    """))
+    db = tmp_path / "amp.sqlite"
+    run_sweep(load_spec(spec_path), db_path=db)
+    rows = load_report_data(db).ok.set_index("amp", drop=False)
+    assert sorted(rows.amp.fillna("none")) == ["bf16", "none"]
+    fp32 = rows[rows.amp.isna()].iloc[0]
+    bf16 = rows[rows.amp == "bf16"].iloc[0]
+    assert bf16.saved_bytes < fp32.saved_bytes
+    files = build_report(db, tmp_path / "out")
+    png = tmp_path / "out" / "figures" / "precision.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

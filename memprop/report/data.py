@@ -80,10 +80,11 @@ class ReportData:
             return None, ok
         model = ok.model.value_counts().idxmax()
         rows = ok[ok.model == model]
-        others = [c for c in rows.columns if c.startswith("cfg_") and c != "cfg_depth"
+        others = [c for c in rows.columns if (c.startswith("cfg_") and c != "cfg_depth"
+                                              or c in ("amp", "dtype", "optimizer"))
                   and rows[c].notna().any()]
         if others:
-            keys = rows[others].astype(str).agg("|".join, axis=1)
+            keys = rows[others].map(str).agg("|".join, axis=1)
             rows = rows[keys == keys.value_counts().idxmax()]
         return model, rows
 

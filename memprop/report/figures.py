@@ -319,6 +319,42 @@ def fig_graph(data: ReportData):
     return d2l_graph_figure(data), None
 
 
+def fig_precision(data: ReportData):
+    """Claim C4's cousin for mixed precision: stored bytes and peak of the same step in
+    float32 and under autocast, side by side (trials that differ only in ``amp``)."""
+    ok = data.ok
+    if ok.empty or "amp" not in ok:
+        return None, "needs trials that differ only in amp (grid amp = [\"none\", \"bf16\"])"
+    ok = ok.assign(precision=ok.amp.fillna("float32").replace({"none": "float32"}))
+    same = [c for c in ok.columns if c.startswith("cfg_") and ok[c].notna().any()]
+    keys = ok[["model", "batch", "strategy", "dtype", "optimizer", *same]].map(str).agg(
+        "|".join, axis=1)
+    groups = [g for _, g in ok.groupby(keys) if g.precision.nunique() > 1]
+    if not groups:
+        return None, "needs trials that differ only in amp (grid amp = [\"none\", \"bf16\"])"
+    rows = max(groups, key=lambda g: g.saved_bytes.max()).sort_values("precision",
+                                                                       key=lambda p: p != "float32")
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, rows.saved_bytes, 0.4, label="stored for backward")
+    ax.bar(x + 0.2, rows.peak_bytes, 0.4, label="tensor-level peak")
+    base = rows.iloc[0]
+    for xi, (_, r) in enumerate(rows.iterrows()):
+        ax.text(xi - 0.2, r.saved_bytes, f"{format_ratio(r.saved_bytes / base.saved_bytes)}×",
+                ha="center", va="bottom", fontsize=8)
+        ax.text(xi + 0.2, r.peak_bytes, f"{format_ratio(r.peak_bytes / base.peak_bytes)}×",
+                ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x, [p if p == "float32" else f"autocast {p}" for p in rows.precision])
+    bytes_axis(ax.yaxis)
+    depth = f", depth {int(base.cfg_depth)}" if "cfg_depth" in rows and pd.notna(base.cfg_depth) else ""
+    ax.set_title(f"Mixed precision ({base.model}{depth}, batch {int(base.batch)}, "
+                 f"strategy {base.strategy}); "
+                 "label: vs float32", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return fig, None
+
+
 ALL_FIGURES = {
     "stored_vs_depth": lambda d: fig_stored_vs(d, "depth"),
     "stored_vs_batch": lambda d: fig_stored_vs(d, "batch"),
@@ -329,6 +365,7 @@ ALL_FIGURES = {
     "frontier": fig_frontier,
     "graph": fig_graph,
     "stored_per_layer": fig_stored_per_layer,
+    "precision": fig_precision,
 }
 
 

@@ -34,6 +34,8 @@ CAPTIONS = {
                 "(the next step up ran out of memory) and predicted on fake tensors.",
     "graph": "The notes' computational graph with the bytes forward propagation stores.",
     "stored_per_layer": "Stored bytes per layer for one configuration.",
+    "precision": "The same step in float32 and under autocast: bytes stored for backward "
+                 "and tensor-level peak (float32 master weights either way).",
 }
 
 SUMMARY_COLUMNS = ["model", "cfg_depth", "batch", "strategy", "mode", "status", "phase", "saved_bytes",

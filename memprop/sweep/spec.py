@@ -7,7 +7,7 @@
     width = 256                           # fixed fields of the model config
     [grid]                                # lists; the sweep is their product
     depth = [2, 4, 8]                     # any model field
-    batch = [16, 64]                      # and batch, strategy, dtype, optimizer
+    batch = [16, 64]                      # and batch, strategy, dtype, optimizer, amp
     strategy = ["none", "sqrt"]
     [run]
     dtype = "float32"; device = "cpu"; optimizer = "sgd"
@@ -59,7 +59,7 @@ DEVICES = ("cpu", "cuda")
 _TOP = ("name", "description", "model", "grid", "run", "frontier")
 _RUN = ("dtype", "device", "optimizer", "repeats", "warmup", "timeout", "seed", "budget",
         "budget_mode", "threads", "amp", "estimate", "executor")
-_GRID_EXTRA = ("batch", "strategy", "dtype", "optimizer")
+_GRID_EXTRA = ("batch", "strategy", "dtype", "optimizer", "amp")
 _FRONTIER = ("budget", "depths", "strategies", "batch_step", "max_batch", "field")
 
 
@@ -283,6 +283,9 @@ def parse_spec(data: dict, *, path="<spec>") -> SweepSpec:
             values = tuple(_choice(path, k, v, DTYPES) for v in values)
         elif key == "optimizer":
             values = tuple(_choice(path, k, v, OPTIMIZERS) for v in values)
+        elif key == "amp":            # "none": full precision
+            values = tuple(None if _choice(path, k, v, ("none", *AMP_MODES)) == "none" else v
+                           for v in values)
         grid.append((key, values))
     if "batch" not in raw_grid:
         raise SpecError(path, "grid.batch", "missing; list the batch sizes, e.g. batch = [16, 64]")
