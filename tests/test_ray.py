@@ -11,7 +11,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import textwrap
 import time
 
 import pandas as pd
@@ -23,6 +22,7 @@ from memprop.errors import ConfigError
 from memprop.sweep import (RayExecutor, SpecError, load_results, load_spec, make_executor,
                            run_sweep)
 from memprop.sweep.frontier import run_frontier
+from test_sweep import FRONTIER_SPEC, write   # the same spec writer and frontier spec
 
 TESTS = pathlib.Path(__file__).parent
 
@@ -49,11 +49,6 @@ def cluster():
         finally:
             ray.shutdown()
 
-
-def write(tmp_path, text, name="spec.toml"):
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return path
 
 
 BUDGETED = """
@@ -178,21 +173,7 @@ def test_a_killed_driver_keeps_finished_trials_and_a_rerun_runs_only_the_rest(cl
 
 
 def test_the_frontier_runs_its_probes_on_ray(cluster, tmp_path):
-    spec = load_spec(write(tmp_path, """
-        name = "front"
-        [model]
-        name = "mlp"
-        width = 128
-        d_in = 128
-        [grid]
-        batch = [8]
-        [frontier]
-        budget = "12MiB"
-        depths = [4]
-        strategies = ["none"]
-        batch_step = 512
-        max_batch = 65536
-    """))
+    spec = load_spec(write(tmp_path, FRONTIER_SPEC))
     db = tmp_path / "f.sqlite"
     (point,) = run_frontier(spec, db_path=db, executor=RayExecutor(cluster))
     rows = load_results(db).set_index("batch")

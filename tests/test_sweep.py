@@ -212,9 +212,8 @@ def test_sigkill_keeps_finished_trials_and_rerun_completes_the_rest(tmp_path):
     assert (final.status == "ok").all()
 
 
-@pytest.mark.budget
-def test_frontier_finds_a_batch_that_fits_and_the_next_step_runs_out(tmp_path):
-    spec = load_spec(write(tmp_path, """
+# an MLP frontier with a real fit and a real out-of-memory one step (512) above it
+FRONTIER_SPEC = """
         name = "front"
         [model]
         name = "mlp"
@@ -228,7 +227,12 @@ def test_frontier_finds_a_batch_that_fits_and_the_next_step_runs_out(tmp_path):
         strategies = ["none"]
         batch_step = 512
         max_batch = 65536
-    """))
+"""
+
+
+@pytest.mark.budget
+def test_frontier_finds_a_batch_that_fits_and_the_next_step_runs_out(tmp_path):
+    spec = load_spec(write(tmp_path, FRONTIER_SPEC))
     db = tmp_path / "f.sqlite"
     (point,) = run_frontier(spec, db_path=db, progress=None)
     rows = load_results(db).set_index("batch")
