@@ -7,15 +7,40 @@ tracks modules by wrapping every module's inputs and outputs in an autograd Func
 on a chain of thousands of blocks, freeing that graph recurses once per wrapper and
 overflows the C stack (a depth-20000 MLP segfaulted). Totals are all memprop reports,
 so it needs none of that.
+
+NOTE [ Attention FLOPs on CPU ]
+  torch's registry has formulas for the CUDA attention kernels (flash, efficient,
+  cuDNN) but none for ``_scaled_dot_product_flash_attention_for_cpu`` and its backward,
+  so FlopCounterMode counts CPU attention as free - and a plan that recomputes
+  attention (as compile's partitioner does) would look free too. ``FlopCounter`` counts
+  the CPU kernels with the same formulas torch uses for the CUDA ones
+  (``sdpa_flop_count``: QKᵀ and AV, 2 FLOPs a multiply-add; causal masks not
+  discounted), so CPU and CUDA count attention alike.
 """
 
 from __future__ import annotations
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
+from torch.utils.flop_counter import (flop_registry, sdpa_backward_flop_count,
+                                     sdpa_flop_count)
 
-__all__ = ["FlopCounter"]
+__all__ = ["FlopCounter", "FORMULAS"]
+
+
+def _cpu_sdpa(query, key, value, *args, out_val=None, **kwargs) -> int:
+    return sdpa_flop_count(query.shape, key.shape, value.shape)
+
+
+def _cpu_sdpa_backward(grad_out, query, key, value, *args, out_val=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
+
+
+# torch's formulas, plus CPU attention (NOTE [ Attention FLOPs on CPU ])
+FORMULAS = {**flop_registry,
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa,
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                _cpu_sdpa_backward}
 
 _SHAPE_QUERIES = {
     torch.ops.aten.is_contiguous.default, torch.ops.aten.is_contiguous.memory_format,
@@ -39,13 +64,13 @@ class FlopCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         if func in _SHAPE_QUERIES:
             return NotImplemented
-        if func not in flop_registry and func is not torch.ops.prim.device.default:
+        if func not in FORMULAS and func is not torch.ops.prim.device.default:  # as torch
             with self:                        # count the ops it is made of
                 out = func.decompose(*args, **kwargs)
                 if out is not NotImplemented:
                     return out
         out = func(*args, **kwargs)
-        formula = flop_registry.get(func._overloadpacket)
+        formula = FORMULAS.get(func._overloadpacket)
         if formula is not None:
             self.total += formula(*args, **kwargs, out_val=out)
         return out

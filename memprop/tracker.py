@@ -62,6 +62,15 @@ class _DispatchHook(TorchDispatchMode):
         return out
 
 
+class _CompiledDispatchHook(_DispatchHook):
+    """Steps aside while torch.compile traces and sees the compiled graph's ops as they
+    run (``LiveMemoryTracker(compiled=True)``)."""
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
+
+
 class LiveMemoryTracker:
     """Context manager tracking live storages by category; see NOTE above.
 
@@ -70,10 +79,19 @@ class LiveMemoryTracker:
 
     ``limit_bytes``: a tensor budget (NOTE [ What a tensor budget means ],
     memprop.budget): the op whose new storages take live bytes above it raises
-    ``TensorBudgetExceeded``."""
+    ``TensorBudgetExceeded``.
+
+    ``compiled``: under a dispatch mode torch.compile normally falls back to eager, so
+    by default a compiled model is measured as its eager twin. With ``compiled=True``
+    the tracker steps aside while dynamo traces and counts the compiled graph's ops as
+    they run: exact for backends whose graphs run aten ops (``aot_eager``,
+    ``aot_eager_decomp_partition``: what compile's partitioner decided to save and
+    recompute); Inductor allocates its buffers outside the dispatcher, where no
+    dispatch mode can see them - do not use it there."""
 
     def __init__(self, model: nn.Module | None = None, *, optimizer=None,
-                 inputs: Iterable = (), device=None, limit_bytes: int | None = None):
+                 inputs: Iterable = (), device=None, limit_bytes: int | None = None,
+                 compiled: bool = False):
         self.limit_bytes = limit_bytes
         self.model, self.optimizer = model, optimizer
         # count only storages on this device (None: all), so that on CUDA host copies
@@ -86,7 +104,7 @@ class LiveMemoryTracker:
         self._rows: list[tuple] = []
         self._scope = ModuleScope(model)
         self._handles: list | None = None   # not None while tracking
-        self._mode = _DispatchHook(self)
+        self._mode = (_CompiledDispatchHook if compiled else _DispatchHook)(self)
         self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     @property

@@ -99,6 +99,21 @@ def test_measure_step_takes_any_module_and_loss():
     assert m.step_ms > 0 and m.device_peak_bytes > 0
 
 
+def test_cpu_attention_flops_are_counted_forward_and_backward():
+    """FlopCounterMode counts CPU attention as free; memprop counts it by hand:
+    QKᵀ and AV forward (2 FLOPs a multiply-add); backward, as torch's formula for the
+    CUDA kernels: the scores again, dV, dP, dQ, dK - five such products."""
+    from memprop.flops import FlopCounter
+    B, h, T, d = 2, 3, 16, 8
+    q, k, v = (torch.randn(B, h, T, d, requires_grad=True) for _ in range(3))
+    with FlopCounter() as fwd:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    with FlopCounter() as bwd:
+        out.sum().backward()
+    assert fwd.total == 2 * (2 * B * h * T * T * d)
+    assert bwd.total == 5 * (2 * B * h * T * T * d)
+
+
 def test_estimate_of_a_config_beyond_this_machine_allocates_nothing():
     import psutil
     rss = psutil.Process().memory_info().rss
@@ -131,3 +146,36 @@ def test_flops_of_a_20000_block_chain_count_and_free_without_crashing():
     # one (3 x 2) @ (2 x 2) matmul = 2 * 3 * 2 * 2 FLOPs per block; backward: the weight's
     # gradient in every block, the input's in all but the first (x needs no gradient)
     assert out.stdout.split() == [str(20000 * 24), str(20000 * 24 + 19999 * 24)]
+
+
+def test_tracker_sees_a_compiled_step_only_when_asked():
+    """Under a dispatch mode torch.compile falls back to eager; ``compiled=True`` lets
+    the compiled graph run and counts its ops. MLP 4×Linear(64)+ReLU, batch 32."""
+    import torch._dynamo
+    import torch._functorch.config as functorch_config
+    cfg = model_config("mlp", depth=4, width=64, d_in=64, d_out=8)
+    model, data = build_workload(cfg, 32)
+
+    def stored_bytes(forward, compiled):
+        tracker = LiveMemoryTracker(model, inputs=data, compiled=compiled)
+        with tracker:
+            loss = model.objective(forward(*data[0]), data[1])
+            stored = tracker.live_by_category()["activation"]
+            loss.backward()
+        model.zero_grad(set_to_none=True)
+        return stored
+
+    loss_saves = 32 * 8 * 4 + 4            # log-softmax (32×8) and nll's total weight
+    # eager stores the 4 ReLU outputs (the last is also the head's input)
+    assert stored_bytes(model, False) == 4 * 32 * 64 * 4 + loss_saves
+    torch._dynamo.reset()
+    try:
+        with functorch_config.patch(activation_memory_budget=0.1):
+            fn = torch.compile(model, backend="aot_eager_decomp_partition")
+            # at r = 0.1 the partitioner keeps only the batch and recomputes every
+            # ReLU output in backward
+            assert stored_bytes(fn, True) == loss_saves
+            # without compiled=True dynamo skips the frame (for good) and runs eager
+            assert stored_bytes(fn, False) == 4 * 32 * 64 * 4 + loss_saves
+    finally:
+        torch._dynamo.reset()

@@ -22,7 +22,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from memprop.checkpoint import rotor
 from memprop.checkpoint.chain import find_blocks
@@ -30,6 +29,7 @@ from memprop.checkpoint.dp import ChainCosts
 from memprop.checkpoint.multilevel import Nested, fake_target
 from memprop.checkpoint.oplevel import Ops, block_options, trace_blocks
 from memprop.checkpoint.strategies import Blocks, NoCheckpoint, Strategy, remove_strategy
+from memprop.flops import FlopCounter
 from memprop.measure import Measurement, measure_step
 from memprop.models import training_loss
 
@@ -92,20 +92,20 @@ def early_stop_flops(model, batch, *, blocks_attr=None, loss_fn=training_loss) -
     mode, target, target_batch = fake_target(model, batch)
     blocks = find_blocks(target, blocks_attr)
     index = {id(b): k for k, b in enumerate(blocks)}
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounter()
     current, last_pack, end = [None], [0] * len(blocks), [0] * len(blocks)
 
     def pre(module, args):
         current[0] = index[id(module)]
-        last_pack[current[0]] = counter.get_total_flops()
+        last_pack[current[0]] = counter.total
 
     def post(module, args, output):
-        end[index[id(module)]] = counter.get_total_flops()
+        end[index[id(module)]] = counter.total
         current[0] = None
 
     def pack(t):
         if current[0] is not None:
-            last_pack[current[0]] = counter.get_total_flops()
+            last_pack[current[0]] = counter.total
         return t
 
     handles = [h for b in blocks for h in (b.register_forward_pre_hook(pre),

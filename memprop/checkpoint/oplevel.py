@@ -41,13 +41,13 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
-from torch.utils.flop_counter import FlopCounterMode
 
 from memprop.checkpoint.chain import CheckpointedChain, find_blocks
 from memprop.checkpoint.multilevel import claim_blocks, fake_target
 from memprop.checkpoint.selective import _Both
 from memprop.checkpoint.strategies import _APPLIED, Strategy, register_form
 from memprop.errors import StrategyError
+from memprop.flops import FlopCounter
 from memprop.models import training_loss
 from memprop.saved import report_stored
 
@@ -207,13 +207,13 @@ class OpCall:
 
 
 class _Trace(TorchDispatchMode):
-    def __init__(self, counter: FlopCounterMode):
+    def __init__(self, counter: FlopCounter):
         super().__init__()
         self.counter, self.block, self.calls = counter, None, {}
         self.held: list = []      # outputs kept alive: no storage address is reused
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        before = self.counter.get_total_flops()
+        before = self.counter.total
         out = func(*args, **(kwargs or {}))
         if self.block is not None:
             calls, seen, names = self.calls[self.block]
@@ -226,12 +226,7 @@ class _Trace(TorchDispatchMode):
                         seen.add(key)
                         self.held.append(t)
                         fresh += t.untyped_storage().nbytes()
-            flops = self.counter.get_total_flops() - before
-            if name == "sdpa" and not flops:
-                # FlopCounterMode has no formula for the CPU attention kernel: count
-                # QKᵀ and AV as matmuls, (B, h, T, d) x (B, h, S, d), 2 FLOPs a product
-                q, k = args[0], args[1]
-                flops = 2 * 2 * q.numel() * k.shape[-2]
+            flops = self.counter.total - before
             calls.append(OpCall(f"{name}#{names[name]}", fresh, flops))
             names[name] += 1
         return out
@@ -242,7 +237,7 @@ def trace_blocks(model, batch, *, blocks_attr=None, loss_fn=training_loss) -> li
     mode, target, target_batch = fake_target(model, batch)
     blocks = find_blocks(target, blocks_attr)
     index = {id(b): k for k, b in enumerate(blocks)}
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounter()
     trace = _Trace(counter)
 
     def pre(module, args):

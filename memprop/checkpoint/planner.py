@@ -32,7 +32,6 @@ import pandas as pd
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils.flop_counter import FlopCounterMode
 
 from torch.utils._pytree import tree_flatten
 
@@ -48,6 +47,7 @@ from memprop.checkpoint.rotor import stored_fronts
 from memprop.checkpoint.strategies import Blocks, NoCheckpoint, Strategy, register_form
 from memprop.errors import BudgetError, ConfigError, StrategyError
 from memprop.fake import fake_batch, fake_copy, fake_mode_of
+from memprop.flops import FlopCounter
 from memprop.measure import measure_step
 from memprop.models import training_loss
 from memprop.saved import storage_key, storage_keys
@@ -75,7 +75,7 @@ def profile_chain(model: nn.Module, batch, *, blocks_attr=None, blocks=None, che
     saves: dict = {k: {} for k in [*range(n), "pre", "post"]}
     ins, outs, flops = [None] * n, [None] * n, [0] * n
     state = {"region": "pre", "flops_at": 0}
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounter()
     param_region: dict[int, object] = {}   # parameter storage -> region of first use
 
     def any_module(module, args):
@@ -85,13 +85,13 @@ def profile_chain(model: nn.Module, batch, *, blocks_attr=None, blocks=None, che
 
     def pre(module, args):
         k = index[id(module)]
-        state["region"], state["flops_at"] = k, counter.get_total_flops()
+        state["region"], state["flops_at"] = k, counter.total
         t = _first_tensor(args)
         ins[k] = (storage_key(t), t.untyped_storage().nbytes())
 
     def post(module, args, output):
         k = index[id(module)]
-        flops[k] = counter.get_total_flops() - state["flops_at"]
+        flops[k] = counter.total - state["flops_at"]
         t = _first_tensor(output)
         outs[k] = (storage_key(t), t.untyped_storage().nbytes())
         state["region"] = "post" if k == n - 1 else k
