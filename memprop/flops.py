@@ -42,7 +42,8 @@ FORMULAS = {**flop_registry,
             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
                 _cpu_sdpa_backward}
 
-_SHAPE_QUERIES = {
+# ops that only read metadata (fake tensors dispatch them too)
+METADATA_QUERIES = {
     torch.ops.aten.is_contiguous.default, torch.ops.aten.is_contiguous.memory_format,
     torch.ops.aten.is_strides_like_format.default,
     torch.ops.aten.is_non_overlapping_and_dense.default, torch.ops.aten.size.default,
@@ -62,7 +63,7 @@ class FlopCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _SHAPE_QUERIES:
+        if func in METADATA_QUERIES:
             return NotImplemented
         if func not in FORMULAS and func is not torch.ops.prim.device.default:  # as torch
             with self:                        # count the ops it is made of

@@ -7,11 +7,12 @@
   1. the first step (creates the optimizer's state), under a ``LiveMemoryTracker``;
   2. the measured step, under a ``LiveMemoryTracker``: the timeline and the peak;
   3. one forward and backward under the ``SavedTensorRecorder``: what is stored;
-  4. one forward and backward under ``FlopCounter`` (memprop.flops);
+  4. ... counting FLOPs (``FlopCounter``, memprop.flops) in the same pass: a dispatch
+     mode that only counts changes nothing autograd saves;
   5. the same batch as inference (``eval()`` under ``torch.no_grad()``), tracked;
   6. further warm-up steps, then the timed steps (medians, min and max; device synced);
   7. on CUDA, one plain step between allocator-peak resets.
-Each pass measures one thing, so no instrument disturbs another.
+Each pass measures one thing (3 and 4 share one), so no instrument disturbs another.
 
 NOTE [ measure_step leaves the model as it found it ]
   The optimizer memprop builds steps with learning rate 0: every op of the update runs
@@ -19,6 +20,13 @@ NOTE [ measure_step leaves the model as it found it ]
   (BatchNorm statistics) are restored after the last pass and so is the training mode.
   A ``Strategy`` object given as ``strategy`` is applied for the measurement and removed
   afterwards; a string is only the label of what is already applied.
+
+NOTE [ When the first step is the measured step ]
+  A prediction (``predicted=True``: fake tensors, no data, deterministic) skips pass 2
+  when pass 1 left nothing behind: no optimizer state, and the tracked live bytes at its
+  end equal those at its start. Pass 2 would then start from the same state and run the
+  same ops, so its timeline is pass 1's. A model that creates caches on its first call,
+  or an optimizer with state, gets both passes.
 
 NOTE [ How a tensor budget covers every pass ]
   With ``budget_bytes``, passes 1, 2 and 5 run under a tracker with that limit
@@ -264,28 +272,19 @@ def _as_found(model: nn.Module, strategy, batch, loss_fn):
         model.train(was_training)
 
 
-def _stored_pass(step: _Step, tensors) -> SavedTensorRecorder:
-    """Pass 3: one forward under the recorder (then its backward): what is stored."""
+def _stored_pass(step: _Step, tensors, flops: bool) -> tuple[SavedTensorRecorder, int, int]:
+    """Passes 3 and 4: one forward under the recorder (then its backward): what is
+    stored; with ``flops``, the (forward, backward) FLOPs of that step too."""
+    fwd, bwd = (FlopCounter(), FlopCounter()) if flops else (None, None)
     with _phase("forward"), SavedTensorRecorder(step.model, inputs=tensors) as rec:
-        with step.autocast():
+        with fwd or contextlib.nullcontext(), step.autocast():
             loss = step.loss_fn(step.model, step.batch)
         rec.add_root(loss)
-    with _phase("backward"):
+    with _phase("backward"), bwd or contextlib.nullcontext():
         loss.backward()
         del loss
     step.opt.zero_grad(set_to_none=True)
-    return rec
-
-
-def _flops_pass(step: _Step) -> tuple[int, int]:
-    """Pass 4: (forward, backward) FLOPs of one step."""
-    with FlopCounter() as fwd:
-        loss = step.loss()
-    with FlopCounter() as bwd:
-        loss.backward()
-    del loss
-    step.opt.zero_grad(set_to_none=True)
-    return fwd.total, bwd.total
+    return rec, fwd.total if flops else 0, bwd.total if flops else 0
 
 
 def _inference_pass(step: _Step, forward_fn, tracker: LiveMemoryTracker) -> tuple[int, int]:
@@ -347,12 +346,17 @@ def measure_step(model: nn.Module, batch, *, optimizer: str = "sgd",
                                      limit_bytes=budget_bytes, **kw)
 
         with tracker(optimizer=opt) as first:             # 1. creates optimizer state
+            first_start = first.live_bytes
             step.run(first)
-        with tracker(optimizer=opt) as tracked:           # 2. the measured step
-            start_bytes = tracked.live_bytes
-            step.run(tracked)
-        rec = _stored_pass(step, tensors)                 # 3. what autograd stores
-        fwd_flops, bwd_flops = _flops_pass(step) if flops else (0, 0)
+        if predicted and not opt.state and first.live_bytes == first_start:
+            # on fake tensors a step that left no state behind is the steady step
+            # (NOTE [ When the first step is the measured step ])
+            tracked, start_bytes = first, first_start
+        else:
+            with tracker(optimizer=opt) as tracked:       # 2. the measured step
+                start_bytes = tracked.live_bytes
+                step.run(tracked)
+        rec, fwd_flops, bwd_flops = _stored_pass(step, tensors, flops)  # 3, 4.
         inf_peak, inf_saved = _inference_pass(step, forward_fn, tracker()) if inference \
             else (0, 0)
         times = []

@@ -26,7 +26,10 @@ STRATEGIES = ["full", "every:2", "segments:2", "sqrt", "blocks:0-1", "blocks:1",
 def one_step(name, strategy):
     """Loss, gradients and buffers after one forward + backward; dropout's RNG is
     seeded identically, so any difference comes from the strategy."""
-    cfg = model_config(name, **ZOO[name])
+    return one_step_of(model_config(name, **ZOO[name]), strategy)
+
+
+def one_step_of(cfg, strategy):
     model, batch = build_workload(cfg, 4)
     keys = list(model.state_dict())
     if strategy != "none":
@@ -56,6 +59,17 @@ def test_loss_gradients_and_buffers_bitwise_equal_to_plain(name, strategy):
         assert torch.equal(bufs0[key], bufs1[key]), key
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_relu_mlp_with_held_segment_outputs_is_bitwise_equal_to_plain(strategy):
+    # ReLU blocks: segments skip their last matmul (NOTE [ A segment's output needs no
+    # recompute ]); the gradients must not notice
+    cfg = model_config("mlp", depth=5, width=24, d_in=16, d_out=6, phi="relu")
+    loss0, grads0, _ = one_step_of(cfg, "none")
+    loss1, grads1, _ = one_step_of(cfg, strategy)
+    assert torch.equal(loss0, loss1)
+    assert all(torch.equal(grads0[k], grads1[k]) for k in grads0)
+
+
 def test_batchnorm_stats_after_checkpointed_step_equal_plain_after_optimizer_step():
     cfg = model_config("convnet", depth=2, channels=3, image_size=6)
     runs = []
@@ -71,31 +85,56 @@ def test_batchnorm_stats_after_checkpointed_step_equal_plain_after_optimizer_ste
     assert runs[1]["blocks.0.bn.num_batches_tracked"].item() == 1
 
 
-def _mlp_flops(strategy, depth, B=8, w=32):
+def _mlp_flops(strategy, depth, phi, B=8, w=32):
     # d_in = width, so every block's forward costs the same: 2·B·w·w FLOPs (one addmm)
-    cfg = model_config("mlp", depth=depth, width=w, d_in=w, d_out=4)
+    cfg = model_config("mlp", depth=depth, width=w, d_in=w, d_out=4, phi=phi)
     m = measure(cfg, B, strategy=strategy, repeats=1, inference=False)
     return m, 2 * B * w * w
 
 
-@pytest.mark.parametrize("strategy,depth,recomputed_layers", [
-    ("full", 8, 8),            # every block recomputed once
-    ("every:2", 8, 4),         # blocks 1, 3, 5, 7
-    ("every:3", 8, 2),         # blocks 2, 5
-    ("segments:4", 8, 6),      # 4 segments of 2, the last not checkpointed
-    ("sqrt", 16, 12),          # ceil(sqrt 16) = 4 segments of 4, the last not checkpointed
-    ("sqrt", 10, 6),           # 4 segments (3, 3, 2, 2): the first three, 8 blocks... see below
-    ("blocks:0-2,5", 8, 4),
-    ("selective", 8, 0),       # recomputes pointwise ops only; FlopCounter counts matmuls
-    ("none", 8, 0),
+@pytest.mark.parametrize("strategy,depth,gelu,relu", [
+    # GELU saves its input (the block's matmul output): a recompute runs every block of
+    # its segment. ReLU saves its output, which is the segment's output, kept anyway by
+    # the next Linear or the head: the last block's matmul is skipped (NOTE [ A
+    # segment's output needs no recompute ]), so single-block segments cost nothing
+    ("full", 8, 8, 0),          # every block recomputed once
+    ("every:2", 8, 4, 0),       # blocks 1, 3, 5, 7
+    ("every:3", 8, 2, 0),       # blocks 2, 5
+    ("segments:4", 8, 6, 3),    # 4 segments of 2, the last not checkpointed
+    ("sqrt", 16, 12, 9),        # ceil(sqrt 16) = 4 segments of 4, the last not checkpointed
+    ("sqrt", 10, 8, 5),         # segments (0-2), (3-5), (6-7); (8-9) runs plainly
+    ("blocks:0-2,5", 8, 4, 2),
+    ("selective", 8, 0, 0),     # recomputes pointwise ops only; FlopCounter counts matmuls
+    ("none", 8, 0, 0),
 ])
-def test_backward_flops_in_units_of_one_layer_forward(strategy, depth, recomputed_layers):
-    if (strategy, depth) == ("sqrt", 10):
-        recomputed_layers = 3 + 3 + 2   # segments (0-2), (3-5), (6-7); (8-9) runs plainly
-    plain, layer = _mlp_flops("none", depth)
-    m, _ = _mlp_flops(strategy, depth)
+@pytest.mark.parametrize("phi", ["gelu", "relu"])
+def test_backward_flops_in_units_of_one_layer_forward(strategy, depth, gelu, relu, phi):
+    plain, layer = _mlp_flops("none", depth, phi)
+    m, _ = _mlp_flops(strategy, depth, phi)
     assert m.forward_flops == plain.forward_flops
-    assert m.backward_flops - plain.backward_flops == recomputed_layers * layer
+    assert m.backward_flops - plain.backward_flops == {"gelu": gelu, "relu": relu}[phi] * layer
+
+
+def test_held_segment_output_is_exact_and_costs_no_bytes():
+    """ReLU MLP: segment 2-5 recomputes blocks 2-4 only (block 5's output is held: the
+    next Linear saves it anyway), stores what it stored before, predicts exactly, and
+    leaves loss and gradients bitwise; the tracker sees no extra bytes."""
+    from memprop.checkpoint.levels import simulate_strategy
+    cfg = model_config("mlp", depth=8, width=32, d_in=32, d_out=4)
+    model, data = build_workload(cfg, 8)
+    layer = 2 * 8 * 32 * 32
+    plain = measure(cfg, 8, repeats=1, inference=False)
+    m = measure(cfg, 8, strategy="blocks:2-5", repeats=1, inference=False)
+    fake = simulate_strategy(model, data, parse_strategy("blocks:2-5"))
+    assert m.backward_flops - plain.backward_flops == 3 * layer
+    assert (fake.backward_flops, fake.saved_bytes, fake.peak_bytes) == (
+        m.backward_flops, m.saved_bytes, m.peak_bytes)
+    # the outputs of blocks 2, 3, 4 (B×w floats each) are no longer stored
+    assert plain.saved_bytes - m.saved_bytes == 3 * 8 * 32 * 4
+    loss0, grads0, _ = one_step_of(cfg, "none")
+    loss1, grads1, _ = one_step_of(cfg, "blocks:2-5")
+    assert torch.equal(loss0, loss1)
+    assert all(torch.equal(grads0[k], grads1[k]) for k in grads0)
 
 
 def test_full_checkpointing_stores_only_block_inputs():

@@ -176,7 +176,7 @@ def test_estimate_equals_measurement_to_the_byte(arch, strategies):
 def test_checkpointed_loss_and_gradients_bitwise_equal_plain(arch):
     cfg = hf(arch)
     loss0, grads0 = step(cfg, "none")
-    for strategy in ("full", "sqrt", "every:2", "selective"):
+    for strategy in ("full", "sqrt", "every:2", "selective", "ops:addmm+mm"):
         loss1, grads1 = step(cfg, strategy)
         assert torch.equal(loss0, loss1), strategy
         assert all(torch.equal(grads0[k], grads1[k]) for k in grads0), strategy
@@ -217,12 +217,17 @@ def test_full_matches_transformers_gradient_checkpointing_peak(arch):
     assert peaks[0] == peaks[1]
 
 
-def test_kv_cache_off_while_checkpointed_and_restored():
-    model = model_config("hf:gpt2").build()
+@pytest.mark.parametrize("strategy", ["sqrt", "ops:addmm"])
+def test_kv_cache_off_while_checkpointed_and_restored(strategy):
+    # op-level strategies too: a recompute that appends to the cache again sees keys
+    # of twice the sequence length
+    cfg = model_config("hf:gpt2", n_layer=2, n_embd=32, n_head=4, seq_len=16)
+    model, batch = cfg.build(), cfg.example_batch(2)
     assert model.config.use_cache is True
     with pytest.warns(UserWarning, match="KV cache is off"):
-        apply_strategy(model, "sqrt")
+        apply_strategy(model, strategy)
     assert model.config.use_cache is False
+    cfg.loss(model, batch).backward()
     remove_strategy(model)
     assert model.config.use_cache is True
 

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from memprop.checkpoint import apply_strategy, parse_strategy
-from memprop.checkpoint.dp import ChainCosts, brute_force, min_peak, model_peak, solve
+from memprop.checkpoint.dp import TIE, ChainCosts, brute_force, min_peak, model_peak, solve
 from memprop.checkpoint.planner import plan, simulate
 from memprop.errors import BudgetError
 from memprop.measure import measure_step
@@ -38,11 +38,39 @@ def test_dp_cost_equals_brute_force_on_random_chains():
             dp, brute = solve(chain, budget), brute_force(chain, budget)
             assert (dp is None) == (brute is None), (chain, budget)
             if dp is not None:
-                assert dp[0] == brute[0], (chain, budget)          # same optimal cost
-                assert model_peak(chain, dp[1]) == (model_peak(chain, dp[1])[0], dp[0])
-                assert model_peak(chain, dp[1])[0] <= budget
+                # same optimal cost (costs carry TIE per checkpoint, summed in other orders)
+                assert dp[0] == pytest.approx(brute[0], abs=1e-9), (chain, budget)
+                peak, cost = model_peak(chain, dp[1])
+                assert cost == pytest.approx(dp[0], abs=1e-9) and peak <= budget
                 compared += 1
     assert compared > 300
+
+
+def test_dp_with_op_level_options_equals_brute_force():
+    """Op-level alternatives (keys, kept bytes, recompute FLOPs) per block: the DP stays
+    optimal for the model, and uses them where they pay."""
+    rng = random.Random(1)
+    compared = used = 0
+    for _ in range(120):
+        chain = random_chain(rng)
+        if chain.n > 5:
+            continue
+        options = [[(frozenset({f"op{i}"}), rng.randint(0, 40), rng.randint(0, 15))
+                    for i in range(rng.randint(0, 2))] for _ in range(chain.n)]
+        everything = model_peak(chain, ("S",) * chain.n)[0]
+        lowest = min_peak(chain)
+        for budget in (lowest - 1, lowest, (lowest + everything) // 2, everything):
+            dp, brute = solve(chain, budget, options), brute_force(chain, budget, options)
+            assert (dp is None) == (brute is None), (chain, options, budget)
+            if dp is not None:
+                # costs carry TIE (a thousandth of a FLOP per checkpoint),
+                # summed in different orders
+                assert dp[0] == pytest.approx(brute[0], abs=1e-9), (chain, options, budget)
+                peak, cost = model_peak(chain, dp[1], options)
+                assert cost == pytest.approx(dp[0], abs=1e-9) and peak <= budget
+                used += any(label not in ("S", "C", "c") for label in dp[1])
+                compared += 1
+    assert compared > 150 and used > 10
 
 
 def test_relu_chain_sharing_makes_per_block_checkpointing_pointless():
@@ -54,11 +82,12 @@ def test_relu_chain_sharing_makes_per_block_checkpointing_pointless():
     n = 6
     chain = ChainCosts(t=(10,) * (n + 1), inner=(0,) * n, saves_in=(True,) * n,
                        saves_out=(True,) * n, keep=(True,) + (False,) * n, flops=(1.0,) * n)
+    flops = lambda blocks, checkpoints: pytest.approx(blocks + checkpoints * TIE)  # noqa: E731
     assert model_peak(chain, ("S",) * n) == (70, 0.0)
-    assert model_peak(chain, ("C",) * n) == (70, 6.0)
-    assert model_peak(chain, ("C", "c", "c", "C", "c", "c")) == (50, 6.0)
+    assert model_peak(chain, ("C",) * n) == (70, flops(6, 6))
+    assert model_peak(chain, ("C", "c", "c", "C", "c", "c")) == (50, flops(6, 2))
     # cheapest at 50: store block 0, recompute blocks 1-3 once, store 4-5 (3 blocks)
-    assert solve(chain, 50) == (3.0, ("S", "C", "c", "c", "S", "S"))
+    assert solve(chain, 50) == (flops(3, 1), ("S", "C", "c", "c", "S", "S"))
 
 
 WORKLOADS = [

@@ -28,6 +28,9 @@ NOTE [ How a segment is checkpointed without changing the model ]
   handed to ``checkpoint`` positionally, so the checkpoint saves it through autograd's
   saved-tensor hooks and memprop's recorder counts what the checkpoint keeps alive
   (NOTE [ What counts as a stored intermediate ], memprop.saved).
+  A plain segment (no selective policy) holds its output from the forward until its
+  recompute, which then skips the ops that only produce it (NOTE [ A segment's output
+  needs no recompute ], memprop.checkpoint.tail).
   A recompute re-runs BatchNorm in training mode, which would update its running
   statistics a second time; they are snapshot before and restored after the recompute,
   so one checkpointed step leaves them exactly as one plain step does.
@@ -46,6 +49,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
 from memprop.checkpoint.blocks import find_blocks, find_chains
+from memprop.checkpoint.tail import TailElision, TailRecord, hold
 from memprop.errors import StrategyError
 
 __all__ = ["find_blocks", "find_chains", "CheckpointedChain"]
@@ -142,6 +146,26 @@ class _Call:
         return None
 
 
+def _run_tail(block: nn.Module, args, kwargs, tail: dict, recompute: bool):
+    """The last block of a plain segment: recorded in the forward; in the first
+    recompute, the ops that only produce the held output are skipped (NOTE [ A
+    segment's output needs no recompute ], memprop.checkpoint.tail)."""
+    if not recompute:
+        record = TailRecord()
+        with record:
+            out = block(*args, **kwargs)
+        found = record.plan(out)
+        if found is not None:
+            tail.update(calls=record.calls, found=found, held=hold(out))
+        return out
+    if "held" not in tail:               # nothing to skip, or a second recompute
+        return block(*args, **kwargs)
+    d, p = tail.pop("found")
+    elision = TailElision(tail.pop("calls"), d, p, tail.pop("held"))
+    with elision:
+        return block(*args, **kwargs)
+
+
 class CheckpointedChain:
     """Checkpointed segments applied to a chain of blocks (see NOTE above).
 
@@ -192,7 +216,7 @@ class CheckpointedChain:
         norms = [m for b in seg for m in b.modules()
                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
-        def run(call: _Call, *, recompute: bool) -> tuple:
+        def run(call: _Call, *, recompute: bool, tail: dict | None = None) -> tuple:
             # a recompute must not update BatchNorm's running statistics a second time:
             # snapshot them and put them back (the kernel path, and so the saved tensors
             # checkpoint compares, stay exactly those of the first pass)
@@ -202,10 +226,14 @@ class CheckpointedChain:
                             if bn.training] if recompute else []
             _state.depth = getattr(_state, "depth", 0) + 1
             try:
-                outs = [seg[0](*call.args, **call.kwargs)]
-                for p, block in enumerate(seg[1:], start=1):
-                    args, kwargs = call.with_hidden(_hidden(outs[-1], names[p - 1]))
-                    outs.append(block(*args, **kwargs))
+                outs = []
+                for p, block in enumerate(seg):
+                    args, kwargs = (call.args, call.kwargs) if p == 0 else call.with_hidden(
+                        _hidden(outs[-1], names[p - 1]))
+                    if tail is None or p < len(seg) - 1:
+                        outs.append(block(*args, **kwargs))
+                    else:                    # NOTE [ A segment's output needs no recompute ]
+                        outs.append(_run_tail(block, args, kwargs, tail, recompute))
                 return tuple(outs)
             finally:
                 _state.depth -= 1
@@ -232,6 +260,8 @@ class CheckpointedChain:
                 leaves, spec = tree_flatten((args, kwargs))
                 where = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
                 calls = [0]                  # 1st call: the forward pass; later: recomputes
+                # this call's held output (plain segments; lives as long as its graph)
+                tail = {} if context_fn is None else None
 
                 def segment(*tensors):
                     calls[0] += 1
@@ -239,7 +269,8 @@ class CheckpointedChain:
                     for i, t in zip(where, tensors):
                         filled[i] = t
                     a, kw = tree_unflatten(filled, spec)
-                    return run(_Call(a, kw, call.slot, call.params), recompute=calls[0] > 1)
+                    return run(_Call(a, kw, call.slot, call.params), recompute=calls[0] > 1,
+                               tail=tail)
 
                 options: dict[str, Any] = dict(use_reentrant=False, preserve_rng_state=True)
                 if context_fn is not None:

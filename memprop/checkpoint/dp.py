@@ -17,7 +17,17 @@ NOTE [ The chain cost model ]
     a head, gets its gradients first); each such moment adds G to what is held then
     peak       = max(retained + G(n), max over stored blocks k of (retained up to k)
                  + G(k+1), max over segments of that recompute term + G(j+1))
-    cost       = Σ over checkpointed blocks of their forward FLOPs (each recomputed once)
+    cost       = Σ over checkpointed blocks of their forward FLOPs (each recomputed once),
+                 less ``stops[j]`` for a segment ending with block j: what its recompute
+                 skips (early stop, a held output: memprop.checkpoint.levels.segment_stops)
+  Op-level blocks (``options[k]``: (keys, kept bytes, recompute FLOPs) each, NOTE
+  [ Op-level options of a block ] in memprop.checkpoint.oplevel) are one-block segments
+  that also retain the outputs of the kept ops: retained t[k] + kept; their recompute
+  brings back the rest of the block's tensors, modelled as inner[k] - kept (the
+  simulation checks it); cost: the FLOPs of the ops not kept.
+  Every checkpointed segment and op-level block also costs ``TIE`` (a thousandth of a
+  FLOP): among placements of equal FLOPs the DP prefers fewer checkpoints (a recompute
+  of pointwise ops, or one that skips everything, still costs time and bookkeeping).
   Sharing a boundary tensor between neighbours is what makes per-block checkpointing of
   a ReLU MLP store almost as much as no checkpointing: each block's checkpointed input
   is the tensor the previous block's ReLU already saves.
@@ -33,7 +43,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
-__all__ = ["ChainCosts", "model_peak", "solve", "min_peak", "brute_force", "segments_of"]
+import numpy as np
+
+__all__ = ["ChainCosts", "model_peak", "solve", "min_peak", "brute_force", "segments_of",
+           "TIE"]
+
+TIE = 1e-3     # see NOTE: FLOP counts differ by whole FLOPs, so it only breaks ties
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,16 +75,27 @@ class ChainCosts:
 
 
 # A placement is a tuple of n labels: "S" (stored), "C" (starts a checkpointed segment),
-# "c" (continues the segment of the block before it).
+# "c" (continues the segment of the block before it), ("O", keys) (block checkpointed
+# with an op-level policy keeping the outputs of ``keys``).
 
-def segments_of(placement) -> list[tuple[int, int]]:
+def segments_of(placement) -> list[tuple]:
+    """Checkpointed segments ``(i, j)``, and ``(k, k, keys)`` for op-level blocks."""
     segs = []
     for k, label in enumerate(placement):
         if label == "C":
             segs.append([k, k])
         elif label == "c":
             segs[-1][1] = k
+        elif label != "S":
+            segs.append([k, k, label[1]])
     return [tuple(s) for s in segs]
+
+
+def _op_block(c: ChainCosts, k: int, kept: int) -> tuple[int, int]:
+    """(retained bytes added, extra bytes held while recomputing) for block k
+    checkpointed keeping ``kept`` bytes of op outputs (see NOTE)."""
+    last = c.t[k + 1] if c.saves_out[k] or c.keep[k + 1] else 0
+    return c.t[k] + kept, max(c.inner[k] - kept, 0) + last
 
 
 def _kept_before(c: ChainCosts, k: int, prev_stored: bool) -> bool:
@@ -101,13 +127,21 @@ def _finish(c: ChainCosts, prev_stored: bool) -> int:
     return c.t[c.n] if _kept_before(c, c.n, prev_stored) else 0
 
 
-def model_peak(c: ChainCosts, placement) -> tuple[int, float]:
-    """(peak bytes, recompute cost) of a placement under the cost model."""
+def model_peak(c: ChainCosts, placement, options=None, stops=None) -> tuple[int, float]:
+    """(peak bytes, recompute cost) of a placement under the cost model; ``stops[j]``:
+    the FLOPs a segment ending with block j does not recompute (see NOTE)."""
     m, peak, cost, prev_stored = c.const, 0, 0.0, False
-    ends = dict(segments_of(placement))
+    ends = {seg[0]: seg[1] for seg in segments_of(placement)}
     k = 0
     while k < c.n:
-        if placement[k] == "S":
+        if placement[k] not in ("S", "C"):
+            kept, flops = next((b, f) for keys, b, f in options[k] if keys == placement[k][1])
+            retained, held = _op_block(c, k, kept)
+            m += retained
+            peak = max(peak, m + held + c.grads_after(k + 1))
+            cost += flops + TIE
+            prev_stored, k = False, k + 1
+        elif placement[k] == "S":
             m += _store(c, k, prev_stored)
             peak = max(peak, m + c.grads_after(k + 1))
             prev_stored, k = True, k + 1
@@ -116,82 +150,132 @@ def model_peak(c: ChainCosts, placement) -> tuple[int, float]:
             retained, held = _segment(c, k, j)
             m += retained
             peak = max(peak, m + held + c.grads_after(j + 1))
-            cost += sum(c.flops[k:j + 1])
+            cost += sum(c.flops[k:j + 1]) - (stops[j] if stops else 0.0) + TIE
             prev_stored, k = False, j + 1
     return max(peak, m + _finish(c, prev_stored) + c.grads_after(c.n)), cost
 
 
-def brute_force(c: ChainCosts, budget: int):
+def brute_force(c: ChainCosts, budget: int, options=None, stops=None):
     """(cost, placement) of the cheapest placement with peak <= budget, or None."""
     best = None
-    for labels in itertools.product("SCc", repeat=c.n):
-        if any(lab == "c" and (k == 0 or labels[k - 1] == "S") for k, lab in enumerate(labels)):
+    choices = [["S", "C", "c", *(("O", keys) for keys, _, _ in (options[k] if options
+                                                               else ()))]
+               for k in range(c.n)]
+    for labels in itertools.product(*choices):
+        if any(lab == "c" and (k == 0 or labels[k - 1] not in ("C", "c"))
+               for k, lab in enumerate(labels)):
             continue
-        peak, cost = model_peak(c, labels)
+        peak, cost = model_peak(c, labels, options, stops)
         if peak <= budget and (best is None or cost < best[0]):
             best = (cost, labels)
     return best
 
 
-def _pareto(items):
-    """Keep (m, cost, labels) entries no other entry beats on both m and cost."""
-    items.sort(key=lambda e: (e[0], e[1]))
-    front, best_cost = [], float("inf")
-    for e in items:
-        if e[1] < best_cost:
-            front.append(e)
-            best_cost = e[1]
-    return front
+def _front(m, cost, *columns):
+    """The entries no other entry beats on both retained bytes ``m`` and ``cost``
+    (ties: the first in (m, cost) order), each array filtered alike."""
+    order = np.lexsort((cost, m))
+    best_before = np.concatenate(([np.inf], np.minimum.accumulate(cost[order])[:-1]))
+    keep = order[cost[order] < best_before]
+    return (m[keep], cost[keep], *(col[keep] for col in columns))
 
 
-def solve(c: ChainCosts, budget: int):
-    """(cost, placement) of the cheapest placement with model peak <= budget, or None.
+def solve(c: ChainCosts, budget: int, options=None, stops=None):
+    """(cost, placement) of the cheapest placement with model peak <= budget, or None;
+    ``options[k]``: op-level alternatives of block k; ``stops[j]``: FLOPs a segment
+    ending with block j does not recompute (see NOTE).
 
-    Exact for the cost model; O(n² · front) with fronts of (retained, cost) pairs."""
+    Exact for the cost model: states (block index, previous block stored or not) carry
+    the Pareto front of (retained bytes, cost), as numpy arrays with a back-pointer per
+    entry; O(n² · front) vector operations of O(front) each."""
     n = c.n
     after = [c.grads_after(k) for k in range(n + 1)]
     prefix = [0.0]
     for f in c.flops:
         prefix.append(prefix[-1] + f)
-    # fronts[k][prev_stored]: list of (m, cost, labels) before deciding block k
-    fronts = [[[], []] for _ in range(n + 1)]
-    fronts[0][0] = [(c.const, 0.0, ())]
-    for k in range(n):
+    options = options or [()] * n
+    # candidates[(k, prev_stored)]: lists of arrays m, cost, source state, source index,
+    # decision (0 store, 1 segment from the source block, 2 + o: option o of it)
+    candidates: dict = {}
+    fronts: dict = {}
+
+    def add(state, m, cost, src, idx, decision):
+        if len(m):
+            lists = candidates.setdefault(state, ([], [], [], [], []))
+            for out, value in zip(lists, (m, cost, np.full(len(m), src), idx,
+                                          np.full(len(m), decision))):
+                out.append(value)
+
+    add((0, 0), np.array([c.const], dtype=np.int64), np.array([0.0]), -1, np.array([0]), 0)
+    for k in range(n + 1):
         for prev_stored in (0, 1):
-            front = _pareto(fronts[k][prev_stored])
-            for m, cost, labels in front:
-                m_s = m + _store(c, k, bool(prev_stored))          # store block k
-                if m_s + after[k + 1] <= budget:
-                    fronts[k + 1][1].append((m_s, cost, labels + ("S",)))
-                # checkpoint k..j: _segment(c, k, j), summed incrementally; retained +
-                # held without the last boundary only grows with j, so it bounds the loop
-                retained, held = c.t[k], c.inner[k]
-                for j in range(k, n):
-                    if j > k:
-                        retained += c.t[j] if c.keep[j] else 0
-                        held += c.inner[j] + (c.t[j] if (c.saves_in[j] or c.saves_out[j - 1])
-                                              and not c.keep[j] else 0)
-                    if m + retained + held + after[n] > budget:
-                        break
-                    last = c.t[j + 1] if c.saves_out[j] or c.keep[j + 1] else 0
-                    if m + retained + held + last + after[j + 1] <= budget:
-                        fronts[j + 1][0].append((m + retained, cost + prefix[j + 1] - prefix[k],
-                                                 labels + ("C",) + ("c",) * (j - k)))
+            lists = candidates.pop((k, prev_stored), None)
+            if lists is None:
+                continue
+            front = _front(*(np.concatenate(col) for col in lists))
+            fronts[(k, prev_stored)] = front
+            if k == n:
+                continue
+            m, cost = front[0], front[1]
+            idx = np.arange(len(m))
+            src = 2 * k + prev_stored
+            m_s = m + _store(c, k, bool(prev_stored))                   # store block k
+            ok = m_s + after[k + 1] <= budget
+            add((k + 1, 1), m_s[ok], cost[ok], src, idx[ok], 0)
+            for o, (keys, kept, flops) in enumerate(options[k]):     # op-level block k
+                retained, held = _op_block(c, k, kept)
+                ok = m + retained + held + after[k + 1] <= budget
+                add((k + 1, 0), m[ok] + retained, cost[ok] + flops + TIE, src,
+                    idx[ok], 2 + o)
+            # checkpoint k..j: _segment(c, k, j), summed incrementally; retained + held
+            # without the last boundary only grows with j, so it bounds the loop
+            retained, held = c.t[k], c.inner[k]
+            for j in range(k, n):
+                if j > k:
+                    retained += c.t[j] if c.keep[j] else 0
+                    held += c.inner[j] + (c.t[j] if (c.saves_in[j] or c.saves_out[j - 1])
+                                          and not c.keep[j] else 0)
+                if m[0] + retained + held + after[n] > budget:    # m[0]: the least m
+                    break
+                last = c.t[j + 1] if c.saves_out[j] or c.keep[j + 1] else 0
+                ok = m + retained + held + last + after[j + 1] <= budget
+                add((j + 1, 0), m[ok] + retained,
+                    cost[ok] + prefix[j + 1] - prefix[k] - (stops[j] if stops else 0.0) + TIE,
+                    src,
+                    idx[ok], 1)
     best = None
     for prev_stored in (0, 1):
-        for m, cost, labels in fronts[n][prev_stored]:
-            if m + _finish(c, bool(prev_stored)) + after[n] <= budget and (
-                    best is None or cost < best[0]):
-                best = (cost, labels)
-    return best
+        if (n, prev_stored) not in fronts:
+            continue
+        m, cost = fronts[(n, prev_stored)][:2]
+        ok = np.nonzero(m + _finish(c, bool(prev_stored)) + after[n] <= budget)[0]
+        if len(ok):
+            i = ok[np.argmin(cost[ok])]          # the first (least m) of the cheapest
+            if best is None or cost[i] < best[0]:
+                best = (float(cost[i]), (n, prev_stored), int(i))
+    if best is None:
+        return None
+    labels: list = []
+    state, i = best[1], best[2]
+    while state[0] > 0:
+        _, _, src, idx, decision = fronts[state]
+        k0 = int(src[i]) // 2
+        if decision[i] == 0:
+            labels.append(("S",))
+        elif decision[i] == 1:
+            labels.append(("C",) + ("c",) * (state[0] - 1 - k0))
+        else:
+            labels.append((("O", options[k0][int(decision[i]) - 2][0]),))
+        state, i = (k0, int(src[i]) % 2), int(idx[i])
+    return best[0], tuple(label for part in reversed(labels) for label in part)
 
 
-def min_peak(c: ChainCosts) -> int:
+def min_peak(c: ChainCosts, options=None, stops=None) -> int:
     """The smallest model peak any placement reaches (binary search on ``solve``)."""
     low, high = 0, model_peak(c, ("S",) * c.n)[0]
     while low < high:
         mid = (low + high) // 2
-        if solve(c, mid) is None:
+        if solve(c, mid, options, stops) is None:
             low = mid + 1
         else:
             high = mid

@@ -29,12 +29,13 @@ from memprop.checkpoint.dp import ChainCosts
 from memprop.checkpoint.multilevel import Nested, fake_target
 from memprop.checkpoint.oplevel import Ops, block_options, trace_blocks
 from memprop.checkpoint.strategies import Blocks, NoCheckpoint, Strategy, remove_strategy
+from memprop.checkpoint.tail import TailRecord, tail_flops
 from memprop.flops import FlopCounter
 from memprop.measure import Measurement, measure_step
 from memprop.models import training_loss
 
 __all__ = ["METRICS", "metric_of", "simulate_strategy", "fit", "nested_solver",
-           "early_stop_flops", "op_options", "placement_strategy",
+           "early_stop_flops", "stop_flops", "segment_stops", "op_options", "placement_strategy",
            "lowest_nested", "stored_solver", "stored_model_bytes", "strategy_of"]
 
 METRICS = ("peak", "stored")
@@ -87,20 +88,33 @@ def strategy_of(schedule) -> Strategy:
 
 def early_stop_flops(model, batch, *, blocks_attr=None, loss_fn=training_loss) -> tuple:
     """Per block, the forward FLOPs after its last saved tensor: what a recompute ending
-    with that block skips (NOTE [ Early stop ], memprop.checkpoint.rotor). One forward
-    on fake tensors."""
+    with that block skips (NOTE [ Early stop ], memprop.checkpoint.rotor)."""
+    return stop_flops(model, batch, blocks_attr=blocks_attr, loss_fn=loss_fn)[0]
+
+
+def stop_flops(model, batch, *, blocks_attr=None, loss_fn=training_loss) -> tuple:
+    """(early, tail): per block, the forward FLOPs a recompute ending with it skips by
+    early stop, and those a plain segment ending with it also skips when its output is
+    held (NOTE [ A segment's output needs no recompute ], memprop.checkpoint.tail).
+    One forward on fake tensors."""
     mode, target, target_batch = fake_target(model, batch)
     blocks = find_blocks(target, blocks_attr)
     index = {id(b): k for k, b in enumerate(blocks)}
     counter = FlopCounter()
-    current, last_pack, end = [None], [0] * len(blocks), [0] * len(blocks)
+    n = len(blocks)
+    current, last_pack, end, tail = [None], [0] * n, [0] * n, [0.0] * n
+    records: list = [None]
 
     def pre(module, args):
         current[0] = index[id(module)]
         last_pack[current[0]] = counter.total
+        records[0] = TailRecord(counter)
+        records[0].__enter__()
 
     def post(module, args, output):
-        end[index[id(module)]] = counter.total
+        k = index[id(module)]
+        records[0].__exit__(None, None, None)
+        end[k], tail[k] = counter.total, tail_flops(records[0].calls, output)
         current[0] = None
 
     def pack(t):
@@ -117,7 +131,17 @@ def early_stop_flops(model, batch, *, blocks_attr=None, loss_fn=training_loss) -
     finally:
         for h in handles:
             h.remove()
-    return tuple(float(e - p) for e, p in zip(end, last_pack))
+    return tuple(float(e - p) for e, p in zip(end, last_pack)), tuple(tail)
+
+
+def segment_stops(costs: ChainCosts, early, tail) -> tuple:
+    """What a plain segment ending with block j skips in its recompute: early stop, or
+    the ops producing its held output when that output is kept anyway (the next block
+    saves its input, or it is kept outside the chain: NOTE [ A segment's output needs
+    no recompute ], memprop.checkpoint.tail)."""
+    n = costs.n
+    return tuple(max(early[j], tail[j] if costs.keep[j + 1] or (
+        j + 1 < n and costs.saves_in[j + 1]) else 0.0) for j in range(n))
 
 
 def nested_solver(costs: ChainCosts, *, slots: int = 1500,

@@ -34,6 +34,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.checkpoint import checkpoint
 
+from memprop.checkpoint.cache import cache_off
 from memprop.checkpoint.chain import find_blocks
 from memprop.checkpoint.rotor import format_schedule, parse_schedule
 from memprop.checkpoint.strategies import (_APPLIED, Strategy, applied_strategy,
@@ -232,7 +233,12 @@ class Nested(Strategy):
                                 f"{self.tree[-1][1]} but the chain has blocks "
                                 f"0..{len(blocks) - 1}")
         chain = NestedChain(blocks, self.tree).apply()
-        model.__dict__[_APPLIED] = (self, chain.remove)
+        restore_cache = cache_off(model) if self.tree else (lambda: None)
+
+        def undo():
+            chain.remove()
+            restore_cache()
+        model.__dict__[_APPLIED] = (self, undo)
         return model
 
 

@@ -42,6 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from memprop.checkpoint.cache import cache_off
 from memprop.checkpoint.chain import CheckpointedChain, find_blocks
 from memprop.checkpoint.multilevel import claim_blocks, fake_target
 from memprop.checkpoint.selective import _Both
@@ -187,9 +188,12 @@ class Ops(Strategy):
                                     else None).apply()
                   for keys, segs in self.groups(len(blocks)).items()]
 
+        restore_cache = cache_off(model) if chains else (lambda: None)
+
         def undo():
             for chain in chains:
                 chain.remove()
+            restore_cache()
         model.__dict__[_APPLIED] = (self, undo)
         return model
 
@@ -261,7 +265,8 @@ def trace_blocks(model, batch, *, blocks_attr=None, loss_fn=training_loss) -> li
 
 def block_options(calls: list, *, early: float = 0.0, max_calls: int = 6) -> list:
     """(keys, kept bytes, recompute FLOPs) of each op-level policy of one block (NOTE
-    [ Op-level options of a block ]); the block's input is not included. The calls in
+    [ Op-level options of a block ]), the Pareto set of (kept bytes, recompute FLOPs);
+    the block's input is not included. The calls in
     the last ``early`` FLOPs (after the block's last saved tensor) are never recomputed
     (NOTE [ Early stop ], memprop.checkpoint.rotor) and never worth keeping."""
     total = sum(c.flops for c in calls)
@@ -275,4 +280,12 @@ def block_options(calls: list, *, early: float = 0.0, max_calls: int = 6) -> lis
             options.append((frozenset(c.key for c in subset),
                             sum(c.out_bytes for c in subset),
                             float(recompute - sum(c.flops for c in subset))))
-    return options
+    # an option keeping more bytes for no fewer FLOPs than another is never better on
+    # either metric: keep the Pareto set (fewest keys first among equals)
+    options.sort(key=lambda o: (o[1], o[2], len(o[0])))
+    front, best = [], float("inf")
+    for option in options:
+        if option[2] < best:
+            front.append(option)
+            best = option[2]
+    return front

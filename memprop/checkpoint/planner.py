@@ -44,7 +44,8 @@ from memprop.checkpoint.dp import ChainCosts, min_peak, model_peak, segments_of,
 from memprop.checkpoint.multilevel import Nested
 from memprop.checkpoint.oplevel import Ops
 from memprop.checkpoint.rotor import stored_fronts
-from memprop.checkpoint.strategies import Blocks, NoCheckpoint, Strategy, register_form
+from memprop.checkpoint.strategies import (_APPLIED, Blocks, Full, NoCheckpoint, Selective,
+                                           Strategy, register_form)
 from memprop.errors import BudgetError, ConfigError, StrategyError
 from memprop.fake import fake_batch, fake_copy, fake_mode_of
 from memprop.flops import FlopCounter
@@ -289,6 +290,7 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
         table["forward_ms"] = ms
 
     def make_plan(segments, result, tree=(), chosen=None) -> Plan:
+        segments = [tuple(seg[:2]) for seg in segments]
         table["checkpointed"] = [any(a <= k <= b for a, b in segments) for k in range(costs.n)]
         parts = peak_composition(result)
         static = sum(parts.get(c, 0) for c in ("parameter", "gradient", "optimizer"))
@@ -309,40 +311,53 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
 
     simulated = lambda strategy: levels.simulate_strategy(  # noqa: E731
         model, batch, strategy, blocks_attr=blocks_attr, optimizer=optimizer, loss_fn=loss_fn)
-    early = levels.early_stop_flops(model, batch, blocks_attr=blocks_attr, loss_fn=loss_fn)
+    early, tail = levels.stop_flops(model, batch, blocks_attr=blocks_attr, loss_fn=loss_fn)
+    stops = levels.segment_stops(costs, early, tail)        # plain segments' discount
+    options = levels.op_options(model, batch, blocks_attr=blocks_attr, loss_fn=loss_fn,
+                                early=early)
     if metric == "stored":
-        options = levels.op_options(model, batch, blocks_attr=blocks_attr, loss_fn=loss_fn,
-                                    early=early)
         return _plan_stored(costs, plain, budget_bytes, simulated, make_plan, max_rounds,
-                            early, options)
-    # solve the model at the budget less the calibrated overhead; a plan whose simulated
-    # peak overshoots tightens the model budget by the excess
+                            stops, options)
+    # solve the model (segments and op-level blocks) at the budget less the calibrated
+    # overhead; a plan whose simulated peak overshoots tightens the model budget by the
+    # excess
     target = budget_bytes - overhead
     for _ in range(max_rounds):
-        solution = solve(costs, target) if target > 0 else None
+        solution = solve(costs, target, options, stops) if target > 0 else None
         if solution is None:
             break
         segments = segments_of(solution[1])
-        result = sim(segments) if segments else plain
+        strategy = levels.placement_strategy(segments)
+        result = simulated(strategy) if segments else plain
         if result.peak_bytes <= budget_bytes:
-            return make_plan(segments, result)
+            return make_plan(segments, result,
+                             chosen=strategy if isinstance(strategy, Ops) else None)
         target -= result.peak_bytes - budget_bytes
-    # below the single-level floor: checkpoints inside recomputed segments
-    found = levels.fit(levels.nested_solver(costs, early=early), simulated,
-                       levels.metric_of("peak"),
-                       budget_bytes, plain.peak_bytes - levels.nested_model_need(
-                           costs, NoCheckpoint()), max_rounds=max_rounds)
+    # below the single-level floor: checkpoints inside recomputed segments (blocks
+    # called with one tensor only: multilevel.NestedChain refuses others)
+    try:
+        found = levels.fit(levels.nested_solver(costs, early=early), simulated,
+                           levels.metric_of("peak"),
+                           budget_bytes, plain.peak_bytes - levels.nested_model_need(
+                               costs, NoCheckpoint()), max_rounds=max_rounds)
+        deepest = levels.lowest_nested(costs, early=early)
+    except StrategyError:
+        found = deepest = None
     if found is not None:
         strategy, result = found
         return make_plan(strategy.segments(costs.n), result, getattr(strategy, "tree", ()))
-    # the placement of least modelled peak is the fallback, and bounds what is feasible
-    lowest = segments_of(solve(costs, min_peak(costs))[1])
-    lowest_result = sim(lowest) if lowest else plain
-    if lowest_result.peak_bytes <= budget_bytes:
-        return make_plan(lowest, lowest_result)
-    deepest = levels.lowest_nested(costs, early=early)
-    smallest = min(lowest_result.peak_bytes, plain.peak_bytes,
-                   simulated(deepest).peak_bytes)
+    # fallbacks, which also bound what is feasible: the placement of least modelled
+    # peak, and the fixed strategies the model may misjudge (full, selective)
+    least = levels.placement_strategy(segments_of(
+        solve(costs, min_peak(costs, options, stops), options, stops)[1]))
+    candidates = [(least, simulated(least)), *((s, simulated(s)) for s in (Full(), Selective()))]
+    fits = [(s, r) for s, r in candidates if r.peak_bytes <= budget_bytes]
+    if fits:
+        strategy, result = min(fits, key=lambda sr: (sr[1].backward_flops, sr[1].peak_bytes))
+        return make_plan(strategy.segments(costs.n), result,
+                         chosen=None if isinstance(strategy, Blocks) else strategy)
+    smallest = min([plain.peak_bytes, *(r.peak_bytes for _, r in candidates),
+                    *([simulated(deepest).peak_bytes] if deepest is not None else [])])
     raise BudgetError(
         f"memprop.checkpoint: no checkpointing plan fits a budget of "
         f"{format_bytes(budget_bytes)} ({budget_bytes} bytes); the smallest feasible "
@@ -352,18 +367,18 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
 
 
 def _plan_stored(costs, plain, budget_bytes, simulated, make_plan, max_rounds,
-                 early, options) -> Plan:
+                 stops, options) -> Plan:
     """``plan(metric="stored")``: single-level placements on the bytes the forward
     stores (NOTE [ The two metrics ], memprop.checkpoint.levels)."""
     overhead = plain.saved_bytes - levels.stored_model_bytes(costs, [])
-    found = levels.fit(levels.stored_solver(costs, early=early, options=options), simulated,
+    found = levels.fit(levels.stored_solver(costs, early=stops, options=options), simulated,
                        levels.metric_of("stored"),
                        budget_bytes, overhead, max_rounds=max_rounds)
     if found is not None:
         strategy, result = found
         return make_plan(strategy.segments(costs.n), result,
                          chosen=strategy if isinstance(strategy, Ops) else None)
-    least = levels.placement_strategy(stored_fronts(costs, early=early, options=options)[0][2])
+    least = levels.placement_strategy(stored_fronts(costs, early=stops, options=options)[0][2])
     smallest = simulated(least).saved_bytes
     raise BudgetError(
         f"memprop.checkpoint: no checkpointing plan stores at most "
@@ -375,8 +390,8 @@ def _plan_stored(costs, plain, budget_bytes, simulated, make_plan, max_rounds,
 
 @dataclasses.dataclass(frozen=True)
 class Budget(Strategy):
-    """``budget:SIZE``: the planner's cheapest single-level plan whose predicted peak fits
-    SIZE, planned from a profile of the example batch when applied."""
+    """``budget:SIZE``: the planner's cheapest plan whose predicted peak fits SIZE,
+    planned from a profile of the example batch when applied."""
 
     budget_bytes: int = 0
 
@@ -384,20 +399,22 @@ class Budget(Strategy):
     def spec(self):
         return f"budget:{format_bytes(self.budget_bytes).replace(' ', '')}"
 
-    def _planned(self, model, blocks_attr, select, example_batch, loss_fn):
+    def apply(self, model: nn.Module, *, blocks_attr: str | None = None, blocks=None,
+              check_fn=None, example_batch=None, loss_fn=None) -> nn.Module:
+        """Plan from a profile of ``example_batch`` and apply the plan (segments,
+        op-level blocks or a multi-level schedule); ``applied_strategy`` says budget."""
         if example_batch is None:
             raise StrategyError("memprop.checkpoint: budget:SIZE plans from a profile of one "
                                 "step; pass example_batch= (and loss_fn= for a batch that is "
                                 "not the zoo's (inputs, targets)) to apply()")
+        if _APPLIED in model.__dict__:
+            return super().apply(model)              # says what is applied already
         kwargs = {"loss_fn": loss_fn} if loss_fn is not None else {}
         found = plan(model, example_batch, self.budget_bytes, blocks_attr=blocks_attr,
-                     **select, **kwargs)
-        if found.tree or found.chosen is not None:   # not expressible as segments
-            raise StrategyError(
-                f"memprop.checkpoint: {self.spec} is below the single-level floor; the plan "
-                f"that fits is the multi-level {found.spec}: apply that strategy, or "
-                "plan(model, batch, budget).apply(model)")
-        return found.segments
+                     blocks=blocks, check_fn=check_fn, **kwargs)
+        found.strategy.apply(model, blocks_attr=blocks_attr, blocks=blocks, check_fn=check_fn)
+        model.__dict__[_APPLIED] = (self, model.__dict__[_APPLIED][1])
+        return model
 
 
 register_form("budget", lambda arg: Budget(parse_size(arg)))

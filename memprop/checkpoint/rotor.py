@@ -54,7 +54,7 @@ import re
 
 import numpy as np
 
-from memprop.checkpoint.dp import ChainCosts
+from memprop.checkpoint.dp import TIE, ChainCosts
 from memprop.errors import StrategyError
 
 __all__ = ["Schedule", "solve_schedule", "cost_curve", "min_need", "covering_budget",
@@ -344,10 +344,11 @@ def stored_fronts(c: ChainCosts, *, early=None, options=None):
                 fronts.setdefault((k + 1, c.saves_out[k]), []).append((m + r_store, cost, segs))
                 for keys, kept_bytes, flops in (options[k] if options else ()):
                     fronts.setdefault((k + 1, False), []).append(
-                        (m + (0 if h else t[k]) + kept_bytes, cost + flops, ((k, k, keys), segs)))
+                        (m + (0 if h else t[k]) + kept_bytes, cost + flops + TIE,
+                         ((k, k, keys), segs)))
                 for j in range(k, n):
                     fronts.setdefault((j + 1, False), []).append(
-                        (m + (0 if h else t[k]), cost + sum(c.flops[k:j + 1]) - early[j],
+                        (m + (0 if h else t[k]), cost + sum(c.flops[k:j + 1]) - early[j] + TIE,
                          ((k, j), segs)))
     kept = _kept(c)
     out = [(m + kept + _tail(c, held), cost, segs) for held in (False, True) for m, cost, segs in

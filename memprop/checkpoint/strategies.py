@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from memprop.checkpoint.cache import cache_off as _cache_off
-from memprop.checkpoint.chain import CheckpointedChain, find_blocks, find_chains
+from memprop.checkpoint.chain import CheckpointedChain, find_chains
 from memprop.checkpoint.selective import selective_context_fn
 from memprop.errors import StrategyError
 
@@ -89,12 +89,11 @@ class Strategy:
                                 f"strategy {model.__dict__[_APPLIED][0]} applied; call "
                                 "remove_strategy(model) first")
         select = dict(blocks=blocks, check_fn=check_fn)
-        plan_for = self._planned(model, blocks_attr, select, example_batch, loss_fn)
-        chains = find_chains(model, blocks_attr, **select) if plan_for or type(
+        chains = find_chains(model, blocks_attr, **select) if type(
             self).segments is not Strategy.segments else []
         applied = []
         for chain in chains:
-            segments = plan_for if plan_for is not None else self.segments(len(chain))
+            segments = self.segments(len(chain))
             if segments:
                 applied.append(CheckpointedChain(chain, segments,
                                                  context_fn=self.context_fn).apply())
@@ -107,24 +106,9 @@ class Strategy:
         model.__dict__[_APPLIED] = (self, undo)
         return model
 
-    def _planned(self, model, blocks_attr, select, example_batch, loss_fn):
-        """Segments chosen from a profile of the model (``budget:SIZE``), else None."""
-        return None
-
     def remove(self, model: nn.Module) -> nn.Module:
         """Undo ``apply``: the model runs plainly again."""
         return remove_strategy(model)
-
-    def segments_for(self, model, *, blocks_attr=None, blocks=None, check_fn=None,
-                     example_batch=None, loss_fn=None) -> list[tuple[int, int]]:
-        """The segments this strategy checkpoints on ``model``'s one chain."""
-        select = dict(blocks=blocks, check_fn=check_fn)
-        planned = self._planned(model, blocks_attr, select, example_batch, loss_fn)
-        if planned is not None:
-            return planned
-        if type(self).segments is Strategy.segments:
-            return []
-        return self.segments(len(find_blocks(model, blocks_attr, **select)))
 
     def __str__(self) -> str:
         return self.spec

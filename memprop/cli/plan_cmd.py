@@ -21,7 +21,8 @@ def gather_plan(config, batch_size: int, budget, *, dtype, optimizer="sgd",
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from memprop.checkpoint import find_blocks, parse_strategy
-    from memprop.checkpoint.planner import plan, simulate
+    from memprop.checkpoint.levels import simulate_strategy
+    from memprop.checkpoint.planner import plan
     from memprop.errors import BudgetError
     from memprop.units import parse_size
 
@@ -32,8 +33,8 @@ def gather_plan(config, batch_size: int, budget, *, dtype, optimizer="sgd",
     n = len(find_blocks(model))
     rows, plain = [], None
     for spec in compare:
-        m = simulate(model, batch, parse_strategy(spec).segments_for(model), optimizer=optimizer,
-                     loss_fn=config.loss)
+        m = simulate_strategy(model, batch, parse_strategy(spec), optimizer=optimizer,
+                              loss_fn=config.loss)
         plain = plain or m
         rows.append(dict(strategy=spec, peak_bytes=m.peak_bytes, saved_bytes=m.saved_bytes,
                          recompute_flops=m.backward_flops - plain.backward_flops))
