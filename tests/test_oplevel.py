@@ -101,3 +101,27 @@ def test_stored_plan_uses_op_level_policies_and_is_exact():
     assert m.backward_flops - plain.backward_flops == p.recompute_flops
     full = simulate(model, data, [(k, k) for k in range(4)])
     assert p.recompute_flops < full.backward_flops - plain.backward_flops
+
+
+def test_peak_plan_uses_op_level_blocks_and_is_exact():
+    """On the step peak too the planner weighs op-level blocks against segments: at 80 %
+    of the plain peak it keeps matmul outputs and recomputes the rest, for fewer FLOPs
+    than any block-level strategy that fits; predicted = measured, gradients bitwise."""
+    cfg = model_config("transformer", depth=4, d_model=64, heads=4, seq_len=64, vocab=64)
+    model, data = build_workload(cfg, 4)
+    plain = simulate(model, data, [])
+    budget = int(plain.peak_bytes * 0.8)
+    p = plan(model, data, budget)
+    assert p.spec.startswith("ops:") and p.predicted_peak_bytes <= budget
+    for spec in ("full", "every:2", "sqrt", "segments:2"):
+        fixed = simulate(model, data, parse_strategy(spec).segments(4))
+        if fixed.peak_bytes <= budget:
+            assert p.recompute_flops <= fixed.backward_flops - plain.backward_flops, spec
+    ref = loss_and_grads(cfg, model, data)
+    p.apply(model)
+    got = loss_and_grads(cfg, model, data)
+    m = measure_step(model, data, repeats=1, inference=False)
+    remove_strategy(model)
+    assert (m.peak_bytes, m.saved_bytes) == (p.predicted_peak_bytes, p.predicted_saved_bytes)
+    assert m.backward_flops - plain.backward_flops == p.recompute_flops
+    assert torch.equal(ref[0], got[0]) and all(map(torch.equal, ref[1], got[1]))
