@@ -21,13 +21,6 @@ NOTE [ measure_step leaves the model as it found it ]
   A ``Strategy`` object given as ``strategy`` is applied for the measurement and removed
   afterwards; a string is only the label of what is already applied.
 
-NOTE [ When the first step is the measured step ]
-  A prediction (``predicted=True``: fake tensors, no data, deterministic) skips pass 2
-  when pass 1 left nothing behind: no optimizer state, and the tracked live bytes at its
-  end equal those at its start. Pass 2 would then start from the same state and run the
-  same ops, so its timeline is pass 1's. A model that creates caches on its first call,
-  or an optimizer with state, gets both passes.
-
 NOTE [ How a tensor budget covers every pass ]
   With ``budget_bytes``, passes 1, 2 and 5 run under a tracker with that limit
   (NOTE [ What a tensor budget means ], memprop.budget). Passes 3, 4, 6 and 7 repeat the
@@ -317,7 +310,8 @@ def measure_step(model: nn.Module, batch, *, optimizer: str = "sgd",
                  forward_fn: Callable[[nn.Module, Any], Any] = inference_forward,
                  strategy="none", amp: str | None = None, budget_bytes: int | None = None,
                  warmup: int = 1, repeats: int = 3, timing: bool = True, flops: bool = True,
-                 inference: bool = True, predicted: bool = False) -> Measurement:
+                 inference: bool = True, predicted: bool = False,
+                 warm: bool = False) -> Measurement:
     """Measure one training step of ``model`` on ``batch`` (see module docstring).
 
     ``batch`` may have any structure; ``loss_fn(model, batch)`` returns the scalar a step
@@ -325,8 +319,12 @@ def measure_step(model: nn.Module, batch, *, optimizer: str = "sgd",
     zoo's ``(inputs, targets)`` and ``model.objective``). ``amp``: ``bf16`` / ``fp16``
     autocast. ``budget_bytes``: a tensor budget (NOTE [ How a tensor budget covers every
     pass ]); past it ``TensorBudgetExceeded`` (a ``torch.OutOfMemoryError``) is raised.
-    ``timing=False`` skips the timed repeats (used under fake tensors). The model is left
-    as it was found (NOTE [ measure_step leaves the model as it found it ])."""
+    ``timing=False`` skips the timed repeats (used under fake tensors). ``warm=True``:
+    the caller vouches that the model has already run this forward (no first-call work
+    left, such as a data-dependent init or a cache); with ``optimizer="sgd"``, which
+    creates no state, the first step is then the steady step and pass 1 is skipped (the
+    planner's simulations on the twin it profiled). The model is left as it was found
+    (NOTE [ measure_step leaves the model as it found it ])."""
     if amp is not None and amp not in AMP_MODES:
         raise ConfigError(f"memprop.measure: amp {amp!r} is not allowed; choose one of: "
                           f"{', '.join(AMP_MODES)}, or None for full precision")
@@ -345,17 +343,14 @@ def measure_step(model: nn.Module, batch, *, optimizer: str = "sgd",
             return LiveMemoryTracker(model, inputs=batch, device=device,
                                      limit_bytes=budget_bytes, **kw)
 
-        with tracker(optimizer=opt) as first:             # 1. creates optimizer state
-            first_start = first.live_bytes
-            step.run(first)
-        if predicted and not opt.state and first.live_bytes == first_start:
-            # on fake tensors a step that left no state behind is the steady step
-            # (NOTE [ When the first step is the measured step ])
-            tracked, start_bytes = first, first_start
-        else:
-            with tracker(optimizer=opt) as tracked:       # 2. the measured step
-                start_bytes = tracked.live_bytes
-                step.run(tracked)
+        first = None
+        if not (warm and optimizer == "sgd"):
+            with tracker(optimizer=opt) as first:         # 1. creates optimizer state
+                step.run(first)
+        with tracker(optimizer=opt) as tracked:           # 2. the measured step
+            start_bytes = tracked.live_bytes
+            step.run(tracked)
+        first = first or tracked
         rec, fwd_flops, bwd_flops = _stored_pass(step, tensors, flops)  # 3, 4.
         inf_peak, inf_saved = _inference_pass(step, forward_fn, tracker()) if inference \
             else (0, 0)

@@ -366,3 +366,102 @@ def test_every_chain_is_found_and_checkpointed():
     # chains keeps its input only, + 2. sqrt: encoder segment 0-1 keeps 1, block 2 plain
     # 3; decoder block 0 checkpointed 1, block 1 plain 3; + 2
     assert [saves for _, _, saves in runs] == [16, 7, 10]
+
+
+class _Chain(nn.Module):
+    """Blocks in a ModuleList, then ``tail`` (a module or None) and a sum of squares."""
+
+    def __init__(self, blocks, tail=None):
+        super().__init__()
+        self.blocks, self.tail = nn.ModuleList(blocks), tail
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x if self.tail is None else self.tail(x)
+
+
+class _LinearTanh(nn.Module):
+    def __init__(self, keep=False):
+        super().__init__()
+        self.linear, self.keep = nn.Linear(8, 8), keep
+
+    def forward(self, x):
+        h = self.linear(x)
+        if self.keep:
+            self.kept = h                       # the matmul's output outlives the block
+        return torch.tanh(h)
+
+
+class _Scale(nn.Module):
+    def __init__(self, in_place):
+        super().__init__()
+        self.in_place = in_place
+
+    def forward(self, x):
+        return x.mul_(-1.5) if self.in_place else x * -1.5
+
+
+def _grads(model, strategy, x, *, backwards=1):
+    if strategy != "none":
+        apply_strategy(model, strategy)
+    loss = (model(x) ** 2).sum()
+    for k in range(backwards):
+        model.zero_grad(set_to_none=True)
+        loss.backward(retain_graph=k < backwards - 1)
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("case", ["output changed in place", "matmul output kept",
+                                  "second backward"])
+def test_segment_output_is_not_reused_where_that_would_be_wrong(case):
+    # NOTE [ A segment's output needs no recompute ]: an output changed in place after
+    # the forward, an intermediate someone kept (it would see the placeholder) or a
+    # second recompute: the block is recomputed in full, gradients exact
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    make = {"output changed in place": lambda: _Chain([_LinearTanh() for _ in range(3)],
+                                                      _Scale(True)),
+            "matmul output kept": lambda: _Chain([_LinearTanh(), _LinearTanh(keep=True),
+                                                  _LinearTanh()]),
+            "second backward": lambda: _Chain([_LinearTanh() for _ in range(3)])}[case]
+    torch.manual_seed(1)
+    reference = make()
+    if case == "output changed in place":
+        reference.tail = _Scale(False)          # the plain step refuses the in-place one
+    backwards = 2 if case == "second backward" else 1
+    expected = _grads(reference, "none", x, backwards=backwards)
+    torch.manual_seed(1)
+    got = _grads(make(), "blocks:0-1,2", x, backwards=backwards)
+    assert all(map(torch.equal, expected, got))
+
+
+def test_which_ops_a_recompute_skips_does_not_depend_on_reused_addresses():
+    """Storages freed inside a block (a dropout mask, a first ReLU) leave their address
+    to later ones; the decision must not read them as the same tensor: six runs, one
+    answer, equal to the prediction."""
+    from memprop.checkpoint.levels import simulate_strategy
+    from memprop.measure import measure_step
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+        def forward(self, x):
+            return torch.relu(self.l2(torch.relu(self.l1(x))))
+
+    torch.manual_seed(0)
+    model = _Chain([Block() for _ in range(3)], nn.Linear(16, 1))
+    batch = ((torch.randn(64, 16),), torch.randn(64, 1))
+    loss = lambda m, b: ((m(*b[0]) - b[1]) ** 2).mean()  # noqa: E731
+    strategy = parse_strategy("blocks:0-1")
+    runs = {(m.saved_bytes, m.peak_bytes, m.backward_flops) for m in (
+        measure_step(model, batch, loss_fn=loss, strategy=strategy, repeats=1,
+                     inference=False, timing=False) for _ in range(6))}
+    fake = simulate_strategy(model, batch, strategy, loss_fn=loss)
+    assert runs == {(fake.saved_bytes, fake.peak_bytes, fake.backward_flops)}
+    plain = measure_step(model, batch, loss_fn=loss, repeats=1, inference=False,
+                         timing=False)
+    # blocks 0-1 recompute block 0 and block 1's first Linear; its second is skipped
+    assert fake.backward_flops - plain.backward_flops == 2 * 64 * (16 * 32 + 16 * 32 + 16 * 32)

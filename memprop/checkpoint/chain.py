@@ -156,12 +156,16 @@ def _run_tail(block: nn.Module, args, kwargs, tail: dict, recompute: bool):
             out = block(*args, **kwargs)
         found = record.plan(out)
         if found is not None:
-            tail.update(calls=record.calls, found=found, held=hold(out))
+            tail.update(calls=record.calls, found=found, held=hold(out),
+                        version=out._version)
         return out
-    if "held" not in tail:               # nothing to skip, or a second recompute
+    held = tail.pop("held", None)
+    if held is None or held._version != tail["version"]:
+        # nothing to skip, a second recompute, or an output changed in place since the
+        # forward (a plain step's saved-tensor check would refuse it): run it in full
         return block(*args, **kwargs)
     d, p = tail.pop("found")
-    elision = TailElision(tail.pop("calls"), d, p, tail.pop("held"))
+    elision = TailElision(tail.pop("calls"), d, p, held)
     with elision:
         return block(*args, **kwargs)
 

@@ -46,15 +46,17 @@ def metric_of(metric: str) -> Callable[[Measurement], int]:
 
 
 def simulate_strategy(model, batch, strategy: Strategy, *, blocks_attr=None,
-                      optimizer="sgd", loss_fn=training_loss) -> Measurement:
+                      optimizer="sgd", loss_fn=training_loss, warm=False) -> Measurement:
     """A predicted ``Measurement`` of one step with ``strategy`` applied, on fake tensors
-    (the model itself if already fake, else a fake copy)."""
+    (the model itself if already fake, else a fake copy). ``warm``: see measure_step
+    (only for a fake model that has run its forward already)."""
     mode, target, target_batch = fake_target(model, batch)
     with mode:
         strategy.apply(target, blocks_attr=blocks_attr)
         try:
             return measure_step(target, target_batch, optimizer=optimizer, loss_fn=loss_fn,
-                                timing=False, inference=False, predicted=True)
+                                timing=False, inference=False, predicted=True,
+                                warm=warm and target is model)
         finally:
             remove_strategy(target)
 

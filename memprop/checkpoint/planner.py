@@ -163,9 +163,10 @@ def _block_times_ms(model, batch, blocks, *, repeats=3, loss_fn=training_loss) -
 
 
 def simulate(model: nn.Module, batch, segments, *, blocks_attr=None, blocks=None,
-             check_fn=None, optimizer="sgd", loss_fn=training_loss):
+             check_fn=None, optimizer="sgd", loss_fn=training_loss, warm=False):
     """A predicted ``Measurement`` of one step with ``segments`` checkpointed, run on
-    fake tensors (the model itself if already fake, else a fake copy)."""
+    fake tensors (the model itself if already fake, else a fake copy). ``warm``: see
+    measure_step (only for a fake model that has run its forward already)."""
 
     mode = fake_mode_of(model)
     if mode is None:
@@ -179,7 +180,8 @@ def simulate(model: nn.Module, batch, segments, *, blocks_attr=None, blocks=None
         restore_cache = cache_off(target, warn=False) if segments else (lambda: None)
         try:
             return measure_step(target, target_batch, optimizer=optimizer, loss_fn=loss_fn,
-                                timing=False, inference=False, predicted=True)
+                                timing=False, inference=False, predicted=True,
+                                warm=warm and target is model)
         finally:
             restore_cache()
             chain.remove()
@@ -279,8 +281,11 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
     with (mode if mode is not None else contextlib.nullcontext()):
         costs, table = profile_chain(model, batch, blocks_attr=blocks_attr, **select,
                                      loss_fn=loss_fn)
+    # a fake model was just profiled (its forward has run): its simulations need no
+    # first step when the optimizer keeps no state (measure_step's warm)
+    warm = mode is not None
     sim = lambda segs: simulate(model, batch, segs, blocks_attr=blocks_attr,  # noqa: E731
-                                **select, optimizer=optimizer, loss_fn=loss_fn)
+                                **select, optimizer=optimizer, loss_fn=loss_fn, warm=warm)
     plain = sim([])
     overhead = plain.peak_bytes - model_peak(costs, ("S",) * costs.n)[0]
     ms = None
@@ -310,7 +315,8 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
         return found
 
     simulated = lambda strategy: levels.simulate_strategy(  # noqa: E731
-        model, batch, strategy, blocks_attr=blocks_attr, optimizer=optimizer, loss_fn=loss_fn)
+        model, batch, strategy, blocks_attr=blocks_attr, optimizer=optimizer, loss_fn=loss_fn,
+        warm=warm)
     early, tail = levels.stop_flops(model, batch, blocks_attr=blocks_attr, loss_fn=loss_fn)
     stops = levels.segment_stops(costs, early, tail)        # plain segments' discount
     options = levels.op_options(model, batch, blocks_attr=blocks_attr, loss_fn=loss_fn,

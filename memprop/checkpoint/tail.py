@@ -9,32 +9,42 @@ NOTE [ A segment's output needs no recompute ]
   back the recompute also runs the op producing its input - block j's matmul - one
   block's forward for a tensor that is already held. torch.compile's partitioner sees
   the aliasing in its graph; a checkpoint does not. So memprop's plain segments hold the
-  output (a detached alias: no copy) from the forward until their recompute, and
-  recompute block j under ``TailElision``:
+  output (a detached alias: no copy) from the forward until their recompute and, if it
+  is unchanged (same version), recompute block j under ``TailElision``:
     p  the op whose result is the block's output, if its autograd node saves only its
        result, it has one tensor input and one output, and it is neither random nor
        mutating: the recompute hands back the held output instead of running it;
     d  the op producing p's input, if nothing else in the block reads its output, it
-       has one output, its node does not save its result, and it is neither random nor
+       was freed when the block returned (no attribute or hook kept it), it has one
+       output, its node does not save its result, and it is neither random nor
        mutating: the recompute hands back a stride-0 placeholder of its shape.
   Everything autograd saves is what the forward computed (p's result is the forward's
   own tensor; d's inputs are recomputed as usual), so gradients are bitwise those of the
-  plain step. A block that fails any condition, or whose recompute calls other ops than
-  its forward did, is recomputed in full. The held output is reported as stored
-  (``report_stored``): when nothing else keeps it, memprop's instruments count its bytes.
+  plain step. A block that fails any condition, an output changed in place, a second
+  recompute, or a recompute calling other ops than the forward did: the block is
+  recomputed in full.
+  Memory: the consumer of the output (the next block's Linear, a LayerNorm, the head)
+  usually saves it, and then the hold costs nothing but a little lifetime in backward
+  (from the consumer's backward to the segment's recompute, which follow each other).
+  When nothing else saves it, the hold costs its bytes for the step (one activation,
+  for one block's forward less recompute); the held output is reported as stored
+  (``report_stored``), so memprop's instruments count it either way, and the planner
+  credits the skipped FLOPs only where the output is kept anyway
+  (``memprop.checkpoint.levels.segment_stops``).
   ``tail_flops`` measures what this skips per block, for the planner's cost model.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from memprop.flops import METADATA_QUERIES, FlopCounter
-from memprop.saved import report_stored, storage_key
+from memprop.saved import report_stored
 
 __all__ = ["TailRecord", "TailElision", "tail_flops"]
 
@@ -61,20 +71,39 @@ def _saved_names(node) -> set[str]:
 @dataclasses.dataclass
 class _Call:
     func: object
-    ins: tuple          # storage keys of tensor inputs
-    outs: tuple         # storage keys of tensor outputs
+    ins: tuple          # storage ids of tensor inputs
+    outs: tuple         # storage ids of tensor outputs
     meta: tuple         # (shape, dtype, device) of each output
     flops: int = 0
 
 
 class TailRecord(TorchDispatchMode):
     """Records the op calls of one block's forward (storages in and out), then decides
-    which two calls its recompute may skip (``plan``, NOTE above)."""
+    which two calls its recompute may skip (``plan``, NOTE above).
+
+    A storage is named by an id given when it is first seen and kept while it lives (a
+    weak reference to its Python object, which lives as long as the storage): a freed
+    storage's address taken by a new one gets a new id, and nothing is kept alive."""
 
     def __init__(self, counter: FlopCounter | None = None):
         super().__init__()
         self.calls: list[_Call] = []
         self.counter = counter
+        self._ids: dict = {}            # storage address -> (id, weakref to the storage)
+        self._count = 0
+
+    def _id(self, t: torch.Tensor) -> int:
+        storage = t.untyped_storage()
+        entry = self._ids.get(storage._cdata)
+        if entry is None or entry[1]() is not storage:
+            self._count += 1
+            entry = (self._count, weakref.ref(storage))
+            self._ids[storage._cdata] = entry
+        return entry[0]
+
+    def alive(self, sid: int) -> bool:
+        """Whether the storage with id ``sid`` still lives."""
+        return any(i == sid and ref() is not None for i, ref in self._ids.values())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in _BOOKKEEPING:
@@ -83,17 +112,20 @@ class TailRecord(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         outs = _tensors(out)
         self.calls.append(_Call(
-            func, tuple(storage_key(t) for t in _tensors((args, kwargs))),
-            tuple(storage_key(t) for t in outs),
+            func, tuple(self._id(t) for t in _tensors((args, kwargs))),
+            tuple(self._id(t) for t in outs),
             tuple((tuple(t.shape), t.dtype, t.device) for t in outs),
             (self.counter.total - before) if self.counter is not None else 0))
         return out
 
     def plan(self, output) -> tuple[int, int] | None:
-        """(index of d, index of p) in the block's calls, or None (NOTE above)."""
+        """(index of d, index of p) in the block's calls, or None (NOTE above). Called
+        when the block has returned: d's output must be freed by then (no module
+        attribute or hook kept it, so nothing but the recompute can see the
+        placeholder)."""
         if not isinstance(output, torch.Tensor) or output.grad_fn is None:
             return None
-        key = storage_key(output)
+        key = self._id(output)
         p = max((i for i, c in enumerate(self.calls) if key in c.outs), default=None)
         if p is None:
             return None
@@ -111,7 +143,7 @@ class TailRecord(TorchDispatchMode):
                              if i not in (d, p))
         inputs = [n for n, _ in node.next_functions if n is not None]
         if (len(dc.outs) != 1 or read_elsewhere or not _plain_op(dc.func)
-                or dc.outs[0] == key or len(inputs) != 1
+                or dc.outs[0] == key or len(inputs) != 1 or self.alive(dc.outs[0])
                 or any(name.startswith("_raw_saved_result") for name in
                        _saved_names(inputs[0]))):
             return None
