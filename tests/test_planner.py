@@ -63,7 +63,7 @@ def test_dp_with_op_level_options_equals_brute_force():
             dp, brute = solve(chain, budget, options), brute_force(chain, budget, options)
             assert (dp is None) == (brute is None), (chain, options, budget)
             if dp is not None:
-                # costs carry TIE (a thousandth of a FLOP per checkpoint),
+                # costs carry TIE (a FLOP per checkpoint),
                 # summed in different orders
                 assert dp[0] == pytest.approx(brute[0], abs=1e-9), (chain, options, budget)
                 peak, cost = model_peak(chain, dp[1], options)

@@ -25,9 +25,11 @@ NOTE [ The chain cost model ]
   that also retain the outputs of the kept ops: retained t[k] + kept; their recompute
   brings back the rest of the block's tensors, modelled as inner[k] - kept (the
   simulation checks it); cost: the FLOPs of the ops not kept.
-  Every checkpointed segment and op-level block also costs ``TIE`` (a thousandth of a
-  FLOP): among placements of equal FLOPs the DP prefers fewer checkpoints (a recompute
-  of pointwise ops, or one that skips everything, still costs time and bookkeeping).
+  Every checkpointed segment and op-level block also costs ``TIE`` (one FLOP): among
+  placements of equal FLOPs the DP prefers fewer checkpoints (a recompute of pointwise
+  ops, or one that skips everything, still costs time and bookkeeping). Real FLOP
+  counts differ by whole ops (thousands of FLOPs at least), and one FLOP stays above
+  float64's resolution up to 2^53 ≈ 9e15 FLOPs of recompute per step.
   Sharing a boundary tensor between neighbours is what makes per-block checkpointing of
   a ReLU MLP store almost as much as no checkpointing: each block's checkpointed input
   is the tensor the previous block's ReLU already saves.
@@ -48,7 +50,7 @@ import numpy as np
 __all__ = ["ChainCosts", "model_peak", "solve", "min_peak", "brute_force", "segments_of",
            "TIE"]
 
-TIE = 1e-3     # see NOTE: FLOP counts differ by whole FLOPs, so it only breaks ties
+TIE = 1.0      # see NOTE: it only breaks ties between placements of equal FLOPs
 
 
 @dataclasses.dataclass(frozen=True)
