@@ -119,7 +119,7 @@ def test_held_segment_output_is_exact_and_costs_no_bytes():
     """ReLU MLP: segment 2-5 recomputes blocks 2-4 only (block 5's output is held: the
     next Linear saves it anyway), stores what it stored before, predicts exactly, and
     leaves loss and gradients bitwise; the tracker sees no extra bytes."""
-    from memprop.checkpoint.levels import simulate_strategy
+    from memprop.checkpoint.levels import simulate_strategy, stop_flops
     cfg = model_config("mlp", depth=8, width=32, d_in=32, d_out=4)
     model, data = build_workload(cfg, 8)
     layer = 2 * 8 * 32 * 32
@@ -127,6 +127,8 @@ def test_held_segment_output_is_exact_and_costs_no_bytes():
     m = measure(cfg, 8, strategy="blocks:2-5", repeats=1, inference=False)
     fake = simulate_strategy(model, data, parse_strategy("blocks:2-5"))
     assert m.backward_flops - plain.backward_flops == 3 * layer
+    # the planner's cost model credits the same skip: one layer per block
+    assert stop_flops(model, data) == ((0.0,) * 8, (float(layer),) * 8)
     assert (fake.backward_flops, fake.saved_bytes, fake.peak_bytes) == (
         m.backward_flops, m.saved_bytes, m.peak_bytes)
     # the outputs of blocks 2, 3, 4 (B×w floats each) are no longer stored

@@ -29,7 +29,7 @@ from memprop.checkpoint.dp import ChainCosts
 from memprop.checkpoint.multilevel import Nested, fake_target
 from memprop.checkpoint.oplevel import Ops, block_options, trace_blocks
 from memprop.checkpoint.strategies import Blocks, NoCheckpoint, Strategy, remove_strategy
-from memprop.checkpoint.tail import TailRecord, tail_flops
+from memprop.checkpoint.tail import TailRecord
 from memprop.flops import FlopCounter
 from memprop.measure import Measurement, measure_step
 from memprop.models import training_loss
@@ -116,7 +116,7 @@ def stop_flops(model, batch, *, blocks_attr=None, loss_fn=training_loss) -> tupl
     def post(module, args, output):
         k = index[id(module)]
         records[0].__exit__(None, None, None)
-        end[k], tail[k] = counter.total, tail_flops(records[0].calls, output)
+        end[k], tail[k] = counter.total, records[0].skipped_flops(output)
         current[0] = None
 
     def pack(t):

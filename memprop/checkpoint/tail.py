@@ -31,7 +31,7 @@ NOTE [ A segment's output needs no recompute ]
   (``report_stored``), so memprop's instruments count it either way, and the planner
   credits the skipped FLOPs only where the output is kept anyway
   (``memprop.checkpoint.levels.segment_stops``).
-  ``tail_flops`` measures what this skips per block, for the planner's cost model.
+  ``TailRecord.skipped_flops`` measures what this skips per block, for the planner.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from torch.utils._pytree import tree_flatten
 from memprop.flops import METADATA_QUERIES, FlopCounter
 from memprop.saved import report_stored
 
-__all__ = ["TailRecord", "TailElision", "tail_flops"]
+__all__ = ["TailRecord", "TailElision", "hold"]
 
 
 # not the block's own ops: the recompute's saving detaches, fake tensors query metadata
@@ -150,6 +150,13 @@ class TailRecord(TorchDispatchMode):
         return d, p
 
 
+    def skipped_flops(self, output) -> float:
+        """FLOPs a recompute of this block skips when ``output`` is held (0 if none):
+        what ``plan`` lets it skip, for the planner's cost model."""
+        found = self.plan(output)
+        return 0.0 if found is None else float(self.calls[found[0]].flops)
+
+
 class TailElision(TorchDispatchMode):
     """Runs one block's recompute, handing back a placeholder for call ``d`` and the
     held forward output for call ``p`` (NOTE above); every other call runs. If the
@@ -180,11 +187,3 @@ def hold(output: torch.Tensor) -> torch.Tensor:
     held = output.detach()
     report_stored(held, "checkpoint:output")
     return held
-
-
-def tail_flops(calls: list[_Call], output) -> float:
-    """FLOPs a recompute of this block skips when its output is held (0 if none)."""
-    record = TailRecord()
-    record.calls = calls
-    found = record.plan(output)
-    return 0.0 if found is None else float(calls[found[0]].flops)
