@@ -350,7 +350,8 @@ def measure_step(model: nn.Module, batch, *, optimizer: str = "sgd",
         with tracker(optimizer=opt) as tracked:           # 2. the measured step
             start_bytes = tracked.live_bytes
             step.run(tracked)
-        first = first or tracked
+        if first is None:                                 # warm: the first is the steady
+            first = tracked
         rec, fwd_flops, bwd_flops = _stored_pass(step, tensors, flops)  # 3, 4.
         inf_peak, inf_saved = _inference_pass(step, forward_fn, tracker()) if inference \
             else (0, 0)

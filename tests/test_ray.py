@@ -22,7 +22,7 @@ from memprop.errors import ConfigError
 from memprop.sweep import (RayExecutor, SpecError, load_results, load_spec, make_executor,
                            run_sweep)
 from memprop.sweep.frontier import run_frontier
-from test_sweep import FRONTIER_SPEC, write   # the same spec writer and frontier spec
+from test_sweep import BUDGETED_SPEC, FRONTIER_SPEC, write   # the same writer and specs
 
 TESTS = pathlib.Path(__file__).parent
 
@@ -51,20 +51,7 @@ def cluster():
 
 
 
-BUDGETED = """
-name = "budgeted"
-[model]
-name = "mlp"
-width = 512
-d_in = 512
-[grid]
-depth = [4]
-batch = [8, 4096]
-[run]
-repeats = 1
-budget = "16MiB"
-timeout = 120
-"""
+BUDGETED = BUDGETED_SPEC.replace("timeout = 60", "timeout = 120")   # Ray starts slower
 
 
 def test_ray_rows_equal_local_rows_and_a_budget_runs_out(cluster, tmp_path):

@@ -116,23 +116,26 @@ def test_trial_keys_are_stable_and_distinct(tmp_path):
         write(tmp_path, GOOD, "again.toml")).trials()]
 
 
+# an MLP whose step needs ~0.5 MiB at batch 8 and ~67 MiB at batch 4096, under 16 MiB
+BUDGETED_SPEC = """
+name = "budgeted"
+[model]
+name = "mlp"
+width = 512
+d_in = 512
+[grid]
+depth = [4]
+batch = [8, 4096]
+[run]
+repeats = 1
+budget = "16MiB"
+timeout = 60
+"""
+
+
 def test_failures_are_results_oom_crashed_timeout(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS))
-    # an MLP whose step needs ~0.5 MiB at batch 8 and ~67 MiB at batch 4096, under 16 MiB
-    spec = load_spec(write(tmp_path, """
-        name = "budgeted"
-        [model]
-        name = "mlp"
-        width = 512
-        d_in = 512
-        [grid]
-        depth = [4]
-        batch = [8, 4096]
-        [run]
-        repeats = 1
-        budget = "16MiB"
-        timeout = 60
-    """))
+    spec = load_spec(write(tmp_path, BUDGETED_SPEC))
     db = tmp_path / "r.sqlite"
     summary = run_sweep(spec, db_path=db)
     assert summary.counts == {"ok": 1, "oom": 1}

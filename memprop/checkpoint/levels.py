@@ -46,13 +46,15 @@ def metric_of(metric: str) -> Callable[[Measurement], int]:
 
 
 def simulate_strategy(model, batch, strategy: Strategy, *, blocks_attr=None,
-                      optimizer="sgd", loss_fn=training_loss, warm=False) -> Measurement:
+                      optimizer="sgd", loss_fn=training_loss, warm=False, blocks=None,
+                      check_fn=None) -> Measurement:
     """A predicted ``Measurement`` of one step with ``strategy`` applied, on fake tensors
     (the model itself if already fake, else a fake copy). ``warm``: see measure_step
-    (only for a fake model that has run its forward already)."""
+    (only for a fake model that has run its forward already). ``blocks``, ``check_fn``:
+    the chain, as ``find_blocks`` takes them."""
     mode, target, target_batch = fake_target(model, batch)
     with mode:
-        strategy.apply(target, blocks_attr=blocks_attr)
+        strategy.apply(target, blocks_attr=blocks_attr, blocks=blocks, check_fn=check_fn)
         try:
             return measure_step(target, target_batch, optimizer=optimizer, loss_fn=loss_fn,
                                 timing=False, inference=False, predicted=True,
@@ -88,19 +90,22 @@ def strategy_of(schedule) -> Strategy:
     return Nested(tree)
 
 
-def early_stop_flops(model, batch, *, blocks_attr=None, loss_fn=training_loss) -> tuple:
+def early_stop_flops(model, batch, *, blocks_attr=None, loss_fn=training_loss,
+                     **select) -> tuple:
     """Per block, the forward FLOPs after its last saved tensor: what a recompute ending
     with that block skips (NOTE [ Early stop ], memprop.checkpoint.rotor)."""
-    return stop_flops(model, batch, blocks_attr=blocks_attr, loss_fn=loss_fn)[0]
+    return stop_flops(model, batch, blocks_attr=blocks_attr, loss_fn=loss_fn, **select)[0]
 
 
-def stop_flops(model, batch, *, blocks_attr=None, loss_fn=training_loss) -> tuple:
+def stop_flops(model, batch, *, blocks_attr=None, loss_fn=training_loss, blocks=None,
+               check_fn=None) -> tuple:
     """(early, tail): per block, the forward FLOPs a recompute ending with it skips by
     early stop, and those a plain segment ending with it also skips when its output is
     held (NOTE [ A segment's output needs no recompute ], memprop.checkpoint.tail).
-    One forward on fake tensors."""
+    One forward on fake tensors; ``blocks``, ``check_fn``: the chain, as ``find_blocks``
+    takes them."""
     mode, target, target_batch = fake_target(model, batch)
-    blocks = find_blocks(target, blocks_attr)
+    blocks = find_blocks(target, blocks_attr, blocks=blocks, check_fn=check_fn)
     index = {id(b): k for k, b in enumerate(blocks)}
     counter = FlopCounter()
     n = len(blocks)
@@ -208,9 +213,9 @@ def stored_solver(costs: ChainCosts, *, early=None,
 
 
 def op_options(model, batch, *, blocks_attr=None, loss_fn=training_loss, early=None,
-               max_calls: int = 6) -> list:
+               max_calls: int = 6, **select) -> list:
     """Per block, its op-level options (NOTE [ Op-level options of a block ])."""
-    traced = trace_blocks(model, batch, blocks_attr=blocks_attr, loss_fn=loss_fn)
+    traced = trace_blocks(model, batch, blocks_attr=blocks_attr, loss_fn=loss_fn, **select)
     early = early or (0.0,) * len(traced)
     return [block_options(calls, early=e, max_calls=max_calls)
             for calls, e in zip(traced, early)]

@@ -34,10 +34,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.checkpoint import checkpoint
 
-from memprop.checkpoint.cache import cache_off
 from memprop.checkpoint.chain import find_blocks
 from memprop.checkpoint.rotor import format_schedule, parse_schedule
-from memprop.checkpoint.strategies import (_APPLIED, Strategy, applied_strategy,
+from memprop.checkpoint.strategies import (Strategy, applied_strategy, record_applied,
                                            register_form)
 from memprop.errors import StrategyError
 from memprop.fake import fake_batch, fake_copy, fake_mode_of
@@ -233,13 +232,7 @@ class Nested(Strategy):
                                 f"{self.tree[-1][1]} but the chain has blocks "
                                 f"0..{len(blocks) - 1}")
         chain = NestedChain(blocks, self.tree).apply()
-        restore_cache = cache_off(model) if self.tree else (lambda: None)
-
-        def undo():
-            chain.remove()
-            restore_cache()
-        model.__dict__[_APPLIED] = (self, undo)
-        return model
+        return record_applied(model, self, [chain.remove] if self.tree else [])
 
 
 def _schedule_of(tree) -> tuple:

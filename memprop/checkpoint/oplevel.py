@@ -42,11 +42,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from memprop.checkpoint.cache import cache_off
 from memprop.checkpoint.chain import CheckpointedChain, find_blocks
 from memprop.checkpoint.multilevel import claim_blocks, fake_target
 from memprop.checkpoint.selective import _Both
-from memprop.checkpoint.strategies import _APPLIED, Strategy, register_form
+from memprop.checkpoint.strategies import Strategy, record_applied, register_form
 from memprop.errors import StrategyError
 from memprop.flops import FlopCounter
 from memprop.models import training_loss
@@ -187,15 +186,7 @@ class Ops(Strategy):
         chains = [CheckpointedChain(blocks, segs, context_fn=_context_fn(keys) if keys
                                     else None).apply()
                   for keys, segs in self.groups(len(blocks)).items()]
-
-        restore_cache = cache_off(model) if chains else (lambda: None)
-
-        def undo():
-            for chain in chains:
-                chain.remove()
-            restore_cache()
-        model.__dict__[_APPLIED] = (self, undo)
-        return model
+        return record_applied(model, self, [chain.remove for chain in chains])
 
 
 register_form("ops", Ops.parse)
@@ -236,10 +227,11 @@ class _Trace(TorchDispatchMode):
         return out
 
 
-def trace_blocks(model, batch, *, blocks_attr=None, loss_fn=training_loss) -> list:
+def trace_blocks(model, batch, *, blocks_attr=None, loss_fn=training_loss, blocks=None,
+                 check_fn=None) -> list:
     """Per block, its forward's op calls (``OpCall``), on fake tensors."""
     mode, target, target_batch = fake_target(model, batch)
-    blocks = find_blocks(target, blocks_attr)
+    blocks = find_blocks(target, blocks_attr, blocks=blocks, check_fn=check_fn)
     index = {id(b): k for k, b in enumerate(blocks)}
     counter = FlopCounter()
     trace = _Trace(counter)

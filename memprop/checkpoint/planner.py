@@ -163,10 +163,9 @@ def _block_times_ms(model, batch, blocks, *, repeats=3, loss_fn=training_loss) -
 
 
 def simulate(model: nn.Module, batch, segments, *, blocks_attr=None, blocks=None,
-             check_fn=None, optimizer="sgd", loss_fn=training_loss, warm=False):
+             check_fn=None, optimizer="sgd", loss_fn=training_loss):
     """A predicted ``Measurement`` of one step with ``segments`` checkpointed, run on
-    fake tensors (the model itself if already fake, else a fake copy). ``warm``: see
-    measure_step (only for a fake model that has run its forward already)."""
+    fake tensors (the model itself if already fake, else a fake copy)."""
 
     mode = fake_mode_of(model)
     if mode is None:
@@ -180,8 +179,7 @@ def simulate(model: nn.Module, batch, segments, *, blocks_attr=None, blocks=None
         restore_cache = cache_off(target, warn=False) if segments else (lambda: None)
         try:
             return measure_step(target, target_batch, optimizer=optimizer, loss_fn=loss_fn,
-                                timing=False, inference=False, predicted=True,
-                                warm=warm and target is model)
+                                timing=False, inference=False, predicted=True)
         finally:
             restore_cache()
             chain.remove()
@@ -283,10 +281,10 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
                                      loss_fn=loss_fn)
     # a fake model was just profiled (its forward has run): its simulations need no
     # first step when the optimizer keeps no state (measure_step's warm)
-    warm = mode is not None
-    sim = lambda segs: simulate(model, batch, segs, blocks_attr=blocks_attr,  # noqa: E731
-                                **select, optimizer=optimizer, loss_fn=loss_fn, warm=warm)
-    plain = sim([])
+    simulated = lambda strategy: levels.simulate_strategy(  # noqa: E731
+        model, batch, strategy, blocks_attr=blocks_attr, **select, optimizer=optimizer,
+        loss_fn=loss_fn, warm=mode is not None)
+    plain = simulated(NoCheckpoint())
     overhead = plain.peak_bytes - model_peak(costs, ("S",) * costs.n)[0]
     ms = None
     if mode is None:
@@ -314,13 +312,11 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
                                            loss_fn=loss_fn)[1])
         return found
 
-    simulated = lambda strategy: levels.simulate_strategy(  # noqa: E731
-        model, batch, strategy, blocks_attr=blocks_attr, optimizer=optimizer, loss_fn=loss_fn,
-        warm=warm)
-    early, tail = levels.stop_flops(model, batch, blocks_attr=blocks_attr, loss_fn=loss_fn)
+    early, tail = levels.stop_flops(model, batch, blocks_attr=blocks_attr, loss_fn=loss_fn,
+                                    **select)
     stops = levels.segment_stops(costs, early, tail)        # plain segments' discount
     options = levels.op_options(model, batch, blocks_attr=blocks_attr, loss_fn=loss_fn,
-                                early=early)
+                                early=early, **select)
     if metric == "stored":
         return _plan_stored(costs, plain, budget_bytes, simulated, make_plan, max_rounds,
                             stops, options)

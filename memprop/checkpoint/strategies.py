@@ -69,6 +69,20 @@ def register_form(name: str, parse) -> None:
 _APPLIED = "_memprop_applied"   # model.__dict__ key: (strategy, undo callable)
 
 
+def record_applied(model: nn.Module, strategy: "Strategy", removes: list) -> nn.Module:
+    """Mark ``model`` as running ``strategy``; ``removes`` undo what it patched. While
+    anything is patched the model's KV cache is off (NOTE [ Checkpointing and KV caches ]
+    in memprop.checkpoint.cache); ``remove_strategy`` undoes both."""
+    restore_cache = _cache_off(model) if removes else (lambda: None)
+
+    def undo():
+        for remove in removes:
+            remove()
+        restore_cache()
+    model.__dict__[_APPLIED] = (strategy, undo)
+    return model
+
+
 @dataclasses.dataclass(frozen=True)
 class Strategy:
     """Base: subclasses choose ``segments(n)`` (inclusive block ranges to recompute)."""
@@ -97,14 +111,7 @@ class Strategy:
             if segments:
                 applied.append(CheckpointedChain(chain, segments,
                                                  context_fn=self.context_fn).apply())
-        restore_cache = _cache_off(model) if applied else (lambda: None)
-
-        def undo():
-            for chain in applied:
-                chain.remove()
-            restore_cache()
-        model.__dict__[_APPLIED] = (self, undo)
-        return model
+        return record_applied(model, self, [chain.remove for chain in applied])
 
     def remove(self, model: nn.Module) -> nn.Module:
         """Undo ``apply``: the model runs plainly again."""
