@@ -125,7 +125,7 @@ else:
     MEASURED_R = 0.3
 # hf: use_cache=False, so that compile's graphs and the plain step carry no cache
 # (memprop's strategies turn it off while applied: NOTE [ Checkpointing and KV caches ])
-FIXED = ("none", "full", "sqrt", "selective")
+FIXED = ("none", "full", "sqrt", "selective", "forward:-")
 MiB = 2 ** 20
 
 

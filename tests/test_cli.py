@@ -346,3 +346,9 @@ def test_plan_metric_stored_fits_the_bytes_stored_for_backward(capsys):
     fits = {row["strategy"]: row["fits"] for row in out["strategies"]}
     assert fits["full"] and not fits["none"]          # judged on stored bytes, not the peak
     assert main([*args, "--metric", "peak", "--json"]) == 2  # no plan's peak fits 1 MiB
+    capsys.readouterr()
+    # --no-whole-forward keeps to the chain: never forward:KEYS, never cheaper
+    assert main([*args, "--metric", "stored", "--no-whole-forward", "--json"]) == 0
+    chain = json.loads(capsys.readouterr().out)["plan"]
+    assert not chain["spec"].startswith("forward:")
+    assert chain["recompute_flops"] >= out["plan"]["recompute_flops"]

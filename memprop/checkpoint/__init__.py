@@ -14,8 +14,9 @@ from memprop.checkpoint.strategies import (
 from memprop.checkpoint.planner import Budget, Plan, plan
 from memprop.checkpoint.multilevel import Nested
 from memprop.checkpoint.oplevel import Ops
+from memprop.checkpoint.whole import Forward
 
 __all__ = ["Strategy", "NoCheckpoint", "Full", "EveryK", "Segments", "Sqrt", "Blocks",
-           "Selective", "Offload", "Budget", "Nested", "Ops", "parse_strategy",
+           "Selective", "Offload", "Budget", "Nested", "Ops", "Forward", "parse_strategy",
            "apply_strategy", "remove_strategy", "applied_strategy", "find_blocks",
            "find_chains", "CheckpointedChain", "STRATEGY_FORMS", "plan", "Plan"]

@@ -24,19 +24,20 @@ from typing import Callable
 import torch
 
 from memprop.checkpoint import rotor
-from memprop.checkpoint.chain import find_blocks
 from memprop.checkpoint.dp import ChainCosts
 from memprop.checkpoint.multilevel import Nested, fake_target
-from memprop.checkpoint.oplevel import Ops, block_options, trace_blocks
+from memprop.checkpoint.oplevel import Ops, block_options, trace_blocks, traced_modules
 from memprop.checkpoint.strategies import Blocks, NoCheckpoint, Strategy, remove_strategy
 from memprop.checkpoint.tail import TailRecord
+from memprop.checkpoint.whole import Forward, forward_front
 from memprop.flops import FlopCounter
 from memprop.measure import Measurement, measure_step
 from memprop.models import training_loss
 
 __all__ = ["METRICS", "metric_of", "simulate_strategy", "fit", "nested_solver",
            "early_stop_flops", "stop_flops", "segment_stops", "op_options", "placement_strategy",
-           "lowest_nested", "stored_solver", "stored_model_bytes", "strategy_of"]
+           "lowest_nested", "stored_solver", "stored_model_bytes", "strategy_of",
+           "whole_solver"]
 
 METRICS = ("peak", "stored")
 
@@ -69,7 +70,7 @@ def fit(solve: Callable[[int], Strategy | None], simulate: Callable, value: Call
     overhead, tightened by the excess until ``value(simulation)`` fits; None if none."""
     target = budget_bytes - overhead
     for _ in range(max_rounds):
-        strategy = solve(target) if target > 0 else None
+        strategy = solve(target) if target >= 0 else None
         if strategy is None:
             return None
         result = simulate(strategy)
@@ -98,14 +99,15 @@ def early_stop_flops(model, batch, *, blocks_attr=None, loss_fn=training_loss,
 
 
 def stop_flops(model, batch, *, blocks_attr=None, loss_fn=training_loss, blocks=None,
-               check_fn=None) -> tuple:
+               check_fn=None, whole: bool = False) -> tuple:
     """(early, tail): per block, the forward FLOPs a recompute ending with it skips by
     early stop, and those a plain segment ending with it also skips when its output is
     held (NOTE [ A segment's output needs no recompute ], memprop.checkpoint.tail).
     One forward on fake tensors; ``blocks``, ``check_fn``: the chain, as ``find_blocks``
-    takes them."""
+    takes them; ``whole``: the model's forward as one block."""
     mode, target, target_batch = fake_target(model, batch)
-    blocks = find_blocks(target, blocks_attr, blocks=blocks, check_fn=check_fn)
+    blocks = traced_modules(target, blocks_attr, blocks=blocks, check_fn=check_fn,
+                            whole=whole)
     index = {id(b): k for k, b in enumerate(blocks)}
     counter = FlopCounter()
     n = len(blocks)
@@ -209,6 +211,20 @@ def stored_solver(costs: ChainCosts, *, early=None,
         if not fits:
             return None
         return placement_strategy(min(fits, key=lambda e: (e[1], e[0]))[2])
+    return solve
+
+
+def whole_solver(model, batch, *, loss_fn=training_loss) -> Callable[[int], Strategy | None]:
+    """Model budget on stored bytes (beyond what ``forward:-`` stores) -> the ``Forward``
+    keys of least recompute within it (NOTE [ One checkpoint around the forward ],
+    memprop.checkpoint.whole)."""
+    calls = trace_blocks(model, batch, loss_fn=loss_fn, whole=True)[0]
+    early = stop_flops(model, batch, loss_fn=loss_fn, whole=True)[0][0]
+    front = forward_front(calls, early=early)
+
+    def solve(target: int):
+        fits = [entry for entry in front if entry[0] <= target]
+        return Forward(min(fits, key=lambda e: (e[1], e[0]))[2]) if fits else None
     return solve
 
 

@@ -55,7 +55,7 @@ __all__ = ["Ops", "trace_blocks", "block_options", "OpCall"]
 
 _SDPA = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
          "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
-_KEY = re.compile(r"[a-z_][a-z0-9_]*(#\d+)?")
+_KEY = re.compile(r"[a-z_][a-z0-9_]*(#\d+(-\d+)?)?")
 
 
 def _name(func) -> str:
@@ -68,13 +68,22 @@ class _Matcher:
     kept (NOTE [ Op keys ])."""
 
     def __init__(self, keys: frozenset):
-        self.keys, self.seen = keys, Counter()
+        self.seen = Counter()
+        self.every: set = set()                 # names: every call kept
+        self.ranges: dict = {}                  # name -> [(first, last), ...] call indices
+        for key in keys:
+            name, _, calls = key.partition("#")
+            if not calls:
+                self.every.add(name)
+            else:
+                first, _, last = calls.partition("-")
+                self.ranges.setdefault(name, []).append((int(first), int(last or first)))
 
     def kept(self, func) -> bool:
         name = _name(func)
         index = self.seen[name]
         self.seen[name] += 1
-        return name in self.keys or f"{name}#{index}" in self.keys
+        return name in self.every or any(a <= index <= b for a, b in self.ranges.get(name, ()))
 
 
 class _Report(TorchDispatchMode):
@@ -106,13 +115,15 @@ def _context_fn(keys: frozenset):
     return context_fn
 
 
-def _parse_keys(text: str, spec: str) -> frozenset:
+def _parse_keys(text: str, spec: str, form: str = "ops") -> frozenset:
     keys = frozenset(k for k in text.split("+") if k)
-    bad = [k for k in keys if not _KEY.fullmatch(k)]
+    bad = sorted(k for k in keys if not _KEY.fullmatch(k))
+    where = "block" if form == "ops" else "forward"
     if bad:
-        raise StrategyError(f"memprop.checkpoint: ops:{spec} has bad op key(s) {bad}; an op "
-                            "key is an aten op name, optionally #i for its i-th call in the "
-                            "block (addmm, addmm#0, sdpa, mm#2)")
+        raise StrategyError(f"memprop.checkpoint: {form}:{spec} has bad op key(s) {bad}; an "
+                            f"op key is an aten op name, optionally #i for its i-th call in "
+                            f"the {where}, or #i-j for calls i..j (addmm, addmm#0, sdpa, "
+                            "mm#2-5)")
     return keys
 
 
@@ -227,11 +238,23 @@ class _Trace(TorchDispatchMode):
         return out
 
 
+def traced_modules(target, blocks_attr=None, *, blocks=None, check_fn=None,
+                   whole: bool = False) -> list:
+    """The modules a trace reports on: the chain of blocks, or (``whole``) the model
+    itself, as one block (NOTE [ One checkpoint around the forward ],
+    memprop.checkpoint.whole)."""
+    if whole:
+        return [target]
+    return find_blocks(target, blocks_attr, blocks=blocks, check_fn=check_fn)
+
+
 def trace_blocks(model, batch, *, blocks_attr=None, loss_fn=training_loss, blocks=None,
-                 check_fn=None) -> list:
-    """Per block, its forward's op calls (``OpCall``), on fake tensors."""
+                 check_fn=None, whole: bool = False) -> list:
+    """Per block, its forward's op calls (``OpCall``), on fake tensors; ``whole``: one
+    list, the model's whole forward."""
     mode, target, target_batch = fake_target(model, batch)
-    blocks = find_blocks(target, blocks_attr, blocks=blocks, check_fn=check_fn)
+    blocks = traced_modules(target, blocks_attr, blocks=blocks, check_fn=check_fn,
+                            whole=whole)
     index = {id(b): k for k, b in enumerate(blocks)}
     counter = FlopCounter()
     trace = _Trace(counter)

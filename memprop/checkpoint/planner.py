@@ -43,6 +43,7 @@ from memprop.checkpoint.levers import levers as levers_of
 from memprop.checkpoint.dp import ChainCosts, min_peak, model_peak, segments_of, solve
 from memprop.checkpoint.multilevel import Nested
 from memprop.checkpoint.oplevel import Ops
+from memprop.checkpoint.whole import Forward
 from memprop.checkpoint.rotor import stored_fronts
 from memprop.checkpoint.strategies import (_APPLIED, Blocks, Full, NoCheckpoint, Selective,
                                            Strategy, register_form)
@@ -234,7 +235,9 @@ class Plan:
             f"{'tensor peak' if self.metric == 'peak' else 'bytes stored for backward'}: "
             f"{self.spec}",
             f"  {len(self.segments)} checkpointed segment(s) covering {n_ckpt} of "
-            f"{self.n_blocks} blocks",
+            f"{self.n_blocks} blocks" if not isinstance(self.chosen, Forward) else
+            "  one checkpoint around the whole forward, recomputed in one burst as backward "
+            "begins (memprop.checkpoint.whole)",
             f"  predicted peak {format_bytes(self.predicted_peak_bytes)} (plain step "
             f"{format_bytes(self.none_peak_bytes)}); stored for backward "
             f"{format_bytes(self.predicted_saved_bytes)} (plain "
@@ -251,11 +254,16 @@ class Plan:
 
 def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, check_fn=None,
          optimizer="sgd", loss_fn=training_loss, max_rounds: int = 8,
-         metric: str = "peak") -> Plan:
+         metric: str = "peak", whole: bool = True) -> Plan:
     """The placement with the least recompute FLOPs whose simulated peak fits ``budget``
     (bytes or a size string); with ``metric="stored"``, whose bytes stored for backward
     fit it. Below the single-level floor of the peak, a multi-level schedule. Raises
     ``BudgetError`` stating the smallest feasible budget when none fits.
+
+    ``whole`` (``metric="stored"`` only): also weigh one checkpoint around the whole
+    forward (``forward:KEYS``, NOTE [ One checkpoint around the forward ] in
+    memprop.checkpoint.whole), which recomputes in one burst as backward begins; False
+    keeps to placements on the chain, recomputed a segment at a time.
 
     ``batch`` may have any structure: ``loss_fn(model, batch)`` is the step's loss
     (default: the zoo's ``(inputs, targets)`` and ``model.objective``). The model's KV
@@ -268,13 +276,13 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, chec
     try:
         return _plan(model, batch, parse_size(budget), blocks_attr=blocks_attr,
                      select=dict(blocks=blocks, check_fn=check_fn), optimizer=optimizer,
-                     loss_fn=loss_fn, max_rounds=max_rounds, metric=metric)
+                     loss_fn=loss_fn, max_rounds=max_rounds, metric=metric, whole=whole)
     finally:
         restore_cache()
 
 
 def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn,
-          max_rounds, metric) -> Plan:
+          max_rounds, metric, whole) -> Plan:
     mode = fake_mode_of(model)
     with (mode if mode is not None else contextlib.nullcontext()):
         costs, table = profile_chain(model, batch, blocks_attr=blocks_attr, **select,
@@ -305,7 +313,8 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
                     recompute_flops=result.backward_flops - plain.backward_flops,
                     forward_flops=plain.forward_flops,
                     recompute_ms=(sum(ms[k] for a, b in segments for k in range(a, b + 1))
-                                  if ms is not None else None),
+                                  if ms is not None and not isinstance(chosen, Forward)
+                                  else None),
                     blocks=table, peak_parts=parts)
         if static * 2 >= result.peak_bytes:      # not activations: say what would help
             found.levers = tuple(levers_of(model, batch, found.strategy, optimizer=optimizer,
@@ -318,8 +327,9 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
     options = levels.op_options(model, batch, blocks_attr=blocks_attr, loss_fn=loss_fn,
                                 early=early, **select)
     if metric == "stored":
+        whole = levels.whole_solver(model, batch, loss_fn=loss_fn) if whole else None
         return _plan_stored(costs, plain, budget_bytes, simulated, make_plan, max_rounds,
-                            stops, options)
+                            stops, options, whole)
     # solve the model (segments and op-level blocks) at the budget less the calibrated
     # overhead; a plan whose simulated peak overshoots tightens the model budget by the
     # excess
@@ -369,19 +379,27 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
 
 
 def _plan_stored(costs, plain, budget_bytes, simulated, make_plan, max_rounds,
-                 stops, options) -> Plan:
-    """``plan(metric="stored")``: single-level placements on the bytes the forward
-    stores (NOTE [ The two metrics ], memprop.checkpoint.levels)."""
+                 stops, options, whole) -> Plan:
+    """``plan(metric="stored")``: the cheaper of the single-level placements on the
+    chain and one checkpoint around the whole forward (memprop.checkpoint.whole), on the
+    bytes the forward stores (NOTE [ The two metrics ], memprop.checkpoint.levels).
+    Equal FLOPs: the placement, whose recompute runs a segment at a time (a lower peak)."""
+    stored = levels.metric_of("stored")
     overhead = plain.saved_bytes - levels.stored_model_bytes(costs, [])
-    found = levels.fit(levels.stored_solver(costs, early=stops, options=options), simulated,
-                       levels.metric_of("stored"),
-                       budget_bytes, overhead, max_rounds=max_rounds)
-    if found is not None:
-        strategy, result = found
+    found = [levels.fit(levels.stored_solver(costs, early=stops, options=options), simulated,
+                        stored, budget_bytes, overhead, max_rounds=max_rounds)]
+    nothing_kept = simulated(Forward()) if whole is not None else None
+    if whole is not None:
+        found.append(levels.fit(whole, simulated, stored, budget_bytes,
+                                nothing_kept.saved_bytes, max_rounds=max_rounds))
+    fits = [f for f in found if f is not None]
+    if fits:
+        strategy, result = min(fits, key=lambda f: f[1].backward_flops)
         return make_plan(strategy.segments(costs.n), result,
-                         chosen=strategy if isinstance(strategy, Ops) else None)
+                         chosen=strategy if isinstance(strategy, (Ops, Forward)) else None)
     least = levels.placement_strategy(stored_fronts(costs, early=stops, options=options)[0][2])
-    smallest = simulated(least).saved_bytes
+    smallest = min(simulated(least).saved_bytes,
+                   *([nothing_kept.saved_bytes] if nothing_kept is not None else []))
     raise BudgetError(
         f"memprop.checkpoint: no checkpointing plan stores at most "
         f"{format_bytes(budget_bytes)} ({budget_bytes} bytes) for backward; the smallest "

@@ -26,6 +26,10 @@ String forms (CLI and experiment specs):
                     segments (memprop.checkpoint.multilevel)
     ops:mm,sdpa     every block, op-level: keep the outputs of these ops, recompute the
                     rest (memprop.checkpoint.oplevel)
+    forward:addmm#0-11+sdpa
+                    the whole forward in one checkpoint, keeping the outputs of these op
+                    calls (numbered over the forward) and rebuilding everything else in
+                    backward, as torch.compile's partitioner (memprop.checkpoint.whole)
 
 All strategies use non-reentrant checkpointing and preserve RNG state; see NOTE [ How a
 segment is checkpointed without changing the model ] in memprop.checkpoint.chain. Blocks
@@ -55,7 +59,8 @@ __all__ = ["Strategy", "NoCheckpoint", "Full", "EveryK", "Segments", "Sqrt", "Bl
            "remove_strategy", "applied_strategy", "STRATEGY_FORMS"]
 
 STRATEGY_FORMS = ("none", "full", "every:K", "segments:N", "sqrt", "blocks:i,j-k,...",
-                  "selective", "offload", "budget:SIZE", "nested:i-j[k-l],...", "ops:OPS")
+                  "selective", "offload", "budget:SIZE", "nested:i-j[k-l],...", "ops:OPS",
+                  "forward:OPS")
 
 # "name:" -> parser of the text after it, for strategies defined in their own modules
 # (memprop.checkpoint.multilevel: nested, memprop.checkpoint.oplevel: ops,

@@ -13,7 +13,7 @@ from memprop.units import format_bytes
 
 
 def gather_plan(config, batch_size: int, budget, *, dtype, optimizer="sgd",
-                compare=("none", "sqrt", "full"), metric: str = "peak"):
+                compare=("none", "sqrt", "full"), metric: str = "peak", whole: bool = True):
     """(Plan or BudgetError, comparison DataFrame, number of blocks): one row per strategy
     with predicted peak, stored bytes and recompute FLOPs; ``fits`` says whether it meets
     the budget (on the step's peak, or with ``metric="stored"`` on the bytes stored)."""
@@ -40,7 +40,7 @@ def gather_plan(config, batch_size: int, budget, *, dtype, optimizer="sgd",
                          recompute_flops=m.backward_flops - plain.backward_flops))
     try:
         result = plan(model, batch, budget_bytes, optimizer=optimizer, loss_fn=config.loss,
-                      metric=metric)
+                      metric=metric, whole=whole)
         rows.append(dict(strategy=f"plan: {result.spec}", peak_bytes=result.predicted_peak_bytes,
                          saved_bytes=result.predicted_saved_bytes,
                          recompute_flops=result.recompute_flops))
@@ -60,6 +60,10 @@ def add_parser(sub) -> None:
     p.add_argument("--metric", choices=("peak", "stored"), default="peak",
                    help="what the budget limits: the whole step's tensor peak, or the bytes "
                         "stored for backward at the end of forward")
+    p.add_argument("--no-whole-forward", dest="whole", action="store_false",
+                   help="with --metric stored: plan only checkpoints on the block chain "
+                        "(recomputed a segment at a time), not one checkpoint around the "
+                        "whole forward (forward:KEYS, recomputed in one burst)")
     p.add_argument("--json", action="store_true", help="print the plan and the table as JSON")
     p.set_defaults(func=plan_command)
 
@@ -72,7 +76,7 @@ def plan_command(args) -> int:
         with factory_errors(args, "plan"):
             result, table, n = gather_plan(config, args.batch, args.budget,
                                            dtype=parse_dtype(args.dtype), optimizer=args.optimizer,
-                                           metric=args.metric)
+                                           metric=args.metric, whole=args.whole)
     failed = isinstance(result, BudgetError)
     if args.json:
         print(json.dumps({

@@ -1,0 +1,126 @@
+"""One checkpoint around the model's whole forward, decided op by op: what
+torch.compile's min-cut partitioner does under ``activation_memory_budget``, in eager.
+
+    apply_strategy(model, "forward:addmm#0-11+sdpa")    # keep these op outputs
+    plan(model, batch, "40MiB", metric="stored")       # may choose this form
+
+NOTE [ One checkpoint around the forward ]
+  ``forward:KEYS`` runs the model's forward inside one non-reentrant checkpoint (RNG
+  preserved, so dropout replays) whose selective policy keeps the outputs of the op calls
+  KEYS names and recomputes every other op in backward. Op keys are those of NOTE [ Op
+  keys ] (memprop.checkpoint.oplevel), with calls numbered over the whole forward:
+  ``addmm#12`` is the forward's 13th addmm, ``addmm#0-11`` its first twelve, ``sdpa``
+  every attention call. The forward then stores the model's inputs (the batch), the kept
+  outputs, and what the loss saves outside the model, nothing else: block inputs, the
+  residual stream, the embedding, norms and dropout masks are rebuilt in backward from
+  the kept outputs by the pointwise ops that made them, as compile's partitioner rebuilds
+  them. A recompute re-runs every op that is not kept, up to the last tensor backward
+  needs (early stop, NOTE [ Early stop ] in memprop.checkpoint.rotor), so its FLOPs are
+  those of the FLOP-carrying calls (matmuls, attention, convolutions) before that point
+  that are not kept: for a budget of stored bytes, the cheapest KEYS solve a 0/1
+  knapsack over those calls (``forward_front``, exact). The whole forward is recomputed
+  in one burst when backward begins, as the partitioner's is, so the form serves
+  ``plan(metric="stored")``; for the step's peak, segments recomputed one at a time do
+  better (the planner's peak plans). Gradients are bitwise those of the plain step on
+  CPU, as for every checkpoint memprop applies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections import defaultdict
+
+import numpy as np
+from torch import nn
+
+from memprop.checkpoint.chain import CheckpointedChain
+from memprop.checkpoint.dp import _front
+from memprop.checkpoint.oplevel import OpCall, _context_fn, _parse_keys
+from memprop.checkpoint.strategies import (Strategy, applied_strategy, record_applied,
+                                           register_form)
+from memprop.errors import StrategyError
+
+__all__ = ["Forward", "forward_front", "compress_keys"]
+
+
+def compress_keys(keys) -> str:
+    """``+``-joined op keys, runs of call indices as ranges: addmm#0-11+mm#3+sdpa."""
+    every, calls = set(), defaultdict(list)
+    for key in keys:
+        name, _, index = key.partition("#")
+        if not index:
+            every.add(name)
+        else:
+            first, _, last = index.partition("-")
+            calls[name].extend(range(int(first), int(last or first) + 1))
+    out = sorted(every)
+    for name in sorted(calls):
+        if name in every:
+            continue
+        indices = sorted(set(calls[name]))
+        for _, run in itertools.groupby(enumerate(indices), key=lambda iv: iv[1] - iv[0]):
+            run = [i for _, i in run]
+            out.append(f"{name}#{run[0]}" + (f"-{run[-1]}" if len(run) > 1 else ""))
+    return "+".join(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Forward(Strategy):
+    """``forward:KEYS``: the model's forward in one checkpoint keeping the outputs of the
+    op calls ``keys`` names (NOTE above); no keys: everything recomputed."""
+
+    keys: frozenset = frozenset()
+
+    def __post_init__(self):
+        object.__setattr__(self, "keys", frozenset(self.keys))
+
+    @classmethod
+    def parse(cls, text: str) -> "Forward":
+        return cls(_parse_keys(text, text, "forward") if text not in ("", "-") else frozenset())
+
+    @property
+    def spec(self) -> str:
+        return "forward:" + (compress_keys(self.keys) or "-")
+
+    def apply(self, model: nn.Module, *, blocks_attr=None, blocks=None, check_fn=None,
+              example_batch=None, loss_fn=None) -> nn.Module:
+        present = applied_strategy(model)
+        if present is not None:
+            raise StrategyError(f"memprop.checkpoint: {type(model).__name__} already has "
+                                f"strategy {present} applied; call remove_strategy(model) "
+                                "first")
+        chain = CheckpointedChain([model], [(0, 0)], context_fn=_context_fn(self.keys)).apply()
+        return record_applied(model, self, [chain.remove])
+
+
+register_form("forward", Forward.parse)
+
+
+def forward_front(calls: list[OpCall], *, early: float = 0.0) -> list[tuple]:
+    """(kept bytes, recompute FLOPs, keys) of the cheapest ``Forward`` keys for each
+    amount of kept bytes, the Pareto front over every subset of the forward's
+    FLOP-carrying calls before its last ``early`` FLOPs (NOTE above): a 0/1 knapsack,
+    exact. Kept bytes exclude what the forward stores with no keys (the batch, the
+    loss's tensors)."""
+    total = sum(c.flops for c in calls)
+    starts = itertools.accumulate((c.flops for c in calls), initial=0)
+    needed = [c for c, start in zip(calls, starts) if c.flops > 0 and start < total - early]
+    m = np.zeros(1, dtype=np.int64)
+    cost = np.array([float(sum(c.flops for c in needed))])
+    chosen = np.empty(1, dtype=object)
+    chosen[0] = ()                       # keys as a cons list: (key, rest)
+    for call in needed:
+        taken = np.empty(len(chosen), dtype=object)
+        taken[:] = [(call.key, rest) for rest in chosen]
+        m, cost, chosen = _front(np.concatenate([m, m + call.out_bytes]),
+                                 np.concatenate([cost, cost - call.flops]),
+                                 np.concatenate([chosen, taken]))
+    out = []
+    for bytes_, flops, cons in zip(m.tolist(), cost.tolist(), chosen):
+        keys = []
+        while cons:
+            key, cons = cons
+            keys.append(key)
+        out.append((int(bytes_), float(flops), frozenset(keys)))
+    return out

@@ -1,0 +1,144 @@
+"""forward:KEYS, one checkpoint around the whole forward (memprop.checkpoint.whole):
+spec forms, the knapsack front against brute force, predicted stored bytes and
+recompute FLOPs = simulated = measured, gradients bitwise (dropout included), and the
+stored-bytes planner choosing it where it is cheaper."""
+
+import itertools
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from memprop.checkpoint import (Forward, applied_strategy, apply_strategy, parse_strategy,
+                                remove_strategy)
+from memprop.checkpoint.levels import simulate_strategy, stop_flops
+from memprop.checkpoint.oplevel import OpCall, trace_blocks
+from memprop.checkpoint.planner import plan
+from memprop.checkpoint.whole import compress_keys, forward_front
+from memprop.errors import StrategyError
+from memprop.measure import measure_step
+from memprop.models import model_config
+from memprop.workload import build_workload
+from test_oplevel import loss_and_grads
+
+B = 4
+TRANSFORMER = dict(depth=3, d_model=32, heads=4, seq_len=16, vocab=64)
+
+
+def test_spec_forms():
+    s = parse_strategy("forward:addmm#3+addmm#0-2+sdpa+mm#5")
+    assert s == Forward(frozenset({"addmm#3", "addmm#0-2", "sdpa", "mm#5"}))
+    assert s.spec == "forward:sdpa+addmm#0-3+mm#5"
+    assert parse_strategy(s.spec).spec == s.spec
+    assert parse_strategy("forward:-") == Forward() and Forward().spec == "forward:-"
+    assert compress_keys({"bmm#1", "bmm#3", "bmm#2", "bmm#7"}) == "bmm#1-3+bmm#7"
+    for bad in ("forward:a-b", "forward:addmm#x", "forward:addmm#1-"):
+        with pytest.raises(StrategyError, match="forward:"):
+            parse_strategy(bad)
+
+
+def test_front_equals_brute_force():
+    rng = random.Random(5)
+    for _ in range(30):
+        calls = [OpCall(f"op#{i}", rng.choice([0, 8, 16, 24, 40]), rng.choice([0, 3, 5, 9]))
+                 for i in range(rng.randint(1, 9))]
+        early = rng.choice([0.0, float(calls[-1].flops)])
+        front = forward_front(calls, early=early)
+        total = sum(c.flops for c in calls)
+        starts = list(itertools.accumulate((c.flops for c in calls), initial=0))
+        needed = [c for c, s in zip(calls, starts) if c.flops and s < total - early]
+        best: dict = {}
+        for r in range(len(needed) + 1):
+            for subset in itertools.combinations(needed, r):
+                kept = sum(c.out_bytes for c in subset)
+                cost = sum(c.flops for c in needed) - sum(c.flops for c in subset)
+                best[kept] = min(cost, best.get(kept, float("inf")))
+        for kept, cost, keys in front:
+            chosen = [c for c in needed if c.key in keys]
+            assert sum(c.out_bytes for c in chosen) == kept
+            assert sum(c.flops for c in needed if c.key not in keys) == cost
+            assert cost == min(v for k, v in best.items() if k <= kept)
+        # every budget gets the cheapest cost brute force finds within it
+        for budget in best:
+            fits = [cost for kept, cost, _ in front if kept <= budget]
+            assert min(fits) == min(v for k, v in best.items() if k <= budget)
+
+
+@pytest.mark.parametrize("name,sizes", [
+    ("transformer", dict(TRANSFORMER, dropout=0.1)),
+    ("hf:gpt2", dict(n_layer=2, n_embd=32, n_head=4, seq_len=16, use_cache=False)),
+])
+def test_prediction_equals_measurement_and_gradients_are_bitwise(name, sizes):
+    pytest.importorskip("transformers") if name.startswith("hf:") else None
+    cfg = model_config(name, **sizes)
+    model, data = build_workload(cfg, B)
+    calls = trace_blocks(model, data, loss_fn=cfg.loss, whole=True)[0]
+    early = stop_flops(model, data, loss_fn=cfg.loss, whole=True)[0][0]
+    front = forward_front(calls, early=early)
+    assert front[0][0] == 0 and front[-1][1] == 0            # nothing kept .. all kept
+    plain = measure_step(model, data, loss_fn=cfg.loss, repeats=1, inference=False,
+                         timing=False)
+    base = simulate_strategy(model, data, Forward(), loss_fn=cfg.loss).saved_bytes
+    ref = loss_and_grads(cfg, model, data)
+    for kept, cost, keys in (front[0], front[len(front) // 2], front[-1]):
+        strategy = Forward(keys)
+        predicted = simulate_strategy(model, data, strategy, loss_fn=cfg.loss)
+        apply_strategy(model, strategy.spec)
+        try:
+            m = measure_step(model, data, loss_fn=cfg.loss, repeats=1, inference=False,
+                             timing=False)
+            got = loss_and_grads(cfg, model, data)
+        finally:
+            remove_strategy(model)
+        assert m.saved_bytes == predicted.saved_bytes == base + kept
+        assert m.peak_bytes == predicted.peak_bytes
+        assert m.backward_flops - plain.backward_flops == cost
+        assert torch.equal(ref[0], got[0])
+        assert all(torch.equal(a, b) for a, b in zip(ref[1], got[1]))
+    # nothing kept stores only what the loss and the batch need: less than `full`
+    full = simulate_strategy(model, data, parse_strategy("full"), loss_fn=cfg.loss)
+    assert base < full.saved_bytes
+
+
+def test_any_module_apply_and_remove():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(5, 8)
+    ref = model(x).square().sum()
+    ref.backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    Forward(frozenset({"addmm#0"})).apply(model)
+    assert applied_strategy(model).spec == "forward:addmm#0"
+    with pytest.raises(StrategyError, match="already has"):
+        Forward().apply(model)
+    out = model(x).square().sum()
+    out.backward()
+    assert torch.equal(out, ref)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), ref_grads))
+    remove_strategy(model)
+    assert "forward" not in model.__dict__ and applied_strategy(model) is None
+
+
+def test_stored_planner_takes_the_whole_forward_where_it_is_cheaper():
+    cfg = model_config("transformer", **TRANSFORMER)
+    model, data = build_workload(cfg, B)
+    plain = simulate_strategy(model, data, parse_strategy("none"))
+    budget = plain.saved_bytes // 2
+    p = plan(model, data, budget, metric="stored")
+    assert p.predicted_saved_bytes <= budget
+    assert isinstance(p.strategy, Forward)
+    assert "whole forward" in p.describe()
+    # no placement on the chain storing as little is as cheap
+    chain = plan(model, data, budget, metric="stored", whole=False)
+    assert not isinstance(chain.strategy, Forward)
+    assert chain.recompute_flops > p.recompute_flops
+    apply_strategy(model, p.strategy)
+    try:
+        m = measure_step(model, data, repeats=1, inference=False, timing=False)
+    finally:
+        remove_strategy(model)
+    assert m.saved_bytes == p.predicted_saved_bytes and m.peak_bytes == p.predicted_peak_bytes
+    # the smallest feasible stored bytes: the whole forward with nothing kept
+    lowest = simulate_strategy(model, data, Forward()).saved_bytes
+    assert plan(model, data, lowest, metric="stored").predicted_saved_bytes == lowest
