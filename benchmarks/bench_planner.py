@@ -13,7 +13,8 @@ step-time ratio) of
     ``plan(metric="peak")`` at each of compile's peaks (same bytes, same peak: who pays
     less recompute?), ``plan(metric="peak")`` at fractions of the plain peak (down to
     below the single-level floor: multi-level), and the multi-level optimum;
-  * the fixed strategies none, full, sqrt, selective (memprop's), and HF-style per-layer
+  * the fixed strategies none, full, sqrt, selective, forward:- (memprop's; the last: one
+    checkpoint around the whole forward, nothing kept), and HF-style per-layer
     checkpointing: on the transformers model its own ``activation_checkpointing_enable()``
     (``gradient_checkpointing_enable()`` before transformers 5; non-reentrant
     ``torch.utils.checkpoint`` per layer; measured), on the zoo models memprop's ``full``
