@@ -142,3 +142,77 @@ def test_stored_planner_takes_the_whole_forward_where_it_is_cheaper():
     # the smallest feasible stored bytes: the whole forward with nothing kept
     lowest = simulate_strategy(model, data, Forward()).saved_bytes
     assert plan(model, data, lowest, metric="stored").predicted_saved_bytes == lowest
+
+
+class _InPlaceChain(nn.Module):
+    """Blocks of Linear + ReLU(inplace=True): each matmul output is changed in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.ReLU(inplace=True))
+                                    for _ in range(4))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def _square_loss(model, batch):
+    return model(batch).square().sum()
+
+
+def test_outputs_changed_in_place_are_never_kept():
+    # a selective-checkpoint cache refuses a tensor mutated after caching (torch raises
+    # in backward): such calls are recomputed, never offered as kept
+    model, x = _InPlaceChain(), torch.randn(8, 16)
+    calls = trace_blocks(model, x, loss_fn=_square_loss, whole=True)[0]
+    assert all(c.mutated for c in calls if c.flops)
+    front = forward_front(calls)
+    assert [keys for _, _, keys in front] == [frozenset()]
+    plain = simulate_strategy(model, x, parse_strategy("none"), loss_fn=_square_loss)
+    for fraction in (0.8, 0.5):
+        p = plan(model, x, int(plain.saved_bytes * fraction), metric="stored",
+                 loss_fn=_square_loss)
+        apply_strategy(model, p.strategy)
+        try:
+            _square_loss(model, x).backward()           # runs: nothing mutated is cached
+        finally:
+            remove_strategy(model)
+
+
+def test_a_loss_calling_the_model_twice_gets_no_whole_forward_plan():
+    model, x = _InPlaceChain(), torch.randn(8, 16)
+
+    def twice(m, batch):
+        with torch.no_grad():
+            m(batch)                                    # not traced: no checkpoint runs
+        return (m(batch) - m(batch.flip(0))).square().sum()
+
+    with pytest.raises(StrategyError, match="2 times"):
+        trace_blocks(model, x, loss_fn=twice, whole=True)
+    plain = simulate_strategy(model, x, parse_strategy("none"), loss_fn=twice)
+    p = plan(model, x, int(plain.saved_bytes * 0.6), metric="stored", loss_fn=twice)
+    assert not isinstance(p.strategy, Forward)
+
+
+def test_no_plan_fits_raises_budget_error_either_way():
+    from memprop.errors import BudgetError
+    cfg = model_config("transformer", **TRANSFORMER)
+    model, data = build_workload(cfg, B)
+    for whole in (True, False):
+        with pytest.raises(BudgetError, match="smallest feasible"):
+            plan(model, data, 1, metric="stored", whole=whole)
+
+
+def test_call_ranges_in_op_keys():
+    assert parse_strategy("ops:addmm#0-1").spec == "ops:addmm#0-1"
+    assert parse_strategy("ops:0-1=addmm#0-2,2-3").spec == "ops:0-1=addmm#0-2,2-3"
+    for bad in ("forward:addmm#5-2", "ops:addmm#3-1"):
+        with pytest.raises(StrategyError, match="bad op key"):
+            parse_strategy(bad)
+    cfg = model_config("transformer", **TRANSFORMER)
+    model, data = build_workload(cfg, B)
+    same = [simulate_strategy(model, data, parse_strategy(spec)).saved_bytes
+            for spec in ("ops:addmm#0-2", "ops:addmm#0+addmm#1+addmm#2")]
+    assert same[0] == same[1]

@@ -30,6 +30,7 @@ from memprop.checkpoint.oplevel import Ops, block_options, trace_blocks, traced_
 from memprop.checkpoint.strategies import Blocks, NoCheckpoint, Strategy, remove_strategy
 from memprop.checkpoint.tail import TailRecord
 from memprop.checkpoint.whole import Forward, forward_front
+from memprop.errors import StrategyError
 from memprop.flops import FlopCounter
 from memprop.measure import Measurement, measure_step
 from memprop.models import training_loss
@@ -115,12 +116,16 @@ def stop_flops(model, batch, *, blocks_attr=None, loss_fn=training_loss, blocks=
     records: list = [None]
 
     def pre(module, args):
+        if whole and not torch.is_grad_enabled():   # no checkpoint runs: not traced
+            return
         current[0] = index[id(module)]
         last_pack[current[0]] = counter.total
         records[0] = TailRecord(counter)
         records[0].__enter__()
 
     def post(module, args, output):
+        if whole and not torch.is_grad_enabled():
+            return
         k = index[id(module)]
         records[0].__exit__(None, None, None)
         end[k], tail[k] = counter.total, records[0].skipped_flops(output)
@@ -218,7 +223,10 @@ def whole_solver(model, batch, *, loss_fn=training_loss) -> Callable[[int], Stra
     """Model budget on stored bytes (beyond what ``forward:-`` stores) -> the ``Forward``
     keys of least recompute within it (NOTE [ One checkpoint around the forward ],
     memprop.checkpoint.whole)."""
-    calls = trace_blocks(model, batch, loss_fn=loss_fn, whole=True)[0]
+    try:
+        calls = trace_blocks(model, batch, loss_fn=loss_fn, whole=True)[0]
+    except StrategyError:           # the loss calls the model more than once
+        return lambda target: None
     early = stop_flops(model, batch, loss_fn=loss_fn, whole=True)[0][0]
     front = forward_front(calls, early=early)
 

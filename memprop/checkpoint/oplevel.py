@@ -115,9 +115,15 @@ def _context_fn(keys: frozenset):
     return context_fn
 
 
+def _reversed(key: str) -> bool:
+    """A call range i-j with j < i (it would match nothing)."""
+    first, _, last = key.partition("#")[2].partition("-")
+    return bool(last) and int(last) < int(first)
+
+
 def _parse_keys(text: str, spec: str, form: str = "ops") -> frozenset:
     keys = frozenset(k for k in text.split("+") if k)
-    bad = sorted(k for k in keys if not _KEY.fullmatch(k))
+    bad = sorted(k for k in keys if not _KEY.fullmatch(k) or _reversed(k))
     where = "block" if form == "ops" else "forward"
     if bad:
         raise StrategyError(f"memprop.checkpoint: {form}:{spec} has bad op key(s) {bad}; an "
@@ -149,11 +155,11 @@ class Ops(Strategy):
 
     @classmethod
     def parse(cls, text: str) -> "Ops":
-        if re.fullmatch(r"[a-z_][a-z0-9_#+]*", text):
+        if re.fullmatch(r"[a-z_][a-z0-9_#+-]*", text):
             return cls(every=_parse_keys(text, text))
         parts = []
         for part in text.split(","):
-            m = re.fullmatch(r"(\d+)(?:-(\d+))?(?:=([a-z0-9_#+]+))?", part)
+            m = re.fullmatch(r"(\d+)(?:-(\d+))?(?:=([a-z0-9_#+-]+))?", part)
             if not m:
                 raise StrategyError(
                     f"memprop.checkpoint: bad op-level strategy ops:{text} at {part!r}; write "
@@ -210,6 +216,9 @@ class OpCall:
     key: str              # name#i within its block
     out_bytes: int        # bytes of output storages not seen before in the block
     flops: int
+    # an output is changed in place later in the step: a selective-checkpoint cache
+    # refuses it (torch raises in backward), so it is never offered as kept
+    mutated: bool = False
 
 
 class _Trace(TorchDispatchMode):
@@ -217,6 +226,7 @@ class _Trace(TorchDispatchMode):
         super().__init__()
         self.counter, self.block, self.calls = counter, None, {}
         self.held: list = []      # outputs kept alive: no storage address is reused
+        self.versions: dict = {}  # block -> per call, its outputs and their versions
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         before = self.counter.total
@@ -224,9 +234,10 @@ class _Trace(TorchDispatchMode):
         if self.block is not None:
             calls, seen, names = self.calls[self.block]
             name = _name(func)
-            fresh = 0
+            fresh, outs = 0, []
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor):
+                    outs.append((t, t._version))
                     key = t.untyped_storage()._cdata
                     if key not in seen:
                         seen.add(key)
@@ -234,6 +245,7 @@ class _Trace(TorchDispatchMode):
                         fresh += t.untyped_storage().nbytes()
             flops = self.counter.total - before
             calls.append(OpCall(f"{name}#{names[name]}", fresh, flops))
+            self.versions.setdefault(self.block, []).append(outs)
             names[name] += 1
         return out
 
@@ -259,9 +271,14 @@ def trace_blocks(model, batch, *, blocks_attr=None, loss_fn=training_loss, block
     counter = FlopCounter()
     trace = _Trace(counter)
 
+    entered = Counter()
+
     def pre(module, args):
+        if whole and not torch.is_grad_enabled():   # no checkpoint runs: not traced
+            return
         trace.block = index[id(module)]
         trace.calls[trace.block] = ([], set(), Counter())
+        entered[trace.block] += 1
 
     def post(module, args, output):
         trace.block = None
@@ -275,7 +292,14 @@ def trace_blocks(model, batch, *, blocks_attr=None, loss_fn=training_loss, block
     finally:
         for h in handles:
             h.remove()
-    return [trace.calls[k][0] for k in range(len(blocks))]
+    if whole and entered[0] != 1:
+        raise StrategyError(
+            f"memprop.checkpoint: the loss calls {type(target).__name__} {entered[0]} times "
+            "with gradients on; forward:KEYS numbers op calls within one call of the model, "
+            "so its costs are traced for a loss that calls the model once")
+    return [[dataclasses.replace(c, mutated=any(t._version != v for t, v in outs))
+             for c, outs in zip(trace.calls[k][0], trace.versions.get(k, []))]
+            for k in range(len(blocks))]
 
 
 def block_options(calls: list, *, early: float = 0.0, max_calls: int = 6) -> list:
@@ -287,7 +311,7 @@ def block_options(calls: list, *, early: float = 0.0, max_calls: int = 6) -> lis
     total = sum(c.flops for c in calls)
     starts = list(itertools.accumulate((c.flops for c in calls), initial=0))
     needed = [c for c, start in zip(calls, starts) if c.flops > 0 and start < total - early]
-    heavy = needed[:max_calls]
+    heavy = [c for c in needed if not c.mutated][:max_calls]
     recompute = sum(c.flops for c in needed)
     options = []
     for r in range(1, len(heavy) + 1):

@@ -398,8 +398,8 @@ def _plan_stored(costs, plain, budget_bytes, simulated, make_plan, max_rounds,
         return make_plan(strategy.segments(costs.n), result,
                          chosen=strategy if isinstance(strategy, (Ops, Forward)) else None)
     least = levels.placement_strategy(stored_fronts(costs, early=stops, options=options)[0][2])
-    smallest = min(simulated(least).saved_bytes,
-                   *([nothing_kept.saved_bytes] if nothing_kept is not None else []))
+    smallest = min([simulated(least).saved_bytes,
+                    *([nothing_kept.saved_bytes] if nothing_kept is not None else [])])
     raise BudgetError(
         f"memprop.checkpoint: no checkpointing plan stores at most "
         f"{format_bytes(budget_bytes)} ({budget_bytes} bytes) for backward; the smallest "

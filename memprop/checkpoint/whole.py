@@ -111,6 +111,8 @@ def forward_front(calls: list[OpCall], *, early: float = 0.0) -> list[tuple]:
     chosen = np.empty(1, dtype=object)
     chosen[0] = ()                       # keys as a cons list: (key, rest)
     for call in needed:
+        if call.mutated:                 # cannot be cached (OpCall): always recomputed
+            continue
         taken = np.empty(len(chosen), dtype=object)
         taken[:] = [(call.key, rest) for rest in chosen]
         m, cost, chosen = _front(np.concatenate([m, m + call.out_bytes]),
