@@ -216,3 +216,36 @@ def test_call_ranges_in_op_keys():
     same = [simulate_strategy(model, data, parse_strategy(spec)).saved_bytes
             for spec in ("ops:addmm#0-2", "ops:addmm#0+addmm#1+addmm#2")]
     assert same[0] == same[1]
+
+
+class _NoChain(nn.Module):
+    """Layers of different kinds: no chain of blocks to find."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(4, 8, 3, padding=1)
+        self.norm = nn.LayerNorm(16)
+        self.fc = nn.Linear(8 * 16, 10)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.norm(self.conv(x))).flatten(1))
+
+
+def test_stored_plan_for_a_model_without_a_chain():
+    model, x = _NoChain(), torch.randn(6, 4, 16)
+    loss_fn = lambda m, batch: m(batch).square().mean()         # noqa: E731
+    with pytest.raises(StrategyError, match="cannot find the block chain"):
+        plan(model, x, 10**6, loss_fn=loss_fn)                   # the peak needs a chain
+    plain = simulate_strategy(model, x, parse_strategy("none"), loss_fn=loss_fn)
+    p = plan(model, x, plain.saved_bytes // 2, metric="stored", loss_fn=loss_fn)
+    assert isinstance(p.strategy, Forward) and p.n_blocks == 0
+    assert p.predicted_saved_bytes <= plain.saved_bytes // 2
+    ref = [g.clone() for g in torch.autograd.grad(loss_fn(model, x), model.parameters())]
+    apply_strategy(model, p.strategy)
+    try:
+        m = measure_step(model, x, loss_fn=loss_fn, repeats=1, inference=False, timing=False)
+        got = torch.autograd.grad(loss_fn(model, x), model.parameters())
+    finally:
+        remove_strategy(model)
+    assert m.saved_bytes == p.predicted_saved_bytes
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))

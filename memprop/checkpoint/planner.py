@@ -284,28 +284,34 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, chec
 def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn,
           max_rounds, metric, whole) -> Plan:
     mode = fake_mode_of(model)
-    with (mode if mode is not None else contextlib.nullcontext()):
-        costs, table = profile_chain(model, batch, blocks_attr=blocks_attr, **select,
-                                     loss_fn=loss_fn)
-    # a fake model was just profiled (its forward has run): its simulations need no
-    # first step when the optimizer keeps no state (measure_step's warm)
+    # no chain of blocks to find: bytes stored can still be planned, with one checkpoint
+    # around the whole forward (it needs no chain)
+    chainless = (metric == "stored" and whole and blocks_attr is None
+                 and all(v is None for v in select.values()) and not _finds_chain(model))
+    costs, table = None, pd.DataFrame()
+    if not chainless:
+        with (mode if mode is not None else contextlib.nullcontext()):
+            costs, table = profile_chain(model, batch, blocks_attr=blocks_attr, **select,
+                                         loss_fn=loss_fn)
+    # a fake model just profiled (its forward has run): its simulations need no first
+    # step when the optimizer keeps no state (measure_step's warm)
     simulated = lambda strategy: levels.simulate_strategy(  # noqa: E731
         model, batch, strategy, blocks_attr=blocks_attr, **select, optimizer=optimizer,
-        loss_fn=loss_fn, warm=mode is not None)
+        loss_fn=loss_fn, warm=mode is not None and not chainless)
     plain = simulated(NoCheckpoint())
-    overhead = plain.peak_bytes - model_peak(costs, ("S",) * costs.n)[0]
+    n = costs.n if costs is not None else 0
     ms = None
-    if mode is None:
+    if mode is None and not chainless:
         ms = _block_times_ms(model, batch, find_blocks(model, blocks_attr, **select),
                              loss_fn=loss_fn)
         table["forward_ms"] = ms
 
     def make_plan(segments, result, tree=(), chosen=None) -> Plan:
         segments = [tuple(seg[:2]) for seg in segments]
-        table["checkpointed"] = [any(a <= k <= b for a, b in segments) for k in range(costs.n)]
+        table["checkpointed"] = [any(a <= k <= b for a, b in segments) for k in range(n)]
         parts = peak_composition(result)
         static = sum(parts.get(c, 0) for c in ("parameter", "gradient", "optimizer"))
-        found = Plan(segments=segments, n_blocks=costs.n, budget_bytes=budget_bytes,
+        found = Plan(segments=segments, n_blocks=n, budget_bytes=budget_bytes,
                     metric=metric, tree=tree, chosen=chosen,
                     predicted_peak_bytes=result.peak_bytes,
                     predicted_saved_bytes=result.saved_bytes,
@@ -321,6 +327,10 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
                                            loss_fn=loss_fn)[1])
         return found
 
+    if chainless:
+        return _plan_stored(None, plain, budget_bytes, simulated, make_plan, max_rounds,
+                            None, None, levels.whole_solver(model, batch, loss_fn=loss_fn))
+    overhead = plain.peak_bytes - model_peak(costs, ("S",) * costs.n)[0]
     early, tail = levels.stop_flops(model, batch, blocks_attr=blocks_attr, loss_fn=loss_fn,
                                     **select)
     stops = levels.segment_stops(costs, early, tail)        # plain segments' discount
@@ -378,6 +388,14 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
         smallest_feasible_bytes=smallest)
 
 
+def _finds_chain(model) -> bool:
+    try:
+        find_blocks(model)
+    except StrategyError:
+        return False
+    return True
+
+
 def _plan_stored(costs, plain, budget_bytes, simulated, make_plan, max_rounds,
                  stops, options, whole) -> Plan:
     """``plan(metric="stored")``: the cheaper of the single-level placements on the
@@ -385,9 +403,12 @@ def _plan_stored(costs, plain, budget_bytes, simulated, make_plan, max_rounds,
     bytes the forward stores (NOTE [ The two metrics ], memprop.checkpoint.levels).
     Equal FLOPs: the placement, whose recompute runs a segment at a time (a lower peak)."""
     stored = levels.metric_of("stored")
-    overhead = plain.saved_bytes - levels.stored_model_bytes(costs, [])
-    found = [levels.fit(levels.stored_solver(costs, early=stops, options=options), simulated,
-                        stored, budget_bytes, overhead, max_rounds=max_rounds)]
+    found = []
+    if costs is not None:            # None: no chain (the whole forward only)
+        overhead = plain.saved_bytes - levels.stored_model_bytes(costs, [])
+        found.append(levels.fit(levels.stored_solver(costs, early=stops, options=options),
+                                simulated, stored, budget_bytes, overhead,
+                                max_rounds=max_rounds))
     nothing_kept = simulated(Forward()) if whole is not None else None
     if whole is not None:
         found.append(levels.fit(whole, simulated, stored, budget_bytes,
@@ -395,11 +416,12 @@ def _plan_stored(costs, plain, budget_bytes, simulated, make_plan, max_rounds,
     fits = [f for f in found if f is not None]
     if fits:
         strategy, result = min(fits, key=lambda f: f[1].backward_flops)
-        return make_plan(strategy.segments(costs.n), result,
+        return make_plan(strategy.segments(costs.n if costs is not None else 0), result,
                          chosen=strategy if isinstance(strategy, (Ops, Forward)) else None)
-    least = levels.placement_strategy(stored_fronts(costs, early=stops, options=options)[0][2])
-    smallest = min([simulated(least).saved_bytes,
-                    *([nothing_kept.saved_bytes] if nothing_kept is not None else [])])
+    smallest = min([*([nothing_kept.saved_bytes] if nothing_kept is not None else []),
+                    *([simulated(levels.placement_strategy(stored_fronts(
+                        costs, early=stops, options=options)[0][2])).saved_bytes]
+                      if costs is not None else [])])
     raise BudgetError(
         f"memprop.checkpoint: no checkpointing plan stores at most "
         f"{format_bytes(budget_bytes)} ({budget_bytes} bytes) for backward; the smallest "
