@@ -150,14 +150,16 @@ class Measurement:
         return (self.step_ms_max - self.step_ms_min) / self.step_ms
 
     def summary(self) -> dict[str, Any]:
-        """The scalar results as one flat dict (a result row)."""
+        """The scalar results as one flat dict (a result row): ``<phase>_peak_bytes`` is
+        the peak within a phase (forward, backward, optimizer), ``<category>_bytes_at_peak``
+        the bytes of one category at the step's peak (``optimizer`` is both)."""
         row = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                if not isinstance(getattr(self, f.name), (pd.DataFrame, dict))}
         row["timing_spread"] = self.timing_spread
         for phase, value in self.peak_by_phase.items():
             row[f"{phase}_peak_bytes"] = value
         for cat in CATEGORIES:
-            row[f"{cat}_peak_bytes"] = self.peak_by_category.get(cat, 0)
+            row[f"{cat}_bytes_at_peak"] = self.peak_by_category.get(cat, 0)
         row.update(self.meta)
         return row
 
@@ -317,8 +319,11 @@ def measure_step(model: nn.Module, batch, *, optimizer: str = "sgd",
     ``batch`` may have any structure; ``loss_fn(model, batch)`` returns the scalar a step
     differentiates and ``forward_fn(model, batch)`` runs prediction alone (defaults: the
     zoo's ``(inputs, targets)`` and ``model.objective``). ``amp``: ``bf16`` / ``fp16``
-    autocast. ``budget_bytes``: a tensor budget (NOTE [ How a tensor budget covers every
-    pass ]); past it ``TensorBudgetExceeded`` (a ``torch.OutOfMemoryError``) is raised.
+    autocast. ``strategy``: a ``Strategy`` object is applied for this measurement and
+    removed after it; a string is only the label of what is applied already (apply it
+    first, or pass ``parse_strategy(text)``). ``budget_bytes``: a tensor budget (NOTE
+    [ How a tensor budget covers every pass ]); past it ``TensorBudgetExceeded`` (a
+    ``torch.OutOfMemoryError``) is raised.
     ``timing=False`` skips the timed repeats (used under fake tensors). ``warm=True``:
     the caller vouches that the model has already run this forward (no first-call work
     left, such as a data-dependent init or a cache); with ``optimizer="sgd"``, which

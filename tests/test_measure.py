@@ -179,3 +179,14 @@ def test_tracker_sees_a_compiled_step_only_when_asked():
             assert stored_bytes(fn, False) == 4 * 32 * 64 * 4 + loss_saves
     finally:
         torch._dynamo.reset()
+
+
+def test_summary_keeps_the_optimizer_phase_apart_from_the_optimizer_category():
+    # "optimizer" is a phase and a category: one must not overwrite the other in a row
+    cfg = model_config("mlp", depth=2, width=32, d_in=32)
+    model, data = build_workload(cfg, 8)
+    m = measure_step(model, data, optimizer="adam", repeats=1, inference=False, timing=False)
+    row = m.summary()
+    assert row["optimizer_peak_bytes"] == m.peak_by_phase["optimizer"]
+    assert row["optimizer_bytes_at_peak"] == m.peak_by_category["optimizer"]
+    assert row["optimizer_peak_bytes"] != row["optimizer_bytes_at_peak"]

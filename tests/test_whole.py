@@ -209,7 +209,7 @@ def test_call_ranges_in_op_keys():
     assert parse_strategy("ops:addmm#0-1").spec == "ops:addmm#0-1"
     assert parse_strategy("ops:0-1=addmm#0-2,2-3").spec == "ops:0-1=addmm#0-2,2-3"
     for bad in ("forward:addmm#5-2", "ops:addmm#3-1"):
-        with pytest.raises(StrategyError, match="bad op key"):
+        with pytest.raises(StrategyError, match="run backwards"):
             parse_strategy(bad)
     cfg = model_config("transformer", **TRANSFORMER)
     model, data = build_workload(cfg, B)
@@ -249,3 +249,17 @@ def test_stored_plan_for_a_model_without_a_chain():
         remove_strategy(model)
     assert m.saved_bytes == p.predicted_saved_bytes
     assert all(torch.equal(a, b) for a, b in zip(ref, got))
+
+
+@pytest.mark.parametrize("spec,named", [("forward:addmm#99", "addmm#99"),
+                                        ("forward:linear", "linear"),
+                                        ("ops:addmm#9", "addmm#9")])
+def test_keys_naming_calls_the_forward_does_not_make_are_refused(spec, named):
+    cfg = model_config("transformer", **TRANSFORMER)
+    model, data = build_workload(cfg, B)
+    apply_strategy(model, spec)
+    try:
+        with pytest.raises(StrategyError, match=f"{named}.*addmm#0-"):
+            cfg.loss(model, data)
+    finally:
+        remove_strategy(model)

@@ -85,13 +85,43 @@ class _Matcher:
         self.seen[name] += 1
         return name in self.every or any(a <= index <= b for a, b in self.ranges.get(name, ()))
 
+    def unmatched(self, names_too: bool) -> list[str]:
+        """Keys naming calls this run did not make: a call index past the op's count,
+        and (``names_too``) an op name never called."""
+        out = [f"{name}#{a}" + (f"-{b}" if b != a else "")
+               for name, spans in self.ranges.items() for a, b in spans if b >= self.seen[name]]
+        if names_too:
+            out += [name for name in self.every if not self.seen[name]]
+        return sorted(out)
+
+
+_HEAVY = ("mm", "addmm", "bmm", "baddbmm", "convolution", "sdpa")
+
 
 class _Report(TorchDispatchMode):
-    """Reports kept outputs as stored for backward (the forward pass only)."""
+    """Reports kept outputs as stored for backward (the forward pass only); on leaving,
+    refuses keys that named calls the run did not make (never silently keep less than
+    asked): in a block's run, call indices (an op name may be absent from a block); in
+    the whole forward's run (``where="forward"``), op names as well."""
 
-    def __init__(self, matcher: _Matcher):
+    def __init__(self, matcher: _Matcher, where: str = "block"):
         super().__init__()
-        self.matcher = matcher
+        self.matcher, self.where = matcher, where
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        if exc[0] is not None:
+            return
+        missing = self.matcher.unmatched(names_too=self.where == "forward")
+        if missing:
+            calls = ", ".join(f"{name}#0-{n - 1}" if n > 1 else f"{name}#0"
+                              for name, n in sorted(self.matcher.seen.items())
+                              if name in _HEAVY) or "none"
+            raise StrategyError(
+                f"memprop.checkpoint: op key(s) {missing} name calls "
+                f"{'the model' if self.where == 'forward' else 'a block'}'s forward does "
+                f"not make, so nothing would be kept for them; its matmul, convolution and "
+                f"attention calls: {calls}")
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -102,7 +132,7 @@ class _Report(TorchDispatchMode):
         return out
 
 
-def _context_fn(keys: frozenset):
+def _context_fn(keys: frozenset, where: str = "block"):
     def context_fn():
         runs = {False: _Matcher(keys), True: _Matcher(keys)}   # forward, recompute
 
@@ -111,7 +141,7 @@ def _context_fn(keys: frozenset):
                 return CheckpointPolicy.MUST_SAVE
             return CheckpointPolicy.PREFER_RECOMPUTE
         forward_ctx, recompute_ctx = create_selective_checkpoint_contexts(policy)
-        return _Both(forward_ctx, _Report(_Matcher(keys))), recompute_ctx
+        return _Both(forward_ctx, _Report(_Matcher(keys), where)), recompute_ctx
     return context_fn
 
 
@@ -123,8 +153,13 @@ def _reversed(key: str) -> bool:
 
 def _parse_keys(text: str, spec: str, form: str = "ops") -> frozenset:
     keys = frozenset(k for k in text.split("+") if k)
-    bad = sorted(k for k in keys if not _KEY.fullmatch(k) or _reversed(k))
+    bad = sorted(k for k in keys if not _KEY.fullmatch(k))
     where = "block" if form == "ops" else "forward"
+    backwards = sorted(k for k in keys if k not in bad and _reversed(k))
+    if backwards:
+        raise StrategyError(f"memprop.checkpoint: {form}:{spec} has call range(s) "
+                            f"{backwards} that run backwards and match nothing; write the "
+                            "first call first (addmm#2-9)")
     if bad:
         raise StrategyError(f"memprop.checkpoint: {form}:{spec} has bad op key(s) {bad}; an "
                             f"op key is an aten op name, optionally #i for its i-th call in "

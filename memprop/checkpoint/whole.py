@@ -90,7 +90,7 @@ class Forward(Strategy):
             raise StrategyError(f"memprop.checkpoint: {type(model).__name__} already has "
                                 f"strategy {present} applied; call remove_strategy(model) "
                                 "first")
-        chain = CheckpointedChain([model], [(0, 0)], context_fn=_context_fn(self.keys)).apply()
+        chain = CheckpointedChain([model], [(0, 0)], context_fn=_context_fn(self.keys, "forward")).apply()
         return record_applied(model, self, [chain.remove])
 
 

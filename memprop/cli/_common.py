@@ -29,11 +29,11 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Every option's default shown, "(default: ...)", unless its help already says what
-    happens without it; descriptions kept as written."""
+    happens without it or it is a flag (no value); descriptions kept as written."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if (not action.option_strings or "(default" in text
+        if (not action.option_strings or "(default" in text or action.nargs == 0
                 or any(action.default is v for v in (None, False, argparse.SUPPRESS))):
             return text
         return f"{text} (default: %(default)s)".strip()

@@ -21,6 +21,7 @@ def gather_plan(config, batch_size: int, budget, *, dtype, optimizer="sgd",
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from memprop.checkpoint import find_blocks, parse_strategy
+    from memprop.checkpoint.cache import cache_off
     from memprop.checkpoint.levels import simulate_strategy
     from memprop.checkpoint.planner import plan
     from memprop.errors import BudgetError
@@ -32,12 +33,19 @@ def gather_plan(config, batch_size: int, budget, *, dtype, optimizer="sgd",
         batch = config.example_batch(batch_size, dtype=dtype)
     n = len(find_blocks(model))
     rows, plain = [], None
-    for spec in compare:
-        m = simulate_strategy(model, batch, parse_strategy(spec), optimizer=optimizer,
-                              loss_fn=config.loss)
-        plain = plain or m
-        rows.append(dict(strategy=spec, peak_bytes=m.peak_bytes, saved_bytes=m.saved_bytes,
-                         recompute_flops=m.backward_flops - plain.backward_flops))
+    # as plan() does, the comparison runs with the KV cache off (NOTE [ Checkpointing and
+    # KV caches ]), without warning once per strategy
+    restore_cache = cache_off(model, warn=False)
+    try:
+        for spec in compare:
+            m = simulate_strategy(model, batch, parse_strategy(spec), optimizer=optimizer,
+                                  loss_fn=config.loss)
+            plain = plain or m
+            rows.append(dict(strategy=spec, peak_bytes=m.peak_bytes,
+                             saved_bytes=m.saved_bytes,
+                             recompute_flops=m.backward_flops - plain.backward_flops))
+    finally:
+        restore_cache()
     try:
         result = plan(model, batch, budget_bytes, optimizer=optimizer, loss_fn=config.loss,
                       metric=metric, whole=whole)
@@ -63,7 +71,8 @@ def add_parser(sub) -> None:
     p.add_argument("--no-whole-forward", dest="whole", action="store_false",
                    help="with --metric stored: plan only checkpoints on the block chain "
                         "(recomputed a segment at a time), not one checkpoint around the "
-                        "whole forward (forward:KEYS, recomputed in one burst)")
+                        "whole forward (forward:KEYS, recomputed in one burst); without "
+                        "it both are weighed")
     p.add_argument("--json", action="store_true", help="print the plan and the table as JSON")
     p.set_defaults(func=plan_command)
 
