@@ -418,15 +418,18 @@ def _plan_stored(costs, plain, budget_bytes, simulated, make_plan, max_rounds,
         strategy, result = min(fits, key=lambda f: f[1].backward_flops)
         return make_plan(strategy.segments(costs.n if costs is not None else 0), result,
                          chosen=strategy if isinstance(strategy, (Ops, Forward)) else None)
-    smallest = min([*([nothing_kept.saved_bytes] if nothing_kept is not None else []),
-                    *([simulated(levels.placement_strategy(stored_fronts(
-                        costs, early=stops, options=options)[0][2])).saved_bytes]
-                      if costs is not None else [])])
+    lowest = [(nothing_kept.saved_bytes, Forward().spec)] if nothing_kept is not None else []
+    if costs is not None:
+        least = levels.placement_strategy(stored_fronts(costs, early=stops,
+                                                        options=options)[0][2])
+        lowest.append((simulated(least).saved_bytes, least.spec))
+    smallest, reached_by = min(lowest)
     raise BudgetError(
         f"memprop.checkpoint: no checkpointing plan stores at most "
         f"{format_bytes(budget_bytes)} ({budget_bytes} bytes) for backward; the smallest "
-        f"feasible is about {format_bytes(smallest)} ({smallest} bytes) - the plain step "
-        f"stores {format_bytes(plain.saved_bytes)}. Raise the budget or shrink the batch",
+        f"feasible is about {format_bytes(smallest)} ({smallest} bytes, with "
+        f"{reached_by[:60]}) - the plain step stores {format_bytes(plain.saved_bytes)}. "
+        "Raise the budget or shrink the batch",
         smallest_feasible_bytes=smallest)
 
 
