@@ -210,13 +210,14 @@ def stored_solver(costs: ChainCosts, *, early=None,
     """Model budget on stored bytes -> the placement of least recompute within it
     (with op-level ``options`` per block, NOTE [ Op-level options of a block ])."""
     front = rotor.stored_fronts(costs, early=early, options=options)
+    return lambda target: _cheapest_within(front, target, placement_strategy)
 
-    def solve(target: int):
-        fits = [entry for entry in front if entry[0] <= target]
-        if not fits:
-            return None
-        return placement_strategy(min(fits, key=lambda e: (e[1], e[0]))[2])
-    return solve
+
+def _cheapest_within(front, target: int, strategy: Callable) -> Strategy | None:
+    """``strategy(choice)`` of the least-cost entry of a (bytes, cost, choice) front
+    within ``target`` bytes (the fewer bytes among equal costs), None if none fits."""
+    fits = [entry for entry in front if entry[0] <= target]
+    return strategy(min(fits, key=lambda e: (e[1], e[0]))[2]) if fits else None
 
 
 def whole_solver(model, batch, *, loss_fn=training_loss) -> Callable[[int], Strategy | None]:
@@ -229,11 +230,7 @@ def whole_solver(model, batch, *, loss_fn=training_loss) -> Callable[[int], Stra
         return lambda target: None
     early = stop_flops(model, batch, loss_fn=loss_fn, whole=True)[0][0]
     front = forward_front(calls, early=early)
-
-    def solve(target: int):
-        fits = [entry for entry in front if entry[0] <= target]
-        return Forward(min(fits, key=lambda e: (e[1], e[0]))[2]) if fits else None
-    return solve
+    return lambda target: _cheapest_within(front, target, Forward)
 
 
 def op_options(model, batch, *, blocks_attr=None, loss_fn=training_loss, early=None,

@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 from memprop.checkpoint.chain import find_blocks
 from memprop.checkpoint.rotor import format_schedule, parse_schedule
-from memprop.checkpoint.strategies import (Strategy, applied_strategy, record_applied,
+from memprop.checkpoint.strategies import (Strategy, record_applied, refuse_applied,
                                            register_form)
 from memprop.errors import StrategyError
 from memprop.fake import fake_batch, fake_copy, fake_mode_of
@@ -178,10 +178,7 @@ class NestedChain:
 def claim_blocks(model: nn.Module, blocks_attr, select: dict) -> list[nn.Module]:
     """The chain a new strategy will patch; refuses a model that has one applied.
     ``select``: ``blocks=`` / ``check_fn=`` where ``find_blocks`` takes them."""
-    present = applied_strategy(model)
-    if present is not None:
-        raise StrategyError(f"memprop.checkpoint: {type(model).__name__} already has "
-                            f"strategy {present} applied; call remove_strategy(model) first")
+    refuse_applied(model)
     select = {k: v for k, v in select.items() if v is not None and k != "loss_fn"}
     return find_blocks(model, blocks_attr, **select)
 

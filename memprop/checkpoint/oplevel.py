@@ -44,7 +44,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from memprop.checkpoint.chain import CheckpointedChain, find_blocks
 from memprop.checkpoint.multilevel import claim_blocks, fake_target
-from memprop.checkpoint.selective import _Both
+from memprop.checkpoint.selective import SAVED_OPS, _Both
 from memprop.checkpoint.strategies import Strategy, record_applied, register_form
 from memprop.errors import StrategyError
 from memprop.flops import FlopCounter
@@ -63,6 +63,16 @@ def _name(func) -> str:
     return "sdpa" if name in _SDPA else name
 
 
+def split_key(key: str) -> tuple[str, int | None, int | None]:
+    """(op name, first call, last call) of an op key (NOTE [ Op keys ]); a bare name
+    (every call): (name, None, None)."""
+    name, _, calls = key.partition("#")
+    if not calls:
+        return name, None, None
+    first, _, last = calls.partition("-")
+    return name, int(first), int(last or first)
+
+
 class _Matcher:
     """Counts op calls of one run; ``kept(func)`` says whether this call's output is
     kept (NOTE [ Op keys ])."""
@@ -72,12 +82,11 @@ class _Matcher:
         self.every: set = set()                 # names: every call kept
         self.ranges: dict = {}                  # name -> [(first, last), ...] call indices
         for key in keys:
-            name, _, calls = key.partition("#")
-            if not calls:
+            name, first, last = split_key(key)
+            if first is None:
                 self.every.add(name)
             else:
-                first, _, last = calls.partition("-")
-                self.ranges.setdefault(name, []).append((int(first), int(last or first)))
+                self.ranges.setdefault(name, []).append((first, last))
 
     def kept(self, func) -> bool:
         name = _name(func)
@@ -95,7 +104,8 @@ class _Matcher:
         return sorted(out)
 
 
-_HEAVY = ("mm", "addmm", "bmm", "baddbmm", "convolution", "sdpa")
+# op names of the matmul, convolution and attention kernels (as keys name them)
+_HEAVY = {"sdpa" if op.__name__ in _SDPA else op.__name__ for op in SAVED_OPS}
 
 
 class _Report(TorchDispatchMode):
@@ -147,8 +157,8 @@ def _context_fn(keys: frozenset, where: str = "block"):
 
 def _reversed(key: str) -> bool:
     """A call range i-j with j < i (it would match nothing)."""
-    first, _, last = key.partition("#")[2].partition("-")
-    return bool(last) and int(last) < int(first)
+    _, first, last = split_key(key)
+    return first is not None and last < first
 
 
 def _parse_keys(text: str, spec: str, form: str = "ops") -> frozenset:

@@ -46,7 +46,7 @@ from memprop.checkpoint.oplevel import Ops
 from memprop.checkpoint.whole import Forward
 from memprop.checkpoint.rotor import stored_fronts
 from memprop.checkpoint.strategies import (_APPLIED, Blocks, Full, NoCheckpoint, Selective,
-                                           Strategy, register_form)
+                                           Strategy, refuse_applied, register_form)
 from memprop.errors import BudgetError, ConfigError, StrategyError
 from memprop.fake import fake_batch, fake_copy, fake_mode_of
 from memprop.flops import FlopCounter
@@ -409,8 +409,9 @@ def _plan_stored(costs, plain, budget_bytes, simulated, make_plan, max_rounds,
         found.append(levels.fit(levels.stored_solver(costs, early=stops, options=options),
                                 simulated, stored, budget_bytes, overhead,
                                 max_rounds=max_rounds))
-    nothing_kept = simulated(Forward()) if whole is not None else None
+    nothing_kept = None
     if whole is not None:
+        nothing_kept = simulated(Forward())
         found.append(levels.fit(whole, simulated, stored, budget_bytes,
                                 nothing_kept.saved_bytes, max_rounds=max_rounds))
     fits = [f for f in found if f is not None]
@@ -452,8 +453,7 @@ class Budget(Strategy):
             raise StrategyError("memprop.checkpoint: budget:SIZE plans from a profile of one "
                                 "step; pass example_batch= (and loss_fn= for a batch that is "
                                 "not the zoo's (inputs, targets)) to apply()")
-        if _APPLIED in model.__dict__:
-            return super().apply(model)              # says what is applied already
+        refuse_applied(model)
         kwargs = {"loss_fn": loss_fn} if loss_fn is not None else {}
         found = plan(model, example_batch, self.budget_bytes, blocks_attr=blocks_attr,
                      blocks=blocks, check_fn=check_fn, **kwargs)

@@ -88,6 +88,14 @@ def record_applied(model: nn.Module, strategy: "Strategy", removes: list) -> nn.
     return model
 
 
+def refuse_applied(model: nn.Module) -> None:
+    """A ``StrategyError`` if ``model`` runs a strategy already (one at a time)."""
+    if _APPLIED in model.__dict__:
+        raise StrategyError(f"memprop.checkpoint: {type(model).__name__} already has "
+                            f"strategy {model.__dict__[_APPLIED][0]} applied; call "
+                            "remove_strategy(model) first")
+
+
 @dataclasses.dataclass(frozen=True)
 class Strategy:
     """Base: subclasses choose ``segments(n)`` (inclusive block ranges to recompute)."""
@@ -103,10 +111,7 @@ class Strategy:
 
         Blocks: NOTE [ How blocks are found ] (memprop.checkpoint.blocks); the strategy
         applies to each chain. ``example_batch`` and ``loss_fn`` serve ``budget:SIZE``."""
-        if _APPLIED in model.__dict__:
-            raise StrategyError(f"memprop.checkpoint: {type(model).__name__} already has "
-                                f"strategy {model.__dict__[_APPLIED][0]} applied; call "
-                                "remove_strategy(model) first")
+        refuse_applied(model)
         select = dict(blocks=blocks, check_fn=check_fn)
         chains = find_chains(model, blocks_attr, **select) if type(
             self).segments is not Strategy.segments else []

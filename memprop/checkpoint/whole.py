@@ -36,10 +36,9 @@ from torch import nn
 
 from memprop.checkpoint.chain import CheckpointedChain
 from memprop.checkpoint.dp import _front
-from memprop.checkpoint.oplevel import OpCall, _context_fn, _parse_keys
-from memprop.checkpoint.strategies import (Strategy, applied_strategy, record_applied,
+from memprop.checkpoint.oplevel import OpCall, _context_fn, _parse_keys, split_key
+from memprop.checkpoint.strategies import (Strategy, record_applied, refuse_applied,
                                            register_form)
-from memprop.errors import StrategyError
 
 __all__ = ["Forward", "forward_front", "compress_keys"]
 
@@ -48,12 +47,11 @@ def compress_keys(keys) -> str:
     """``+``-joined op keys, runs of call indices as ranges: addmm#0-11+mm#3+sdpa."""
     every, calls = set(), defaultdict(list)
     for key in keys:
-        name, _, index = key.partition("#")
-        if not index:
+        name, first, last = split_key(key)
+        if first is None:
             every.add(name)
         else:
-            first, _, last = index.partition("-")
-            calls[name].extend(range(int(first), int(last or first) + 1))
+            calls[name].extend(range(first, last + 1))
     out = sorted(every)
     for name in sorted(calls):
         if name in every:
@@ -85,11 +83,7 @@ class Forward(Strategy):
 
     def apply(self, model: nn.Module, *, blocks_attr=None, blocks=None, check_fn=None,
               example_batch=None, loss_fn=None) -> nn.Module:
-        present = applied_strategy(model)
-        if present is not None:
-            raise StrategyError(f"memprop.checkpoint: {type(model).__name__} already has "
-                                f"strategy {present} applied; call remove_strategy(model) "
-                                "first")
+        refuse_applied(model)
         chain = CheckpointedChain([model], [(0, 0)], context_fn=_context_fn(self.keys, "forward")).apply()
         return record_applied(model, self, [chain.remove])
 
