@@ -13,8 +13,9 @@ step-time ratio) of
     ``plan(metric="peak")`` at each of compile's peaks (same bytes, same peak: who pays
     less recompute?), ``plan(metric="peak")`` at fractions of the plain peak (down to
     below the single-level floor: multi-level), and the multi-level optimum;
-  * the fixed strategies none, full, sqrt, selective, forward:- (memprop's; the last: one
-    checkpoint around the whole forward, nothing kept), and HF-style per-layer
+  * the fixed strategies none, full, sqrt, selective, forward:- and remat:- (memprop's;
+    the last two: one checkpoint around the whole forward, nothing kept; every saved
+    tensor rebuilt on its own from the batch), and HF-style per-layer
     checkpointing: on the transformers model its own ``activation_checkpointing_enable()``
     (``gradient_checkpointing_enable()`` before transformers 5; non-reentrant
     ``torch.utils.checkpoint`` per layer; measured), on the zoo models memprop's ``full``
@@ -126,7 +127,7 @@ else:
     MEASURED_R = 0.3
 # hf: use_cache=False, so that compile's graphs and the plain step carry no cache
 # (memprop's strategies turn it off while applied: NOTE [ Checkpointing and KV caches ])
-FIXED = ("none", "full", "sqrt", "selective", "forward:-")
+FIXED = ("none", "full", "sqrt", "selective", "forward:-", "remat:-")
 MiB = 2 ** 20
 
 

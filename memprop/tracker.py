@@ -98,7 +98,10 @@ class LiveMemoryTracker:
         # (offloaded activations, pinned buffers) do not count as device memory
         self.device = torch.device(device) if device is not None else None
         self._phase = "forward"
-        self._inputs = [t for t in tree_flatten(list(inputs))[0] if isinstance(t, torch.Tensor)]
+        # any structure: a (inputs, targets) tuple, a dict of tensors (transformers), ...
+        if not isinstance(inputs, (torch.Tensor, tuple, list, dict)):
+            inputs = list(inputs)
+        self._inputs = [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
         self._live: dict[int, list] = {}     # storage key -> [category index, nbytes, weakref]
         self._totals = [0] * len(CATEGORIES)
         self._rows: list[tuple] = []

@@ -104,7 +104,8 @@ def test_predicted_peak_matches_measured_peak_and_fits(name, sizes, batch, fract
     model, data = build_workload(cfg, batch)
     plain = measure_step(model, data, repeats=1, inference=False)
     budget = int(plain.peak_bytes * fraction)
-    p = plan(model, data, budget)
+    # the chain's plans (the default also weighs remat:KEYS: tests/test_remat.py)
+    p = plan(model, data, budget, whole=False)
     assert p.predicted_peak_bytes <= budget and p.segments
     assert p.none_peak_bytes == plain.peak_bytes
     real, real_data = build_workload(cfg, batch)

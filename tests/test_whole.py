@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from memprop.checkpoint import (Forward, applied_strategy, apply_strategy, parse_strategy,
-                                remove_strategy)
+from memprop.checkpoint import (Forward, Remat, applied_strategy, apply_strategy,
+                                parse_strategy, remove_strategy)
 from memprop.checkpoint.levels import simulate_strategy, stop_flops
 from memprop.checkpoint.oplevel import OpCall, trace_blocks
 from memprop.checkpoint.planner import plan
@@ -127,11 +127,13 @@ def test_stored_planner_takes_the_whole_forward_where_it_is_cheaper():
     budget = plain.saved_bytes // 2
     p = plan(model, data, budget, metric="stored")
     assert p.predicted_saved_bytes <= budget
-    assert isinstance(p.strategy, Forward)
-    assert "whole forward" in p.describe()
+    # at equal FLOPs remat:KEYS (the same kept outputs, rebuilt one at a time: a lower
+    # peak) is taken over forward:KEYS (tests/test_remat.py)
+    assert isinstance(p.strategy, (Forward, Remat))
+    assert "whole forward" in p.describe() or "rebuilt on its own" in p.describe()
     # no placement on the chain storing as little is as cheap
     chain = plan(model, data, budget, metric="stored", whole=False)
-    assert not isinstance(chain.strategy, Forward)
+    assert not isinstance(chain.strategy, (Forward, Remat))
     assert chain.recompute_flops > p.recompute_flops
     apply_strategy(model, p.strategy)
     try:

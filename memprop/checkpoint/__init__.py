@@ -15,8 +15,10 @@ from memprop.checkpoint.planner import Budget, Plan, plan
 from memprop.checkpoint.multilevel import Nested
 from memprop.checkpoint.oplevel import Ops
 from memprop.checkpoint.whole import Forward
+from memprop.checkpoint.remat import Remat
 
 __all__ = ["Strategy", "NoCheckpoint", "Full", "EveryK", "Segments", "Sqrt", "Blocks",
-           "Selective", "Offload", "Budget", "Nested", "Ops", "Forward", "parse_strategy",
+           "Selective", "Offload", "Budget", "Nested", "Ops", "Forward", "Remat",
+           "parse_strategy",
            "apply_strategy", "remove_strategy", "applied_strategy", "find_blocks",
            "find_chains", "CheckpointedChain", "STRATEGY_FORMS", "plan", "Plan"]

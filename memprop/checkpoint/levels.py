@@ -27,6 +27,7 @@ from memprop.checkpoint import rotor
 from memprop.checkpoint.dp import ChainCosts
 from memprop.checkpoint.multilevel import Nested, fake_target
 from memprop.checkpoint.oplevel import Ops, block_options, trace_blocks, traced_modules
+from memprop.checkpoint.remat import Remat, rebuild_ratio
 from memprop.checkpoint.strategies import Blocks, NoCheckpoint, Strategy, remove_strategy
 from memprop.checkpoint.tail import TailRecord
 from memprop.checkpoint.whole import Forward, forward_front
@@ -38,7 +39,9 @@ from memprop.models import training_loss
 __all__ = ["METRICS", "metric_of", "simulate_strategy", "fit", "nested_solver",
            "early_stop_flops", "stop_flops", "segment_stops", "op_options", "placement_strategy",
            "lowest_nested", "stored_solver", "stored_model_bytes", "strategy_of",
-           "whole_solver"]
+           "whole_solver", "whole_front", "whole_calls", "remat_fit",
+           "rebuilds_within_limit",
+           "REBUILD_LIMIT"]
 
 METRICS = ("peak", "stored")
 
@@ -220,17 +223,33 @@ def _cheapest_within(front, target: int, strategy: Callable) -> Strategy | None:
     return strategy(min(fits, key=lambda e: (e[1], e[0]))[2]) if fits else None
 
 
-def whole_solver(model, batch, *, loss_fn=training_loss) -> Callable[[int], Strategy | None]:
-    """Model budget on stored bytes (beyond what ``forward:-`` stores) -> the ``Forward``
-    keys of least recompute within it (NOTE [ One checkpoint around the forward ],
-    memprop.checkpoint.whole)."""
+def whole_calls(model, batch, *, loss_fn=training_loss) -> list | None:
+    """The op calls of the model's whole forward (``OpCall``); None when the loss calls
+    the model more than once."""
     try:
-        calls = trace_blocks(model, batch, loss_fn=loss_fn, whole=True)[0]
+        return trace_blocks(model, batch, loss_fn=loss_fn, whole=True)[0]
     except StrategyError:           # the loss calls the model more than once
-        return lambda target: None
+        return None
+
+
+def whole_front(model, batch, *, loss_fn=training_loss, calls=None) -> list | None:
+    """``forward_front`` of the model's whole forward (memprop.checkpoint.whole): the
+    cheapest keys per kept bytes; None when the loss calls the model more than once."""
+    calls = whole_calls(model, batch, loss_fn=loss_fn) if calls is None else calls
+    if calls is None:
+        return None
     early = stop_flops(model, batch, loss_fn=loss_fn, whole=True)[0][0]
-    front = forward_front(calls, early=early)
-    return lambda target: _cheapest_within(front, target, Forward)
+    return forward_front(calls, early=early)
+
+
+def whole_solver(model, batch, *, loss_fn=training_loss, form=Forward,
+                 front=None) -> Callable[[int], Strategy | None]:
+    """Model budget on kept bytes (beyond what ``form`` stores with no keys) -> the
+    keys of least recompute within it, as ``form`` (``Forward``: NOTE [ One checkpoint
+    around the forward ], memprop.checkpoint.whole; ``Remat``: NOTE [ Rebuilding each
+    saved tensor when backward needs it ], memprop.checkpoint.remat)."""
+    front = whole_front(model, batch, loss_fn=loss_fn) if front is None else front
+    return lambda target: None if front is None else _cheapest_within(front, target, form)
 
 
 def op_options(model, batch, *, blocks_attr=None, loss_fn=training_loss, early=None,
@@ -240,3 +259,34 @@ def op_options(model, batch, *, blocks_attr=None, loss_fn=training_loss, early=N
     early = early or (0.0,) * len(traced)
     return [block_options(calls, early=e, max_calls=max_calls)
             for calls, e in zip(traced, early)]
+
+
+# remat:KEYS is weighed by plan(metric="peak") only while its rebuilds re-run at most this
+# many forwards' worth of op calls (memprop.checkpoint.remat.rebuild_ratio): a deep chain
+# rebuilds its residual stream quadratically, in step time and in planning time
+REBUILD_LIMIT = 4.0
+
+
+def rebuilds_within_limit(model, batch, calls, *, loss_fn=training_loss) -> bool:
+    """Whether ``remat:`` keeping every FLOP-carrying output among ``calls`` (the
+    fewest rebuilds) re-runs at most ``REBUILD_LIMIT`` forwards' worth of op calls."""
+    every = frozenset(c.key for c in calls if c.flops > 0 and not c.mutated)
+    return rebuild_ratio(model, batch, every, loss_fn=loss_fn) <= REBUILD_LIMIT
+
+
+def remat_fit(model, batch, budget_bytes: int, simulate: Callable, *,
+              loss_fn=training_loss, max_rounds: int = 8):
+    """(``Remat`` strategy, simulated Measurement) of least recompute FLOPs whose
+    simulated peak fits ``budget_bytes``; None if none does, the loss calls the model
+    more than once, or the rebuilds exceed ``REBUILD_LIMIT``. The keys come from the
+    whole forward's front (the cheapest per kept bytes); the first model budget is the
+    peak budget less the simulated peak of keeping every kept-able output, less those
+    outputs."""
+    calls = whole_calls(model, batch, loss_fn=loss_fn)
+    if calls is None or not rebuilds_within_limit(model, batch, calls, loss_fn=loss_fn):
+        return None
+    front = whole_front(model, batch, loss_fn=loss_fn, calls=calls)
+    most, _, every = front[-1]
+    overhead = simulate(Remat(every)).peak_bytes - most
+    return fit(whole_solver(model, batch, form=Remat, front=front), simulate,
+               metric_of("peak"), budget_bytes, overhead, max_rounds=max_rounds)

@@ -108,11 +108,25 @@ class _Matcher:
 _HEAVY = {"sdpa" if op.__name__ in _SDPA else op.__name__ for op in SAVED_OPS}
 
 
+def refuse_unmatched(matcher: _Matcher, where: str = "block") -> None:
+    """A ``StrategyError`` for keys that named calls the run did not make (never keep
+    less than asked, silently): in a block's run, call indices (an op name may be absent
+    from a block); in the whole forward's run (``where="forward"``), op names as well."""
+    missing = matcher.unmatched(names_too=where == "forward")
+    if missing:
+        calls = ", ".join(f"{name}#0-{n - 1}" if n > 1 else f"{name}#0"
+                          for name, n in sorted(matcher.seen.items())
+                          if name in _HEAVY) or "none"
+        raise StrategyError(
+            f"memprop.checkpoint: op key(s) {missing} name calls "
+            f"{'the model' if where == 'forward' else 'a block'}'s forward does "
+            f"not make, so nothing would be kept for them; its matmul, convolution and "
+            f"attention calls: {calls}")
+
+
 class _Report(TorchDispatchMode):
     """Reports kept outputs as stored for backward (the forward pass only); on leaving,
-    refuses keys that named calls the run did not make (never silently keep less than
-    asked): in a block's run, call indices (an op name may be absent from a block); in
-    the whole forward's run (``where="forward"``), op names as well."""
+    refuses keys that named calls the run did not make (``refuse_unmatched``)."""
 
     def __init__(self, matcher: _Matcher, where: str = "block"):
         super().__init__()
@@ -120,18 +134,8 @@ class _Report(TorchDispatchMode):
 
     def __exit__(self, *exc):
         super().__exit__(*exc)
-        if exc[0] is not None:
-            return
-        missing = self.matcher.unmatched(names_too=self.where == "forward")
-        if missing:
-            calls = ", ".join(f"{name}#0-{n - 1}" if n > 1 else f"{name}#0"
-                              for name, n in sorted(self.matcher.seen.items())
-                              if name in _HEAVY) or "none"
-            raise StrategyError(
-                f"memprop.checkpoint: op key(s) {missing} name calls "
-                f"{'the model' if self.where == 'forward' else 'a block'}'s forward does "
-                f"not make, so nothing would be kept for them; its matmul, convolution and "
-                f"attention calls: {calls}")
+        if exc[0] is None:
+            refuse_unmatched(self.matcher, self.where)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))

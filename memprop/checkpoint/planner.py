@@ -19,7 +19,12 @@ single-level floor, a multi-level schedule (Revolve; rotor, Beaumont et al. 2019
 checkpoints inside recomputed segments, memprop.checkpoint.rotor) is searched the same
 way and applied as nested checkpoints (memprop.checkpoint.multilevel).
 ``metric="stored"`` plans for the bytes stored for backward instead of the peak
-(NOTE [ The two metrics ], memprop.checkpoint.levels).
+(NOTE [ The two metrics ], memprop.checkpoint.levels). Forms spanning the whole forward
+are weighed too (``whole=True``): ``remat:KEYS`` (each saved tensor rebuilt on its own
+when backward needs it, memprop.checkpoint.remat) for both metrics, ``forward:KEYS``
+(one checkpoint around the forward, memprop.checkpoint.whole) for stored bytes; their
+keys come from an exact knapsack over the forward's matmul and attention calls, and
+their peaks from simulation.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from memprop.checkpoint.dp import ChainCosts, min_peak, model_peak, segments_of,
 from memprop.checkpoint.multilevel import Nested
 from memprop.checkpoint.oplevel import Ops
 from memprop.checkpoint.whole import Forward
+from memprop.checkpoint.remat import Remat
 from memprop.checkpoint.rotor import stored_fronts
 from memprop.checkpoint.strategies import (_APPLIED, Blocks, Full, NoCheckpoint, Selective,
                                            Strategy, refuse_applied, register_form)
@@ -235,9 +241,11 @@ class Plan:
             f"{'tensor peak' if self.metric == 'peak' else 'bytes stored for backward'}: "
             f"{self.spec}",
             f"  {len(self.segments)} checkpointed segment(s) covering {n_ckpt} of "
-            f"{self.n_blocks} blocks" if not isinstance(self.chosen, Forward) else
+            f"{self.n_blocks} blocks" if not isinstance(self.chosen, (Forward, Remat)) else
             "  one checkpoint around the whole forward, recomputed in one burst as backward "
-            "begins (memprop.checkpoint.whole)",
+            "begins (memprop.checkpoint.whole)" if isinstance(self.chosen, Forward) else
+            "  each saved tensor rebuilt on its own just before backward needs it "
+            "(memprop.checkpoint.remat)",
             f"  predicted peak {format_bytes(self.predicted_peak_bytes)} (plain step "
             f"{format_bytes(self.none_peak_bytes)}); stored for backward "
             f"{format_bytes(self.predicted_saved_bytes)} (plain "
@@ -260,10 +268,14 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, chec
     fit it. Below the single-level floor of the peak, a multi-level schedule. Raises
     ``BudgetError`` stating the smallest feasible budget when none fits.
 
-    ``whole`` (``metric="stored"`` only): also weigh one checkpoint around the whole
-    forward (``forward:KEYS``, NOTE [ One checkpoint around the forward ] in
-    memprop.checkpoint.whole), which recomputes in one burst as backward begins; False
-    keeps to placements on the chain, recomputed a segment at a time.
+    ``whole``: also weigh forms that span the whole forward: each saved tensor rebuilt
+    on its own when backward needs it (``remat:KEYS``, NOTE [ Rebuilding each saved
+    tensor when backward needs it ] in memprop.checkpoint.remat; for ``metric="peak"``
+    only when the chain's plan recomputes at all), while its rebuilds re-run at most
+    ``levels.REBUILD_LIMIT`` forwards' worth of ops; and for ``metric="stored"`` one
+    checkpoint around it (``forward:KEYS``, NOTE [ One checkpoint around the forward ]
+    in memprop.checkpoint.whole), which recomputes in one burst as backward begins.
+    False keeps to placements on the chain, recomputed a segment at a time.
 
     ``batch`` may have any structure: ``loss_fn(model, batch)`` is the step's loss
     (default: the zoo's ``(inputs, targets)`` and ``model.objective``). The model's KV
@@ -319,7 +331,7 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
                     recompute_flops=result.backward_flops - plain.backward_flops,
                     forward_flops=plain.forward_flops,
                     recompute_ms=(sum(ms[k] for a, b in segments for k in range(a, b + 1))
-                                  if ms is not None and not isinstance(chosen, Forward)
+                                  if ms is not None and not isinstance(chosen, (Forward, Remat))
                                   else None),
                     blocks=table, peak_parts=parts)
         if static * 2 >= result.peak_bytes:      # not activations: say what would help
@@ -329,20 +341,43 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
 
     if chainless:
         return _plan_stored(None, plain, budget_bytes, simulated, make_plan, max_rounds,
-                            None, None, levels.whole_solver(model, batch, loss_fn=loss_fn))
-    overhead = plain.peak_bytes - model_peak(costs, ("S",) * costs.n)[0]
+                            None, None, _whole_forms(model, batch, loss_fn))
     early, tail = levels.stop_flops(model, batch, blocks_attr=blocks_attr, loss_fn=loss_fn,
                                     **select)
     stops = levels.segment_stops(costs, early, tail)        # plain segments' discount
     options = levels.op_options(model, batch, blocks_attr=blocks_attr, loss_fn=loss_fn,
                                 early=early, **select)
     if metric == "stored":
-        whole = levels.whole_solver(model, batch, loss_fn=loss_fn) if whole else None
         return _plan_stored(costs, plain, budget_bytes, simulated, make_plan, max_rounds,
-                            stops, options, whole)
+                            stops, options, _whole_forms(model, batch, loss_fn) if whole
+                            else [])
+    try:
+        chained, error = _plan_peak(costs, plain, budget_bytes, simulated, make_plan,
+                                    max_rounds, options, stops, early), None
+    except BudgetError as exc:
+        chained, error = None, exc
+    # each saved tensor rebuilt on its own when backward needs it (remat:KEYS): weighed
+    # when the chain's plan recomputes at all; equal FLOPs: the chain's plan, whose
+    # rebuilds re-run fewer ops
+    if whole and (chained is None or chained.recompute_flops > 0):
+        found = levels.remat_fit(model, batch, budget_bytes, simulated, loss_fn=loss_fn,
+                                 max_rounds=max_rounds)
+        if found is not None and (chained is None or found[1].backward_flops
+                                  - plain.backward_flops < chained.recompute_flops):
+            return make_plan([], found[1], chosen=found[0])
+    if chained is None:
+        raise error
+    return chained
+
+
+def _plan_peak(costs, plain, budget_bytes, simulated, make_plan, max_rounds, options,
+               stops, early) -> Plan:
+    """``plan(metric="peak")`` on the chain: single-level placements (segments and
+    op-level blocks), else multi-level schedules, else the fallbacks."""
     # solve the model (segments and op-level blocks) at the budget less the calibrated
     # overhead; a plan whose simulated peak overshoots tightens the model budget by the
     # excess
+    overhead = plain.peak_bytes - model_peak(costs, ("S",) * costs.n)[0]
     target = budget_bytes - overhead
     for _ in range(max_rounds):
         solution = solve(costs, target, options, stops) if target > 0 else None
@@ -396,12 +431,27 @@ def _finds_chain(model) -> bool:
     return True
 
 
+def _whole_forms(model, batch, loss_fn) -> list:
+    """(form, solver) of the forms spanning the whole forward that ``plan(metric=
+    "stored")`` weighs: ``forward:KEYS``, and ``remat:KEYS`` while its rebuilds stay
+    within ``levels.REBUILD_LIMIT``; none when the loss calls the model twice."""
+    calls = levels.whole_calls(model, batch, loss_fn=loss_fn)
+    if calls is None:
+        return []
+    front = levels.whole_front(model, batch, loss_fn=loss_fn, calls=calls)
+    forms = [Forward]
+    if levels.rebuilds_within_limit(model, batch, calls, loss_fn=loss_fn):
+        forms.append(Remat)
+    return [(form, levels.whole_solver(model, batch, form=form, front=front))
+            for form in forms]
+
+
 def _plan_stored(costs, plain, budget_bytes, simulated, make_plan, max_rounds,
-                 stops, options, whole) -> Plan:
-    """``plan(metric="stored")``: the cheaper of the single-level placements on the
-    chain and one checkpoint around the whole forward (memprop.checkpoint.whole), on the
-    bytes the forward stores (NOTE [ The two metrics ], memprop.checkpoint.levels).
-    Equal FLOPs: the placement, whose recompute runs a segment at a time (a lower peak)."""
+                 stops, options, wholes) -> Plan:
+    """``plan(metric="stored")``: the cheapest of the single-level placements on the
+    chain and the ``wholes`` forms (memprop.checkpoint.whole, .remat), on the bytes the
+    forward stores (NOTE [ The two metrics ], memprop.checkpoint.levels). Equal FLOPs:
+    the lower peak."""
     stored = levels.metric_of("stored")
     found = []
     if costs is not None:            # None: no chain (the whole forward only)
@@ -409,17 +459,18 @@ def _plan_stored(costs, plain, budget_bytes, simulated, make_plan, max_rounds,
         found.append(levels.fit(levels.stored_solver(costs, early=stops, options=options),
                                 simulated, stored, budget_bytes, overhead,
                                 max_rounds=max_rounds))
-    nothing_kept = None
-    if whole is not None:
-        nothing_kept = simulated(Forward())
-        found.append(levels.fit(whole, simulated, stored, budget_bytes,
+    lowest = []
+    for form, solve in wholes:
+        nothing_kept = simulated(form())
+        lowest.append((nothing_kept.saved_bytes, form().spec))
+        found.append(levels.fit(solve, simulated, stored, budget_bytes,
                                 nothing_kept.saved_bytes, max_rounds=max_rounds))
     fits = [f for f in found if f is not None]
     if fits:
-        strategy, result = min(fits, key=lambda f: f[1].backward_flops)
+        strategy, result = min(fits, key=lambda f: (f[1].backward_flops, f[1].peak_bytes))
         return make_plan(strategy.segments(costs.n if costs is not None else 0), result,
-                         chosen=strategy if isinstance(strategy, (Ops, Forward)) else None)
-    lowest = [(nothing_kept.saved_bytes, Forward().spec)] if nothing_kept is not None else []
+                         chosen=strategy if isinstance(strategy, (Ops, Forward, Remat))
+                         else None)
     if costs is not None:
         least = levels.placement_strategy(stored_fronts(costs, early=stops,
                                                         options=options)[0][2])

@@ -30,9 +30,15 @@ String forms (CLI and experiment specs):
                     the whole forward in one checkpoint, keeping the outputs of these op
                     calls (numbered over the forward) and rebuilding everything else in
                     backward, as torch.compile's partitioner (memprop.checkpoint.whole)
+    remat:addmm#0-11+sdpa
+                    keep the same outputs as forward:, and rebuild each other saved tensor
+                    on its own just before backward needs it, as torch.compile's
+                    partitioner schedules its recompute (memprop.checkpoint.remat)
 
-All strategies use non-reentrant checkpointing and preserve RNG state; see NOTE [ How a
-segment is checkpointed without changing the model ] in memprop.checkpoint.chain. Blocks
+All strategies but remat use non-reentrant checkpointing and preserve RNG state; see
+NOTE [ How a segment is checkpointed without changing the model ] in
+memprop.checkpoint.chain (remat replays recorded op calls, RNG states included: NOTE
+[ Rebuilding each saved tensor when backward needs it ] in memprop.checkpoint.remat). Blocks
 are found automatically, or named by class or predicate (NOTE [ How blocks are found ] in
 memprop.checkpoint.blocks); a strategy applies to each chain, and turns a model's KV cache
 off while applied (NOTE [ Checkpointing and KV caches ] in memprop.checkpoint.cache).
@@ -60,10 +66,11 @@ __all__ = ["Strategy", "NoCheckpoint", "Full", "EveryK", "Segments", "Sqrt", "Bl
 
 STRATEGY_FORMS = ("none", "full", "every:K", "segments:N", "sqrt", "blocks:i,j-k,...",
                   "selective", "offload", "budget:SIZE", "nested:i-j[k-l],...", "ops:OPS",
-                  "forward:OPS")
+                  "forward:OPS", "remat:OPS")
 
 # "name:" -> parser of the text after it, for strategies defined in their own modules
 # (memprop.checkpoint.multilevel: nested, memprop.checkpoint.oplevel: ops,
+# memprop.checkpoint.whole: forward, memprop.checkpoint.remat: remat,
 # memprop.checkpoint.planner: budget)
 _FORMS: dict = {}
 

@@ -69,10 +69,11 @@ def add_parser(sub) -> None:
                    help="what the budget limits: the whole step's tensor peak, or the bytes "
                         "stored for backward at the end of forward")
     p.add_argument("--no-whole-forward", dest="whole", action="store_false",
-                   help="with --metric stored: plan only checkpoints on the block chain "
-                        "(recomputed a segment at a time), not one checkpoint around the "
-                        "whole forward (forward:KEYS, recomputed in one burst); without "
-                        "it both are weighed")
+                   help="plan only checkpoints on the block chain (recomputed a segment at "
+                        "a time), not forms spanning the whole forward: one checkpoint "
+                        "around it (forward:KEYS, --metric stored) or each saved tensor "
+                        "rebuilt when backward needs it (remat:KEYS, --metric peak); "
+                        "without it both are weighed")
     p.add_argument("--json", action="store_true", help="print the plan and the table as JSON")
     p.set_defaults(func=plan_command)
 

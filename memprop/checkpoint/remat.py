@@ -1,0 +1,608 @@
+"""Each saved tensor rebuilt on its own, just before backward needs it: the recompute
+schedule of torch.compile's partitioner, in eager.
+
+    apply_strategy(model, "remat:addmm#0-11+sdpa")     # keep these op outputs
+    plan(model, batch, "40MiB")                        # may choose this form
+
+NOTE [ Rebuilding each saved tensor when backward needs it ]
+  ``remat:KEYS`` keeps what ``forward:KEYS`` keeps (NOTE [ One checkpoint around the
+  forward ], memprop.checkpoint.whole: the outputs of the op calls KEYS names, numbered
+  over the whole forward, and the tensors the forward did not make: the batch,
+  parameters, buffers) and recomputes the rest, but not in one burst. While the forward
+  runs, a dispatch mode records each aten call: the op, its arguments (earlier calls'
+  outputs by reference, other tensors as they are), and for a random op the RNG state
+  before it. For each tensor autograd saves, the pack hook hands autograd a *recipe*
+  (the call that made it) instead of the tensor, which the forward then frees. When
+  backward unpacks it, exactly the calls that rebuild it are re-run, in forward order,
+  from kept outputs and leaves, each intermediate freed after its last use in that
+  rebuild. So at any moment backward holds the kept outputs plus what one backward op
+  needs, where ``forward:`` holds the whole forward's saved set once backward begins.
+
+  Cost. An output of a FLOP-carrying call (matmul, attention, convolution) that is not
+  kept is rebuilt once, when a recipe first needs it, and held until the last recipe
+  needing it is unpacked; its FLOPs count once, as for ``forward:``. Cheap ops are
+  re-run once per saved tensor needing them: no FLOPs, but time (a chain of n blocks
+  rebuilds the residual stream from the embedding, O(n^2) additions in all).
+
+  Exactness. The same aten ops on the same inputs, RNG states restored: gradients are
+  bitwise those of the plain step on CPU (tests). Refused with ``StrategyError``,
+  never replayed wrongly: an op writing in place into a kept output or a leaf during
+  the forward (a recipe reading it would see the new values), and a leaf changed in
+  place after the forward (found when backward unpacks a recipe reading it). A call
+  writing into a tensor the forward did not make (BatchNorm's running statistics)
+  replays into a copy of it taken before the call, held for backward: a replay never
+  updates the model's state, and reads what the call read. RNG
+  states (5 KiB per random CPU op) are held outside the tensor accounting, as
+  ``torch.utils.checkpoint`` holds its own.
+
+  Stored bytes (``Measurement.saved_bytes``): the kept outputs and leaves some recipe
+  reaches, reported to memprop's instruments when the forward ends.
+
+NOTE [ Smaller stand-ins for leaves ]
+  A recipe may read a tensor of the batch only through cheap calls that read nothing
+  else, whose outputs are smaller: an int64 attention mask read only by ``.bool()``.
+  When every call rebuilds run that reads such a leaf is of that kind, their outputs
+  (held from the call until the forward ends) are kept instead of the leaf, and the
+  recipes stop there: ``remat:`` then stores 1 byte per mask element, not 8, as
+  compile's partitioner does. Parameters and buffers are never replaced (they exist
+  anyway), nor outputs changed in place after the call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from memprop.checkpoint.oplevel import (_HEAVY, _Matcher, _name, _parse_keys,
+                                       refuse_unmatched)
+from memprop.checkpoint.multilevel import fake_target
+from memprop.checkpoint.strategies import (Strategy, record_applied, refuse_applied,
+                                           register_form, remove_strategy)
+from memprop.checkpoint.whole import compress_keys
+from memprop.errors import StrategyError
+from memprop.models import training_loss
+from memprop.saved import report_stored, storage_key
+
+__all__ = ["Remat", "rebuild_ratio"]
+
+_aten = torch.ops.aten
+
+
+# ops that write into arguments their schema does not mark as written: BatchNorm's
+# running statistics (argument positions)
+_UNDECLARED_WRITES = {op.default: (3, 4) for op in (
+    getattr(_aten, name, None) for name in ("native_batch_norm", "cudnn_batch_norm",
+                                            "miopen_batch_norm")) if op is not None}
+
+
+def _key(t: torch.Tensor) -> tuple:
+    """A tensor's identity as a recipe input: its storage and the view of it."""
+    return storage_key(t), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype
+
+
+class _Call:
+    """One recorded aten call: ``inputs`` holds, per flattened argument, ``(call, i)``
+    (output i of an earlier call), ``(None, tensor, version)`` (a leaf) or
+    ``(None, value)`` (not a tensor). ``kept``: its outputs, when kept."""
+
+    __slots__ = ("seq", "func", "spec", "inputs", "rng", "kept", "heavy", "small", "origin",
+                 "versions")
+
+    def __init__(self, seq, func, spec, inputs, rng, kept, heavy):
+        self.seq, self.func, self.spec, self.inputs = seq, func, spec, inputs
+        self.rng, self.kept, self.heavy = rng, kept, heavy
+        self.small = None       # its outputs, held: they may stand in for its leaf (NOTE)
+        self.origin = None      # (key, leaf) of the one batch leaf it derives from, or _FREE
+        self.versions = None    # of the kept outputs, when kept
+
+    def sources(self):
+        return [a[0] for a in self.inputs if a[0] is not None]
+
+
+class _Rebuild:
+    """Backward's side: rebuilds recipes; outputs of FLOP-carrying calls that are not
+    kept are held from their first rebuild until their last use (NOTE above)."""
+
+    def __init__(self):
+        self.held: dict[int, list] = {}       # id(call) -> outputs, while still needed
+        self.uses: dict[int, int] = {}        # id(call) -> rebuilds still to ask for it
+        self.ops = 0                          # calls the rebuilds will re-run in all
+
+    @staticmethod
+    def region(target: _Call) -> tuple[list, list]:
+        """(calls re-run to rebuild ``target``, in forward order; FLOP-carrying calls
+        not kept whose outputs it takes as they are)."""
+        inner, edge, seen, stack = [], [], {id(target)}, [target]
+        while stack:
+            call = stack.pop()
+            inner.append(call)
+            for src in call.sources():
+                if id(src) in seen or src.kept is not None:
+                    continue
+                seen.add(id(src))
+                (edge if src.heavy else stack).append(src)
+        inner.sort(key=lambda c: c.seq)
+        return inner, edge
+
+    def walk(self, packed: list, visit) -> None:
+        """``visit(inner, edge)`` for each rebuild backward will run: once per recipe
+        unpacked, once per FLOP-carrying output not kept that some rebuild takes."""
+        regions, walked, todo = {}, set(), list(packed)
+        while todo:
+            target = todo.pop()
+            if target.heavy:
+                if id(target) in walked:      # rebuilt once
+                    continue
+                walked.add(id(target))
+            if id(target) not in regions:
+                regions[id(target)] = self.region(target)
+            inner, edge = regions[id(target)]
+            visit(inner, edge)
+            todo.extend(edge)
+
+    def count(self, packed: list) -> tuple[list, list]:
+        """Count how often each FLOP-carrying output not kept will be asked for (once
+        per recipe unpacked that takes it as it is, once per rebuild that takes it);
+        returns the (kept calls, leaves) the recipes reach: what the forward stores."""
+        kept, leaves = {}, {}
+        for call in packed:
+            if call.heavy:                    # unpacked: asked for as it is
+                self.uses[id(call)] = self.uses.get(id(call), 0) + 1
+
+        def visit(inner, edge):
+            self.ops += len(inner)
+            for call in inner:
+                for a in call.inputs:
+                    if a[0] is not None and a[0].kept is not None:
+                        kept[id(a[0])] = a[0]
+                    elif a[0] is None and len(a) >= 3:
+                        leaves[id(a[1])] = a[1]
+            for src in edge:
+                self.uses[id(src)] = self.uses.get(id(src), 0) + 1
+        self.walk(packed, visit)
+        return list(kept.values()), list(leaves.values())
+
+    def value(self, call: _Call, index: int):
+        if call.kept is not None:
+            return _unchanged(call.kept[index], call.versions[index])
+        if call.heavy:
+            return self._heavy(call)[index]
+        return self._run(call)[index]
+
+    def _heavy(self, call: _Call) -> list:
+        outs = self.held.get(id(call))
+        if outs is None:
+            outs = self._run(call)
+        left = self.uses.get(id(call), 1) - 1
+        self.uses[id(call)] = left
+        if left > 0:
+            self.held[id(call)] = outs
+        else:
+            self.held.pop(id(call), None)
+        return outs
+
+    def _run(self, target: _Call) -> list:
+        inner, edge = self.region(target)
+        edges = {id(src): self._heavy(src) for src in edge}
+        users: dict[int, int] = {}
+        for call in inner:
+            for src in call.sources():
+                users[id(src)] = users.get(id(src), 0) + 1
+        values: dict[int, list] = {}
+        for call in inner:
+            flat = []
+            for a in call.inputs:
+                src = a[0]
+                if src is None:
+                    flat.append(a[1] if len(a) == 2 else _unchanged(a[1], a[2]) if len(a) == 3
+                                else a[1].clone())         # a snapshot the call writes into
+                    continue
+                if src.kept is not None:
+                    flat.append(_unchanged(src.kept[a[1]], src.versions[a[1]]))
+                elif id(src) in edges:
+                    flat.append(edges[id(src)][a[1]])
+                else:
+                    flat.append(values[id(src)][a[1]])
+                users[id(src)] -= 1
+                if users[id(src)] == 0:
+                    values.pop(id(src), None)
+            args, kwargs = tree_unflatten(flat, call.spec)
+            del flat
+            if call.rng is not None:
+                outs = _replay_random(call, args, kwargs)
+            else:
+                outs = call.func(*args, **kwargs)
+            del args, kwargs
+            values[id(call)] = tree_flatten(outs)[0]
+        return values[id(target)]
+
+
+_FREE = "free"       # origin of a call reading no tensor (arange, full): any leaf's
+
+
+def _unchanged(t: torch.Tensor, version: int) -> torch.Tensor:
+    """``t``, if not changed in place since the forward read, kept or saved it (as
+    autograd checks what it saves), else a ``StrategyError``."""
+    if t._version != version:
+        raise StrategyError(
+            f"memprop.checkpoint: remat: a tensor the forward used ({tuple(t.shape)}, "
+            f"{t.dtype}) was changed in place after it (version {version} -> "
+            f"{t._version}); backward cannot use or replay it. Do not modify the batch, "
+            "parameters or outputs between forward and backward")
+    return t
+
+
+def _derived(call: _Call):
+    """The key of the batch leaf ``call`` derives from alone, else None."""
+    return call.origin[0] if call.origin is not None and call.origin is not _FREE else None
+
+
+def _standins(rebuild: _Rebuild, packed: list) -> list:
+    """Calls whose held outputs replace a batch leaf in every rebuild, at fewer bytes
+    (NOTE [ Smaller stand-ins for leaves ]): per leaf, a minimum cut between it and
+    what rebuilds read, through the calls derived from it alone."""
+    graphs: dict = {}        # leaf key -> (leaf, {id(call): call}, [(source, reader)])
+    targets = {id(c) for c in packed}
+
+    def graph(key, leaf=None):
+        if key not in graphs:
+            graphs[key] = [leaf, {}, []]
+        if leaf is not None:
+            graphs[key][0] = leaf
+        return graphs[key]
+
+    def visit(inner, edge):
+        for call in inner:
+            mine = _derived(call)
+            if mine is not None:
+                graph(mine)[1][id(call)] = call
+                if id(call) in targets:          # unpacked: read as it is
+                    graph(mine)[2].append((call, None))
+            for a in call.inputs:
+                src = a[0]
+                if src is None and len(a) == 3:
+                    key = storage_key(a[1])
+                    graph(key, a[1])[2].append((None, call if mine == key else None))
+                elif src is not None and src.kept is None and _derived(src) is not None:
+                    key = _derived(src)
+                    graph(key)[1][id(src)] = src
+                    graph(key)[2].append((src, call if mine == key else None))
+    rebuild.walk(packed, visit)
+    out = []
+    for leaf, calls, pairs in graphs.values():
+        if leaf is not None and calls:
+            out += _min_cut(leaf, calls, pairs)
+    return out
+
+
+def _held_bytes(call: _Call) -> float:
+    """Bytes of a call's held outputs; unbounded when none are held (or one changed)."""
+    if call.small is None:
+        return float("inf")
+    return sum({storage_key(t): t.untyped_storage().nbytes() for t in call.small}.values())
+
+
+def _min_cut(leaf: torch.Tensor, calls: dict, pairs: list) -> list:
+    """The calls to keep in place of ``leaf`` (empty: keep the leaf). A node per call,
+    of its held bytes, and the leaf, of its bytes; ``pairs``: (source call, None for the
+    leaf; reader call, None for a reader outside the leaf's calls). Edmonds-Karp max
+    flow from the leaf to the outside readers; the cut is on the leaf's side."""
+    big = float("inf")
+    cap: dict = {}
+
+    def add(u, v, c):
+        cap.setdefault(u, {})
+        cap[u][v] = cap[u].get(v, 0) + c
+        cap.setdefault(v, {}).setdefault(u, 0)
+    add("source", "leaf", leaf.untyped_storage().nbytes())
+    for call in calls.values():
+        add(("in", id(call)), ("out", id(call)), _held_bytes(call))
+    for src, reader in pairs:
+        add("leaf" if src is None else ("out", id(src)),
+            "sink" if reader is None else ("in", id(reader)), big)
+    while True:                                # shortest augmenting paths
+        parent, queue = {"source": None}, ["source"]
+        for u in queue:
+            for v, c in cap[u].items():
+                if c > 0 and v not in parent:
+                    parent[v] = u
+                    queue.append(v)
+        if "sink" not in parent:
+            break
+        path, v = [], "sink"
+        while parent[v] is not None:
+            path.append((parent[v], v))
+            v = parent[v]
+        push = min(cap[u][v] for u, v in path)
+        for u, v in path:
+            cap[u][v] -= push
+            cap[v][u] += push
+    reach, queue = {"source"}, ["source"]
+    for u in queue:
+        for v, c in cap[u].items():
+            if c > 0 and v not in reach:
+                reach.add(v)
+                queue.append(v)
+    if "leaf" not in reach:                    # the leaf itself is the cheapest cut
+        return []
+    return [calls[n[1]] for n in reach if isinstance(n, tuple) and n[0] == "in"
+            and ("out", n[1]) not in reach]
+
+
+def _replay_random(call: _Call, args, kwargs):
+    devices, states = call.rng
+    saved = [_get_state(d) for d in devices]
+    try:
+        for d, s in zip(devices, states):
+            _set_state(d, s)
+        return call.func(*args, **kwargs)
+    finally:
+        for d, s in zip(devices, saved):
+            _set_state(d, s)
+
+
+def _get_state(device: torch.device):
+    return torch.get_rng_state() if device.type == "cpu" else torch.cuda.get_rng_state(device)
+
+
+def _set_state(device: torch.device, state) -> None:
+    if device.type == "cpu":
+        torch.set_rng_state(state)
+    else:
+        torch.cuda.set_rng_state(state, device)
+
+
+class _Record(TorchDispatchMode):
+    """The forward's side: records calls (NOTE above) and packs saved tensors."""
+
+    def __init__(self, keys: frozenset, owned: set):
+        super().__init__()
+        self.matcher = _Matcher(keys)
+        self.owned = owned                        # storage keys of parameters, buffers
+        self.standins: list = []                  # calls with .small set
+        self.kept_calls: list = []
+        # _key -> [weak ref to the output's storage, call, output index]
+        self.made: dict[tuple, list] = {}
+        self.views: dict[int, set] = {}           # storage key -> _keys made on it
+        self.guarded: dict[int, str] = {}         # storage key -> what a recipe reads there
+        self.rebuild = _Rebuild()
+        self.packed: list = []                    # calls handed to autograd as recipes
+        self.seq = 0
+
+    def _source(self, t: torch.Tensor):
+        found = self.made.get(_key(t))
+        if found is not None and not torch.UntypedStorage._expired(found[0]):
+            return found[1], found[2]
+        # not made by a recorded call (or a freed storage's twin), or changed since
+        # through another view of its storage (_forget): read as it is now (a leaf)
+        return None
+
+    def _forget(self, written: list, call: _Call) -> None:
+        """After ``call`` wrote into ``written``: the other views of their storages no
+        longer hold what the calls that made them made (autograd's version counters say
+        the same, but a view's counter is set after the view passes through this mode)."""
+        for t in written:
+            storage = storage_key(t)
+            for key in list(self.views.get(storage, ())):
+                entry = self.made.get(key)
+                if entry is not None and entry[1] is not call:
+                    torch.UntypedStorage._free_weak_ref(entry[0])
+                    del self.made[key]
+                    self.views[storage].discard(key)
+            for c in self.standins:
+                if c.small is not None and any(storage_key(o) == storage for o in c.small):
+                    c.small = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        flat, spec = tree_flatten((args, kwargs))
+        devices = sorted({a.device for a in flat if isinstance(a, torch.Tensor)}, key=str)
+        fake = any(isinstance(a, FakeTensor) for a in flat)
+        rng = None
+        random = torch.Tag.nondeterministic_seeded in func.tags   # dropout, rand, ...
+        if random:
+            if kwargs.get("generator") is not None:
+                raise StrategyError(
+                    f"memprop.checkpoint: remat: {func.overloadpacket.__name__} draws from "
+                    "its own generator, whose state it cannot replay; use forward:KEYS")
+            if not fake:
+                devices = devices or [torch.device("cpu")]
+                rng = (devices, [_get_state(d) for d in devices])
+        # a tensor the forward did not make that the call writes into (BatchNorm's
+        # running statistics): replays write into a copy of it as it was before the call
+        written = self._written(func, args, kwargs)
+        snaps = {id(t): t.clone() for t in written if self._source(t) is None}
+        out = func(*args, **kwargs)
+        kept = self.matcher.kept(func)
+        outs = tree_flatten(out)[0]
+        inputs = []
+        for a in flat:
+            if isinstance(a, torch.Tensor) and id(a) in snaps:
+                inputs.append((None, snaps[id(a)], snaps[id(a)]._version, "copy"))
+            elif isinstance(a, torch.Tensor):
+                src = self._source(a)
+                inputs.append(src if src is not None else (None, a, a._version))
+            else:
+                inputs.append((None, a))
+        call = _Call(self.seq, func, spec, inputs, rng, outs if kept else None,
+                     _name(func) in _HEAVY)
+        self.seq += 1
+        if not kept and not random:
+            self._offer_standin(call, outs)
+        for i, t in enumerate(outs):
+            if isinstance(t, torch.Tensor):
+                old = self.made.get(key := _key(t))
+                if old is not None:
+                    torch.UntypedStorage._free_weak_ref(old[0])
+                self.made[key] = [t.untyped_storage()._weak_ref(), call, i]
+                self.views.setdefault(key[0], set()).add(key)
+        self._forget(written, call)
+        for a in inputs:               # what a recipe will read as it was: kept or leaf
+            if a[0] is None and len(a) == 3:
+                self.guarded[storage_key(a[1])] = "a tensor the forward did not make"
+        if kept:
+            self.kept_calls.append(call)
+            for t in outs:
+                if isinstance(t, torch.Tensor):
+                    self.guarded[storage_key(t)] = f"the kept output of {_name(func)}"
+        return out
+
+    def _offer_standin(self, call: _Call, outs: list) -> None:
+        """Note the one leaf of the batch (no parameter or buffer) a call derives from,
+        through cheap calls and constants only, and hold its outputs when they are no
+        larger than that leaf: at the forward's end they may be kept in its place
+        (NOTE [ Smaller stand-ins for leaves ])."""
+        origins = {}
+        for a in call.inputs:
+            if a[0] is not None:
+                origin = a[0].origin
+            elif len(a) >= 3:
+                key = storage_key(a[1])
+                origin = None if key in self.owned or len(a) == 4 else (key, a[1])
+            else:
+                continue
+            if origin is None:
+                return
+            if origin is not _FREE:
+                origins[origin[0]] = origin
+        if len(origins) > 1 or call.heavy:
+            return
+        call.origin = next(iter(origins.values())) if origins else _FREE
+        if call.origin is _FREE or not outs or not all(isinstance(t, torch.Tensor) for t in outs):
+            return
+        key, leaf = call.origin
+        stores = {storage_key(t): t.untyped_storage().nbytes() for t in outs}
+        if key not in stores and sum(stores.values()) <= leaf.untyped_storage().nbytes():
+            call.small = list(outs)
+            self.standins.append(call)
+
+    def _written(self, func, args, kwargs) -> list:
+        """The tensors ``func`` writes into; refuses a write into a kept output or a
+        leaf that recipes read as it was."""
+        out, undeclared = [], _UNDECLARED_WRITES.get(func, ())
+        for i, arg in enumerate(func._schema.arguments):
+            if i not in undeclared and (arg.alias_info is None or not arg.alias_info.is_write):
+                continue
+            value = args[i] if i < len(args) else kwargs.get(arg.name)
+            for t in (value if isinstance(value, (list, tuple)) else [value]):
+                if not isinstance(t, torch.Tensor):
+                    continue
+                what = self.guarded.get(storage_key(t))
+                if what is not None:
+                    raise StrategyError(
+                        f"memprop.checkpoint: remat: {func.overloadpacket.__name__} writes "
+                        f"in place into {what}, which recipes read as it was; use "
+                        "forward:KEYS, or keep fewer op outputs")
+                out.append(t)
+        return out
+
+    def pack(self, t: torch.Tensor):
+        src = self._source(t)
+        if src is None or src[0].kept is not None:
+            return (None, t, t._version)
+        self.packed.append(src[0])
+        return src
+
+    def unpack(self, packed):
+        if packed[0] is None:
+            return _unchanged(packed[1], packed[2])
+        with torch.no_grad():
+            return self.rebuild.value(*packed)
+
+    def finish(self) -> None:
+        """The forward is over: keep stand-ins for leaves, count uses, report what is
+        stored, drop the index. Kept outputs' versions are read now: changed after
+        this, they are refused (``_unchanged``)."""
+        for call in _standins(self.rebuild, self.packed):
+            call.kept = call.small
+            self.kept_calls.append(call)
+        for call in self.kept_calls:
+            call.versions = [getattr(t, "_version", 0) for t in call.kept]
+        for call in self.standins:
+            call.small = None
+        kept, leaves = self.rebuild.count(self.packed)
+        self.counts = (self.rebuild.ops, self.seq)
+        for call in kept:
+            for t in call.kept:
+                if isinstance(t, torch.Tensor):
+                    report_stored(t, f"remat:{_name(call.func)}")
+        for t in leaves:
+            report_stored(t, "remat:leaf")
+        for ref, *_ in self.made.values():
+            torch.UntypedStorage._free_weak_ref(ref)
+        self.made, self.views, self.packed, self.guarded = {}, {}, [], {}
+        self.standins, self.kept_calls = [], []
+
+
+@dataclasses.dataclass(frozen=True)
+class Remat(Strategy):
+    """``remat:KEYS``: keep the outputs of the op calls ``keys`` names (numbered over
+    the whole forward), rebuild every other saved tensor on its own when backward
+    needs it (NOTE above); no keys: everything rebuilt."""
+
+    keys: frozenset = frozenset()
+
+    def __post_init__(self):
+        object.__setattr__(self, "keys", frozenset(self.keys))
+
+    @classmethod
+    def parse(cls, text: str) -> "Remat":
+        return cls(_parse_keys(text, text, "remat") if text not in ("", "-") else frozenset())
+
+    @property
+    def spec(self) -> str:
+        return "remat:" + (compress_keys(self.keys) or "-")
+
+    def apply(self, model: nn.Module, *, blocks_attr=None, blocks=None, check_fn=None,
+              example_batch=None, loss_fn=None) -> nn.Module:
+        refuse_applied(model)
+        keys, had = self.keys, model.__dict__.get("forward")
+        inner = had if had is not None else model.forward
+        owned = {storage_key(t) for t in itertools.chain(model.parameters(), model.buffers())}
+
+        def forward(*args, **kwargs):
+            if not torch.is_grad_enabled():
+                return inner(*args, **kwargs)
+            record = _Record(keys, owned)
+            with torch.autograd.graph.saved_tensors_hooks(record.pack, record.unpack):
+                with record:
+                    out = inner(*args, **kwargs)
+            refuse_unmatched(record.matcher, "forward")
+            record.finish()
+            forward.counts = record.counts
+            return out
+
+        model.forward = forward
+
+        def remove():
+            if had is None:
+                model.__dict__.pop("forward", None)
+            else:
+                model.forward = had
+        return record_applied(model, self, [remove])
+
+
+register_form("remat", Remat.parse)
+
+
+def rebuild_ratio(model: nn.Module, batch, keys=frozenset(), *,
+                  loss_fn=training_loss) -> float:
+    """Op calls the rebuilds of one step with ``remat:KEYS`` re-run, per op call of the
+    forward: its time overhead in ops, FLOPs apart (NOTE above). One forward on fake
+    tensors, no backward."""
+    mode, target, target_batch = fake_target(model, batch)
+    with mode:
+        Remat(keys).apply(target)
+        try:
+            loss = loss_fn(target, target_batch)
+            del loss
+            rebuilt, made = target.forward.counts
+        finally:
+            remove_strategy(target)
+    return rebuilt / max(made, 1)

@@ -1,0 +1,342 @@
+"""remat:KEYS, each saved tensor rebuilt on its own when backward needs it
+(memprop.checkpoint.remat): spec forms, predicted = simulated = measured, gradients
+bitwise (dropout, padding masks, bf16 autocast), the same stored bytes and FLOPs as
+forward:KEYS at a lower peak, stand-ins for batch leaves, refusals of what it cannot
+replay, and the planner choosing it where it is cheaper."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from memprop.checkpoint import (Forward, Remat, applied_strategy, apply_strategy,
+                                parse_strategy, remove_strategy)
+from memprop.checkpoint import levels
+from memprop.checkpoint.levels import simulate_strategy, whole_front
+from memprop.checkpoint.oplevel import trace_blocks
+from memprop.checkpoint.planner import plan
+from memprop.checkpoint.remat import rebuild_ratio
+from memprop.errors import StrategyError
+from memprop.measure import measure_step
+from memprop.models import model_config
+from memprop.workload import build_workload
+from test_oplevel import loss_and_grads
+from test_whole import _InPlaceChain, _square_loss
+
+B = 4
+TRANSFORMER = dict(depth=3, d_model=32, heads=4, seq_len=16, vocab=64)
+GPT2 = dict(n_layer=2, n_embd=32, n_head=4, seq_len=16, use_cache=False)
+
+
+def _measure(model, data, strategy, loss_fn):
+    apply_strategy(model, strategy)
+    try:
+        return measure_step(model, data, loss_fn=loss_fn, repeats=1, inference=False,
+                            timing=False)
+    finally:
+        remove_strategy(model)
+
+
+def _grads(cfg, model, data, strategy=None):
+    if strategy is not None:
+        apply_strategy(model, strategy)
+    try:
+        return loss_and_grads(cfg, model, data)
+    finally:
+        if strategy is not None:
+            remove_strategy(model)
+
+
+def _same(a, b):
+    return torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
+
+
+def _bitwise(model, loss_fn, batch, strategy) -> bool:
+    """Whether the loss and every gradient under ``strategy`` equal the plain step's."""
+    runs = []
+    for s in (None, strategy):
+        model.zero_grad(set_to_none=True)
+        if s is not None:
+            apply_strategy(model, s)
+        try:
+            torch.manual_seed(0)
+            loss = loss_fn(model, batch)
+            loss.backward()
+        finally:
+            if s is not None:
+                remove_strategy(model)
+        runs.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    return _same(*runs)
+
+
+def test_spec_forms():
+    s = parse_strategy("remat:addmm#3+addmm#0-2+sdpa")
+    assert s == Remat(frozenset({"addmm#3", "addmm#0-2", "sdpa"}))
+    assert s.spec == "remat:sdpa+addmm#0-3" and parse_strategy(s.spec).spec == s.spec
+    assert parse_strategy("remat:-") == Remat() and Remat().spec == "remat:-"
+    for bad in ("remat:a-b", "remat:addmm#x", "remat:addmm#4-1"):
+        with pytest.raises(StrategyError, match="remat:"):
+            parse_strategy(bad)
+
+
+@pytest.mark.parametrize("name,sizes", [
+    ("transformer", dict(TRANSFORMER, dropout=0.1)),
+    ("hf:gpt2", GPT2),
+])
+def test_prediction_equals_measurement_and_gradients_are_bitwise(name, sizes):
+    pytest.importorskip("transformers") if name.startswith("hf:") else None
+    cfg = model_config(name, **sizes)
+    model, data = build_workload(cfg, B)
+    if name.startswith("hf:"):                 # left padding: the mask matters
+        data["attention_mask"][:2, :5] = 0
+        data["labels"][:2, :5] = -100
+    front = whole_front(model, data, loss_fn=cfg.loss)
+    plain = measure_step(model, data, loss_fn=cfg.loss, repeats=1, inference=False,
+                         timing=False)
+    ref = _grads(cfg, model, data)
+    for kept, cost, keys in (front[0], front[len(front) // 2], front[-1]):
+        predicted = simulate_strategy(model, data, Remat(keys), loss_fn=cfg.loss)
+        measured = _measure(model, data, Remat(keys), cfg.loss)
+        burst = _measure(model, data, Forward(keys), cfg.loss)
+        assert measured.peak_bytes == predicted.peak_bytes
+        assert measured.saved_bytes == predicted.saved_bytes
+        assert measured.backward_flops == predicted.backward_flops
+        # the same kept outputs and FLOPs as forward:KEYS, rebuilt one tensor at a time
+        assert measured.backward_flops - plain.backward_flops == cost
+        assert measured.saved_bytes <= burst.saved_bytes
+        assert measured.peak_bytes < burst.peak_bytes
+        assert _same(ref, _grads(cfg, model, data, Remat(keys)))
+
+
+def test_stored_bytes_against_shapes():
+    # every matmul and attention output kept: those outputs and the batch, no more
+    cfg = model_config("transformer", **TRANSFORMER)
+    model, data = build_workload(cfg, B)
+    calls = trace_blocks(model, data, loss_fn=cfg.loss, whole=True)[0]
+    keys = whole_front(model, data, loss_fn=cfg.loss)[-1][2]
+    m = _measure(model, data, Remat(keys), cfg.loss)
+    kept = sum(c.out_bytes for c in calls if c.key in keys)
+    d, T = TRANSFORMER["d_model"], TRANSFORMER["seq_len"]
+    # per block: q, k, v, attention, proj, fc1, fc2 outputs (B, T, d or 4d), attention's
+    # logsumexp (B, heads, T); the head's logits are the model's output, saved outside it
+    per_block = B * T * (3 * d + d + d + 4 * d + d) * 4 + B * TRANSFORMER["heads"] * T * 4
+    assert kept == TRANSFORMER["depth"] * per_block
+    batch = tree_flatten(data)[0]
+    outside = B * T * TRANSFORMER["vocab"] * 4 + 4    # the loss's log_softmax, nll weight
+    assert m.saved_bytes == kept + sum(t.numel() * t.element_size() for t in batch) + outside
+    assert (m.saved.kind == "input").sum() == len(batch)
+
+
+def test_autocast_bf16_gradients_are_bitwise():
+    cfg = model_config("transformer", **TRANSFORMER)
+    model, data = build_workload(cfg, B)
+    keys = whole_front(model, data, loss_fn=cfg.loss)[-1][2]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = _grads(cfg, model, data)
+        got = _grads(cfg, model, data, Remat(frozenset(list(keys)[::2])))
+    assert _same(ref, got)
+
+
+class _Masked(nn.Module):
+    """Embedding, a padding mask read through .bool(), and a chain of Linear + tanh."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.blocks = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
+
+    def forward(self, ids, mask):
+        h = self.emb(ids) * mask.bool().unsqueeze(-1)
+        for block in self.blocks:
+            h = torch.tanh(block(h)) + h
+        return h
+
+
+def _masked_loss(model, batch):
+    return model(batch["ids"], batch["mask"]).square().mean()
+
+
+def test_a_smaller_stand_in_replaces_a_batch_leaf():
+    torch.manual_seed(0)
+    model = _Masked()
+    batch = {"ids": torch.randint(0, 50, (8, 12)), "mask": torch.ones(8, 12, dtype=torch.long)}
+    batch["mask"][:3, :4] = 0
+    rematted = _measure(model, batch, Remat(), _masked_loss)
+    burst = _measure(model, batch, Forward(), _masked_loss)
+    predicted = simulate_strategy(model, batch, Remat(), loss_fn=_masked_loss)
+    assert rematted.saved_bytes == predicted.saved_bytes
+    assert rematted.peak_bytes == predicted.peak_bytes
+    # forward:- holds both int64 tensors; remat:- the ids and a bool copy of the mask;
+    # both: the model's output, which the loss's square saves
+    outside = 8 * 12 * 16 * 4
+    assert burst.saved_bytes == 2 * 8 * 12 * 8 + outside
+    assert rematted.saved_bytes == 8 * 12 * 8 + 8 * 12 + outside
+    assert _bitwise(model, _masked_loss, batch, Remat())
+
+
+def test_in_place_ops_replay_or_are_refused():
+    torch.manual_seed(0)
+    model, x = _InPlaceChain(), torch.randn(8, 16)
+    # outputs changed in place that are not kept: the in-place op replays on a rebuilt copy
+    assert _bitwise(model, _square_loss, x, Remat())
+    Remat().apply(model)
+    assert applied_strategy(model).spec == "remat:-"
+    with pytest.raises(StrategyError, match="already has"):
+        Remat().apply(model)
+    remove_strategy(model)
+    assert "forward" not in model.__dict__ and applied_strategy(model) is None
+    # a kept output changed in place: recipes would read the new values
+    Remat(frozenset({"addmm"})).apply(model)
+    try:
+        with pytest.raises(StrategyError, match="writes in place into the kept output"):
+            _square_loss(model, x)
+    finally:
+        remove_strategy(model)
+
+
+class _SinSkip(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.sin(self.lin(x) + x)          # sin's input is rebuilt from x
+
+
+class _ViewThenChange(nn.Module):
+    """A view taken, its base changed in place, the view read afterwards."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.lin(x) * 2
+        v = h.view(4, 2, 4)
+        h.add_(1.0)                                 # v sees it: v is h's storage
+        return torch.sin(v).flatten(1) + torch.tanh(h)
+
+
+def test_a_view_read_after_its_base_changed_in_place_is_exact():
+    torch.manual_seed(0)
+    assert _bitwise(_ViewThenChange(), lambda m, x: m(x).sum(), torch.randn(4, 8), Remat())
+
+
+def test_a_tensor_changed_after_the_forward_is_refused_in_backward():
+    # as autograd refuses a saved tensor changed in place: x is read by a recipe (sin's
+    # input) and saved as it is (the Linear's input)
+    for keys in (frozenset(), frozenset({"addmm"})):
+        model, x = _SinSkip(), torch.randn(4, 8)
+        Remat(keys).apply(model)
+        try:
+            loss = model(x).sum()
+            x.add_(1.0)
+            with pytest.raises(StrategyError, match="changed in place"):
+                loss.backward()
+        finally:
+            remove_strategy(model)
+
+
+def test_keys_naming_calls_not_made_are_refused():
+    model, x = _InPlaceChain(), torch.randn(8, 16)
+    Remat(frozenset({"addmm#9"})).apply(model)
+    try:
+        with pytest.raises(StrategyError, match=r"addmm#9.*addmm#0-3"):
+            _square_loss(model, x)
+    finally:
+        remove_strategy(model)
+
+
+def test_rebuilds_grow_with_depth():
+    ratios = []
+    for depth in (2, 8):
+        cfg = model_config("transformer", **dict(TRANSFORMER, depth=depth))
+        model, data = build_workload(cfg, B)
+        ratios.append(rebuild_ratio(model, data, loss_fn=cfg.loss))
+    assert 0 < ratios[0] < ratios[1]
+
+
+def test_peak_planner_takes_remat_where_it_is_cheaper(monkeypatch):
+    cfg = model_config("transformer", **TRANSFORMER)
+    model, data = build_workload(cfg, B)
+    keys = whole_front(model, data, loss_fn=cfg.loss)[-1][2]
+    budget = simulate_strategy(model, data, Remat(keys), loss_fn=cfg.loss).peak_bytes
+    chain = plan(model, data, budget, loss_fn=cfg.loss, whole=False)
+    assert not isinstance(chain.strategy, Remat) and chain.recompute_flops > 0
+    p = plan(model, data, budget, loss_fn=cfg.loss)
+    assert isinstance(p.strategy, Remat) and p.recompute_flops < chain.recompute_flops
+    assert "rebuilt on its own" in p.describe()
+    m = _measure(model, data, p.strategy, cfg.loss)
+    assert m.peak_bytes == p.predicted_peak_bytes <= budget
+    # rebuilds beyond the limit: not weighed
+    monkeypatch.setattr(levels, "REBUILD_LIMIT", 0.0)
+    assert not isinstance(plan(model, data, budget, loss_fn=cfg.loss).strategy, Remat)
+
+
+def test_stored_planner_weighs_remat_at_equal_flops_for_its_peak():
+    cfg = model_config("transformer", **TRANSFORMER)
+    model, data = build_workload(cfg, B)
+    plain = simulate_strategy(model, data, parse_strategy("none"))
+    p = plan(model, data, plain.saved_bytes // 2, metric="stored")
+    assert isinstance(p.strategy, Remat)
+    burst = simulate_strategy(model, data, Forward(p.strategy.keys))
+    assert burst.saved_bytes == p.predicted_saved_bytes
+    assert p.predicted_peak_bytes < burst.peak_bytes
+
+
+@pytest.mark.parametrize("name,sizes,batch", [
+    ("convnet", dict(depth=6, channels=8, image_size=16), 8),      # BatchNorm
+    ("mlp", dict(depth=12, width=64, d_in=64, phi="gelu"), 512),
+])
+def test_default_plan_is_exact_on_models_it_takes_remat_for(name, sizes, batch):
+    cfg = model_config(name, **sizes)
+    model, data = build_workload(cfg, batch)
+    plain = measure_step(model, data, repeats=1, inference=False, timing=False)
+    p = plan(model, data, int(plain.peak_bytes * 0.65))
+    assert isinstance(p.strategy, Remat)
+    chain = plan(model, data, int(plain.peak_bytes * 0.65), whole=False)
+    assert p.recompute_flops < chain.recompute_flops
+    ref = _grads(cfg, model, data)
+    buffers = [b.clone() for b in model.buffers()]
+    got = _grads(cfg, model, data, p.strategy)
+    assert _same(ref, got)
+    m = _measure(model, data, p.strategy, cfg.loss)
+    assert m.peak_bytes == p.predicted_peak_bytes
+    assert m.backward_flops - plain.backward_flops == p.recompute_flops
+
+
+def test_batchnorm_statistics_move_once_per_step():
+    cfg = model_config("convnet", depth=4, channels=8, image_size=16)
+    runs = []
+    for strategy in (None, Remat()):
+        torch.manual_seed(0)
+        model, data = build_workload(cfg, 8)
+        if strategy is not None:
+            apply_strategy(model, strategy)
+        try:
+            cfg.loss(model, data).backward()
+        finally:
+            if strategy is not None:
+                remove_strategy(model)
+        runs.append([b.clone() for b in model.buffers()])
+    assert runs[0] and all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+class _OwnGenerator(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.gen = torch.Generator().manual_seed(3)
+
+    def forward(self, x):
+        return torch.sin(self.lin(x) * torch.rand(x.shape, generator=self.gen))
+
+
+def test_random_ops_with_their_own_generator_are_refused():
+    model, x = _OwnGenerator(), torch.randn(4, 8)
+    Remat().apply(model)
+    try:
+        with pytest.raises(StrategyError, match="own generator"):
+            model(x)
+    finally:
+        remove_strategy(model)
