@@ -265,7 +265,8 @@ def test_peak_planner_takes_remat_where_it_is_cheaper(monkeypatch):
     assert not isinstance(chain.strategy, Remat) and chain.recompute_flops > 0
     p = plan(model, data, budget, loss_fn=cfg.loss)
     assert isinstance(p.strategy, Remat) and p.recompute_flops < chain.recompute_flops
-    assert "rebuilt on its own" in p.describe()
+    assert "rebuilt on its own" in p.describe() and "rebuilds re-run" in p.describe()
+    assert p.rebuild_ratio == rebuild_ratio(model, data, p.strategy.keys, loss_fn=cfg.loss) > 0
     m = _measure(model, data, p.strategy, cfg.loss)
     assert m.peak_bytes == p.predicted_peak_bytes <= budget
     # rebuilds beyond the limit: not weighed

@@ -216,6 +216,8 @@ class Plan:
     # predicted peak, and the levers beyond checkpointing when those are not activations
     peak_parts: dict = dataclasses.field(default_factory=dict)
     levers: tuple = ()
+    # remat:KEYS: op calls its rebuilds re-run per op call of the forward (time, no FLOPs)
+    rebuild_ratio: float | None = None
 
     @property
     def strategy(self):
@@ -255,6 +257,9 @@ class Plan:
         ]
         if self.recompute_ms is not None:
             lines.append(f"  recompute time ≈ {format_ms(self.recompute_ms)} (measured block forwards)")
+        if self.rebuild_ratio is not None:
+            lines.append(f"  rebuilds re-run {self.rebuild_ratio:.2f}x the forward's op calls "
+                         "(pointwise ops: step time, no FLOPs)")
         if self.peak_parts:
             lines += describe_levers(self.predicted_peak_bytes, self.peak_parts, self.levers)
         return "\n".join(lines)
@@ -334,6 +339,9 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
                                   if ms is not None and not isinstance(chosen, (Forward, Remat))
                                   else None),
                     blocks=table, peak_parts=parts)
+        if isinstance(chosen, Remat):
+            found.rebuild_ratio = levels.rebuild_ratio(model, batch, chosen.keys,
+                                                       loss_fn=loss_fn)
         if static * 2 >= result.peak_bytes:      # not activations: say what would help
             found.levers = tuple(levers_of(model, batch, found.strategy, optimizer=optimizer,
                                            loss_fn=loss_fn)[1])

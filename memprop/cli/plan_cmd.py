@@ -96,7 +96,8 @@ def plan_command(args) -> int:
             "plan": None if failed else {
                 "spec": result.spec, "predicted_peak_bytes": result.predicted_peak_bytes,
                 "predicted_saved_bytes": result.predicted_saved_bytes,
-                "recompute_flops": result.recompute_flops},
+                "recompute_flops": result.recompute_flops,
+                "rebuild_ratio": result.rebuild_ratio},
             "error": str(result) if failed else None,
             "strategies": table_rows(table)}, indent=2, default=str))
         return 2 if failed else 0
