@@ -190,6 +190,7 @@ class _Rebuild:
     def _run(self, target: _Call) -> list:
         inner, edge = self.region(target)
         edges = {id(src): self._heavy(src) for src in edge}
+        held = {id(t) for outs in edges.values() for t in outs if isinstance(t, torch.Tensor)}
         users: dict[int, int] = {}
         for call in inner:
             for src in call.sources():
@@ -214,6 +215,8 @@ class _Rebuild:
                     values.pop(id(src), None)
             args, kwargs = tree_unflatten(flat, call.spec)
             del flat
+            if held:                 # a held output written in place: write into a copy
+                args, kwargs = _copy_written(call.func, args, kwargs, held)
             if call.rng is not None:
                 outs = _replay_random(call, args, kwargs)
             else:
@@ -224,6 +227,29 @@ class _Rebuild:
 
 
 _FREE = "free"       # origin of a call reading no tensor (arange, full): any leaf's
+
+
+def _written_arguments(func) -> list:
+    """(position, name) of the arguments ``func`` writes into (its schema's ``(a!)``,
+    and BatchNorm's running statistics)."""
+    undeclared = _UNDECLARED_WRITES.get(func, ())
+    return [(i, arg.name) for i, arg in enumerate(func._schema.arguments)
+            if i in undeclared or (arg.alias_info is not None and arg.alias_info.is_write)]
+
+
+def _copy_written(func, args: tuple, kwargs: dict, held: set) -> tuple:
+    """``args``, ``kwargs`` with each held tensor ``func`` writes into replaced by a
+    copy: a held output serves later rebuilds as it was made."""
+    args, kwargs = list(args), dict(kwargs)
+    for i, name in _written_arguments(func):
+        where, key = (args, i) if i < len(args) else (kwargs, name)
+        if (key in where) if where is kwargs else True:
+            value = where[key]
+            if isinstance(value, (list, tuple)):
+                where[key] = type(value)(v.clone() if id(v) in held else v for v in value)
+            elif isinstance(value, torch.Tensor) and id(value) in held:
+                where[key] = value.clone()
+    return tuple(args), kwargs
 
 
 def _unchanged(t: torch.Tensor, version: int) -> torch.Tensor:
@@ -485,11 +511,9 @@ class _Record(TorchDispatchMode):
     def _written(self, func, args, kwargs) -> list:
         """The tensors ``func`` writes into; refuses a write into a kept output or a
         leaf that recipes read as it was."""
-        out, undeclared = [], _UNDECLARED_WRITES.get(func, ())
-        for i, arg in enumerate(func._schema.arguments):
-            if i not in undeclared and (arg.alias_info is None or not arg.alias_info.is_write):
-                continue
-            value = args[i] if i < len(args) else kwargs.get(arg.name)
+        out = []
+        for i, name in _written_arguments(func):
+            value = args[i] if i < len(args) else kwargs.get(name)
             for t in (value if isinstance(value, (list, tuple)) else [value]):
                 if not isinstance(t, torch.Tensor):
                     continue
