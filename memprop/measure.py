@@ -32,6 +32,8 @@ NOTE [ How a tensor budget covers every pass ]
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import contextlib
 import dataclasses
 import resource
@@ -175,8 +177,18 @@ def _rss_peak_bytes() -> int:
 
 
 def _batch_tensors(batch) -> list[torch.Tensor]:
-    """Every tensor in a batch of any structure (tuple, dict, nested)."""
-    return [t for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor)]
+    """Every tensor in a batch of any structure (tuple, dict, nested; a mapping that is
+    not a dict, as transformers' ``BatchEncoding``, as its dict)."""
+    return [t for t in tree_flatten(_plain_structure(batch))[0] if isinstance(t, torch.Tensor)]
+
+
+def _plain_structure(batch):
+    """``batch`` with mappings that are not dicts turned into dicts, so pytree sees in."""
+    if isinstance(batch, Mapping) and not isinstance(batch, dict):
+        return {k: _plain_structure(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
+        return type(batch)(_plain_structure(v) for v in batch)
+    return batch
 
 
 class _Step:

@@ -30,6 +30,7 @@ NOTE [ What counts as live memory ]
 from __future__ import annotations
 
 import weakref
+from collections.abc import Mapping
 from typing import Iterable
 
 import pandas as pd
@@ -98,10 +99,11 @@ class LiveMemoryTracker:
         # (offloaded activations, pinned buffers) do not count as device memory
         self.device = torch.device(device) if device is not None else None
         self._phase = "forward"
-        # any structure: a (inputs, targets) tuple, a dict of tensors (transformers), ...
-        if not isinstance(inputs, (torch.Tensor, tuple, list, dict)):
+        # any structure: a (inputs, targets) tuple, a dict of tensors, a BatchEncoding ...
+        if not isinstance(inputs, (torch.Tensor, tuple, list, Mapping)):
             inputs = list(inputs)
-        self._inputs = [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
+        from memprop.measure import _batch_tensors
+        self._inputs = _batch_tensors(inputs)
         self._live: dict[int, list] = {}     # storage key -> [category index, nbytes, weakref]
         self._totals = [0] * len(CATEGORIES)
         self._rows: list[tuple] = []

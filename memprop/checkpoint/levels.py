@@ -271,7 +271,10 @@ def rebuilds_within_limit(model, batch, calls, *, loss_fn=training_loss) -> bool
     """Whether ``remat:`` keeping every FLOP-carrying output among ``calls`` (the
     fewest rebuilds) re-runs at most ``REBUILD_LIMIT`` forwards' worth of op calls."""
     every = frozenset(c.key for c in calls if c.flops > 0 and not c.mutated)
-    return rebuild_ratio(model, batch, every, loss_fn=loss_fn) <= REBUILD_LIMIT
+    try:
+        return rebuild_ratio(model, batch, every, loss_fn=loss_fn) <= REBUILD_LIMIT
+    except StrategyError:           # remat cannot replay this model: not weighed
+        return False
 
 
 def remat_fit(model, batch, budget_bytes: int, simulate: Callable, *,
@@ -287,6 +290,9 @@ def remat_fit(model, batch, budget_bytes: int, simulate: Callable, *,
         return None
     front = whole_front(model, batch, loss_fn=loss_fn, calls=calls)
     most, _, every = front[-1]
-    overhead = simulate(Remat(every)).peak_bytes - most
-    return fit(whole_solver(model, batch, form=Remat, front=front), simulate,
-               metric_of("peak"), budget_bytes, overhead, max_rounds=max_rounds)
+    try:
+        overhead = simulate(Remat(every)).peak_bytes - most
+        return fit(whole_solver(model, batch, form=Remat, front=front), simulate,
+                   metric_of("peak"), budget_bytes, overhead, max_rounds=max_rounds)
+    except StrategyError:           # remat cannot replay this model: not weighed
+        return None

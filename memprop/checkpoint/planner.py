@@ -469,10 +469,13 @@ def _plan_stored(costs, plain, budget_bytes, simulated, make_plan, max_rounds,
                                 max_rounds=max_rounds))
     lowest = []
     for form, solve in wholes:
-        nothing_kept = simulated(form())
+        try:
+            nothing_kept = simulated(form())
+            found.append(levels.fit(solve, simulated, stored, budget_bytes,
+                                    nothing_kept.saved_bytes, max_rounds=max_rounds))
+        except StrategyError:        # a form this model cannot run (remat: NOTE there)
+            continue
         lowest.append((nothing_kept.saved_bytes, form().spec))
-        found.append(levels.fit(solve, simulated, stored, budget_bytes,
-                                nothing_kept.saved_bytes, max_rounds=max_rounds))
     fits = [f for f in found if f is not None]
     if fits:
         strategy, result = min(fits, key=lambda f: (f[1].backward_flops, f[1].peak_bytes))

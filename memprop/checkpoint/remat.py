@@ -50,6 +50,7 @@ NOTE [ Smaller stand-ins for leaves ]
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 
@@ -81,15 +82,31 @@ _UNDECLARED_WRITES = {op.default: (3, 4) for op in (
                                             "miopen_batch_norm")) if op is not None}
 
 
-def _key(t: torch.Tensor) -> tuple:
-    """A tensor's identity as a recipe input: its storage and the view of it."""
-    return storage_key(t), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype
+def _skey(t) -> int | None:
+    """The storage key of a strided tensor; None for anything else (a sparse tensor has
+    no storage to key: it is kept as it is, never rebuilt)."""
+    if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+        return storage_key(t)
+    return None
+
+
+def _key(t: torch.Tensor) -> tuple | None:
+    """A tensor's identity as a recipe input: its storage and the view of it (a
+    conjugate or negative view is another tensor on the same storage)."""
+    key = _skey(t)
+    if key is None:
+        return None
+    return (key, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype,
+            t.is_conj(), t.is_neg())
 
 
 class _Call:
     """One recorded aten call: ``inputs`` holds, per flattened argument, ``(call, i)``
-    (output i of an earlier call), ``(None, tensor, version)`` (a leaf) or
-    ``(None, value)`` (not a tensor). ``kept``: its outputs, when kept."""
+    (output i of an earlier call), ``(None, tensor, version)`` (a leaf, read as it is),
+    ``(None, copy, version, "copy")`` (a copy taken before the call: a leaf it writes
+    into, or a tensor written since through another view; replays get a fresh copy of
+    it) or ``(None, value)`` (not a tensor). ``kept``: its outputs, when kept (then
+    ``inputs`` is emptied when the forward ends: rebuilds stop here)."""
 
     __slots__ = ("seq", "func", "spec", "inputs", "rng", "kept", "heavy", "small", "origin",
                  "versions")
@@ -98,7 +115,7 @@ class _Call:
         self.seq, self.func, self.spec, self.inputs = seq, func, spec, inputs
         self.rng, self.kept, self.heavy = rng, kept, heavy
         self.small = None       # its outputs, held: they may stand in for its leaf (NOTE)
-        self.origin = None      # (key, leaf) of the one batch leaf it derives from, or _FREE
+        self.origin = None      # storage key of the one batch leaf it derives from, or _FREE
         self.versions = None    # of the kept outputs, when kept
 
     def sources(self):
@@ -132,7 +149,8 @@ class _Rebuild:
 
     def walk(self, packed: list, visit) -> None:
         """``visit(inner, edge)`` for each rebuild backward will run: once per recipe
-        unpacked, once per FLOP-carrying output not kept that some rebuild takes."""
+        unpacked (a recipe's region is re-run at each unpack), once per FLOP-carrying
+        output not kept that some rebuild takes (rebuilt once, then held: ``_heavy``)."""
         regions, walked, todo = {}, set(), list(packed)
         while todo:
             target = todo.pop()
@@ -172,7 +190,10 @@ class _Rebuild:
         if call.kept is not None:
             return _unchanged(call.kept[index], call.versions[index])
         if call.heavy:
-            return self._heavy(call)[index]
+            out = self._heavy(call)[index]
+            # still held for later rebuilds: autograd gets a copy (a backward may
+            # write into what it unpacks)
+            return out.clone() if id(call) in self.held else out
         return self._run(call)[index]
 
     def _heavy(self, call: _Call) -> list:
@@ -223,6 +244,11 @@ class _Rebuild:
                 outs = call.func(*args, **kwargs)
             del args, kwargs
             values[id(call)] = tree_flatten(outs)[0]
+        if any(t is None for t in values[id(target)]):
+            raise StrategyError(
+                f"memprop.checkpoint: remat: {target.func.overloadpacket.__name__} returns "
+                "None where the forward got a tensor when replayed without gradients (an "
+                "output that depends on grad mode, as an RNN's workspace); use forward:KEYS")
         return values[id(target)]
 
 
@@ -266,7 +292,7 @@ def _unchanged(t: torch.Tensor, version: int) -> torch.Tensor:
 
 def _derived(call: _Call):
     """The key of the batch leaf ``call`` derives from alone, else None."""
-    return call.origin[0] if call.origin is not None and call.origin is not _FREE else None
+    return call.origin if call.origin is not None and call.origin is not _FREE else None
 
 
 def _standins(rebuild: _Rebuild, packed: list) -> list:
@@ -293,8 +319,9 @@ def _standins(rebuild: _Rebuild, packed: list) -> list:
             for a in call.inputs:
                 src = a[0]
                 if src is None and len(a) == 3:
-                    key = storage_key(a[1])
-                    graph(key, a[1])[2].append((None, call if mine == key else None))
+                    key = _skey(a[1])
+                    if key is not None:
+                        graph(key, a[1])[2].append((None, call if mine == key else None))
                 elif src is not None and src.kept is None and _derived(src) is not None:
                     key = _derived(src)
                     graph(key)[1][id(src)] = src
@@ -361,6 +388,15 @@ def _min_cut(leaf: torch.Tensor, calls: dict, pairs: list) -> list:
             and ("out", n[1]) not in reach]
 
 
+def _autocast_off():
+    """A context with autocast off on the CPU and, where there is one, CUDA."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast("cpu", enabled=False))
+    if torch.cuda.is_available():
+        stack.enter_context(torch.autocast("cuda", enabled=False))
+    return stack
+
+
 def _replay_random(call: _Call, args, kwargs):
     devices, states = call.rng
     saved = [_get_state(d) for d in devices]
@@ -396,13 +432,16 @@ class _Record(TorchDispatchMode):
         # _key -> [weak ref to the output's storage, call, output index]
         self.made: dict[tuple, list] = {}
         self.views: dict[int, set] = {}           # storage key -> _keys made on it
+        self.demoted: set = set()                 # storage keys written in place
+        self.batch_leaves: dict = {}              # storage key -> a leaf of the batch
         self.guarded: dict[int, str] = {}         # storage key -> what a recipe reads there
         self.rebuild = _Rebuild()
         self.packed: list = []                    # calls handed to autograd as recipes
         self.seq = 0
 
     def _source(self, t: torch.Tensor):
-        found = self.made.get(_key(t))
+        key = _key(t)
+        found = self.made.get(key) if key is not None else None
         if found is not None and not torch.UntypedStorage._expired(found[0]):
             return found[1], found[2]
         # not made by a recorded call (or a freed storage's twin), or changed since
@@ -414,7 +453,10 @@ class _Record(TorchDispatchMode):
         longer hold what the calls that made them made (autograd's version counters say
         the same, but a view's counter is set after the view passes through this mode)."""
         for t in written:
-            storage = storage_key(t)
+            storage = _skey(t)
+            if storage is None:
+                continue
+            self.demoted.add(storage)
             for key in list(self.views.get(storage, ())):
                 entry = self.made.get(key)
                 if entry is not None and entry[1] is not call:
@@ -422,7 +464,7 @@ class _Record(TorchDispatchMode):
                     del self.made[key]
                     self.views[storage].discard(key)
             for c in self.standins:
-                if c.small is not None and any(storage_key(o) == storage for o in c.small):
+                if c.small is not None and any(_skey(o) == storage for o in c.small):
                     c.small = None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -438,12 +480,19 @@ class _Record(TorchDispatchMode):
                     f"memprop.checkpoint: remat: {func.overloadpacket.__name__} draws from "
                     "its own generator, whose state it cannot replay; use forward:KEYS")
             if not fake:
+                if kwargs.get("device") is not None:
+                    devices = sorted({*devices, torch.device(kwargs["device"])}, key=str)
                 devices = devices or [torch.device("cpu")]
                 rng = (devices, [_get_state(d) for d in devices])
         # a tensor the forward did not make that the call writes into (BatchNorm's
         # running statistics): replays write into a copy of it as it was before the call
         written = self._written(func, args, kwargs)
         snaps = {id(t): t.clone() for t in written if self._source(t) is None}
+        # a tensor made here but written since through another view is read as it is
+        # now: a copy, so that later writes do not reach the recipe (never a guard)
+        snaps.update({id(a): a.clone() for a in flat if isinstance(a, torch.Tensor)
+                      and id(a) not in snaps and _skey(a) in self.demoted
+                      and self._source(a) is None})
         out = func(*args, **kwargs)
         kept = self.matcher.kept(func)
         outs = tree_flatten(out)[0]
@@ -462,7 +511,7 @@ class _Record(TorchDispatchMode):
         if not kept and not random:
             self._offer_standin(call, outs)
         for i, t in enumerate(outs):
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and _key(t) is not None:
                 old = self.made.get(key := _key(t))
                 if old is not None:
                     torch.UntypedStorage._free_weak_ref(old[0])
@@ -471,12 +520,13 @@ class _Record(TorchDispatchMode):
         self._forget(written, call)
         for a in inputs:               # what a recipe will read as it was: kept or leaf
             if a[0] is None and len(a) == 3:
-                self.guarded[storage_key(a[1])] = "a tensor the forward did not make"
+                self.guarded[_skey(a[1])] = "a tensor the forward did not make"
         if kept:
             self.kept_calls.append(call)
             for t in outs:
                 if isinstance(t, torch.Tensor):
-                    self.guarded[storage_key(t)] = f"the kept output of {_name(func)}"
+                    self.guarded[_skey(t)] = f"the kept output of {_name(func)}"
+        self.guarded.pop(None, None)
         return out
 
     def _offer_standin(self, call: _Call, outs: list) -> None:
@@ -484,25 +534,29 @@ class _Record(TorchDispatchMode):
         through cheap calls and constants only, and hold its outputs when they are no
         larger than that leaf: at the forward's end they may be kept in its place
         (NOTE [ Smaller stand-ins for leaves ])."""
-        origins = {}
+        origins = set()
         for a in call.inputs:
             if a[0] is not None:
                 origin = a[0].origin
             elif len(a) >= 3:
-                key = storage_key(a[1])
-                origin = None if key in self.owned or len(a) == 4 else (key, a[1])
+                key = _skey(a[1])
+                origin = None if key is None or key in self.owned or len(a) == 4 else key
+                if origin is not None:
+                    self.batch_leaves[key] = a[1]
             else:
                 continue
             if origin is None:
                 return
             if origin is not _FREE:
-                origins[origin[0]] = origin
+                origins.add(origin)
         if len(origins) > 1 or call.heavy:
             return
-        call.origin = next(iter(origins.values())) if origins else _FREE
+        call.origin = origins.pop() if origins else _FREE
         if call.origin is _FREE or not outs or not all(isinstance(t, torch.Tensor) for t in outs):
             return
-        key, leaf = call.origin
+        key, leaf = call.origin, self.batch_leaves[call.origin]
+        if any(_skey(t) is None for t in outs):
+            return
         stores = {storage_key(t): t.untyped_storage().nbytes() for t in outs}
         if key not in stores and sum(stores.values()) <= leaf.untyped_storage().nbytes():
             call.small = list(outs)
@@ -517,7 +571,7 @@ class _Record(TorchDispatchMode):
             for t in (value if isinstance(value, (list, tuple)) else [value]):
                 if not isinstance(t, torch.Tensor):
                     continue
-                what = self.guarded.get(storage_key(t))
+                what = self.guarded.get(_skey(t))
                 if what is not None:
                     raise StrategyError(
                         f"memprop.checkpoint: remat: {func.overloadpacket.__name__} writes "
@@ -529,6 +583,8 @@ class _Record(TorchDispatchMode):
     def pack(self, t: torch.Tensor):
         src = self._source(t)
         if src is None or src[0].kept is not None:
+            if _skey(t) is not None:                  # (a sparse tensor: not measured)
+                report_stored(t, "remat:saved")       # held for backward as it is
             return (None, t, t._version)
         self.packed.append(src[0])
         return src
@@ -536,7 +592,9 @@ class _Record(TorchDispatchMode):
     def unpack(self, packed):
         if packed[0] is None:
             return _unchanged(packed[1], packed[2])
-        with torch.no_grad():
+        # the recorded calls are the casts autocast made: replay them as they are, also
+        # when backward runs under autocast
+        with torch.no_grad(), _autocast_off():
             return self.rebuild.value(*packed)
 
     def finish(self) -> None:
@@ -548,6 +606,7 @@ class _Record(TorchDispatchMode):
             self.kept_calls.append(call)
         for call in self.kept_calls:
             call.versions = [getattr(t, "_version", 0) for t in call.kept]
+            call.inputs = []           # rebuilds stop here: hold nothing it read
         for call in self.standins:
             call.small = None
         kept, leaves = self.rebuild.count(self.packed)
@@ -557,10 +616,12 @@ class _Record(TorchDispatchMode):
                 if isinstance(t, torch.Tensor):
                     report_stored(t, f"remat:{_name(call.func)}")
         for t in leaves:
-            report_stored(t, "remat:leaf")
+            if _skey(t) is not None:
+                report_stored(t, "remat:leaf")
         for ref, *_ in self.made.values():
             torch.UntypedStorage._free_weak_ref(ref)
         self.made, self.views, self.packed, self.guarded = {}, {}, [], {}
+        self.batch_leaves = {}
         self.standins, self.kept_calls = [], []
 
 
@@ -588,11 +649,12 @@ class Remat(Strategy):
         refuse_applied(model)
         keys, had = self.keys, model.__dict__.get("forward")
         inner = had if had is not None else model.forward
-        owned = {storage_key(t) for t in itertools.chain(model.parameters(), model.buffers())}
 
         def forward(*args, **kwargs):
             if not torch.is_grad_enabled():
                 return inner(*args, **kwargs)
+            # read at each call: parameters may have been replaced since apply()
+            owned = {_skey(t) for t in itertools.chain(model.parameters(), model.buffers())}
             record = _Record(keys, owned)
             with torch.autograd.graph.saved_tensors_hooks(record.pack, record.unpack):
                 with record:
