@@ -493,3 +493,72 @@ def test_what_remat_cannot_replay_is_refused_and_planned_around():
     plain = simulate_strategy(model, x, parse_strategy("none"), loss_fn=loss_fn)
     p = plan(model, x, plain.saved_bytes // 2, metric="stored", loss_fn=loss_fn)
     assert not isinstance(p.strategy, Remat)
+
+
+def test_peak_search_beyond_fit_and_the_smallest_it_found():
+    # the peak is not monotone in the kept bytes: fit()'s tightening alone stops short
+    # of this budget; the scan of the front finds the plan, and below it the error
+    # names the smallest peak remat reached
+    from memprop.errors import BudgetError
+    cfg = model_config("transformer", depth=2, d_model=64, heads=4, seq_len=64, dropout=0.1)
+    model, data = build_workload(cfg, 4)
+    p = plan(model, data, 2500 * 1024, loss_fn=cfg.loss)
+    assert isinstance(p.strategy, Remat) and p.predicted_peak_bytes <= 2500 * 1024
+    assert _measure(model, data, p.strategy, cfg.loss).peak_bytes == p.predicted_peak_bytes
+    with pytest.raises(BudgetError, match="found is about .* with remat:") as info:
+        plan(model, data, p.predicted_peak_bytes - 1, loss_fn=cfg.loss)
+    assert info.value.smallest_feasible_bytes == p.predicted_peak_bytes
+
+
+class _Unchained(nn.Module):
+    """Six matmuls over a ParameterList: no chain of blocks to find."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights = nn.ParameterList(torch.randn(256, 256) / 16 for _ in range(6))
+
+    def forward(self, x):
+        for w in self.weights:
+            x = torch.tanh(x @ w)
+        return x
+
+
+def test_peak_plan_for_a_model_without_a_chain():
+    torch.manual_seed(0)
+    model, x = _Unchained(), torch.randn(512, 256)
+    loss_fn = lambda m, batch: m(batch).square().mean()         # noqa: E731
+    plain = simulate_strategy(model, x, parse_strategy("none"), loss_fn=loss_fn)
+    assert plan(model, x, plain.peak_bytes, loss_fn=loss_fn).spec == "none"
+    p = plan(model, x, int(plain.peak_bytes * 0.9), loss_fn=loss_fn)
+    assert isinstance(p.strategy, Remat) and p.n_blocks == 0
+    assert _measure(model, x, p.strategy, loss_fn).peak_bytes == p.predicted_peak_bytes
+    assert _bitwise(model, loss_fn, x, p.strategy)
+
+
+class _NumpySin(torch.autograd.Function):
+    """Fills torch.empty_like outside aten (as a custom kernel would)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = torch.empty_like(x)
+        out.numpy()[...] = torch.sin(x).numpy()
+        ctx.save_for_backward(x)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * torch.cos(x)
+
+
+def test_an_empty_filled_outside_aten_is_kept_as_it_is():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.b(_NumpySin.apply(self.a(x)))   # b saves _NumpySin's output
+
+    torch.manual_seed(0)
+    assert _bitwise(M(), lambda m, x: m(x).sum(), torch.randn(4, 8), Remat())

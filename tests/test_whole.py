@@ -237,10 +237,10 @@ def test_stored_plan_for_a_model_without_a_chain():
     model, x = _NoChain(), torch.randn(6, 4, 16)
     loss_fn = lambda m, batch: m(batch).square().mean()         # noqa: E731
     with pytest.raises(StrategyError, match="cannot find the block chain"):
-        plan(model, x, 10**6, loss_fn=loss_fn)                   # the peak needs a chain
+        plan(model, x, 10**6, loss_fn=loss_fn, whole=False)      # the chain's plans need one
     plain = simulate_strategy(model, x, parse_strategy("none"), loss_fn=loss_fn)
     p = plan(model, x, plain.saved_bytes // 2, metric="stored", loss_fn=loss_fn)
-    assert isinstance(p.strategy, Forward) and p.n_blocks == 0
+    assert isinstance(p.strategy, (Forward, Remat)) and p.n_blocks == 0
     assert p.predicted_saved_bytes <= plain.saved_bytes // 2
     ref = [g.clone() for g in torch.autograd.grad(loss_fn(model, x), model.parameters())]
     apply_strategy(model, p.strategy)

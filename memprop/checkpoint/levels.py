@@ -39,7 +39,7 @@ from memprop.models import training_loss
 __all__ = ["METRICS", "metric_of", "simulate_strategy", "fit", "nested_solver",
            "early_stop_flops", "stop_flops", "segment_stops", "op_options", "placement_strategy",
            "lowest_nested", "stored_solver", "stored_model_bytes", "strategy_of",
-           "whole_solver", "whole_front", "whole_calls", "remat_fit",
+           "whole_solver", "whole_front", "whole_calls", "remat_fit", "REMAT_SCAN",
            "rebuilds_within_limit",
            "REBUILD_LIMIT"]
 
@@ -277,22 +277,52 @@ def rebuilds_within_limit(model, batch, calls, *, loss_fn=training_loss) -> bool
         return False
 
 
+# simulations remat_fit spends beyond fit()'s rounds when the peak is not monotone in
+# the kept bytes (fewer kept outputs can mean more rebuilt ones held at once)
+REMAT_SCAN = 24
+
+
 def remat_fit(model, batch, budget_bytes: int, simulate: Callable, *,
-              loss_fn=training_loss, max_rounds: int = 8):
+              loss_fn=training_loss, max_rounds: int = 8, seen: list | None = None):
     """(``Remat`` strategy, simulated Measurement) of least recompute FLOPs whose
     simulated peak fits ``budget_bytes``; None if none does, the loss calls the model
     more than once, or the rebuilds exceed ``REBUILD_LIMIT``. The keys come from the
-    whole forward's front (the cheapest per kept bytes); the first model budget is the
-    peak budget less the simulated peak of keeping every kept-able output, less those
-    outputs."""
+    whole forward's front (the cheapest per kept bytes). First ``fit``: the model budget
+    is the peak budget less the simulated peak of keeping every kept-able output, less
+    those outputs, tightened by each overshoot. The peak is not monotone in the kept
+    bytes, so if that finds nothing, the front's entries that could fit (kept bytes
+    within the budget less the least overhead simulated) are simulated in order of
+    FLOPs, up to ``REMAT_SCAN``. ``seen`` collects (peak, spec) of every simulation:
+    the least is the smallest peak remat reached."""
     calls = whole_calls(model, batch, loss_fn=loss_fn)
     if calls is None or not rebuilds_within_limit(model, batch, calls, loss_fn=loss_fn):
         return None
     front = whole_front(model, batch, loss_fn=loss_fn, calls=calls)
+    seen = [] if seen is None else seen
+    overheads = []
+
+    def simulated(strategy):
+        result = simulate(strategy)
+        seen.append((result.peak_bytes, strategy.spec))
+        overheads.append(result.peak_bytes - sum(
+            kept for kept, _, keys in front if keys == strategy.keys))
+        return result
     most, _, every = front[-1]
     try:
-        overhead = simulate(Remat(every)).peak_bytes - most
-        return fit(whole_solver(model, batch, form=Remat, front=front), simulate,
-                   metric_of("peak"), budget_bytes, overhead, max_rounds=max_rounds)
+        found = fit(whole_solver(model, batch, form=Remat, front=front), simulated,
+                    metric_of("peak"), budget_bytes, simulated(Remat(every)).peak_bytes - most,
+                    max_rounds=max_rounds)
+        if found is not None:
+            return found
+        tried = {spec for _, spec in seen}
+        least = min(overheads)
+        for kept, _, keys in sorted((e for e in front if e[0] <= budget_bytes - least),
+                                    key=lambda e: (e[1], e[0]))[:REMAT_SCAN]:
+            if Remat(keys).spec in tried:
+                continue
+            result = simulated(Remat(keys))
+            if result.peak_bytes <= budget_bytes:
+                return Remat(keys), result
+        return None
     except StrategyError:           # remat cannot replay this model: not weighed
         return None

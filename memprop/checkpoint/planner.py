@@ -301,10 +301,9 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, chec
 def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn,
           max_rounds, metric, whole) -> Plan:
     mode = fake_mode_of(model)
-    # no chain of blocks to find: bytes stored can still be planned, with one checkpoint
-    # around the whole forward (it needs no chain)
-    chainless = (metric == "stored" and whole and blocks_attr is None
-                 and all(v is None for v in select.values()) and not _finds_chain(model))
+    # no chain of blocks to find: forms spanning the whole forward need none
+    chainless = (whole and blocks_attr is None and all(v is None for v in select.values())
+                 and not _finds_chain(model))
     costs, table = None, pd.DataFrame()
     if not chainless:
         with (mode if mode is not None else contextlib.nullcontext()):
@@ -347,35 +346,60 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
                                            loss_fn=loss_fn)[1])
         return found
 
-    if chainless:
+    if chainless and metric == "stored":
         return _plan_stored(None, plain, budget_bytes, simulated, make_plan, max_rounds,
                             None, None, _whole_forms(model, batch, loss_fn))
-    early, tail = levels.stop_flops(model, batch, blocks_attr=blocks_attr, loss_fn=loss_fn,
-                                    **select)
-    stops = levels.segment_stops(costs, early, tail)        # plain segments' discount
-    options = levels.op_options(model, batch, blocks_attr=blocks_attr, loss_fn=loss_fn,
-                                early=early, **select)
-    if metric == "stored":
-        return _plan_stored(costs, plain, budget_bytes, simulated, make_plan, max_rounds,
-                            stops, options, _whole_forms(model, batch, loss_fn) if whole
-                            else [])
-    try:
-        chained, error = _plan_peak(costs, plain, budget_bytes, simulated, make_plan,
-                                    max_rounds, options, stops, early), None
-    except BudgetError as exc:
-        chained, error = None, exc
+    if chainless:
+        if plain.peak_bytes <= budget_bytes:        # fits as it is
+            return make_plan([], plain)
+        chained, error = None, _chainless_error(model)
+    else:
+        early, tail = levels.stop_flops(model, batch, blocks_attr=blocks_attr,
+                                        loss_fn=loss_fn, **select)
+        stops = levels.segment_stops(costs, early, tail)    # plain segments' discount
+        options = levels.op_options(model, batch, blocks_attr=blocks_attr, loss_fn=loss_fn,
+                                    early=early, **select)
+        if metric == "stored":
+            return _plan_stored(costs, plain, budget_bytes, simulated, make_plan, max_rounds,
+                                stops, options, _whole_forms(model, batch, loss_fn) if whole
+                                else [])
+        try:
+            chained, error = _plan_peak(costs, plain, budget_bytes, simulated, make_plan,
+                                        max_rounds, options, stops, early), None
+        except BudgetError as exc:
+            chained, error = None, exc
     # each saved tensor rebuilt on its own when backward needs it (remat:KEYS): weighed
     # when the chain's plan recomputes at all; equal FLOPs: the chain's plan, whose
     # rebuilds re-run fewer ops
+    seen: list = []
     if whole and (chained is None or chained.recompute_flops > 0):
         found = levels.remat_fit(model, batch, budget_bytes, simulated, loss_fn=loss_fn,
-                                 max_rounds=max_rounds)
+                                 max_rounds=max_rounds, seen=seen)
         if found is not None and (chained is None or found[1].backward_flops
                                   - plain.backward_flops < chained.recompute_flops):
             return make_plan([], found[1], chosen=found[0])
-    if chained is None:
-        raise error
-    return chained
+    if chained is not None:
+        return chained
+    if seen and (not isinstance(error, BudgetError)
+                 or min(seen)[0] < error.smallest_feasible_bytes):
+        smallest, reached_by = min(seen)      # remat reached lower than the chain
+        raise BudgetError(
+            f"memprop.checkpoint: no checkpointing plan fits a budget of "
+            f"{format_bytes(budget_bytes)} ({budget_bytes} bytes); the smallest feasible "
+            f"budget found is about {format_bytes(smallest)} ({smallest} bytes, with "
+            f"{reached_by[:60]}) - the plain step needs {format_bytes(plain.peak_bytes)}. "
+            "Raise the budget or shrink the batch", smallest_feasible_bytes=smallest)
+    raise error
+
+
+def _chainless_error(model) -> StrategyError:
+    """The chain search's own error, for a model without a chain whose whole-forward
+    forms (remat) found nothing either."""
+    try:
+        find_blocks(model)
+    except StrategyError as exc:
+        return exc
+    return StrategyError(f"memprop.checkpoint: no chain of blocks in {type(model).__name__}")
 
 
 def _plan_peak(costs, plain, budget_bytes, simulated, make_plan, max_rounds, options,

@@ -33,7 +33,10 @@ NOTE [ Rebuilding each saved tensor when backward needs it ]
   replays into a copy of it taken before the call, held for backward: a replay never
   updates the model's state, and reads what the call read. RNG
   states (5 KiB per random CPU op) are held outside the tensor accounting, as
-  ``torch.utils.checkpoint`` holds its own.
+  ``torch.utils.checkpoint`` holds its own. Values written outside aten (a kernel or
+  numpy filling ``torch.empty``) are not recorded: an ``empty()`` output no recorded
+  call writes into is kept as it is, not rebuilt; a write into a tensor made by a
+  recorded call, outside aten, is not seen (use ``forward:KEYS`` for such models).
 
   Stored bytes (``Measurement.saved_bytes``): the kept outputs and leaves some recipe
   reaches, reported to memprop's instruments when the forward ends.
@@ -74,6 +77,10 @@ __all__ = ["Remat", "rebuild_ratio"]
 
 _aten = torch.ops.aten
 
+
+# factories whose outputs hold whatever memory held: a replay gives other values
+_EMPTY = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
+          "empty_permuted"}
 
 # ops that write into arguments their schema does not mark as written: BatchNorm's
 # running statistics (argument positions)
@@ -433,6 +440,7 @@ class _Record(TorchDispatchMode):
         self.made: dict[tuple, list] = {}
         self.views: dict[int, set] = {}           # storage key -> _keys made on it
         self.demoted: set = set()                 # storage keys written in place
+        self.unwritten: set = set()               # storage keys of empty() outputs
         self.batch_leaves: dict = {}              # storage key -> a leaf of the batch
         self.guarded: dict[int, str] = {}         # storage key -> what a recipe reads there
         self.rebuild = _Rebuild()
@@ -457,6 +465,7 @@ class _Record(TorchDispatchMode):
             if storage is None:
                 continue
             self.demoted.add(storage)
+            self.unwritten.discard(storage)
             for key in list(self.views.get(storage, ())):
                 entry = self.made.get(key)
                 if entry is not None and entry[1] is not call:
@@ -490,9 +499,9 @@ class _Record(TorchDispatchMode):
         snaps = {id(t): t.clone() for t in written if self._source(t) is None}
         # a tensor made here but written since through another view is read as it is
         # now: a copy, so that later writes do not reach the recipe (never a guard)
+        writes = {id(t) for t in written}
         snaps.update({id(a): a.clone() for a in flat if isinstance(a, torch.Tensor)
-                      and id(a) not in snaps and _skey(a) in self.demoted
-                      and self._source(a) is None})
+                      and id(a) not in writes and self._outside(a)})
         out = func(*args, **kwargs)
         kept = self.matcher.kept(func)
         outs = tree_flatten(out)[0]
@@ -518,6 +527,8 @@ class _Record(TorchDispatchMode):
                 self.made[key] = [t.untyped_storage()._weak_ref(), call, i]
                 self.views.setdefault(key[0], set()).add(key)
         self._forget(written, call)
+        if func.overloadpacket.__name__ in _EMPTY:
+            self.unwritten.update(_skey(t) for t in outs if isinstance(t, torch.Tensor))
         for a in inputs:               # what a recipe will read as it was: kept or leaf
             if a[0] is None and len(a) == 3:
                 self.guarded[_skey(a[1])] = "a tensor the forward did not make"
@@ -580,8 +591,17 @@ class _Record(TorchDispatchMode):
                 out.append(t)
         return out
 
+    def _outside(self, t: torch.Tensor) -> bool:
+        """Whether ``t``'s values came from outside the recorded calls: made here but
+        written since through another view, or an ``empty()`` no recorded call wrote
+        into (a kernel outside aten filled it). Such a tensor is read as it is now."""
+        key = _skey(t)
+        return key in self.unwritten or (key in self.demoted and self._source(t) is None)
+
     def pack(self, t: torch.Tensor):
         src = self._source(t)
+        if _skey(t) in self.unwritten:
+            src = None                                # its recipe would replay empty()
         if src is None or src[0].kept is not None:
             if _skey(t) is not None:                  # (a sparse tensor: not measured)
                 report_stored(t, "remat:saved")       # held for backward as it is
@@ -621,7 +641,7 @@ class _Record(TorchDispatchMode):
         for ref, *_ in self.made.values():
             torch.UntypedStorage._free_weak_ref(ref)
         self.made, self.views, self.packed, self.guarded = {}, {}, [], {}
-        self.batch_leaves = {}
+        self.batch_leaves, self.demoted, self.unwritten = {}, set(), set()
         self.standins, self.kept_calls = [], []
 
 

@@ -70,10 +70,10 @@ def add_parser(sub) -> None:
                         "stored for backward at the end of forward")
     p.add_argument("--no-whole-forward", dest="whole", action="store_false",
                    help="plan only checkpoints on the block chain (recomputed a segment at "
-                        "a time), not forms spanning the whole forward: one checkpoint "
-                        "around it (forward:KEYS, --metric stored) or each saved tensor "
-                        "rebuilt when backward needs it (remat:KEYS, --metric peak); "
-                        "without it both are weighed")
+                        "a time), not forms spanning the whole forward: each saved tensor "
+                        "rebuilt when backward needs it (remat:KEYS, both metrics) and one "
+                        "checkpoint around it (forward:KEYS, --metric stored); without it "
+                        "all are weighed")
     p.add_argument("--json", action="store_true", help="print the plan and the table as JSON")
     p.set_defaults(func=plan_command)
 
