@@ -44,7 +44,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from memprop.checkpoint.chain import CheckpointedChain, find_blocks
 from memprop.checkpoint.multilevel import claim_blocks, fake_target
-from memprop.checkpoint.selective import SAVED_OPS, _Both
+from memprop.checkpoint.selective import SAVED_OPS, _Both, draws_random
 from memprop.checkpoint.strategies import Strategy, record_applied, register_form
 from memprop.errors import StrategyError
 from memprop.flops import FlopCounter
@@ -139,7 +139,7 @@ class _Report(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if self.matcher.kept(func):
+        if self.matcher.kept(func) and not draws_random(func, args, kwargs):
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor):
                     report_stored(t, f"ops:{_name(func)}")
@@ -151,7 +151,7 @@ def _context_fn(keys: frozenset, where: str = "block"):
         runs = {False: _Matcher(keys), True: _Matcher(keys)}   # forward, recompute
 
         def policy(ctx, op, *args, **kwargs):
-            if runs[ctx.is_recompute].kept(op):
+            if runs[ctx.is_recompute].kept(op) and not draws_random(op, args, kwargs):
                 return CheckpointPolicy.MUST_SAVE
             return CheckpointPolicy.PREFER_RECOMPUTE
         forward_ctx, recompute_ctx = create_selective_checkpoint_contexts(policy)
@@ -265,8 +265,10 @@ class OpCall:
     key: str              # name#i within its block
     out_bytes: int        # bytes of output storages not seen before in the block
     flops: int
-    # an output is changed in place later in the step: a selective-checkpoint cache
-    # refuses it (torch raises in backward), so it is never offered as kept
+    # an output is changed in place later in the step (a selective-checkpoint cache
+    # refuses it: torch raises in backward), or the call draws random numbers (keeping it
+    # would shift every later draw of the recompute: selective.draws_random): never
+    # offered as kept
     mutated: bool = False
 
 
@@ -293,7 +295,8 @@ class _Trace(TorchDispatchMode):
                         self.held.append(t)
                         fresh += t.untyped_storage().nbytes()
             flops = self.counter.total - before
-            calls.append(OpCall(f"{name}#{names[name]}", fresh, flops))
+            calls.append(OpCall(f"{name}#{names[name]}", fresh, flops,
+                                mutated=draws_random(func, args, kwargs)))
             self.versions.setdefault(self.block, []).append(outs)
             names[name] += 1
         return out
@@ -346,7 +349,7 @@ def trace_blocks(model, batch, *, blocks_attr=None, loss_fn=training_loss, block
             f"memprop.checkpoint: the loss calls {type(target).__name__} {entered[0]} times "
             "with gradients on; forward:KEYS numbers op calls within one call of the model, "
             "so its costs are traced for a loss that calls the model once")
-    return [[dataclasses.replace(c, mutated=any(t._version != v for t, v in outs))
+    return [[dataclasses.replace(c, mutated=c.mutated or any(t._version != v for t, v in outs))
              for c, outs in zip(trace.calls[k][0], trace.versions.get(k, []))]
             for k in range(len(blocks))]
 

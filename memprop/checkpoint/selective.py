@@ -16,7 +16,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from memprop.saved import report_stored
 
-__all__ = ["SAVED_OPS", "selective_context_fn"]
+__all__ = ["SAVED_OPS", "selective_context_fn", "draws_random"]
 
 _aten = torch.ops.aten
 SAVED_OPS = {
@@ -29,8 +29,21 @@ SAVED_OPS = {
 }
 
 
+def draws_random(func, args=(), kwargs=None) -> bool:
+    """Whether a call draws from the RNG: a seeded op (dropout, rand) or attention with
+    ``dropout_p > 0``. A selective-checkpoint cache must not keep its outputs: the
+    recompute would skip the draw, and every random op after it would draw other
+    numbers than the forward did (other dropout masks: other gradients)."""
+    if torch.Tag.nondeterministic_seeded not in getattr(func, "tags", ()):
+        return False
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.name == "dropout_p":
+            return bool(args[i] if i < len(args) else (kwargs or {}).get("dropout_p", 0.0))
+    return True
+
+
 def _policy(ctx, op, *args, **kwargs):
-    if getattr(op, "overloadpacket", None) in SAVED_OPS:
+    if getattr(op, "overloadpacket", None) in SAVED_OPS and not draws_random(op, args, kwargs):
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
@@ -40,7 +53,7 @@ class _ReportSaved(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func.overloadpacket in SAVED_OPS:
+        if func.overloadpacket in SAVED_OPS and not draws_random(func, args, kwargs):
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor):
                     report_stored(t, f"selective:{func.overloadpacket.__name__}")
