@@ -39,7 +39,7 @@ from memprop.models import training_loss
 __all__ = ["METRICS", "metric_of", "simulate_strategy", "fit", "nested_solver",
            "early_stop_flops", "stop_flops", "segment_stops", "op_options", "placement_strategy",
            "lowest_nested", "stored_solver", "stored_model_bytes", "strategy_of",
-           "whole_solver", "whole_front", "whole_calls", "remat_fit", "REMAT_SCAN",
+           "whole_solver", "whole_front", "whole_calls", "remat_fit", "REMAT_SCAN", "REMAT_MAX_BLOCKS",
            "rebuilds_within_limit",
            "REBUILD_LIMIT"]
 
@@ -265,6 +265,10 @@ def op_options(model, batch, *, blocks_attr=None, loss_fn=training_loss, early=N
 # many forwards' worth of op calls (memprop.checkpoint.remat.rebuild_ratio): a deep chain
 # rebuilds its residual stream quadratically, in step time and in planning time
 REBUILD_LIMIT = 4.0
+# ... and, before that is measured, only on chains of at most this many blocks (its
+# rebuilds grow with the chain: 1.6x the forward's op calls at 8 zoo blocks, 7.1x at
+# 48): measuring the ratio takes two forwards, which a deep chain's plan would not use
+REMAT_MAX_BLOCKS = 24
 
 
 def rebuilds_within_limit(model, batch, calls, *, loss_fn=training_loss) -> bool:

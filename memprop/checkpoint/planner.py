@@ -276,7 +276,8 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, chec
     ``whole``: also weigh forms that span the whole forward: each saved tensor rebuilt
     on its own when backward needs it (``remat:KEYS``, NOTE [ Rebuilding each saved
     tensor when backward needs it ] in memprop.checkpoint.remat; for ``metric="peak"``
-    only when the chain's plan recomputes at all), while its rebuilds re-run at most
+    only when the chain's plan recomputes at all), on chains of at most
+    ``levels.REMAT_MAX_BLOCKS`` blocks while its rebuilds re-run at most
     ``levels.REBUILD_LIMIT`` forwards' worth of ops; and for ``metric="stored"`` one
     checkpoint around it (``forward:KEYS``, NOTE [ One checkpoint around the forward ]
     in memprop.checkpoint.whole), which recomputes in one burst as backward begins.
@@ -361,8 +362,8 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
                                     early=early, **select)
         if metric == "stored":
             return _plan_stored(costs, plain, budget_bytes, simulated, make_plan, max_rounds,
-                                stops, options, _whole_forms(model, batch, loss_fn) if whole
-                                else [])
+                                stops, options, _whole_forms(model, batch, loss_fn, n)
+                                if whole else [])
         try:
             chained, error = _plan_peak(costs, plain, budget_bytes, simulated, make_plan,
                                         max_rounds, options, stops, early), None
@@ -372,7 +373,8 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
     # when the chain's plan recomputes at all; equal FLOPs: the chain's plan, whose
     # rebuilds re-run fewer ops
     seen: list = []
-    if whole and (chained is None or chained.recompute_flops > 0):
+    if whole and n <= levels.REMAT_MAX_BLOCKS and (chained is None
+                                                  or chained.recompute_flops > 0):
         found = levels.remat_fit(model, batch, budget_bytes, simulated, loss_fn=loss_fn,
                                  max_rounds=max_rounds, seen=seen)
         if found is not None and (chained is None or found[1].backward_flops
@@ -463,16 +465,18 @@ def _finds_chain(model) -> bool:
     return True
 
 
-def _whole_forms(model, batch, loss_fn) -> list:
+def _whole_forms(model, batch, loss_fn, n_blocks: int = 0) -> list:
     """(form, solver) of the forms spanning the whole forward that ``plan(metric=
-    "stored")`` weighs: ``forward:KEYS``, and ``remat:KEYS`` while its rebuilds stay
-    within ``levels.REBUILD_LIMIT``; none when the loss calls the model twice."""
+    "stored")`` weighs: ``forward:KEYS``, and ``remat:KEYS`` on chains of at most
+    ``levels.REMAT_MAX_BLOCKS`` blocks while its rebuilds stay within
+    ``levels.REBUILD_LIMIT``; none when the loss calls the model twice."""
     calls = levels.whole_calls(model, batch, loss_fn=loss_fn)
     if calls is None:
         return []
     front = levels.whole_front(model, batch, loss_fn=loss_fn, calls=calls)
     forms = [Forward]
-    if levels.rebuilds_within_limit(model, batch, calls, loss_fn=loss_fn):
+    if n_blocks <= levels.REMAT_MAX_BLOCKS and levels.rebuilds_within_limit(
+            model, batch, calls, loss_fn=loss_fn):
         forms.append(Remat)
     return [(form, levels.whole_solver(model, batch, form=form, front=front))
             for form in forms]
