@@ -32,8 +32,6 @@ NOTE [ How a tensor budget covers every pass ]
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import contextlib
 import dataclasses
 import resource
@@ -45,12 +43,11 @@ from typing import Any, Callable
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
 
 from memprop.errors import ConfigError
 from memprop.flops import FlopCounter
 from memprop.models import inference_forward, training_loss
-from memprop.saved import SavedTensorRecorder, per_module_table
+from memprop.saved import SavedTensorRecorder, batch_tensors, per_module_table
 from memprop.tracker import CATEGORIES, LiveMemoryTracker
 
 __all__ = ["Measurement", "measure_step", "make_optimizer", "OPTIMIZERS", "AMP_MODES",
@@ -174,21 +171,6 @@ def _sync(device: torch.device) -> None:
 def _rss_peak_bytes() -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
-
-
-def _batch_tensors(batch) -> list[torch.Tensor]:
-    """Every tensor in a batch of any structure (tuple, dict, nested; a mapping that is
-    not a dict, as transformers' ``BatchEncoding``, as its dict)."""
-    return [t for t in tree_flatten(_plain_structure(batch))[0] if isinstance(t, torch.Tensor)]
-
-
-def _plain_structure(batch):
-    """``batch`` with mappings that are not dicts turned into dicts, so pytree sees in."""
-    if isinstance(batch, Mapping) and not isinstance(batch, dict):
-        return {k: _plain_structure(v) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
-        return type(batch)(_plain_structure(v) for v in batch)
-    return batch
 
 
 class _Step:
@@ -348,7 +330,7 @@ def measure_step(model: nn.Module, batch, *, optimizer: str = "sgd",
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ConfigError(f"memprop.measure: repeats = {repeats!r} is not allowed; it must "
                           "be an integer >= 1")
-    tensors = _batch_tensors(batch)
+    tensors = batch_tensors(batch)
     device = tensors[0].device if tensors else torch.device("cpu")
     with _as_found(model, strategy, batch, loss_fn):
         model.train()

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
+from collections.abc import Mapping
 from typing import Iterable
 
 import pandas as pd
@@ -44,7 +45,7 @@ from torch.utils._pytree import tree_flatten
 
 from memprop._module_scope import ModuleScope
 
-__all__ = ["SavedRecord", "SavedTensorRecorder", "KINDS", "report_stored"]
+__all__ = ["SavedRecord", "SavedTensorRecorder", "KINDS", "report_stored", "batch_tensors"]
 
 KINDS = ("activation", "input", "parameter", "buffer")
 
@@ -100,6 +101,21 @@ def _closure(fn) -> dict:
 def storage_key(t: torch.Tensor) -> int:
     """Identity of the StorageImpl behind ``t`` (stable while the storage lives)."""
     return t.untyped_storage()._cdata
+
+
+def batch_tensors(batch) -> list[torch.Tensor]:
+    """Every tensor in a batch of any structure (tuple, dict, nested; a mapping that is
+    not a dict, as transformers' ``BatchEncoding``, as its dict)."""
+    return [t for t in tree_flatten(_plain_structure(batch))[0] if isinstance(t, torch.Tensor)]
+
+
+def _plain_structure(batch):
+    """``batch`` with mappings that are not dicts turned into dicts, so pytree sees in."""
+    if isinstance(batch, Mapping) and not isinstance(batch, dict):
+        return {k: _plain_structure(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
+        return type(batch)(_plain_structure(v) for v in batch)
+    return batch
 
 
 def storage_keys(tensors: Iterable[torch.Tensor]) -> set[int]:

@@ -41,7 +41,7 @@ from torch.utils._pytree import tree_flatten
 
 from memprop._module_scope import ModuleScope
 from memprop.budget import TensorBudgetExceeded
-from memprop.saved import _STORE_OBSERVERS
+from memprop.saved import _STORE_OBSERVERS, batch_tensors
 
 __all__ = ["LiveMemoryTracker", "CATEGORIES", "PHASES"]
 
@@ -102,8 +102,7 @@ class LiveMemoryTracker:
         # any structure: a (inputs, targets) tuple, a dict of tensors, a BatchEncoding ...
         if not isinstance(inputs, (torch.Tensor, tuple, list, Mapping)):
             inputs = list(inputs)
-        from memprop.measure import _batch_tensors
-        self._inputs = _batch_tensors(inputs)
+        self._inputs = batch_tensors(inputs)
         self._live: dict[int, list] = {}     # storage key -> [category index, nbytes, weakref]
         self._totals = [0] * len(CATEGORIES)
         self._rows: list[tuple] = []

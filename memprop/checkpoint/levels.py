@@ -303,13 +303,12 @@ def remat_fit(model, batch, budget_bytes: int, simulate: Callable, *,
         return None
     front = whole_front(model, batch, loss_fn=loss_fn, calls=calls)
     seen = [] if seen is None else seen
-    overheads = []
+    overheads, kept_of = [], {keys: kept for kept, _, keys in front}
 
     def simulated(strategy):
         result = simulate(strategy)
         seen.append((result.peak_bytes, strategy.spec))
-        overheads.append(result.peak_bytes - sum(
-            kept for kept, _, keys in front if keys == strategy.keys))
+        overheads.append(result.peak_bytes - kept_of.get(strategy.keys, 0))
         return result
     most, _, every = front[-1]
     try:

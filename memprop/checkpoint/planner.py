@@ -385,13 +385,21 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
     if seen and (not isinstance(error, BudgetError)
                  or min(seen)[0] < error.smallest_feasible_bytes):
         smallest, reached_by = min(seen)      # remat reached lower than the chain
-        raise BudgetError(
-            f"memprop.checkpoint: no checkpointing plan fits a budget of "
-            f"{format_bytes(budget_bytes)} ({budget_bytes} bytes); the smallest feasible "
-            f"budget found is about {format_bytes(smallest)} ({smallest} bytes, with "
-            f"{reached_by[:60]}) - the plain step needs {format_bytes(plain.peak_bytes)}. "
-            "Raise the budget or shrink the batch", smallest_feasible_bytes=smallest)
+        raise _peak_budget_error(budget_bytes, smallest, plain, reached_by)
     raise error
+
+
+def _peak_budget_error(budget_bytes: int, smallest: int, plain, reached_by: str | None = None):
+    """No plan fits a peak budget: the smallest feasible one (the chain's, a bound), or
+    the smallest a search found (``reached_by`` names its strategy)."""
+    how = (f"found is about {format_bytes(smallest)} ({smallest} bytes, with "
+           f"{reached_by[:60]})" if reached_by is not None else
+           f"is about {format_bytes(smallest)} ({smallest} bytes)")
+    return BudgetError(
+        f"memprop.checkpoint: no checkpointing plan fits a budget of "
+        f"{format_bytes(budget_bytes)} ({budget_bytes} bytes); the smallest feasible "
+        f"budget {how} - the plain step needs {format_bytes(plain.peak_bytes)}. Raise the "
+        "budget or shrink the batch", smallest_feasible_bytes=smallest)
 
 
 def _chainless_error(model) -> StrategyError:
@@ -449,12 +457,7 @@ def _plan_peak(costs, plain, budget_bytes, simulated, make_plan, max_rounds, opt
                          chosen=None if isinstance(strategy, Blocks) else strategy)
     smallest = min([plain.peak_bytes, *(r.peak_bytes for _, r in candidates),
                     *([simulated(deepest).peak_bytes] if deepest is not None else [])])
-    raise BudgetError(
-        f"memprop.checkpoint: no checkpointing plan fits a budget of "
-        f"{format_bytes(budget_bytes)} ({budget_bytes} bytes); the smallest feasible "
-        f"budget is about {format_bytes(smallest)} ({smallest} bytes) - the plain step "
-        f"needs {format_bytes(plain.peak_bytes)}. Raise the budget or shrink the batch",
-        smallest_feasible_bytes=smallest)
+    raise _peak_budget_error(budget_bytes, smallest, plain)
 
 
 def _finds_chain(model) -> bool:

@@ -63,12 +63,11 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from memprop.checkpoint.oplevel import (_HEAVY, _Matcher, _name, _parse_keys,
-                                       refuse_unmatched)
+from memprop.checkpoint.oplevel import _HEAVY, _Matcher, _name, refuse_unmatched
 from memprop.checkpoint.multilevel import fake_target
 from memprop.checkpoint.strategies import (Strategy, record_applied, refuse_applied,
                                            register_form, remove_strategy)
-from memprop.checkpoint.whole import compress_keys
+from memprop.checkpoint.whole import KeyedForward
 from memprop.errors import StrategyError
 from memprop.models import training_loss
 from memprop.saved import report_stored, storage_key
@@ -646,23 +645,12 @@ class _Record(TorchDispatchMode):
 
 
 @dataclasses.dataclass(frozen=True)
-class Remat(Strategy):
+class Remat(KeyedForward):
     """``remat:KEYS``: keep the outputs of the op calls ``keys`` names (numbered over
     the whole forward), rebuild every other saved tensor on its own when backward
     needs it (NOTE above); no keys: everything rebuilt."""
 
-    keys: frozenset = frozenset()
-
-    def __post_init__(self):
-        object.__setattr__(self, "keys", frozenset(self.keys))
-
-    @classmethod
-    def parse(cls, text: str) -> "Remat":
-        return cls(_parse_keys(text, text, "remat") if text not in ("", "-") else frozenset())
-
-    @property
-    def spec(self) -> str:
-        return "remat:" + (compress_keys(self.keys) or "-")
+    form = "remat"
 
     def apply(self, model: nn.Module, *, blocks_attr=None, blocks=None, check_fn=None,
               example_batch=None, loss_fn=None) -> nn.Module:

@@ -64,22 +64,31 @@ def compress_keys(keys) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class Forward(Strategy):
-    """``forward:KEYS``: the model's forward in one checkpoint keeping the outputs of the
-    op calls ``keys`` names (NOTE above); no keys: everything recomputed."""
+class KeyedForward(Strategy):
+    """Base of the forms over the whole forward that keep the outputs of the op calls
+    ``keys`` names, numbered over the forward (``FORM:KEYS``; ``FORM:-``: none kept)."""
 
     keys: frozenset = frozenset()
+    form = ""                              # the string form's name (a class attribute)
 
     def __post_init__(self):
         object.__setattr__(self, "keys", frozenset(self.keys))
 
     @classmethod
-    def parse(cls, text: str) -> "Forward":
-        return cls(_parse_keys(text, text, "forward") if text not in ("", "-") else frozenset())
+    def parse(cls, text: str) -> "KeyedForward":
+        return cls(_parse_keys(text, text, cls.form) if text not in ("", "-") else frozenset())
 
     @property
     def spec(self) -> str:
-        return "forward:" + (compress_keys(self.keys) or "-")
+        return f"{self.form}:" + (compress_keys(self.keys) or "-")
+
+
+@dataclasses.dataclass(frozen=True)
+class Forward(KeyedForward):
+    """``forward:KEYS``: the model's forward in one checkpoint keeping the outputs of the
+    op calls ``keys`` names (NOTE above); no keys: everything recomputed."""
+
+    form = "forward"
 
     def apply(self, model: nn.Module, *, blocks_attr=None, blocks=None, check_fn=None,
               example_batch=None, loss_fn=None) -> nn.Module:
