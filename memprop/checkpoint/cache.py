@@ -18,7 +18,7 @@ from typing import Callable
 
 from torch import nn
 
-__all__ = ["cache_off"]
+__all__ = ["cache_off", "CacheRestore"]
 
 
 def _configs(model: nn.Module) -> list:
@@ -34,8 +34,23 @@ def _configs(model: nn.Module) -> list:
     return list(seen.values())
 
 
+class CacheRestore:
+    """The undo of ``cache_off``: turns ``use_cache`` back on for ``configs``. An object,
+    not a closure, so a model holding it deep-copies and pickles (NOTE [ A strategy
+    travels with the model ], memprop.checkpoint.patch)."""
+
+    def __init__(self, configs: list):
+        self.configs = configs
+
+    def __call__(self) -> None:
+        for cfg in self.configs:
+            cfg.use_cache = True
+        self.configs = []
+
+
 def cache_off(model: nn.Module, *, warn: bool = True) -> Callable[[], None]:
-    """Set ``use_cache = False`` wherever it is true; returns the undo."""
+    """Set ``use_cache = False`` wherever it is true; returns the undo (a
+    ``CacheRestore``)."""
     turned = [cfg for cfg in _configs(model) if getattr(cfg, "use_cache", False) is True]
     for cfg in turned:
         cfg.use_cache = False
@@ -43,8 +58,4 @@ def cache_off(model: nn.Module, *, warn: bool = True) -> Callable[[], None]:
         warnings.warn(f"memprop.checkpoint: use_cache=True is incompatible with activation "
                       f"checkpointing; {type(model).__name__}'s KV cache is off while the "
                       "strategy is applied", stacklevel=3)
-
-    def restore() -> None:
-        for cfg in turned:
-            cfg.use_cache = True
-    return restore
+    return CacheRestore(turned)

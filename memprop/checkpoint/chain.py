@@ -5,7 +5,9 @@ NOTE [ How a segment is checkpointed without changing the model ]
   recompute in backward. memprop applies a segment by patching instance ``forward``
   attributes, never by wrapping modules, so ``state_dict()`` keys do not change (a
   checkpointed model loads a plain checkpoint and vice versa) and the model's own
-  ``forward`` loop still drives execution:
+  ``forward`` loop still drives execution. The patches are objects the blocks hold
+  (``SegmentForward``, ``PassThrough``), so they deep-copy and pickle with the model
+  (NOTE [ A strategy travels with the model ], memprop.checkpoint.patch):
     * block ``i``'s forward runs blocks ``i..j`` inside one non-reentrant
       ``torch.utils.checkpoint.checkpoint`` (RNG state preserved, so dropout replays)
       and returns block ``i``'s output;
@@ -49,10 +51,12 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
 from memprop.checkpoint.blocks import find_blocks, find_chains
+from memprop.checkpoint.patch import PatchedForward
 from memprop.checkpoint.tail import TailElision, TailRecord, hold
+from memprop.checkpoint.verify import VerifyingContext, is_verifying
 from memprop.errors import StrategyError
 
-__all__ = ["find_blocks", "find_chains", "CheckpointedChain"]
+__all__ = ["find_blocks", "find_chains", "CheckpointedChain", "SegmentForward", "PassThrough"]
 
 _state = threading.local()   # .depth > 0 while a segment's blocks run
 
@@ -174,12 +178,15 @@ class CheckpointedChain:
     """Checkpointed segments applied to a chain of blocks (see NOTE above).
 
     ``segments``: inclusive ``(first, last)`` block indices, disjoint and ordered.
-    ``context_fn``: passed to ``checkpoint`` (selective checkpointing uses it)."""
+    ``context_fn``: passed to ``checkpoint`` (selective checkpointing uses it); a
+    picklable callable (NOTE [ A strategy travels with the model ], memprop.checkpoint.
+    patch). ``apply()`` installs one ``SegmentForward`` on each segment's first block
+    and a ``PassThrough`` on the others; ``patches`` lists them."""
 
     def __init__(self, blocks: list[nn.Module], segments: list[tuple[int, int]], *,
                  context_fn: Callable | None = None):
         self.blocks, self.segments, self.context_fn = blocks, segments, context_fn
-        self._patched: list[nn.Module] = []
+        self.patches: list[PatchedForward] = []
 
     def apply(self) -> "CheckpointedChain":
         for first, last in self.segments:
@@ -187,127 +194,135 @@ class CheckpointedChain:
             names = [f"block {k} ({type(b).__name__})" for k, b in
                      zip(range(first, last + 1), seg)]
             box: dict = {}  # the segment's outputs and call, for blocks first+1..last
-            self._patch(seg[0], self._segment_forward(seg, names, box))
+            self.patches.append(SegmentForward(seg, names, box, self.context_fn).install())
             for p in range(1, len(seg)):
-                self._patch(seg[p], self._pass_through(seg[p], p, names, box))
+                self.patches.append(PassThrough(seg[p], p, names, box).install())
         return self
 
     def remove(self) -> None:
-        for block in self._patched:
-            orig = block.__dict__.pop("_memprop_forward")
-            if orig is None:
-                block.__dict__.pop("forward", None)
-            else:
-                block.forward = orig
-        self._patched = []
+        for patch in reversed(self.patches):
+            patch.uninstall()
+        self.patches = []
 
-    def _patch(self, block: nn.Module, forward) -> None:
-        if "_memprop_forward" in block.__dict__:
-            raise StrategyError("memprop.checkpoint: a block is already checkpointed; "
-                                "remove the strategy first (memprop.checkpoint.remove_strategy)")
-        block.__dict__["_memprop_forward"] = block.__dict__.get("forward")
-        block.forward = forward
-        self._patched.append(block)
 
-    @staticmethod
-    def _original(block: nn.Module):
-        orig = block.__dict__.get("_memprop_forward")
-        return orig if orig is not None else type(block).forward.__get__(block)
+def _norms(blocks: list[nn.Module]) -> list[nn.Module]:
+    return [m for b in blocks for m in b.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
-    def _segment_forward(self, seg: list[nn.Module], names: list[str], box: dict):
-        context_fn = self.context_fn
-        first_original = self._original(seg[0])
-        norms = [m for b in seg for m in b.modules()
-                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
-        def run(call: _Call, *, recompute: bool, tail: dict | None = None) -> tuple:
-            # a recompute must not update BatchNorm's running statistics a second time:
-            # snapshot them and put them back (the kernel path, and so the saved tensors
-            # checkpoint compares, stay exactly those of the first pass)
-            # (outside any dispatch mode: it is bookkeeping, not part of the model)
-            with _disable_current_modes():
-                snapshot = [(bn, [t.clone() for t in _running(bn)]) for bn in norms
-                            if bn.training] if recompute else []
-            _state.depth = getattr(_state, "depth", 0) + 1
-            try:
-                outs = []
-                for p, block in enumerate(seg):
-                    args, kwargs = (call.args, call.kwargs) if p == 0 else call.with_hidden(
-                        _hidden(outs[-1], names[p - 1]))
-                    if tail is None or p < len(seg) - 1:
-                        outs.append(block(*args, **kwargs))
-                    else:                    # NOTE [ A segment's output needs no recompute ]
-                        outs.append(_run_tail(block, args, kwargs, tail, recompute))
-                return tuple(outs)
-            finally:
-                _state.depth -= 1
-                with torch.no_grad(), _disable_current_modes():
-                    for bn, saved in snapshot:
-                        for t, value in zip(_running(bn), saved):
-                            t.copy_(value)
+class SegmentForward(PatchedForward):
+    """The forward of a segment's first block: blocks ``seg`` in one checkpoint (NOTE
+    [ How a segment is checkpointed without changing the model ]). ``box`` hands the
+    other blocks' outputs to their ``PassThrough``."""
 
-        def forward(*args, **kwargs):
-            if _inside_segment():            # called from inside a running segment
-                return first_original(*args, **kwargs)
-            if box.get("next") is not None:
-                raise StrategyError(
-                    f"memprop.checkpoint: the model's loop did not call {names[box['next']]} "
-                    f"after {names[box['next'] - 1]} (a checkpointed segment runs them "
-                    f"together); {_per_block_hint(names[0])}")
-            call = _Call.of(first_original, args, kwargs, names[0]) if len(seg) > 1 \
-                else _Call(args, kwargs, 0)
-            if not torch.is_grad_enabled():  # inference: nothing to save or recompute
-                outs = run(call, recompute=False)
-            else:
-                # every tensor argument goes to checkpoint positionally, so it is saved
-                # through the saved-tensor hooks (NOTE above); the rest rides along
-                leaves, spec = tree_flatten((args, kwargs))
-                where = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
-                calls = [0]                  # 1st call: the forward pass; later: recomputes
-                # this call's held output (plain segments; lives as long as its graph)
-                tail = {} if context_fn is None else None
+    def __init__(self, seg: list[nn.Module], names: list[str], box: dict,
+                 context_fn: Callable | None):
+        super().__init__(seg[0])
+        self.seg, self.names, self.box, self.context_fn = seg, names, box, context_fn
 
-                def segment(*tensors):
-                    calls[0] += 1
-                    filled = list(leaves)
-                    for i, t in zip(where, tensors):
-                        filled[i] = t
-                    a, kw = tree_unflatten(filled, spec)
-                    return run(_Call(a, kw, call.slot, call.params), recompute=calls[0] > 1,
-                               tail=tail)
+    def _run(self, call: _Call, *, recompute: bool, tail: dict | None = None) -> tuple:
+        seg, names = self.seg, self.names
+        # a recompute must not update BatchNorm's running statistics a second time:
+        # snapshot them and put them back (the kernel path, and so the saved tensors
+        # checkpoint compares, stay exactly those of the first pass)
+        # (outside any dispatch mode: it is bookkeeping, not part of the model)
+        with _disable_current_modes():
+            snapshot = [(bn, [t.clone() for t in _running(bn)]) for bn in _norms(seg)
+                        if bn.training] if recompute else []
+        _state.depth = getattr(_state, "depth", 0) + 1
+        try:
+            outs = []
+            for p, block in enumerate(seg):
+                args, kwargs = (call.args, call.kwargs) if p == 0 else call.with_hidden(
+                    _hidden(outs[-1], names[p - 1]))
+                if tail is None or p < len(seg) - 1:
+                    outs.append(block(*args, **kwargs))
+                else:                        # NOTE [ A segment's output needs no recompute ]
+                    outs.append(_run_tail(block, args, kwargs, tail, recompute))
+            return tuple(outs)
+        finally:
+            _state.depth -= 1
+            with torch.no_grad(), _disable_current_modes():
+                for bn, saved in snapshot:
+                    for t, value in zip(_running(bn), saved):
+                        t.copy_(value)
 
-                options: dict[str, Any] = dict(use_reentrant=False, preserve_rng_state=True)
-                if context_fn is not None:
-                    options["context_fn"] = context_fn
-                outs = checkpoint(segment, *(leaves[i] for i in where), **options)
-            if len(seg) > 1:
-                box.update(outs=outs, next=1, call=call)
-            return outs[0]
-        return forward
+    def __call__(self, *args, **kwargs):
+        seg, names, box, context_fn = self.seg, self.names, self.box, self.context_fn
+        if _inside_segment():                # called from inside a running segment
+            return self.original(*args, **kwargs)
+        if box.get("next") is not None:
+            raise StrategyError(
+                f"memprop.checkpoint: the model's loop did not call {names[box['next']]} "
+                f"after {names[box['next'] - 1]} (a checkpointed segment runs them "
+                f"together); {_per_block_hint(names[0])}")
+        call = _Call.of(self.original_signature(), args, kwargs, names[0]) if len(seg) > 1 \
+            else _Call(args, kwargs, 0)
+        if not torch.is_grad_enabled():      # inference: nothing to save or recompute
+            outs = self._run(call, recompute=False)
+        else:
+            # every tensor argument goes to checkpoint positionally, so it is saved
+            # through the saved-tensor hooks (NOTE above); the rest rides along
+            leaves, spec = tree_flatten((args, kwargs))
+            where = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+            calls = [0]                      # 1st call: the forward pass; later: recomputes
+            # this call's held output (plain segments; lives as long as its graph);
+            # a verified replay recomputes it (NOTE [ Verifying a replay ])
+            tail = {} if context_fn is None and not is_verifying() else None
 
-    def _pass_through(self, block: nn.Module, p: int, names: list[str], box: dict):
-        original = self._original(block)
-        last = p == len(names) - 1
+            def segment(*tensors):
+                calls[0] += 1
+                filled = list(leaves)
+                for i, t in zip(where, tensors):
+                    filled[i] = t
+                a, kw = tree_unflatten(filled, spec)
+                return self._run(_Call(a, kw, call.slot, call.params),
+                                 recompute=calls[0] > 1, tail=tail)
 
-        def forward(*args, **kwargs):
-            if _inside_segment():
-                return original(*args, **kwargs)
-            if box.get("next") != p:
-                raise StrategyError(
-                    f"memprop.checkpoint: the model called {names[p]} out of the order of "
-                    f"its checkpointed segment ({names[0]} .. {names[-1]}); "
-                    f"{_per_block_hint(names[0])}")
-            problem = box["call"].mismatch(args, kwargs, _hidden(box["outs"][p - 1], names[p - 1]))
-            if problem:
-                box.clear()
-                raise StrategyError(
-                    f"memprop.checkpoint: {names[p]} is in a segment with {names[p - 1]}, but "
-                    f"when the model called it {problem}: the segment cannot replay what the "
-                    f"model computes; {_per_block_hint(names[0] + ' .. ' + names[-1])}")
-            out = box["outs"][p]
-            if last:
-                box.clear()
-            else:
-                box["next"] = p + 1
-            return out
-        return forward
+            options: dict[str, Any] = dict(use_reentrant=False, preserve_rng_state=True)
+            if is_verifying():               # NOTE [ Verifying a replay ]
+                context_fn = VerifyingContext(context_fn, f"the checkpoint of {names[0]}")
+            if context_fn is not None:
+                options["context_fn"] = context_fn
+            outs = checkpoint(segment, *(leaves[i] for i in where), **options)
+        if len(seg) > 1:
+            box.update(outs=outs, next=1, call=call)
+        return outs[0]
+
+    def original_signature(self):
+        """What ``inspect.signature`` reads for the first block's argument names."""
+        return self.previous if self.previous is not None else type(self.module).forward.__get__(
+            self.module)
+
+
+class PassThrough(PatchedForward):
+    """The forward of block ``p`` of a multi-block segment: hands back its output from
+    the segment's run, after checking the loop called it as the segment did (NOTE
+    above)."""
+
+    def __init__(self, block: nn.Module, p: int, names: list[str], box: dict):
+        super().__init__(block)
+        self.p, self.names, self.box = p, names, box
+
+    def __call__(self, *args, **kwargs):
+        p, names, box = self.p, self.names, self.box
+        if _inside_segment():
+            return self.original(*args, **kwargs)
+        if box.get("next") != p:
+            raise StrategyError(
+                f"memprop.checkpoint: the model called {names[p]} out of the order of "
+                f"its checkpointed segment ({names[0]} .. {names[-1]}); "
+                f"{_per_block_hint(names[0])}")
+        problem = box["call"].mismatch(args, kwargs, _hidden(box["outs"][p - 1], names[p - 1]))
+        if problem:
+            box.clear()
+            raise StrategyError(
+                f"memprop.checkpoint: {names[p]} is in a segment with {names[p - 1]}, but "
+                f"when the model called it {problem}: the segment cannot replay what the "
+                f"model computes; {_per_block_hint(names[0] + ' .. ' + names[-1])}")
+        out = box["outs"][p]
+        if p == len(names) - 1:
+            box.clear()
+        else:
+            box["next"] = p + 1
+        return out

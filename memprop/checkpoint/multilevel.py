@@ -34,10 +34,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.checkpoint import checkpoint
 
-from memprop.checkpoint.chain import find_blocks
+from memprop.checkpoint.chain import _norms, _running, find_blocks
 from memprop.checkpoint.rotor import format_schedule, parse_schedule
-from memprop.checkpoint.strategies import (Strategy, record_applied, refuse_applied,
-                                           register_form)
+from memprop.checkpoint.patch import Applied, PatchedForward
+from memprop.checkpoint.strategies import Strategy, refuse_applied, register_form
+from memprop.checkpoint.verify import VerifyingContext, is_verifying
 from memprop.errors import StrategyError
 from memprop.fake import fake_batch, fake_copy, fake_mode_of
 
@@ -50,55 +51,22 @@ def _get(name: str) -> int:
     return getattr(_state, name, 0)
 
 
-def _norms(blocks):
-    return [m for b in blocks for m in b.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-
-
-def _running(bn) -> list[torch.Tensor]:
-    return [t for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)
-            if t is not None]
-
-
 class NestedChain:
     """A tree of checkpointed segments applied to a chain of blocks (NOTE above).
     ``tree``: ``[(first, last, children), ...]`` with inclusive block indices."""
 
-    _KEY = "_memprop_forward"          # the key chain.CheckpointedChain uses too
-
     def __init__(self, blocks: list[nn.Module], tree):
         self.blocks, self.tree = blocks, tree
-        self._patched: list[nn.Module] = []
+        self.patches: list[PatchedForward] = []
 
     def apply(self) -> "NestedChain":
         for first, last, children in self.tree:
             box: dict = {}
-            self._patch(self.blocks[first], self._top_forward(first, last, children, box))
+            self.patches.append(_NestedTop(self, first, last, children, box).install())
             for k in range(first + 1, last + 1):
-                self._patch(self.blocks[k], self._pass_through(self.blocks[k], box,
-                                                               last=k == last))
+                self.patches.append(_NestedPassThrough(self.blocks[k], box,
+                                                       last=k == last).install())
         return self
-
-    def remove(self) -> None:
-        for block in self._patched:
-            orig = block.__dict__.pop(self._KEY)
-            if orig is None:
-                block.__dict__.pop("forward", None)
-            else:
-                block.forward = orig
-        self._patched = []
-
-    def _patch(self, block, forward) -> None:
-        if self._KEY in block.__dict__:
-            raise StrategyError("memprop.checkpoint: a block is already checkpointed; "
-                                "remove the strategy first (memprop.checkpoint.remove_strategy)")
-        block.__dict__[self._KEY] = block.__dict__.get("forward")
-        block.forward = forward
-        self._patched.append(block)
-
-    def _original(self, block):
-        orig = block.__dict__.get(self._KEY)
-        return orig if orig is not None else type(block).forward.__get__(block)
 
     def _run(self, first: int, last: int, children, x, *, recompute: bool):
         """Blocks first..last on ``x``, children checkpointed; a recompute that is the
@@ -142,37 +110,51 @@ class NestedChain:
             calls[0] += 1
             return self._run(first, last, children, inp,
                              recompute=calls[0] > 1 or _get("recomputing") > 0)
-        return checkpoint(segment, x, use_reentrant=False, preserve_rng_state=True)
+        options = dict(context_fn=VerifyingContext(
+            None, f"the nested checkpoint of blocks {first}-{last}")) if is_verifying() else {}
+        return checkpoint(segment, x, use_reentrant=False, preserve_rng_state=True, **options)
 
-    def _top_forward(self, first: int, last: int, children, box: dict):
-        original = self._original(self.blocks[first])
 
-        def forward(*args, **kwargs):
-            if _get("depth") > 0:                  # run by a segment: the block itself
-                return original(*args, **kwargs)
-            if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
-                raise StrategyError(
-                    f"memprop.checkpoint: nested segments need blocks called with one "
-                    f"tensor; block {first} ({type(self.blocks[first]).__name__}) got "
-                    f"{len(args)} positional and {sorted(kwargs)} keyword arguments; use a "
-                    "single-level strategy (blocks:..., budget:SIZE) for this model")
-            if not torch.is_grad_enabled():        # inference: nothing to recompute
-                out = self._run(first, last, [], args[0], recompute=False)
-            else:
-                out = self._checkpointed(first, last, children, args[0])
-            if last > first:
-                box["out"] = out
-            return out
-        return forward
 
-    def _pass_through(self, block, box: dict, *, last: bool):
-        original = self._original(block)
+class _NestedTop(PatchedForward):
+    """The forward of a top-level segment's first block: the segment's tree of
+    checkpoints (NOTE above)."""
 
-        def forward(*args, **kwargs):
-            if _get("depth") > 0:
-                return original(*args, **kwargs)
-            return box.pop("out") if last else box["out"]
-        return forward
+    def __init__(self, chain: NestedChain, first: int, last: int, children, box: dict):
+        super().__init__(chain.blocks[first])
+        self.chain, self.first, self.last, self.children, self.box = (
+            chain, first, last, children, box)
+
+    def __call__(self, *args, **kwargs):
+        first, last = self.first, self.last
+        if _get("depth") > 0:                  # run by a segment: the block itself
+            return self.original(*args, **kwargs)
+        if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+            raise StrategyError(
+                f"memprop.checkpoint: nested segments need blocks called with one "
+                f"tensor; block {first} ({type(self.module).__name__}) got "
+                f"{len(args)} positional and {sorted(kwargs)} keyword arguments; use a "
+                "single-level strategy (blocks:..., budget:SIZE) for this model")
+        if not torch.is_grad_enabled():        # inference: nothing to recompute
+            out = self.chain._run(first, last, [], args[0], recompute=False)
+        else:
+            out = self.chain._checkpointed(first, last, self.children, args[0])
+        if last > first:
+            self.box["out"] = out
+        return out
+
+
+class _NestedPassThrough(PatchedForward):
+    """The forward of a later block of a top-level segment: its output from the run."""
+
+    def __init__(self, block: nn.Module, box: dict, *, last: bool):
+        super().__init__(block)
+        self.box, self.last = box, last
+
+    def __call__(self, *args, **kwargs):
+        if _get("depth") > 0:
+            return self.original(*args, **kwargs)
+        return self.box.pop("out") if self.last else self.box["out"]
 
 
 def claim_blocks(model: nn.Module, blocks_attr, select: dict) -> list[nn.Module]:
@@ -229,7 +211,7 @@ class Nested(Strategy):
                                 f"{self.tree[-1][1]} but the chain has blocks "
                                 f"0..{len(blocks) - 1}")
         chain = NestedChain(blocks, self.tree).apply()
-        return record_applied(model, self, [chain.remove] if self.tree else [])
+        return Applied.record(model, self, chain.patches)
 
 
 def _schedule_of(tree) -> tuple:

@@ -32,6 +32,7 @@ NOTE [ Op-level options of a block ]
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import re
 from collections import Counter
@@ -45,7 +46,8 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 from memprop.checkpoint.chain import CheckpointedChain, find_blocks
 from memprop.checkpoint.multilevel import claim_blocks, fake_target
 from memprop.checkpoint.selective import SAVED_OPS, _Both, draws_random
-from memprop.checkpoint.strategies import Strategy, record_applied, register_form
+from memprop.checkpoint.patch import Applied
+from memprop.checkpoint.strategies import Strategy, register_form
 from memprop.errors import StrategyError
 from memprop.flops import FlopCounter
 from memprop.models import training_loss
@@ -146,17 +148,25 @@ class _Report(TorchDispatchMode):
         return out
 
 
-def _context_fn(keys: frozenset, where: str = "block"):
-    def context_fn():
-        runs = {False: _Matcher(keys), True: _Matcher(keys)}   # forward, recompute
+def op_context(keys: frozenset, where: str = "block"):
+    """The (forward, recompute) contexts of a checkpoint keeping the outputs of the calls
+    ``keys`` names (numbered within each ``where``: a block, or the forward)."""
+    runs = {False: _Matcher(keys), True: _Matcher(keys)}   # forward, recompute
 
-        def policy(ctx, op, *args, **kwargs):
-            if runs[ctx.is_recompute].kept(op) and not draws_random(op, args, kwargs):
-                return CheckpointPolicy.MUST_SAVE
-            return CheckpointPolicy.PREFER_RECOMPUTE
-        forward_ctx, recompute_ctx = create_selective_checkpoint_contexts(policy)
-        return _Both(forward_ctx, _Report(_Matcher(keys), where)), recompute_ctx
-    return context_fn
+    def policy(ctx, op, *args, **kwargs):
+        if runs[ctx.is_recompute].kept(op) and not draws_random(op, args, kwargs):
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    forward_ctx, recompute_ctx = create_selective_checkpoint_contexts(policy)
+    return _Both(forward_ctx, _Report(_Matcher(keys), where)), recompute_ctx
+
+
+def op_context_fn(keys, where: str = "block") -> functools.partial:
+    """``context_fn`` for ``checkpoint``: ``op_context`` over ``keys``. A partial of a
+    module-level function, not a closure: it pickles and deep-copies with the patch that
+    holds it (NOTE [ A strategy travels with the model ], memprop.checkpoint.patch), and
+    torch.compile traces it (dynamo takes a function or a partial as ``context_fn``)."""
+    return functools.partial(op_context, frozenset(keys), where)
 
 
 def _reversed(key: str) -> bool:
@@ -249,10 +259,10 @@ class Ops(Strategy):
     def apply(self, model: nn.Module, *, blocks_attr: str | None = None,
               example_batch=None, **select) -> nn.Module:
         blocks = claim_blocks(model, blocks_attr, select)
-        chains = [CheckpointedChain(blocks, segs, context_fn=_context_fn(keys) if keys
-                                    else None).apply()
-                  for keys, segs in self.groups(len(blocks)).items()]
-        return record_applied(model, self, [chain.remove for chain in chains])
+        patches = [patch for keys, segs in self.groups(len(blocks)).items()
+                   for patch in CheckpointedChain(blocks, segs, context_fn=op_context_fn(keys)
+                                                  if keys else None).apply().patches]
+        return Applied.record(model, self, patches)
 
 
 register_form("ops", Ops.parse)

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from memprop.checkpoint import levels
 from memprop.checkpoint.cache import cache_off
@@ -51,8 +51,11 @@ from memprop.checkpoint.oplevel import Ops
 from memprop.checkpoint.whole import Forward
 from memprop.checkpoint.remat import Remat
 from memprop.checkpoint.rotor import stored_fronts
-from memprop.checkpoint.strategies import (_APPLIED, Blocks, Full, NoCheckpoint, Selective,
-                                           Strategy, refuse_applied, register_form)
+from memprop.checkpoint.patch import APPLIED
+from memprop.checkpoint.strategies import (Blocks, Full, NoCheckpoint, Selective,
+                                           Strategy, refuse_applied, register_form,
+                                           remove_strategy)
+from memprop.checkpoint.verify import verify_replay
 from memprop.errors import BudgetError, ConfigError, StrategyError
 from memprop.fake import fake_batch, fake_copy, fake_mode_of
 from memprop.flops import FlopCounter
@@ -218,6 +221,10 @@ class Plan:
     levers: tuple = ()
     # remat:KEYS: op calls its rebuilds re-run per op call of the forward (time, no FLOPs)
     rebuild_ratio: float | None = None
+    # NOTE [ Verifying a replay ]: whether the plan's replay was checked bitwise on one
+    # real step of the model (None: nothing replays from recorded calls, or a fake model)
+    verified: bool | None = None
+    notes: tuple = ()                    # forms left out, and why
 
     @property
     def strategy(self):
@@ -260,6 +267,10 @@ class Plan:
         if self.rebuild_ratio is not None:
             lines.append(f"  rebuilds re-run {self.rebuild_ratio:.2f}x the forward's op calls "
                          "(pointwise ops: step time, no FLOPs)")
+        if self.verified:
+            lines.append("  replay verified bitwise on one real step of the model "
+                         f"({VERIFY_ROWS} rows; memprop.checkpoint.verify)")
+        lines += [f"  {note}" for note in self.notes]
         if self.peak_parts:
             lines += describe_levers(self.predicted_peak_bytes, self.peak_parts, self.levers)
         return "\n".join(lines)
@@ -291,12 +302,56 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, chec
                           f"of: {', '.join(levels.METRICS)} (peak: the step's tensor peak; "
                           "stored: bytes saved for backward at the end of forward)")
     restore_cache = cache_off(model, warn=False)
+    options = dict(blocks_attr=blocks_attr, select=dict(blocks=blocks, check_fn=check_fn),
+                   optimizer=optimizer, loss_fn=loss_fn, max_rounds=max_rounds,
+                   metric=metric)
     try:
-        return _plan(model, batch, parse_size(budget), blocks_attr=blocks_attr,
-                     select=dict(blocks=blocks, check_fn=check_fn), optimizer=optimizer,
-                     loss_fn=loss_fn, max_rounds=max_rounds, metric=metric, whole=whole)
+        found = _plan(model, batch, parse_size(budget), whole=whole, **options)
+        refusal = _replay_refusal(model, batch, found, blocks_attr, loss_fn,
+                                  **options["select"])
+        if refusal is not None and whole and isinstance(found.chosen, (Forward, Remat)):
+            left_out = found.chosen.form
+            found = _plan(model, batch, parse_size(budget), whole=False, **options)
+            found.notes += (f"{left_out}: left out, its replay is not exact on this model "
+                            f"({refusal})",)
+            refusal = _replay_refusal(model, batch, found, blocks_attr, loss_fn,
+                                      **options["select"])
+        if refusal is not None:
+            raise StrategyError(f"memprop.checkpoint: the plan {found.spec[:80]} cannot "
+                                f"replay this model exactly: {refusal}")
+        return found
     finally:
         restore_cache()
+
+
+# the forms that rebuild tensors from recorded calls or cached op outputs
+_REPLAYING = (Remat, Forward, Ops, Selective)
+
+# rows of the batch a plan's replay is verified on (NOTE [ Verifying a replay ]): the
+# rules it checks do not depend on the batch size, and the real batch may not fit
+VERIFY_ROWS = 2
+
+
+def _replay_refusal(model, batch, found: Plan, blocks_attr, loss_fn, **select) -> str | None:
+    """None if ``found`` replays exactly on one real step of ``model`` at ``VERIFY_ROWS``
+    rows (sets ``found.verified``), else what ``verify_replay`` said. Plans that replay
+    nothing from recorded calls, and fake models, are not run."""
+    strategy = found.strategy
+    if fake_mode_of(model) is not None or not isinstance(strategy, _REPLAYING):
+        return None
+    rows = next((t.shape[0] for t in tree_flatten(batch)[0]
+                 if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+    small = tree_map(lambda t: t[:VERIFY_ROWS] if isinstance(t, torch.Tensor) and t.dim() > 0
+                     and t.shape[0] == rows else t, batch)
+    try:
+        strategy.apply(model, blocks_attr=blocks_attr, **select)
+        verify_replay(model, small, loss_fn=loss_fn)
+    except StrategyError as exc:
+        return str(exc).removeprefix("memprop.checkpoint: ")
+    finally:
+        remove_strategy(model)
+    found.verified = True
+    return None
 
 
 def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn,
@@ -548,10 +603,12 @@ class Budget(Strategy):
                                 "not the zoo's (inputs, targets)) to apply()")
         refuse_applied(model)
         kwargs = {"loss_fn": loss_fn} if loss_fn is not None else {}
-        found = plan(model, example_batch, self.budget_bytes, blocks_attr=blocks_attr,
-                     blocks=blocks, check_fn=check_fn, **kwargs)
+        with torch.enable_grad():     # planning profiles a training step, also when
+            # the model is set up under no_grad
+            found = plan(model, example_batch, self.budget_bytes, blocks_attr=blocks_attr,
+                         blocks=blocks, check_fn=check_fn, **kwargs)
         found.strategy.apply(model, blocks_attr=blocks_attr, blocks=blocks, check_fn=check_fn)
-        model.__dict__[_APPLIED] = (self, model.__dict__[_APPLIED][1])
+        model.__dict__[APPLIED].strategy = self
         return model
 
 

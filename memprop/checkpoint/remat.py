@@ -60,13 +60,15 @@ import itertools
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from memprop.checkpoint.oplevel import _HEAVY, _Matcher, _name, refuse_unmatched
 from memprop.checkpoint.multilevel import fake_target
-from memprop.checkpoint.strategies import (Strategy, record_applied, refuse_applied,
+from memprop.checkpoint.patch import Applied, PatchedForward
+from memprop.checkpoint.strategies import (Strategy, refuse_applied,
                                            register_form, remove_strategy)
+from memprop.checkpoint.verify import check_rebuilt, is_verifying, where_now
 from memprop.checkpoint.whole import KeyedForward
 from memprop.errors import StrategyError
 from memprop.models import training_loss
@@ -217,7 +219,10 @@ class _Rebuild:
     def _run(self, target: _Call) -> list:
         inner, edge = self.region(target)
         edges = {id(src): self._heavy(src) for src in edge}
-        held = {id(t) for outs in edges.values() for t in outs if isinstance(t, torch.Tensor)}
+        # storages, not tensors: a call may write into a held output through a view of
+        # it made in this rebuild (Falcon's ``mlp_output += attention_output`` writes into
+        # _unsafe_view(mm(...)), a view of the held mm output)
+        held = {_skey(t) for outs in edges.values() for t in outs} - {None}
         users: dict[int, int] = {}
         for call in inner:
             for src in call.sources():
@@ -270,17 +275,30 @@ def _written_arguments(func) -> list:
 
 
 def _copy_written(func, args: tuple, kwargs: dict, held: set) -> tuple:
-    """``args``, ``kwargs`` with each held tensor ``func`` writes into replaced by a
-    copy: a held output serves later rebuilds as it was made."""
+    """``args``, ``kwargs`` with each tensor ``func`` writes into that lies on the storage
+    of a held output (the output itself or any view of it) replaced by the same view of a
+    copy of that storage: a held output serves later rebuilds as it was made, and the
+    call sees the sizes, strides and offset the forward's call saw."""
     args, kwargs = list(args), dict(kwargs)
+    copies: dict = {}          # (storage key, dtype) -> a copy of the whole storage
+
+    def private(t):
+        key = _skey(t) if isinstance(t, torch.Tensor) else None
+        if key not in held:
+            return t
+        if (key, t.dtype) not in copies:      # aten calls only: memprop's tracker sees it
+            whole = t.untyped_storage().nbytes() // t.element_size()
+            copies[key, t.dtype] = t.as_strided((whole,), (1,), 0).clone()
+        return copies[key, t.dtype].as_strided(t.size(), t.stride(), t.storage_offset())
+
     for i, name in _written_arguments(func):
         where, key = (args, i) if i < len(args) else (kwargs, name)
         if (key in where) if where is kwargs else True:
             value = where[key]
             if isinstance(value, (list, tuple)):
-                where[key] = type(value)(v.clone() if id(v) in held else v for v in value)
-            elif isinstance(value, torch.Tensor) and id(value) in held:
-                where[key] = value.clone()
+                where[key] = type(value)(private(v) for v in value)
+            else:
+                where[key] = private(value)
     return tuple(args), kwargs
 
 
@@ -655,31 +673,53 @@ class Remat(KeyedForward):
     def apply(self, model: nn.Module, *, blocks_attr=None, blocks=None, check_fn=None,
               example_batch=None, loss_fn=None) -> nn.Module:
         refuse_applied(model)
-        keys, had = self.keys, model.__dict__.get("forward")
-        inner = had if had is not None else model.forward
+        return Applied.record(model, self, [RematForward(model, self.keys).install()])
 
-        def forward(*args, **kwargs):
-            if not torch.is_grad_enabled():
-                return inner(*args, **kwargs)
-            # read at each call: parameters may have been replaced since apply()
-            owned = {_skey(t) for t in itertools.chain(model.parameters(), model.buffers())}
-            record = _Record(keys, owned)
-            with torch.autograd.graph.saved_tensors_hooks(record.pack, record.unpack):
-                with record:
-                    out = inner(*args, **kwargs)
-            refuse_unmatched(record.matcher, "forward")
-            record.finish()
-            forward.counts = record.counts
-            return out
 
-        model.forward = forward
+class RematForward(PatchedForward):
+    """The model's forward under ``remat:KEYS`` (NOTE above). ``counts``: (op calls the
+    last forward's rebuilds re-run, op calls it made)."""
 
-        def remove():
-            if had is None:
-                model.__dict__.pop("forward", None)
-            else:
-                model.forward = had
-        return record_applied(model, self, [remove])
+    def __init__(self, model: nn.Module, keys: frozenset):
+        super().__init__(model)
+        self.keys, self.counts = keys, (0, 0)
+
+    def __call__(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return self.original(*args, **kwargs)
+        model = self.module
+        # read at each call: parameters may have been replaced since apply()
+        owned = {_skey(t) for t in itertools.chain(model.parameters(), model.buffers())}
+        record = _Record(self.keys, owned)
+        hooks = _checked(record) if is_verifying() else (record.pack, record.unpack)
+        with torch.autograd.graph.saved_tensors_hooks(*hooks):
+            with record:
+                out = self.original(*args, **kwargs)
+        refuse_unmatched(record.matcher, "forward")
+        record.finish()
+        self.counts = record.counts
+        return out
+
+
+def _checked(record: _Record) -> tuple:
+    """``record``'s pack and unpack hooks, each saved tensor packed with a copy of the
+    original and its rebuild compared with it (NOTE [ Verifying a replay ],
+    memprop.checkpoint.verify)."""
+    def pack(t):
+        inner = record.pack(t)
+        original = None
+        if inner[0] is not None:
+            with _disable_current_modes(), torch.no_grad():
+                original = t.detach().clone()
+        return inner, original, where_now()
+
+    def unpack(packed):
+        inner, original, where = packed
+        value = record.unpack(inner)
+        if inner[0] is not None:      # rebuilt (a tensor saved as it is was not)
+            check_rebuilt(original, value, _name(inner[0].func), where, "remat")
+        return value
+    return pack, unpack
 
 
 register_form("remat", Remat.parse)

@@ -47,7 +47,6 @@ off while applied (NOTE [ Checkpointing and KV caches ] in memprop.checkpoint.ca
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import re
 import warnings
@@ -55,8 +54,8 @@ import warnings
 import torch
 from torch import nn
 
-from memprop.checkpoint.cache import cache_off as _cache_off
 from memprop.checkpoint.chain import CheckpointedChain, find_chains
+from memprop.checkpoint.patch import APPLIED, Applied, PatchedForward
 from memprop.checkpoint.selective import selective_context_fn
 from memprop.errors import StrategyError
 
@@ -78,28 +77,11 @@ _FORMS: dict = {}
 def register_form(name: str, parse) -> None:
     _FORMS[name] = parse
 
-_APPLIED = "_memprop_applied"   # model.__dict__ key: (strategy, undo callable)
-
-
-def record_applied(model: nn.Module, strategy: "Strategy", removes: list) -> nn.Module:
-    """Mark ``model`` as running ``strategy``; ``removes`` undo what it patched. While
-    anything is patched the model's KV cache is off (NOTE [ Checkpointing and KV caches ]
-    in memprop.checkpoint.cache); ``remove_strategy`` undoes both."""
-    restore_cache = _cache_off(model) if removes else (lambda: None)
-
-    def undo():
-        for remove in removes:
-            remove()
-        restore_cache()
-    model.__dict__[_APPLIED] = (strategy, undo)
-    return model
-
-
 def refuse_applied(model: nn.Module) -> None:
     """A ``StrategyError`` if ``model`` runs a strategy already (one at a time)."""
-    if _APPLIED in model.__dict__:
+    if APPLIED in model.__dict__:
         raise StrategyError(f"memprop.checkpoint: {type(model).__name__} already has "
-                            f"strategy {model.__dict__[_APPLIED][0]} applied; call "
+                            f"strategy {model.__dict__[APPLIED].strategy} applied; call "
                             "remove_strategy(model) first")
 
 
@@ -126,9 +108,9 @@ class Strategy:
         for chain in chains:
             segments = self.segments(len(chain))
             if segments:
-                applied.append(CheckpointedChain(chain, segments,
-                                                 context_fn=self.context_fn).apply())
-        return record_applied(model, self, [chain.remove for chain in applied])
+                applied.extend(CheckpointedChain(chain, segments,
+                                                 context_fn=self.context_fn).apply().patches)
+        return Applied.record(model, self, applied)
 
     def remove(self, model: nn.Module) -> nn.Module:
         """Undo ``apply``: the model runs plainly again."""
@@ -250,45 +232,35 @@ class Offload(Strategy):
 
     def apply(self, model, *, blocks_attr=None, blocks=None, check_fn=None,
               example_batch=None, loss_fn=None):
-        if _APPLIED in model.__dict__:
-            raise StrategyError("memprop.checkpoint: a strategy is already applied; call "
-                                "remove_strategy(model) first")
+        refuse_applied(model)
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         if device.type == "cpu":
             warnings.warn("memprop.checkpoint: offload on a CPU model moves nothing: saved "
                           "tensors already live in host memory; the step runs as 'none'",
                           stacklevel=2)
-            model.__dict__[_APPLIED] = (self, lambda: None)
-            return model
-        original = model.__dict__.get("forward")
-        bound = type(model).forward.__get__(model)
+            return Applied.record(model, self, [])
+        return Applied.record(model, self, [OffloadForward(model).install()], cache=False)
 
-        @functools.wraps(bound)
-        def forward(*args, **kwargs):
-            with torch.autograd.graph.save_on_cpu(pin_memory=True):
-                return bound(*args, **kwargs)
 
-        def undo():
-            if original is None:
-                model.__dict__.pop("forward", None)
-            else:
-                model.forward = original
-        model.forward = forward
-        model.__dict__[_APPLIED] = (self, undo)
-        return model
+class OffloadForward(PatchedForward):
+    """The model's forward with every saved tensor kept in (pinned) host memory."""
+
+    def __call__(self, *args, **kwargs):
+        with torch.autograd.graph.save_on_cpu(pin_memory=True):
+            return self.original(*args, **kwargs)
 
 
 def remove_strategy(model: nn.Module) -> nn.Module:
     """Undo ``apply``: the model runs plainly again."""
-    entry = model.__dict__.pop(_APPLIED, None)
+    entry = model.__dict__.pop(APPLIED, None)
     if entry is not None:
-        entry[1]()
+        entry.remove()
     return model
 
 
 def applied_strategy(model: nn.Module) -> Strategy | None:
-    entry = model.__dict__.get(_APPLIED)
-    return entry[0] if entry else None
+    entry = model.__dict__.get(APPLIED)
+    return entry.strategy if entry else None
 
 
 _SIMPLE = {"none": NoCheckpoint, "full": Full, "sqrt": Sqrt, "selective": Selective,

@@ -36,9 +36,9 @@ from torch import nn
 
 from memprop.checkpoint.chain import CheckpointedChain
 from memprop.checkpoint.dp import _front
-from memprop.checkpoint.oplevel import OpCall, _context_fn, _parse_keys, split_key
-from memprop.checkpoint.strategies import (Strategy, record_applied, refuse_applied,
-                                           register_form)
+from memprop.checkpoint.oplevel import OpCall, op_context_fn, _parse_keys, split_key
+from memprop.checkpoint.patch import Applied
+from memprop.checkpoint.strategies import Strategy, refuse_applied, register_form
 
 __all__ = ["Forward", "forward_front", "compress_keys"]
 
@@ -93,8 +93,9 @@ class Forward(KeyedForward):
     def apply(self, model: nn.Module, *, blocks_attr=None, blocks=None, check_fn=None,
               example_batch=None, loss_fn=None) -> nn.Module:
         refuse_applied(model)
-        chain = CheckpointedChain([model], [(0, 0)], context_fn=_context_fn(self.keys, "forward")).apply()
-        return record_applied(model, self, [chain.remove])
+        chain = CheckpointedChain([model], [(0, 0)],
+                                  context_fn=op_context_fn(self.keys, "forward")).apply()
+        return Applied.record(model, self, chain.patches)
 
 
 register_form("forward", Forward.parse)

@@ -1,0 +1,116 @@
+"""Replays that check themselves (NOTE [ Verifying a replay ], memprop.checkpoint.verify):
+verify_replay passes where a strategy is exact, raises StrategyError naming the op and
+module where a replay rule is broken, and leaves the model as it found it."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import memprop.checkpoint.remat as remat
+from helpers import quiet_apply
+from memprop.checkpoint import verify_replay
+from memprop.errors import StrategyError
+from memprop.models import model_config, training_loss
+from memprop.workload import build_workload
+from test_remat_falcon import _ParallelChain
+
+FORMS = ["full", "sqrt", "every:2", "selective", "nested:0-2[0-1]", "ops:addmm",
+         "ops:0-1=addmm#0,2", "forward:-", "forward:addmm#0-3", "remat:-",
+         "remat:addmm#0-3"]
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_exact_forms_verify_and_leave_the_model_as_it_was(form):
+    cfg = model_config("transformer", depth=3, d_model=16, heads=2, seq_len=8, vocab=30,
+                       dropout=0.2)
+    model, batch = build_workload(cfg, 4)
+    quiet_apply(model, form)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    rng = torch.get_rng_state()
+    verify_replay(model, batch)
+    assert all(torch.equal(p.grad, torch.full_like(p, 3.0)) for p in model.parameters())
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_batchnorm_statistics_are_put_back():
+    cfg = model_config("convnet", depth=3, channels=4, image_size=8)
+    model, batch = build_workload(cfg, 4)
+    quiet_apply(model, "remat:-")
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    verify_replay(model, batch)
+    assert all(torch.equal(before[n], b) for n, b in model.named_buffers())
+
+
+def test_a_broken_remat_rule_is_caught_naming_op_and_module(monkeypatch):
+    # the rule Falcon needed: a replayed in-place write must not reach a held matmul
+    # output through a view. Break it (writes go through) and remat is silently wrong
+    # on a Falcon-like block; verification names the write and the block
+    monkeypatch.setattr(remat, "_copy_written", lambda func, args, kwargs, held: (args, kwargs))
+    torch.manual_seed(0)
+    model, x = _ParallelChain(), torch.randn(2, 8, 16)
+    loss_fn = lambda m, batch: m(batch).square().mean()   # noqa: E731
+    plain = copy.deepcopy(model)
+    loss_fn(plain, x).backward()
+    quiet_apply(model, "remat:-")
+    loss_fn(model, x).backward()
+    assert not all(torch.equal(p.grad, q.grad) for p, q in
+                   zip(plain.parameters(), model.parameters()))   # silently wrong
+    model.zero_grad(set_to_none=True)
+    # the first rebuild found wrong: the head's input, rebuilt through every block
+    with pytest.raises(StrategyError, match=r"remat replayed view in head and got a "
+                                            r"different tensor \(256 of 256 values"):
+        verify_replay(model, x, loss_fn=loss_fn)
+
+
+class _Counting(nn.Module):
+    """A block whose forward reads Python state it changes: a recompute sees another
+    value. torch's checkpoint checks shapes, not values; the gradients would differ."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.lin, self.calls = nn.Linear(d, d), 0
+
+    def forward(self, x):
+        self.calls += 1
+        return torch.tanh(self.lin(x) * self.calls)
+
+
+def test_a_recompute_that_differs_is_caught_for_checkpointed_segments():
+    torch.manual_seed(0)
+    model = nn.Sequential(*(_Counting() for _ in range(3)))
+    x = torch.randn(4, 8)
+    loss_fn = lambda m, batch: m(batch).sum()             # noqa: E731
+    quiet_apply(model, "full")
+    with pytest.raises(StrategyError, match=r"checkpoint of block \d \(_Counting\) "
+                                            r"replayed \w+ in \d and got a different"):
+        verify_replay(model, x, loss_fn=loss_fn)
+
+
+def test_training_loss_default_is_the_zoo_loss():
+    assert verify_replay.__kwdefaults__["loss_fn"] is training_loss
+
+
+def test_the_planner_leaves_out_a_remat_plan_whose_replay_is_not_exact(monkeypatch):
+    import dataclasses
+
+    import memprop.checkpoint.planner as planner
+    from memprop.checkpoint import Remat, plan
+    torch.manual_seed(0)
+    model, x = _ParallelChain(d=64, depth=6), torch.randn(8, 64, 64)
+    loss_fn = lambda m, batch: m(batch).square().mean()   # noqa: E731
+    chain_plan = planner._plan
+
+    def remat_first(*args, whole, **kwargs):               # as if remat:- were cheapest
+        found = chain_plan(*args, whole=whole, **kwargs)
+        return dataclasses.replace(found, chosen=Remat()) if whole else found
+    monkeypatch.setattr(planner, "_plan", remat_first)
+    budget = planner.simulate(model, x, [], loss_fn=loss_fn).peak_bytes * 95 // 100
+    assert plan(model, x, budget, loss_fn=loss_fn).spec == "remat:-"     # exact: kept
+    monkeypatch.setattr(remat, "_copy_written", lambda func, args, kwargs, held: (args, kwargs))
+    found = plan(model, x, budget, loss_fn=loss_fn)
+    assert not found.spec.startswith("remat:") and found.verified
+    assert "remat: left out, its replay is not exact on this model" in found.describe()
+    assert "forward" not in model.__dict__                 # verification left no patch
