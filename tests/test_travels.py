@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from helpers import assert_same_step, loss_and_grads, quiet_apply
 from memprop.checkpoint import applied_strategy, remove_strategy
 from memprop.checkpoint.planner import simulate
+from memprop.errors import StrategyError
 from memprop.models import model_config
 from memprop.workload import build_workload
 
@@ -150,6 +151,36 @@ def test_ddp_after_apply(base, one_rank_group, form):
     model = checkpointed(base, form)
     ddp = DistributedDataParallel(model)
     assert_same_step(want, loss_and_grads(loss_of, ddp, base[1], params=model), form)
+
+
+def _sharded(model):
+    """FSDP2 as torchtitan applies it: every block, then the root (one rank, CPU)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh("cpu", (1,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _full_grads(step):
+    loss, grads = step
+    return loss, {n: g if g is None or not hasattr(g, "full_tensor") else g.full_tensor()
+                  for n, g in grads.items()}
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_fsdp2_after_apply_is_exact_or_refused(base, one_rank_group, form):
+    want = _full_grads(loss_and_grads(loss_of, _sharded(copy.deepcopy(base[0])), base[1]))
+    model = _sharded(checkpointed(base, form))
+    try:
+        got = _full_grads(loss_and_grads(loss_of, model, base[1]))
+    except StrategyError as exc:           # a region spanning sharded modules
+        assert "sharded with FSDP2" in str(exc)
+        assert form in ("segments:2", "sqrt", "blocks:0-1", "nested:0-2[0-1]", "forward:-",
+                        "forward:addmm#0-3", "remat:-", "remat:addmm#0-3", "budget"), form
+        return
+    assert_same_step(want, got, form)
 
 
 def _accumulated(model, batch):

@@ -51,7 +51,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
 from memprop.checkpoint.blocks import find_blocks, find_chains
-from memprop.checkpoint.patch import PatchedForward
+from memprop.checkpoint.patch import PatchedForward, refuse_sharded
 from memprop.checkpoint.tail import TailElision, TailRecord, hold
 from memprop.checkpoint.verify import VerifyingContext, is_verifying
 from memprop.errors import StrategyError
@@ -261,6 +261,8 @@ class SegmentForward(PatchedForward):
         if not torch.is_grad_enabled():      # inference: nothing to save or recompute
             outs = self._run(call, recompute=False)
         else:
+            refuse_sharded(seg, f"the checkpoint of {names[0]}" + (
+                f" .. {names[-1]}" if len(seg) > 1 else ""))
             # every tensor argument goes to checkpoint positionally, so it is saved
             # through the saved-tensor hooks (NOTE above); the rest rides along
             leaves, spec = tree_flatten((args, kwargs))

@@ -31,7 +31,12 @@ from torch import nn
 from memprop.checkpoint.cache import CacheRestore, cache_off
 from memprop.errors import StrategyError
 
-__all__ = ["PatchedForward", "Applied", "APPLIED"]
+try:                                          # FSDP2 (torch.distributed may be absent)
+    from torch.distributed.fsdp import FSDPModule as _FSDPModule
+except ImportError:                           # pragma: no cover
+    _FSDPModule = ()
+
+__all__ = ["PatchedForward", "Applied", "APPLIED", "refuse_sharded"]
 
 APPLIED = "_memprop_applied"      # model.__dict__ key of the Applied record
 
@@ -100,3 +105,20 @@ class Applied:
 
     def __repr__(self) -> str:
         return f"<Applied {self.strategy}: {len(self.patches)} patches>"
+
+
+def refuse_sharded(modules: list[nn.Module], what: str) -> None:
+    """``StrategyError`` if FSDP2 (``fully_shard``) manages a module that runs inside one
+    replayed region ``modules`` other than a lone block itself: its all-gathers and
+    output hooks run inside the region, and a replay meets them in another state
+    (measured: ``forward:`` and ``remat:`` fail, a multi-block segment finds the
+    hand-over changed). One block per checkpoint is fine (``full``, ``selective``,
+    ``ops:``, ``nested:`` with one-block top segments)."""
+    inside = [m for root in modules for m in (root.modules() if len(modules) > 1
+                                               else list(root.modules())[1:])]
+    if _FSDPModule and any(isinstance(m, _FSDPModule) for m in inside):
+        raise StrategyError(
+            f"memprop.checkpoint: {what} spans modules sharded with FSDP2 (fully_shard), "
+            "whose all-gathers and hooks cannot be replayed inside one region; use a "
+            "strategy that checkpoints each sharded block on its own (full, selective, "
+            "ops:KEYS, every:K)")

@@ -65,7 +65,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from memprop.checkpoint.oplevel import _HEAVY, _Matcher, _name, refuse_unmatched
 from memprop.checkpoint.multilevel import fake_target
-from memprop.checkpoint.patch import Applied, PatchedForward
+from memprop.checkpoint.patch import Applied, PatchedForward, refuse_sharded
 from memprop.checkpoint.strategies import (Strategy, refuse_applied,
                                            register_form, remove_strategy)
 from memprop.checkpoint.verify import check_rebuilt, is_verifying, where_now
@@ -688,6 +688,7 @@ class RematForward(PatchedForward):
         if not torch.is_grad_enabled():
             return self.original(*args, **kwargs)
         model = self.module
+        refuse_sharded([model], "remat")
         # read at each call: parameters may have been replaced since apply()
         owned = {_skey(t) for t in itertools.chain(model.parameters(), model.buffers())}
         record = _Record(self.keys, owned)
