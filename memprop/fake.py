@@ -12,7 +12,102 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._pytree import tree_map
 
-__all__ = ["is_fake", "fake_mode_of", "fake_copy", "fake_batch"]
+__all__ = ["is_fake", "fake_mode_of", "fake_copy", "fake_batch", "grouped_mm_output"]
+
+
+# NOTE [ Fake grouped GEMMs allocate what the kernel allocates ]
+#   Mixture-of-experts layers in transformers (``experts_implementation="grouped_mm"``,
+#   the default of every ``@use_experts_implementation`` model: Mixtral, Qwen2-MoE,
+#   OLMoE, DeepSeek-V3, ...) run each expert projection as one ``aten._grouped_mm``
+#   over all (token, expert) pairs, sorted by expert, with the per-expert boundaries in
+#   an int32 ``offs`` tensor. torch's meta kernel for it (torch/_meta_registrations.py)
+#   implements the CUDA fast path's checks only: it refuses float32 and float16 inputs
+#   ("Expected inputs of BF16 type"), which every real kernel accepts (the CPU kernel
+#   and the CUDA fallback loop over the groups with ``mm_out``), and on a build without
+#   CUDA it allocates the output contiguous, where the kernel
+#   (``create_grouped_gemm_output_tensor``, aten/src/ATen/native/GroupedMMUtils.h) pads
+#   the row stride to 16 bytes on every build but ROCm. So a fake step of a float32 MoE
+#   model failed, and a bf16 one would have been off by the padding. The fake-tensor
+#   rule registered below (``grouped_mm_output``) checks the inputs as the kernel does
+#   (``_grouped_mm_validate_inputs``) and allocates the output exactly as the kernel
+#   does: same sizes, strides and storage bytes. Its shape is fixed by the operands:
+#   the number of (token, expert) pairs, never how they split among the experts, so
+#   the bytes of a grouped-GEMM MoE step do not depend on the routing (NOTE [ MoE
+#   routing and the estimate ], memprop.measure).
+#   The rule applies to fake tensors only (FakeTensorMode's op implementations, which
+#   run before meta kernels); real and meta tensors are untouched. It is registered
+#   when memprop.fake is imported, so the estimate and the planner's fake twins both
+#   have it.
+
+def grouped_mm_output(mat_a: torch.Tensor, mat_b: torch.Tensor, offs=None, bias=None,
+                      out_dtype=None) -> torch.Tensor:
+    """The output ``aten._grouped_mm(mat_a, mat_b, offs, bias, out_dtype)`` allocates,
+    allocated with ``mat_a.new_empty_strided`` (NOTE [ Fake grouped GEMMs allocate what
+    the kernel allocates ])."""
+    allowed = (torch.float32, torch.bfloat16, torch.float16)
+    for name, mat in (("mat_a", mat_a), ("mat_b", mat_b)):
+        torch._check(mat.dtype in allowed, lambda: f"Expected {name} to be Float32, "
+                     f"BFloat16 or Float16 matrix, got {mat.dtype}")
+        torch._check(mat.dim() in (2, 3), lambda: f"{name} has to be 2 or 3d")
+        end = mat.dim() - 1
+        align = 16 // mat.element_size()
+        size, stride = mat.shape, mat.stride()
+        if stride[end - 1] == 1 and stride[end] >= max(1, size[end - 1]):
+            torch._check(stride[end] % align == 0, lambda: "strides should be multiple of 16 bytes")
+        elif stride[end] == 1 and stride[end - 1] >= max(1, size[end]):
+            torch._check(stride[end - 1] % align == 0,
+                         lambda: "strides should be multiple of 16 bytes")
+        else:
+            torch._check(False, lambda: f"Invalid strides/sizes, got {list(stride)} for "
+                         f"strides and {list(size)} for sizes")
+    a2, b2 = mat_a.dim() == 2, mat_b.dim() == 2
+    if not a2 or not b2:
+        torch._check(mat_a.size(-1) == mat_b.size(-2),
+                     lambda: "contraction dimension of mat_a and mat_b must match")
+    torch._check((offs is not None) == (a2 or b2), lambda: "Have to provide offsets if there "
+                 "is a 2d matrix, or no offset if both matrices are 3d")
+    if offs is not None:
+        torch._check(offs.dim() == 1, lambda: "offs has to be 1D")
+        torch._check(offs.dtype == torch.int32, lambda: "Offsets have to be int32")
+    torch._check(bias is None, lambda: "Bias not supported yet")
+    dtype = out_dtype or mat_a.dtype
+    torch._check(dtype == mat_a.dtype,
+                 lambda: "Grouped gemm output dtype must match `mat_a` dtype")
+    if a2:
+        if b2:
+            size = [offs.size(0), mat_a.size(0), mat_b.size(1)]
+        else:
+            torch._check(offs.size(0) == mat_b.size(0), lambda: "matrix batch sizes have to match")
+            size = [mat_a.size(0), mat_b.size(-1)]
+    elif b2:
+        torch._check(offs.size(0) == mat_a.size(0), lambda: "matrix batch sizes have to match")
+        size = [mat_a.size(1), mat_b.size(1)]
+    else:
+        torch._check(mat_a.size(0) == mat_b.size(0), lambda: "batched dimension has to match")
+        size = [mat_a.size(0), mat_a.size(1), mat_b.size(-1)]
+    if torch.version.hip:
+        return mat_a.new_empty(size, dtype=dtype)
+    align = 16 // dtype.itemsize
+    padded = (size[-1] + align - 1) // align * align
+    stride = [padded, 1] if a2 != b2 else [size[1] * padded, padded, 1]
+    return mat_a.new_empty_strided(size, stride, dtype=dtype)
+
+
+def _register_fake_rules() -> None:
+    from torch._subclasses import fake_impls
+
+    op = torch.ops.aten._grouped_mm.default
+    if op in fake_impls.op_implementations_dict:      # torch has one of its own: keep it
+        return
+
+    def fake_grouped_mm(fake_mode, func, mat_a, mat_b, offs=None, bias=None, out_dtype=None):
+        return grouped_mm_output(mat_a, mat_b, offs, bias, out_dtype)
+
+    fake_impls.register_op_impl(op)(fake_grouped_mm)
+
+
+if hasattr(torch.ops.aten, "_grouped_mm"):
+    _register_fake_rules()
 
 
 def is_fake(model_or_tensor) -> bool:

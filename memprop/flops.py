@@ -36,11 +36,22 @@ def _cpu_sdpa_backward(grad_out, query, key, value, *args, out_val=None, **kwarg
     return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
 
 
-# torch's formulas, plus CPU attention (NOTE [ Attention FLOPs on CPU ])
+def _grouped_mm(mat_a, mat_b, *args, out_val=None, **kwargs) -> int:
+    """Mixture-of-experts GEMMs (transformers' grouped experts): each output element
+    sums over a's last dimension once, whatever the groups; with two 2-d operands the
+    groups split that dimension instead (weight gradients: (G, M, N) out of K total)."""
+    if mat_a.dim() == 2 and mat_b.dim() == 2:
+        return 2 * mat_a.shape[0] * mat_a.shape[1] * mat_b.shape[1]
+    return 2 * out_val.numel() * mat_a.shape[-1]
+
+
+# torch's formulas, plus CPU attention (NOTE [ Attention FLOPs on CPU ]) and grouped
+# GEMMs (torch has no formula for them: experts' FLOPs counted 0, their recompute free)
 FORMULAS = {**flop_registry,
             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa,
             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
-                _cpu_sdpa_backward}
+                _cpu_sdpa_backward,
+            torch.ops.aten._grouped_mm: _grouped_mm}
 
 # ops that only read metadata (fake tensors dispatch them too)
 METADATA_QUERIES = {

@@ -21,6 +21,27 @@ NOTE [ measure_step leaves the model as it found it ]
   A ``Strategy`` object given as ``strategy`` is applied for the measurement and removed
   afterwards; a string is only the label of what is already applied.
 
+NOTE [ MoE routing and the estimate ]
+  How many tokens each expert of a mixture-of-experts layer receives depends on the
+  router's values, which fake tensors do not have. Whether the bytes depend on it
+  depends on how the experts run:
+  * Grouped (transformers' ``experts_implementation`` "grouped_mm", the default of
+    every model built with ``@use_experts_implementation``: Mixtral, Qwen2/3-MoE, OLMoE,
+    GPT-OSS, PhiMoE, GraniteMoE, ...; and "batched_mm"): the (token, expert) pairs are
+    sorted by expert and each expert projection is one GEMM over all tokens × top_k
+    pairs; the split exists only as the values of an offsets tensor (or of gathered
+    indices). Every storage has the same size whatever the routing, so a fake step -
+    which reads no value (NOTE [ Fake grouped GEMMs allocate what the kernel allocates
+    ], memprop.fake) - is the real step for EVERY routing: exact for the batch's own
+    routing, a uniform split and the worst case alike. ``Measurement.routing`` says so.
+  * Per expert (``experts_implementation="eager"``, JetMoE's experts, ...): the step
+    reads the routing (``nonzero``, ``.tolist()``) and allocates one slice per expert,
+    so shapes depend on values. Fake tensors cannot run it: ``measure_step`` on fake
+    tensors raises ``DataDependentStepError`` naming the op and the module, instead of
+    predicting under a silent assumption. Measure such a step, or estimate it with the
+    grouped experts (``--set _experts_implementation=grouped_mm``).
+  A measured step states the routing it ran with: the batch's own.
+
 NOTE [ How a tensor budget covers every pass ]
   With ``budget_bytes``, passes 1, 2 and 5 run under a tracker with that limit
   (NOTE [ What a tensor budget means ], memprop.budget). Passes 3, 4, 6 and 7 repeat the
@@ -34,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import resource
 import statistics
 import sys
@@ -43,15 +65,19 @@ from typing import Any, Callable
 import pandas as pd
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import (DataDependentOutputException,
+                                          DynamicOutputShapeException)
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
-from memprop.errors import ConfigError
+from memprop.errors import ConfigError, MemPropError
+from memprop.fake import is_fake
 from memprop.flops import FlopCounter
 from memprop.models import inference_forward, training_loss
 from memprop.saved import SavedTensorRecorder, batch_tensors, per_module_table
 from memprop.tracker import CATEGORIES, LiveMemoryTracker
 
 __all__ = ["Measurement", "measure_step", "make_optimizer", "OPTIMIZERS", "AMP_MODES",
-           "phase_of"]
+           "phase_of", "StepScaler", "DataDependentStepError", "moe_routing"]
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 AMP_MODES = ("bf16", "fp16")
@@ -110,6 +136,9 @@ class Measurement:
     param_saved_bytes: int
     saved: pd.DataFrame = dataclasses.field(repr=False)        # one row per storage
     amp: str | None = None                                      # autocast: bf16 / fp16
+    # mixture of experts: the routing these bytes hold for (NOTE [ MoE routing and the
+    # estimate ]); None for a model without experts
+    routing: str | None = None
     # live memory (NOTE [ What counts as live memory ], memprop.tracker)
     peak_bytes: int = 0
     start_bytes: int = 0                                        # live before the step
@@ -173,18 +202,121 @@ def _rss_peak_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
 
+class DataDependentStepError(MemPropError):
+    """A step whose tensor shapes or control flow depend on tensor values (an expert
+    routing read by ``nonzero`` or ``.tolist()``, say) run on fake tensors, which have
+    no values (NOTE [ MoE routing and the estimate ])."""
+
+
+_DATA_DEPENDENT = (DataDependentOutputException, DynamicOutputShapeException,
+                   GuardOnDataDependentSymNode)
+_MOE_CLASS = re.compile(r"(Experts?|MoE|Moe)(?![a-z])")
+
+
+def _experts_implementations(model: nn.Module) -> list[str]:
+    """The ``experts_implementation`` of each transformers experts module (those built
+    with ``@use_experts_implementation``, which can switch it), sorted, distinct."""
+    return sorted({str(getattr(m.config, "_experts_implementation", None))
+                   for m in model.modules()
+                   if hasattr(m, "_is_expert_parallel") and hasattr(m, "config")})
+
+
+def moe_routing(model: nn.Module, *, predicted: bool) -> str | None:
+    """What ``Measurement.routing`` says for ``model`` (NOTE [ MoE routing and the
+    estimate ]): None without mixture-of-experts modules (found by class name:
+    ``...Experts``, ``...MoE``/``...Moe...``)."""
+    classes = {type(m).__name__ for m in model.modules()}
+    if not any(_MOE_CLASS.search(c) for c in classes):
+        return None
+    impls = _experts_implementations(model)
+    how = f" (experts_implementation {', '.join(impls)})" if impls else ""
+    if not predicted:
+        return f"measured with this batch's own routing{how}"
+    # a fake step that ran read no value: no size depended on how tokens were routed
+    return (f"any{how}: the step read no value, so no allocation depended on the routing "
+            "(grouped experts run each projection over all tokens x top-k pairs, whatever "
+            "their split): these bytes hold for every routing, the batch's own and the "
+            "worst case alike")
+
+
+def _data_dependent_error(exc: BaseException, model: nn.Module) -> DataDependentStepError:
+    """``exc`` (fake tensors met a value they lack) as a clear error naming the op and
+    the innermost module of ``model`` that ran it."""
+    names = {id(m): n for n, m in model.named_modules()}
+    where = None
+    tb = exc.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in names:
+            where = f"{names[id(owner)] or '(the model)'} ({type(owner).__name__})"
+        tb = tb.tb_next
+    op = getattr(exc, "func", None)
+    fix = "; measure it instead (memprop profile without --estimate)"
+    if moe_routing(model, predicted=True) is not None:
+        fix = ("; in a mixture-of-experts model that is the expert routing, here read to "
+               "run the experts one by one" + fix)
+        if _experts_implementations(model):
+            fix += (", or estimate it with grouped experts, whose bytes hold for every "
+                    "routing: --set _experts_implementation=grouped_mm (transformers' "
+                    "default)")
+    return DataDependentStepError(
+        f"memprop: this step reads tensor values to decide shapes or control flow "
+        f"({op if op is not None else type(exc).__name__}"
+        f"{f' in {where}' if where else ''}), which fake tensors do not have, so it "
+        f"cannot be predicted without running it{fix}")
+
+
+@contextlib.contextmanager
+def _values_needed(model: nn.Module):
+    """A step on fake tensors that needs a tensor's value raises
+    ``DataDependentStepError`` (NOTE [ MoE routing and the estimate ])."""
+    try:
+        yield
+    except _DATA_DEPENDENT as exc:
+        error = _data_dependent_error(exc, model)
+        error.memprop_phase = getattr(exc, "memprop_phase", None)
+        raise error from exc
+
+
+class StepScaler(torch.amp.GradScaler):
+    """``torch.amp.GradScaler`` that also steps on fake tensors (NOTE [ fp16's inf check
+    on fake tensors ]). On real tensors it is the plain ``GradScaler``.
+
+    NOTE [ fp16's inf check on fake tensors ]
+      ``GradScaler.step`` unscales the gradients and records in a 0-dim ``found_inf``
+      tensor whether any was inf or NaN, then reads it (``found_inf.item()``, one
+      ``aten._local_scalar_dense``) to decide whether ``optimizer.step()`` runs. A fake
+      tensor has no value to read. The prediction ASSUMES NO INF IS FOUND: the step is
+      taken, as it is in every step of a healthy fp16 run (a step with an overflow is
+      skipped and the scale halved, and then creates no optimizer state and writes no
+      parameter). The assumption is made by giving each fake ``found_inf`` the value 0
+      (its ``item_memo``, the value fake tensors answer ``.item()`` with) right before
+      it is read, so the fake step runs the very ops of the real one, the read included,
+      and creates and frees the same storages: the estimate equals a measured step in
+      which no inf occurs. ``update`` then grows the scale as a real step does
+      (``_amp_update_scale_`` in place: no new storage either way)."""
+
+    def _maybe_opt_step(self, optimizer, optimizer_state, *args, **kwargs):
+        for found_inf in optimizer_state["found_inf_per_device"].values():
+            if is_fake(found_inf):
+                found_inf.item_memo = 0.0      # the assumption: no inf found, step taken
+        return super()._maybe_opt_step(optimizer, optimizer_state, *args, **kwargs)
+
+
 class _Step:
     """One training step - forward (the loss), backward, optimizer - of a model on a
     batch: the body every pass of ``measure_step`` runs under its own instrument.
 
     ``amp``: run forward (and the loss) under ``torch.autocast`` in bf16 or fp16; fp16
-    scales the loss with a ``GradScaler``, as mixed-precision training does."""
+    scales the loss with a ``GradScaler`` (``StepScaler``), as mixed-precision training
+    does; on fake tensors its inf check assumes no inf (NOTE [ fp16's inf check on fake
+    tensors ])."""
 
     def __init__(self, model, batch, optimizer: torch.optim.Optimizer, loss_fn,
                  device: torch.device, amp: str | None):
         self.model, self.batch, self.opt, self.loss_fn = model, batch, optimizer, loss_fn
         self.device, self.amp = device, amp
-        self.scaler = (torch.amp.GradScaler(device.type) if amp == "fp16" else None)
+        self.scaler = StepScaler(device.type) if amp == "fp16" else None
 
     def autocast(self):
         if self.amp is None:
@@ -332,7 +464,7 @@ def measure_step(model: nn.Module, batch, *, optimizer: str = "sgd",
                           "be an integer >= 1")
     tensors = batch_tensors(batch)
     device = tensors[0].device if tensors else torch.device("cpu")
-    with _as_found(model, strategy, batch, loss_fn):
+    with _values_needed(model), _as_found(model, strategy, batch, loss_fn):
         model.train()
         opt = make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad],
                              lr=0.0)
@@ -371,6 +503,7 @@ def measure_step(model: nn.Module, batch, *, optimizer: str = "sgd",
                   ).replace("torch.", ""),
         strategy=str(getattr(strategy, "spec", strategy)), optimizer=optimizer,
         predicted=predicted, amp=amp,
+        routing=moe_routing(model, predicted=predicted or is_fake(model)),
         saved_bytes=rec.saved_bytes, saved_count=rec.saved_count,
         param_saved_bytes=rec.param_saved_bytes, saved=rec.frame(),
         peak_bytes=tracked.peak_bytes, start_bytes=start_bytes,

@@ -15,7 +15,9 @@ NOTE [ Refuse what cannot fit ]
   device memory on CUDA) would end in the operating system's out-of-memory killer, a
   100 GB allocation error or worse; ``measure`` raises ``WontFitError`` instead, naming
   the predicted and available bytes and suggesting ``--estimate``. ``check_fits=False``
-  skips the prediction (a sweep's trial under a budget needs none).
+  skips the prediction (a sweep's trial under a budget needs none). A step fake tensors
+  cannot run (its shapes depend on values: ``DataDependentStepError``, NOTE [ MoE routing
+  and the estimate ], memprop.measure) is measured without the check.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from memprop.checkpoint import parse_strategy
 from memprop.dtypes import parse_dtype
 from memprop.errors import ConfigError, MemPropError
-from memprop.measure import Measurement, measure_step
+from memprop.measure import DataDependentStepError, Measurement, measure_step
 from memprop.units import format_bytes
 
 __all__ = ["build_workload", "check_device", "measure", "estimate", "WontFitError",
@@ -107,10 +109,14 @@ def measure(config, batch_size: int, *, dtype=torch.float32, device="cpu",
     check_device(device)
     strat = parse_strategy(strategy)
     if check_fits:
-        need = estimate(config, batch_size, dtype=dtype, device=device, strategy=strat,
-                        optimizer=optimizer, amp=amp, seed=seed, flops=False).budget_peak_bytes
+        try:
+            need = estimate(config, batch_size, dtype=dtype, device=device, strategy=strat,
+                            optimizer=optimizer, amp=amp, seed=seed,
+                            flops=False).budget_peak_bytes
+        except DataDependentStepError:     # shapes depend on values: measured unchecked
+            need = None
         have = available_bytes(device)
-        if need > have:
+        if need is not None and need > have:
             raise WontFitError(
                 f"memprop: one step of {config.name} at batch {batch_size} is predicted to "
                 f"need {format_bytes(need)} of tensors, but this machine has "

@@ -93,6 +93,11 @@ def render_profile(m, config, *, closed_form: dict | None = None) -> str:
         f"  tensor-level peak     {format_bytes(m.peak_bytes)} (by phase: {peaks}); "
         f"live before the step {format_bytes(m.start_bytes)}",
     ]
+    if m.routing:       # mixture of experts (NOTE [ MoE routing and the estimate ])
+        lines.append(f"  expert routing        {m.routing}")
+    if m.predicted and m.amp == "fp16":    # NOTE [ fp16's inf check on fake tensors ]
+        lines.append("  fp16 loss scaling     assumes the GradScaler finds no inf or NaN "
+                     "gradient: the optimizer step is taken, as in every healthy step")
     if m.inference_peak_bytes:
         lines.append(f"  inference peak        {format_bytes(m.inference_peak_bytes)} "
                      f"(eval, no_grad; stores {format_bytes(m.inference_saved_bytes)}): "
@@ -173,7 +178,10 @@ def gather_profile(config, args):
             from memprop.workload import measure
             result = measure(config, args.batch, repeats=args.repeats, **common)
     closed = None
-    if isinstance(config, (D2LConfig, MLPConfig)) and args.strategy == "none":
+    # the closed forms are for a plain step in one dtype: under autocast the step also
+    # stores half-precision copies, which they do not describe
+    if isinstance(config, (D2LConfig, MLPConfig)) and args.strategy == "none" \
+            and args.amp is None:
         closed = predict_saved_bytes(config, args.batch, dtype=dtype)
     return result, closed
 

@@ -21,7 +21,7 @@ import torch
 from memprop.backprop import max_formula_error
 from memprop.budget import TensorBudgetExceeded
 from memprop.checkpoint import parse_strategy
-from memprop.measure import measure_step, phase_of
+from memprop.measure import DataDependentStepError, measure_step, phase_of
 from memprop.sweep.budget import (apply_process_budget, is_out_of_memory,
                                   peak_address_space_bytes)
 from memprop.sweep.trial import Trial
@@ -84,13 +84,19 @@ def run_trial(trial: Trial) -> dict:
         # the full config, defaults included: the store says exactly what was measured
         result.update({k: v for k, v in config.row_fields().items() if k != "model"})
         if trial.estimate and trial.mode == "measure":
-            predicted = estimate(config, trial.batch, dtype=trial.dtype, strategy=strategy,
-                                 optimizer=trial.optimizer, amp=trial.amp)
-            result.update(predicted_peak_bytes=predicted.peak_bytes,
-                          predicted_saved_bytes=predicted.saved_bytes,
-                          predicted_budget_peak_bytes=predicted.budget_peak_bytes,
-                          predicted_forward_flops=predicted.forward_flops,
-                          predicted_backward_flops=predicted.backward_flops)
+            try:
+                predicted = estimate(config, trial.batch, dtype=trial.dtype,
+                                     strategy=strategy, optimizer=trial.optimizer,
+                                     amp=trial.amp)
+            except DataDependentStepError as exc:  # not predictable: the trial still runs
+                result["predicted_error"] = str(exc)[:500]
+            else:
+                result.update(predicted_peak_bytes=predicted.peak_bytes,
+                              predicted_saved_bytes=predicted.saved_bytes,
+                              predicted_budget_peak_bytes=predicted.budget_peak_bytes,
+                              predicted_forward_flops=predicted.forward_flops,
+                              predicted_backward_flops=predicted.backward_flops,
+                              predicted_routing=predicted.routing)
         limit, budget_row = _set_budget(trial, config, strategy)
         result.update(budget_row)
         model, batch = build_workload(config, trial.batch, dtype=trial.dtype,
