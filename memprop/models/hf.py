@@ -161,6 +161,7 @@ class HFConfig(ModelConfig):
         if self.task == "sequence-classification" and default.pad_token_id is None:
             values["pad_token_id"] = 0   # decoders find each row's last token by it
         values.update({own(k): v for k, v in self.options})
+        _key_value_heads(default, values, set_by_user, own)
         vocab = values.get(own("vocab_size"))
         for key in _TOKEN_IDS:     # special tokens of the full vocabulary, out of a tiny one
             value = getattr(default, key, None)
@@ -203,6 +204,28 @@ class HFConfig(ModelConfig):
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         with eager_masks(batch, all_ones=self.padded_rows(_rows(batch)) == 0):
             return model(**inputs)
+
+
+def _key_value_heads(default, values: dict, set_by_user: set, own) -> None:
+    """Grouped-query attention under the tiny head count: ``num_key_value_heads`` must
+    divide ``num_attention_heads``. Unless the user set it, keep the architecture's kind
+    of attention: as many as the heads (multi-head), one (multi-query), else the largest
+    proper divisor of the heads (grouped: 2 of 4). Mistral's own 8 of 32 under memprop's
+    4 heads crashed the first forward (issue 19)."""
+    kv_key = own("num_key_value_heads")
+    heads = values.get(own("num_attention_heads"))
+    kv = getattr(default, "num_key_value_heads", None)
+    if kv_key in set_by_user or not isinstance(kv, int) or not isinstance(heads, int):
+        return
+    if kv <= heads and heads % kv == 0 and own("num_attention_heads") in set_by_user:
+        return                                   # the user's heads fit the default
+    full = getattr(default, "num_attention_heads", None)
+    if kv == full:
+        values[kv_key] = heads
+    elif kv == 1:
+        values[kv_key] = 1
+    else:
+        values[kv_key] = max(d for d in range(1, heads) if heads % d == 0) if heads > 1 else 1
 
 
 def _rows(batch: dict) -> int:
