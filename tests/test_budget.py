@@ -171,7 +171,7 @@ def test_process_budget_far_above_fits_far_below_runs_out(tmp_path):
         d_in = 256
         depth = 2
         [grid]
-        batch = [8, 16384]
+        batch = [8, 65536]
         [run]
         repeats = 1
         budget = "64MiB"
@@ -183,7 +183,9 @@ def test_process_budget_far_above_fits_far_below_runs_out(tmp_path):
     rows = load_results(db).set_index("batch")
     assert rows.loc[8, "status"] == "ok" and rows.loc[8, "budget_kind"] == "rlimit_as"
     assert rows.loc[8, "process_margin_bytes"] is not None
-    assert rows.loc[16384, "status"] == "oom"           # needs ~100 MiB of tensors alone
+    # ~320 MiB of tensors, five times the budget: far enough below that no mapping freed
+    # after the baseline (MKL_DISABLE_FAST_MM=1 frees ~17 MiB of it) lets it fit
+    assert rows.loc[65536, "status"] == "oom"
     assert set(rows.budget_mode) == {"process"}
 
 
