@@ -25,15 +25,25 @@ _UNITS = {
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
 
 
-def parse_size(text: str | int | float) -> int:
+def parse_size(text: str | int | float, *, positive: bool = False) -> int:
     """Bytes in ``text``: an int, or a number with a unit (B, KB/MB/GB/TB in powers of
     10, KiB/MiB/GiB/TiB or K/M/G/T in powers of 2). Raises ``ValueError`` naming the
-    accepted forms."""
+    accepted forms; with ``positive`` also for a size of 0 bytes (a budget: the CLI's
+    ``--budget`` and the strategy ``budget:SIZE`` refuse the same sizes)."""
+    value = _parse_size(text)
+    if positive and value <= 0:
+        raise ValueError(f"memprop.units: size {text!r} is not positive ({value} bytes); "
+                         "write a positive size, e.g. 512MiB or 1.5GiB")
+    return value
+
+
+def _parse_size(text: str | int | float) -> int:
     if isinstance(text, bool):
         raise ValueError(f"memprop.units: {text!r} is not a size; write e.g. 512MiB or 1.5GiB")
     if isinstance(text, (int, float)):
         if text < 0:
-            raise ValueError(f"memprop.units: size {text!r} is negative")
+            raise ValueError(f"memprop.units: size {text!r} is negative; write a positive "
+                             "size, e.g. 512MiB or 1.5GiB")
         return int(text)
     if str(text).strip().startswith("-"):
         raise ValueError(f"memprop.units: size {text!r} is negative; write a positive size, "

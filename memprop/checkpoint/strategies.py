@@ -47,6 +47,7 @@ off while applied (NOTE [ Checkpointing and KV caches ] in memprop.checkpoint.ca
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import warnings
@@ -58,6 +59,7 @@ from memprop.checkpoint.chain import CheckpointedChain, find_chains
 from memprop.checkpoint.patch import APPLIED, Applied, PatchedForward
 from memprop.checkpoint.selective import selective_context_fn
 from memprop.errors import StrategyError
+from memprop.units import parse_size
 
 __all__ = ["Strategy", "NoCheckpoint", "Full", "EveryK", "Segments", "Sqrt", "Blocks",
            "Selective", "Offload", "parse_strategy", "apply_strategy",
@@ -278,6 +280,8 @@ def parse_strategy(text: str | Strategy | None) -> Strategy:
         return _SIMPLE[spec]()
     name, _, arg = spec.partition(":")
     try:
+        if name == "budget" and arg:    # a budget fits something: refused as --budget is
+            parse_size(str(text).strip().partition(":")[2], positive=True)
         if name == "every" and re.fullmatch(r"\d+", arg):
             return EveryK(int(arg))
         if name == "segments" and re.fullmatch(r"\d+", arg):
@@ -290,10 +294,29 @@ def parse_strategy(text: str | Strategy | None) -> Strategy:
     except StrategyError:
         raise
     except ValueError as exc:
-        raise StrategyError(f"memprop.checkpoint: bad strategy {text!r}: {exc}") from None
-    raise StrategyError(f"memprop.checkpoint: unknown strategy {text!r}; choose one of: "
-                        f"{', '.join(STRATEGY_FORMS)} (e.g. every:2, segments:4, blocks:0,3, "
-                        "budget:1.5GiB)")
+        raise StrategyError(f"memprop.checkpoint: bad strategy {text!r}: "
+                            f"{str(exc).removeprefix('memprop.units: ')}") from None
+    raise StrategyError(f"memprop.checkpoint: unknown strategy {text!r}{_did_you_mean(spec)}; "
+                        f"choose one of: {', '.join(STRATEGY_FORMS)} (e.g. every:2, "
+                        "segments:4, blocks:0,3, budget:1.5GiB)")
+
+
+def _did_you_mean(spec: str) -> str:
+    """' (did you mean ...?)' for a strategy close to one of STRATEGY_FORMS, as for model
+    names: ``sqr`` -> ``sqrt``, ``segment:4`` -> ``segments:4``, ``every:x`` -> ``every:K``."""
+    name, _, arg = spec.partition(":")
+    forms = {form.partition(":")[0]: form for form in STRATEGY_FORMS}   # every -> every:K
+    close = difflib.get_close_matches(name, forms, n=1)
+    if not close:
+        return ""
+    form = forms[close[0]]
+    if ":" not in form:                     # takes no argument
+        guess = close[0]
+    elif arg and close[0] != name:          # a misspelt name: keep the user's argument
+        guess = f"{close[0]}:{arg}"
+    else:                                   # the right name, a bad or missing argument
+        guess = form
+    return f" (did you mean {guess!r}?)"
 
 
 def apply_strategy(model: nn.Module, strategy, *, blocks_attr: str | None = None,

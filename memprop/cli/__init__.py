@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import warnings
 
@@ -24,7 +25,17 @@ __all__ = ["main", "build_parser"]
 
 
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors are one line: what is wrong, and where help is."""
+    """An ArgumentParser whose usage errors are one line: what is wrong, and where help is.
+
+    A value that starts with a minus and a digit (``--budget -5MiB``, ``--repeats -1``)
+    is read as a value, so that its own check names it, rather than as an unknown option
+    ("expected one argument"): no memprop option starts with a digit. argparse keeps
+    this rule in ``_negative_number_matcher``, which by default matches only plain
+    numbers such as -5 or -0.5."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

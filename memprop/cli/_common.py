@@ -70,14 +70,12 @@ def positive_int(text: str) -> int:
 
 
 def size(text: str) -> int:
-    """A positive memory size such as 512MiB or 1.5GiB, in bytes."""
+    """A positive memory size such as 512MiB or 1.5GiB, in bytes (refused as the strategy
+    ``budget:SIZE`` refuses it: memprop.units.parse_size with ``positive``)."""
     try:
-        value = parse_size(text)
+        return parse_size(text, positive=True)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("memprop.units: ")) from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size; write e.g. 512MiB")
-    return value
 
 
 # -- paths, checked before any measuring so that nothing is lost to a typo --

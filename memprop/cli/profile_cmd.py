@@ -1,5 +1,6 @@
 """``memprop profile``: measure (or, with --estimate, predict) one training step of a
-zoo model or a ``package.module:factory`` and show where its memory goes."""
+zoo model, a transformers model (``hf:gpt2``) or a ``package.module:factory`` and show
+where its memory goes."""
 
 from __future__ import annotations
 
@@ -125,9 +126,14 @@ def render_profile(m, config, *, closed_form: dict | None = None) -> str:
 def add_model_options(p) -> None:
     """The options that name a workload (shared by profile and plan)."""
     p.add_argument("--model", default="mlp",
-                   help=f"one of {', '.join(MODEL_NAMES)}, or package.module:factory")
+                   help=f"one of {', '.join(MODEL_NAMES)}; hf:<model_type>, any transformers "
+                        "architecture built offline from its config with random weights "
+                        "(e.g. hf:gpt2, hf:llama; needs transformers: pip install "
+                        "memprop[hf]); or package.module:factory, your own function "
+                        "returning an nn.Module (with --input-shape)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="a model field, repeatable: --set depth=16 --set width=1024 "
+                   help="a model field, repeatable: --set depth=16 --set width=1024; for "
+                        "hf: models a transformers config field, e.g. --set n_layer=12 "
                         "(default: the model's own sizes)")
     p.add_argument("--input-shape", help="factory models: one example's shape, e.g. 3,32,32 "
                    "(default: none; required for a factory)")
