@@ -18,6 +18,7 @@ _PUBLIC = {name: module for module, names in {
     "memprop.errors": ["BudgetError", "ConfigError", "MemPropError", "StrategyError"],
     "memprop.estimate": ["estimate"],
     "memprop.measure": ["Measurement", "measure_step"],
+    "memprop.models.user": ["Criterion"],
     "memprop.workload": ["measure"],
     "memprop.models": ["MODELS", "model_config", "training_loss"],
     "memprop.predict": ["predict_saved_bytes"],
@@ -67,7 +68,7 @@ __all__ = [
     "MODELS", "model_config", "training_loss",
     # measurement
     "SavedTensorRecorder", "SavedRecord", "LiveMemoryTracker", "CATEGORIES", "PHASES",
-    "measure_step", "measure", "Measurement", "track", "TrainingLoopTracker",
+    "measure_step", "measure", "Measurement", "track", "TrainingLoopTracker", "Criterion",
     # prediction
     "estimate", "predict_saved_bytes",
     # checkpointing

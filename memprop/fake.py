@@ -9,7 +9,7 @@ import copy
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.utils._pytree import tree_map
 
 __all__ = ["is_fake", "fake_mode_of", "fake_copy", "fake_batch", "grouped_mm_output"]
@@ -123,23 +123,32 @@ def fake_mode_of(model: nn.Module) -> FakeTensorMode | None:
     return None
 
 
-def fake_copy(model: nn.Module, mode: FakeTensorMode) -> nn.Module:
+def fake_copy(model: nn.Module, mode: FakeTensorMode, *,
+              keep_strategy: bool = False) -> nn.Module:
     """A copy of ``model`` whose parameters and buffers are fake tensors of ``mode``.
 
     ``deepcopy`` is seeded with the fake twins, so no real weight is ever copied.
     Checkpointing patches (instance ``forward`` attributes) are not carried over: copy
-    the plain model."""
+    the plain model. ``keep_strategy=True`` copies them too, as ``deepcopy`` copies a
+    checkpointed model (NOTE [ A strategy travels with the model ],
+    memprop.checkpoint.patch): the twin runs the strategy the model runs (what
+    ``estimate(model, batch)`` predicts). Works inside ``mode`` or outside it."""
     memo = {}
-    for t in [*model.parameters(), *model.buffers()]:
-        fake = mode.from_tensor(t.detach())
-        memo[id(t)] = nn.Parameter(fake, requires_grad=t.requires_grad) \
-            if isinstance(t, nn.Parameter) else fake
-    clone = copy.deepcopy(model, memo)
-    for module in clone.modules():   # never carry a strategy's patches over
-        for key in ("forward", "_memprop_forward", "_memprop_applied"):
-            module.__dict__.pop(key, None)
+    with unset_fake_temporarily():           # the real model is read, never faked in place
+        for t in [*model.parameters(), *model.buffers()]:
+            fake = mode.from_tensor(t.detach())
+            memo[id(t)] = nn.Parameter(fake, requires_grad=t.requires_grad) \
+                if isinstance(t, nn.Parameter) else fake
+        clone = copy.deepcopy(model, memo)
+    if not keep_strategy:
+        for module in clone.modules():   # never carry a strategy's patches over
+            for key in ("forward", "_memprop_forward", "_memprop_applied"):
+                module.__dict__.pop(key, None)
     return clone
 
 
 def fake_batch(batch, mode: FakeTensorMode):
-    return tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, batch)
+    """``batch`` with every tensor a fake tensor of ``mode`` (inside ``mode`` or outside)."""
+    with unset_fake_temporarily():
+        return tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t,
+                        batch)

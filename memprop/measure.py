@@ -1,7 +1,12 @@
 """Measure one training step of any ``nn.Module``: what it stores, what it holds, how long.
 
-    m = measure_step(model, batch)            # batch = (inputs, targets), or any structure
+    m = measure_step(model, (x, y), loss_fn=F.cross_entropy)   # any nn.Module
     m.saved_bytes, m.peak_bytes, m.inference_peak_bytes, m.step_ms, m.backward_flops
+
+A batch is a tensor, ``(inputs, targets)`` or a dict of keyword inputs, and the loss
+defaults to the output's ``.loss``, the model's ``objective``, or (no targets) the mean
+square of the output (NOTE [ One step of any module ], memprop.models.user); a
+``loss_fn(model, batch)`` and ``forward_fn(model, batch)`` take a batch of any structure.
 
 ``measure_step`` runs one step body (``_Step``) under one instrument per pass, in order:
   1. the first step (creates the optimizer's state), under a ``LiveMemoryTracker``;
@@ -9,7 +14,8 @@
   3. one forward and backward under the ``SavedTensorRecorder``: what is stored;
   4. ... counting FLOPs (``FlopCounter``, memprop.flops) in the same pass: a dispatch
      mode that only counts changes nothing autograd saves;
-  5. the same batch as inference (``eval()`` under ``torch.no_grad()``), tracked;
+  5. the same batch as inference (``eval()`` under ``torch.no_grad()``), tracked, on the
+     plain model (NOTE [ Inference runs the plain model ]);
   6. further warm-up steps, then the timed steps (medians, min and max; device synced);
   7. on CUDA, one plain step between allocator-peak resets.
 Each pass measures one thing (3 and 4 share one), so no instrument disturbs another.
@@ -20,6 +26,21 @@ NOTE [ measure_step leaves the model as it found it ]
   (BatchNorm statistics) are restored after the last pass and so is the training mode.
   A ``Strategy`` object given as ``strategy`` is applied for the measurement and removed
   afterwards; a string is only the label of what is already applied.
+
+NOTE [ Inference runs the plain model ]
+  Pass 5 measures prediction alone, so that "training needs Nx" compares a training step
+  with what the same model needs to predict. A checkpointing strategy is a training
+  device: under ``no_grad`` it saves nothing, but its segments still run their hand-over
+  (``mlp`` depth 8, width 128, batch 256: inference peak 1.57 MiB plain, 1.82 MiB under
+  ``sqrt``), and it turns a model's KV cache off (NOTE [ Checkpointing and KV caches ],
+  memprop.checkpoint.cache), which prediction keeps on (``hf:gpt2`` with 6 layers at
+  batch 8: 5.70 MiB plain, 4.33 MiB under ``sqrt``, 4.20 MiB under ``full``, before this
+  rule; 5.70 MiB under each since). So pass 5 runs with the applied strategy
+  suspended (``_strategy_suspended``): each patch the model's ``Applied`` record holds
+  is uninstalled and each config whose cache it turned off gets ``use_cache = True``
+  back, the cache as the user left it; afterwards the same patch objects are installed
+  again in order and the caches turned off again, so the record, its patches and the
+  model are exactly as before. The inference peak is then the same under every strategy.
 
 NOTE [ MoE routing and the estimate ]
   How many tokens each expert of a mixture-of-experts layer receives depends on the
@@ -72,7 +93,7 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from memprop.errors import ConfigError, MemPropError
 from memprop.fake import is_fake
 from memprop.flops import FlopCounter
-from memprop.models import inference_forward, training_loss
+from memprop.models.user import own_forward, split_batch, step_loss
 from memprop.saved import SavedTensorRecorder, batch_tensors, per_module_table
 from memprop.tracker import CATEGORIES, LiveMemoryTracker
 
@@ -393,6 +414,33 @@ def _as_found(model: nn.Module, strategy, batch, loss_fn):
         model.train(was_training)
 
 
+_APPLIED = "_memprop_applied"   # the model's Applied record: memprop.checkpoint.patch.APPLIED
+# (memprop.checkpoint imports this module, so the key is named here, as memprop.fake does)
+
+
+@contextlib.contextmanager
+def _strategy_suspended(model: nn.Module):
+    """The plain model inside, the applied strategy exactly as it was afterwards (NOTE
+    [ Inference runs the plain model ])."""
+    applied = model.__dict__.get(_APPLIED)
+    if applied is None:
+        yield
+        return
+    patches = list(applied.patches)
+    configs = list(applied.restore_cache.configs)       # caches the strategy turned off
+    for patch in reversed(patches):
+        patch.uninstall()
+    for cfg in configs:
+        cfg.use_cache = True
+    try:
+        yield
+    finally:
+        for patch in patches:
+            patch.install()
+        for cfg in configs:
+            cfg.use_cache = False
+
+
 def _stored_pass(step: _Step, tensors, flops: bool) -> tuple[SavedTensorRecorder, int, int]:
     """Passes 3 and 4: one forward under the recorder (then its backward): what is
     stored; with ``flops``, the (forward, backward) FLOPs of that step too."""
@@ -409,10 +457,12 @@ def _stored_pass(step: _Step, tensors, flops: bool) -> tuple[SavedTensorRecorder
 
 
 def _inference_pass(step: _Step, forward_fn, tracker: LiveMemoryTracker) -> tuple[int, int]:
-    """Pass 5 (claim C4): (peak, stored bytes) of the batch as prediction alone."""
+    """Pass 5 (claim C4): (peak, stored bytes) of the batch as prediction alone, on the
+    plain model (NOTE [ Inference runs the plain model ])."""
     step.model.eval()
     tracker.phase = "inference"
-    with _phase("inference"), torch.no_grad(), SavedTensorRecorder(step.model) as rec:
+    with _phase("inference"), _strategy_suspended(step.model), torch.no_grad(), \
+            SavedTensorRecorder(step.model) as rec:
         with tracker, step.autocast():
             out = forward_fn(step.model, step.batch)
             del out
@@ -434,17 +484,23 @@ def _device_peak_pass(step: _Step) -> tuple[int | None, int | None]:
 
 
 def measure_step(model: nn.Module, batch, *, optimizer: str = "sgd",
-                 loss_fn: Callable[[nn.Module, Any], torch.Tensor] = training_loss,
-                 forward_fn: Callable[[nn.Module, Any], Any] = inference_forward,
+                 loss_fn: Callable | None = None,
+                 forward_fn: Callable[[nn.Module, Any], Any] | None = None,
                  strategy="none", amp: str | None = None, budget_bytes: int | None = None,
                  warmup: int = 1, repeats: int = 3, timing: bool = True, flops: bool = True,
                  inference: bool = True, predicted: bool = False,
                  warm: bool = False) -> Measurement:
     """Measure one training step of ``model`` on ``batch`` (see module docstring).
 
-    ``batch`` may have any structure; ``loss_fn(model, batch)`` returns the scalar a step
-    differentiates and ``forward_fn(model, batch)`` runs prediction alone (defaults: the
-    zoo's ``(inputs, targets)`` and ``model.objective``). ``amp``: ``bf16`` / ``fp16``
+    ``model``: any ``nn.Module``. ``batch``: a tensor, ``(inputs, targets)`` or a dict of
+    keyword inputs, and then the loss defaults to the output's ``.loss``, the model's
+    ``objective(output, targets)`` or, without targets, the mean square of the output
+    (NOTE [ One step of any module ], memprop.models.user); a batch of any other
+    structure needs ``loss_fn(model, batch)``, the scalar a step differentiates, and
+    ``forward_fn(model, batch)``, prediction alone. ``loss_fn`` may also be torch's own
+    loss (``F.cross_entropy``, ``nn.MSELoss()``), called ``loss_fn(output, targets)``.
+    The inference pass runs the plain model (NOTE [ Inference runs the plain model ]).
+    ``amp``: ``bf16`` / ``fp16``
     autocast. ``strategy``: a ``Strategy`` object is applied for this measurement and
     removed after it; a string is only the label of what is applied already (apply it
     first, or pass ``parse_strategy(text)``). ``budget_bytes``: a tensor budget (NOTE
@@ -462,6 +518,13 @@ def measure_step(model: nn.Module, batch, *, optimizer: str = "sgd",
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ConfigError(f"memprop.measure: repeats = {repeats!r} is not allowed; it must "
                           "be an integer >= 1")
+    if forward_fn is None:
+        if inference:
+            split_batch(batch)            # a batch own_forward cannot read: say so now
+        forward_fn = own_forward
+    if loss_fn is None:
+        split_batch(batch)
+    loss_fn = step_loss(loss_fn)
     tensors = batch_tensors(batch)
     device = tensors[0].device if tensors else torch.device("cpu")
     with _values_needed(model), _as_found(model, strategy, batch, loss_fn):

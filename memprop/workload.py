@@ -2,12 +2,27 @@
 
     model, batch = build_workload(model_config("mlp", depth=8), 64, strategy="sqrt")
     m = measure(model_config("mlp", depth=8), 64, strategy="sqrt", amp="bf16")
+    e = estimate(model_config("mlp", depth=8), 64)          # a config at a batch size
+    e = estimate(my_module, (x, y), loss_fn=F.cross_entropy)   # any module, its batch
 
 ``measure`` is ``measure_step`` on a config: it builds the model and batch, applies the
 strategy, and uses the config's own loss and forward (``ModelConfig.loss`` /
 ``ModelConfig.forward``). Before allocating anything it predicts the step on fake tensors
 and refuses one larger than the memory this machine has available (NOTE [ Refuse what
 cannot fit ]).
+
+NOTE [ One estimate for configs and modules ]
+  Every estimate is one mechanism (``_predict``): inside one ``FakeTensorMode``, make a
+  fake (model, batch), then ``measure_step`` it (``predicted=True``, no timing). Only
+  the making differs. A config builds its model and batch under the mode (nothing is
+  ever real) and applies the strategy. A module already exists: its fake twin
+  (``fake_copy``, memprop.fake) has the same parameters, buffers, shapes, dtypes and
+  devices as fake tensors, and carries the strategy the module runs; the example batch
+  is faked the same way (``fake_batch``); ``strategy=`` is applied to the twin only.
+  The real module and batch are only read (their shapes), never run: nothing of the
+  step is allocated, and the module is left untouched. Both measure the same storages
+  as a real step, so ``estimate(model, batch)`` equals ``measure_step(model, batch)``
+  to the byte (tests/test_own_module.py).
 
 NOTE [ Refuse what cannot fit ]
   A step whose predicted tensor peak (``budget_peak_bytes`` of the fake-tensor estimate)
@@ -22,12 +37,16 @@ NOTE [ Refuse what cannot fit ]
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
+from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from memprop.checkpoint import parse_strategy
+from memprop.checkpoint import applied_strategy, parse_strategy
 from memprop.dtypes import parse_dtype
 from memprop.errors import ConfigError, MemPropError
+from memprop.fake import fake_batch, fake_copy
 from memprop.measure import DataDependentStepError, Measurement, measure_step
 from memprop.units import format_bytes
 
@@ -77,11 +96,27 @@ def available_bytes(device="cpu") -> int:
     return psutil.virtual_memory().available
 
 
-def estimate(config, batch_size: int, *, dtype=torch.float32, device="cpu",
-             strategy="none", optimizer: str = "sgd", amp: str | None = None, seed: int = 0,
-             flops: bool = True, inference: bool = True) -> Measurement:
-    """A ``Measurement`` with ``predicted=True``: bytes and FLOPs of one step of
-    ``config`` at ``batch_size``, computed on fake tensors (no times, no device peak).
+def _predict(make: Callable[[FakeTensorMode], tuple[nn.Module, Any]], **step) -> Measurement:
+    """One step measured on the fake (model, batch) that ``make(mode)`` returns (NOTE
+    [ One estimate for configs and modules ])."""
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+        model, batch = make(mode)
+        return measure_step(model, batch, timing=False, predicted=True, **step)
+
+
+def estimate(model, batch, *, dtype=None, device=None, strategy="none",
+             optimizer: str = "sgd", amp: str | None = None, seed: int | None = None,
+             flops: bool = True, inference: bool = True, loss_fn=None,
+             forward_fn=None) -> Measurement:
+    """A ``Measurement`` with ``predicted=True``: bytes and FLOPs of one training step,
+    computed on fake tensors (no times, no device peak), of either
+    * a model config (``model_config(...)``) at a batch size (``batch``, an int), built
+      in ``dtype`` (default float32) on ``device`` (default cpu) with ``seed``; or
+    * any ``nn.Module`` on an example ``batch``, as ``measure_step(model, batch,
+      loss_fn=..., forward_fn=...)`` would measure it (same batch forms, same default
+      loss: NOTE [ One step of any module ], memprop.models.user), predicted on a fake
+      twin in the module's own dtype and device, with the strategy it runs (or
+      ``strategy``, applied to the twin): NOTE [ One estimate for configs and modules ].
 
     Under ``FakeTensorMode`` every tensor carries shape, dtype, device and storage size
     but no data, so the recorder, the tracker and the FLOP counter see exactly the
@@ -89,15 +124,55 @@ def estimate(config, batch_size: int, *, dtype=torch.float32, device="cpu",
     and memory that never surfaces as a tensor (allocator rounding and caching, kernel
     workspaces, the Python process itself)."""
     strat = parse_strategy(strategy)
-    with FakeTensorMode(allow_non_fake_inputs=False):
-        model, batch = build_workload(config, batch_size, dtype=dtype, device=device,
-                                      strategy=strat, seed=seed)
-        result = measure_step(model, batch, optimizer=optimizer, strategy=strat.spec,
-                              loss_fn=config.loss, forward_fn=config.forward, amp=amp,
-                              timing=False, flops=flops, inference=inference,
-                              predicted=True)
+    step = dict(optimizer=optimizer, amp=amp, flops=flops, inference=inference)
+    if isinstance(model, nn.Module):
+        return _estimate_module(model, batch, strat, dict(dtype=dtype, device=device,
+                                                          seed=seed),
+                                loss_fn=loss_fn, forward_fn=forward_fn, **step)
+    config = model
+    given = [k for k, v in (("loss_fn", loss_fn), ("forward_fn", forward_fn)) if v is not None]
+    if given or not hasattr(config, "build"):
+        raise ConfigError(
+            f"memprop.estimate: the first argument is {type(config).__name__}"
+            + (f" with {', '.join(f'{k}=' for k in given)}" if given else "")
+            + "; estimate a model config at a batch size (estimate(model_config('mlp'), "
+            "64), whose config brings its own loss) or any nn.Module on an example batch "
+            "(estimate(model, (x, y), loss_fn=F.cross_entropy))")
+    dtype = torch.float32 if dtype is None else dtype
+    device = "cpu" if device is None else device
+    seed = 0 if seed is None else seed
+    result = _predict(lambda mode: build_workload(config, batch, dtype=dtype, device=device,
+                                                  strategy=strat, seed=seed),
+                      strategy=strat.spec, loss_fn=config.loss, forward_fn=config.forward,
+                      **step)
     result.meta.update(config.row_fields())
     return result
+
+
+def _estimate_module(model: nn.Module, batch, strat, config_only: dict, **step) -> Measurement:
+    """``estimate`` of a module on its example batch, on a fake twin (NOTE [ One
+    estimate for configs and modules ])."""
+    given = [k for k, v in config_only.items() if v is not None]
+    if isinstance(batch, int) and not isinstance(batch, bool):
+        raise ConfigError(
+            f"memprop.estimate: a module is estimated on an example batch, not a batch size "
+            f"({batch}); pass the batch: a tensor, (inputs, targets) or a dict of keyword "
+            "inputs, e.g. estimate(model, (x, y), loss_fn=F.cross_entropy) (only its "
+            "shapes are read)")
+    if given:
+        raise ConfigError(
+            f"memprop.estimate: {', '.join(f'{k}=' for k in given)} builds a model config; "
+            f"a module ({type(model).__name__}) is estimated as it is, in its own dtype and "
+            "on its own device: convert the module and the batch first")
+    running = applied_strategy(model)
+    if running is not None and strat.spec != "none":
+        raise ConfigError(
+            f"memprop.estimate: {type(model).__name__} already runs strategy {running}; "
+            f"leave strategy={strat.spec!r} out to predict it as it runs, or call "
+            "remove_strategy(model) first")
+    label = strat if strat.spec != "none" else (running.spec if running else "none")
+    return _predict(lambda mode: (fake_copy(model, mode, keep_strategy=True),
+                                  fake_batch(batch, mode)), strategy=label, **step)
 
 
 def measure(config, batch_size: int, *, dtype=torch.float32, device="cpu",
