@@ -76,3 +76,83 @@ def test_model_help_names_every_kind_of_model(capsys):
         assert "--model MODEL one of d2l_mlp, mlp, transformer, convnet; hf:<model_type>" in text
         assert "e.g. hf:gpt2, hf:llama" in text and "package.module:factory" in text
         assert "--set n_layer=12" in text
+
+
+# -- the per-module table of `memprop profile`: bounded, every row named -------------
+
+def _deep_transformer_table(depth=48):
+    """The per-module table of a transformer ``depth`` blocks deep, on fake tensors."""
+    from memprop.models import model_config
+    from memprop.workload import estimate
+    m = estimate(model_config("transformer", depth=depth, d_model=32, heads=2, seq_len=16,
+                              vocab=64), 2)
+    return m, m.saved_per_module
+
+
+def test_the_per_module_table_of_48_blocks_is_bounded_and_sums_to_the_whole(capsys):
+    from memprop.cli.profile_cmd import MODULE_ROWS, bound_modules, render_modules
+    m, table = _deep_transformer_table()
+    assert len(table) == 48 * 8 + 4          # embed, 8 modules a block, ln_f, head, top level
+    shown, rest = bound_modules(table, MODULE_ROWS)
+    assert rest.empty and shown.module.tolist() == [
+        "embed", "blocks.*.ln1", "blocks.*.attn.qkv", "blocks.*.attn", "blocks.*.attn.proj",
+        "blocks.*.ln2", "blocks.*.mlp.0", "blocks.*.mlp.1", "blocks.*.mlp.2", "ln_f", "head",
+        "(top level)"]
+    assert shown.modules.tolist() == [1] + [48] * 8 + [1, 1, 1]
+    lines = "\n".join(render_modules(table)).splitlines()
+    assert len(lines) == 2 + 12 + 2                # title, header, 12 rows, 2 notes
+    assert lines[0] == ("Stored for backward, per module (in order of saving; 388 modules; "
+                        "a row with * sums one module over the numbered blocks, 'modules' "
+                        "counts them):")
+    # a folded row is the sum of its blocks' rows: attn keeps q·kᵀ's inputs and the
+    # softmax, 3 saves a block
+    from memprop.cli.profile_cmd import fold_repeats
+    folded = fold_repeats(table).set_index("module")
+    attn = table[table.module.str.fullmatch(r"blocks\.\d+\.attn")]
+    assert folded.loc["blocks.*.attn", "saved_bytes"] == attn.saved_bytes.sum()
+    assert folded.loc["blocks.*.attn", "saved_count"] == 3 * 48
+    assert folded.saved_bytes.sum() == table.saved_bytes.sum() == m.saved_bytes
+    # the last row is named: what the model saves outside its submodules (the loss)
+    assert table.module.iloc[-1] == ""
+    assert lines[-3].strip().startswith("(top level)")
+    assert lines[-2] == "  --modules all shows every module on its own row"
+    assert lines[-1] == ("  (top level): saved by the model's own code outside any "
+                         "submodule, e.g. its loss")
+
+
+def test_past_the_bound_the_largest_rows_and_one_line_for_the_rest():
+    from memprop.cli.profile_cmd import bound_modules, render_modules
+    from memprop.units import format_bytes
+    m, table = _deep_transformer_table()
+    shown, rest = bound_modules(table, 3)
+    assert len(shown) == 3 and len(shown) + len(rest) == 12      # 12 rows once folded
+    # the three storing most: mlp.1 (GELU's input), mlp.2 (its output), attn
+    assert set(shown.module) == {"blocks.*.mlp.1", "blocks.*.mlp.2", "blocks.*.attn"}
+    assert shown.saved_bytes.min() >= rest.saved_bytes.max()
+    assert shown.saved_bytes.sum() + rest.saved_bytes.sum() == m.saved_bytes
+    lines = "\n".join(render_modules(table, 3)).splitlines()
+    assert lines[0].endswith("the 3 rows storing most):")
+    assert [l.split()[0] for l in lines[2:5]] == ["blocks.*.attn", "blocks.*.mlp.1",
+                                                   "blocks.*.mlp.2"]     # order of saving
+    assert lines[5] == (f"  ... and 9 more rows ({48 * 5 + 4} modules) storing "
+                        f"{format_bytes(rest.saved_bytes.sum())} in "
+                        f"{rest.saved_count.sum()} tensors (parameters saved too: "
+                        f"{format_bytes(rest.parameter_bytes.sum())})")
+    # --modules all: every module on its own row, none folded, none left out
+    shown, rest = bound_modules(table, None)
+    assert len(shown) == len(table) and rest.empty and "modules" not in shown.columns
+
+
+def test_profile_modules_option(capsys):
+    args = ["profile", "--model", "transformer", "--set", "depth=24", "--set", "d_model=32",
+            "--set", "heads=2", "--set", "seq_len=16", "--batch", "2", "--estimate"]
+    assert main(args) == 0
+    default = capsys.readouterr().out.splitlines()
+    assert main([*args, "--modules", "all"]) == 0
+    every = capsys.readouterr().out.splitlines()
+    assert len(every) - len(default) == 24 * 8 - 8 - 1     # 8 rows for 192, the all-hint gone
+    assert any(line.split()[:1] == ["blocks.23.mlp.2"] for line in every)
+    assert every[-2].strip().startswith("(top level)") and "(top level):" in every[-1]
+    for bad in ("0", "many"):
+        err = _one_error_line(capsys, [*args, "--modules", bad])
+        assert "argument --modules:" in err and "rows, or all" in err

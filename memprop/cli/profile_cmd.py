@@ -4,6 +4,7 @@ where its memory goes."""
 
 from __future__ import annotations
 
+import argparse
 import ast
 import contextlib
 import json
@@ -72,8 +73,87 @@ def factory_errors(args, command: str):
         fake_log.setLevel(level)
 
 
-def render_profile(m, config, *, closed_form: dict | None = None) -> str:
-    """A Measurement as text for people."""
+MODULE_ROWS = 20      # rows of the per-module table shown by default (--modules)
+TOP_LEVEL = "(top level)"   # the module name of what the model saves outside submodules
+
+
+def module_rows(text: str) -> int | None:
+    """``--modules``: a number of rows (1 or more), or ``all`` (None: no bound)."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} rows, or all") from None
+
+
+def _repeat_key(name: str) -> str:
+    """``blocks.7.mlp.0`` -> ``blocks.*.mlp.0``: the first number (the block's) starred,
+    so a block's own numbered children (``mlp.0``, ``mlp.2``) stay apart."""
+    parts = name.split(".")
+    first = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+    return name if first is None else ".".join(parts[:first] + ["*"] + parts[first + 1:])
+
+
+def fold_repeats(table):
+    """A per-module table (memprop.saved.per_module_table) with the modules that differ
+    only in their block's number (``blocks.0.attn`` ... ``blocks.47.attn``) summed into
+    one row (``blocks.*.attn``), which ``modules`` counts; in order of first saving."""
+    key = table.module.map(_repeat_key)
+    groups = table.drop(columns="module").groupby(key.values, sort=False)
+    folded = groups.sum()
+    folded.insert(0, "modules", groups.size())
+    return folded.rename_axis("module").reset_index()
+
+
+def bound_modules(table, rows: int | None):
+    """(shown, left out) of a per-module table for people. Past ``rows`` rows, numbered
+    repeats are folded (``fold_repeats``); if still longer, the ``rows`` rows storing
+    most for backward are shown (ties: most bytes of every kind, then the first to save),
+    in order of saving. ``rows`` None: every module as it is. The top-level row (module
+    "": the model's own code outside any submodule, e.g. its loss) is named
+    ``(top level)``."""
+    table = table.assign(module=table.module.fillna("").replace("", TOP_LEVEL))
+    if rows is None or len(table) <= rows:
+        return table, table.iloc[:0]
+    table = fold_repeats(table)
+    if len(table) <= rows:
+        return table, table.iloc[:0]
+    every_kind = table[[c for c in table.columns if c.endswith("_bytes")
+                        and c != "saved_bytes"]].sum(axis=1)
+    ranked = table.assign(_all=every_kind).sort_values(["saved_bytes", "_all"],
+                                                       ascending=False, kind="stable")
+    keep = table.index.isin(ranked.index[:rows])
+    return table[keep], table[~keep]
+
+
+def render_modules(table, rows: int | None = MODULE_ROWS) -> list[str]:
+    """The per-module table as lines: at most ``rows`` rows (repeats folded, then the
+    largest), one line summing the rest, and what ``(top level)`` means if shown."""
+    shown, rest = bound_modules(table, rows)
+    how = ["in order of saving"]
+    if "modules" in shown.columns:
+        how.append(f"{len(table)} modules; a row with * sums one module over the numbered "
+                   "blocks, 'modules' counts them")
+    if len(rest):
+        how.append(f"the {len(shown)} rows storing most")
+    lines = [f"Stored for backward, per module ({'; '.join(how)}):", render_table(shown)]
+    if len(rest):
+        lines.append(f"  ... and {len(rest)} more rows ({rest.modules.sum()} modules) storing "
+                     f"{format_bytes(rest.saved_bytes.sum())} in {rest.saved_count.sum()} "
+                     f"tensors (parameters saved too: {format_bytes(rest.parameter_bytes.sum())})")
+    if "modules" in shown.columns:
+        lines.append("  --modules all shows every module on its own row")
+    if (shown.module == TOP_LEVEL).any():
+        lines.append(f"  {TOP_LEVEL}: saved by the model's own code outside any submodule, "
+                     "e.g. its loss")
+    return lines
+
+
+def render_profile(m, config, *, closed_form: dict | None = None,
+                   modules: int | None = MODULE_ROWS) -> str:
+    """A Measurement as text for people; the per-module table bounded to ``modules`` rows
+    (None: every module)."""
     label = "PREDICTED on fake tensors (nothing allocated)" if m.predicted else "measured"
     sizes = ", ".join(f"{k}={v}" for k, v in config.fields().items())
     peaks = ", ".join(f"{k} {format_bytes(v)}" for k, v in m.peak_by_phase.items())
@@ -118,8 +198,7 @@ def render_profile(m, config, *, closed_form: dict | None = None) -> str:
         lines.append(f"  FLOPs                 forward {format_flops(m.forward_flops)}, "
                      f"backward {format_flops(m.backward_flops)} "
                      f"(backward/forward {format_ratio(m.backward_flops / m.forward_flops)})")
-    lines += ["", "Stored for backward, per module (in order of saving):",
-              render_table(m.saved_per_module)]
+    lines += ["", *render_modules(m.saved_per_module, modules)]
     return "\n".join(lines)
 
 
@@ -164,6 +243,9 @@ def add_parser(sub) -> None:
                    "as CSV, one row per op (default: not written)")
     p.add_argument("--trace", metavar="FILE.json", help="write the live-memory timeline as a "
                    "Chrome trace for chrome://tracing or ui.perfetto.dev (default: not written)")
+    p.add_argument("--modules", type=module_rows, default=MODULE_ROWS, metavar="N|all",
+                   help="rows of the per-module table: the N modules storing most for "
+                        "backward, the rest summed in one line; all: every module")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of text")
     p.set_defaults(func=profile_command)
 
@@ -211,7 +293,7 @@ def profile_command(args) -> int:
             row["closed_form_saved_bytes"] = closed["saved_bytes"]
         print(json.dumps(row, indent=2, default=str))
         return 0
-    print(render_profile(result, config, closed_form=closed))
+    print(render_profile(result, config, closed_form=closed, modules=args.modules))
     for path, what in ((timeline, "timeline (CSV)"), (trace, "Chrome trace")):
         if path:
             print(f"{what}: {len(result.timeline)} ops written to {path}")
