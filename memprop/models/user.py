@@ -79,7 +79,8 @@ _LOSS_FIX = ("pass loss_fn=, e.g. loss_fn=F.cross_entropy (called as loss_fn(out
 def _describe(value) -> str:
     """A value as an error message names it: a tensor by its shape and dtype."""
     if isinstance(value, torch.Tensor):
-        return f"a {str(value.dtype).replace('torch.', '')} tensor of shape {tuple(value.shape)}"
+        dtype = str(value.dtype).replace("torch.", "")
+        return f"{'an' if dtype[0] in 'aeiou' else 'a'} {dtype} tensor of shape {tuple(value.shape)}"
     if isinstance(value, (tuple, list)):
         return f"a {type(value).__name__} of {len(value)} items"
     if isinstance(value, Mapping):
