@@ -151,9 +151,9 @@ def render_modules(table, rows: int | None = MODULE_ROWS) -> list[str]:
 
 
 def render_profile(m, config, *, closed_form: dict | None = None,
-                   modules: int | None = MODULE_ROWS) -> str:
+                   modules: int | None = MODULE_ROWS, timing: dict | None = None) -> str:
     """A Measurement as text for people; the per-module table bounded to ``modules`` rows
-    (None: every module)."""
+    (None: every module); ``timing``: whether its times are usable (``gather_profile``)."""
     label = "PREDICTED on fake tensors (nothing allocated)" if m.predicted else "measured"
     sizes = ", ".join(f"{k}={v}" for k, v in config.fields().items())
     peaks = ", ".join(f"{k} {format_bytes(v)}" for k, v in m.peak_by_phase.items())
@@ -194,6 +194,9 @@ def render_profile(m, config, *, closed_form: dict | None = None,
         lines.append(f"  time (median of {m.repeats})  forward {format_ms(m.forward_ms)}, backward "
                      f"{format_ms(m.backward_ms)}, optimizer {format_ms(m.optimizer_ms)}, "
                      f"step {format_ms(m.step_ms)}")
+        if timing and timing["timing_noisy"]:   # NOTE [ When a step's times are unusable ]
+            lines.append(f"  times UNUSABLE        {timing['timing_noisy_reason']}; rerun "
+                         "on a quiet machine")
     if m.forward_flops:
         lines.append(f"  FLOPs                 forward {format_flops(m.forward_flops)}, "
                      f"backward {format_flops(m.backward_flops)} "
@@ -251,9 +254,12 @@ def add_parser(sub) -> None:
 
 
 def gather_profile(config, args):
-    """(Measurement, closed-form prediction or None) for the options in ``args``."""
+    """(Measurement, closed-form prediction or None, timing) for the options in ``args``;
+    timing (None for an estimate) says whether the times are usable: ``timing_noisy``,
+    why not and the load read while measuring (memprop.sweep.worker.timing_noise)."""
     from memprop.models import D2LConfig, MLPConfig
     from memprop.predict import predict_saved_bytes
+    from memprop.sweep.worker import CpuLoad, timing_noise
 
     dtype = parse_dtype(args.dtype)
     common = dict(dtype=dtype, device=args.device, strategy=args.strategy,
@@ -264,14 +270,19 @@ def gather_profile(config, args):
             result = estimate(config, args.batch, **common)
         else:
             from memprop.workload import measure
-            result = measure(config, args.batch, repeats=args.repeats, **common)
+            with CpuLoad() as load:
+                result = measure(config, args.batch, repeats=args.repeats, **common)
+    timing = None
+    if not args.estimate:
+        why = timing_noise(result.timing_spread, device=result.device, **load.row())
+        timing = dict(timing_noisy=why is not None, timing_noisy_reason=why, **load.row())
     closed = None
     # the closed forms are for a plain step in one dtype: under autocast the step also
     # stores half-precision copies, which they do not describe
     if isinstance(config, (D2LConfig, MLPConfig)) and args.strategy == "none" \
             and args.amp is None:
         closed = predict_saved_bytes(config, args.batch, dtype=dtype)
-    return result, closed
+    return result, closed, timing
 
 
 def profile_command(args) -> int:
@@ -280,7 +291,7 @@ def profile_command(args) -> int:
     trace = args.trace and check_output_file(args.trace, "--trace", "profile")
     with Spinner("predicting on fake tensors" if args.estimate else "measuring one step"):
         config = config_from_args(args)
-        result, closed = gather_profile(config, args)
+        result, closed, timing = gather_profile(config, args)
     if timeline:
         result.timeline.to_csv(timeline, index=False)
     if trace:
@@ -291,9 +302,11 @@ def profile_command(args) -> int:
         row = {k: json_ready(v) for k, v in result.summary().items()}
         if closed is not None:
             row["closed_form_saved_bytes"] = closed["saved_bytes"]
+        row.update(timing or {})
         print(json.dumps(row, indent=2, default=str))
         return 0
-    print(render_profile(result, config, closed_form=closed, modules=args.modules))
+    print(render_profile(result, config, closed_form=closed, modules=args.modules,
+                         timing=timing))
     for path, what in ((timeline, "timeline (CSV)"), (trace, "Chrome trace")):
         if path:
             print(f"{what}: {len(result.timeline)} ops written to {path}")

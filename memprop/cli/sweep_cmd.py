@@ -125,13 +125,21 @@ def sweep_command(args) -> int:
         stored = set() if args.force else store.keys()
     bar = SweepBar(sum(t.key() not in stored for t in trials),
                    enabled=False if args.quiet else None)
+    noisy: list[str] = []      # why each trial's times are unusable, if they are
+
+    def on_result(trial, result: dict) -> None:
+        bar.update(trial, result)
+        if result.get("timing_noisy"):
+            noisy.append(result.get("timing_noisy_reason") or "")
     try:
         summary = run_sweep(spec, db_path=db, workers=args.workers, force=args.force,
-                            executor=_executor(args, spec, args.workers), on_result=bar.update)
+                            executor=_executor(args, spec, args.workers), on_result=on_result)
     finally:
         bar.close()
     counts = ", ".join(f"{v} {k}" for k, v in sorted(summary.counts.items())) or "nothing new"
     print(f"ran {summary.ran} ({counts}); {summary.skipped} already stored")
+    if noisy:
+        print(noisy_line(noisy, summary.ran))
     if summary.interrupted:
         print(f"interrupted: every finished trial is stored in {db}; rerun to resume")
         return 130
@@ -139,6 +147,16 @@ def sweep_command(args) -> int:
         print(f"frontier at a budget of {format_bytes(spec.frontier.budget_bytes)}:")
         _run_frontier(spec, db, quiet=args.quiet, echo=True, executor=_executor(args, spec))
     return 0
+
+
+def noisy_line(reasons: list[str], ran: int) -> str:
+    """One line on the trials whose times are unusable (NOTE [ When a step's times are
+    unusable ], memprop.sweep.worker), counted by reason."""
+    counts = {what: sum(f"{kind}:" in r for r in reasons)
+              for kind, what in (("load", "under load"), ("spread", "with a wide spread"))}
+    why = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
+    return (f"times unusable in {len(reasons)} of {ran} trials ({why}; column "
+            "timing_noisy_reason): rerun them on a quiet machine with --force")
 
 
 def frontier_command(args) -> int:

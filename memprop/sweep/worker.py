@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import sys
 import time
 import traceback
@@ -27,9 +28,89 @@ from memprop.sweep.budget import (apply_process_budget, is_out_of_memory,
 from memprop.sweep.trial import Trial
 from memprop.workload import build_workload, estimate
 
-__all__ = ["run_trial", "main", "TIMING_SPREAD_LIMIT"]
+__all__ = ["run_trial", "main", "CpuLoad", "timing_noise", "TIMING_SPREAD_LIMIT",
+           "RUNQUEUE_WAIT_LIMIT", "CPU_WALL_LIMIT"]
 
+# NOTE [ When a step's times are unusable ]
+# Times are noisy when the timed steps disagree: (max - min) / median above
+# TIMING_SPREAD_LIMIT. They are also unusable when the machine was loaded while the step
+# was measured, even if every step was equally slow (the demo ran 10-100x slower beside
+# another job with a small spread: issue 24). Load is read from the process itself over
+# its whole measure_step call (every pass, the timed steps among them; a load that came
+# only between the timed steps is flagged too): the seconds its threads spent runnable
+# but waiting for a CPU
+# (the run-queue wait in /proc/self/task/*/schedstat, Linux) per second of wall time,
+# above RUNQUEUE_WAIT_LIMIT. Where the kernel does not say, a CPU step that got less
+# than CPU_WALL_LIMIT seconds of CPU time per second of wall time (time.process_time,
+# every thread) was waiting too; a CUDA step's CPU waits for the device, so there only
+# the run-queue wait counts. Measured on 2 shared cores (an MLP trial, 20 timed steps):
+# with a core to itself, a wait of 0.002 s/s and CPU/wall 1.00; pinned to one core
+# beside a busy process, 0.67 s/s and 0.33; with 2 threads beside other jobs, 0.68 s/s.
 TIMING_SPREAD_LIMIT = 0.5   # (max - min) / median of the timed steps above this: noisy
+RUNQUEUE_WAIT_LIMIT = 0.1   # s waited for a CPU per s of wall time, all threads: loaded
+CPU_WALL_LIMIT = 0.8        # s of CPU time per s of wall time below this (CPU): loaded
+
+
+def _runqueue_wait_s() -> dict[int, float] | None:
+    """Seconds each thread of this process has waited for a CPU while runnable, by thread
+    id; None where the kernel does not keep schedstat."""
+    waits = {}
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                waits[int(tid)] = int(f.read().split()[1]) / 1e9      # ns -> s
+        except (OSError, IndexError, ValueError):
+            continue       # a thread that ended meanwhile
+    return waits or None
+
+
+class CpuLoad:
+    """How loaded the machine was while the block ran, as this process saw it (NOTE
+    [ When a step's times are unusable ]): ``cpu_wall_ratio`` (CPU seconds of every
+    thread per wall second) and ``runqueue_wait_ratio`` (seconds its threads waited for a
+    CPU per wall second; None where unknown)."""
+
+    def __enter__(self):
+        self._wait0 = _runqueue_wait_s()
+        self._cpu0, self._wall0 = time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        wall = max(time.perf_counter() - self._wall0, 1e-9)
+        self.wall_s = wall
+        self.cpu_wall_ratio = (time.process_time() - self._cpu0) / wall
+        wait1 = _runqueue_wait_s()
+        self.runqueue_wait_ratio = None if self._wait0 is None or wait1 is None else sum(
+            w - self._wait0.get(tid, 0.0) for tid, w in wait1.items()) / wall
+        return False
+
+    def row(self) -> dict:
+        return {"cpu_wall_ratio": round(self.cpu_wall_ratio, 4),
+                "runqueue_wait_ratio": None if self.runqueue_wait_ratio is None
+                else round(self.runqueue_wait_ratio, 4)}
+
+
+def timing_noise(spread: float | None, *, cpu_wall_ratio: float | None = None,
+                 runqueue_wait_ratio: float | None = None, device: str = "cpu") -> str | None:
+    """Why a step's times are unusable, or None when they are usable (NOTE [ When a
+    step's times are unusable ]): the timed steps' spread, the machine's load, or both."""
+    reasons = []
+    if spread is not None and spread > TIMING_SPREAD_LIMIT:
+        reasons.append(f"spread: the slowest and fastest timed steps differ by {spread:.2f} "
+                       f"times their median (limit {TIMING_SPREAD_LIMIT})")
+    if runqueue_wait_ratio is not None:
+        if runqueue_wait_ratio > RUNQUEUE_WAIT_LIMIT:
+            reasons.append(f"load: its threads waited {runqueue_wait_ratio:.2f} s for a CPU "
+                           f"per second (limit {RUNQUEUE_WAIT_LIMIT}), the machine was busy")
+    elif (cpu_wall_ratio is not None and device.startswith("cpu")
+          and cpu_wall_ratio < CPU_WALL_LIMIT):
+        reasons.append(f"load: it ran {cpu_wall_ratio:.2f} s on a CPU per second (limit "
+                       f"{CPU_WALL_LIMIT}), the machine was busy")
+    return "; ".join(reasons) or None
 
 
 def _pack_frame(frame) -> str | None:
@@ -102,14 +183,16 @@ def run_trial(trial: Trial) -> dict:
         model, batch = build_workload(config, trial.batch, dtype=trial.dtype,
                                       device=trial.device, strategy=strategy, seed=trial.seed)
         measuring = trial.mode == "measure"   # "fit": does one step fit the budget?
-        m = measure_step(model, batch, optimizer=trial.optimizer, strategy=strategy.spec,
-                         loss_fn=config.loss, forward_fn=config.forward, amp=trial.amp,
-                         budget_bytes=limit, warmup=trial.warmup,
-                         repeats=trial.repeats if measuring else 1,
-                         flops=measuring, inference=measuring)
+        with CpuLoad() as load:
+            m = measure_step(model, batch, optimizer=trial.optimizer, strategy=strategy.spec,
+                             loss_fn=config.loss, forward_fn=config.forward, amp=trial.amp,
+                             budget_bytes=limit, warmup=trial.warmup,
+                             repeats=trial.repeats if measuring else 1,
+                             flops=measuring, inference=measuring)
         result.update({k: _clean(v) for k, v in m.summary().items()})
-        result["timing_noisy"] = bool(m.timing_spread is not None
-                                      and m.timing_spread > TIMING_SPREAD_LIMIT)
+        # NOTE [ When a step's times are unusable ]
+        why = timing_noise(m.timing_spread, device=trial.device, **load.row())
+        result.update(load.row(), timing_noisy=why is not None, timing_noisy_reason=why)
         if measuring and config.name == "d2l_mlp":      # claim C3, checked per trial
             result["backprop_max_abs_diff"] = max_formula_error(config, trial.batch,
                                                                 seed=trial.seed)
