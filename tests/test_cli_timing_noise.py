@@ -62,12 +62,12 @@ def _beside_a_busy_process(run):
     import torch
     core = min(os.sched_getaffinity(0))
     allowed, threads = os.sched_getaffinity(0), torch.get_num_threads()
-    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"],
-                            preexec_fn=lambda: os.sched_setaffinity(0, {core}))
+    busy = subprocess.Popen([sys.executable, "-c", f"import os\nos.sched_setaffinity(0, "
+                             f"{{{core}}})\nwhile True: pass"])
     try:
         os.sched_setaffinity(0, {core})
         torch.set_num_threads(1)
-        time.sleep(0.2)                       # the busy process is running
+        time.sleep(0.3)                       # the busy process is running
         return run()
     finally:
         os.sched_setaffinity(0, allowed)
