@@ -247,8 +247,10 @@ def add_parser(sub) -> None:
     p.add_argument("--trace", metavar="FILE.json", help="write the live-memory timeline as a "
                    "Chrome trace for chrome://tracing or ui.perfetto.dev (default: not written)")
     p.add_argument("--modules", type=module_rows, default=MODULE_ROWS, metavar="N|all",
-                   help="rows of the per-module table: the N modules storing most for "
-                        "backward, the rest summed in one line; all: every module")
+                   help="rows of the per-module table: past N, a module repeated in "
+                        "every numbered block is summed in one row (blocks.*.attn), then "
+                        "the N rows storing most are shown and the rest summed in one "
+                        "line; all: every module on its own row")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of text")
     p.set_defaults(func=profile_command)
 
