@@ -45,6 +45,20 @@ max_batch = 65536
 """
 
 
+D2L_SPEC = """
+name = "tiny_report"
+[model]
+name = "d2l_mlp"
+d = 20
+h = 8
+q = 4
+[grid]
+batch = [8]
+[run]
+repeats = 1
+"""
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
@@ -64,6 +78,10 @@ def built(tmp_path_factory):
         repeats = 1
     """))
     run_sweep(load_spec(amp_path), db_path=db)
+    # one trial of the notes' own network: its graph, and claim C3's formula check
+    d2l_path = root / "tiny_report_d2l.toml"
+    d2l_path.write_text(textwrap.dedent(D2L_SPEC))
+    run_sweep(load_spec(d2l_path), db_path=db)
     run_frontier(spec, db_path=db, progress=None)
     files = build_report(db, root / "out")
     return root, db, files
@@ -84,17 +102,18 @@ def test_every_figure_exists_and_is_a_valid_image(built):
 def test_claim_numbers_equal_a_recomputation_from_the_store(built):
     _, db, _ = built
     claims = {c.id: c for c in compute_claims(load_report_data(db))}
-    # C3 reads a check the sweep stores for d2l_mlp trials; this store has none
-    assert claims.pop("C3").verdict.startswith("no data")
     assert all(c.supported for c in claims.values()), {k: c.verdict for k, c in claims.items()}
+    # C3 reads the check the sweep stored for the one d2l_mlp trial
+    assert claims["C3"].numbers["n"] == 1 and claims["C3"].numbers["max_abs_diff"] < 1e-10
+    assert "d=20, h=8, q=4" in claims["C3"].verdict
     rows = pd.read_sql_query("SELECT config, result, status FROM trials", sqlite3.connect(db))
     config = pd.json_normalize(rows.config.map(json.loads))
     result = pd.json_normalize(rows.result.map(json.loads))
     trials = pd.concat([config, result.drop(columns=[c for c in result.columns
                                                       if c in config.columns or c == "status"])],
                        axis=1)
-    measured = trials[(rows.status == "ok") & (trials["mode"] == "measure")
-                      & trials.amp.isna()]                     # full precision: one setup
+    everything = trials[(rows.status == "ok") & (trials["mode"] == "measure")]
+    measured = everything[everything.amp.isna() & (everything.model == "mlp")]   # one setup
     plain = measured[measured.strategy == "none"]
 
     # C5: least squares of saved bytes on depth·batch, by numpy's polyfit
@@ -107,11 +126,19 @@ def test_claim_numbers_equal_a_recomputation_from_the_store(built):
     assert claims["C5"].numbers["r2"] == pytest.approx(r2, rel=1e-9)
     assert f"R² = {r2:.5f} over 6 trials" in claims["C5"].verdict
 
-    # C4: training / inference peak, per trial
-    ratio = measured.peak_bytes / measured.inference_peak_bytes
+    # C4: training / inference peak, per trial, over the trials without checkpointing (all
+    # setups: the mlp's 6, its bf16 one and the d2l_mlp's 1); the checkpointed ones are
+    # named as left out
+    c4 = everything[everything.strategy == "none"]
+    ratio = c4.peak_bytes / c4.inference_peak_bytes
+    assert claims["C4"].numbers["n"] == len(c4) == 8
     assert claims["C4"].numbers["min_ratio"] == pytest.approx(ratio.min())
     assert claims["C4"].numbers["max_ratio"] == pytest.approx(ratio.max())
-    assert (measured.inference_saved_bytes == 0).all()
+    assert (c4.inference_saved_bytes == 0).all()
+    left_out = len(everything) - len(c4)
+    assert ("over the 8 measured trials without checkpointing (strategy none)"
+            in claims["C4"].verdict)
+    assert f"({left_out} checkpointed trials left out" in claims["C4"].verdict
 
     # C6, C7: the confirmed frontier, read straight from its table
     frontier = pd.read_sql_query("SELECT * FROM frontier", sqlite3.connect(db))
@@ -138,6 +165,8 @@ def test_c3_reads_the_formula_check_the_sweep_stored(built, tmp_path):
     copy = tmp_path / "with_d2l.sqlite"
     shutil.copy(db, copy)
     with ResultsStore(copy) as store:
+        with store.db:                      # the fixture's own d2l_mlp trial: not this test's
+            store.db.execute("DELETE FROM trials WHERE config LIKE '%d2l_mlp%'")
         for batch, diff in ((8, 2.5e-17), (16, 5.6e-17)):
             store.put(Trial(spec="tiny_report", model="d2l_mlp",
                             model_fields=(("d", 20), ("h", 8), ("q", 4)), batch=batch),
@@ -220,12 +249,69 @@ def test_empty_store_says_what_is_missing(tmp_path):
     assert "not drawn" in md and "no measured plain trial" in md
 
 
-def test_report_command(built, capsys, tmp_path):
+def test_report_command_prints_the_claims_as_a_table(built, capsys, tmp_path):
     _, db, _ = built
     assert main(["report", str(db), "-o", str(tmp_path / "cli")]) == 0
     out = capsys.readouterr().out
-    assert "report written to" in out and "C5,True" in out
+    assert "report written to" in out
+    lines = out.splitlines()
+    assert re.match(r"^  claim\s+verdict\s+evidence$", lines[1])
+    rows = {m.group(1): m.group(2).strip() for m in
+            (re.match(r"^  (C\d)\s{2,}(\S+(?: \S+)?)\s{2,}", line) for line in lines) if m}
+    assert rows == {"C1": "supported", "C2": "supported", "C3": "supported",
+                    "C4": "supported", "C5": "supported", "C6": "supported",
+                    "C7": "supported"}
+    assert "C5,True" not in out and '"' not in out          # no CSV
+    assert all(len(line) <= 120 for line in lines[1:])       # wrapped, not one long line
     assert main(["report", str(tmp_path / "missing.sqlite")]) == 2
+
+
+def test_report_refuses_to_replace_a_report_unless_forced(built, capfd, tmp_path):
+    _, db, _ = built
+    out = tmp_path / "once"
+    assert main(["report", str(db), "-o", str(out)]) == 0
+    (out / "report.md").write_text("mine")
+    capfd.readouterr()
+    assert main(["report", str(db), "-o", str(out)]) == 2
+    err = capfd.readouterr().err
+    assert err.strip() == (f"error: memprop report: -o {out} already holds a report (report.md, "
+                           "report.html, trials.csv, frontier.csv, claims.csv, figures/); add "
+                           "--force to replace it, or choose another folder")
+    assert (out / "report.md").read_text() == "mine"          # nothing written
+    for flag in ("--force", "--overwrite"):
+        (out / "report.md").write_text("mine")
+        assert main(["report", str(db), "-o", str(out), flag]) == 0
+        assert (out / "report.md").read_text().startswith("# memprop report: tiny_report")
+    # an existing folder without a report is fine; so is the database's own folder, whose
+    # report is this database's (`make demo` rewrites reports/demo/ on every run)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["report", str(db), "-o", str(empty)]) == 0
+    own = tmp_path / "own"
+    own.mkdir()
+    shutil.copy(db, own / "results.sqlite")
+    for _ in range(2):
+        assert main(["report", str(own / "results.sqlite"), "-o", str(own)]) == 0
+
+
+def test_report_writes_a_default_folder_apart_from_the_committed_one(built, capsys, tmp_path,
+                                                                    monkeypatch):
+    """``memprop report SPEC`` writes reports/<name>-report/ (ignored by git), never the
+    store's folder reports/<name>/ where the committed example report lives."""
+    _, db, _ = built
+    monkeypatch.chdir(tmp_path)
+    committed = tmp_path / "reports" / "tiny_report"
+    committed.mkdir(parents=True)
+    shutil.copy(db, committed / "results.sqlite")
+    (committed / "report.md").write_text("the committed example")
+    spec = tmp_path / "tiny_report.toml"
+    spec.write_text(textwrap.dedent(SPEC))
+    for _ in range(2):                           # memprop's own folder: replaced each time
+        assert main(["report", str(spec)]) == 0
+        assert "report written to reports/tiny_report-report:" in capsys.readouterr().out
+    assert (committed / "report.md").read_text() == "the committed example"
+    assert (tmp_path / "reports/tiny_report-report/report.md").is_file()
+    assert not (committed / "figures").exists()
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Chromium is not installed")

@@ -14,10 +14,10 @@ import dataclasses
 import numpy as np
 import pandas as pd
 
-from memprop.report.data import ReportData
+from memprop.report.data import DEPTH, ReportData
 from memprop.units import format_bytes, format_ratio
 
-__all__ = ["Claim", "compute_claims", "fit_depth_batch", "STATEMENTS"]
+__all__ = ["Claim", "compute_claims", "fit_depth_batch", "c4_rows", "STATEMENTS"]
 
 STATEMENTS = {
     "C1": "Forward propagation stores each layer's intermediates in order: the stored set "
@@ -61,18 +61,18 @@ def _lstsq(columns, y) -> tuple[np.ndarray, float]:
 def fit_depth_batch(rows: pd.DataFrame) -> dict:
     """Least squares saved_bytes ≈ a + b·depth·batch over ``rows``: a, b, R², n; and the
     same with a per-example term c·batch (the input and output layers, which do not grow
-    with depth): R² as ``r2_with_batch``."""
-    depth_batch = (rows.cfg_depth * rows.batch).to_numpy(float)
+    with depth): (a, b, c) as ``with_batch``, its R² as ``r2_with_batch``."""
+    depth_batch = (rows[DEPTH] * rows.batch).to_numpy(float)
     y = rows.saved_bytes.to_numpy(float)
     (a, b), r2 = _lstsq([depth_batch], y)
-    _, r2_batch = _lstsq([depth_batch, rows.batch.to_numpy(float)], y)
+    (a2, b2, c2), r2_batch = _lstsq([depth_batch, rows.batch.to_numpy(float)], y)
     return {"a": float(a), "b": float(b), "r2": r2, "r2_with_batch": r2_batch,
-            "n": int(len(rows))}
+            "with_batch": (float(a2), float(b2), float(c2)), "n": int(len(rows))}
 
 
 def _deepest_plain_with_timeline(data: ReportData):
     plain = data.plain()
-    if plain.empty or "cfg_depth" not in plain:
+    if plain.empty:
         plain = data.ok[data.ok.strategy == "none"] if not data.ok.empty else plain
     for _, row in plain.sort_values(["saved_bytes"], ascending=False).iterrows():
         timeline = data.frame(row.key, "timeline")
@@ -81,9 +81,15 @@ def _deepest_plain_with_timeline(data: ReportData):
     return None, None
 
 
-def _where(row) -> str:
-    depth = f"depth {int(row.cfg_depth)}, " if "cfg_depth" in row and pd.notna(row.cfg_depth) else ""
+def _where(data: ReportData, row) -> str:
+    """``hf:gpt2, num_hidden_layers 6, batch 8``: which trial a number comes from."""
+    depth = (f"{data.depth_word(row[DEPTH])}, " if DEPTH in row and pd.notna(row[DEPTH])
+             else "")
     return f"{row.model}, {depth}batch {int(row.batch)}"
+
+
+# a block's index in a module's qualified name: blocks.3.fc, transformer.h.3.attn, layers.3
+_BLOCK_INDEX = r"(?:^|\.)(\d+)(?:\.|$)"
 
 
 def claim_c1_c2(data: ReportData) -> list[Claim]:
@@ -97,13 +103,13 @@ def claim_c1_c2(data: ReportData) -> list[Claim]:
     saved = data.frame(row.key, "saved")
     in_order = True
     if saved is not None:
-        blocks = saved[saved.module.str.match(r"^blocks\.\d+")].module.str.extract(
-            r"^blocks\.(\d+)")[0].astype(int)
+        blocks = saved.module.dropna().astype(str).str.extract(_BLOCK_INDEX)[0].dropna() \
+            .astype(int)
         in_order = bool((blocks.diff().dropna() >= 0).all())
     rising = bool(len(fwd) > 1 and (np.diff(fwd) >= 0).all() and fwd[-1] > fwd[0])
     c1 = Claim("C1", STATEMENTS["C1"],
                f"{'supported' if rising and in_order else 'NOT supported'}: over the "
-               f"{len(fwd)} forward ops of one step ({_where(row)}) the bytes held for backward "
+               f"{len(fwd)} forward ops of one step ({_where(data, row)}) the bytes held for backward "
                f"only grew, from {format_bytes(fwd[0])} to {format_bytes(fwd.max())}, in "
                f"{int((np.diff(fwd) > 0).sum())} increments; layers stored in order: "
                f"{'yes' if in_order else 'no'}",
@@ -148,30 +154,53 @@ def claim_c3(data: ReportData) -> Claim:
                  good, ["graph"], {"max_abs_diff": worst, "n": int(len(rows))})
 
 
-def claim_c4(data: ReportData) -> Claim:
+def c4_rows(data: ReportData) -> tuple[pd.DataFrame, str, str]:
+    """The trials C4 (and its figure) compare training with inference on, which they are in
+    words, and which were left out: the measured trials without checkpointing, whose
+    training step and inference pass ran the same plain model; every measured trial only
+    when there is none."""
     ok = data.ok
     if ok.empty or "inference_peak_bytes" not in ok:
-        return Claim("C4", STATEMENTS["C4"], "no measured trials in this store", None, [])
-    rows = ok[ok.inference_peak_bytes > 0]
+        return ok.iloc[:0], "no measured trials", ""
+    measured = ok[ok.inference_peak_bytes > 0]
+    plain = measured[measured.strategy == "none"]
+    if not plain.empty:
+        left = len(measured) - len(plain)
+        return plain, f"the {len(plain)} measured trials without checkpointing (strategy none)", \
+            (f" ({left} checkpointed trials left out: their inference pass ran the "
+             "checkpointed model)" if left else "")
+    return measured, f"all {len(measured)} measured trials", \
+        " (every one checkpointed: this store has no trial without checkpointing)"
+
+
+def claim_c4(data: ReportData) -> Claim:
+    rows, source, left_out = c4_rows(data)
+    if rows.empty:
+        return Claim("C4", STATEMENTS["C4"], "no data: no measured trial with an inference "
+                     "peak in this store", None, [])
     ratio = rows.peak_bytes / rows.inference_peak_bytes
     plain = data.plain()
-    top = plain.sort_values(["saved_bytes"]).iloc[-1] if not plain.empty else rows.iloc[-1]
+    plain = plain[plain.key.isin(rows.key)] if not plain.empty else plain
+    top = (plain if not plain.empty else rows).sort_values("saved_bytes").iloc[-1]
     top_ratio = top.peak_bytes / top.inference_peak_bytes
     stores_nothing = bool((rows.inference_saved_bytes == 0).all())
     supported = bool((ratio > 1).all() and stores_nothing)
     return Claim("C4", STATEMENTS["C4"],
                  f"{'supported' if supported else 'NOT supported'}: training needs "
-                 f"{format_ratio(top_ratio)}× the memory of inference at {_where(top)}; over all "
-                 f"{len(rows)} trials the ratio is {format_ratio(ratio.min())}× to {format_ratio(ratio.max())}×, and "
-                 f"inference stored {'0 B for backward in every trial' if stores_nothing else 'tensors for backward in some trials'}",
+                 f"{format_ratio(top_ratio)}× the memory of inference at {_where(data, top)}; "
+                 f"the ratio is {format_ratio(ratio.min())}× to {format_ratio(ratio.max())}× "
+                 f"over {source}, and inference stored "
+                 f"{'0 B for backward in every one' if stores_nothing else 'tensors for backward in some'}"
+                 f"{left_out}",
                  supported, ["train_vs_inference"],
                  {"top_ratio": float(top_ratio), "min_ratio": float(ratio.min()),
-                  "max_ratio": float(ratio.max()), "n": int(len(rows)), "trial": top.key})
+                  "max_ratio": float(ratio.max()), "n": int(len(rows)), "trial": top.key,
+                  "trials": sorted(rows.key), "source": source})
 
 
 def claim_c5(data: ReportData) -> Claim:
     plain = data.plain()
-    if plain.empty or "cfg_depth" not in plain or plain[["cfg_depth", "batch"]].drop_duplicates().shape[0] < 3:
+    if plain.empty or DEPTH not in plain or plain[[DEPTH, "batch"]].dropna().drop_duplicates().shape[0] < 3:
         return Claim("C5", STATEMENTS["C5"], "not enough plain trials across depth and batch "
                      "(need 3 or more (depth, batch) points)", None, ["stored_vs_depth"])
     fit = fit_depth_batch(plain)
@@ -180,7 +209,8 @@ def claim_c5(data: ReportData) -> Claim:
     good = fit["r2_with_batch"] >= 0.99 and fit["b"] > 0
     return Claim("C5", STATEMENTS["C5"],
                  f"{'supported' if good else 'NOT supported'}: stored bytes ≈ "
-                 f"{format_bytes(fit['a'])} + {fit['b']:.1f} B × depth × batch, "
+                 f"{format_bytes(fit['a'])} + {format_bytes(fit['b'])} × "
+                 f"{data.depth_name or 'depth'} × batch, "
                  f"R² = {fit['r2']:.5f} over {fit['n']} trials; with a per-example term for the "
                  f"input and output layers R² = {fit['r2_with_batch']:.6f}",
                  good, ["stored_vs_depth", "stored_vs_batch", "peak_heatmap"], fit)
@@ -191,8 +221,8 @@ def _flops_ratio(data: ReportData, strategy: str, depth) -> float | None:
     if rows.empty or "forward_flops" not in rows:
         return None
     rows = rows.assign(flops=rows.forward_flops + rows.backward_flops)
-    if "cfg_depth" in rows and depth is not None:
-        near = (rows.cfg_depth - depth).abs()
+    if DEPTH in rows and depth is not None:
+        near = (rows[DEPTH] - depth).abs()
         rows = rows[near == near.min()]
     base = rows[rows.strategy == "none"]
     other = rows[rows.strategy == strategy]
@@ -280,11 +310,11 @@ def claim_c7(data: ReportData) -> Claim:
     _, rows = data.main_model()
     if rows.empty or rows.strategy.nunique() < 2:
         return Claim("C7", STATEMENTS["C7"], "no checkpointed trials in this store", None, [])
-    deepest = rows[rows.cfg_depth == rows.cfg_depth.max()] if "cfg_depth" in rows else rows
+    deepest = rows[rows[DEPTH] == rows[DEPTH].max()] if DEPTH in rows else rows
     base = deepest[deepest.strategy == "none"].saved_bytes.median()
     cand = deepest[deepest.strategy != "none"].groupby("strategy").saved_bytes.median()
     strategy = cand.idxmin()
-    ratio = _flops_ratio(data, strategy, deepest.cfg_depth.max() if "cfg_depth" in deepest else None)
+    ratio = _flops_ratio(data, strategy, deepest[DEPTH].max() if DEPTH in deepest else None)
     less = bool(cand.min() < base)
     return Claim("C7", STATEMENTS["C7"],
                  f"{'partly supported' if less else 'NOT supported'}: {strategy} stores "

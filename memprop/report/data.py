@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import re
 
 import numpy as np
 import pandas as pd
@@ -17,7 +18,19 @@ from memprop.errors import MemPropError
 from memprop.sweep.store import ResultsStore, resolve_source
 from memprop.sweep.trial import Trial
 
-__all__ = ["ReportData", "load_report_data", "mark_unmeasured", "NOT_MEASURED_IN_FIT_MODE"]
+__all__ = ["ReportData", "load_report_data", "mark_unmeasured", "NOT_MEASURED_IN_FIT_MODE",
+           "DEPTH", "depth_field"]
+
+# NOTE [ The depth axis ]
+# Workloads name their layer count differently: the zoo's ``depth``, transformers'
+# ``num_hidden_layers`` (``n_layer`` for GPT-2, ``text_config.num_hidden_layers`` for a
+# sub-config), ``num_layers``, ``n_layers``, ``encoder_layers`` ... The report finds that
+# field once, here (``depth_field``), and copies it into one column, ``DEPTH``, which every
+# figure and claim reads; ``ReportData.depth_name`` keeps the user's name for labels.
+# Preference: the field the frontier walked, else a field the trials vary, else any.
+DEPTH = "depth"
+_DEPTH_NAME = re.compile(r"^(depth|(num_|n_)?(hidden_|encoder_|decoder_)?layers?"
+                         r"|(num_|n_)?blocks)$")
 
 # A frontier probe ("fit" mode) runs one step to see whether it fits: it counts no FLOPs
 # and runs no inference pass, so those fields are "not measured", not zero.
@@ -43,7 +56,23 @@ class ReportData:
     environment: dict[str, str]
     description: str = ""
     stale: int = 0                 # stored trials not in the spec's current grid (not shown)
+    depth_name: str | None = None  # the model field that is the depth axis (NOTE [ The depth axis ])
     _store: ResultsStore | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def has_depth(self) -> bool:
+        return self.depth_name is not None and DEPTH in self.results
+
+    def depth_label(self) -> str:
+        """The depth axis's label: ``depth (hidden layers)`` for the zoo's field, else the
+        field's own name, ``layers (num_hidden_layers)``."""
+        if self.depth_name in (None, "depth"):
+            return "depth (hidden layers)" if self.depth_name else "depth"
+        return f"layers ({self.depth_name})"
+
+    def depth_word(self, value) -> str:
+        """One depth for people: ``depth 4`` or ``num_hidden_layers 4``."""
+        return f"{self.depth_name or 'depth'} {int(value)}"
 
     @property
     def ok(self) -> pd.DataFrame:
@@ -80,7 +109,8 @@ class ReportData:
             return None, ok
         model = ok.model.value_counts().idxmax()
         rows = ok[ok.model == model]
-        others = [c for c in rows.columns if (c.startswith("cfg_") and c != "cfg_depth"
+        depth = f"cfg_{self.depth_name}"
+        others = [c for c in rows.columns if (c.startswith("cfg_") and c != depth
                                               or c in ("amp", "dtype", "optimizer"))
                   and rows[c].notna().any()]
         if others:
@@ -101,6 +131,34 @@ class ReportData:
         return r[r.status != "ok"].status.value_counts().to_dict()
 
 
+def _depth_names(results: pd.DataFrame) -> list[str]:
+    return [c[len("cfg_"):] for c in results.columns
+            if c.startswith("cfg_") and _DEPTH_NAME.match(c[len("cfg_"):].rsplit(".", 1)[-1])
+            and pd.to_numeric(results[c], errors="coerce").notna().any()]
+
+
+def depth_field(results: pd.DataFrame, frontier_field: str | None = None) -> str | None:
+    """The model field that counts layers (NOTE [ The depth axis ]): its name without the
+    ``cfg_`` prefix, or None when no stored field looks like one."""
+    names = _depth_names(results) if not results.empty else []
+    if frontier_field in names:
+        return frontier_field
+    varied = [n for n in names if results[f"cfg_{n}"].nunique() > 1]
+    return (varied or names or [None])[0]
+
+
+def with_depth(results: pd.DataFrame, name: str | None) -> pd.DataFrame:
+    """``results`` with the depth field copied into the ``DEPTH`` column; a trial whose
+    model calls its layer count otherwise (two models in one store) has its own field
+    there, NaN where it has none."""
+    if name is None or results.empty:
+        return results.drop(columns=[DEPTH], errors="ignore")
+    depth = pd.to_numeric(results[f"cfg_{name}"], errors="coerce")
+    for other in _depth_names(results):
+        depth = depth.fillna(pd.to_numeric(results[f"cfg_{other}"], errors="coerce"))
+    return results.assign(**{DEPTH: depth})
+
+
 def load_report_data(source) -> ReportData:
     """The store of a spec (.toml, its default database) or a database path (.sqlite)."""
     path, spec = resolve_source(source)
@@ -113,10 +171,13 @@ def load_report_data(source) -> ReportData:
         keep = results.key.isin(current) | (results["mode"] == "fit")
         stale = int((~keep).sum())
         results = results[keep].reset_index(drop=True)
+    frontier = store.frontier()
+    depth_name = depth_field(results, frontier.field.iloc[0] if not frontier.empty else None)
+    results = with_depth(results, depth_name)
     environment = store.environment()
     name = environment.get("spec_name") or (results.spec.iloc[0] if not results.empty
                                             else path.parent.name)
-    return ReportData(name=name, db_path=path, results=results, frontier=store.frontier(),
+    return ReportData(name=name, db_path=path, results=results, frontier=frontier,
                       environment=environment,
                       description=description or environment.get("spec_description", ""),
-                      stale=stale, _store=store)
+                      stale=stale, depth_name=depth_name, _store=store)

@@ -7,6 +7,8 @@ saved bytes of the zoo MLPs are arithmetic on the stored config)."""
 
 from __future__ import annotations
 
+import re
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -19,8 +21,8 @@ from matplotlib.ticker import FuncFormatter  # noqa: E402
 from memprop.models import MLPConfig, model_config  # noqa: E402
 from memprop.predict import predict_saved_bytes  # noqa: E402
 from memprop.report.axes import BYTES, bytes_axis, flops_axis, power_of_two_ticks  # noqa: E402
-from memprop.report.claims import fit_depth_batch  # noqa: E402
-from memprop.report.data import ReportData  # noqa: E402
+from memprop.report.claims import c4_rows, fit_depth_batch  # noqa: E402
+from memprop.report.data import DEPTH, ReportData  # noqa: E402
 from memprop.report.graph import d2l_graph_figure  # noqa: E402
 from memprop.tracker import CATEGORIES  # noqa: E402
 from memprop.units import format_bytes, format_ratio  # noqa: E402
@@ -43,25 +45,30 @@ def _closed_form(data: ReportData, row, depth=None, batch=None):
 
 def fig_stored_vs(data: ReportData, axis: str):
     plain = data.plain()
-    if plain.empty or "cfg_depth" not in plain or plain.cfg_depth.nunique() < 2 or plain.batch.nunique() < 2:
+    if plain.empty or DEPTH not in plain or plain[DEPTH].nunique() < 2 or plain.batch.nunique() < 2:
         return None, "needs plain trials over at least two depths and two batch sizes"
     fit = fit_depth_batch(plain)
-    line_key, x_key = ("batch", "cfg_depth") if axis == "depth" else ("cfg_depth", "batch")
+    line_key, x_key = ("batch", DEPTH) if axis == "depth" else (DEPTH, "batch")
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    drew_closed = False
     for i, (value, rows) in enumerate(plain.sort_values(x_key).groupby(line_key)):
         color = f"C{i}"
-        label = f"batch {int(value)}" if line_key == "batch" else f"depth {int(value)}"
+        label = f"batch {int(value)}" if line_key == "batch" else data.depth_word(value)
         ax.plot(rows[x_key], rows.saved_bytes, "o", color=color, label=f"{label}: measured")
         xs = np.linspace(rows[x_key].min(), rows[x_key].max(), 50)
-        depth_batch = xs * value
-        ax.plot(xs, fit["a"] + fit["b"] * depth_batch, ":", color=color, lw=1)
+        depth, batch = (xs, value) if axis == "depth" else (value, xs)
+        a, b, c = fit["with_batch"]           # the fit claim C5 judges
+        ax.plot(xs, a + b * depth * batch + c * batch, ":", color=color, lw=1)
         closed = [_closed_form(data, rows.iloc[0], depth=x if axis == "depth" else value,
                                batch=value if axis == "depth" else x) for x in rows[x_key]]
         if all(c is not None for c in closed):
             ax.plot(rows[x_key], closed, "--", color=color, lw=1, alpha=0.8)
-    ax.plot([], [], "k--", lw=1, label="closed-form prediction")
-    ax.plot([], [], "k:", lw=1, label=f"fit a + b·depth·batch (R² = {fit['r2']:.4f})")
-    ax.set_xlabel("depth (hidden layers)" if axis == "depth" else "batch size (examples)")
+            drew_closed = True
+    if drew_closed:
+        ax.plot([], [], "k--", lw=1, label="closed-form prediction")
+    ax.plot([], [], "k:", lw=1,
+            label=f"fit a + b·depth·batch + c·batch (R² = {fit['r2_with_batch']:.4f})")
+    ax.set_xlabel(data.depth_label() if axis == "depth" else "batch size (examples)")
     ax.set_xticks(sorted(plain[x_key].unique()))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_ylabel("stored for backward")
@@ -86,36 +93,49 @@ def _plain_peaks(data: ReportData) -> pd.DataFrame:
     the frontier's probes under the real budget; depth, batch, peak_bytes, status."""
     model, _ = data.main_model()
     r = data.results
-    if model is None or r.empty or "cfg_depth" not in r:
-        return pd.DataFrame(columns=["cfg_depth", "batch", "peak_bytes", "status"])
+    if model is None or r.empty or DEPTH not in r:
+        return pd.DataFrame(columns=[DEPTH, "batch", "peak_bytes", "status", "mode"])
     rows = r[(r.model == model) & (r.strategy == "none") & r.status.isin(["ok", "oom"])]
-    return rows[["cfg_depth", "batch", "peak_bytes", "status"]]
+    return rows[[DEPTH, "batch", "peak_bytes", "status", "mode"]].dropna(subset=[DEPTH])
+
+
+MAX_CELL_LABELS = 30
 
 
 def fig_peak_heatmap(data: ReportData):
     rows = _plain_peaks(data)
-    if rows.empty or rows.cfg_depth.nunique() < 2:
+    ok, oom = rows[rows.status == "ok"], rows[rows.status == "oom"]
+    if ok.empty or rows[DEPTH].nunique() < 2:
         return None, "needs plain trials over two or more depths"
     budget = _budget(data)
-    ok, oom = rows[rows.status == "ok"], rows[rows.status == "oom"]
     fig, ax = plt.subplots(figsize=(7.2, 4.4))
     norm = matplotlib.colors.LogNorm(vmin=ok.peak_bytes.min(), vmax=ok.peak_bytes.max())
-    points = ax.scatter(ok.batch, ok.cfg_depth, c=ok.peak_bytes, norm=norm, cmap="viridis",
+    points = ax.scatter(ok.batch, ok[DEPTH], c=ok.peak_bytes, norm=norm, cmap="viridis",
                         marker="s", s=110, edgecolors="#333333", linewidths=0.5, zorder=3,
                         label="fits: colour = measured peak")
+    grid = ok[ok["mode"] == "measure"]
+    if len(grid) <= MAX_CELL_LABELS:      # each grid cell's peak, to read without the colour bar
+        for _, cell in grid.iterrows():
+            ax.annotate(format_bytes(cell.peak_bytes), (cell.batch, cell[DEPTH]), fontsize=7,
+                        xytext=(0, 9), textcoords="offset points", ha="center")
     if not oom.empty:
-        ax.scatter(oom.batch, oom.cfg_depth, marker="X", s=110, color="#C62828", zorder=3,
+        ax.scatter(oom.batch, oom[DEPTH], marker="X", s=110, color="#C62828", zorder=3,
                    label="ran out of memory" + (f" (budget {format_bytes(budget)})"
                                                 if budget else ""))
+    line = budget_line(data)
+    if line is not None:       # the budget's contour: where the peak reaches it, per depth
+        ax.plot(line.confirmed_batch, line.depth, "-", color="#C62828", lw=1.5, zorder=2,
+                label=f"budget {format_bytes(budget)}: largest batch that fits (frontier)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
-    power_of_two_ticks(ax.xaxis, rows.batch)
-    ax.set_yticks(sorted(rows.cfg_depth.unique()))
+    power_of_two_ticks(ax.xaxis, pd.concat([rows.batch, line.confirmed_batch]
+                                           if line is not None else [rows.batch]))
+    ax.set_yticks(sorted(rows[DEPTH].unique()))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.yaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.margins(y=0.15)
     ax.set_xlabel("batch size (examples)")
-    ax.set_ylabel("depth (hidden layers)")
+    ax.set_ylabel(data.depth_label())
     cbar = fig.colorbar(points, ax=ax)
     lo, hi = np.log2(ok.peak_bytes.min()), np.log2(ok.peak_bytes.max())
     ticks = [2.0**k for k in range(int(np.ceil(lo)), int(np.floor(hi)) + 1)]
@@ -126,28 +146,56 @@ def fig_peak_heatmap(data: ReportData):
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2,
               frameon=False)
     ax.grid(alpha=0.3)
-    ax.set_title("Peak memory over depth × batch, measured\n(grid trials and frontier "
-                 "probes, no checkpointing)", fontsize=10)
+    probes = "grid trials and frontier probes" if (rows["mode"] == "fit").any() else "grid trials"
+    ax.set_title(f"Peak memory over depth × batch, measured ({data.main_model()[0]})\n"
+                 f"({probes}, no checkpointing)", fontsize=10)
     return fig, None
 
 
+def budget_line(data: ReportData) -> pd.DataFrame | None:
+    """The frontier without checkpointing (depth, confirmed_batch), when it walked the
+    report's depth field over two or more depths: the budget's contour on the heatmap."""
+    fr = data.frontier
+    if fr.empty or data.depth_name is None:
+        return None
+    fr = fr[(fr.strategy == "none") & (fr.field == data.depth_name)].sort_values("depth")
+    return fr if fr.depth.nunique() >= 2 else None
+
+
 def fig_train_vs_inference(data: ReportData):
+    rows, source, _ = c4_rows(data)
+    if rows.empty:
+        return None, "needs measured trials with an inference peak"
+    model, _ = data.main_model()
     plain = data.plain()
-    if plain.empty or "inference_peak_bytes" not in plain or "cfg_depth" not in plain:
-        return None, "needs plain trials with an inference peak"
-    rows = plain[plain.batch == plain.batch.max()].sort_values("cfg_depth")
+    plain = plain[plain.key.isin(rows.key)] if not plain.empty else plain
+    rows = plain if not plain.empty else rows[rows.model == model]
+    checkpointed = (rows.strategy != "none").any()
+    by_depth = DEPTH in rows and rows[DEPTH].nunique() >= 2
+    if by_depth:      # one bar pair per depth at the largest batch
+        rows = rows[rows.batch == rows.batch.max()].sort_values(DEPTH)
+        names, xlabel = [f"{int(d)}" for d in rows[DEPTH]], data.depth_label()
+        where = f"batch {int(rows.batch.iloc[0])}"
+    else:             # one per batch (the deepest, if depths differ)
+        if DEPTH in rows and rows[DEPTH].notna().any():
+            rows = rows[rows[DEPTH] == rows[DEPTH].max()]
+        rows = rows.sort_values("batch").drop_duplicates("batch")
+        names, xlabel = [f"{int(b)}" for b in rows.batch], "batch size (examples)"
+        where = (data.depth_word(rows[DEPTH].iloc[0])
+                 if DEPTH in rows and rows[DEPTH].notna().any() else "")
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     x = np.arange(len(rows))
     ax.bar(x - 0.2, rows.peak_bytes, 0.4, label="training step peak")
     ax.bar(x + 0.2, rows.inference_peak_bytes, 0.4, label="inference peak (no_grad)")
     for xi, (t, i) in enumerate(zip(rows.peak_bytes, rows.inference_peak_bytes)):
         ax.text(xi - 0.2, t, f"{format_ratio(t / i)}×", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(x, [str(int(d)) for d in rows.cfg_depth])
-    ax.set_xlabel("depth (hidden layers)")
+    ax.set_xticks(x, names)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("tensor-level peak")
     bytes_axis(ax.yaxis)
-    ax.set_title(f"Training vs inference memory (batch {int(rows.batch.iloc[0])}); "
-                 "label: training / inference")
+    what = "checkpointed trials: none ran without" if checkpointed else "no checkpointing"
+    ax.set_title(f"Training vs inference memory ({model}{', ' + where if where else ''}, "
+                 f"{what})\nlabel: training peak / inference peak", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return fig, None
@@ -159,11 +207,17 @@ def _timeline_pair(data: ReportData):
         return None
     for _, plain in rows[rows.strategy == "none"].sort_values("saved_bytes", ascending=False).iterrows():
         same = rows[(rows.strategy != "none") & (rows.batch == plain.batch)]
-        if "cfg_depth" in rows:
-            same = same[same.cfg_depth == plain.cfg_depth]
+        if DEPTH in rows:
+            same = same[same[DEPTH] == plain[DEPTH]]
         if not same.empty:
             return plain, same.iloc[0]
     return None
+
+
+def _depth_of(data: ReportData, row, sep: str = ", ") -> str:
+    """``num_hidden_layers 6, `` for a row with a depth, else nothing."""
+    return (f"{data.depth_word(row[DEPTH])}{sep}" if DEPTH in row and pd.notna(row[DEPTH])
+            else "")
 
 
 def fig_timeline(data: ReportData):
@@ -196,9 +250,9 @@ def fig_timeline(data: ReportData):
     handles, labels = axes[1].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=len(shown),
                frameon=False, title="live memory by category (stacked)", title_fontsize=8)
-    depth = f"depth {int(pair[0].cfg_depth)}, " if "cfg_depth" in pair[0] else ""
-    fig.suptitle(f"Memory timeline of one training step ({pair[0].model}, {depth}batch "
-                 f"{int(pair[0].batch)}): plain vs checkpointed - recompute shows as saw-teeth")
+    fig.suptitle(f"Memory timeline of one training step ({pair[0].model}, "
+                 f"{_depth_of(data, pair[0])}batch {int(pair[0].batch)}): plain vs "
+                 "checkpointed - recompute shows as saw-teeth")
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     return fig, None
 
@@ -213,15 +267,33 @@ def _pareto(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
     return pd.DataFrame(front)
 
 
-def _tradeoff_points(rows: pd.DataFrame) -> pd.DataFrame:
-    """One model's configuration with the most strategies measured (the deepest, largest)."""
-    key = [k for k in ("cfg_depth", "batch") if k in rows]
-    counts = rows.groupby(key).strategy.nunique()
-    best = counts[counts == counts.max()].index[-1]
-    best = best if isinstance(best, tuple) else (best,)
-    for k, v in zip(key, best):
-        rows = rows[rows[k] == v]
-    return rows.assign(flops=rows.forward_flops + rows.backward_flops)
+MAX_TRADEOFF_DEPTHS = 4
+
+
+def _labels_at(sel: pd.DataFrame, x: str, everything: pd.DataFrame) -> dict:
+    """(x, peak) -> the strategies drawn there: points within 1 % of the axes' spans (over
+    ``everything`` drawn) share one label (``none = sqrt``), so labels do not overprint."""
+    span_x = float(np.ptp(everything[x].to_numpy(float))) or 1.0
+    span_y = float(np.ptp(everything.peak_bytes.to_numpy(float))) or 1.0
+    labels: dict = {}
+    for _, p in sel.sort_values(x).iterrows():
+        near = next((k for k in labels if abs(k[0] - p[x]) <= 0.01 * span_x
+                     and abs(k[1] - p.peak_bytes) <= 0.01 * span_y), None)
+        labels.setdefault(near or (p[x], p.peak_bytes), []).append(p.strategy)
+    return labels
+
+
+def tradeoff_series(rows: pd.DataFrame) -> list[tuple[object, pd.DataFrame]]:
+    """One model's points: the largest batch among those with the most strategies, and at
+    it one series per depth (the deepest ``MAX_TRADEOFF_DEPTHS``, when more were measured),
+    each one point per strategy: [(depth or None, rows), ...]."""
+    rows = rows.assign(flops=rows.forward_flops + rows.backward_flops)
+    counts = rows.groupby("batch").strategy.nunique()
+    rows = rows[rows.batch == counts[counts == counts.max()].index.max()]
+    if DEPTH not in rows or rows[DEPTH].isna().all():
+        return [(None, rows)]
+    series = [(d, g) for d, g in rows.groupby(DEPTH) if g.strategy.nunique() >= 2]
+    return series[-MAX_TRADEOFF_DEPTHS:] or [(None, rows)]
 
 
 def fig_tradeoff(data: ReportData):
@@ -230,21 +302,25 @@ def fig_tradeoff(data: ReportData):
         if not ok.empty else []
     if not models:
         return None, "needs trials of two or more strategies"
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
+    main, main_rows = data.main_model()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
+    series = [(model, depth, sel) for model in models
+              for depth, sel in tradeoff_series(main_rows if model == main
+                                                else ok[ok.model == model])]
+    drawn = pd.concat([sel for _, _, sel in series])
     fronts = False
-    for i, model in enumerate(models):
-        sel = _tradeoff_points(ok[ok.model == model])
-        where = ", ".join(f"{k.replace('cfg_', '')} {int(sel[k].iloc[0])}"
-                          for k in ("cfg_depth", "batch") if k in sel)
+    for color, (model, depth, sel) in enumerate(series):
+        label = (f"{model}, {data.depth_word(depth) + ', ' if depth is not None else ''}"
+                 f"batch {int(sel.batch.iloc[0])}")
         for ax, x in ((axes[0], "step_ms"), (axes[1], "flops")):
-            ax.scatter(sel[x], sel.peak_bytes, s=40, zorder=3, color=f"C{i}",
-                       label=f"{model} ({where})" if ax is axes[0] else None)
-            for _, p in sel.iterrows():
-                ax.annotate(p.strategy, (p[x], p.peak_bytes), fontsize=8, xytext=(5, 3),
-                            textcoords="offset points")
+            ax.scatter(sel[x], sel.peak_bytes, s=40, zorder=3, color=f"C{color}",
+                       marker="osD^v<>"[color % 7], label=label if ax is axes[0] else None)
+            for (px, py), names in _labels_at(sel, x, drawn).items():
+                ax.annotate(" = ".join(names), (px, py), fontsize=7, xytext=(5, 3),
+                            textcoords="offset points", color=f"C{color}")
             front = _pareto(sel, x, "peak_bytes")
             if len(front) >= 3:         # two points are a line, not a front
-                ax.plot(front[x], front.peak_bytes, "--", color=f"C{i}", lw=1)
+                ax.plot(front[x], front.peak_bytes, "--", color=f"C{color}", lw=1)
                 fronts = True
     axes[0].set_xlabel("step time (median, ms)")
     for ax in axes:
@@ -254,10 +330,10 @@ def fig_tradeoff(data: ReportData):
     axes[0].set_ylabel("tensor-level peak")
     bytes_axis(axes[0].yaxis)
     if fronts:
-        axes[0].plot([], [], "k--", lw=1, label="Pareto front (per model)")
-    axes[0].legend(fontsize=7)
-    fig.suptitle("Checkpointing tradeoff: memory vs compute, one point per strategy "
-                 "(lower left is better)")
+        axes[0].plot([], [], "k--", lw=1, label="Pareto front (per colour)")
+    axes[0].legend(fontsize=7, title="one colour per setup, one point per strategy",
+                   title_fontsize=7)
+    fig.suptitle("Checkpointing tradeoff: memory vs compute (lower left is better)")
     fig.tight_layout()
     return fig, None
 
@@ -282,7 +358,8 @@ def fig_frontier(data: ReportData):
     ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(nbins=6, integer=True))
     ax.set_ylim(0, 1.12 * max(fr.confirmed_batch.max(), fr.predicted_batch.max()))
     ax.margins(x=0.1)
-    ax.set_xlabel(f"{fr.field.iloc[0]} (hidden layers)")
+    field = fr.field.iloc[0]
+    ax.set_xlabel(data.depth_label() if field == data.depth_name else field)
     ax.set_ylabel("largest batch that fits (examples)")
     mode = fr.budget_mode.iloc[0] if "budget_mode" in fr and fr.budget_mode.notna().any() else ""
     ax.set_title(f"Out-of-memory frontier at a real {mode + ' ' if mode else ''}budget of "
@@ -290,6 +367,17 @@ def fig_frontier(data: ReportData):
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return fig, None
+
+
+MAX_BARS = 40
+
+
+def _block_of(module) -> str:
+    """``transformer.h.3`` for ``transformer.h.3.attn.c_attn``: the module up to its block
+    index; a module outside the blocks stays as it is."""
+    module = module if isinstance(module, str) else ""
+    match = re.match(r"^(.*?(?:^|\.)\d+)(?:\.|$)", module)
+    return match.group(1) if match else module
 
 
 def fig_stored_per_layer(data: ReportData):
@@ -302,20 +390,29 @@ def fig_stored_per_layer(data: ReportData):
         return None, "the trial has no stored per-tensor table"
     stored = saved[saved.kind.isin(["activation", "input"])].fillna({"module": ""})
     table = stored.groupby("module", sort=False).saved_bytes.sum()
+    unit = "module"
+    if len(table) > MAX_BARS:   # a deep model: one bar per block (transformer.h.3), not per module
+        table = stored.groupby(stored.module.map(_block_of), sort=False).saved_bytes.sum()
+        unit = "block"
     table.index = [m or "(loss)" for m in table.index]
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     ax.bar(range(len(table)), table.to_numpy(), color="#55A868")
     ax.set_xticks(range(len(table)), table.index, rotation=60, ha="right", fontsize=7)
     bytes_axis(ax.yaxis)
     ax.set_ylabel("stored for backward")
-    depth = f"depth {int(row.cfg_depth)}, " if "cfg_depth" in row and pd.notna(row.cfg_depth) else ""
-    ax.set_title(f"Stored bytes per layer, in order of saving ({row.model}, {depth}batch {int(row.batch)})")
+    ax.set_title(f"Stored bytes per {unit}, in order of saving\n({row.model}, "
+                 f"{_depth_of(data, row)}batch {int(row.batch)}, no checkpointing)", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig, None
 
 
 def fig_graph(data: ReportData):
+    """The notes' graph, for the notes' network only: drawn at the sizes of the store's
+    d2l_mlp trials, and not at all for other models (its bytes would mean nothing there)."""
+    if data.ok.empty or not (data.ok.model == "d2l_mlp").any():
+        return None, ("the notes' graph is the d2l_mlp network's; this store has no measured "
+                      "d2l_mlp trial (experiments/d2l_mlp.toml has some)")
     return d2l_graph_figure(data), None
 
 
@@ -346,8 +443,7 @@ def fig_precision(data: ReportData):
                 ha="center", va="bottom", fontsize=8)
     ax.set_xticks(x, [p if p == "float32" else f"autocast {p}" for p in rows.precision])
     bytes_axis(ax.yaxis)
-    depth = f", depth {int(base.cfg_depth)}" if "cfg_depth" in rows and pd.notna(base.cfg_depth) else ""
-    ax.set_title(f"Mixed precision ({base.model}{depth}, batch {int(base.batch)}, "
+    ax.set_title(f"Mixed precision ({base.model}, {_depth_of(data, base)}batch {int(base.batch)}, "
                  f"strategy {base.strategy}); "
                  "label: vs float32", fontsize=10)
     ax.legend(fontsize=8)

@@ -15,44 +15,63 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from memprop.report.claims import Claim, compute_claims
-from memprop.report.data import ReportData, load_report_data
-from memprop.report.figures import make_figures
+from memprop.report.data import DEPTH, ReportData, load_report_data
+from memprop.report.figures import budget_line, make_figures
 from memprop.units import format_bytes, format_value
 
 __all__ = ["build_report", "ReportFiles"]
 
 CAPTIONS = {
     "stored_vs_depth": "Stored intermediates vs depth, one line per batch: measured points, "
-                       "closed-form prediction (dashed), least-squares fit (dotted).",
+                       "the least-squares fit claim C5 judges (dotted) and, for the zoo's "
+                       "MLPs, the closed-form prediction (dashed).",
     "stored_vs_batch": "Stored intermediates vs batch, one line per depth.",
-    "peak_heatmap": "Peak memory over depth × batch; the red contour is the budget, cells "
-                    "marked OOM need more than it.",
-    "train_vs_inference": "Training-step peak vs inference peak of the same batch.",
+    "peak_heatmap": "Peak memory over depth × batch, measured without checkpointing.",
+    "train_vs_inference": "Training-step peak vs inference peak of the same trial (trials "
+                          "without checkpointing, as claim C4).",
     "timeline": "Live memory of one training step by category, plain vs checkpointed.",
-    "tradeoff": "Checkpointing strategies: peak memory vs step time and vs FLOPs.",
+    "tradeoff": "Checkpointing strategies: peak memory vs step time and vs FLOPs; one colour "
+                "per setup (depth, batch), one labelled point per strategy.",
     "frontier": "Largest batch that fits the budget per depth: confirmed by real trials "
                 "(the next step up ran out of memory) and predicted on fake tensors.",
     "graph": "The notes' computational graph with the bytes forward propagation stores.",
-    "stored_per_layer": "Stored bytes per layer for one configuration.",
+    "stored_per_layer": "Stored bytes per module (per block for a deep model) for one "
+                        "configuration, in the order forward propagation saved them.",
     "precision": "The same step in float32 and under autocast: bytes stored for backward "
                  "and tensor-level peak (float32 master weights either way).",
 }
 
-SUMMARY_COLUMNS = ["model", "cfg_depth", "batch", "strategy", "mode", "status", "phase", "saved_bytes",
+SUMMARY_COLUMNS = ["model", DEPTH, "batch", "strategy", "mode", "status", "phase", "saved_bytes",
                    "peak_bytes", "predicted_peak_bytes", "inference_peak_bytes",
                    "forward_flops", "backward_flops", "step_ms"]
 
 
 class ReportFiles(dict):
-    """name -> path of everything written."""
+    """name -> path of everything written; ``claims``: the verdicts, as computed."""
+
+    claims: list[Claim]
+
+
+def caption(name: str, data: ReportData) -> str:
+    """The caption of figure ``name``: what it shows of this store."""
+    if name == "peak_heatmap":
+        budget = budget_line(data)
+        if budget is not None:
+            return (CAPTIONS[name] + " The red line is the budget's contour: the largest "
+                    f"batch that fits {format_bytes(budget.budget_bytes.iloc[0])} at each "
+                    "depth, from the frontier; red crosses ran out of memory.")
+        if (data.results.get("status", pd.Series(dtype=str)) == "oom").any():
+            return CAPTIONS[name] + " Red crosses ran out of memory under the budget."
+    return CAPTIONS.get(name, name)
 
 
 def _summary(data: ReportData) -> pd.DataFrame:
+    """The trials table: the depth column under its field's own name."""
     r = data.results
     if r.empty:
         return r
     cols = [c for c in SUMMARY_COLUMNS if c in r.columns]
-    return r[cols]
+    return r[cols].rename(columns={DEPTH: data.depth_name or DEPTH})
 
 
 def _display(frame: pd.DataFrame) -> pd.DataFrame:
@@ -86,12 +105,16 @@ def _verdict_mark(claim: Claim) -> str:
 
 def build_report(source, out_dir=None, *, dpi: int = 90) -> ReportFiles:
     """Build the report of a store (spec or database) into ``out_dir`` (default: the
-    store's folder). Works on partial results and lists what is missing."""
+    store's folder), replacing a report there (a figure not drawn this time is removed,
+    not left from an earlier report). Works on partial results and lists what is missing."""
     data = load_report_data(source)
     out = pathlib.Path(out_dir) if out_dir else data.db_path.parent
     (out / "figures").mkdir(parents=True, exist_ok=True)
     files = ReportFiles()
     figures, missing_figures = make_figures(data)
+    for name in missing_figures:
+        for ext in ("png", "svg"):
+            (out / "figures" / f"{name}.{ext}").unlink(missing_ok=True)
     pngs = {}
     for name, fig in figures.items():
         png, svg = out / "figures" / f"{name}.png", out / "figures" / f"{name}.svg"
@@ -103,6 +126,7 @@ def build_report(source, out_dir=None, *, dpi: int = 90) -> ReportFiles:
         pngs[name] = buf.getvalue()
         files[f"figures/{name}.png"], files[f"figures/{name}.svg"] = png, svg
     claims = compute_claims(data)
+    files.claims = claims
     tables = {"trials": _summary(data), "frontier": data.frontier,
               "claims": pd.DataFrame([{"claim": c.id, "supported": c.supported,
                                        "verdict": c.verdict} for c in claims])}
@@ -118,7 +142,13 @@ def build_report(source, out_dir=None, *, dpi: int = 90) -> ReportFiles:
 
 
 def _missing_lines(data: ReportData, missing_figures: dict) -> list[str]:
-    lines = [f"{n} trials ended {status}" for status, n in data.missing().items()]
+    r = data.results
+    probes = int(((r["mode"] == "fit") & (r.status == "oom")).sum()) if not r.empty else 0
+    lines = [f"{n - (probes if status == 'oom' else 0)} trials ended {status}"
+             for status, n in data.missing().items() if n - (probes if status == "oom" else 0)]
+    if probes:
+        lines.append(f"{probes} frontier probes ran out of memory, as the frontier expects "
+                     "(each is one batch step above a largest batch that fits)")
     if data.stale:
         lines.append(f"{data.stale} stored trials belong to an earlier version of the spec "
                      "and are not shown (report the .sqlite file to see every trial)")
@@ -153,7 +183,7 @@ def _markdown(data, claims, figures, missing_figures, tables) -> str:
         lines += ["## What is missing", "", *[f"- {m}" for m in missing], ""]
     lines += ["## All figures", ""]
     for name in figures:
-        lines += [f"**{name}**: {CAPTIONS.get(name, '')}", "", f"![{name}](figures/{name}.png)", ""]
+        lines += [f"**{name}**: {caption(name, data)}", "", f"![{name}](figures/{name}.png)", ""]
     lines += ["## Trials", "", _md_table(tables["trials"]), ""]
     if not tables["frontier"].empty:
         lines += ["## Out-of-memory frontier", "", _md_table(_frontier_shown(tables)), ""]
@@ -175,7 +205,7 @@ def _html(data, claims, pngs, missing_figures, tables) -> str:
     def img(name: str) -> str:
         uri = "data:image/png;base64," + base64.b64encode(pngs[name]).decode()
         return (f'<figure><img alt="{e(name)}" src="{uri}">'
-                f"<figcaption>{e(CAPTIONS.get(name, name))}</figcaption></figure>")
+                f"<figcaption>{e(caption(name, data))}</figcaption></figure>")
 
     def table(frame: pd.DataFrame) -> str:
         return _display(frame).to_html(index=False, escape=True, border=0)
