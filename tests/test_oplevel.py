@@ -28,7 +28,8 @@ def loss_and_grads(cfg, model, data):
 def test_spec_round_trip_and_errors():
     assert parse_strategy("ops:addmm+sdpa") == Ops(every=frozenset({"addmm", "sdpa"}))
     s = parse_strategy("ops:0-1=sdpa+addmm#0,2-3")
-    assert s.spec == "ops:0-1=addmm#0+sdpa,2-3"
+    # NOTE [ Compact op-level specs ]: bare names first, then each op's call ranges
+    assert s.spec == "ops:0-1=sdpa+addmm#0,2-3"
     assert s.groups(4) == {frozenset({"addmm#0", "sdpa"}): [(0, 0), (1, 1)],
                            frozenset(): [(2, 3)]}
     for bad in ("ops:0-1=a-b", "ops:3-1", "ops:0-2,1", "ops:0=x;y"):

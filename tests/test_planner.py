@@ -124,8 +124,8 @@ def test_impossible_budget_states_smallest_feasible_and_that_one_fits():
     with pytest.raises(BudgetError) as info:
         plan(model, data, 1000)
     smallest = info.value.smallest_feasible_bytes
-    assert "the smallest feasible budget is about" in str(info.value)
-    assert f"({smallest} bytes)" in str(info.value)
+    assert "the smallest feasible budget found is about" in str(info.value)
+    assert f"({smallest} bytes, with full;" in str(info.value)
     p = plan(model, data, smallest)
     assert p.predicted_peak_bytes <= smallest
 

@@ -19,6 +19,7 @@ NOTE [ The two metrics ]
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -31,17 +32,18 @@ from memprop.checkpoint.remat import Remat, rebuild_ratio
 from memprop.checkpoint.strategies import Blocks, NoCheckpoint, Strategy, remove_strategy
 from memprop.checkpoint.tail import TailRecord
 from memprop.checkpoint.whole import Forward, forward_front
-from memprop.errors import StrategyError
+from memprop.errors import ConfigError, StrategyError
 from memprop.flops import FlopCounter
-from memprop.measure import Measurement, measure_step
+from memprop.measure import AMP_MODES, Measurement, measure_step
+from memprop.measure import _AMP_DTYPES    # one table of autocast dtypes, measure's
 from memprop.models import training_loss
 
 __all__ = ["METRICS", "metric_of", "simulate_strategy", "fit", "nested_solver",
            "early_stop_flops", "stop_flops", "segment_stops", "op_options", "placement_strategy",
            "lowest_nested", "stored_solver", "stored_model_bytes", "strategy_of",
            "whole_solver", "whole_front", "whole_calls", "remat_fit", "REMAT_SCAN", "REMAT_MAX_BLOCKS",
-           "rebuilds_within_limit",
-           "REBUILD_LIMIT"]
+           "rebuilds_within_limit", "remat_front", "remat_lowest", "REMAT_LOWEST",
+           "autocast_loss", "REBUILD_LIMIT"]
 
 METRICS = ("peak", "stored")
 
@@ -52,20 +54,40 @@ def metric_of(metric: str) -> Callable[[Measurement], int]:
 
 def simulate_strategy(model, batch, strategy: Strategy, *, blocks_attr=None,
                       optimizer="sgd", loss_fn=training_loss, warm=False, blocks=None,
-                      check_fn=None) -> Measurement:
+                      check_fn=None, amp: str | None = None) -> Measurement:
     """A predicted ``Measurement`` of one step with ``strategy`` applied, on fake tensors
     (the model itself if already fake, else a fake copy). ``warm``: see measure_step
     (only for a fake model that has run its forward already). ``blocks``, ``check_fn``:
-    the chain, as ``find_blocks`` takes them."""
+    the chain, as ``find_blocks`` takes them. ``amp``: the step under autocast, as
+    ``measure_step(amp=...)`` runs it."""
     mode, target, target_batch = fake_target(model, batch)
     with mode:
         strategy.apply(target, blocks_attr=blocks_attr, blocks=blocks, check_fn=check_fn)
         try:
             return measure_step(target, target_batch, optimizer=optimizer, loss_fn=loss_fn,
                                 timing=False, inference=False, predicted=True,
-                                warm=warm and target is model)
+                                warm=warm and target is model, amp=amp)
         finally:
             remove_strategy(target)
+
+
+def autocast_loss(loss_fn, amp: str | None):
+    """``loss_fn`` run under ``torch.autocast`` in ``amp``'s dtype (``bf16``, ``fp16``;
+    None: ``loss_fn`` itself): the forward the planner profiles and traces is the one
+    ``measure_step(amp=amp)`` runs, so op outputs have the bytes the step saves. A
+    partial of a module-level function: no closure."""
+    if amp is None:
+        return loss_fn
+    if amp not in AMP_MODES:
+        raise ConfigError(f"memprop.checkpoint: amp {amp!r} is not allowed; choose one of: "
+                          f"{', '.join(AMP_MODES)}, or None for full precision")
+    return functools.partial(_autocast_step, loss_fn, amp)
+
+
+def _autocast_step(loss_fn, amp: str, model, batch):
+    device = next((p.device.type for p in model.parameters()), "cpu")
+    with torch.autocast(device, dtype=_AMP_DTYPES[amp]):
+        return loss_fn(model, batch)
 
 
 def fit(solve: Callable[[int], Strategy | None], simulate: Callable, value: Callable,
@@ -286,23 +308,32 @@ def rebuilds_within_limit(model, batch, calls, *, loss_fn=training_loss) -> bool
 REMAT_SCAN = 24
 
 
-def remat_fit(model, batch, budget_bytes: int, simulate: Callable, *,
-              loss_fn=training_loss, max_rounds: int = 8, seen: list | None = None):
-    """(``Remat`` strategy, simulated Measurement) of least recompute FLOPs whose
-    simulated peak fits ``budget_bytes``; None if none does, the loss calls the model
-    more than once, or the rebuilds exceed ``REBUILD_LIMIT``. The keys come from the
-    whole forward's front (the cheapest per kept bytes). First ``fit``: the model budget
-    is the peak budget less the simulated peak of keeping every kept-able output, less
-    those outputs, tightened by each overshoot. The peak is not monotone in the kept
-    bytes, so if that finds nothing, the front's entries that could fit (kept bytes
-    within the budget less the least overhead simulated) are simulated in order of
-    FLOPs, up to ``REMAT_SCAN``. ``seen`` collects (peak, spec) of every simulation:
-    the least is the smallest peak remat reached."""
+def remat_front(model, batch, *, loss_fn=training_loss) -> list | None:
+    """The whole forward's front (kept bytes, recompute FLOPs, keys) that ``remat:``'s
+    searches draw from; None when ``remat:`` is not weighed: the loss calls the model
+    more than once, or its rebuilds exceed ``REBUILD_LIMIT``."""
     calls = whole_calls(model, batch, loss_fn=loss_fn)
     if calls is None or not rebuilds_within_limit(model, batch, calls, loss_fn=loss_fn):
         return None
-    front = whole_front(model, batch, loss_fn=loss_fn, calls=calls)
-    seen = [] if seen is None else seen
+    return whole_front(model, batch, loss_fn=loss_fn, calls=calls)
+
+
+def remat_fit(model, batch, budget_bytes: int, simulate: Callable, *,
+              loss_fn=training_loss, max_rounds: int = 8, front=None):
+    """(``Remat`` strategy, simulated Measurement) of least recompute FLOPs whose
+    simulated peak fits ``budget_bytes``; None if none does, or ``remat:`` is not
+    weighed (``remat_front``; ``front``: its answer, when already known). The keys come
+    from the whole forward's front (the cheapest per kept bytes). First ``fit``: the
+    model budget is the peak budget less the simulated peak of keeping every kept-able
+    output, less those outputs, tightened by each overshoot. The peak is not monotone in
+    the kept bytes, so if that finds nothing, the front's entries that could fit (kept
+    bytes within the budget less the least overhead simulated) are simulated in order
+    of FLOPs, up to ``REMAT_SCAN``. What it finds depends on the budget: the smallest
+    feasible budget comes from ``remat_lowest``."""
+    front = remat_front(model, batch, loss_fn=loss_fn) if front is None else front
+    if front is None:
+        return None
+    seen: list = []
     overheads, kept_of = [], {keys: kept for kept, _, keys in front}
 
     def simulated(strategy):
@@ -329,3 +360,28 @@ def remat_fit(model, batch, budget_bytes: int, simulate: Callable, *,
         return None
     except StrategyError:           # remat cannot replay this model: not weighed
         return None
+
+
+# front entries of least kept bytes that remat_lowest simulates: the candidates whose
+# peak bounds remat's smallest feasible budget (NOTE [ The smallest feasible budget ],
+# memprop.checkpoint.planner); hf:gpt2's lowest peak is its 4th (of 31)
+REMAT_LOWEST = 12
+
+
+def remat_lowest(model, batch, simulate: Callable, *, loss_fn=training_loss,
+                 front=None) -> list:
+    """(``Remat``, simulated Measurement) of the candidates that bound ``remat:``'s
+    smallest feasible peak, the same whatever the budget: the ``REMAT_LOWEST`` front
+    entries of least kept bytes, and keeping every kept-able output (the fewest
+    rebuilds). [] when ``remat:`` is not weighed (``remat_front``) or cannot replay
+    this model. The peak is not monotone in the kept bytes, so the least of these is
+    the smallest peak found, not proven."""
+    front = remat_front(model, batch, loss_fn=loss_fn) if front is None else front
+    if not front:
+        return []
+    picks = sorted(front, key=lambda e: (e[0], e[1]))[:REMAT_LOWEST]
+    picks += [front[-1]] if front[-1] not in picks else []
+    try:
+        return [(Remat(keys), simulate(Remat(keys))) for _, _, keys in picks]
+    except StrategyError:           # remat cannot replay this model: not weighed
+        return []

@@ -98,21 +98,29 @@ def _simulate(model, batch, strategy: Strategy, *, optimizer, loss_fn, amp=None,
 
 
 def levers(model: nn.Module, batch, strategy: Strategy | None = None, *,
-           optimizer: str = "sgd", loss_fn=training_loss) -> tuple[dict, list[Lever]]:
-    """(peak composition with ``strategy``, the levers with their predicted peaks)."""
+           optimizer: str = "sgd", loss_fn=training_loss,
+           amp: str | None = None) -> tuple[dict, list[Lever]]:
+    """(peak composition with ``strategy``, the levers with their predicted peaks), for
+    the step under ``amp`` (None: full precision; under autocast, bf16 autocast is not
+    offered as a lever)."""
     strategy = strategy or NoCheckpoint()
-    base = _simulate(model, batch, strategy, optimizer=optimizer, loss_fn=loss_fn)
-    fused = _simulate(model, batch, strategy, optimizer=optimizer, loss_fn=loss_fn,
+    base = _simulate(model, batch, strategy, optimizer=optimizer, loss_fn=loss_fn, amp=amp)
+    fused = _simulate(model, batch, strategy, optimizer=optimizer, loss_fn=loss_fn, amp=amp,
                       step_in_backward=True)
-    half = _simulate(model, batch, strategy, optimizer=optimizer, loss_fn=loss_fn, amp="bf16")
     on_cuda = any(p.device.type == "cuda" for p in model.parameters())
     composition = peak_composition(base)
     rows = [
         Lever("optimizer step in backward", fused.peak_bytes,
               "memprop.checkpoint.levers.StepInBackward(optimizer).apply(model)",
               "gradients freed as each parameter is updated"),
-        Lever("bf16 autocast", half.peak_bytes, "measure_step(..., amp='bf16'); --amp bf16",
-              "activations and temporaries in half the bytes"),
+    ]
+    if amp is None:
+        half = _simulate(model, batch, strategy, optimizer=optimizer, loss_fn=loss_fn,
+                         amp="bf16")
+        rows.append(Lever("bf16 autocast", half.peak_bytes,
+                          "measure_step(..., amp='bf16'); --amp bf16",
+                          "activations and temporaries in half the bytes"))
+    rows += [
         Lever("CPU offload of saved tensors",
               base.peak_bytes - composition.get("activation", 0) if on_cuda else None,
               "strategy 'offload' (torch.autograd.graph.save_on_cpu)",

@@ -18,6 +18,17 @@ NOTE [ Op keys ]
   are reported to memprop's instruments as stored (``memprop.saved.report_stored``), as
   for ``selective``. Gradients are bitwise those of the plain step on CPU.
 
+NOTE [ Compact op-level specs ]
+  A plan keeps per block a set of op keys; a 7B chain writes the same set for dozens of
+  blocks. The spec is written short, and ``Ops`` holds it in that form, so that each
+  spelling of one strategy parses to one value (``==``, round trip): an op's calls in
+  runs of indices become ranges (``mm#0+mm#1+mm#2`` -> ``mm#0-2``; a bare name covers
+  them all), and consecutive blocks with the same keys one range of blocks
+  (``0=mm#0-4,1=mm#0-4`` -> ``0-1=mm#0-4``). A keyed range checkpoints each of its
+  blocks apart with that policy, so merging it changes nothing; a plain range
+  (``4-5``, no keys) is one segment, and plain ranges are never merged. The long forms
+  still parse.
+
 NOTE [ Op-level options of a block ]
   From one traced forward (``trace_blocks``: every op of every block, its output bytes
   and FLOPs), a block checkpointed with keys K stores its input, plus the outputs of the
@@ -53,7 +64,7 @@ from memprop.flops import FlopCounter
 from memprop.models import training_loss
 from memprop.saved import report_stored
 
-__all__ = ["Ops", "trace_blocks", "block_options", "OpCall"]
+__all__ = ["Ops", "trace_blocks", "block_options", "OpCall", "canonical_keys"]
 
 _SDPA = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
          "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
@@ -169,6 +180,26 @@ def op_context_fn(keys, where: str = "block") -> functools.partial:
     return functools.partial(op_context, frozenset(keys), where)
 
 
+def canonical_keys(keys) -> tuple[str, ...]:
+    """The shortest keys that name the same calls, in spec order (NOTE [ Compact op-level
+    specs ]): bare names first, then each op's runs of call indices as ranges
+    (``mm#0+mm#1+mm#2`` -> ``mm#0-2``); a bare name covers its op's ranges."""
+    every, calls = set(), {}
+    for key in keys:
+        name, first, last = split_key(key)
+        if first is None:
+            every.add(name)
+        else:
+            calls.setdefault(name, set()).update(range(first, last + 1))
+    out = sorted(every)
+    for name in sorted(set(calls) - every):
+        indices = sorted(calls[name])
+        for _, run in itertools.groupby(enumerate(indices), key=lambda iv: iv[1] - iv[0]):
+            run = [i for _, i in run]
+            out.append(f"{name}#{run[0]}" + (f"-{run[-1]}" if len(run) > 1 else ""))
+    return tuple(out)
+
+
 def _reversed(key: str) -> bool:
     """A call range i-j with j < i (it would match nothing)."""
     _, first, last = split_key(key)
@@ -202,15 +233,24 @@ class Ops(Strategy):
     every: frozenset | None = None
 
     def __post_init__(self):
-        parts = tuple((int(a), int(b), frozenset(k)) for a, b, k in self.parts)
-        object.__setattr__(self, "parts", parts)
+        # NOTE [ Compact op-level specs ]: keys in their shortest form, and keyed blocks
+        # in runs, so that every spelling of one strategy is one value
+        parts = tuple((int(a), int(b), frozenset(canonical_keys(k))) for a, b, k in self.parts)
         if self.every is not None:
-            object.__setattr__(self, "every", frozenset(self.every))
+            object.__setattr__(self, "every", frozenset(canonical_keys(self.every)))
         ends = [i for a, b, _ in parts for i in (a, b)]
         if any(a > b for a, b, _ in parts) or ends != sorted(ends) or len(set(ends)) != len(
                 ends) - sum(a == b for a, b, _ in parts):
+            object.__setattr__(self, "parts", parts)
             raise StrategyError(f"memprop.checkpoint: {self.spec} needs ordered, disjoint "
                                 "ranges, e.g. ops:0-3=addmm+sdpa,4-5")
+        runs: list = []
+        for a, b, keys in parts:
+            if runs and keys and runs[-1][2] == keys and runs[-1][1] + 1 == a:
+                runs[-1] = (runs[-1][0], b, keys)    # the next block, the same policy
+            else:
+                runs.append((a, b, keys))
+        object.__setattr__(self, "parts", tuple(runs))
 
     @classmethod
     def parse(cls, text: str) -> "Ops":
@@ -230,18 +270,21 @@ class Ops(Strategy):
 
     @property
     def spec(self) -> str:
+        """The compact form (NOTE [ Compact op-level specs ]): ``ops:0-22=mm#0-4,23``."""
         if self.every is not None:
-            return "ops:" + "+".join(sorted(self.every))
+            return "ops:" + "+".join(canonical_keys(self.every))
         out = []
         for a, b, keys in self.parts:
             text = str(a) if a == b else f"{a}-{b}"
-            out.append(text + ("=" + "+".join(sorted(keys)) if keys else ""))
+            out.append(text + ("=" + "+".join(canonical_keys(keys)) if keys else ""))
         return "ops:" + ",".join(out)
 
     def segments(self, n):
+        """The checkpointed segments: a plain range is one, a keyed range one per block."""
         if self.every is not None:
             return [(k, k) for k in range(n)]
-        return [(a, b) for a, b, _ in self.parts]
+        return [seg for a, b, keys in self.parts
+                for seg in ([(k, k) for k in range(a, b + 1)] if keys else [(a, b)])]
 
     def groups(self, n: int) -> dict:
         """keys -> segments checkpointed with them (empty keys: plain segments)."""

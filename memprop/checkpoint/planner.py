@@ -64,7 +64,22 @@ from memprop.models import training_loss
 from memprop.saved import storage_key, storage_keys
 from memprop.units import format_bytes, format_flops, format_ms, format_ratio, parse_size
 
-__all__ = ["Plan", "plan", "profile_chain", "simulate", "Budget"]
+__all__ = ["Plan", "plan", "profile_chain", "simulate", "Budget", "short_spec"]
+
+# a spec longer than this is shortened where people read it (tables, describe, errors);
+# --json and the "apply it" line carry it whole
+SHORT_SPEC = 64
+
+
+def short_spec(spec: str, width: int = SHORT_SPEC) -> str:
+    """``spec`` as people read it in a table or a sentence: whole when it is at most
+    ``width`` characters, else cut at the last ``,`` or ``+`` that fits, with the
+    number of characters left out: ``ops:0-22=mm#0-4,...(+41 chars)``."""
+    if len(spec) <= width:
+        return spec
+    cut = max(spec.rfind(",", 0, width), spec.rfind("+", 0, width))
+    kept = spec[:cut + 1] if cut > spec.find(":") else spec[:width]
+    return f"{kept}...(+{len(spec) - len(kept)} chars)"
 
 
 def _first_tensor(value):
@@ -248,7 +263,7 @@ class Plan:
         lines = [
             f"plan for a budget of {format_bytes(self.budget_bytes)} of "
             f"{'tensor peak' if self.metric == 'peak' else 'bytes stored for backward'}: "
-            f"{self.spec}",
+            f"{short_spec(self.spec)}",
             f"  {len(self.segments)} checkpointed segment(s) covering {n_ckpt} of "
             f"{self.n_blocks} blocks" if not isinstance(self.chosen, (Forward, Remat)) else
             "  one checkpoint around the whole forward, recomputed in one burst as backward "
@@ -278,7 +293,7 @@ class Plan:
 
 def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, check_fn=None,
          optimizer="sgd", loss_fn=training_loss, max_rounds: int = 8,
-         metric: str = "peak", whole: bool = True) -> Plan:
+         metric: str = "peak", whole: bool = True, amp: str | None = None) -> Plan:
     """The placement with the least recompute FLOPs whose simulated peak fits ``budget``
     (bytes or a size string); with ``metric="stored"``, whose bytes stored for backward
     fit it. Below the single-level floor of the peak, a multi-level schedule. Raises
@@ -296,28 +311,31 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, chec
 
     ``batch`` may have any structure: ``loss_fn(model, batch)`` is the step's loss
     (default: the zoo's ``(inputs, targets)`` and ``model.objective``). The model's KV
-    cache is off while planning, as under the plan (NOTE [ Checkpointing and KV caches ])."""
+    cache is off while planning, as under the plan (NOTE [ Checkpointing and KV caches ]).
+    ``amp``: plan the step as ``measure_step(amp=amp)`` runs it (``bf16``, ``fp16``:
+    forward under ``torch.autocast``, float32 master weights)."""
     if metric not in levels.METRICS:
         raise ConfigError(f"memprop.checkpoint: unknown plan metric {metric!r}; choose one "
                           f"of: {', '.join(levels.METRICS)} (peak: the step's tensor peak; "
                           "stored: bytes saved for backward at the end of forward)")
+    step_loss = levels.autocast_loss(loss_fn, amp)     # refuses an unknown amp
     restore_cache = cache_off(model, warn=False)
     options = dict(blocks_attr=blocks_attr, select=dict(blocks=blocks, check_fn=check_fn),
                    optimizer=optimizer, loss_fn=loss_fn, max_rounds=max_rounds,
-                   metric=metric)
+                   metric=metric, amp=amp)
     try:
         found = _plan(model, batch, parse_size(budget), whole=whole, **options)
-        refusal = _replay_refusal(model, batch, found, blocks_attr, loss_fn,
+        refusal = _replay_refusal(model, batch, found, blocks_attr, step_loss,
                                   **options["select"])
         if refusal is not None and whole and isinstance(found.chosen, (Forward, Remat)):
             left_out = found.chosen.form
             found = _plan(model, batch, parse_size(budget), whole=False, **options)
             found.notes += (f"{left_out}: left out, its replay is not exact on this model "
                             f"({refusal})",)
-            refusal = _replay_refusal(model, batch, found, blocks_attr, loss_fn,
+            refusal = _replay_refusal(model, batch, found, blocks_attr, step_loss,
                                       **options["select"])
         if refusal is not None:
-            raise StrategyError(f"memprop.checkpoint: the plan {found.spec[:80]} cannot "
+            raise StrategyError(f"memprop.checkpoint: the plan {short_spec(found.spec)} cannot "
                                 f"replay this model exactly: {refusal}")
         return found
     finally:
@@ -355,8 +373,11 @@ def _replay_refusal(model, batch, found: Plan, blocks_attr, loss_fn, **select) -
 
 
 def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn,
-          max_rounds, metric, whole) -> Plan:
+          max_rounds, metric, whole, amp) -> Plan:
     mode = fake_mode_of(model)
+    # the step's forward as the simulations run it (autocast under amp): what profiles
+    # and traces run; the simulations take the plain loss and measure_step's amp
+    step_loss, loss_fn = loss_fn, levels.autocast_loss(loss_fn, amp)
     # no chain of blocks to find: forms spanning the whole forward need none
     chainless = (whole and blocks_attr is None and all(v is None for v in select.values())
                  and not _finds_chain(model))
@@ -366,10 +387,17 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
             costs, table = profile_chain(model, batch, blocks_attr=blocks_attr, **select,
                                          loss_fn=loss_fn)
     # a fake model just profiled (its forward has run): its simulations need no first
-    # step when the optimizer keeps no state (measure_step's warm)
-    simulated = lambda strategy: levels.simulate_strategy(  # noqa: E731
-        model, batch, strategy, blocks_attr=blocks_attr, **select, optimizer=optimizer,
-        loss_fn=loss_fn, warm=mode is not None and not chainless)
+    # step when the optimizer keeps no state (measure_step's warm). One simulation per
+    # strategy: the searches and the smallest feasible budget's candidates share them
+    simulations: dict = {}
+
+    def simulated(strategy):
+        if strategy.spec not in simulations:
+            simulations[strategy.spec] = levels.simulate_strategy(
+                model, batch, strategy, blocks_attr=blocks_attr, **select,
+                optimizer=optimizer, loss_fn=step_loss, amp=amp,
+                warm=mode is not None and not chainless)
+        return simulations[strategy.spec]
     plain = simulated(NoCheckpoint())
     n = costs.n if costs is not None else 0
     ms = None
@@ -399,16 +427,22 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
                                                        loss_fn=loss_fn)
         if static * 2 >= result.peak_bytes:      # not activations: say what would help
             found.levers = tuple(levers_of(model, batch, found.strategy, optimizer=optimizer,
-                                           loss_fn=loss_fn)[1])
+                                           loss_fn=step_loss, amp=amp)[1])
         return found
 
+    def plan_of(strategy, result) -> Plan:
+        """make_plan for any strategy a search or the smallest's candidates chose."""
+        return make_plan(strategy.segments(n), result, getattr(strategy, "tree", ()),
+                         chosen=None if isinstance(strategy, (Blocks, Nested, NoCheckpoint))
+                         else strategy)
+
     if chainless and metric == "stored":
-        return _plan_stored(None, plain, budget_bytes, simulated, make_plan, max_rounds,
+        return _plan_stored(None, plain, budget_bytes, simulated, plan_of, max_rounds,
                             None, None, _whole_forms(model, batch, loss_fn))
     if chainless:
         if plain.peak_bytes <= budget_bytes:        # fits as it is
             return make_plan([], plain)
-        chained, error = None, _chainless_error(model)
+        chained, error, lowest = None, _chainless_error(model), []
     else:
         early, tail = levels.stop_flops(model, batch, blocks_attr=blocks_attr,
                                         loss_fn=loss_fn, **select)
@@ -416,45 +450,64 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
         options = levels.op_options(model, batch, blocks_attr=blocks_attr, loss_fn=loss_fn,
                                     early=early, **select)
         if metric == "stored":
-            return _plan_stored(costs, plain, budget_bytes, simulated, make_plan, max_rounds,
+            return _plan_stored(costs, plain, budget_bytes, simulated, plan_of, max_rounds,
                                 stops, options, _whole_forms(model, batch, loss_fn, n)
                                 if whole else [])
-        try:
-            chained, error = _plan_peak(costs, plain, budget_bytes, simulated, make_plan,
-                                        max_rounds, options, stops, early), None
-        except BudgetError as exc:
-            chained, error = None, exc
+        chained, lowest = _plan_peak(costs, plain, budget_bytes, simulated, make_plan,
+                                     plan_of, max_rounds, options, stops, early)
+        error = None
     # each saved tensor rebuilt on its own when backward needs it (remat:KEYS): weighed
     # when the chain's plan recomputes at all; equal FLOPs: the chain's plan, whose
     # rebuilds re-run fewer ops
-    seen: list = []
-    if whole and n <= levels.REMAT_MAX_BLOCKS and (chained is None
-                                                  or chained.recompute_flops > 0):
+    remat = whole and n <= levels.REMAT_MAX_BLOCKS
+    front = levels.remat_front(model, batch, loss_fn=loss_fn) if remat and (
+        chained is None or chained.recompute_flops > 0) else None
+    if front is not None:
         found = levels.remat_fit(model, batch, budget_bytes, simulated, loss_fn=loss_fn,
-                                 max_rounds=max_rounds, seen=seen)
+                                 max_rounds=max_rounds, front=front)
         if found is not None and (chained is None or found[1].backward_flops
                                   - plain.backward_flops < chained.recompute_flops):
             return make_plan([], found[1], chosen=found[0])
     if chained is not None:
         return chained
-    if seen and (not isinstance(error, BudgetError)
-                 or min(seen)[0] < error.smallest_feasible_bytes):
-        smallest, reached_by = min(seen)      # remat reached lower than the chain
-        raise _peak_budget_error(budget_bytes, smallest, plain, reached_by)
-    raise error
+    # NOTE [ The smallest feasible budget ]
+    if front is not None:
+        lowest += levels.remat_lowest(model, batch, simulated, loss_fn=loss_fn, front=front)
+    if not lowest:
+        raise error
+    lowest.append((NoCheckpoint(), plain))
+    fits = [(st, r) for st, r in lowest if r.peak_bytes <= budget_bytes]
+    if fits:
+        return plan_of(*min(fits, key=lambda sr: (sr[1].backward_flops, sr[1].peak_bytes)))
+    strategy, result = min(lowest, key=lambda sr: (sr[1].peak_bytes, sr[1].backward_flops))
+    raise _peak_budget_error(budget_bytes, result.peak_bytes, plain, strategy.spec)
 
 
-def _peak_budget_error(budget_bytes: int, smallest: int, plain, reached_by: str | None = None):
-    """No plan fits a peak budget: the smallest feasible one (the chain's, a bound), or
-    the smallest a search found (``reached_by`` names its strategy)."""
-    how = (f"found is about {format_bytes(smallest)} ({smallest} bytes, with "
-           f"{reached_by[:60]})" if reached_by is not None else
-           f"is about {format_bytes(smallest)} ({smallest} bytes)")
+# NOTE [ The smallest feasible budget ]
+#   A peak budget no search meets raises BudgetError with the smallest feasible budget
+#   (``smallest_feasible_bytes``). It must not depend on the budget asked, and planning
+#   at it must return a plan whose simulated peak is at most it. The searches (the
+#   chain's tightening solves, remat's fit and scan) simulate different candidates at
+#   different budgets, so their least peak is not that figure (hf:gpt2 said 27.1 MiB at
+#   3 MiB and 21.5 MiB at 20 MiB, and found 25.8 MiB at 26 MiB). The figure is the least
+#   simulated peak of a fixed set of candidates, each at its family's lowest: the chain
+#   placement of least modelled peak, full, selective, the deepest multi-level schedule,
+#   the plain step, and remat's ``levels.remat_lowest`` (its front entries of least kept
+#   bytes, and keeping everything). When the searches find nothing, the cheapest of
+#   those that fits is the plan; at the figure, its candidate fits. Remat's peak is not
+#   monotone in what it keeps, so the figure is the smallest found, not proven.
+
+
+def _peak_budget_error(budget_bytes: int, smallest: int, plain, reached_by: str):
+    """No plan fits a peak budget: the smallest feasible one found (NOTE [ The smallest
+    feasible budget ]), reached by the strategy ``reached_by``."""
     return BudgetError(
         f"memprop.checkpoint: no checkpointing plan fits a budget of "
         f"{format_bytes(budget_bytes)} ({budget_bytes} bytes); the smallest feasible "
-        f"budget {how} - the plain step needs {format_bytes(plain.peak_bytes)}. Raise the "
-        "budget or shrink the batch", smallest_feasible_bytes=smallest)
+        f"budget found is about {format_bytes(smallest)} ({smallest} bytes, with "
+        f"{short_spec(reached_by)}; planning at it finds a plan) - the plain step "
+        f"needs {format_bytes(plain.peak_bytes)}. Raise the budget or shrink the batch",
+        smallest_feasible_bytes=smallest)
 
 
 def _chainless_error(model) -> StrategyError:
@@ -467,10 +520,12 @@ def _chainless_error(model) -> StrategyError:
     return StrategyError(f"memprop.checkpoint: no chain of blocks in {type(model).__name__}")
 
 
-def _plan_peak(costs, plain, budget_bytes, simulated, make_plan, max_rounds, options,
-               stops, early) -> Plan:
-    """``plan(metric="peak")`` on the chain: single-level placements (segments and
-    op-level blocks), else multi-level schedules, else the fallbacks."""
+def _plan_peak(costs, plain, budget_bytes, simulated, make_plan, plan_of, max_rounds,
+               options, stops, early) -> tuple[Plan | None, list]:
+    """``plan(metric="peak")`` on the chain: (single-level placements (segments and
+    op-level blocks), else multi-level schedules, else the fallbacks; []), or, when
+    none fits, (None, the chain's candidates for the smallest feasible budget: NOTE
+    [ The smallest feasible budget ])."""
     # solve the model (segments and op-level blocks) at the budget less the calibrated
     # overhead; a plan whose simulated peak overshoots tightens the model budget by the
     # excess
@@ -485,7 +540,7 @@ def _plan_peak(costs, plain, budget_bytes, simulated, make_plan, max_rounds, opt
         result = simulated(strategy) if segments else plain
         if result.peak_bytes <= budget_bytes:
             return make_plan(segments, result,
-                             chosen=strategy if isinstance(strategy, Ops) else None)
+                             chosen=strategy if isinstance(strategy, Ops) else None), []
         target -= result.peak_bytes - budget_bytes
     # below the single-level floor: checkpoints inside recomputed segments (blocks
     # called with one tensor only: multilevel.NestedChain refuses others)
@@ -499,7 +554,7 @@ def _plan_peak(costs, plain, budget_bytes, simulated, make_plan, max_rounds, opt
         found = deepest = None
     if found is not None:
         strategy, result = found
-        return make_plan(strategy.segments(costs.n), result, getattr(strategy, "tree", ()))
+        return make_plan(strategy.segments(costs.n), result, getattr(strategy, "tree", ())), []
     # fallbacks, which also bound what is feasible: the placement of least modelled
     # peak, and the fixed strategies the model may misjudge (full, selective)
     least = levels.placement_strategy(segments_of(
@@ -507,12 +562,8 @@ def _plan_peak(costs, plain, budget_bytes, simulated, make_plan, max_rounds, opt
     candidates = [(least, simulated(least)), *((s, simulated(s)) for s in (Full(), Selective()))]
     fits = [(s, r) for s, r in candidates if r.peak_bytes <= budget_bytes]
     if fits:
-        strategy, result = min(fits, key=lambda sr: (sr[1].backward_flops, sr[1].peak_bytes))
-        return make_plan(strategy.segments(costs.n), result,
-                         chosen=None if isinstance(strategy, Blocks) else strategy)
-    smallest = min([plain.peak_bytes, *(r.peak_bytes for _, r in candidates),
-                    *([simulated(deepest).peak_bytes] if deepest is not None else [])])
-    raise _peak_budget_error(budget_bytes, smallest, plain)
+        return plan_of(*min(fits, key=lambda sr: (sr[1].backward_flops, sr[1].peak_bytes))), []
+    return None, candidates + ([(deepest, simulated(deepest))] if deepest is not None else [])
 
 
 def _finds_chain(model) -> bool:
@@ -540,12 +591,15 @@ def _whole_forms(model, batch, loss_fn, n_blocks: int = 0) -> list:
             for form in forms]
 
 
-def _plan_stored(costs, plain, budget_bytes, simulated, make_plan, max_rounds,
+def _plan_stored(costs, plain, budget_bytes, simulated, plan_of, max_rounds,
                  stops, options, wholes) -> Plan:
     """``plan(metric="stored")``: the cheapest of the single-level placements on the
     chain and the ``wholes`` forms (memprop.checkpoint.whole, .remat), on the bytes the
     forward stores (NOTE [ The two metrics ], memprop.checkpoint.levels). Equal FLOPs:
-    the lower peak."""
+    the lower peak. None fits: the cheapest that fits of the candidates that bound the
+    smallest feasible budget (each form keeping nothing, the chain's placement of least
+    stored bytes), else a ``BudgetError`` with the least of them (as NOTE [ The smallest
+    feasible budget ] for the peak)."""
     stored = levels.metric_of("stored")
     found = []
     if costs is not None:            # None: no chain (the whole forward only)
@@ -561,24 +615,26 @@ def _plan_stored(costs, plain, budget_bytes, simulated, make_plan, max_rounds,
                                     nothing_kept.saved_bytes, max_rounds=max_rounds))
         except StrategyError:        # a form this model cannot run (remat: NOTE there)
             continue
-        lowest.append((nothing_kept.saved_bytes, form().spec))
+        lowest.append((form(), nothing_kept))
+    cheapest = lambda f: (f[1].backward_flops, f[1].peak_bytes)  # noqa: E731
     fits = [f for f in found if f is not None]
     if fits:
-        strategy, result = min(fits, key=lambda f: (f[1].backward_flops, f[1].peak_bytes))
-        return make_plan(strategy.segments(costs.n if costs is not None else 0), result,
-                         chosen=strategy if isinstance(strategy, (Ops, Forward, Remat))
-                         else None)
+        return plan_of(*min(fits, key=cheapest))
     if costs is not None:
         least = levels.placement_strategy(stored_fronts(costs, early=stops,
                                                         options=options)[0][2])
-        lowest.append((simulated(least).saved_bytes, least.spec))
-    smallest, reached_by = min(lowest)
+        lowest.append((least, simulated(least)))
+    fits = [f for f in lowest if f[1].saved_bytes <= budget_bytes]
+    if fits:
+        return plan_of(*min(fits, key=cheapest))
+    reached_by, result = min(lowest, key=lambda f: (f[1].saved_bytes, f[0].spec))
+    smallest = result.saved_bytes
     raise BudgetError(
         f"memprop.checkpoint: no checkpointing plan stores at most "
         f"{format_bytes(budget_bytes)} ({budget_bytes} bytes) for backward; the smallest "
         f"feasible is about {format_bytes(smallest)} ({smallest} bytes, with "
-        f"{reached_by[:60]}) - the plain step stores {format_bytes(plain.saved_bytes)}. "
-        "Raise the budget or shrink the batch",
+        f"{short_spec(reached_by.spec)}) - the plain step stores "
+        f"{format_bytes(plain.saved_bytes)}. Raise the budget or shrink the batch",
         smallest_feasible_bytes=smallest)
 
 

@@ -5,6 +5,7 @@ allocated), so budgets for configurations beyond this machine can be planned."""
 from __future__ import annotations
 
 import json
+import shlex
 
 from memprop.cli._common import add_command, parse_dtype, render_table, size, table_rows
 from memprop.cli._progress import Spinner
@@ -13,10 +14,13 @@ from memprop.units import format_bytes
 
 
 def gather_plan(config, batch_size: int, budget, *, dtype, optimizer="sgd",
-                compare=("none", "sqrt", "full"), metric: str = "peak", whole: bool = True):
+                compare=("none", "sqrt", "full"), metric: str = "peak", whole: bool = True,
+                amp: str | None = None):
     """(Plan or BudgetError, comparison DataFrame, number of blocks): one row per strategy
     with predicted peak, stored bytes and recompute FLOPs; ``fits`` says whether it meets
-    the budget (on the step's peak, or with ``metric="stored"`` on the bytes stored)."""
+    the budget (on the step's peak, or with ``metric="stored"`` on the bytes stored).
+    The plan's row holds its whole spec (``plan: SPEC``); ``amp``: every row's step
+    under autocast (``bf16``, ``fp16``), as ``memprop profile --amp``."""
     import pandas as pd
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -39,7 +43,7 @@ def gather_plan(config, batch_size: int, budget, *, dtype, optimizer="sgd",
     try:
         for spec in compare:
             m = simulate_strategy(model, batch, parse_strategy(spec), optimizer=optimizer,
-                                  loss_fn=config.loss)
+                                  loss_fn=config.loss, amp=amp)
             plain = plain or m
             rows.append(dict(strategy=spec, peak_bytes=m.peak_bytes,
                              saved_bytes=m.saved_bytes,
@@ -48,7 +52,7 @@ def gather_plan(config, batch_size: int, budget, *, dtype, optimizer="sgd",
         restore_cache()
     try:
         result = plan(model, batch, budget_bytes, optimizer=optimizer, loss_fn=config.loss,
-                      metric=metric, whole=whole)
+                      metric=metric, whole=whole, amp=amp)
         rows.append(dict(strategy=f"plan: {result.spec}", peak_bytes=result.predicted_peak_bytes,
                          saved_bytes=result.predicted_saved_bytes,
                          recompute_flops=result.recompute_flops))
@@ -74,8 +78,35 @@ def add_parser(sub) -> None:
                         "rebuilt when backward needs it (remat:KEYS, both metrics) and one "
                         "checkpoint around it (forward:KEYS, --metric stored); without it "
                         "all are weighed")
+    # the same option as memprop profile --amp (profile_cmd.add_parser)
+    p.add_argument("--amp", choices=("bf16", "fp16"), default=None,
+                   help="mixed precision: plan the step with its forward under "
+                        "torch.autocast and float32 master weights (fp16 adds a "
+                        "GradScaler), as memprop profile --amp measures it (default: off)")
     p.add_argument("--json", action="store_true", help="print the plan and the table as JSON")
     p.set_defaults(func=plan_command)
+
+
+def shown_table(table):
+    """The comparison table for people: a long plan spec shortened (planner.short_spec),
+    so the strategy column is as wide as its content; the whole spec is printed once
+    below it, and kept whole in --json."""
+    from memprop.checkpoint.planner import short_spec
+
+    return table.assign(strategy=[f"plan: {short_spec(s.removeprefix('plan: '))}"
+                                  if s.startswith("plan: ") else s for s in table.strategy])
+
+
+def apply_line(spec: str, amp: str | None = None) -> str:
+    """How to apply ``spec``, with the spec written once when it is long (a 7B plan's
+    runs to hundreds of characters), twice (CLI and Python) when it is short."""
+    from memprop.checkpoint.planner import SHORT_SPEC
+
+    cli = f"memprop profile --strategy {shlex.quote(spec)}{f' --amp {amp}' if amp else ''} ..."
+    if len(spec) <= SHORT_SPEC:
+        return f"apply it: {cli}  or in Python: apply_strategy(model, {spec!r})"
+    return (f"apply it: {cli}\n  (in Python: apply_strategy(model, SPEC) with the "
+            f"{len(spec)}-character spec above)")
 
 
 def plan_command(args) -> int:
@@ -86,12 +117,12 @@ def plan_command(args) -> int:
         with factory_errors(args, "plan"):
             result, table, n = gather_plan(config, args.batch, args.budget,
                                            dtype=parse_dtype(args.dtype), optimizer=args.optimizer,
-                                           metric=args.metric, whole=args.whole)
+                                           metric=args.metric, whole=args.whole, amp=args.amp)
     failed = isinstance(result, BudgetError)
     if args.json:
         print(json.dumps({
             "model": config.name, "fields": config.fields(), "batch": args.batch,
-            "dtype": args.dtype, "blocks": n, "budget_bytes": args.budget,
+            "dtype": args.dtype, "amp": args.amp, "blocks": n, "budget_bytes": args.budget,
             "metric": args.metric,
             "plan": None if failed else {
                 "spec": result.spec, "predicted_peak_bytes": result.predicted_peak_bytes,
@@ -102,15 +133,16 @@ def plan_command(args) -> int:
             "strategies": table_rows(table)}, indent=2, default=str))
         return 2 if failed else 0
     sizes = ", ".join(f"{k}={v}" for k, v in config.fields().items())
-    print(f"{config.name} ({sizes}), batch {args.batch}, {args.dtype}, {n} blocks; "
+    print(f"{config.name} ({sizes}), batch {args.batch}, {args.dtype}"
+          f"{f' (autocast {args.amp})' if args.amp else ''}, {n} blocks; "
           f"budget {format_bytes(args.budget)} on the "
           f"{'bytes stored for backward' if args.metric == 'stored' else 'step peak'}")
     print("predicted on fake tensors (tensor-level peak of a whole training step):")
-    print(render_table(table))
+    print(render_table(shown_table(table)))
     print()
     if failed:
         raise result
     print(result.describe())
-    print(f"\napply it: memprop profile --strategy {result.spec} ...  or in Python: "
-          f"apply_strategy(model, {result.spec!r})")
+    print()
+    print(apply_line(result.spec, args.amp))
     return 0
