@@ -61,7 +61,8 @@ def test_a_budget_strategy_of_nothing_is_refused_in_python():
 ])
 def test_a_misspelt_strategy_gets_a_did_you_mean(capsys, given, guess):
     err = _one_error_line(capsys, ["profile", "--strategy", given])
-    assert f"unknown strategy '{given}' (did you mean '{guess}'?); choose one of: none, " in err
+    assert f"unknown strategy '{given}'; choose one of: none, " in err
+    assert err.endswith(f"budget:1.5GiB); did you mean '{guess}'?\n")
 
 
 def test_a_strategy_like_nothing_gets_no_guess(capsys):

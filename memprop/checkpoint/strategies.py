@@ -296,19 +296,20 @@ def parse_strategy(text: str | Strategy | None) -> Strategy:
     except ValueError as exc:
         raise StrategyError(f"memprop.checkpoint: bad strategy {text!r}: "
                             f"{str(exc).removeprefix('memprop.units: ')}") from None
-    raise StrategyError(f"memprop.checkpoint: unknown strategy {text!r}{_did_you_mean(spec)}; "
-                        f"choose one of: {', '.join(STRATEGY_FORMS)} (e.g. every:2, "
-                        "segments:4, blocks:0,3, budget:1.5GiB)")
+    guess = _close_form(spec)
+    raise StrategyError(f"memprop.checkpoint: unknown strategy {text!r}; choose one of: "
+                        f"{', '.join(STRATEGY_FORMS)} (e.g. every:2, segments:4, blocks:0,3, "
+                        "budget:1.5GiB)" + (f"; did you mean {guess!r}?" if guess else ""))
 
 
-def _did_you_mean(spec: str) -> str:
-    """' (did you mean ...?)' for a strategy close to one of STRATEGY_FORMS, as for model
-    names: ``sqr`` -> ``sqrt``, ``segment:4`` -> ``segments:4``, ``every:x`` -> ``every:K``."""
+def _close_form(spec: str) -> str | None:
+    """The strategy ``spec`` was likely meant to be (difflib, as for model names), or
+    None: ``sqr`` -> ``sqrt``, ``segment:4`` -> ``segments:4``, ``every:x`` -> ``every:K``."""
     name, _, arg = spec.partition(":")
     forms = {form.partition(":")[0]: form for form in STRATEGY_FORMS}   # every -> every:K
     close = difflib.get_close_matches(name, forms, n=1)
     if not close:
-        return ""
+        return None
     form = forms[close[0]]
     if ":" not in form:                     # takes no argument
         guess = close[0]
@@ -316,7 +317,7 @@ def _did_you_mean(spec: str) -> str:
         guess = f"{close[0]}:{arg}"
     else:                                   # the right name, a bad or missing argument
         guess = form
-    return f" (did you mean {guess!r}?)"
+    return guess
 
 
 def apply_strategy(model: nn.Module, strategy, *, blocks_attr: str | None = None,
