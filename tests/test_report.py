@@ -158,6 +158,26 @@ def test_claim_numbers_equal_a_recomputation_from_the_store(built):
     assert claims["C2"].numbers["end_bytes"] == 0
 
 
+def test_heatmap_draws_the_budget_its_caption_names(built):
+    """The red line is the budget's contour: at each frontier depth, the largest batch that
+    fits it without checkpointing (the confirmed frontier)."""
+    _, db, files = built
+    data = load_report_data(db)
+    fig, _ = ALL_FIGURES["peak_heatmap"](data)
+    lines = [line for line in fig.axes[0].lines if line.get_label().startswith("budget")]
+    assert [line.get_label() for line in lines] == [
+        "budget 10.0 MiB: largest batch that fits (frontier)"]
+    none = data.frontier[data.frontier.strategy == "none"].sort_values("depth")
+    assert list(lines[0].get_xdata()) == none.confirmed_batch.tolist()
+    assert list(lines[0].get_ydata()) == [2, 8]
+    assert lines[0].get_color() == "#C62828"
+    md = files["report.md"].read_text()
+    assert ("The red line is the budget's contour: the largest batch that fits 10.0 MiB at "
+            "each depth, from the frontier; red crosses ran out of memory.") in md
+    # the frontier's expected out-of-memory probes are not reported as failed trials
+    assert "trials ended oom" not in md and "frontier probes ran out of memory" in md
+
+
 def test_c3_reads_the_formula_check_the_sweep_stored(built, tmp_path):
     from memprop.report.claims import FORMULA_CHECK_FIELD, claim_c3
     from memprop.sweep.trial import Trial

@@ -16,7 +16,7 @@ import pytest
 from memprop.report.claims import compute_claims
 from memprop.report.data import load_report_data
 from memprop.report.figures import ALL_FIGURES, make_figures
-from memprop.report.render import build_report
+from memprop.report.render import CAPTIONS, build_report, caption
 from memprop.sweep.store import ResultsStore
 from memprop.sweep.trial import Trial
 from memprop.sweep.worker import _pack_frame
@@ -121,6 +121,9 @@ def test_every_figure_with_data_is_drawn(gpt2):
     assert sorted(t.get_text() for t in heatmap.texts) == sorted(
         format_bytes(row(d, b, "none")["peak_bytes"]) for d in DEPTHS for b in BATCHES)
     assert not any(line.get_label().startswith("budget") for line in heatmap.lines)
+    # no budget in this store: the caption names none (it once described an undrawn contour)
+    assert caption("peak_heatmap", gpt2) == CAPTIONS["peak_heatmap"]
+    assert "contour" not in caption("peak_heatmap", gpt2)
 
     bars = figures["train_vs_inference"].axes[0]
     assert [t.get_text() for t in bars.get_xticklabels()] == ["2", "4", "6"]
@@ -147,7 +150,7 @@ def test_every_figure_with_data_is_drawn(gpt2):
 
 
 def test_tradeoff_labels_each_depth_and_strategy(gpt2):
-    fig, why = ALL_FIGURES["tradeoff"](gpt2)
+    fig, _ = ALL_FIGURES["tradeoff"](gpt2)
     time_axis, flops_axis = fig.axes
     assert [t.get_text() for t in time_axis.get_legend().get_texts()] == [
         f"hf:gpt2, num_hidden_layers {d}, batch 8" for d in DEPTHS]

@@ -16,7 +16,8 @@ import pandas as pd
 
 from memprop.report.claims import Claim, compute_claims
 from memprop.report.data import DEPTH, ReportData, load_report_data
-from memprop.report.figures import budget_line, make_figures
+from memprop.report.figures import make_figures
+from memprop.report.oom_figures import budget_line
 from memprop.units import format_bytes, format_value
 
 __all__ = ["build_report", "ReportFiles"]
