@@ -233,3 +233,17 @@ def test_a_real_hf_trial_stores_the_columns_these_rows_fill(tmp_path):
     assert set(timeline(2, 2, "none").columns) <= set(timeline_frame.columns)
     assert set(saved_table(2, 2).columns) <= set(saved.columns)
     assert saved.module.str.match(r"^transformer\.h\.[01]\.").any()
+
+
+def test_a_model_without_a_depth_field_says_so(tmp_path):
+    """Trials that vary no field counting layers (here: ``hidden_size``) have no depth axis:
+    C5 says why it has no data, and the depth figures are not drawn."""
+    data = load_report_data(depth_store(tmp_path / "r.sqlite", "hidden_size"))
+    assert data.depth_name is None and "depth" not in data.results
+    c5 = {c.id: c for c in compute_claims(data)}["C5"]
+    assert c5.supported is None
+    assert c5.verdict == ("no data: the model of these trials (hf:gpt2) has no field that "
+                          "counts its layers (depth, num_hidden_layers, n_layer, num_layers, "
+                          "...), so there is no depth axis")
+    _, missing = make_figures(data)
+    assert {"stored_vs_depth", "stored_vs_batch", "peak_heatmap"} <= set(missing)

@@ -200,6 +200,11 @@ def claim_c4(data: ReportData) -> Claim:
 
 def claim_c5(data: ReportData) -> Claim:
     plain = data.plain()
+    if not plain.empty and (DEPTH not in plain or plain[DEPTH].isna().all()):
+        return Claim("C5", STATEMENTS["C5"], "no data: the model of these trials "
+                     f"({plain.model.iloc[0]}) has no field that counts its layers (depth, "
+                     "num_hidden_layers, n_layer, num_layers, ...), so there is no depth axis",
+                     None, ["stored_vs_depth"])
     if plain.empty or DEPTH not in plain or plain[[DEPTH, "batch"]].dropna().drop_duplicates().shape[0] < 3:
         return Claim("C5", STATEMENTS["C5"], "not enough plain trials across depth and batch "
                      "(need 3 or more (depth, batch) points)", None, ["stored_vs_depth"])
