@@ -198,6 +198,11 @@ def claim_c4(data: ReportData) -> Claim:
                   "trials": sorted(rows.key), "source": source})
 
 
+def _slope(b: float) -> str:
+    """Bytes per layer and example: 569.7 B (a slope keeps its fraction), 296.8 KiB."""
+    return f"{b:.1f} B" if abs(b) < 1024 else format_bytes(b)
+
+
 def claim_c5(data: ReportData) -> Claim:
     plain = data.plain()
     if not plain.empty and (DEPTH not in plain or plain[DEPTH].isna().all()):
@@ -214,7 +219,7 @@ def claim_c5(data: ReportData) -> Claim:
     good = fit["r2_with_batch"] >= 0.99 and fit["b"] > 0
     return Claim("C5", STATEMENTS["C5"],
                  f"{'supported' if good else 'NOT supported'}: stored bytes ≈ "
-                 f"{format_bytes(fit['a'])} + {format_bytes(fit['b'])} × "
+                 f"{format_bytes(fit['a'])} + {_slope(fit['b'])} × "
                  f"{data.depth_name or 'depth'} × batch, "
                  f"R² = {fit['r2']:.5f} over {fit['n']} trials; with a per-example term for the "
                  f"input and output layers R² = {fit['r2_with_batch']:.6f}",
