@@ -75,6 +75,9 @@ BAD_SPECS = [
      "model", "missing"),
     ("bad batch", lambda s: s.replace("batch = [4]", "batch = [0]"), "grid.batch",
      "must be a batch size, an integer >= 1"),
+    ("zero budget strategy", lambda s: s.replace("batch = [4]",
+                                                 'batch = [4]\nstrategy = ["budget:0"]'),
+     "grid.strategy", "size '0' is not positive"),
     ("frontier key", lambda s: s + '[frontier]\nbudget = "1GiB"\ndepths = [2]\nstep = 8\n',
      "frontier.step", "did you mean 'batch_step'?"),
 ]

@@ -173,7 +173,8 @@ def _strategy(path, key, value) -> str:
     if not isinstance(value, str):
         raise SpecError(path, key, f"{value!r} is not a strategy string, e.g. \"sqrt\"")
     try:
-        return parse_strategy(value).spec if not value.startswith("budget:") else value
+        spec = parse_strategy(value).spec      # checks budget:SIZE's size too
+        return value if value.startswith("budget:") else spec   # the size as written
     except MemPropError as exc:
         raise SpecError(path, key, str(exc).replace("memprop.checkpoint: ", "")) from None
 
