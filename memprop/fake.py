@@ -1,6 +1,9 @@
 """Fake-tensor twins of real models and batches: same shapes, dtypes and storage sizes,
 no data, no memory. Used to predict a step (memprop.estimate) and to check a
-checkpointing plan (memprop.checkpoint.planner) without running it.
+checkpointing plan (memprop.checkpoint.planner) without running it. Where a fake op
+allocates otherwise than the kernel does, a rule here allocates as the kernel does
+(NOTE [ Fake grouped GEMMs allocate what the kernel allocates ], NOTE [ CPU losses keep
+their elementwise buffer ]).
 """
 
 from __future__ import annotations
@@ -10,9 +13,11 @@ import copy
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
-__all__ = ["is_fake", "fake_mode_of", "fake_copy", "fake_batch", "grouped_mm_output"]
+__all__ = ["is_fake", "fake_mode_of", "fake_copy", "fake_batch", "grouped_mm_output",
+           "KernelStorages"]
 
 
 # NOTE [ Fake grouped GEMMs allocate what the kernel allocates ]
@@ -108,6 +113,42 @@ def _register_fake_rules() -> None:
 
 if hasattr(torch.ops.aten, "_grouped_mm"):
     _register_fake_rules()
+
+
+# NOTE [ CPU losses keep their elementwise buffer ]
+#   On CPU, torch's mse_loss, smooth_l1_loss (beta > 0), binary_cross_entropy and
+#   soft_margin_loss, reduced ("mean" or "sum"), return the 0-dim loss in a storage the
+#   size of the elementwise loss: F.mse_loss of two (16, 5) float32 tensors is a 0-dim
+#   tensor over 320 bytes (measured, torch 2.13; huber_loss, l1_loss, cross_entropy,
+#   nll_loss, kl_div and binary_cross_entropy_with_logits return 4 bytes). That storage
+#   lives as long as the loss, through backward. FakeTensorMode runs these ops as their
+#   Python decompositions (torch._decomp), whose result is 4 bytes, so an estimate was
+#   numel x itemsize - 4 bytes below the measured peak (316 B for that batch).
+#   ``KernelStorages``, a dispatch mode the estimate runs under (below the tracker, above
+#   the fake tensors), gives such a fake CPU result the kernel's storage: a 0-dim view of
+#   numel x itemsize bytes. Other devices keep the decomposition's (not measured here).
+
+_SMOOTH_L1 = torch.ops.aten.smooth_l1_loss.default
+_BUFFERED_CPU_LOSSES = (torch.ops.aten.mse_loss.default, _SMOOTH_L1,
+                        torch.ops.aten.binary_cross_entropy.default,
+                        torch.ops.aten.soft_margin_loss.default)
+
+
+class KernelStorages(TorchDispatchMode):
+    """Fake results sized as the kernel sizes them (NOTE [ CPU losses keep their
+    elementwise buffer ]); every other op passes through unchanged."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func not in _BUFFERED_CPU_LOSSES or not isinstance(out, FakeTensor) or (
+                out.device.type != "cpu" or out.dim() != 0):
+            return out                        # reduction "none" has the elementwise shape
+        beta = kwargs.get("beta", args[3] if len(args) > 3 else 1.0)
+        if func is _SMOOTH_L1 and beta == 0:
+            return out                        # the kernel runs l1_loss: 4 bytes
+        numel = torch.broadcast_shapes(args[0].shape, args[1].shape).numel()
+        return out.new_empty(numel).as_strided((), ())
 
 
 def is_fake(model_or_tensor) -> bool:

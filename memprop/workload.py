@@ -46,7 +46,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from memprop.checkpoint import applied_strategy, parse_strategy
 from memprop.dtypes import parse_dtype
 from memprop.errors import ConfigError, MemPropError
-from memprop.fake import fake_batch, fake_copy
+from memprop.fake import KernelStorages, fake_batch, fake_copy
 from memprop.measure import DataDependentStepError, Measurement, measure_step
 from memprop.units import format_bytes
 
@@ -98,8 +98,9 @@ def available_bytes(device="cpu") -> int:
 
 def _predict(make: Callable[[FakeTensorMode], tuple[nn.Module, Any]], **step) -> Measurement:
     """One step measured on the fake (model, batch) that ``make(mode)`` returns (NOTE
-    [ One estimate for configs and modules ])."""
-    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+    [ One estimate for configs and modules ]); fake results sized as the kernels size
+    them (``KernelStorages``, memprop.fake)."""
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode, KernelStorages():
         model, batch = make(mode)
         return measure_step(model, batch, timing=False, predicted=True, **step)
 

@@ -80,8 +80,6 @@ class WithObjective(nn.Module):
         return self.fc(x)
 
     def objective(self, output, targets):
-        # not F.mse_loss: on CPU its 0-dim loss holds a storage of the input's size
-        # (160 B here), which the fake kernel allocates as 4 B (see the report)
         return (output - targets).pow(2).mean()
 
 
@@ -170,6 +168,23 @@ def test_output_loss_and_objective_are_the_default_loss():
     m = assert_estimate_equals_measurement(WithObjective(), (x, y))
     # Linear saves x (input); pow saves the difference (8, 5)
     assert m.saved_bytes == 8 * 12 * 4 + 8 * 5 * 4
+
+
+@pytest.mark.parametrize("loss, loss_storage_bytes", [
+    (F.mse_loss, 16 * 5 * 4), (F.smooth_l1_loss, 16 * 5 * 4),
+    (F.soft_margin_loss, 16 * 5 * 4), (F.huber_loss, 4), (F.l1_loss, 4),
+    (lambda o, t: F.mse_loss(o, t, reduction="sum"), 16 * 5 * 4),
+    (lambda o, t: F.smooth_l1_loss(o, t, beta=0.0), 4),
+    (lambda o, t: F.binary_cross_entropy(torch.sigmoid(o), t.sigmoid()), 16 * 5 * 4)])
+def test_criteria_whose_cpu_loss_keeps_its_elementwise_buffer_are_estimated_exactly(
+        loss, loss_storage_bytes):
+    """NOTE [ CPU losses keep their elementwise buffer ] (memprop.fake): the 0-dim loss
+    of these kernels holds a (16, 5) float32 storage, and the estimate says so."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 12), torch.randn(16, 5)
+    with torch.no_grad():
+        assert loss(torch.randn(16, 5), y).untyped_storage().nbytes() == loss_storage_bytes
+    assert_estimate_equals_measurement(nn.Linear(12, 5), (x, y), loss_fn=Criterion(loss))
 
 
 def test_each_missing_loss_is_one_line_naming_loss_fn():
