@@ -274,6 +274,21 @@ def test_plan_takes_a_criterion_on_any_module_and_its_peak_is_measured():
     assert m.inference_peak_bytes == plain.inference_peak_bytes
 
 
+def test_estimate_of_a_module_allocates_nothing_of_its_step():
+    import psutil
+    torch.manual_seed(0)
+    B, w, depth = 16384, 1024, 48
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(w, w), nn.ReLU()) for _ in range(depth)])
+    x = torch.randn(B, w)                                       # 64 MiB, real
+    rss = psutil.Process().memory_info().rss
+    e = estimate(model, x, flops=False)
+    assert psutil.Process().memory_info().rss - rss < 256 * 2**20
+    # x, then each ReLU output (= the next Linear's input, one storage), then the
+    # synthetic objective's pow saving the last ReLU's output: one more reference to it
+    assert e.saved_bytes == B * w * 4 + depth * B * w * 4
+    assert e.peak_bytes > 3 * 2**30 and all(p.grad is None for p in model.parameters())
+
+
 def test_estimate_predicts_the_strategy_the_module_runs_or_is_given():
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Sequential(nn.Linear(32, 32), nn.Tanh()) for _ in range(9)])

@@ -82,7 +82,7 @@ def _describe(value) -> str:
         dtype = str(value.dtype).replace("torch.", "")
         return f"{'an' if dtype[0] in 'aeiou' else 'a'} {dtype} tensor of shape {tuple(value.shape)}"
     if isinstance(value, (tuple, list)):
-        return f"a {type(value).__name__} of {len(value)} items"
+        return f"a {type(value).__name__} of {len(value)} item{'s' if len(value) != 1 else ''}"
     if isinstance(value, Mapping):
         return f"a {type(value).__name__} with keys {sorted(map(str, value))}"
     return f"a {type(value).__name__}"
