@@ -44,6 +44,7 @@ def row(layers: int, batch: int, strategy: str) -> dict:
             "forward_flops": 2_000_000 * layers * batch,
             "backward_flops": (4_000_000 if strategy == "none" else 6_000_000) * layers * batch,
             "step_ms": (10.0 if strategy == "none" else 13.0) * layers * batch / 4,
+            "timing_noisy": strategy == "sqrt" and layers == 6,   # the sweep's flag: unusable
             "timeline": _pack_frame(timeline(layers, batch, strategy)),
             "saved": _pack_frame(saved_table(layers, batch))}
 
@@ -159,6 +160,11 @@ def test_tradeoff_labels_each_depth_and_strategy(gpt2):
     expected = sorted((r["forward_flops"] + r["backward_flops"], r["peak_bytes"], s)
                       for d in DEPTHS for s in STRATEGIES for r in [row(d, 8, s)])
     assert points == expected
+    # the one time the sweep flagged (sqrt at 6 layers) is drawn hollow, and the axis says so
+    assert time_axis.get_xlabel() == "step time (median, ms); hollow: flagged noisy"
+    hollow = [[int(face[3] == 0) for face in c.get_facecolors()] for c in time_axis.collections]
+    assert hollow == [[0, 0], [0, 0], [0, 1]]          # per depth: none, sqrt
+    assert all(face[3] > 0 for c in flops_axis.collections for face in c.get_facecolors())
 
 
 def test_claims_are_judged_with_numbers_derived_by_hand(gpt2):
@@ -247,3 +253,28 @@ def test_a_model_without_a_depth_field_says_so(tmp_path):
                           "...), so there is no depth axis")
     _, missing = make_figures(data)
     assert {"stored_vs_depth", "stored_vs_batch", "peak_heatmap"} <= set(missing)
+
+
+def test_a_frontier_over_num_hidden_layers_is_the_heatmaps_budget_line(tmp_path):
+    """The frontier walked num_hidden_layers: C6 and C7 name that field, and the heatmap
+    draws the budget's contour through the confirmed batches (as hf_depth.toml's sweep)."""
+    db = depth_store(tmp_path / "r.sqlite", "num_hidden_layers")
+    confirmed = {("none", 2): 40, ("none", 6): 16, ("sqrt", 2): 60, ("sqrt", 6): 36}
+    with ResultsStore(db) as store:
+        for (strategy, layers), batch in confirmed.items():
+            store.put_frontier({"spec": "gpt2_depth", "point_key": f"{strategy}{layers}",
+                                "field": "num_hidden_layers", "depth": layers,
+                                "strategy": strategy, "budget_bytes": 32 * 2**20,
+                                "budget_mode": "tensor", "predicted_batch": batch,
+                                "confirmed_batch": batch, "first_oom_batch": batch + 4})
+    data = load_report_data(db)
+    claims = {c.id: c for c in compute_claims(data)}
+    assert claims["C6"].supported and claims["C6"].numbers["batches"] == [40, 16]
+    assert "(num_hidden_layers 2: batch 40; num_hidden_layers 6: batch 16)" in claims["C6"].verdict
+    assert claims["C7"].supported and claims["C7"].numbers["best_batch"] == 36
+    assert "num_hidden_layers 6: batch 16 without checkpointing, 36 with sqrt" in claims["C7"].verdict
+    fig, _ = ALL_FIGURES["peak_heatmap"](data)
+    line, = [ln for ln in fig.axes[0].lines if ln.get_label().startswith("budget 32.0 MiB")]
+    assert list(line.get_xdata()) == [40, 16] and list(line.get_ydata()) == [2, 6]
+    assert ALL_FIGURES["frontier"](data)[0].axes[0].get_xlabel() == "layers (num_hidden_layers)"
+    assert "The red line is the budget's contour" in caption("peak_heatmap", data)

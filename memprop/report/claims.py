@@ -270,6 +270,11 @@ def _budget_words(fr) -> str:
             f"{', ' + _BUDGET_MODES[mode] if mode in _BUDGET_MODES else ''}")
 
 
+def _frontier_field(fr) -> str:
+    """The model field the frontier walked, by its own name (``num_hidden_layers``)."""
+    return str(fr.field.iloc[0]) if "field" in fr and fr.field.notna().any() else "depth"
+
+
 def claim_c6(data: ReportData) -> Claim:
     fr = data.frontier[data.frontier.strategy == "none"] if not data.frontier.empty else data.frontier
     if fr.empty or fr.depth.nunique() < 2:
@@ -278,7 +283,8 @@ def claim_c6(data: ReportData) -> Claim:
                      ["frontier", "peak_heatmap"])
     fr = fr.sort_values("depth")
     shrinking = bool((fr.confirmed_batch.diff().dropna() < 0).all())
-    parts = "; ".join(f"depth {int(d)}: batch {int(b)}" for d, b in zip(fr.depth, fr.confirmed_batch))
+    field = _frontier_field(fr)
+    parts = "; ".join(f"{field} {int(d)}: batch {int(b)}" for d, b in zip(fr.depth, fr.confirmed_batch))
     return Claim("C6", STATEMENTS["C6"],
                  f"{'supported' if shrinking else 'NOT supported'}: at a real budget of "
                  f"{_budget_words(fr)}, the largest batch that fits falls as "
@@ -305,11 +311,12 @@ def claim_c7(data: ReportData) -> Claim:
             ratio, source = _frontier_flops_ratio(data, strategy.loc[depth], depth), \
                 "FLOPs per example counted on fake tensors at the sweep"
         cost = f", at {format_ratio(ratio)}× FLOPs" if ratio else ", FLOPs: no data"
-        note = (f"; at depth {', '.join(map(str, unmoved))} it does not move the boundary "
+        field = _frontier_field(fr)
+        note = (f"; at {field} {', '.join(map(str, unmoved))} it does not move the boundary "
                 "(too few layers to recompute)") if unmoved else ""
         return Claim("C7", STATEMENTS["C7"],
                      f"{'supported' if moved else 'NOT supported'}: at "
-                     f"{_budget_words(fr)}, depth {depth}: batch "
+                     f"{_budget_words(fr)}, {field} {depth}: batch "
                      f"{int(pivot.loc[depth, 'none'])} without checkpointing, "
                      f"{int(best.loc[depth])} with {strategy.loc[depth]}{cost}"
                      f"{f' ({source})' if ratio else ''}{note}",

@@ -228,12 +228,17 @@ def fig_tradeoff(data: ReportData):
               for depth, sel in tradeoff_series(main_rows if model == main
                                                 else ok[ok.model == model])]
     drawn = pd.concat([sel for _, _, sel in series])
-    fronts = False
+    fronts = any_noisy = False
     for color, (model, depth, sel) in enumerate(series):
         label = (f"{model}, {data.depth_word(depth) + ', ' if depth is not None else ''}"
                  f"batch {int(sel.batch.iloc[0])}")
         for ax, x in ((axes[0], "step_ms"), (axes[1], "flops")):
+            # a time the sweep flagged unusable (timing_noisy: spread or load) is drawn hollow
+            noisy = (sel.timing_noisy.fillna(False).astype(bool) if x == "step_ms"
+                     and "timing_noisy" in sel else pd.Series(False, index=sel.index))
+            any_noisy |= bool(noisy.any())
             ax.scatter(sel[x], sel.peak_bytes, s=40, zorder=3, color=f"C{color}",
+                       facecolors=[f"C{color}" if not n else "none" for n in noisy],
                        marker="osD^v<>"[color % 7], label=label if ax is axes[0] else None)
             for (px, py), names in _labels_at(sel, x, drawn).items():
                 ax.annotate(" = ".join(names), (px, py), fontsize=7, xytext=(5, 3),
@@ -242,7 +247,8 @@ def fig_tradeoff(data: ReportData):
             if len(front) >= 3:         # two points are a line, not a front
                 ax.plot(front[x], front.peak_bytes, "--", color=f"C{color}", lw=1)
                 fronts = True
-    axes[0].set_xlabel("step time (median, ms)")
+    axes[0].set_xlabel("step time (median, ms)" + ("; hollow: flagged noisy" if any_noisy
+                                                   else ""))
     for ax in axes:
         ax.margins(x=0.25, y=0.15)
         ax.grid(alpha=0.3)
