@@ -162,7 +162,8 @@ def test_tradeoff_labels_each_depth_and_strategy(gpt2):
     assert points == expected
     # the one time the sweep flagged (sqrt at 6 layers) is drawn hollow, and the axis says so
     assert time_axis.get_xlabel() == "step time (median, ms); hollow: flagged noisy"
-    hollow = [[int(face[3] == 0) for face in c.get_facecolors()] for c in time_axis.collections]
+    hollow = [[int(face[3] == 0) for face in c.get_facecolors()] for c in time_axis.collections
+              if len(c.get_offsets())]                 # the points, not the legend's markers
     assert hollow == [[0, 0], [0, 0], [0, 1]]          # per depth: none, sqrt
     assert all(face[3] > 0 for c in flops_axis.collections for face in c.get_facecolors())
 

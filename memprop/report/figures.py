@@ -237,9 +237,12 @@ def fig_tradeoff(data: ReportData):
             noisy = (sel.timing_noisy.fillna(False).astype(bool) if x == "step_ms"
                      and "timing_noisy" in sel else pd.Series(False, index=sel.index))
             any_noisy |= bool(noisy.any())
+            marker = "osD^v<>"[color % 7]
             ax.scatter(sel[x], sel.peak_bytes, s=40, zorder=3, color=f"C{color}",
                        facecolors=[f"C{color}" if not n else "none" for n in noisy],
-                       marker="osD^v<>"[color % 7], label=label if ax is axes[0] else None)
+                       marker=marker)
+            if ax is axes[0]:           # the legend's marker solid, whatever the first point
+                ax.scatter([], [], s=40, color=f"C{color}", marker=marker, label=label)
             for (px, py), names in _labels_at(sel, x, drawn).items():
                 ax.annotate(" = ".join(names), (px, py), fontsize=7, xytext=(5, 3),
                             textcoords="offset points", color=f"C{color}")
