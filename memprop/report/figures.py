@@ -77,7 +77,9 @@ def fig_stored_vs(data: ReportData, axis: str):
     ax.set_ylabel("stored for backward")
     bytes_axis(ax.yaxis)
     ax.set_title(f"Stored intermediates vs {axis} ({plain.model.iloc[0]}, no checkpointing)")
-    ax.legend(fontsize=7, ncol=2)
+    # below the axes: inside, a legend of long field names covers the top points
+    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.16),
+              frameon=False)
     ax.grid(alpha=0.3)
     return fig, None
 
