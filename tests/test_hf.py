@@ -99,6 +99,92 @@ def test_hf_config_is_tiny_offline_and_validated():
         model_config("hf:gpt2", seq_len=16, pad=40)
 
 
+# NOTE [ A tiny config that stays consistent ] (memprop.models.hf): every size tied to
+# the tiny ones follows them unless the user set it
+TINY_DEFAULTS = {
+    # grouped-query attention: 2 key/value heads of 4 (mistral's 8 crashed the forward)
+    "mistral": dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=32),
+    # an explicit head_dim (gemma's 256) follows hidden / heads
+    "gemma": dict(head_dim=16, num_key_value_heads=4),
+    # a decoder beside the encoder: its layers, heads and FFN follow the standard ones
+    "blenderbot-small": dict(decoder_layers=2, encoder_layers=2, decoder_attention_heads=4,
+                             decoder_ffn_dim=128),
+    # experts: few and small
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=128),
+    # multi-head latent attention: rope and nope parts follow head_dim, one dense layer
+    "deepseek_v3": dict(head_dim=16, qk_rope_head_dim=16, qk_nope_head_dim=32, qk_head_dim=48,
+                        v_head_dim=32, n_routed_experts=4, first_k_dense_replace=1, n_group=1),
+    # a hybrid keeps one layer of each kind: attention beside mamba, sparse beside dense
+    "jamba": dict(layers_block_type=["attention", "mamba"], expert_layer_period=2),
+    "bailing_hybrid": dict(layer_types=["linear_attention", "full_attention"],
+                           mlp_layer_types=["dense", "sparse"]),
+    # a state-space mixer: heads x head size = expand x hidden
+    "mamba2": dict(num_heads=8, head_dim=16, hidden_size=64, expand=2),
+    # a layer pattern the config checks against the layer count
+    "gpt_neo": dict(attention_layers=["global", "local"]),
+}
+
+
+def known(model_type):
+    """Skip where this transformers has no such model type (they come and go)."""
+    if model_type not in transformers.CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type}")
+
+
+@pytest.mark.parametrize("model_type", TINY_DEFAULTS)
+def test_tiny_defaults_keep_dependent_sizes_consistent(model_type):
+    known(model_type)
+    config = model_config(f"hf:{model_type}").hf_config()
+    got = {k: getattr(config, k) for k in TINY_DEFAULTS[model_type]}
+    assert got == TINY_DEFAULTS[model_type]
+
+
+def test_tiny_sub_configs_and_the_users_fields_are_kept():
+    for model_type in ("gemma3", "qwen2_moe", "qwen3_5_text"):
+        known(model_type)
+    gemma3 = model_config("hf:gemma3").hf_config()    # text and vision: 2.7 B params untouched
+    assert (gemma3.text_config.num_hidden_layers, gemma3.text_config.hidden_size) == (2, 64)
+    assert gemma3.vision_config.hidden_size == 64
+    assert gemma3.text_config.layer_types == ["sliding_attention", "full_attention"]
+    # a sub-config's field by its dotted name; the pattern follows the layer count
+    gemma3 = model_config("hf:gemma3", **{"text_config.num_hidden_layers": 3}).hf_config()
+    assert len(gemma3.text_config.layer_types) == gemma3.text_config.num_hidden_layers == 3
+    with pytest.raises(ConfigError, match="no field 'text_config.num_layerz'"):
+        model_config("hf:gemma3", **{"text_config.num_layerz": 3})
+    # whatever the user set stays as set
+    qwen = model_config("hf:qwen2_moe", num_experts=8, moe_intermediate_size=48).hf_config()
+    assert (qwen.num_experts, qwen.moe_intermediate_size) == (8, 48)
+    mistral = model_config("hf:mistral", sliding_window=1000, head_dim=32).hf_config()
+    assert (mistral.sliding_window, mistral.head_dim) == (1000, 32)
+    q35 = model_config("hf:qwen3_5_text", num_hidden_layers=3).hf_config()
+    assert q35.layer_types == ["linear_attention", "linear_attention", "full_attention"]
+    q35 = model_config("hf:qwen3_5_text", layer_types=["full_attention"] * 2).hf_config()
+    assert q35.layer_types == ["full_attention"] * 2
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "gemma", "mixtral", "gemma3",
+                                        "blenderbot-small", "deepseek_v2", "jamba", "mamba2"])
+def test_tiny_defaults_train_as_typed(model_type):
+    known(model_type)
+    cfg = model_config(f"hf:{model_type}")              # nothing set: as a user types it
+    model, batch = cfg.build(), cfg.example_batch(BATCH)
+    assert sum(p.numel() for p in model.parameters()) < 3_000_000
+    loss = cfg.loss(model, batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_a_default_config_transformers_cannot_make_is_a_config_error(monkeypatch):
+    # transformers 5.24's own default gemma4_assistant config fails its validator
+    def for_model(model_type, **kwargs):
+        raise ValueError("hidden_size_per_layer_input must be 0, got 256")
+    monkeypatch.setattr(transformers.AutoConfig, "for_model", for_model)
+    with pytest.raises(ConfigError, match="transformers cannot make the default config of "
+                                          "hf:llama: ValueError: hidden_size_per_layer_input"):
+        model_config("hf:llama")
+
+
 def test_hf_without_transformers_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)   # import fails
     with pytest.raises(ConfigError, match=r"pip install memprop\[hf\]"):
@@ -165,6 +251,22 @@ def test_estimate_equals_measurement_to_the_byte(arch, strategies):
                     inference=strategy == "none")
         e = estimate(cfg, BATCH, strategy=strategy, flops=False, inference=strategy == "none")
         assert e.predicted and not m.predicted
+        assert (e.saved_bytes, e.peak_bytes, e.inference_peak_bytes) == (
+            m.saved_bytes, m.peak_bytes, m.inference_peak_bytes), strategy
+    assert transformers.masking_utils._ignore_causal_mask_sdpa is skip_test   # restored
+
+
+def test_estimate_of_an_encoder_decoder_counts_the_masks_it_makes():
+    # bart's decoder attends all of its own input: it makes that mask with torch.ones,
+    # which sdpa skips; on fake tensors the skip test used to take it for the (padded)
+    # batch's mask and count a mask per layer (+128 KiB). forward: rebuilds the masks in
+    # backward, where the forward's answers are replayed (it raised there otherwise)
+    known("bart")
+    cfg = hf("bart")
+    skip_test = transformers.masking_utils._ignore_causal_mask_sdpa
+    for strategy in ("none", "forward:-"):
+        m = measure(cfg, BATCH, strategy=strategy, timing=False, flops=False)
+        e = estimate(cfg, BATCH, strategy=strategy, flops=False)
         assert (e.saved_bytes, e.peak_bytes, e.inference_peak_bytes) == (
             m.saved_bytes, m.peak_bytes, m.inference_peak_bytes), strategy
     assert transformers.masking_utils._ignore_causal_mask_sdpa is skip_test   # restored
