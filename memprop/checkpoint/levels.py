@@ -37,6 +37,7 @@ from memprop.flops import FlopCounter
 from memprop.measure import AMP_MODES, Measurement, measure_step
 from memprop.measure import _AMP_DTYPES    # one table of autocast dtypes, measure's
 from memprop.models import training_loss
+from memprop.saved import storage_key
 
 __all__ = ["METRICS", "metric_of", "simulate_strategy", "fit", "nested_solver",
            "early_stop_flops", "stop_flops", "segment_stops", "op_options", "placement_strategy",
@@ -362,26 +363,36 @@ def remat_fit(model, batch, budget_bytes: int, simulate: Callable, *,
         return None
 
 
-# front entries of least kept bytes that remat_lowest simulates: the candidates whose
-# peak bounds remat's smallest feasible budget (NOTE [ The smallest feasible budget ],
-# memprop.checkpoint.planner); hf:gpt2's lowest peak is its 4th (of 31)
-REMAT_LOWEST = 12
+# simulations remat_lowest spends at most, in order of kept bytes, before its bound stops
+# it: hf:gpt2 (batch 32) reaches its lowest peak at the 4th of 31 entries, a 4-block zoo
+# transformer at the 13th of 45
+REMAT_LOWEST = 48
 
 
 def remat_lowest(model, batch, simulate: Callable, *, loss_fn=training_loss,
                  front=None) -> list:
     """(``Remat``, simulated Measurement) of the candidates that bound ``remat:``'s
-    smallest feasible peak, the same whatever the budget: the ``REMAT_LOWEST`` front
-    entries of least kept bytes, and keeping every kept-able output (the fewest
-    rebuilds). [] when ``remat:`` is not weighed (``remat_front``) or cannot replay
-    this model. The peak is not monotone in the kept bytes, so the least of these is
-    the smallest peak found, not proven."""
+    smallest feasible peak, the same whatever the budget (NOTE [ The smallest feasible
+    budget ], memprop.checkpoint.planner): the front's entries in order of kept bytes,
+    while their kept bytes plus the parameters (both alive at the end of the forward,
+    distinct storages: a lower bound on the peak) stay below the least peak simulated,
+    at most ``REMAT_LOWEST``; and keeping every kept-able output (the fewest rebuilds).
+    When the bound stops it before the cap, the least is the least over the whole
+    front, so no budget's search (``remat_fit``) finds a lower peak. [] when ``remat:`` is not weighed
+    (``remat_front``) or cannot replay this model."""
     front = remat_front(model, batch, loss_fn=loss_fn) if front is None else front
     if not front:
         return []
-    picks = sorted(front, key=lambda e: (e[0], e[1]))[:REMAT_LOWEST]
-    picks += [front[-1]] if front[-1] not in picks else []
+    params = sum({storage_key(p): p.untyped_storage().nbytes()
+                  for p in model.parameters()}.values())
+    out, least = [], None
     try:
-        return [(Remat(keys), simulate(Remat(keys))) for _, _, keys in picks]
+        for kept, _, keys in sorted(front, key=lambda e: (e[0], e[1]))[:REMAT_LOWEST]:
+            if least is not None and params + kept >= least:
+                break                    # no later entry can peak lower
+            out.append((Remat(keys), simulate(Remat(keys))))
+            least = min(least or out[-1][1].peak_bytes, out[-1][1].peak_bytes)
+        out.append((Remat(front[-1][2]), simulate(Remat(front[-1][2]))))
     except StrategyError:           # remat cannot replay this model: not weighed
         return []
+    return out
