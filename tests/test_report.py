@@ -178,6 +178,22 @@ def test_heatmap_draws_the_budget_its_caption_names(built):
     assert "trials ended oom" not in md and "frontier probes ran out of memory" in md
 
 
+def test_the_notes_graph_is_drawn_at_the_d2l_trials_sizes(built):
+    """The notes' graph is the d2l_mlp network's: drawn at its trial's sizes, with the bytes
+    autograd stored in that trial next to the notes' cache x, z, h, o (and y)."""
+    from memprop.units import format_bytes
+    _, db, _ = built
+    data = load_report_data(db)
+    d2l = data.ok[data.ok.model == "d2l_mlp"].iloc[0]
+    fig, _ = ALL_FIGURES["graph"](data)
+    title = fig.axes[0].get_title()
+    cache = 8 * (20 + 2 * 8 + 4) * 4                      # B·(d + 2h + q)·4, B = 8
+    assert f"Forward stores x, z, h, o: {format_bytes(cache)}" in title
+    assert "for B=8, d=20, h=8, q=4" in title
+    assert (f"autograd stored {format_bytes(d2l.saved_bytes)}, the notes' cache and y "
+            f"{format_bytes(cache + 8 * 8)}") in title
+
+
 def test_c3_reads_the_formula_check_the_sweep_stored(built, tmp_path):
     from memprop.report.claims import FORMULA_CHECK_FIELD, claim_c3
     from memprop.sweep.trial import Trial

@@ -47,7 +47,7 @@ def d2l_sizes(data=None) -> dict:
             r = d2l.sort_values("batch").iloc[-1]
             return dict(d=int(r.get("cfg_d", 784)), h=int(r.get("cfg_h", 256)),
                         q=int(r.get("cfg_q", 10)), batch=int(r.batch),
-                        phi=str(r.get("cfg_phi", "relu")))
+                        phi=str(r.get("cfg_phi", "relu")), saved_bytes=r.get("saved_bytes"))
     return dict(d=784, h=256, q=10, batch=64, phi="relu")
 
 
@@ -81,5 +81,17 @@ def d2l_graph_figure(data=None):
                  f"Forward stores x, z, h, o: {format_bytes(cache)} = B·(d + 2h + q)·4 bytes\n"
                  f"for B={B}, d={d}, h={h}, q={q}, float32, and autograd also keeps the targets "
                  f"y ({format_bytes(stored['y'])}, int64); green = kept until backward has "
-                 "used it", fontsize=10)
+                 "used it" + _measured(sizes, cache + stored["y"]), fontsize=10)
     return fig
+
+
+def _measured(sizes: dict, notes_bytes: int) -> str:
+    """A third title line: what the trial drawn actually stored, next to the notes' cache
+    (autograd keeps what each backward formula reads: for ReLU, tanh and sigmoid that is
+    h, from which φ′ is computed, not z)."""
+    saved = sizes.get("saved_bytes")
+    if saved is None or saved != saved:         # no trial, or not measured
+        return ""
+    return (f"\nmeasured at these sizes (φ = {sizes['phi']}): autograd stored "
+            f"{format_bytes(saved)}, the notes' cache and y {format_bytes(notes_bytes)} "
+            "(stored per module: see its figure)")
