@@ -30,9 +30,9 @@ NOTE [ measure_step leaves the model as it found it ]
 NOTE [ Inference runs the plain model ]
   Pass 5 measures prediction alone, so that "training needs Nx" compares a training step
   with what the same model needs to predict. A checkpointing strategy is a training
-  device: under ``no_grad`` it saves nothing, but its segments still run their hand-over
-  (``mlp`` depth 8, width 128, batch 256: inference peak 1.57 MiB plain, 1.82 MiB under
-  ``sqrt``), and it turns a model's KV cache off (NOTE [ Checkpointing and KV caches ],
+  device: under ``no_grad`` it saves nothing, yet a checkpointed model runs differently
+  even there (measured, ``mlp`` depth 8, width 128, batch 256: inference peak 1.57 MiB
+  plain, 1.82 MiB under ``sqrt``), and it turns a model's KV cache off (NOTE [ Checkpointing and KV caches ],
   memprop.checkpoint.cache), which prediction keeps on (``hf:gpt2`` with 6 layers at
   batch 8: 5.70 MiB plain, 4.33 MiB under ``sqrt``, 4.20 MiB under ``full``, before this
   rule; 5.70 MiB under each since). So pass 5 runs with the applied strategy
