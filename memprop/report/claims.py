@@ -158,7 +158,9 @@ def c4_rows(data: ReportData) -> tuple[pd.DataFrame, str, str]:
     """The trials C4 (and its figure) compare training with inference on, which they are in
     words, and which were left out: the measured trials without checkpointing, whose
     training step and inference pass ran the same plain model; every measured trial only
-    when there is none."""
+    when there is none. (Checkpointed trials are left out whatever their inference pass
+    ran: stores measured before memprop's inference pass ran the plain model hold the
+    checkpointed model's inference peak, NOTE [ Inference runs the plain model ].)"""
     ok = data.ok
     if ok.empty or "inference_peak_bytes" not in ok:
         return ok.iloc[:0], "no measured trials", ""
@@ -167,8 +169,8 @@ def c4_rows(data: ReportData) -> tuple[pd.DataFrame, str, str]:
     if not plain.empty:
         left = len(measured) - len(plain)
         return plain, f"the {len(plain)} measured trials without checkpointing (strategy none)", \
-            (f" ({left} checkpointed trials left out: their inference pass ran the "
-             "checkpointed model)" if left else "")
+            (f" ({left} checkpointed trials left out: the claim is about the plain model's "
+             "training step)" if left else "")
     return measured, f"all {len(measured)} measured trials", \
         " (every one checkpointed: this store has no trial without checkpointing)"
 
