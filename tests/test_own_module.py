@@ -247,6 +247,11 @@ def test_readme_snippet_runs_as_written_and_shows_true_bytes():
     shown = re.search(r"# \((\d+), (\d+), (\d+)\)", snippet).groups()
     assert (m.saved_bytes, m.peak_bytes, m.inference_peak_bytes) == tuple(map(int, shown))
     assert (e.saved_bytes, e.peak_bytes, e.inference_peak_bytes) == tuple(map(int, shown))
+    # the one-line error the README quotes, for the snippet's model without loss_fn=
+    quoted = re.search(r"one line says so:\s*`(memprop\.measure: .*?)\.\.\.`", section, re.S)
+    with pytest.raises(ConfigError) as exc:
+        measure_step(scope["model"], (scope["x"], scope["y"]))
+    assert str(exc.value).startswith(" ".join(quoted.group(1).split()))
     # the planner on the same module and batch: what the README's second block says
     model, x, y = scope["model"], scope["x"], scope["y"]
     p = memprop.plan(model, (x, y), "10MiB", loss_fn=memprop.Criterion(F.cross_entropy))
