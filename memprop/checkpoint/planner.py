@@ -485,17 +485,21 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
 
 # NOTE [ The smallest feasible budget ]
 #   A peak budget no search meets raises BudgetError with the smallest feasible budget
-#   (``smallest_feasible_bytes``). It must not depend on the budget asked, and planning
-#   at it must return a plan whose simulated peak is at most it. The searches (the
-#   chain's tightening solves, remat's fit and scan) simulate different candidates at
-#   different budgets, so their least peak is not that figure (hf:gpt2 said 27.1 MiB at
-#   3 MiB and 21.5 MiB at 20 MiB, and found 25.8 MiB at 26 MiB). The figure is the least
-#   simulated peak of a fixed set of candidates, each at its family's lowest: the chain
-#   placement of least modelled peak, full, selective, the deepest multi-level schedule,
-#   the plain step, and remat's ``levels.remat_lowest`` (its front entries of least kept
-#   bytes, and keeping everything). When the searches find nothing, the cheapest of
-#   those that fits is the plan; at the figure, its candidate fits. Remat's peak is not
-#   monotone in what it keeps, so the figure is the smallest found, not proven.
+#   (``smallest_feasible_bytes``). It must not depend on the budget asked, planning at
+#   it must return a plan whose simulated peak is at most it, and no budget's search
+#   should find a lower one. The searches (the chain's tightening solves, remat's fit
+#   and scan) simulate different candidates at different budgets, so their least peak
+#   is not that figure (hf:gpt2 said 27.1 MiB at 3 MiB and 21.5 MiB at 20 MiB, and found
+#   25.8 MiB at 26 MiB). The figure is the least simulated peak of a fixed set of
+#   candidates, each at its family's lowest: the chain placement of least modelled
+#   peak, full, selective, the deepest multi-level schedule, the plain step, and
+#   remat's ``levels.remat_lowest``: its front in order of kept bytes until the kept
+#   bytes plus the parameters (a lower bound on a peak) reach the least peak found, so
+#   that no remat plan peaks lower (up to ``levels.REMAT_LOWEST`` simulations). When the
+#   searches find nothing, the cheapest of those that fits is the plan; at the figure,
+#   its candidate fits. The chain's searches could in principle simulate a placement
+#   below its family's lowest modelled one, so the figure is the smallest found, not
+#   proven (tests/test_plan_smallest.py checks budgets just below it on two models).
 
 
 def _peak_budget_error(budget_bytes: int, smallest: int, plain, reached_by: str):
