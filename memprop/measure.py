@@ -36,7 +36,7 @@ NOTE [ Inference runs the plain model ]
   memprop.checkpoint.cache), which prediction keeps on (``hf:gpt2`` with 6 layers at
   batch 8: 5.70 MiB plain, 4.33 MiB under ``sqrt``, 4.20 MiB under ``full``, before this
   rule; 5.70 MiB under each since). So pass 5 runs with the applied strategy
-  suspended (``_strategy_suspended``): each patch the model's ``Applied`` record holds
+  suspended (``Applied.suspended``, memprop.checkpoint.patch): each patch the model's ``Applied`` record holds
   is uninstalled and each config whose cache it turned off gets ``use_cache = True``
   back, the cache as the user left it; afterwards the same patch objects are installed
   again in order and the caches turned off again, so the record, its patches and the
@@ -418,27 +418,11 @@ _APPLIED = "_memprop_applied"   # the model's Applied record: memprop.checkpoint
 # (memprop.checkpoint imports this module, so the key is named here, as memprop.fake does)
 
 
-@contextlib.contextmanager
 def _strategy_suspended(model: nn.Module):
     """The plain model inside, the applied strategy exactly as it was afterwards (NOTE
-    [ Inference runs the plain model ])."""
+    [ Inference runs the plain model ]): its ``Applied`` record's ``suspended()``."""
     applied = model.__dict__.get(_APPLIED)
-    if applied is None:
-        yield
-        return
-    patches = list(applied.patches)
-    configs = list(applied.restore_cache.configs)       # caches the strategy turned off
-    for patch in reversed(patches):
-        patch.uninstall()
-    for cfg in configs:
-        cfg.use_cache = True
-    try:
-        yield
-    finally:
-        for patch in patches:
-            patch.install()
-        for cfg in configs:
-            cfg.use_cache = False
+    return applied.suspended() if applied is not None else contextlib.nullcontext()
 
 
 def _stored_pass(step: _Step, tensors, flops: bool) -> tuple[SavedTensorRecorder, int, int]:

@@ -26,6 +26,8 @@ A new mechanism subclasses ``PatchedForward``, implements ``__call__`` (calling
 
 from __future__ import annotations
 
+import contextlib
+
 from torch import nn
 
 from memprop.checkpoint.cache import CacheRestore, cache_off
@@ -96,6 +98,25 @@ class Applied:
         restore = cache_off(model) if turn_off else CacheRestore([])
         model.__dict__[APPLIED] = cls(strategy, patches, restore)
         return model
+
+    @contextlib.contextmanager
+    def suspended(self):
+        """The plain model inside: every patch uninstalled, every KV cache the strategy
+        turned off on again; afterwards the same patch objects installed again in order
+        and those caches off, so the model, this record and its patches are exactly as
+        before (NOTE [ Inference runs the plain model ], memprop.measure)."""
+        patches, configs = list(self.patches), list(self.restore_cache.configs)
+        for patch in reversed(patches):
+            patch.uninstall()
+        for cfg in configs:
+            cfg.use_cache = True
+        try:
+            yield
+        finally:
+            for patch in patches:
+                patch.install()
+            for cfg in configs:
+                cfg.use_cache = False
 
     def remove(self) -> None:
         for patch in reversed(self.patches):
