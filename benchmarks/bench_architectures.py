@@ -112,7 +112,7 @@ def sized_fields(model_type: str) -> dict:
     bit; checkpointing turns it off, so the cache-free plain step is the exact reference,
     as in tests/test_hf.py); in the text sub-config for a composite config
     (``text_config.num_hidden_layers``)."""
-    from memprop.models.hf import _default_config, _sub_configs, _get
+    from memprop.models.hf import _default_config, _get, _sub_configs
     default = _default_config(model_type)
     fields = {"seq_len": SIZED["seq_len"], "pad": SIZED["pad"]}
     if "use_cache" in default.to_dict():
@@ -267,6 +267,7 @@ def check(model_type: str, variant: str, emit=print, forms=FORMS) -> None:
     docstring). In-process: the caller bounds the time."""
     _quiet()
     import torch
+
     from memprop.errors import BudgetError
     from memprop.models.hf import _default_config
     base = {"type": model_type, "variant": variant}

@@ -15,8 +15,8 @@ import torch
 
 from memprop.checkpoint.planner import plan
 from memprop.measure import measure_step
-from memprop.workload import build_workload
 from memprop.models import model_config
+from memprop.workload import build_workload
 
 TARGETS = """
 Targets (issue 4): at depth 64, sqrt stores <= 1/4 of none's activations for <= 1.40x

@@ -9,10 +9,10 @@ import time
 import torch
 
 from memprop.estimate import estimate
-from memprop.workload import build_workload
 from memprop.models import model_config
 from memprop.saved import SavedTensorRecorder
 from memprop.tracker import LiveMemoryTracker
+from memprop.workload import build_workload
 
 TARGETS = """
 Targets (issue 3): recorder overhead <= 5 %, tracker overhead <= 25 % (median step time

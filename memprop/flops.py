@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import (flop_registry, sdpa_backward_flop_count,
-                                     sdpa_flop_count)
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 __all__ = ["FlopCounter", "FORMULAS"]
 

@@ -86,8 +86,7 @@ from typing import Any, Callable
 import pandas as pd
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import (DataDependentOutputException,
-                                          DynamicOutputShapeException)
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from memprop.errors import ConfigError, MemPropError

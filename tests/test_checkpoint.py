@@ -7,11 +7,20 @@ import pytest
 import torch
 from torch import nn
 
-from memprop.checkpoint import (STRATEGY_FORMS, Blocks, EveryK, Full, Segments, Sqrt,
-                                apply_strategy, parse_strategy, remove_strategy)
+from memprop.checkpoint import (
+    STRATEGY_FORMS,
+    Blocks,
+    EveryK,
+    Full,
+    Segments,
+    Sqrt,
+    apply_strategy,
+    parse_strategy,
+    remove_strategy,
+)
 from memprop.errors import StrategyError
-from memprop.workload import build_workload, measure
 from memprop.models import model_config, training_loss
+from memprop.workload import build_workload, measure
 
 ZOO = {
     "d2l_mlp": dict(d=20, h=12, q=5),

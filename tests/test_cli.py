@@ -178,9 +178,9 @@ def test_building_the_parser_imports_no_heavy_module():
 
 def test_the_parser_offers_the_library_names():
     from memprop.cli._common import DTYPE_NAMES, MODEL_NAMES, OPTIMIZER_NAMES
+    from memprop.dtypes import DTYPES
     from memprop.measure import OPTIMIZERS
     from memprop.models import MODELS
-    from memprop.dtypes import DTYPES
     assert MODEL_NAMES == tuple(MODELS) and OPTIMIZER_NAMES == OPTIMIZERS
     assert DTYPE_NAMES == tuple(DTYPES)
 
@@ -226,8 +226,14 @@ def test_profile_trace_is_a_chrome_trace_of_the_timeline(tmp_path, capsys):
 
 
 def test_numbers_for_people():
-    from memprop.units import (format_bytes, format_flops, format_ms, format_number,
-                               format_ratio, format_value)
+    from memprop.units import (
+        format_bytes,
+        format_flops,
+        format_ms,
+        format_number,
+        format_ratio,
+        format_value,
+    )
     assert format_flops(158_364_034_000_000) == "158.4 TFLOP"
     assert format_flops(7_516_192_768) == "7.516 GFLOP"
     assert format_flops(0) == "0 FLOP" and format_flops(float("nan")) == "-"
@@ -242,8 +248,8 @@ def test_numbers_for_people():
 
 
 def test_readme_imports_work():
-    from memprop.checkpoint import Plan, apply_strategy, plan, remove_strategy  # noqa: F401
     import memprop
+    from memprop.checkpoint import Plan, apply_strategy, plan, remove_strategy  # noqa: F401
     assert memprop.plan is plan and memprop.Plan is Plan
 
 

@@ -10,8 +10,14 @@ import time
 
 import pytest
 
-from memprop.sweep.worker import (CPU_WALL_LIMIT, RUNQUEUE_WAIT_LIMIT, TIMING_SPREAD_LIMIT,
-                                  CpuLoad, run_trial, timing_noise)
+from memprop.sweep.worker import (
+    CPU_WALL_LIMIT,
+    RUNQUEUE_WAIT_LIMIT,
+    TIMING_SPREAD_LIMIT,
+    CpuLoad,
+    run_trial,
+    timing_noise,
+)
 
 
 def test_steady_times_on_a_free_machine_are_usable():

@@ -6,8 +6,8 @@ import textwrap
 import pytest
 
 from memprop.measure import measure_step
-from memprop.workload import build_workload
 from memprop.models import model_config
+from memprop.workload import build_workload
 
 pytestmark = pytest.mark.requires_cuda
 
@@ -61,6 +61,7 @@ def test_offload_moves_saved_tensors_off_the_gpu():
 
 def test_remat_on_cuda_is_bitwise_with_dropout_and_lowers_the_allocator_peak():
     import torch
+
     from memprop.checkpoint import Forward, Remat, apply_strategy, remove_strategy
     from memprop.checkpoint.levels import whole_front
 

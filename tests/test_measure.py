@@ -9,9 +9,9 @@ import torch
 
 from memprop.estimate import estimate
 from memprop.measure import measure_step
-from memprop.workload import build_workload, measure
 from memprop.models import model_config
 from memprop.tracker import LiveMemoryTracker
+from memprop.workload import build_workload, measure
 
 ZOO = {
     "d2l_mlp": dict(d=40, h=24, q=5),

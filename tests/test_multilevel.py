@@ -7,20 +7,27 @@ import random
 
 import pytest
 import torch
+from test_planner import random_chain
 
 from memprop.checkpoint import apply_strategy, parse_strategy, remove_strategy
 from memprop.checkpoint.dp import ChainCosts, min_peak, model_peak, solve
 from memprop.checkpoint.levels import early_stop_flops
 from memprop.checkpoint.multilevel import Nested
 from memprop.checkpoint.planner import plan, profile_chain, simulate
-from memprop.checkpoint.rotor import (brute_force, cost_curve, format_schedule,
-                                      parse_schedule, revolve_forwards, run_schedule,
-                                      solve_schedule, tree_schedule)
+from memprop.checkpoint.rotor import (
+    brute_force,
+    cost_curve,
+    format_schedule,
+    parse_schedule,
+    revolve_forwards,
+    run_schedule,
+    solve_schedule,
+    tree_schedule,
+)
 from memprop.errors import StrategyError
 from memprop.measure import measure_step
 from memprop.models import model_config
 from memprop.workload import build_workload
-from test_planner import random_chain
 
 MiB = 2 ** 20
 

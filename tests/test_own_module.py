@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_same_step, loss_and_grads, quiet_apply
 from torch import nn
 
 import memprop
-from helpers import assert_same_step, loss_and_grads, quiet_apply
 from memprop.checkpoint import applied_strategy, parse_strategy, plan
 from memprop.errors import ConfigError
 from memprop.estimate import estimate

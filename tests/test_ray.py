@@ -16,13 +16,12 @@ import time
 import pandas as pd
 import pytest
 import torch
+from test_sweep import BUDGETED_SPEC, FRONTIER_SPEC, write  # the same writer and specs
 
 from memprop.cli import main
 from memprop.errors import ConfigError
-from memprop.sweep import (RayExecutor, SpecError, load_results, load_spec, make_executor,
-                           run_sweep)
+from memprop.sweep import RayExecutor, SpecError, load_results, load_spec, make_executor, run_sweep
 from memprop.sweep.frontier import run_frontier
-from test_sweep import BUDGETED_SPEC, FRONTIER_SPEC, write   # the same writer and specs
 
 TESTS = pathlib.Path(__file__).parent
 

@@ -6,12 +6,20 @@ replay, and the planner choosing it where it is cheaper."""
 
 import pytest
 import torch
+from test_oplevel import loss_and_grads
+from test_whole import _InPlaceChain, _square_loss
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from memprop.checkpoint import (Forward, Remat, applied_strategy, apply_strategy,
-                                parse_strategy, remove_strategy)
-from memprop.checkpoint import levels
+from memprop.checkpoint import (
+    Forward,
+    Remat,
+    applied_strategy,
+    apply_strategy,
+    levels,
+    parse_strategy,
+    remove_strategy,
+)
 from memprop.checkpoint.levels import simulate_strategy, whole_front
 from memprop.checkpoint.oplevel import trace_blocks
 from memprop.checkpoint.planner import plan
@@ -20,8 +28,6 @@ from memprop.errors import StrategyError
 from memprop.measure import measure_step
 from memprop.models import model_config
 from memprop.workload import build_workload
-from test_oplevel import loss_and_grads
-from test_whole import _InPlaceChain, _square_loss
 
 B = 4
 TRANSFORMER = dict(depth=3, d_model=32, heads=4, seq_len=16, vocab=64)

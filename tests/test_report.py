@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 
 from memprop.cli import main
-from memprop.report.data import load_report_data
 from memprop.report.claims import compute_claims
+from memprop.report.data import load_report_data
 from memprop.report.figures import ALL_FIGURES
 from memprop.report.render import build_report
 from memprop.sweep import load_spec, run_sweep

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from memprop.workload import build_workload, measure
 from memprop.models import model_config, training_loss
 from memprop.predict import predict_saved_bytes
 from memprop.saved import SavedTensorRecorder
+from memprop.workload import build_workload, measure
 
 
 def record(config, batch, dtype=torch.float32):

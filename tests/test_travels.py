@@ -12,9 +12,9 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import assert_same_step, loss_and_grads, quiet_apply
 from torch.nn.parallel import DistributedDataParallel
 
-from helpers import assert_same_step, loss_and_grads, quiet_apply
 from memprop.checkpoint import applied_strategy, remove_strategy
 from memprop.checkpoint.planner import simulate
 from memprop.errors import StrategyError

@@ -6,15 +6,15 @@ import copy
 
 import pytest
 import torch
+from helpers import quiet_apply
+from test_remat_falcon import _ParallelChain
 from torch import nn
 
 import memprop.checkpoint.remat as remat
-from helpers import quiet_apply
 from memprop.checkpoint import verify_replay
 from memprop.errors import StrategyError
 from memprop.models import model_config, training_loss
 from memprop.workload import build_workload
-from test_remat_falcon import _ParallelChain
 
 FORMS = ["full", "sqrt", "every:2", "selective", "nested:0-2[0-1]", "ops:addmm",
          "ops:0-1=addmm#0,2", "forward:-", "forward:addmm#0-3", "remat:-",

@@ -8,10 +8,17 @@ import random
 
 import pytest
 import torch
+from test_oplevel import loss_and_grads
 from torch import nn
 
-from memprop.checkpoint import (Forward, Remat, applied_strategy, apply_strategy,
-                                parse_strategy, remove_strategy)
+from memprop.checkpoint import (
+    Forward,
+    Remat,
+    applied_strategy,
+    apply_strategy,
+    parse_strategy,
+    remove_strategy,
+)
 from memprop.checkpoint.levels import simulate_strategy, stop_flops
 from memprop.checkpoint.oplevel import OpCall, trace_blocks
 from memprop.checkpoint.planner import plan
@@ -20,7 +27,6 @@ from memprop.errors import StrategyError
 from memprop.measure import measure_step
 from memprop.models import model_config
 from memprop.workload import build_workload
-from test_oplevel import loss_and_grads
 
 B = 4
 TRANSFORMER = dict(depth=3, d_model=32, heads=4, seq_len=16, vocab=64)

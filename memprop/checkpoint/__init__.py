@@ -11,16 +11,28 @@ wraps in DDP (NOTE [ A strategy travels with the model ], memprop.checkpoint.pat
 """
 
 from memprop.checkpoint.chain import CheckpointedChain, find_blocks, find_chains
-from memprop.checkpoint.strategies import (
-    STRATEGY_FORMS, Blocks, EveryK, Full, NoCheckpoint, Offload, Segments,
-    Selective, Sqrt, Strategy, applied_strategy, apply_strategy, parse_strategy,
-    remove_strategy)
-from memprop.checkpoint.planner import Budget, Plan, plan
 from memprop.checkpoint.multilevel import Nested
 from memprop.checkpoint.oplevel import Ops
-from memprop.checkpoint.whole import Forward
+from memprop.checkpoint.planner import Budget, Plan, plan
 from memprop.checkpoint.remat import Remat
+from memprop.checkpoint.strategies import (
+    STRATEGY_FORMS,
+    Blocks,
+    EveryK,
+    Full,
+    NoCheckpoint,
+    Offload,
+    Segments,
+    Selective,
+    Sqrt,
+    Strategy,
+    applied_strategy,
+    apply_strategy,
+    parse_strategy,
+    remove_strategy,
+)
 from memprop.checkpoint.verify import verify_replay
+from memprop.checkpoint.whole import Forward
 
 __all__ = ["Strategy", "NoCheckpoint", "Full", "EveryK", "Segments", "Sqrt", "Blocks",
            "Selective", "Offload", "Budget", "Nested", "Ops", "Forward", "Remat",

@@ -35,8 +35,8 @@ from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.checkpoint import checkpoint
 
 from memprop.checkpoint.chain import _norms, _running, find_blocks
-from memprop.checkpoint.rotor import format_schedule, parse_schedule
 from memprop.checkpoint.patch import Applied, PatchedForward
+from memprop.checkpoint.rotor import format_schedule, parse_schedule
 from memprop.checkpoint.strategies import Strategy, refuse_applied, register_form
 from memprop.checkpoint.verify import VerifyingContext, is_verifying
 from memprop.errors import StrategyError

@@ -63,11 +63,10 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from memprop.checkpoint.oplevel import _HEAVY, _Matcher, _name, refuse_unmatched
 from memprop.checkpoint.multilevel import fake_target
+from memprop.checkpoint.oplevel import _HEAVY, _Matcher, _name, refuse_unmatched
 from memprop.checkpoint.patch import Applied, PatchedForward, refuse_sharded
-from memprop.checkpoint.strategies import (Strategy, refuse_applied,
-                                           register_form, remove_strategy)
+from memprop.checkpoint.strategies import refuse_applied, register_form, remove_strategy
 from memprop.checkpoint.verify import check_rebuilt, is_verifying, where_now
 from memprop.checkpoint.whole import KeyedForward
 from memprop.errors import StrategyError

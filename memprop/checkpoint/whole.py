@@ -36,7 +36,7 @@ from torch import nn
 
 from memprop.checkpoint.chain import CheckpointedChain
 from memprop.checkpoint.dp import _front
-from memprop.checkpoint.oplevel import OpCall, op_context_fn, _parse_keys, split_key
+from memprop.checkpoint.oplevel import OpCall, _parse_keys, op_context_fn, split_key
 from memprop.checkpoint.patch import Applied
 from memprop.checkpoint.strategies import Strategy, refuse_applied, register_form
 

@@ -5,6 +5,7 @@ the tensors autograd itself saves."""
 from __future__ import annotations
 
 import dataclasses
+
 from memprop.cli._common import DTYPE_NAMES, add_command, parse_dtype, positive_int, render_table
 from memprop.units import format_bytes
 

@@ -7,9 +7,16 @@ from __future__ import annotations
 import json
 import pathlib
 
-from memprop.cli._common import (add_command, check_database, check_output_dir,
-                                 check_output_file, database_of, positive_int, render_table,
-                                 table_rows)
+from memprop.cli._common import (
+    add_command,
+    check_database,
+    check_output_dir,
+    check_output_file,
+    database_of,
+    positive_int,
+    render_table,
+    table_rows,
+)
 from memprop.cli._progress import Spinner, SweepBar
 from memprop.errors import ConfigError
 from memprop.units import format_bytes

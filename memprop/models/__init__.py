@@ -12,8 +12,7 @@ import dataclasses
 import difflib
 
 from memprop.errors import ConfigError
-from memprop.models.base import (PHIS, Batch, ModelConfig, ZooModel, inference_forward,
-                                  training_loss)
+from memprop.models.base import PHIS, Batch, ModelConfig, ZooModel, inference_forward, training_loss
 from memprop.models.convnet import ConvNetConfig
 from memprop.models.d2l import D2LConfig
 from memprop.models.hf import PREFIX as HF_PREFIX

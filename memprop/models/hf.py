@@ -45,7 +45,6 @@ from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 from memprop.errors import ConfigError
 from memprop.models.base import ModelConfig
 
-
 __all__ = ["HFConfig", "hf_config", "TASKS", "SMALL_DEFAULTS", "eager_masks"]
 
 PREFIX = "hf:"

@@ -5,7 +5,7 @@ are shown in binary units, predictions are drawn dashed and labelled as such.
 Drawing only reads the store: nothing is measured or estimated here (the closed-form
 saved bytes of the zoo MLPs are arithmetic on the stored config). Depth is whatever field
 the workload counts layers with (NOTE [ The depth axis ] in data.py), labelled by its name.
-The out-of-memory figures live in oom_figures.py; ``ALL_FIGURES`` lists every figure.""" 
+The out-of-memory figures live in oom_figures.py; ``ALL_FIGURES`` lists every figure."""
 
 from __future__ import annotations
 

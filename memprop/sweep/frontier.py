@@ -22,15 +22,14 @@ bisection, as batch-size finders do), computed from the confirmed boundary.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
-
 import hashlib
 import json
+from typing import Callable
 
 from memprop.sweep.executor import Executor, LocalProcessExecutor
 from memprop.sweep.spec import SweepSpec
-from memprop.sweep.trial import Trial
 from memprop.sweep.store import ResultsStore, default_db_path
+from memprop.sweep.trial import Trial
 from memprop.workload import estimate
 
 __all__ = ["run_frontier", "predict_largest_batch", "doubling_probe_count", "FrontierPoint"]

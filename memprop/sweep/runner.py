@@ -15,8 +15,8 @@ from typing import Callable
 from memprop.sweep.executor import Executor
 from memprop.sweep.ray_executor import make_executor
 from memprop.sweep.spec import SweepSpec
-from memprop.sweep.trial import Trial
 from memprop.sweep.store import ResultsStore, default_db_path
+from memprop.sweep.trial import Trial
 
 __all__ = ["run_sweep", "SweepSummary"]
 

@@ -42,10 +42,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from memprop.checkpoint import parse_strategy
-from memprop.errors import ConfigError, MemPropError
 from memprop.budget import BUDGET_MODES
+from memprop.checkpoint import parse_strategy
 from memprop.dtypes import DTYPES
+from memprop.errors import ConfigError, MemPropError
 from memprop.measure import AMP_MODES, OPTIMIZERS
 from memprop.models import MODELS, model_config
 from memprop.sweep.ray_executor import EXECUTORS

@@ -23,8 +23,7 @@ from memprop.backprop import max_formula_error
 from memprop.budget import TensorBudgetExceeded
 from memprop.checkpoint import parse_strategy
 from memprop.measure import DataDependentStepError, measure_step, phase_of
-from memprop.sweep.budget import (apply_process_budget, is_out_of_memory,
-                                  peak_address_space_bytes)
+from memprop.sweep.budget import apply_process_budget, is_out_of_memory, peak_address_space_bytes
 from memprop.sweep.trial import Trial
 from memprop.workload import build_workload, estimate
 
