@@ -294,3 +294,46 @@ def test_d2l_trials_store_the_formula_check_for_claim_c3(tmp_path):
     run_sweep(spec, db_path=db)
     row = load_results(db).iloc[0]
     assert row.status == "ok" and 0 <= row.backprop_max_abs_diff < 1e-12    # float64
+
+
+TWO_MODELS = """
+name = "two"
+[[model]]
+name = "mlp"
+width = 16
+d_in = 16
+[model.grid]
+depth = [1, 3]
+batch = [2]
+[[model]]
+name = "d2l_mlp"
+d = 8
+h = 4
+q = 3
+[grid]
+batch = [4, 8]
+strategy = ["none", "sqrt"]
+[frontier]
+budget = "1MiB"
+depths = [2]
+"""
+
+
+def test_models_with_their_own_grids(tmp_path):
+    # NOTE [ Models with their own grids ]: the MLP's depth and batch are its own, the
+    # notes' network (no depth) takes [grid]; the frontier walks only the MLP
+    spec = load_spec(write(tmp_path, TWO_MODELS))
+    got = [(t.model, dict(t.model_fields).get("depth"), t.batch, t.strategy)
+           for t in spec.trials()]
+    assert got == [("mlp", 1, 2, "none"), ("mlp", 3, 2, "none"),     # [grid]'s keys first
+                   ("mlp", 1, 2, "sqrt"), ("mlp", 3, 2, "sqrt"),
+                   ("d2l_mlp", None, 4, "none"), ("d2l_mlp", None, 4, "sqrt"),
+                   ("d2l_mlp", None, 8, "none"), ("d2l_mlp", None, 8, "sqrt")]
+    assert [m for m, _ in spec.frontier_models()] == ["mlp"]
+    with pytest.raises(SpecError) as info:            # a model grid's bad value: its key
+        load_spec(write(tmp_path, TWO_MODELS.replace("depth = [1, 3]", "depth = [1, 0]")))
+    assert info.value.key == "model[0].grid.depth"
+    with pytest.raises(SpecError) as info:            # no model has the frontier's field
+        load_spec(write(tmp_path, 'name = "t"\n[[model]]\nname = "d2l_mlp"\n[grid]\n'
+                        'batch = [4]\n[frontier]\nbudget = "1MiB"\ndepths = [2]\n'))
+    assert info.value.key == "frontier.depth" and "no field 'depth'" in str(info.value)

@@ -126,7 +126,7 @@ def run_frontier(spec: SweepSpec, *, db_path=None, executor: Executor | None = N
     with ResultsStore(db_path) as store:
         store.lock("frontier")
         store.record_environment(spec)
-        for model, fixed in spec.models:
+        for model, fixed in spec.frontier_models():   # those with its field
             for depth in opts.depths:
                 for strategy in opts.strategies:
                     probe = spec.trial(model, {**dict(fixed), opts.field: depth}, batch=1,

@@ -5,6 +5,8 @@
     [model]                               # or [[model]] tables, one per model
     name = "mlp"                          # a built-in model or package.module:factory
     width = 256                           # fixed fields of the model config
+    [model.grid]                          # optional: a grid of this model only, with
+    depth = [2, 4]                        #   the [grid] table's other keys (NOTE below)
     [grid]                                # lists; the sweep is their product
     depth = [2, 4, 8]                     # any model field
     batch = [16, 64]                      # and batch, strategy, dtype, optimizer, amp
@@ -25,6 +27,14 @@
 Every error names the file, the key path, the bad value and what is allowed
 (``SpecError``); no trial starts until the whole spec, and every model config it
 expands to, has been checked.
+
+NOTE [ Models with their own grids ]
+  One spec can hold models that do not share fields: the quickstart sweeps an MLP's
+  depth and also runs the notes' network (``d2l_mlp``, which has no depth) so that its
+  report judges every claim. A ``[model.grid]`` table (after ``[[model]]``: the grid of
+  that model) lists that model's own values; a key it shares with ``[grid]`` replaces
+  the shared values for that model, the others are kept. The frontier walks only the
+  models that have its field (``depth`` by default), and refuses a spec where none has.
 """
 
 from __future__ import annotations
@@ -110,6 +120,24 @@ class SweepSpec:
     grid: tuple[tuple[str, tuple], ...]
     run: RunOptions
     frontier: FrontierOptions | None = None
+    model_grids: tuple[tuple[tuple[str, tuple], ...], ...] = ()   # per model, or ()
+
+    def grid_of(self, index: int) -> tuple[tuple[str, tuple], ...]:
+        """The grid of ``models[index]``: ``[grid]`` with its own ``[model.grid]`` (NOTE
+        [ Models with their own grids ])."""
+        own = dict(self.model_grids[index]) if index < len(self.model_grids) else {}
+        shared = [(k, own.pop(k, v)) for k, v in self.grid]
+        return tuple(shared + list(own.items()))
+
+    def frontier_models(self) -> list[tuple[str, tuple[tuple[str, Any], ...]]]:
+        """The models the frontier walks: those with its field (NOTE [ Models with their
+        own grids ])."""
+        opts = self.frontier
+        if opts is None:
+            return []
+        return [(name, fixed) for name, fixed in self.models
+                if _has_field(name, dict(fixed), opts.field, opts.depths[0] if opts.depths
+                              else 1)]
 
     def trial(self, model: str, fields: dict[str, Any], **point) -> Trial:
         """The trial of ``model`` with ``fields`` at one grid point (``batch``,
@@ -126,10 +154,11 @@ class SweepSpec:
 
     def trials(self) -> list[Trial]:
         """The grid's product, in a stable order, one ``Trial`` each."""
-        keys = [k for k, _ in self.grid]
         out = []
-        for model, fixed in self.models:
-            for values in itertools.product(*(v for _, v in self.grid)):
+        for i, (model, fixed) in enumerate(self.models):
+            grid = self.grid_of(i)
+            keys = [k for k, _ in grid]
+            for values in itertools.product(*(v for _, v in grid)):
                 point = dict(zip(keys, values))
                 fields = {**dict(fixed), **{k: v for k, v in point.items()
                                             if k not in _GRID_EXTRA}}
@@ -266,15 +295,35 @@ def parse_spec(data: dict, *, path="<spec>") -> SweepSpec:
         where = "model" if len(raw_models) == 1 else f"model[{i}]"
         if not isinstance(m, dict) or not isinstance(m.get("name"), str):
             raise SpecError(path, f"{where}.name", "missing; name the model, e.g. name = \"mlp\"")
-        fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in m.items() if k != "name"}
-        models.append((m["name"], fields, where))
+        fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in m.items()
+                  if k not in ("name", "grid")}
+        own = _grid(path, f"{where}.grid", m.get("grid", {}))
+        models.append((m["name"], fields, where, own))
 
     raw_grid = data.get("grid", {})
+    grid = _grid(path, "grid", raw_grid)
+    if "batch" not in raw_grid:
+        raise SpecError(path, "grid.batch", "missing; list the batch sizes, e.g. batch = [16, 64]")
+
+    frontier = None
+    if "frontier" in data:
+        frontier = _parse_frontier(path, data["frontier"], run)
+
+    spec = SweepSpec(name=name, path=str(path), description=description,
+                     models=tuple((n, tuple(sorted(f.items()))) for n, f, _, _ in models),
+                     grid=tuple(grid), run=RunOptions(**run), frontier=frontier,
+                     model_grids=tuple(tuple(own) for *_, own in models))
+    _check_configs(path, spec, models)
+    return spec
+
+
+def _grid(path, where: str, raw_grid) -> list[tuple[str, tuple]]:
+    """A ``[grid]`` (or ``[model.grid]``) table, each list validated by its key."""
     if not isinstance(raw_grid, dict):
-        raise SpecError(path, "grid", "must be a table: [grid]")
+        raise SpecError(path, where, f"must be a table: [{where}]")
     grid = []
     for key, values in raw_grid.items():
-        k = f"grid.{key}"
+        k = f"{where}.{key}"
         values = _list(path, k, values)
         if key == "batch":
             values = tuple(_int(path, k, v, 1, "a batch size, an integer") for v in values)
@@ -288,18 +337,7 @@ def parse_spec(data: dict, *, path="<spec>") -> SweepSpec:
             values = tuple(None if _choice(path, k, v, ("none", *AMP_MODES)) == "none" else v
                            for v in values)
         grid.append((key, values))
-    if "batch" not in raw_grid:
-        raise SpecError(path, "grid.batch", "missing; list the batch sizes, e.g. batch = [16, 64]")
-
-    frontier = None
-    if "frontier" in data:
-        frontier = _parse_frontier(path, data["frontier"], run)
-
-    spec = SweepSpec(name=name, path=str(path), description=description,
-                     models=tuple((n, tuple(sorted(f.items()))) for n, f, _ in models),
-                     grid=tuple(grid), run=RunOptions(**run), frontier=frontier)
-    _check_configs(path, spec, models, dict(grid))
-    return spec
+    return grid
 
 
 def _parse_frontier(path, raw, run) -> FrontierOptions:
@@ -324,28 +362,45 @@ def _parse_frontier(path, raw, run) -> FrontierOptions:
     return FrontierOptions(budget, depths, strategies, step, top, field)
 
 
-def _check_configs(path, spec: SweepSpec, models, grid) -> None:
+def _has_field(name: str, fields: dict, field: str, value) -> bool:
+    """Whether model ``name`` with ``fields`` takes ``field`` (its config builds with it)."""
+    try:
+        model_config(name, **{**fields, field: value})
+    except ConfigError:
+        return False
+    return True
+
+
+def _check_configs(path, spec: SweepSpec, models) -> None:
     """Build every model config the spec expands to, naming the key of a bad value."""
-    for name, fields, where in models:
+    walks = spec.frontier is not None and len(models) > 1 and [
+        _has_field(name, fields, spec.frontier.field, (spec.frontier.depths or (1,))[0])
+        for name, fields, *_ in models]
+    if walks is not False and not any(walks):
+        walks = False                    # none has the field: the first model says why
+    for i, (name, fields, where, _) in enumerate(models):
+        grid = dict(spec.grid_of(i))
         if ":" not in name and name not in MODELS:
             close = difflib.get_close_matches(name, MODELS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise SpecError(path, f"{where}.name", f"unknown model {name!r}{hint}; choose one "
                             f"of: {', '.join(MODELS)}, or package.module:factory")
-        varied = {k: v for k, v in grid.items() if k not in _GRID_EXTRA}
-        if spec.frontier is not None:
-            varied[spec.frontier.field] = spec.frontier.depths
-        first = {k: v[0] for k, v in varied.items()}
+        own = dict(spec.model_grids[i]) if i < len(spec.model_grids) else {}
+        checks = [(f"{where}.grid" if k in own else "grid", k, v) for k, v in grid.items()
+                  if k not in _GRID_EXTRA]
+        if spec.frontier is not None and (walks is False or walks[i]):
+            checks.append(("frontier", spec.frontier.field, spec.frontier.depths))
+        varied = {k: prefix for prefix, k, _ in checks}      # key -> where it is set
+        first = {k: v[0] for _, k, v in checks if v}
         try:                                  # the fixed fields, with each grid's first value
             model_config(name, **{**fields, **first})
         except ConfigError as exc:
             raise SpecError(path, _culprit(exc, where, fields, varied), _short(exc)) from None
-        for key, values in varied.items():    # then every value of every grid
+        for prefix, key, values in checks:    # then every value of every grid
             for value in values:
                 try:
                     model_config(name, **{**fields, **first, key: value})
                 except ConfigError as exc:
-                    prefix = "grid" if key in grid else "frontier"
                     raise SpecError(path, f"{prefix}.{key}", _short(exc)) from None
 
 
@@ -354,9 +409,9 @@ def _culprit(exc: ConfigError, where: str, fields: dict, varied: dict) -> str:
     for key in fields:
         if f"'{key}'" in text or f".{key} " in text:
             return f"{where}.{key}"
-    for key in varied:
+    for key, prefix in varied.items():
         if f"'{key}'" in text or f".{key} " in text:
-            return f"grid.{key}"
+            return f"{prefix}.{key}"
     return where
 
 
