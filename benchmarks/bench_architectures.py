@@ -5,6 +5,8 @@ measurement.
     python benchmarks/run.py architectures          # all of them (hours on 2 cores)
     MEMPROP_ARCHS=gpt2,llama python benchmarks/run.py architectures     # a few
     python benchmarks/bench_architectures.py gpt2 llama   # a few, printed, no results files
+    python benchmarks/bench_architectures.py --report     # results/architectures.md from
+                                                          # the log so far, running nothing
 
 The model types are transformers' own: every key of MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 and MODEL_FOR_MASKED_LM_MAPPING_NAMES (mixtures of experts, state-space and hybrid
@@ -336,8 +338,10 @@ def check(model_type: str, variant: str, emit=print, forms=FORMS) -> None:
             signal.alarm(0)
         except Exception as exc:   # noqa: BLE001
             signal.alarm(0)
-            row.update(status="refused" if _refusal(exc) else "failed", reason=_message(exc),
-                       where=_where(exc), exception=type(exc).__name__)
+            status = ("refused" if _refusal(exc) else "timeout" if isinstance(exc, _Timeout)
+                      else "failed")
+            row.update(status=status, reason=_message(exc), where=_where(exc),
+                       exception=type(exc).__name__)
             done(**row)
             continue
         wrong = compare(plain, run)
@@ -419,13 +423,30 @@ def _logged() -> list[dict]:
     if os.environ.get("MEMPROP_ARCH_FRESH") == "1" or not LOG.exists():
         return []
     rows = [json.loads(line) for line in LOG.read_text().splitlines() if line.strip()]
+    for r in rows:                       # logged before "timeout" had its own status
+        if r["status"] == "failed" and r.get("exception") == "_Timeout":
+            r["status"] = "timeout"
     return [r for r in rows if r.get("transformers") == transformers.__version__]
+
+
+def result(rows: list[dict], selected: list[str]) -> dict:
+    """The benchmark's result from ``rows`` (what ``run`` returns)."""
+    import transformers
+    from transformers.models.auto import modeling_auto as auto
+    rows = sorted(rows, key=lambda r: (r["type"], VARIANTS.index(r["variant"]),
+                                       (("none",) + FORMS).index(r["form"])))
+    summary = summarise(rows, architectures(), selected)
+    summary["mappings"] = {"causal-lm": len(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+                           "masked-lm": len(auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES)}
+    summary["transformers"] = transformers.__version__
+    return {"table": rows, "summary": summary, "verdicts": verdicts(summary),
+            "forms": list(FORMS), "variants": list(VARIANTS), "batch": BATCH,
+            "budget_fraction": BUDGET_FRACTION, "sized": SIZED}
 
 
 def run() -> dict:
     _quiet()
     import transformers
-    found = architectures()
     selected = _selected()
     rows = [r for r in _logged() if r["type"] in selected]
     done = {(r["type"], r["variant"]) for r in rows}
@@ -448,16 +469,7 @@ def run() -> dict:
             status = Counter(r["status"] for r in got)
             print(f"  [{i}/{len(jobs)}] {t} ({v}): {dict(status)}  "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
-    rows.sort(key=lambda r: (r["type"], VARIANTS.index(r["variant"]),
-                             (("none",) + FORMS).index(r["form"])))
-    from transformers.models.auto import modeling_auto as auto
-    summary = summarise(rows, found, selected)
-    summary["mappings"] = {"causal-lm": len(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
-                           "masked-lm": len(auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES)}
-    summary["transformers"] = transformers.__version__
-    return {"table": rows, "summary": summary, "verdicts": verdicts(summary),
-            "forms": list(FORMS), "variants": list(VARIANTS), "batch": BATCH,
-            "budget_fraction": BUDGET_FRACTION, "sized": SIZED}
+    return result(rows, selected)
 
 
 def summarise(rows: list[dict], found: list[str], selected: list[str]) -> dict:
@@ -494,6 +506,7 @@ def verdicts(summary: dict) -> list[str]:
         forms = "; ".join(
             f"{f}: {c.get('exact', 0)} exact, {c.get('refused', 0)} refused, "
             f"{c.get('failed', 0)} failed"
+            + (f", {c['timeout']} out of time" if c.get("timeout") else "")
             + (f" ({c['failed: KV cache only']} only through the KV cache)"
                if c.get("failed: KV cache only") else "")
             for f, c in v["forms"].items() if f != "none")
@@ -515,7 +528,7 @@ def _size(n) -> str:
 
 def _cell(r: dict) -> str:
     status = r["status"]
-    text = {"exact": "exact", "refused": "refused", "failed": "**FAILED**",
+    text = {"exact": "exact", "refused": "refused", "failed": "**FAILED**", "timeout": "timeout",
             "built": "runs", "does not build": "does not build"}[status]
     if status == "failed":
         text += " (grads)" if "silently wrong" in r.get("reason", "") else (
@@ -543,7 +556,7 @@ def markdown(result: dict) -> str:
              "wrong gradients; else the exception), then `est =` when the estimate equals "
              "the measured stored bytes and peak, else the estimate minus the measurement.",
              "", "## Counts", ""]
-    head = "| variant | built | does not build | form | exact | refused | failed | estimate exact | estimate differs | estimate error |"
+    head = "| variant | built | does not build | form | exact | refused | failed | out of time | estimate exact | estimate differs | estimate error |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for variant, v in s["variants"].items():
         for form, c in v["forms"].items():
@@ -551,6 +564,7 @@ def markdown(result: dict) -> str:
                          f"{c.get('exact', '') if form != 'none' else ''} | "
                          f"{c.get('refused', '') if form != 'none' else ''} | "
                          f"{c.get('failed', '') if form != 'none' else ''} | "
+                         f"{c.get('timeout', '') if form != 'none' else ''} | "
                          f"{c['estimate exact']} | {c['estimate differs']} | "
                          f"{c['estimate error']} |")
     lines += [""] + [f"- {line}" for line in result.get("verdicts", [])]
@@ -632,6 +646,12 @@ def _child(model_type: str, variant: str, path: str) -> int:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--one"]:
         sys.exit(_child(*sys.argv[2:5]))
+    if sys.argv[1:2] == ["--report"]:
+        _quiet()
+        out = result(_logged(), architectures())
+        (LOG.parent / "architectures.md").write_text(markdown(out))
+        print("\n".join(out["verdicts"]))
+        sys.exit(0)
     for name in sys.argv[1:]:          # a few types, printed
         for variant in VARIANTS:
             check(name, variant, emit=lambda r: print(json.dumps(
