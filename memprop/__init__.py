@@ -23,6 +23,7 @@ _PUBLIC = {name: module for module, names in {
     "memprop.models": ["MODELS", "model_config", "training_loss"],
     "memprop.predict": ["predict_saved_bytes"],
     "memprop.saved": ["SavedRecord", "SavedTensorRecorder"],
+    "memprop.sharded": ["FSDPConfig", "ShardedMeasurement", "measure_ranks"],
     "memprop.sweep": ["load_results", "load_spec", "run_sweep"],
     "memprop.tracker": ["CATEGORIES", "PHASES", "LiveMemoryTracker"],
     "memprop.training_loop": ["track", "TrainingLoopTracker"],
@@ -71,6 +72,8 @@ __all__ = [
     "measure_step", "measure", "Measurement", "track", "TrainingLoopTracker", "Criterion",
     # prediction
     "estimate", "predict_saved_bytes",
+    # sharded training (FSDP2): memprop.sharded.predict predicts every rank
+    "FSDPConfig", "ShardedMeasurement", "measure_ranks",
     # checkpointing
     "apply_strategy", "remove_strategy", "parse_strategy", "plan", "Plan",
     # experiments

@@ -25,6 +25,13 @@ NOTE [ What counts as live memory ]
     (autograd packs them after the op returns; the total is unaffected). The tensor-level peak is the maximum row total:
     the CPU analogue of ``torch.cuda.max_memory_allocated``, without allocator rounding,
     caching or kernel workspaces that never surface as tensors.
+  * A DTensor (FSDP2's sharded parameters, their gradients and optimizer state) counts
+    as its local shard: its ops are left to DTensor, which runs them as ops on local
+    tensors, and those are counted (as torch's FSDPMemTracker does). A storage resized
+    in place (FSDP2 frees and refills its all-gathered parameters with
+    ``UntypedStorage.resize_``) counts at its new size from the moment someone reports
+    the resize (``observe_resize``; memprop.sharded reports every resize while it
+    measures).
 """
 
 from __future__ import annotations
@@ -58,9 +65,15 @@ class _DispatchHook(TorchDispatchMode):
         self.tracker = tracker
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(_is_dtensor_type(t) for t in types):
+            return NotImplemented         # DTensor runs it as local ops, counted (NOTE)
         out = func(*args, **(kwargs or {}))
         self.tracker._on_op(func, out)
         return out
+
+
+def _is_dtensor_type(cls: type) -> bool:
+    return cls.__name__ == "DTensor" and cls.__module__.startswith("torch.distributed")
 
 
 class _CompiledDispatchHook(_DispatchHook):
@@ -130,6 +143,8 @@ class LiveMemoryTracker:
     def _add(self, t: torch.Tensor, category: str, *, retag: bool = False) -> None:
         if self.device is not None and t.device.type != self.device.type:
             return
+        if _is_dtensor_type(type(t)):
+            t = t._local_tensor               # a DTensor counts as its local shard (NOTE)
         storage = t.untyped_storage()
         key = storage._cdata
         entry = self._live.get(key)
@@ -152,6 +167,24 @@ class LiveMemoryTracker:
                 del live[key]
                 totals[entry[0]] -= entry[1]
         return release
+
+    def observe_resize(self, storage: torch.UntypedStorage) -> None:
+        """``storage`` was resized in place: count it at its new size (NOTE); one not
+        yet counted that now holds bytes counts as temporary. (A fake tensor's storage
+        is on ``meta`` whatever the tensor's device.)"""
+        if self.device is not None and storage.device.type not in (self.device.type, "meta"):
+            return
+        key = storage._cdata
+        entry = self._live.get(key)
+        if entry is None:
+            if storage.nbytes():
+                self._live[key] = [_CAT["temporary"], storage.nbytes(),
+                                   weakref.ref(storage, self._make_release(key))]
+                self._totals[_CAT["temporary"]] += storage.nbytes()
+            return
+        delta = storage.nbytes() - entry[1]
+        entry[1] += delta
+        self._totals[entry[0]] += delta
 
     def _on_op(self, func, out) -> None:
         name = str(func.overloadpacket) if hasattr(func, "overloadpacket") else str(func)

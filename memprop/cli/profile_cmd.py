@@ -252,7 +252,60 @@ def add_parser(sub) -> None:
                         "the N rows storing most are shown and the rest summed in one "
                         "line; all: every module on its own row")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of text")
+    p.add_argument("--fsdp", type=positive_int, default=None, metavar="N",
+                   help="shard with FSDP2 over N ranks (every block, then the root) and "
+                        "report each rank: with --estimate predicted on a fake process "
+                        "group (any N); without, measured in N real processes (gloo, CPU; "
+                        f"N <= {MAX_REAL_RANKS}); --batch is per rank (default: one device)")
+    p.add_argument("--fsdp-reshard", choices=("on", "off"), default="on",
+                   help="with --fsdp: free each block's gathered parameters after forward "
+                        "(on, ZeRO-3) or keep them to backward (off, ZeRO-2)")
+    p.add_argument("--fsdp-mixed-precision", choices=("bf16",), default=None,
+                   help="with --fsdp: bf16 parameters, fp32 gradient reduction (FSDP2's "
+                        "MixedPrecisionPolicy) (default: the parameters' dtype)")
     p.set_defaults(func=profile_command)
+
+
+MAX_REAL_RANKS = 8      # --fsdp without --estimate: processes started on this machine
+
+
+def gather_sharded(config, args):
+    """The ``ShardedMeasurement`` ``--fsdp N`` asks for: predicted with --estimate,
+    else measured in N processes (memprop.sharded)."""
+    from memprop.sharded import FSDPConfig, RankJob, measure_jobs, predict_job
+
+    refused = [opt for opt, on in (("--amp", args.amp), ("--timeline", args.timeline),
+                                   ("--trace", args.trace),
+                                   ("--device", args.device != "cpu")) if on]
+    if refused:
+        raise ConfigError(f"memprop profile: --fsdp does not take {', '.join(refused)} yet; "
+                          "sharded steps run on CPU ranks, in bf16 with "
+                          "--fsdp-mixed-precision bf16")
+    if not args.estimate and args.fsdp > MAX_REAL_RANKS:
+        raise ConfigError(f"memprop profile: --fsdp {args.fsdp} without --estimate would start "
+                          f"{args.fsdp} processes here; measure at most {MAX_REAL_RANKS}, or "
+                          "add --estimate to predict every rank on a fake process group")
+    fsdp = FSDPConfig(world_size=args.fsdp, reshard_after_forward=args.fsdp_reshard == "on",
+                      mixed_precision=args.fsdp_mixed_precision)
+    job = RankJob(config=config, batch_size=args.batch, fsdp=fsdp, optimizer=args.optimizer,
+                  strategy=args.strategy, dtype=parse_dtype(args.dtype))
+    return predict_job(job) if args.estimate else measure_jobs([job])[0]
+
+
+def sharded_command(args) -> int:
+    from memprop.sharded.render import render_sharded
+
+    what = "predicting every rank" if args.estimate else f"measuring {args.fsdp} ranks"
+    with Spinner(what):
+        config = config_from_args(args)
+        result = gather_sharded(config, args)
+    if args.json:
+        row = {**result.to_json(), **config.row_fields()}
+        print(json.dumps({k: json_ready(v) if not isinstance(v, (list, dict)) else v
+                          for k, v in row.items()}, indent=2, default=str))
+        return 0
+    print(render_sharded(result, config, batch_size=args.batch))
+    return 0
 
 
 def gather_profile(config, args):
@@ -288,6 +341,8 @@ def gather_profile(config, args):
 
 
 def profile_command(args) -> int:
+    if args.fsdp is not None:
+        return sharded_command(args)
     # output paths first: a typo must not cost a measurement
     timeline = args.timeline and check_output_file(args.timeline, "--timeline", "profile")
     trace = args.trace and check_output_file(args.trace, "--trace", "profile")

@@ -1,0 +1,108 @@
+"""FSDP2's collectives on gloo, run so that a real rank's memory is deterministic and a
+predicted rank allocates exactly what the real one does.
+
+NOTE [ gloo reduce-scatters through a full copy ]
+  gloo has no reduce-scatter of its own. ``ProcessGroupGloo::_reduce_scatter_base``
+  (``reduce_scatter_tensor_coalesced``, torch/csrc/distributed/c10d/ProcessGroupGloo.cpp)
+  clones the whole input (``buffer = input.clone()``: world_size x shard bytes, the
+  padded unsharded gradients of one FSDP2 group), all-reduces the clone, and at
+  ``wait()`` copies its rank's chunk into the output
+  (``output.copy_(buffer.chunk(world_size)[rank])``). The clone is made inside the
+  collective, which a dispatch mode sees as one op, so a tracker first counts it at
+  the ``split`` that ``chunk`` runs at ``wait()``; a fake process group allocates nothing
+  of the kind (nor would NCCL, which reduce-scatters in place). Measured, with gloo's
+  own reduce-scatter: a 3-block MLP of width 20 on 2 ranks without reshard-after-forward
+  peaked 80 bytes above the fake process group's prediction, in exactly those rows.
+  So every rank, real or predicted, reduce-scatters with ``GlooReduceScatter``: gloo's
+  three steps written out (clone, all-reduce the clone, copy this rank's chunk), so the
+  clone is counted from the moment it is allocated, and the fake process group runs the
+  same ops (its all-reduce moves nothing).
+
+NOTE [ gloo's worker thread frees late ]
+  gloo runs each collective on a worker thread that holds the work, and with it the
+  tensors handed to it (the all-gather output's chunks, the all-reduced clone), until
+  it returns to its queue - which can be after ``wait()`` has returned in the caller. A
+  storage whose last reference the worker drops is freed then, a few ops later in the
+  step, or not: measured before this rule, 6 of 20 rank steps (a 3-block MLP of width
+  21, 2 ranks) had a row above the same step's others, by a late all-gather input or
+  reduce-scatter clone (up to 1764 bytes at the peak). So on a real rank each
+  collective hands gloo views of its own (a tensor gloo alone holds), and returns only
+  once the storages' use counts (``torch._C._storage_Use_Count``) are back where they
+  were before the call: gloo has let go. The step's memory is then the same in every
+  run, and each storage is freed when the step itself drops it, as in a prediction.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.distributed.fsdp._fully_shard._fsdp_collectives import (DefaultAllGather,
+                                                                    DefaultReduceScatter)
+
+from memprop.errors import MemPropError
+
+__all__ = ["GlooAllGather", "GlooReduceScatter", "use_gloo_collectives"]
+
+_RELEASE_TIMEOUT_S = 60.0
+
+
+def _use_counts(*tensors: torch.Tensor) -> dict[int, int] | None:
+    """Storage -> use count of ``tensors``' storages; None for fake tensors (a fake
+    process group has no worker thread)."""
+    if any(isinstance(t, FakeTensor) for t in tensors):
+        return None
+    return {t.untyped_storage()._cdata: torch._C._storage_Use_Count(
+        t.untyped_storage()._cdata) for t in tensors}
+
+
+def _await_release(before: dict[int, int] | None) -> None:
+    """Return once gloo's worker holds none of these storages (NOTE [ gloo's worker
+    thread frees late ])."""
+    if before is None:
+        return
+    deadline = time.monotonic() + _RELEASE_TIMEOUT_S
+    while any(torch._C._storage_Use_Count(key) > count for key, count in before.items()):
+        if time.monotonic() > deadline:
+            raise MemPropError("memprop.sharded: gloo's worker thread still holds a "
+                               f"collective's tensors {_RELEASE_TIMEOUT_S:.0f} s after the "
+                               "collective finished; the step's memory cannot be measured "
+                               "deterministically (NOTE [ gloo's worker thread frees late ])")
+        time.sleep(0)                     # let the worker thread take the GIL and let go
+
+
+class GlooAllGather(DefaultAllGather):
+    """FSDP2's all-gather, returning once gloo has let go of its tensors."""
+
+    def __call__(self, output_tensor, input_tensor, group, async_op=False):
+        before = _use_counts(output_tensor, input_tensor)
+        # views of its own for gloo to hold: their release shows in the use counts
+        dist.all_gather_single(output_tensor.view(output_tensor.shape),
+                               input_tensor.view(input_tensor.shape), group=group)
+        _await_release(before)
+        return None                       # done: FSDP2 waits on no work
+
+
+class GlooReduceScatter(DefaultReduceScatter):
+    """FSDP2's reduce-scatter as gloo runs it (NOTE [ gloo reduce-scatters through a full
+    copy ]), returning once gloo has let go of its tensors."""
+
+    def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+        buffer = input_tensor.clone()                       # (world_size * shard,)
+        before = _use_counts(buffer)
+        dist.all_reduce(buffer.view(buffer.shape), op=op, group=group)
+        _await_release(before)
+        output_tensor.copy_(buffer.chunk(dist.get_world_size(group))[dist.get_rank(group)])
+        return None
+
+
+def use_gloo_collectives(model: torch.nn.Module) -> None:
+    """Every FSDP2 module of ``model`` all-gathers with ``GlooAllGather`` and
+    reduce-scatters with ``GlooReduceScatter``."""
+    gather, scatter = GlooAllGather(), GlooReduceScatter()
+    for module in model.modules():
+        if hasattr(module, "set_custom_reduce_scatter"):
+            module.set_custom_all_gather(gather)
+            module.set_custom_reduce_scatter(scatter)

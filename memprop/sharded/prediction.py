@@ -1,0 +1,91 @@
+"""Each rank's memory under FSDP2 at any world size, on one CPU, allocating nothing.
+
+    s = predict(model_config("transformer"), 8, world_size=64)
+    s.rank_peak_bytes, s.peak_bytes                     # bytes, predicted
+
+A predicted rank is the real rank's step (NOTE [ One rank, two passes ],
+memprop.sharded.step) under ``FakeTensorMode`` with a fake process group
+(``init_process_group("fake", store=FakeStore(), rank=r, world_size=N)``, whose
+collectives move nothing), as torch's FSDPMemTracker runs, but measured by memprop's
+own tracker: equal to the byte to a real gloo run of the same ranks
+(tests/test_sharded.py).
+
+NOTE [ Which ranks are predicted ]
+  What a rank allocates depends on the sizes of the shards it holds, not on its index:
+  FSDP2 gives rank r rows [r*c, (r+1)*c) of each parameter's dim 0, c = ceil(rows / N)
+  (``torch.chunk``), and pads every rank's storage to c rows; the gradient shard, the
+  reduce-scatter output and the all-gather buffers are padded alike, while optimizer
+  state (``zeros_like`` of the unpadded shard) follows the rank's own rows. So the ranks
+  fall into classes by their layout (``shard_layout``: the rows each parameter gives
+  the rank), at most a few per model (full chunks; the last partial one; empty ones
+  when a dimension is smaller than N), and one rank per class is predicted: the first.
+  The others carry its figures (``ShardedMeasurement.same_as``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed.device_mesh import init_device_mesh
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+from memprop.errors import ConfigError
+from memprop.fake import KernelStorages
+from memprop.sharded.apply import shard_layout
+from memprop.sharded.config import FSDPConfig
+from memprop.sharded.step import RankJob, rank_step
+from memprop.sharded.result import ShardedMeasurement
+
+__all__ = ["predict", "predict_job", "rank_classes"]
+
+
+def rank_classes(config, fsdp: FSDPConfig, *, dtype=torch.float32) -> list[int]:
+    """For each rank, the first rank with its shard layout (NOTE [ Which ranks are
+    predicted ]); the shapes come from a fake build of the model."""
+    with FakeTensorMode():
+        shapes = [tuple(p.shape) for p in config.build(dtype=dtype).parameters()]
+    first: dict[tuple, int] = {}
+    return [first.setdefault(shard_layout(shapes, fsdp.world_size, r), r)
+            for r in range(fsdp.world_size)]
+
+
+def _predict_rank(job: RankJob, rank: int):
+    n = job.fsdp.world_size
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=n)
+    try:
+        mesh = init_device_mesh("cpu", (n,))
+        with FakeTensorMode(allow_non_fake_inputs=False), KernelStorages():
+            return rank_step(job, mesh, predicted=True)
+    finally:
+        dist.destroy_process_group()
+
+
+def predict_job(job: RankJob) -> ShardedMeasurement:
+    """Every rank's predicted step of ``job``: one fake rank per shard layout."""
+    if dist.is_initialized():
+        raise ConfigError("memprop.sharded: a process group is already initialized in this "
+                          "process; a prediction runs its own fake process group, so call "
+                          "it outside torch.distributed (or destroy_process_group() first)")
+    start = time.perf_counter()
+    same_as = rank_classes(job.config, job.fsdp, dtype=job.dtype)
+    ranks = {r: _predict_rank(job, r) for r in sorted(set(same_as))}
+    return ShardedMeasurement(fsdp=job.fsdp, predicted=True, ranks=ranks, same_as=same_as,
+                              seconds=time.perf_counter() - start)
+
+
+def predict(config, batch_size: int, *, world_size: int | None = None,
+            fsdp: FSDPConfig | None = None, optimizer: str = "sgd", strategy: str = "none",
+            dtype=torch.float32, seed: int = 0) -> ShardedMeasurement:
+    """Each rank's predicted training step of ``config`` at ``batch_size`` examples per
+    rank under FSDP2: pass ``world_size`` (defaults for the rest) or an ``FSDPConfig``.
+    ``strategy`` (a checkpointing strategy) is applied before sharding."""
+    if (world_size is None) == (fsdp is None):
+        raise ConfigError("memprop.sharded.predict: pass world_size=N or "
+                          "fsdp=FSDPConfig(world_size=N, ...), one of them")
+    fsdp = fsdp if fsdp is not None else FSDPConfig(world_size=world_size)
+    return predict_job(RankJob(config=config, batch_size=batch_size, fsdp=fsdp,
+                               optimizer=optimizer, strategy=strategy, dtype=dtype,
+                               seed=seed))

@@ -1,0 +1,51 @@
+"""A ``ShardedMeasurement`` as text for people (``memprop profile --fsdp N``).
+
+Ranks whose figures are identical share one row, named by their ranks as ranges
+(``0-62``, ``63``), so 1024 ranks print as a few rows; the largest rank is named.
+"""
+
+from __future__ import annotations
+
+from memprop.sharded.result import ShardedMeasurement
+from memprop.units import format_bytes
+
+__all__ = ["render_sharded", "rank_ranges"]
+
+
+def rank_ranges(ranks: list[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2, 5, 7-8"``."""
+    spans: list[list[int]] = []
+    for r in sorted(ranks):
+        if spans and r == spans[-1][1] + 1:
+            spans[-1][1] = r
+        else:
+            spans.append([r, r])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def render_sharded(s: ShardedMeasurement, config, *, batch_size: int) -> str:
+    """Header, one row per group of identical ranks, the largest rank."""
+    from memprop.cli._common import render_table      # table look shared with the CLI
+
+    m = s.rank(s.largest_rank)
+    how = ("PREDICTED on a fake process group and fake tensors (nothing allocated), "
+           f"{len(s.ranks)} of {s.world_size} ranks run (the others hold the same shards)"
+           if s.predicted else f"measured in {s.world_size} processes (gloo)")
+    sizes = ", ".join(f"{k}={v}" for k, v in config.fields().items())
+    frame = s.frame()
+    figures = [c for c in frame.columns if c not in ("rank", "same_as")]
+    groups = frame.groupby(figures, sort=False)["rank"].apply(list).reset_index()
+    groups.insert(0, "ranks", [rank_ranges(r) for r in groups["rank"]])
+    groups = groups.drop(columns="rank")
+    took = f" in {s.seconds:.1f} s" if s.seconds is not None else ""
+    lines = [f"{config.name} ({sizes})",
+             f"batch {batch_size} per rank, {m.dtype}, cpu, strategy {m.strategy}, optimizer "
+             f"{m.optimizer}; {s.fsdp.describe()}: {how}{took}",
+             "",
+             render_table(groups),
+             "",
+             f"  largest rank          {s.largest_rank}: tensor-level peak "
+             f"{format_bytes(s.peak_bytes)} ({s.peak_bytes} bytes; by phase: "
+             + ", ".join(f"{k} {format_bytes(v)}" for k, v in m.peak_by_phase.items()) + ")",
+             f"  stored for backward   {format_bytes(m.saved_bytes)} on that rank"]
+    return "\n".join(lines)

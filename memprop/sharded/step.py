@@ -1,0 +1,66 @@
+"""One rank's training step under FSDP2: the body a real rank and a predicted rank run.
+
+    m = rank_step(job, mesh, predicted=False)     # inside an initialized process group
+
+NOTE [ One rank, two passes ]
+  A real rank (memprop.sharded.spawn: its own process, a gloo process group) and a
+  predicted rank (memprop.sharded.prediction: a fake process group under FakeTensorMode)
+  run this same function: build the model (same seed on every rank, as FSDP2 requires)
+  and the rank's batch, apply the checkpointing strategy, shard (``apply_fsdp``), and
+  ``measure_step`` it (the first step, then the measured step, then the stored pass; no
+  timing, FLOPs or inference pass) with storage resizes reported to the tracker
+  (memprop.sharded.resizes). Both run FSDP2's collectives through memprop.sharded.gloo
+  (NOTE [ gloo reduce-scatters through a full copy ], NOTE [ gloo's worker thread frees
+  late ]). So a measured and a predicted rank differ in nothing but whether tensors hold
+  data and collectives move it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+
+from memprop.checkpoint import parse_strategy
+from memprop.measure import Measurement, measure_step
+from memprop.sharded.apply import apply_fsdp
+from memprop.sharded.config import FSDPConfig
+from memprop.sharded.gloo import use_gloo_collectives
+from memprop.sharded.resizes import resizes_reported
+from memprop.workload import build_workload
+
+__all__ = ["RankJob", "rank_step"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RankJob:
+    """One sharded step to run on every rank: a model config at a per-rank batch size."""
+
+    config: object                      # a ModelConfig (memprop.models)
+    batch_size: int                     # examples per rank (each rank its own batch)
+    fsdp: FSDPConfig
+    optimizer: str = "sgd"
+    strategy: str = "none"
+    dtype: torch.dtype = torch.float32
+    seed: int = 0
+
+
+def rank_step(job: RankJob, mesh: DeviceMesh, *, predicted: bool) -> Measurement:
+    """This rank's step of ``job`` (NOTE [ One rank, two passes ])."""
+    strat = parse_strategy(job.strategy)
+    model, batch = build_workload(job.config, job.batch_size, dtype=job.dtype,
+                                  strategy=strat, seed=job.seed)
+    apply_fsdp(model, mesh, job.fsdp)
+    if job.fsdp.backend == "gloo":
+        use_gloo_collectives(model)
+    with resizes_reported():
+        result = measure_step(model, batch, optimizer=job.optimizer, strategy=strat.spec,
+                              loss_fn=job.config.loss, forward_fn=job.config.forward,
+                              timing=False, flops=False, inference=False,
+                              predicted=predicted)
+    result.meta.update(job.config.row_fields())
+    result.meta.update(rank=mesh.get_rank(), world_size=job.fsdp.world_size,
+                       reshard_after_forward=job.fsdp.reshard_after_forward,
+                       mixed_precision=job.fsdp.mixed_precision)
+    return result
