@@ -51,20 +51,24 @@ def grouped_mm_output(mat_a: torch.Tensor, mat_b: torch.Tensor, offs=None, bias=
     the kernel allocates ])."""
     allowed = (torch.float32, torch.bfloat16, torch.float16)
     for name, mat in (("mat_a", mat_a), ("mat_b", mat_b)):
-        torch._check(mat.dtype in allowed, lambda: f"Expected {name} to be Float32, "
-                     f"BFloat16 or Float16 matrix, got {mat.dtype}")
-        torch._check(mat.dim() in (2, 3), lambda: f"{name} has to be 2 or 3d")
+        # torch._check calls the message only on failure, within this iteration; the
+        # default arguments bind this iteration's values all the same (ruff B023)
+        torch._check(mat.dtype in allowed, lambda name=name, mat=mat: f"Expected {name} to be "
+                     f"Float32, BFloat16 or Float16 matrix, got {mat.dtype}")
+        torch._check(mat.dim() in (2, 3), lambda name=name: f"{name} has to be 2 or 3d")
         end = mat.dim() - 1
         align = 16 // mat.element_size()
-        size, stride = mat.shape, mat.stride()
-        if stride[end - 1] == 1 and stride[end] >= max(1, size[end - 1]):
-            torch._check(stride[end] % align == 0, lambda: "strides should be multiple of 16 bytes")
-        elif stride[end] == 1 and stride[end - 1] >= max(1, size[end]):
-            torch._check(stride[end - 1] % align == 0,
+        mat_size, mat_stride = mat.shape, mat.stride()
+        if mat_stride[end - 1] == 1 and mat_stride[end] >= max(1, mat_size[end - 1]):
+            torch._check(mat_stride[end] % align == 0,
+                         lambda: "strides should be multiple of 16 bytes")
+        elif mat_stride[end] == 1 and mat_stride[end - 1] >= max(1, mat_size[end]):
+            torch._check(mat_stride[end - 1] % align == 0,
                          lambda: "strides should be multiple of 16 bytes")
         else:
-            torch._check(False, lambda: f"Invalid strides/sizes, got {list(stride)} for "
-                         f"strides and {list(size)} for sizes")
+            torch._check(False, lambda mat_size=mat_size, mat_stride=mat_stride:
+                         f"Invalid strides/sizes, got {list(mat_stride)} for "
+                         f"strides and {list(mat_size)} for sizes")
     a2, b2 = mat_a.dim() == 2, mat_b.dim() == 2
     if not a2 or not b2:
         torch._check(mat_a.size(-1) == mat_b.size(-2),

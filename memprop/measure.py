@@ -32,15 +32,16 @@ NOTE [ Inference runs the plain model ]
   with what the same model needs to predict. A checkpointing strategy is a training
   device: under ``no_grad`` it saves nothing, yet a checkpointed model runs differently
   even there (measured, ``mlp`` depth 8, width 128, batch 256: inference peak 1.57 MiB
-  plain, 1.82 MiB under ``sqrt``), and it turns a model's KV cache off (NOTE [ Checkpointing and KV caches ],
-  memprop.checkpoint.cache), which prediction keeps on (``hf:gpt2`` with 6 layers at
-  batch 8: 5.70 MiB plain, 4.33 MiB under ``sqrt``, 4.20 MiB under ``full``, before this
-  rule; 5.70 MiB under each since). So pass 5 runs with the applied strategy
-  suspended (``Applied.suspended``, memprop.checkpoint.patch): each patch the model's ``Applied`` record holds
-  is uninstalled and each config whose cache it turned off gets ``use_cache = True``
-  back, the cache as the user left it; afterwards the same patch objects are installed
-  again in order and the caches turned off again, so the record, its patches and the
-  model are exactly as before. The inference peak is then the same under every strategy.
+  plain, 1.82 MiB under ``sqrt``), and it turns a model's KV cache off (NOTE
+  [ Checkpointing and KV caches ], memprop.checkpoint.cache), which prediction keeps on
+  (``hf:gpt2`` with 6 layers at batch 8: 5.70 MiB plain, 4.33 MiB under ``sqrt``,
+  4.20 MiB under ``full``, before this rule; 5.70 MiB under each since). So pass 5 runs
+  with the applied strategy suspended (``Applied.suspended``, memprop.checkpoint.patch):
+  each patch the model's ``Applied`` record holds is uninstalled and each config whose
+  cache it turned off gets ``use_cache = True`` back, the cache as the user left it;
+  afterwards the same patch objects are installed again in order and the caches turned
+  off again, so the record, its patches and the model are exactly as before. The
+  inference peak is then the same under every strategy.
 
 NOTE [ MoE routing and the estimate ]
   How many tokens each expert of a mixture-of-experts layer receives depends on the
@@ -116,10 +117,15 @@ def make_optimizer(name: str, params, *, lr: float = 1e-3) -> torch.optim.Optimi
                       f"{', '.join(OPTIMIZERS)}")
 
 
+# The attribute an exception raised in a step carries its phase in (set by _phase, read
+# by phase_of; TensorBudgetExceeded sets it itself).
+_PHASE_ATTR = "memprop_phase"
+
+
 def phase_of(exc: BaseException) -> str:
     """The step phase (forward / backward / optimizer / inference / setup) in which
     ``exc`` was raised inside ``measure_step``: where memory ran out, when it did."""
-    return getattr(exc, "memprop_phase", None) or "setup"
+    return getattr(exc, _PHASE_ATTR, None) or "setup"
 
 
 @contextlib.contextmanager
@@ -131,8 +137,8 @@ def _phase(name: str, tracker: LiveMemoryTracker | None = None):
     try:
         yield
     except BaseException as exc:
-        if getattr(exc, "memprop_phase", None) is None:
-            exc.memprop_phase = name
+        if getattr(exc, _PHASE_ATTR, None) is None:
+            setattr(exc, _PHASE_ATTR, name)
         raise
 
 
@@ -141,7 +147,8 @@ class Measurement:
     """One training step, measured (or, with ``predicted=True``, estimated on fake tensors).
 
     Bytes are raw bytes; times are milliseconds (medians, with the min and max of the
-    timed repeats); FLOPs are counted by ``FlopCounter`` (torch's formulas) (a multiply-add counts 2).
+    timed repeats); FLOPs are counted by ``FlopCounter`` (torch's formulas; a
+    multiply-add counts 2).
     ``None`` = not measured in this mode."""
 
     batch_size: int
@@ -193,7 +200,7 @@ class Measurement:
     @property
     def timing_spread(self) -> float | None:
         """(max - min) / median of the timed steps: 0 for steady timings."""
-        if not self.step_ms or self.step_ms_min is None:
+        if not self.step_ms or self.step_ms_min is None or self.step_ms_max is None:
             return None
         return (self.step_ms_max - self.step_ms_min) / self.step_ms
 
@@ -294,7 +301,7 @@ def _values_needed(model: nn.Module):
         yield
     except _DATA_DEPENDENT as exc:
         error = _data_dependent_error(exc, model)
-        error.memprop_phase = getattr(exc, "memprop_phase", None)
+        setattr(error, _PHASE_ATTR, getattr(exc, _PHASE_ATTR, None))
         raise error from exc
 
 
@@ -436,7 +443,7 @@ def _stored_pass(step: _Step, tensors, flops: bool) -> tuple[SavedTensorRecorder
         loss.backward()
         del loss
     step.opt.zero_grad(set_to_none=True)
-    return rec, fwd.total if flops else 0, bwd.total if flops else 0
+    return rec, fwd.total if fwd is not None else 0, bwd.total if bwd is not None else 0
 
 
 def _inference_pass(step: _Step, forward_fn, tracker: LiveMemoryTracker) -> tuple[int, int]:

@@ -139,7 +139,7 @@ class SavedTensorRecorder:
             self._buffers = storage_keys(model.buffers())
         self._inputs = storage_keys(inputs)
         self._scope = ModuleScope(model)
-        self._hooks = None
+        self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None   # while entered
 
     # -- hooks -------------------------------------------------------------------
     def _kind(self, t: torch.Tensor, key: int) -> str:
@@ -197,11 +197,13 @@ class SavedTensorRecorder:
     def __enter__(self) -> "SavedTensorRecorder":
         self._scope.__enter__()
         _STORE_OBSERVERS.append(self)
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-        self._hooks.__enter__()
+        hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        hooks.__enter__()
+        self._hooks = hooks
         return self
 
     def __exit__(self, *exc) -> None:
+        assert self._hooks is not None, "SavedTensorRecorder.__exit__ without __enter__"
         self._hooks.__exit__(*exc)
         _STORE_OBSERVERS.remove(self)
         self._scope.__exit__(*exc)

@@ -9,9 +9,10 @@
 
 NOTE [ What counts as live memory ]
   * Live memory is the sum of ``untyped_storage().nbytes()`` over distinct storages that
-    are alive (on the tracker's ``device``, when one is given): the model's parameters and buffers, the batch, gradients and optimizer
-    state present at the start, plus every storage an op creates while the tracker is
-    active (seen by a ``TorchDispatchMode``, so it works on CPU, CUDA and fake tensors).
+    are alive (on the tracker's ``device``, when one is given): the model's parameters
+    and buffers, the batch, gradients and optimizer state present at the start, plus
+    every storage an op creates while the tracker is active (seen by a
+    ``TorchDispatchMode``, so it works on CPU, CUDA and fake tensors).
   * A storage stops counting the moment it is freed: a weakref callback on the storage
     object fires when its StorageImpl dies (PyTorch keeps one Python object per live
     storage), so each allocation and free costs O(1) - no scan of ``gc``.
@@ -22,9 +23,10 @@ NOTE [ What counts as live memory ]
     temporary (everything else: outputs not saved, gradients in flight, workspaces).
   * One timeline row per op, taken right after the op's outputs are counted; frees
     between ops show in the next row, and so does the activation tag of an op's outputs
-    (autograd packs them after the op returns; the total is unaffected). The tensor-level peak is the maximum row total:
-    the CPU analogue of ``torch.cuda.max_memory_allocated``, without allocator rounding,
-    caching or kernel workspaces that never surface as tensors.
+    (autograd packs them after the op returns; the total is unaffected). The
+    tensor-level peak is the maximum row total: the CPU analogue of
+    ``torch.cuda.max_memory_allocated``, without allocator rounding, caching or kernel
+    workspaces that never surface as tensors.
   * A DTensor (FSDP2's sharded parameters, their gradients and optimizer state) counts
     as its local shard: its ops are left to DTensor, which runs them as ops on local
     tensors, and those are counted (as torch's FSDPMemTracker does). A storage resized
@@ -38,7 +40,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Mapping
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable, cast
 
 import pandas as pd
 import torch
@@ -49,6 +51,9 @@ from torch.utils._pytree import tree_flatten
 from memprop._module_scope import ModuleScope
 from memprop.budget import TensorBudgetExceeded
 from memprop.saved import _STORE_OBSERVERS, batch_tensors
+
+if TYPE_CHECKING:         # torch.distributed may be absent; _is_dtensor_type tells by name
+    from torch.distributed.tensor import DTensor
 
 __all__ = ["LiveMemoryTracker", "CATEGORIES", "PHASES"]
 
@@ -144,7 +149,7 @@ class LiveMemoryTracker:
         if self.device is not None and t.device.type != self.device.type:
             return
         if _is_dtensor_type(type(t)):
-            t = t._local_tensor               # a DTensor counts as its local shard (NOTE)
+            t = cast("DTensor", t)._local_tensor   # a DTensor counts as its local shard (NOTE)
         storage = t.untyped_storage()
         key = storage._cdata
         entry = self._live.get(key)
@@ -278,6 +283,7 @@ class LiveMemoryTracker:
         _STORE_OBSERVERS.remove(self)
         self._scope.__exit__(*exc)
         self._snapshot("[end]")
+        assert self._handles is not None, "__exit__ without __enter__"   # set on entering
         for h in self._handles:
             h.remove()
         self._handles = None

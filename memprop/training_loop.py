@@ -38,6 +38,8 @@ _ACTIVATION = CATEGORIES.index("activation")
 class TrainingLoopTracker(LiveMemoryTracker):
     """A ``LiveMemoryTracker`` that learns its phase from the loop (see NOTE)."""
 
+    model: nn.Module                          # always one here: its hooks tell the phase
+
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  inputs=(), device=None, limit_bytes: int | None = None):
         super().__init__(model, optimizer=optimizer, inputs=inputs, device=device,

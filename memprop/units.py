@@ -66,7 +66,7 @@ def _missing(value) -> bool:
 
 def format_bytes(n: float | int | None, *, precision: int = 1) -> str:
     """``n`` bytes in binary units for display, e.g. ``format_bytes(3 * 2**20) == '3.0 MiB'``."""
-    if _missing(n):
+    if n is None or _missing(n):
         return MISSING
     if isinstance(n, (str, bool)):
         return str(n)
@@ -94,7 +94,7 @@ _SI = ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1, ""))
 def format_flops(n: float | int | None) -> str:
     """FLOPs with an SI prefix and 4 significant digits: ``158.4 TFLOP``, ``2.048 MFLOP``;
     ``-`` when never counted (None or NaN)."""
-    if _missing(n):
+    if n is None or _missing(n):
         return MISSING
     n = float(n)
     if n == 0:
@@ -107,7 +107,7 @@ def format_flops(n: float | int | None) -> str:
 
 def format_ms(ms: float | None) -> str:
     """A time in milliseconds to 3 significant digits: ``12.3 ms``, ``1.23 s`` past 1000 ms."""
-    if _missing(ms):
+    if ms is None or _missing(ms):
         return MISSING
     ms = float(ms)
     return f"{_significant(ms / 1000)} s" if abs(ms) >= 1000 else f"{_significant(ms)} ms"
@@ -115,12 +115,12 @@ def format_ms(ms: float | None) -> str:
 
 def format_seconds(s: float | None) -> str:
     """A duration in seconds to 3 significant digits (``-`` if missing)."""
-    return MISSING if _missing(s) else format_ms(float(s) * 1000)
+    return MISSING if s is None or _missing(s) else format_ms(float(s) * 1000)
 
 
 def format_ratio(x: float | None) -> str:
     """A ratio to 3 significant digits: ``0.874``, ``1.91``, ``12.3`` (``-`` if missing)."""
-    return MISSING if _missing(x) else _significant(float(x))
+    return MISSING if x is None or _missing(x) else _significant(float(x))
 
 
 def format_number(x) -> str:

@@ -36,7 +36,7 @@ _CONTAINERS = (nn.ModuleList, nn.Sequential)
 
 
 def _by_attr(model: nn.Module, attr: str) -> list[nn.Module]:
-    target = model
+    target: object = model
     for part in attr.split("."):
         target = getattr(target, part, None)
     if not isinstance(target, _CONTAINERS) or len(target) == 0:

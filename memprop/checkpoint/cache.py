@@ -14,7 +14,6 @@ NOTE [ Checkpointing and KV caches ]
 from __future__ import annotations
 
 import warnings
-from typing import Callable
 
 from torch import nn
 
@@ -48,7 +47,7 @@ class CacheRestore:
         self.configs = []
 
 
-def cache_off(model: nn.Module, *, warn: bool = True) -> Callable[[], None]:
+def cache_off(model: nn.Module, *, warn: bool = True) -> CacheRestore:
     """Set ``use_cache = False`` wherever it is true; returns the undo (a
     ``CacheRestore``)."""
     turned = [cfg for cfg in _configs(model) if getattr(cfg, "use_cache", False) is True]

@@ -231,7 +231,7 @@ class SegmentForward(PatchedForward):
                         if bn.training] if recompute else []
         _state.depth = getattr(_state, "depth", 0) + 1
         try:
-            outs = []
+            outs: list = []
             for p, block in enumerate(seg):
                 args, kwargs = (call.args, call.kwargs) if p == 0 else call.with_hidden(
                     _hidden(outs[-1], names[p - 1]))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from typing import Any
 
 import torch
 from torch import nn
@@ -110,7 +111,7 @@ class NestedChain:
             calls[0] += 1
             return self._run(first, last, children, inp,
                              recompute=calls[0] > 1 or _get("recomputing") > 0)
-        options = dict(context_fn=VerifyingContext(
+        options: dict[str, Any] = dict(context_fn=VerifyingContext(
             None, f"the nested checkpoint of blocks {first}-{last}")) if is_verifying() else {}
         return checkpoint(segment, x, use_reentrant=False, preserve_rng_state=True, **options)
 

@@ -33,10 +33,12 @@ from torch import nn
 from memprop.checkpoint.cache import CacheRestore, cache_off
 from memprop.errors import StrategyError
 
+_FSDP_MODULES: tuple[type, ...]              # FSDP2's module class, or none
 try:                                          # FSDP2 (torch.distributed may be absent)
-    from torch.distributed.fsdp import FSDPModule as _FSDPModule
+    from torch.distributed.fsdp import FSDPModule
+    _FSDP_MODULES = (FSDPModule,)
 except ImportError:                           # pragma: no cover
-    _FSDPModule = ()
+    _FSDP_MODULES = ()
 
 __all__ = ["PatchedForward", "Applied", "APPLIED", "refuse_sharded"]
 
@@ -137,7 +139,7 @@ def refuse_sharded(modules: list[nn.Module], what: str) -> None:
     ``ops:``, ``nested:`` with one-block top segments)."""
     inside = [m for root in modules for m in (root.modules() if len(modules) > 1
                                                else list(root.modules())[1:])]
-    if _FSDPModule and any(isinstance(m, _FSDPModule) for m in inside):
+    if _FSDP_MODULES and any(isinstance(m, _FSDP_MODULES) for m in inside):
         raise StrategyError(
             f"memprop.checkpoint: {what} spans modules sharded with FSDP2 (fully_shard), "
             "whose all-gathers and hooks cannot be replayed inside one region; use a "

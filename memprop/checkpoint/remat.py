@@ -142,7 +142,9 @@ class _Rebuild:
     def region(target: _Call) -> tuple[list, list]:
         """(calls re-run to rebuild ``target``, in forward order; FLOP-carrying calls
         not kept whose outputs it takes as they are)."""
-        inner, edge, seen, stack = [], [], {id(target)}, [target]
+        inner: list[_Call] = []
+        edge: list[_Call] = []
+        seen, stack = {id(target)}, [target]
         while stack:
             call = stack.pop()
             inner.append(call)
@@ -278,7 +280,7 @@ def _copy_written(func, args: tuple, kwargs: dict, held: set) -> tuple:
     of a held output (the output itself or any view of it) replaced by the same view of a
     copy of that storage: a held output serves later rebuilds as it was made, and the
     call sees the sizes, strides and offset the forward's call saw."""
-    args, kwargs = list(args), dict(kwargs)
+    new_args, new_kwargs = list(args), dict(kwargs)
     copies: dict = {}          # (storage key, dtype) -> a copy of the whole storage
 
     def private(t):
@@ -290,15 +292,17 @@ def _copy_written(func, args: tuple, kwargs: dict, held: set) -> tuple:
             copies[key, t.dtype] = t.as_strided((whole,), (1,), 0).clone()
         return copies[key, t.dtype].as_strided(t.size(), t.stride(), t.storage_offset())
 
+    def private_all(value):
+        if isinstance(value, (list, tuple)):
+            return type(value)(private(v) for v in value)
+        return private(value)
+
     for i, name in _written_arguments(func):
-        where, key = (args, i) if i < len(args) else (kwargs, name)
-        if (key in where) if where is kwargs else True:
-            value = where[key]
-            if isinstance(value, (list, tuple)):
-                where[key] = type(value)(private(v) for v in value)
-            else:
-                where[key] = private(value)
-    return tuple(args), kwargs
+        if i < len(new_args):
+            new_args[i] = private_all(new_args[i])
+        elif name in new_kwargs:
+            new_kwargs[name] = private_all(new_kwargs[name])
+    return tuple(new_args), new_kwargs
 
 
 def _unchanged(t: torch.Tensor, version: int) -> torch.Tensor:
@@ -383,7 +387,8 @@ def _min_cut(leaf: torch.Tensor, calls: dict, pairs: list) -> list:
         add("leaf" if src is None else ("out", id(src)),
             "sink" if reader is None else ("in", id(reader)), big)
     while True:                                # shortest augmenting paths
-        parent, queue = {"source": None}, ["source"]
+        parent: dict = {"source": None}        # node -> the node before it on a path
+        queue = ["source"]
         for u in queue:
             for v, c in cap[u].items():
                 if c > 0 and v not in parent:
@@ -458,7 +463,8 @@ class _Record(TorchDispatchMode):
         self.demoted: set = set()                 # storage keys written in place
         self.unwritten: set = set()               # storage keys of empty() outputs
         self.batch_leaves: dict = {}              # storage key -> a leaf of the batch
-        self.guarded: dict[int, str] = {}         # storage key -> what a recipe reads there
+        # storage key -> what a recipe reads there (None, a sparse tensor's, popped below)
+        self.guarded: dict[int | None, str] = {}
         self.rebuild = _Rebuild()
         self.packed: list = []                    # calls handed to autograd as recipes
         self.seq = 0

@@ -51,6 +51,7 @@ import difflib
 import math
 import re
 import warnings
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -94,7 +95,14 @@ class Strategy:
     def segments(self, n_blocks: int) -> list[tuple[int, int]]:
         return []
 
-    context_fn = None
+    # torch.utils.checkpoint's context_fn for every segment (None: save nothing inside)
+    context_fn: ClassVar[Callable[[], Any] | None] = None
+
+    @property
+    def spec(self) -> str:
+        """The strategy as text (``every:2``); each subclass sets it (a class attribute
+        or a property)."""
+        raise AttributeError(f"{type(self).__name__} sets no spec")
 
     def apply(self, model: nn.Module, *, blocks_attr: str | None = None, blocks=None,
               check_fn=None, example_batch=None, loss_fn=None) -> nn.Module:
@@ -109,9 +117,9 @@ class Strategy:
         applied = []
         for chain in chains:
             segments = self.segments(len(chain))
-            if segments:
-                applied.extend(CheckpointedChain(chain, segments,
-                                                 context_fn=self.context_fn).apply().patches)
+            if segments:                      # the class's context_fn, unbound
+                chained = CheckpointedChain(chain, segments, context_fn=type(self).context_fn)
+                applied.extend(chained.apply().patches)
         return Applied.record(model, self, applied)
 
     def remove(self, model: nn.Module) -> nn.Module:
@@ -202,8 +210,9 @@ class Blocks(Strategy):
         ranges = tuple((r, r) if isinstance(r, int) else tuple(r) for r in self.ranges)
         object.__setattr__(self, "ranges", ranges)
         ends = [i for r in ranges for i in r]
-        if any(a > b for a, b in ranges) or ends != sorted(ends) or len(set(
-                i for a, b in ranges for i in range(a, b + 1))) != sum(b - a + 1 for a, b in ranges):
+        covered = {i for a, b in ranges for i in range(a, b + 1)}
+        if any(a > b for a, b in ranges) or ends != sorted(ends) or len(covered) != sum(
+                b - a + 1 for a, b in ranges):
             raise StrategyError(f"memprop.checkpoint: {self.spec} needs ordered, disjoint "
                                 "blocks or ranges, e.g. blocks:0-3,5")
 
@@ -287,8 +296,7 @@ def parse_strategy(text: str | Strategy | None) -> Strategy:
         if name == "segments" and re.fullmatch(r"\d+", arg):
             return Segments(int(arg))
         if name == "blocks" and re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", arg):
-            return Blocks(tuple(tuple(int(i) for i in part.split("-")) if "-" in part
-                                else int(part) for part in arg.split(",")))
+            return Blocks(tuple(_block_range(part) for part in arg.split(",")))
         if name in _FORMS and arg:
             return _FORMS[name](arg)
     except StrategyError:
@@ -300,6 +308,12 @@ def parse_strategy(text: str | Strategy | None) -> Strategy:
     raise StrategyError(f"memprop.checkpoint: unknown strategy {text!r}; choose one of: "
                         f"{', '.join(STRATEGY_FORMS)} (e.g. every:2, segments:4, blocks:0,3, "
                         "budget:1.5GiB)" + (f"; did you mean {guess!r}?" if guess else ""))
+
+
+def _block_range(part: str) -> tuple[int, int]:
+    """``"0-3"`` -> ``(0, 3)``, ``"5"`` -> ``(5, 5)``: one range of ``blocks:``."""
+    first, _, last = part.partition("-")
+    return int(first), int(last or first)
 
 
 def _close_form(spec: str) -> str | None:

@@ -45,10 +45,11 @@ __all__ = ["Forward", "forward_front", "compress_keys"]
 
 def compress_keys(keys) -> str:
     """``+``-joined op keys, runs of call indices as ranges: addmm#0-11+mm#3+sdpa."""
-    every, calls = set(), defaultdict(list)
+    every: set[str] = set()
+    calls: defaultdict[str, list[int]] = defaultdict(list)
     for key in keys:
         name, first, last = split_key(key)
-        if first is None:
+        if first is None or last is None:      # a bare name: both None (every call)
             every.add(name)
         else:
             calls[name].extend(range(first, last + 1))
@@ -57,8 +58,8 @@ def compress_keys(keys) -> str:
         if name in every:
             continue
         indices = sorted(set(calls[name]))
-        for _, run in itertools.groupby(enumerate(indices), key=lambda iv: iv[1] - iv[0]):
-            run = [i for _, i in run]
+        for _, group in itertools.groupby(enumerate(indices), key=lambda iv: iv[1] - iv[0]):
+            run = [i for _, i in group]
             out.append(f"{name}#{run[0]}" + (f"-{run[-1]}" if len(run) > 1 else ""))
     return "+".join(out)
 

@@ -5,9 +5,16 @@ the tensors autograd itself saves."""
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from memprop.cli._common import DTYPE_NAMES, add_command, parse_dtype, positive_int, render_table
 from memprop.units import format_bytes
+
+if TYPE_CHECKING:                      # imported when gathering: the CLI starts without them
+    import pandas as pd
+    import torch
+
+    from memprop.models import D2LConfig
 
 _FORWARD_STEPS = [("x", "input", "(B, d)"), ("z", "X W1ᵀ", "(B, h)"),
                   ("h", "φ(z)", "(B, h)"), ("o", "H W2ᵀ", "(B, q)")]
@@ -44,11 +51,13 @@ def gather_backprop(*, d=784, h=256, q=10, batch=64, phi="relu", lam=1e-3,
 
     from memprop import backprop as bp
     from memprop.models import D2LConfig, training_loss
+    from memprop.models.d2l import D2LMLP
     from memprop.saved import SavedTensorRecorder
 
     dtype = dtype or torch.float32
     cfg = D2LConfig(d=d, h=h, q=q, phi=phi, lam=lam)
     model = cfg.build(dtype=dtype, seed=seed)
+    assert isinstance(model, D2LMLP)          # what D2LConfig builds: W1 and W2 below
     (x,), y = cfg.example_batch(batch, dtype=dtype, seed=seed)
     W1, W2 = model.W1.detach(), model.W2.detach()
 
@@ -121,7 +130,8 @@ def add_parser(sub) -> None:
     p.add_argument("--batch", type=positive_int, default=64, help="minibatch size B")
     p.add_argument("--phi", default="relu", help="activation φ: relu, tanh, sigmoid")
     p.add_argument("--lam", type=float, default=1e-3, help="L2 weight λ")
-    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="dtype of weights and inputs")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
+                   help="dtype of weights and inputs")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch")
     p.set_defaults(func=backprop_command)
 

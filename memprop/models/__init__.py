@@ -40,7 +40,7 @@ def model_config(name: str, **fields) -> ModelConfig:
         return hf_config(name, **fields)
     if ":" in name:
         fields.setdefault("factory", name)
-        cls = UserModelConfig
+        cls: type[ModelConfig] = UserModelConfig
     elif name in MODELS:
         cls = MODELS[name]
     else:

@@ -74,7 +74,11 @@ class ModelConfig:
     validate in ``_validate`` (called from ``__post_init__``) and implement
     ``build`` and ``example_batch``."""
 
-    name = "model"
+    @property
+    def name(self) -> str:
+        """The model's name in specs and rows; subclasses set it as a class attribute
+        (``name = "mlp"``) or, like ``hf:<model_type>``, as a property."""
+        return "model"
 
     def __post_init__(self) -> None:
         self._validate()
@@ -107,7 +111,7 @@ class ModelConfig:
             self._fail(field, "one of: " + ", ".join(map(str, options)))
 
     def build(self, *, dtype: torch.dtype = torch.float32, device="cpu",
-              seed: int = 0) -> ZooModel:
+              seed: int = 0) -> nn.Module:
         """The model with deterministic weights (``seed``), on ``device`` in ``dtype``.
 
         Parameters are created in place (default dtype and device set while building),
@@ -123,12 +127,13 @@ class ModelConfig:
             torch.set_default_dtype(previous)
         return model
 
-    def _build(self) -> ZooModel:  # pragma: no cover - overridden
+    def _build(self) -> nn.Module:  # pragma: no cover - overridden
         raise NotImplementedError
 
     def example_batch(self, batch_size: int, *, dtype: torch.dtype = torch.float32,
-                      device="cpu", seed: int = 0) -> Batch:
-        """A deterministic random batch of ``batch_size`` examples."""
+                      device="cpu", seed: int = 0) -> Any:
+        """A deterministic random batch of ``batch_size`` examples: a ``Batch`` for the
+        built-in models, a workload's own structure otherwise (a dict for ``hf:``)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"memprop.models: batch size {batch_size!r} is not allowed; "
                               "it must be an integer >= 1")
@@ -136,7 +141,7 @@ class ModelConfig:
         move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
         return tree_map(move, self._batch(batch_size, gen, dtype))
 
-    def _batch(self, batch_size: int, gen: torch.Generator, dtype: torch.dtype) -> Batch:
+    def _batch(self, batch_size: int, gen: torch.Generator, dtype: torch.dtype) -> Any:
         raise NotImplementedError  # pragma: no cover
 
     # -- the workload contract: how one step of this config's batches is computed.

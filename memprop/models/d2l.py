@@ -15,6 +15,7 @@ For a minibatch the vectors become rows: X is (B, d), Z and H are (B, h), O is (
 from __future__ import annotations
 
 import dataclasses
+from typing import cast
 
 import torch
 from torch import nn
@@ -44,12 +45,12 @@ class D2LMLP(ZooModel):
                                      nn.Linear(cfg.h, cfg.q, bias=False)])
 
     @property
-    def W1(self) -> nn.Parameter:  # (h, d)
-        return self.blocks[0].linear.weight
+    def W1(self) -> torch.Tensor:  # (h, d)
+        return cast(_Hidden, self.blocks[0]).linear.weight     # blocks as built above
 
     @property
-    def W2(self) -> nn.Parameter:  # (q, h)
-        return self.blocks[1].weight
+    def W2(self) -> torch.Tensor:  # (q, h)
+        return cast(nn.Linear, self.blocks[1]).weight
 
     def forward(self, x):  # (B, d) -> (B, q)
         for block in self.blocks:

@@ -338,7 +338,8 @@ def _nest(options: dict) -> dict:
     for key, value in options.items():
         head, dot, rest = key.partition(".")
         if dot:
-            inner = out.get(head) if isinstance(out.get(head), dict) else {}
+            got = out.get(head)
+            inner = got if isinstance(got, dict) else {}
             out[head] = {**inner, **_nest({rest: value})}
         else:
             out[key] = value
@@ -397,9 +398,9 @@ def _derive(default, user: dict, *, seq_len: int, image_size: int = 32,
         return next((own(k) for k in names if own(k) in fields), None)
 
     # 1. the standard sizes
-    for key, value in SMALL_DEFAULTS.items():
+    for key, size in SMALL_DEFAULTS.items():
         if top or key != "patch_size":
-            put(key, value)
+            put(key, size)
     hidden, heads = _int(now("hidden_size")), _int(now("num_attention_heads"))
     if hidden and heads and hidden % heads and own("num_attention_heads") not in user:
         heads = max(k for k in range(1, heads + 1) if hidden % k == 0)
@@ -419,6 +420,7 @@ def _derive(default, user: dict, *, seq_len: int, image_size: int = 32,
     # 3. head_dim
     d_head_dim = _int(d.get(own("head_dim"))) or (d_hidden // d_heads if d_hidden and d_heads
                                                      else None)
+    head_dim: int | None
     if hidden and heads:
         head_dim = hidden // heads
         if d_head_dim and d_hidden and d_heads:
@@ -476,7 +478,8 @@ def _derive(default, user: dict, *, seq_len: int, image_size: int = 32,
             put(key, 16)
 
     patch = _int(now("patch_size"))                       # a vision sub-config's images
-    if not top and patch and image_size % patch == 0 and (_int(d.get("image_size")) or 0) > image_size:
+    if not top and patch and image_size % patch == 0 and (
+            _int(d.get("image_size")) or 0) > image_size:
         put("image_size", image_size)
 
     # state-space heads: heads x head size = the inner size (expand x hidden, or d_ssm)
@@ -492,9 +495,11 @@ def _derive(default, user: dict, *, seq_len: int, image_size: int = 32,
         if value and family == "intermediate" and not bases[family][0]:
             put(key, min(value, SMALL_DEFAULTS["intermediate_size"]))   # encoder_ffn_dim
             continue
-        if not value or family is None or not all(bases[family]):
+        if not value or family is None:
             continue
         was, new = bases[family]
+        if not was or not new:                           # both sizes known
+            continue
         if family == "layers":
             if value >= was:
                 put(key, new)                            # all the layers (decoder_layers)
@@ -568,10 +573,10 @@ def _ssm_heads(d, fields, now, put, first, hidden, d_hidden) -> None:
     if not n or not dim:
         return
     if inner_key and _int(d[inner_key]) == n * dim:
-        inner = Fraction(d[inner_key] * hidden, d_hidden)
-        if inner.denominator != 1:
+        scaled = Fraction(d[inner_key] * hidden, d_hidden)
+        if scaled.denominator != 1:
             return
-        inner = int(inner)
+        inner = int(scaled)
         put(inner_key, inner)
     elif d_expand and n * dim == d_expand * d_hidden and expand:
         inner = expand * hidden
@@ -723,7 +728,9 @@ def eager_masks(batch, *, all_ones: bool, replay: list | None = None):
         return
     saved = {n: getattr(masking_utils, n) for n in (*_SKIP_TESTS, _PREPARE)
              if hasattr(masking_utils, n)}
-    made_ones, prepared, decided = {}, {}, []
+    made_ones: dict = {}
+    prepared: dict = {}
+    decided: list = []
     try:
         for name, original in saved.items():
             setattr(masking_utils, name,

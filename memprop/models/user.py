@@ -80,7 +80,8 @@ def _describe(value) -> str:
     """A value as an error message names it: a tensor by its shape and dtype."""
     if isinstance(value, torch.Tensor):
         dtype = str(value.dtype).replace("torch.", "")
-        return f"{'an' if dtype[0] in 'aeiou' else 'a'} {dtype} tensor of shape {tuple(value.shape)}"
+        article = "an" if dtype[0] in "aeiou" else "a"
+        return f"{article} {dtype} tensor of shape {tuple(value.shape)}"
     if isinstance(value, (tuple, list)):
         return f"a {type(value).__name__} of {len(value)} item{'s' if len(value) != 1 else ''}"
     if isinstance(value, Mapping):
@@ -131,8 +132,9 @@ def own_loss(model: nn.Module, batch) -> torch.Tensor:
     loss = _own_loss_of(output)
     if loss is not None:
         return loss
-    if callable(getattr(model, "objective", None)):
-        return model.objective(output, targets)
+    objective = getattr(model, "objective", None)
+    if callable(objective):
+        return objective(output, targets)
     if targets is None and isinstance(output, torch.Tensor):
         return synthetic_objective(output)
     name = type(model).__name__

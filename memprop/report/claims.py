@@ -109,8 +109,8 @@ def claim_c1_c2(data: ReportData) -> list[Claim]:
     rising = bool(len(fwd) > 1 and (np.diff(fwd) >= 0).all() and fwd[-1] > fwd[0])
     c1 = Claim("C1", STATEMENTS["C1"],
                f"{'supported' if rising and in_order else 'NOT supported'}: over the "
-               f"{len(fwd)} forward ops of one step ({_where(data, row)}) the bytes held for backward "
-               f"only grew, from {format_bytes(fwd[0])} to {format_bytes(fwd.max())}, in "
+               f"{len(fwd)} forward ops of one step ({_where(data, row)}) the bytes held for "
+               f"backward only grew, from {format_bytes(fwd[0])} to {format_bytes(fwd.max())}, in "
                f"{int((np.diff(fwd) > 0).sum())} increments; layers stored in order: "
                f"{'yes' if in_order else 'no'}",
                rising and in_order, ["stored_per_layer", "timeline"],
@@ -187,13 +187,13 @@ def claim_c4(data: ReportData) -> Claim:
     top_ratio = top.peak_bytes / top.inference_peak_bytes
     stores_nothing = bool((rows.inference_saved_bytes == 0).all())
     supported = bool((ratio > 1).all() and stores_nothing)
+    stored = ("0 B for backward in every one" if stores_nothing
+              else "tensors for backward in some")
     return Claim("C4", STATEMENTS["C4"],
                  f"{'supported' if supported else 'NOT supported'}: training needs "
                  f"{format_ratio(top_ratio)}× the memory of inference at {_where(data, top)}; "
                  f"the ratio is {format_ratio(ratio.min())}× to {format_ratio(ratio.max())}× "
-                 f"over {source}, and inference stored "
-                 f"{'0 B for backward in every one' if stores_nothing else 'tensors for backward in some'}"
-                 f"{left_out}",
+                 f"over {source}, and inference stored {stored}{left_out}",
                  supported, ["train_vs_inference"],
                  {"top_ratio": float(top_ratio), "min_ratio": float(ratio.min()),
                   "max_ratio": float(ratio.max()), "n": int(len(rows)), "trial": top.key,
@@ -212,7 +212,8 @@ def claim_c5(data: ReportData) -> Claim:
                      f"({plain.model.iloc[0]}) has no field that counts its layers (depth, "
                      "num_hidden_layers, n_layer, num_layers, ...), so there is no depth axis",
                      None, ["stored_vs_depth"])
-    if plain.empty or DEPTH not in plain or plain[[DEPTH, "batch"]].dropna().drop_duplicates().shape[0] < 3:
+    if plain.empty or DEPTH not in plain or plain[[DEPTH, "batch"]].dropna() \
+            .drop_duplicates().shape[0] < 3:
         return Claim("C5", STATEMENTS["C5"], "not enough plain trials across depth and batch "
                      "(need 3 or more (depth, batch) points)", None, ["stored_vs_depth"])
     fit = fit_depth_batch(plain)
@@ -278,7 +279,8 @@ def _frontier_field(fr) -> str:
 
 
 def claim_c6(data: ReportData) -> Claim:
-    fr = data.frontier[data.frontier.strategy == "none"] if not data.frontier.empty else data.frontier
+    fr = data.frontier
+    fr = fr[fr.strategy == "none"] if not fr.empty else fr
     if fr.empty or fr.depth.nunique() < 2:
         return Claim("C6", STATEMENTS["C6"], "no out-of-memory frontier with two or more depths "
                      "in this store (add a [frontier] table and run memprop sweep)", None,
@@ -286,7 +288,8 @@ def claim_c6(data: ReportData) -> Claim:
     fr = fr.sort_values("depth")
     shrinking = bool((fr.confirmed_batch.diff().dropna() < 0).all())
     field = _frontier_field(fr)
-    parts = "; ".join(f"{field} {int(d)}: batch {int(b)}" for d, b in zip(fr.depth, fr.confirmed_batch))
+    parts = "; ".join(f"{field} {int(d)}: batch {int(b)}"
+                      for d, b in zip(fr.depth, fr.confirmed_batch))
     return Claim("C6", STATEMENTS["C6"],
                  f"{'supported' if shrinking else 'NOT supported'}: at a real budget of "
                  f"{_budget_words(fr)}, the largest batch that fits falls as "
@@ -323,9 +326,9 @@ def claim_c7(data: ReportData) -> Claim:
                      f"{int(best.loc[depth])} with {strategy.loc[depth]}{cost}"
                      f"{f' ({source})' if ratio else ''}{note}",
                      moved, ["frontier", "tradeoff", "timeline"],
-                     {"depth": depth, "none_batch": int(pivot.loc[depth, "none"]), "unmoved": unmoved,
-                      "best_batch": int(best.loc[depth]), "strategy": strategy.loc[depth],
-                      "flops_ratio": ratio})
+                     {"depth": depth, "none_batch": int(pivot.loc[depth, "none"]),
+                      "unmoved": unmoved, "best_batch": int(best.loc[depth]),
+                      "strategy": strategy.loc[depth], "flops_ratio": ratio})
     _, rows = data.main_model()
     if rows.empty or rows.strategy.nunique() < 2:
         return Claim("C7", STATEMENTS["C7"], "no checkpointed trials in this store", None, [])
@@ -338,9 +341,11 @@ def claim_c7(data: ReportData) -> Claim:
     return Claim("C7", STATEMENTS["C7"],
                  f"{'partly supported' if less else 'NOT supported'}: {strategy} stores "
                  f"{format_ratio(cand.min() / base)}× the bytes of no checkpointing"
-                 f"{f' for {format_ratio(ratio)}× FLOPs' if ratio else ''}; no frontier in this store, so "
-                 "the moved boundary is not measured", less if less else False, ["tradeoff"],
-                 {"strategy": strategy, "saved_ratio": float(cand.min() / base), "flops_ratio": ratio})
+                 f"{f' for {format_ratio(ratio)}× FLOPs' if ratio else ''}; no frontier in this "
+                 "store, so the moved boundary is not measured", less if less else False,
+                 ["tradeoff"],
+                 {"strategy": strategy, "saved_ratio": float(cand.min() / base),
+                  "flops_ratio": ratio})
 
 
 def compute_claims(data: ReportData) -> list[Claim]:

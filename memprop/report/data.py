@@ -56,7 +56,7 @@ class ReportData:
     environment: dict[str, str]
     description: str = ""
     stale: int = 0                 # stored trials not in the spec's current grid (not shown)
-    depth_name: str | None = None  # the model field that is the depth axis (NOTE [ The depth axis ])
+    depth_name: str | None = None  # the model field of the depth axis (NOTE [ The depth axis ])
     _store: ResultsStore | None = dataclasses.field(default=None, repr=False)
 
     @property
@@ -144,7 +144,8 @@ def depth_field(results: pd.DataFrame, frontier_field: str | None = None) -> str
     if frontier_field in names:
         return frontier_field
     varied = [n for n in names if results[f"cfg_{n}"].nunique() > 1]
-    return (varied or names or [None])[0]
+    pool = varied or names
+    return pool[0] if pool else None
 
 
 def with_depth(results: pd.DataFrame, name: str | None) -> pd.DataFrame:

@@ -127,7 +127,8 @@ def _timeline_pair(data: ReportData):
     _, rows = data.main_model()
     if rows.empty:
         return None
-    for _, plain in rows[rows.strategy == "none"].sort_values("saved_bytes", ascending=False).iterrows():
+    plains = rows[rows.strategy == "none"].sort_values("saved_bytes", ascending=False)
+    for _, plain in plains.iterrows():
         same = rows[(rows.strategy != "none") & (rows.batch == plain.batch)]
         if DEPTH in rows:
             same = same[same[DEPTH] == plain[DEPTH]]
@@ -146,8 +147,9 @@ def fig_timeline(data: ReportData):
     pair = _timeline_pair(data)
     if pair is None:
         return None, "needs a plain and a checkpointed trial of the same configuration"
-    timelines = [data.frame(row.key, "timeline") for row in pair]
-    if any(tl is None for tl in timelines):
+    frames = [data.frame(row.key, "timeline") for row in pair]
+    timelines = [tl for tl in frames if tl is not None]
+    if len(timelines) < len(frames):
         return None, "the trials have no stored timeline"
     # only the categories that held memory in either step: empty ones clutter the legend
     shown = [c for c in CATEGORIES if any(tl[f"{c}_bytes"].max() > 0 for tl in timelines)]
@@ -161,8 +163,8 @@ def fig_timeline(data: ReportData):
             idx = tl.op_index[tl.phase == phase]
             if not idx.empty:
                 ax.axvspan(idx.min(), idx.max(), color=color, zorder=-1)
-                ax.text((idx.min() + idx.max()) / 2, 0.98, phase, transform=ax.get_xaxis_transform(),
-                        ha="center", va="top", fontsize=8)
+                ax.text((idx.min() + idx.max()) / 2, 0.98, phase,
+                        transform=ax.get_xaxis_transform(), ha="center", va="top", fontsize=8)
         ax.set_title(f"strategy {row.strategy}: peak {format_bytes(row.peak_bytes)}, "
                      f"{len(tl)} ops", fontsize=10)
         ax.set_xlabel("op index in one training step")

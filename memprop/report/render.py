@@ -175,7 +175,8 @@ def _markdown(data, claims, figures, missing_figures, tables) -> str:
               "Every number below is measured, or labelled as a prediction (fake tensors).", "",
               "## Claims", ""]
     for c in claims:
-        lines += [f"### {_verdict_mark(c)} {c.id}: {c.statement}", "", f"**Verdict:** {c.verdict}", ""]
+        lines += [f"### {_verdict_mark(c)} {c.id}: {c.statement}", "",
+                  f"**Verdict:** {c.verdict}", ""]
         for name in c.evidence:
             if name in figures:
                 lines += [f"![{name}](figures/{name}.png)", ""]
@@ -216,7 +217,8 @@ def _html(data, claims, pngs, missing_figures, tables) -> str:
              f"{e(data.name)}</title><style>{_CSS}</style></head><body>",
              f"<h1>memprop report: {e(data.name)}</h1>",
              f"<p>{e(data.description)}</p>" if data.description else "",
-             f"<p>{len(data.results)} trials (" + e(", ".join(f"{v} {k}" for k, v in counts.items()))
+             f"<p>{len(data.results)} trials ("
+             + e(", ".join(f"{v} {k}" for k, v in counts.items()))
              + f"); measured on {e(_environment(data))}. Every number is measured, or labelled "
              "as a prediction (fake tensors).</p>", "<h2>Claims</h2>"]
     for c in claims:

@@ -10,11 +10,11 @@ NOTE [ How a process budget is enforced ]
   process already maps ~0.7 GiB before its first tensor (libraries, thread stacks,
   arenas), so the limit is that baseline - measured after a dry run of the same step at
   batch 1 has loaded every module and kernel and started the thread pool - plus the
-  budget, plus ``MARGIN_BYTES`` for what never surfaces as a tensor
-  (allocator rounding, small tensors in the heap, the instruments' own records):
-  bisecting the smallest budget that fits measured 1.9 MiB of it for an MLP step and
-  2.7 MiB for a transformer step (with every instrument on), so with a 3 MiB margin a
-  step fits when its tensor-level peak is within about 1 MiB of the budget. The executor also fixes glibc's
+  budget, plus ``MARGIN_BYTES`` for what never surfaces as a tensor (allocator rounding,
+  small tensors in the heap, the instruments' own records): bisecting the smallest
+  budget that fits measured 1.9 MiB of it for an MLP step and 2.7 MiB for a transformer
+  step (with every instrument on), so with a 3 MiB margin a step fits when its
+  tensor-level peak is within about 1 MiB of the budget. The executor also fixes glibc's
   mmap threshold and caps its arenas (``CHILD_ENV``) so that a freed tensor gives its
   address space back and a new thread arena cannot reserve 64 MiB at once: address space
   then follows live tensor bytes - mostly. This mode counts everything the process maps:
@@ -25,8 +25,8 @@ NOTE [ How a process budget is enforced ]
   each trial's measured ``process_margin_bytes`` (address-space peak - baseline - tensor
   peak). The baseline can also hold mappings freed later: with MKL_DISABLE_FAST_MM=1 a
   step at batch 16384 mapped 17 MiB less than its baseline plus its tensors (margin
-  -16.8 MB), so its boundary moved by that much. Tests of this mode assert only what holds
-  on any machine (a step five times the budget runs out).
+  -16.8 MB), so its boundary moved by that much. Tests of this mode assert only what
+  holds on any machine (a step five times the budget runs out).
 """
 
 from __future__ import annotations

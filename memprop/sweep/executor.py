@@ -143,6 +143,8 @@ class _Child:
         self.log_path = os.path.join(self.workdir.name, "log.txt")
         with open(self.trial_path, "w") as f:
             json.dump(trial.to_dict(), f)
+        # a worker process: a Popen, or a forkserver Process (self.proc.exitcode)
+        self.proc: subprocess.Popen | multiprocessing.process.BaseProcess
         if executor.start == "subprocess":
             with open(self.log_path, "w") as log:
                 self.proc = subprocess.Popen(
@@ -151,11 +153,12 @@ class _Child:
                     env={**executor.env, "OMP_NUM_THREADS": str(threads)},
                     start_new_session=True, preexec_fn=_die_with_parent)
         else:
-            self.proc = executor.context.Process(
+            process = executor.context.Process(
                 target=_forked_trial, daemon=False,
                 args=(self.trial_path, self.result_path, self.log_path, threads,
                       list(sys.path), os.getpid()))
-            self.proc.start()
+            process.start()
+            self.proc = process
 
     def returncode(self):
         if isinstance(self.proc, subprocess.Popen):
@@ -195,7 +198,8 @@ class LocalProcessExecutor:
         if workers < 1:
             raise ValueError(f"memprop.sweep: workers must be >= 1, got {workers}")
         if start not in ("fork-server", "subprocess"):
-            raise ValueError(f"memprop.sweep: start must be fork-server or subprocess, got {start!r}")
+            raise ValueError("memprop.sweep: start must be fork-server or subprocess, "
+                             f"got {start!r}")
         if start == "fork-server" and "forkserver" not in multiprocessing.get_all_start_methods():
             start = "subprocess"
         self.workers, self.start, self.python, self.poll_s = workers, start, python, poll_s
@@ -208,7 +212,8 @@ class LocalProcessExecutor:
 
     def run(self, trials: list[Trial], on_result: OnResult) -> None:
         clean_stale_trials()
-        queue, running = list(trials), []
+        queue = list(trials)
+        running: list[_Child] = []
         try:
             while queue or running:
                 while queue and len(running) < self.workers:

@@ -244,9 +244,10 @@ def parse_spec(data: dict, *, path="<spec>") -> SweepSpec:
     if not isinstance(description, str):
         raise SpecError(path, "description", f"{description!r} is not a string")
 
-    run = {"dtype": "float32", "device": "cpu", "optimizer": "sgd", "repeats": 3,
-           "warmup": 1, "timeout": 600, "seed": 0, "budget": None, "estimate": True,
-           "batch": 32, "budget_mode": "tensor", "threads": 0, "amp": None}
+    run: dict[str, Any] = {"dtype": "float32", "device": "cpu", "optimizer": "sgd",
+                           "repeats": 3, "warmup": 1, "timeout": 600, "seed": 0,
+                           "budget": None, "estimate": True, "batch": 32,
+                           "budget_mode": "tensor", "threads": 0, "amp": None}
     raw_run = data.get("run", {})
     if not isinstance(raw_run, dict):
         raise SpecError(path, "run", "must be a table: [run]")

@@ -83,12 +83,14 @@ def _environment() -> dict[str, str]:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f
+                        if ln.startswith("model name")), cpu)
     except OSError:
         pass
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=5, cwd=pathlib.Path(__file__).parent).stdout.strip()
+                                text=True, timeout=5,
+                                cwd=pathlib.Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return {"memprop_version": __version__, "git_commit": commit or "unknown",
@@ -96,7 +98,8 @@ def _environment() -> dict[str, str]:
             "cpu_model": cpu, "cpu_count": str(os.cpu_count()),
             "ram_bytes": str(psutil.virtual_memory().total),
             "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-            "recorded_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "recorded_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds")}
 
 
 class ResultsStore:
@@ -208,7 +211,8 @@ class ResultsStore:
     def put_frontier(self, row: dict) -> None:
         cols = _FRONTIER_COLUMNS
         with self._writing():
-            self.db.execute(f"INSERT OR REPLACE INTO frontier VALUES ({', '.join('?' * len(cols))})",
+            marks = ", ".join("?" * len(cols))
+            self.db.execute(f"INSERT OR REPLACE INTO frontier VALUES ({marks})",
                             [row.get(c) for c in cols])
 
     def frontier(self) -> pd.DataFrame:
