@@ -11,9 +11,14 @@ rest (embeddings, head, norms). A checkpointing strategy is applied before shard
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Sequence
+
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp._fully_shard import _fsdp_param
 
 from memprop.checkpoint.blocks import find_chains
 from memprop.sharded.config import MIXED_PRECISION, FSDPConfig
@@ -29,10 +34,54 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, fsdp: FSDPConfig) -> nn.Modul
         param_dtype, reduce_dtype = MIXED_PRECISION[fsdp.mixed_precision]
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype,
                                                    reduce_dtype=reduce_dtype)
-    for chain in find_chains(model):
-        for block in chain:
-            fully_shard(block, **kwargs)
-    return fully_shard(model, **kwargs)
+    with _chunks_on_demand():
+        for chain in find_chains(model):
+            for block in chain:
+                fully_shard(block, **kwargs)
+        return fully_shard(model, **kwargs)
+
+
+class _Chunks(Sequence):
+    """``torch.chunk(tensor, n, dim)`` padded with empty tensors to ``n`` entries, as
+    FSDP2's ``_chunk_with_empty`` returns it, but each chunk made when it is read: the
+    same view (``narrow``: same sizes, strides and storage offset as ``chunk``'s)."""
+
+    def __init__(self, tensor: torch.Tensor, num_chunks: int, dim: int):
+        self.tensor, self.n, self.dim = tensor, num_chunks, dim
+        self.size = -(-tensor.size(dim) // num_chunks)         # rows per chunk
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.n))]
+        if i < 0:
+            i += self.n
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        start = i * self.size
+        rows = self.tensor.size(self.dim)
+        if start >= rows:
+            return self.tensor.new_empty(0)
+        return self.tensor.narrow(self.dim, start, min(self.size, rows - start))
+
+
+@contextlib.contextmanager
+def _chunks_on_demand():
+    """While sharding: FSDP2 splits each parameter into world_size chunks
+    (``_chunk_with_empty``: ``torch.chunk``, then one ``new_empty(0)`` per rank past the
+    rows) and reads two of them, its own rank's and the first (the padded size). At 1024
+    ranks on fake tensors that was 720,000 views and 83 of a prediction's 110 s (the
+    8-block transformer of the README). Here the chunks are made when read (``_Chunks``):
+    the same two views, no others. Nothing is allocated either way (views and 0-byte
+    tensors, before any step), real or predicted."""
+    original = _fsdp_param._chunk_with_empty
+    _fsdp_param._chunk_with_empty = _Chunks
+    try:
+        yield
+    finally:
+        _fsdp_param._chunk_with_empty = original
 
 
 def shard_layout(shapes, world_size: int, rank: int) -> tuple[int, ...]:

@@ -11,6 +11,10 @@ from memprop.units import format_bytes
 
 __all__ = ["render_sharded", "rank_ranges"]
 
+# per group of ranks: the peak, by phase, and what autograd stores (raw bytes)
+SHOWN = ["peak_bytes", "forward_peak_bytes", "backward_peak_bytes", "optimizer_peak_bytes",
+         "saved_bytes"]
+
 
 def rank_ranges(ranks: list[int]) -> str:
     """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2, 5, 7-8"``."""
@@ -36,16 +40,19 @@ def render_sharded(s: ShardedMeasurement, config, *, batch_size: int) -> str:
     figures = [c for c in frame.columns if c not in ("rank", "same_as")]
     groups = frame.groupby(figures, sort=False)["rank"].apply(list).reset_index()
     groups.insert(0, "ranks", [rank_ranges(r) for r in groups["rank"]])
-    groups = groups.drop(columns="rank")
+    shown = groups[["ranks", *SHOWN]]
     took = f" in {s.seconds:.1f} s" if s.seconds is not None else ""
+    held = m.peak_by_category
     lines = [f"{config.name} ({sizes})",
              f"batch {batch_size} per rank, {m.dtype}, cpu, strategy {m.strategy}, optimizer "
              f"{m.optimizer}; {s.fsdp.describe()}: {how}{took}",
              "",
-             render_table(groups),
+             render_table(shown),
              "",
              f"  largest rank          {s.largest_rank}: tensor-level peak "
-             f"{format_bytes(s.peak_bytes)} ({s.peak_bytes} bytes; by phase: "
-             + ", ".join(f"{k} {format_bytes(v)}" for k, v in m.peak_by_phase.items()) + ")",
-             f"  stored for backward   {format_bytes(m.saved_bytes)} on that rank"]
+             f"{format_bytes(s.peak_bytes)} ({s.peak_bytes} bytes)",
+             f"  held by that rank     sharded parameters {format_bytes(held['parameter'])}, "
+             f"gradients {format_bytes(held['gradient'])}, optimizer state "
+             f"{format_bytes(held['optimizer'])}; live before the step "
+             f"{format_bytes(m.start_bytes)}"]
     return "\n".join(lines)
