@@ -279,6 +279,22 @@ def test_plan_takes_a_criterion_on_any_module_and_its_peak_is_measured():
     assert m.inference_peak_bytes == plain.inference_peak_bytes
 
 
+@pytest.mark.parametrize("how", ["torch loss", "bare tensor"])
+def test_plan_reads_batch_and_loss_as_measure_step_does(how):
+    # plan(model, batch) takes what measure_step takes: a torch loss as loss_fn, or a
+    # bare tensor with the default (synthetic) objective; its plan's peak is measured
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(64, 64), nn.Tanh()) for _ in range(6)],
+                          nn.Linear(64, 10))
+    x, y = torch.randn(128, 64), torch.randint(0, 10, (128,))
+    batch, kw = ((x, y), dict(loss_fn=F.cross_entropy)) if how == "torch loss" else (x, {})
+    plain = measure_step(model, batch, repeats=1, **kw)
+    p = plan(model, batch, int(plain.peak_bytes * 0.9), **kw)
+    assert p.predicted_peak_bytes <= plain.peak_bytes * 0.9 and p.spec != "none"
+    p.apply(model)
+    assert measure_step(model, batch, repeats=1, **kw).peak_bytes == p.predicted_peak_bytes
+
+
 def test_estimate_of_a_module_allocates_nothing_of_its_step():
     import psutil
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ from torch import nn
 import memprop.checkpoint.remat as remat
 from memprop.checkpoint import verify_replay
 from memprop.errors import StrategyError
-from memprop.models import model_config, training_loss
+from memprop.models import model_config
 from memprop.workload import build_workload
 
 FORMS = ["full", "sqrt", "every:2", "selective", "nested:0-2[0-1]", "ops:addmm",
@@ -89,8 +89,17 @@ def test_a_recompute_that_differs_is_caught_for_checkpointed_segments():
         verify_replay(model, x, loss_fn=loss_fn)
 
 
-def test_training_loss_default_is_the_zoo_loss():
-    assert verify_replay.__kwdefaults__["loss_fn"] is training_loss
+def test_default_loss_is_measure_steps():
+    # no loss_fn: the batch and loss read as measure_step reads them, a zoo model's
+    # (inputs, targets) with its objective, or a bare tensor with the synthetic objective
+    model, batch = build_workload(model_config("mlp", depth=4, width=32, d_in=16), 8)
+    quiet_apply(model, "remat:-")
+    verify_replay(model, batch)
+    torch.manual_seed(0)
+    own = nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(4)])
+    quiet_apply(own, "remat:-")
+    verify_replay(own, torch.randn(8, 16))
+    assert all(p.grad is None for p in own.parameters())      # as before the check
 
 
 def test_the_planner_leaves_out_a_remat_plan_whose_replay_is_not_exact(monkeypatch):

@@ -61,6 +61,7 @@ from memprop.fake import fake_batch, fake_copy, fake_mode_of
 from memprop.flops import FlopCounter
 from memprop.measure import measure_step
 from memprop.models import training_loss
+from memprop.models.user import step_loss as one_step_loss
 from memprop.saved import storage_key, storage_keys
 from memprop.units import format_bytes, format_flops, format_ms, format_ratio, parse_size
 
@@ -292,7 +293,7 @@ class Plan:
 
 
 def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, check_fn=None,
-         optimizer="sgd", loss_fn=training_loss, max_rounds: int = 8,
+         optimizer="sgd", loss_fn=None, max_rounds: int = 8,
          metric: str = "peak", whole: bool = True, amp: str | None = None) -> Plan:
     """The placement with the least recompute FLOPs whose simulated peak fits ``budget``
     (bytes or a size string); with ``metric="stored"``, whose bytes stored for backward
@@ -309,8 +310,11 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, chec
     in memprop.checkpoint.whole), which recomputes in one burst as backward begins.
     False keeps to placements on the chain, recomputed a segment at a time.
 
-    ``batch`` may have any structure: ``loss_fn(model, batch)`` is the step's loss
-    (default: the zoo's ``(inputs, targets)`` and ``model.objective``). The model's KV
+    ``model`` and ``batch`` are any module and batch ``measure_step`` takes, and
+    ``loss_fn`` means what it means there (NOTE [ One step of any module ],
+    memprop.models.user): a torch loss ``fn(output, targets)``, any ``loss_fn(model,
+    batch)``, or None for the output's ``.loss``, ``model.objective`` or the synthetic
+    objective. The model's KV
     cache is off while planning, as under the plan (NOTE [ Checkpointing and KV caches ]).
     ``amp``: plan the step as ``measure_step(amp=amp)`` runs it (``bf16``, ``fp16``:
     forward under ``torch.autocast``, float32 master weights)."""
@@ -318,6 +322,7 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, chec
         raise ConfigError(f"memprop.checkpoint: unknown plan metric {metric!r}; choose one "
                           f"of: {', '.join(levels.METRICS)} (peak: the step's tensor peak; "
                           "stored: bytes saved for backward at the end of forward)")
+    loss_fn = one_step_loss(loss_fn)                   # (model, batch) -> scalar
     step_loss = levels.autocast_loss(loss_fn, amp)     # refuses an unknown amp
     restore_cache = cache_off(model, warn=False)
     options = dict(blocks_attr=blocks_attr, select=dict(blocks=blocks, check_fn=check_fn),

@@ -39,7 +39,7 @@ from torch.utils.checkpoint import noop_context_fn
 
 from memprop.checkpoint.selective import _Both
 from memprop.errors import StrategyError
-from memprop.models import training_loss
+from memprop.models.user import step_loss as one_step_loss
 
 __all__ = ["verify_replay", "verifying", "is_verifying", "VerifyingContext",
            "check_rebuilt", "where_now"]
@@ -200,11 +200,12 @@ class VerifyingContext:
                 _Both(recompute_ctx, _Compare(calls, self.form)))
 
 
-def verify_replay(model: nn.Module, batch, *, loss_fn=training_loss) -> None:
+def verify_replay(model: nn.Module, batch, *, loss_fn=None) -> None:
     """One real forward and backward of ``model`` (a strategy applied) in which every
     replayed tensor is checked against the original (NOTE [ Verifying a replay ]);
     ``StrategyError`` on the first difference. Gradients, buffers and the RNG state are
     as before afterwards."""
+    loss_fn = one_step_loss(loss_fn)      # as measure_step reads it (memprop.models.user)
     grads = [(p, p.grad) for p in model.parameters()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     devices = sorted({p.device.index for p in model.parameters()
