@@ -254,9 +254,9 @@ def test_readme_snippet_runs_as_written_and_shows_true_bytes():
     assert str(exc.value).startswith(" ".join(quoted.group(1).split()))
     # the planner on the same module and batch: what the README's second block says
     model, x, y = scope["model"], scope["x"], scope["y"]
-    p = memprop.plan(model, (x, y), "10MiB", loss_fn=memprop.Criterion(F.cross_entropy))
+    p = memprop.plan(model, (x, y), "10MiB", loss_fn=F.cross_entropy)
     assert (str(p.strategy), p.predicted_peak_bytes) == ("remat:convolution#0", 10095200)
-    assert "p.apply(model)       # remat:convolution#0, predicted peak 10095200 B" in section
+    assert "# -> ('remat:convolution#0', 10095200)" in section
     p.apply(model)
     after = measure_step(model, (x, y), loss_fn=F.cross_entropy, strategy=str(p.strategy),
                          repeats=1)
