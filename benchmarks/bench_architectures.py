@@ -232,8 +232,8 @@ def compare(reference, run) -> str | None:
     worst = max((float((grads0[n] - grads1[n]).abs().max()) for n in differ
                  if grads0[n] is not None and grads1.get(n) is not None
                  and grads0[n].shape == grads1[n].shape), default=0.0)
-    return (f"loss {'equal' if torch.equal(loss0, loss1) else f'{float(loss0)!r} vs {float(loss1)!r}'}"
-            f"; {len(differ)} of {len(grads0)} gradients differ"
+    losses = "equal" if torch.equal(loss0, loss1) else f"{float(loss0)!r} vs {float(loss1)!r}"
+    return (f"loss {losses}; {len(differ)} of {len(grads0)} gradients differ"
             + (f" (max |diff| {worst:.3g}; first {differ[0]})" if differ else ""))
 
 
@@ -556,7 +556,8 @@ def markdown(result: dict) -> str:
              "wrong gradients; else the exception), then `est =` when the estimate equals "
              "the measured stored bytes and peak, else the estimate minus the measurement.",
              "", "## Counts", ""]
-    head = "| variant | built | does not build | form | exact | refused | failed | out of time | estimate exact | estimate differs | estimate error |"
+    head = ("| variant | built | does not build | form | exact | refused | failed | out of time "
+            "| estimate exact | estimate differs | estimate error |")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for variant, v in s["variants"].items():
         for form, c in v["forms"].items():

@@ -75,7 +75,8 @@ def run() -> dict:
         base_flops = none.forward_flops + none.backward_flops
         for spec, m in results.items():
             flops = m.forward_flops + m.backward_flops
-            table.append({"depth": depth, "strategy": spec, "saved_MiB": round(m.saved_bytes / 2**20, 2),
+            table.append({"depth": depth, "strategy": spec,
+                          "saved_MiB": round(m.saved_bytes / 2**20, 2),
                           "saved_ratio": round(m.saved_bytes / none.saved_bytes, 3),
                           "peak_MiB": round(m.peak_bytes / 2**20, 2),
                           "peak_ratio": round(m.peak_bytes / none.peak_bytes, 3),
@@ -97,6 +98,7 @@ def run() -> dict:
             verdicts.append(
                 f"depth 64: sqrt stores {s['saved_ratio']:.3f} of none "
                 f"({'meets' if s['saved_ratio'] <= 0.25 else 'MISSES'} <= 1/4) for "
-                f"{s['flops_ratio']:.3f}x FLOPs ({'meets' if s['flops_ratio'] <= 1.40 else 'MISSES'}"
-                f" <= 1.40x); plan {planned['flops_ratio']:.3f}x vs sqrt {s['flops_ratio']:.3f}x")
+                f"{s['flops_ratio']:.3f}x FLOPs "
+                f"({'meets' if s['flops_ratio'] <= 1.40 else 'MISSES'} <= 1.40x); "
+                f"plan {planned['flops_ratio']:.3f}x vs sqrt {s['flops_ratio']:.3f}x")
     return {"table": table, "verdicts": verdicts, "rounds": ROUNDS}

@@ -121,7 +121,8 @@ def test_frontier_prediction_equals_confirmation_in_two_trials(tmp_path, name, b
         assert mine.loc[point.confirmed_batch, "status"] == "ok"
         assert mine.loc[point.first_oom_batch, "status"] == "oom"
     ok = rows[rows.status == "ok"]
-    assert (ok.budget_peak_bytes <= ok.budget_bytes).all() and (ok.peak_bytes <= ok.budget_bytes).all()
+    assert (ok.budget_peak_bytes <= ok.budget_bytes).all()
+    assert (ok.peak_bytes <= ok.budget_bytes).all()
     none, sqrt = points
     assert sqrt.confirmed_batch > none.confirmed_batch            # claim C7 moves the boundary
 

@@ -363,8 +363,8 @@ def test_every_chain_is_found_and_checkpointed():
         model = EncDec()
         apply_strategy(model, strategy)
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
-                                                      lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t, saved=saved: saved.append(t) or t, lambda t: t):
             out = model(x)
         out.backward()
         runs.append((out.detach(), [p.grad for p in model.parameters()], len(saved)))

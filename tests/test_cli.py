@@ -61,7 +61,8 @@ def test_unavailable_device_is_a_clear_error(capsys, tmp_path):
     assert main(["profile", "--device", "cuda", "--batch", "2"]) == 2
     assert "sees no CUDA device; use --device cpu" in capsys.readouterr().err
     spec = tmp_path / "s.toml"
-    spec.write_text('name = "g"\n[model]\nname = "mlp"\n[grid]\nbatch = [2]\n[run]\ndevice = "cuda"\n')
+    spec.write_text('name = "g"\n[model]\nname = "mlp"\n[grid]\nbatch = [2]\n'
+                    '[run]\ndevice = "cuda"\n')
     assert main(["sweep", str(spec), "--db", str(tmp_path / "x.sqlite")]) == 2
     assert "run.device: 'cuda' is not available" in capsys.readouterr().err
 

@@ -133,8 +133,8 @@ def test_past_the_bound_the_largest_rows_and_one_line_for_the_rest():
     assert shown.saved_bytes.sum() + rest.saved_bytes.sum() == m.saved_bytes
     lines = "\n".join(render_modules(table, 3)).splitlines()
     assert lines[0].endswith("the 3 rows storing most):")
-    assert [l.split()[0] for l in lines[2:5]] == ["blocks.*.attn", "blocks.*.mlp.1",
-                                                   "blocks.*.mlp.2"]     # order of saving
+    assert [line.split()[0] for line in lines[2:5]] == [
+        "blocks.*.attn", "blocks.*.mlp.1", "blocks.*.mlp.2"]     # order of saving
     assert lines[5] == (f"  ... and 9 more rows ({48 * 5 + 4} modules) storing "
                         f"{format_bytes(rest.saved_bytes.sum())} in "
                         f"{rest.saved_count.sum()} tensors (parameters saved too: "

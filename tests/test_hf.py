@@ -217,7 +217,8 @@ def test_stored_bytes_equal_independent_count_and_live_memory(arch):
             rec.add_root(loss)
             live = tracker.live_by_category()
         if strategy != "selective":   # its op cache lives outside the pack hooks
-            expected = independent_saved_bytes(model, lambda: cfg.loss(model, batch))
+            expected = independent_saved_bytes(
+                model, lambda model=model, batch=batch: cfg.loss(model, batch))
             assert rec.saved_bytes == expected, strategy
         # what the graph keeps alive after forward is exactly the stored activations
         held = live["activation"] + live["temporary"] - loss.untyped_storage().nbytes()

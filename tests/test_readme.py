@@ -102,7 +102,8 @@ def assert_shown(shown: list[str], output: tuple[str, str], where: str) -> None:
             continue
         prefix = want.endswith("...")
         want = want.rstrip(". ") if prefix else want
-        matches = lambda g: g == want or (prefix and g.startswith(want))  # noqa: E731
+        matches = lambda g, want=want, prefix=prefix: (  # noqa: E731
+            g == want or (prefix and g.startswith(want)))
         for j in range(at, len(got)):
             if matches(got[j]):
                 at = j + 1

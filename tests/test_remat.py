@@ -100,7 +100,7 @@ def test_prediction_equals_measurement_and_gradients_are_bitwise(name, sizes):
     plain = measure_step(model, data, loss_fn=cfg.loss, repeats=1, inference=False,
                          timing=False)
     ref = _grads(cfg, model, data)
-    for kept, cost, keys in (front[0], front[len(front) // 2], front[-1]):
+    for _kept, cost, keys in (front[0], front[len(front) // 2], front[-1]):
         predicted = simulate_strategy(model, data, Remat(keys), loss_fn=cfg.loss)
         measured = _measure(model, data, Remat(keys), cfg.loss)
         burst = _measure(model, data, Forward(keys), cfg.loss)
@@ -304,7 +304,6 @@ def test_default_plan_is_exact_on_models_it_takes_remat_for(name, sizes, batch):
     chain = plan(model, data, int(plain.peak_bytes * 0.65), whole=False)
     assert p.recompute_flops < chain.recompute_flops
     ref = _grads(cfg, model, data)
-    buffers = [b.clone() for b in model.buffers()]
     got = _grads(cfg, model, data, p.strategy)
     assert _same(ref, got)
     m = _measure(model, data, p.strategy, cfg.loss)

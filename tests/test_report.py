@@ -146,7 +146,8 @@ def test_claim_numbers_equal_a_recomputation_from_the_store(built):
     assert claims["C6"].numbers["batches"] == none.confirmed_batch.tolist()
     assert claims["C6"].numbers["depths"] == [2, 8]
     deepest = frontier[frontier.depth == 8]
-    assert claims["C7"].numbers["none_batch"] == int(deepest[deepest.strategy == "none"].confirmed_batch.iloc[0])
+    deepest_plain = deepest[deepest.strategy == "none"]
+    assert claims["C7"].numbers["none_batch"] == int(deepest_plain.confirmed_batch.iloc[0])
     assert claims["C7"].numbers["best_batch"] == int(deepest.confirmed_batch.max())
 
     # C1, C2: the stored timeline of the deepest plain trial
@@ -376,8 +377,9 @@ def test_chromium_decodes_every_figure(built, tmp_path):
     probe = tmp_path / "probe.html"
     probe.write_text(page)
     dom = subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu",
+         "--disable-background-networking", "--disable-component-update", "--no-first-run",
+         f"--user-data-dir={tmp_path / 'profile'}",
          "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
         capture_output=True, text=True, timeout=120).stdout
     widths = [int(w) for w in re.search(r'data-widths="([^"]*)"', dom).group(1).split(",")]
@@ -435,6 +437,6 @@ def test_precision_figure_compares_float32_and_autocast(tmp_path):
     fp32 = rows[rows.amp.isna()].iloc[0]
     bf16 = rows[rows.amp == "bf16"].iloc[0]
     assert bf16.saved_bytes < fp32.saved_bytes
-    files = build_report(db, tmp_path / "out")
+    build_report(db, tmp_path / "out")
     png = tmp_path / "out" / "figures" / "precision.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -273,7 +273,8 @@ def test_a_frontier_over_num_hidden_layers_is_the_heatmaps_budget_line(tmp_path)
     assert claims["C6"].supported and claims["C6"].numbers["batches"] == [40, 16]
     assert "(num_hidden_layers 2: batch 40; num_hidden_layers 6: batch 16)" in claims["C6"].verdict
     assert claims["C7"].supported and claims["C7"].numbers["best_batch"] == 36
-    assert "num_hidden_layers 6: batch 16 without checkpointing, 36 with sqrt" in claims["C7"].verdict
+    assert ("num_hidden_layers 6: batch 16 without checkpointing, 36 with sqrt"
+            in claims["C7"].verdict)
     fig, _ = ALL_FIGURES["peak_heatmap"](data)
     line, = [ln for ln in fig.axes[0].lines if ln.get_label().startswith("budget 32.0 MiB")]
     assert list(line.get_xdata()) == [40, 16] and list(line.get_ydata()) == [2, 6]

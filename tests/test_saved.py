@@ -65,7 +65,8 @@ def test_stored_bytes_linear_in_batch_and_depth_with_slope_from_shapes():
                 for B in (2, 4, 8, 16)]
     # per example: x (10·4) + target (8) + 4 φ outputs (4·w·4) + log-softmax (5·4)
     slope_b = 10 * s + 8 + 4 * w * s + 5 * s
-    assert [b - a for a, b in zip(by_batch, by_batch[1:])] == [slope_b * 2, slope_b * 4, slope_b * 8]
+    steps = [b - a for a, b in zip(by_batch, by_batch[1:])]
+    assert steps == [slope_b * 2, slope_b * 4, slope_b * 8]
     by_depth = [record(model_config("mlp", depth=L, width=w, d_in=10, d_out=5), 8).saved_bytes
                 for L in (1, 2, 4, 8)]
     slope_l = 8 * w * s  # one φ output of (B=8, w) per layer

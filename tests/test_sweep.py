@@ -193,7 +193,8 @@ def test_sigkill_keeps_finished_trials_and_rerun_completes_the_rest(tmp_path):
     db = tmp_path / "k.sqlite"
     cmd = [sys.executable, "-m", "memprop", "sweep", str(spec_path), "--db", str(db), "--quiet"]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+                            stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     deadline = time.monotonic() + 120
     stored = 0
     while time.monotonic() < deadline and stored < 3:

@@ -71,5 +71,6 @@ def test_fp16_with_a_grad_scaler_runs_and_leaves_weights_alone():
 
 def test_bad_amp_is_a_clear_error():
     cfg = model_config("mlp", depth=1, width=8, d_in=8)
-    with pytest.raises(memprop.ConfigError, match="amp 'int8' is not allowed; choose one of: bf16, fp16"):
+    with pytest.raises(memprop.ConfigError,
+                       match="amp 'int8' is not allowed; choose one of: bf16, fp16"):
         measure(cfg, 2, amp="int8")

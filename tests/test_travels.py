@@ -64,7 +64,7 @@ def checkpointed(base, form):
 
 @pytest.mark.parametrize("form", FORMS)
 def test_deepcopy_trains_its_own_parameters(base, form):
-    model, batch, plain = base[0], base[1], base[2]
+    batch, plain = base[1], base[2]
     original = checkpointed(base, form)
     clone = copy.deepcopy(original)
     assert_same_step(plain, loss_and_grads(loss_of, clone, batch), form)
