@@ -1,6 +1,7 @@
 # memprop: two commands on a fresh machine.
 #   make demo   create .venv, install memprop (torch pinned), run the main job
 #   make test   same install, then the test suite
+#   make lint   same install, then ruff and mypy (rules: pyproject.toml)
 # Override the torch install, e.g. for a CUDA build:
 #   make test TORCH_SPEC="torch==2.13.0" TORCH_INDEX=https://download.pytorch.org/whl/cu128
 
@@ -14,7 +15,7 @@ EXTRAS      ?= test,hf,ray
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.memprop-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test lint bench clean
 
 install: $(STAMP)
 
@@ -30,6 +31,10 @@ demo: install  ## writes reports/demo/ (ignored by git); reports/quickstart/ is 
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: install  ## ruff (pyflakes, imports, bugbear, style) and mypy, as configured in pyproject.toml
+	$(BIN)/ruff check memprop tests benchmarks experiments
+	$(BIN)/mypy
 
 bench: install  ## writes benchmarks/results/*.json and *.md
 	$(BIN)/python benchmarks/run.py
