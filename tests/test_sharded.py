@@ -76,6 +76,8 @@ def test_each_rank_measured_equals_predicted(measured, predicted, name):
         assert m.peak_by_category == p.peak_by_category, r
         assert (m.start_bytes, m.saved_bytes, m.saved_count) == \
             (p.start_bytes, p.saved_bytes, p.saved_count), r
+        for key in ("gathered_bytes_at_peak", "gathered_peak_bytes"):
+            assert m.meta[key] == p.meta[key], (r, key)
         assert _rows(m.timeline).equals(_rows(p.timeline)), r
 
 
@@ -94,12 +96,18 @@ def test_sharded_bytes_by_hand(measured):
     # 11 and 5 rows on both ranks = 737 floats
     assert _padded_bytes(MLP, 2) == 4 * (11 * 12 + 11 + 2 * (11 * 21 + 11) + 5 * 21 + 5) \
         == 2948
+    # gathered (unsharded, padded) parameters: every block and the root kept from forward
+    # to backward without reshard, 2 x 737 floats; with it, at most the root's head
+    # (2 x 110 floats) and one block (2 x 242)
+    gathered = {"mlp-reshard": 4 * 2 * (110 + 242), "mlp-no-reshard": 4 * 2 * 737}
+    assert gathered == {"mlp-reshard": 2816, "mlp-no-reshard": 5896}
     for name in ("mlp-reshard", "mlp-no-reshard"):
         for r in range(2):
             m = measured[name].rank(r)
             assert m.peak_by_category["parameter"] == 2948
             assert m.peak_by_category["gradient"] == 2948     # reduce-scatter output, padded
             assert m.peak_by_category["optimizer"] == 0       # sgd
+            assert m.meta["gathered_peak_bytes"] == gathered[name]
 
 
 def test_uneven_shards_make_ranks_differ(measured, predicted):

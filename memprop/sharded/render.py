@@ -54,5 +54,8 @@ def render_sharded(s: ShardedMeasurement, config, *, batch_size: int) -> str:
              f"  held by that rank     sharded parameters {format_bytes(held['parameter'])}, "
              f"gradients {format_bytes(held['gradient'])}, optimizer state "
              f"{format_bytes(held['optimizer'])}; live before the step "
-             f"{format_bytes(m.start_bytes)}"]
+             f"{format_bytes(m.start_bytes)}",
+             f"  gathered parameters   {format_bytes(m.meta['gathered_bytes_at_peak'])} at "
+             f"that peak, at most {format_bytes(m.meta['gathered_peak_bytes'])} (FSDP2's "
+             "all-gathered, unsharded parameters)"]
     return "\n".join(lines)

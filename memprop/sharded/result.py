@@ -58,8 +58,10 @@ class ShardedMeasurement:
 
     def frame(self) -> pd.DataFrame:
         """One row per rank: its peak by phase, stored bytes, live bytes before the step,
-        its sharded parameters, gradients and optimizer state at the peak, and the rank
-        whose run it is (``same_as``)."""
+        its sharded parameters, the all-gathered parameters at the peak and at their
+        maximum (NOTE [ Gathered parameters ], memprop.sharded.resizes), gradients and
+        optimizer state (each at its maximum), and the rank whose run it is
+        (``same_as``)."""
         rows = []
         for r in range(self.world_size):
             m = self.rank(r)
@@ -68,6 +70,8 @@ class ShardedMeasurement:
                             for p in ("forward", "backward", "optimizer")},
                          "saved_bytes": m.saved_bytes, "start_bytes": m.start_bytes,
                          "sharded_parameter_bytes": m.peak_by_category.get("parameter", 0),
+                         "gathered_bytes_at_peak": m.meta.get("gathered_bytes_at_peak"),
+                         "gathered_peak_bytes": m.meta.get("gathered_peak_bytes"),
                          "gradient_bytes": m.peak_by_category.get("gradient", 0),
                          "optimizer_bytes": m.peak_by_category.get("optimizer", 0)})
         return pd.DataFrame(rows)

@@ -54,13 +54,29 @@ def rank_step(job: RankJob, mesh: DeviceMesh, *, predicted: bool) -> Measurement
     apply_fsdp(model, mesh, job.fsdp)
     if job.fsdp.backend == "gloo":
         use_gloo_collectives(model)
-    with resizes_reported():
+    with resizes_reported() as log:
         result = measure_step(model, batch, optimizer=job.optimizer, strategy=strat.spec,
                               loss_fn=job.config.loss, forward_fn=job.config.forward,
                               timing=False, flops=False, inference=False,
                               predicted=predicted)
+    result.meta.update(_gathered(log, result))
     result.meta.update(job.config.row_fields())
     result.meta.update(rank=mesh.get_rank(), world_size=job.fsdp.world_size,
                        reshard_after_forward=job.fsdp.reshard_after_forward,
                        mixed_precision=job.fsdp.mixed_precision)
     return result
+
+
+def _gathered(log, result: Measurement) -> dict[str, int]:
+    """The all-gathered parameter bytes of the measured step at its peak row and at
+    their own maximum (NOTE [ Gathered parameters ], memprop.sharded.resizes). The
+    measured step's tracker is the last to see a resize (no inference pass runs after
+    it); its rows must be the measurement's timeline."""
+    if not log.trackers:                  # nothing gathered (a model FSDP2 left whole)
+        return {"gathered_bytes_at_peak": 0, "gathered_peak_bytes": 0}
+    tracker = log.trackers[-1]
+    totals = result.timeline["total_bytes"].tolist()
+    assert [r[-1] for r in tracker._rows] == totals, "resize log of another tracker"
+    gathered = log.gathered_bytes(tracker)
+    return {"gathered_bytes_at_peak": gathered[totals.index(max(totals))],
+            "gathered_peak_bytes": max(gathered)}
