@@ -210,6 +210,39 @@ def _norms(blocks: list[nn.Module]) -> list[nn.Module]:
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
+# NOTE [ A model that changes itself inside a checkpoint ]
+#   Some models rebuild part of themselves on a call: transformers' BigBird switches
+#   from block-sparse to full attention when the sequence is short, creating the new
+#   attention modules inside its forward (their initialisation draws from the global
+#   RNG). Inside a checkpointed region that breaks the replay: backward restores the RNG
+#   state of the region's start and recomputes with the modules as they are now, so
+#   dropout draws other masks than the forward did (measured: hf:big_bird, seq_len 32,
+#   forward:-, 58 of 60 gradients wrong by up to 0.073, loss equal). So every
+#   checkpointed segment compares its modules before and after its forward, and
+#   refuses the step if they changed. The model has changed itself by
+#   then; the next step replays exactly (the change happens once).
+
+def _tree(seg: list[nn.Module]) -> dict[str, int]:
+    """The ids of the segment's modules, by name: what a replay needs to find unchanged.
+    Not its parameters: FSDP2 swaps sharded and unsharded parameters around each call,
+    and that replays exactly."""
+    return {f"{i}:{n}": id(m) for i, block in enumerate(seg) for n, m in block.named_modules()}
+
+
+def _refuse_changed(before: dict[str, int], after: dict[str, int], first: str) -> None:
+    """StrategyError when a segment's forward changed its modules (NOTE above)."""
+    if before == after:
+        return
+    changed = sorted({k for k in before.keys() | after.keys() if before.get(k) != after.get(k)})
+    what = changed[0].partition(":")[2] or "the module itself"
+    raise StrategyError(
+        f"memprop.checkpoint: {first} replaced its own modules during a "
+        f"checkpointed forward ({len(changed)} changed, first {what!r}), so the recompute "
+        "in backward would not replay it (NOTE [ A model that changes itself inside a "
+        "checkpoint ]); this step is refused. The model has now changed itself: run the "
+        "step again, or call the model once before applying the strategy")
+
+
 class SegmentForward(PatchedForward):
     """The forward of a segment's first block: blocks ``seg`` in one checkpoint (NOTE
     [ How a segment is checkpointed without changing the model ]). ``box`` hands the
@@ -286,7 +319,9 @@ class SegmentForward(PatchedForward):
                 context_fn = VerifyingContext(context_fn, f"the checkpoint of {names[0]}")
             if context_fn is not None:
                 options["context_fn"] = context_fn
+            before = _tree(seg)
             outs = checkpoint(segment, *(leaves[i] for i in where), **options)
+            _refuse_changed(before, _tree(seg), names[0])
         if len(seg) > 1:
             box.update(outs=outs, next=1, call=call)
         return outs[0]
