@@ -29,16 +29,18 @@ __all__ = ["apply_fsdp", "shard_layout"]
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, fsdp: FSDPConfig) -> nn.Module:
     """``fully_shard`` on every block of every chain of ``model``, then on ``model``;
     returns ``model`` (now an ``FSDPModule``)."""
-    kwargs = {"mesh": mesh, "reshard_after_forward": fsdp.reshard_after_forward}
+    policy = MixedPrecisionPolicy()                     # fully_shard's default
     if fsdp.mixed_precision is not None:
         param_dtype, reduce_dtype = MIXED_PRECISION[fsdp.mixed_precision]
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype,
-                                                   reduce_dtype=reduce_dtype)
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     with _chunks_on_demand():
         for chain in find_chains(model):
             for block in chain:
-                fully_shard(block, **kwargs)
-        return fully_shard(model, **kwargs)
+                fully_shard(block, mesh=mesh, reshard_after_forward=fsdp.reshard_after_forward,
+                            mp_policy=policy)
+        fully_shard(model, mesh=mesh, reshard_after_forward=fsdp.reshard_after_forward,
+                    mp_policy=policy)
+    return model
 
 
 class _Chunks(Sequence):

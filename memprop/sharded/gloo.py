@@ -39,6 +39,7 @@ import time
 import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp._fully_shard._fsdp_collectives import (DefaultAllGather,
                                                                     DefaultReduceScatter)
 
@@ -103,6 +104,6 @@ def use_gloo_collectives(model: torch.nn.Module) -> None:
     reduce-scatters with ``GlooReduceScatter``."""
     gather, scatter = GlooAllGather(), GlooReduceScatter()
     for module in model.modules():
-        if hasattr(module, "set_custom_reduce_scatter"):
+        if isinstance(module, FSDPModule):
             module.set_custom_all_gather(gather)
             module.set_custom_reduce_scatter(scatter)

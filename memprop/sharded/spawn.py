@@ -112,7 +112,9 @@ def measure_ranks(config, batch_size: int, *, world_size: int | None = None,
     if (world_size is None) == (fsdp is None):
         raise MemPropError("memprop.sharded.measure_ranks: pass world_size=N or "
                            "fsdp=FSDPConfig(world_size=N, ...), one of them")
-    fsdp = fsdp if fsdp is not None else FSDPConfig(world_size=world_size)
+    if fsdp is None:
+        assert world_size is not None                       # checked just above
+        fsdp = FSDPConfig(world_size=world_size)
     return measure_jobs([RankJob(config=config, batch_size=batch_size, fsdp=fsdp,
                                  optimizer=optimizer, strategy=strategy, dtype=dtype,
                                  seed=seed)])[0]

@@ -24,6 +24,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from memprop.checkpoint import parse_strategy
 from memprop.measure import Measurement, measure_step
+from memprop.models.base import ModelConfig
 from memprop.sharded.apply import apply_fsdp
 from memprop.sharded.config import FSDPConfig
 from memprop.sharded.gloo import use_gloo_collectives
@@ -37,7 +38,7 @@ __all__ = ["RankJob", "rank_step"]
 class RankJob:
     """One sharded step to run on every rank: a model config at a per-rank batch size."""
 
-    config: object                      # a ModelConfig (memprop.models)
+    config: ModelConfig                 # a zoo, hf: or factory config (memprop.models)
     batch_size: int                     # examples per rank (each rank its own batch)
     fsdp: FSDPConfig
     optimizer: str = "sgd"
