@@ -501,7 +501,7 @@ def summarise(rows: list[dict], found: list[str], selected: list[str]) -> dict:
 
 def verdicts(summary: dict) -> list[str]:
     lines = [f"{summary['found']} model types with a causal-LM or masked-LM head; "
-             f"{summary['run']} run"]
+             f"{summary['run']} selected"]
     for variant, v in summary["variants"].items():
         forms = "; ".join(
             f"{f}: {c.get('exact', 0)} exact, {c.get('refused', 0)} refused, "
@@ -552,7 +552,7 @@ def markdown(result: dict) -> str:
     lines = ["# benchmark: architectures", "", TARGETS.strip(), "",
              f"transformers {s['transformers']}: {s['found']} model types with a causal-LM "
              f"({s['mappings']['causal-lm']}) or masked-LM ({s['mappings']['masked-lm']}) "
-             f"head; {s['run']} run. Cells: exact / refused / **FAILED** (grads: silently "
+             f"head; {s['run']} selected. Cells: exact / refused / **FAILED** (grads: silently "
              "wrong gradients; else the exception), then `est =` when the estimate equals "
              "the measured stored bytes and peak, else the estimate minus the measurement.",
              "", "## Counts", ""]
