@@ -75,6 +75,7 @@ BAD_SPECS = [
      "model", "missing"),
     ("bad batch", lambda s: s.replace("batch = [4]", "batch = [0]"), "grid.batch",
      "must be a batch size, an integer >= 1"),
+    ("zero budget", lambda s: s + 'budget = "0MiB"\n', "run.budget", "is not positive"),
     ("zero budget strategy", lambda s: s.replace("batch = [4]",
                                                  'batch = [4]\nstrategy = ["budget:0"]'),
      "grid.strategy", "size '0' is not positive"),

@@ -191,11 +191,16 @@ def _choice(path, key, value, options) -> str:
 
 
 def _size(path, key, value) -> int:
+    """A budget's bytes: a positive size, as the CLI's --budget takes."""
     try:
-        return parse_size(value)
+        parse_size(value)
     except ValueError:
         raise SpecError(path, key, f"{value!r} is not a size; write e.g. \"512MiB\" or "
                         "\"1.5GiB\"") from None
+    try:
+        return parse_size(value, positive=True)
+    except ValueError as exc:
+        raise SpecError(path, key, str(exc).replace("memprop.units: ", "")) from None
 
 
 def _strategy(path, key, value) -> str:
