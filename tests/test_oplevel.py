@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from memprop.checkpoint import apply_strategy, parse_strategy, remove_strategy
-from memprop.checkpoint.oplevel import Ops, OpCall, block_options, trace_blocks
+from memprop.checkpoint.oplevel import OpCall, Ops, block_options, trace_blocks
 from memprop.checkpoint.planner import plan, simulate
 from memprop.errors import StrategyError
 from memprop.measure import measure_step

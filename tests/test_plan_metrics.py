@@ -6,6 +6,7 @@ import itertools
 import random
 
 import pytest
+from test_planner import random_chain
 
 from memprop.checkpoint import apply_strategy, parse_strategy, remove_strategy
 from memprop.checkpoint.dp import TIE, segments_of
@@ -16,7 +17,6 @@ from memprop.errors import ConfigError
 from memprop.measure import measure_step
 from memprop.models import model_config
 from memprop.workload import build_workload
-from test_planner import random_chain
 
 
 def test_stored_front_equals_brute_force():

@@ -168,4 +168,5 @@ def test_plan_cli_amp(capsys):
     assert half["plan"]["predicted_peak_bytes"] < full["plan"]["predicted_peak_bytes"]
     assert main([*args, "--amp", "bf16"]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0].startswith("transformer (") and ", float32 (autocast bf16), 4 blocks;" in out
+    assert out.splitlines()[0].startswith("transformer (")
+    assert ", float32 (autocast bf16), 4 blocks;" in out

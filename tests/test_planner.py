@@ -10,8 +10,8 @@ from memprop.checkpoint.dp import TIE, ChainCosts, brute_force, min_peak, model_
 from memprop.checkpoint.planner import plan, simulate
 from memprop.errors import BudgetError
 from memprop.measure import measure_step
-from memprop.workload import build_workload
 from memprop.models import model_config
+from memprop.workload import build_workload
 
 
 def random_chain(rng: random.Random) -> ChainCosts:

@@ -224,7 +224,7 @@ def solve(c: ChainCosts, budget: int, options=None, stops=None):
             m_s = m + _store(c, k, bool(prev_stored))                   # store block k
             ok = m_s + after[k + 1] <= budget
             add((k + 1, 1), m_s[ok], cost[ok], src, idx[ok], 0)
-            for o, (keys, kept, flops) in enumerate(options[k]):     # op-level block k
+            for o, (_, kept, flops) in enumerate(options[k]):        # op-level block k
                 retained, held = _op_block(c, k, kept)
                 ok = m + retained + held + after[k + 1] <= budget
                 add((k + 1, 0), m[ok] + retained, cost[ok] + flops + TIE, src,

@@ -34,17 +34,21 @@ from memprop.checkpoint.tail import TailRecord
 from memprop.checkpoint.whole import Forward, forward_front
 from memprop.errors import ConfigError, StrategyError
 from memprop.flops import FlopCounter
-from memprop.measure import AMP_MODES, Measurement, measure_step
-from memprop.measure import _AMP_DTYPES    # one table of autocast dtypes, measure's
+from memprop.measure import (
+    _AMP_DTYPES,  # one table of autocast dtypes, measure's
+    AMP_MODES,
+    Measurement,
+    measure_step,
+)
 from memprop.models import training_loss
 from memprop.saved import storage_key
 
 __all__ = ["METRICS", "metric_of", "simulate_strategy", "fit", "nested_solver",
-           "early_stop_flops", "stop_flops", "segment_stops", "op_options", "placement_strategy",
-           "lowest_nested", "stored_solver", "stored_model_bytes", "strategy_of",
-           "whole_solver", "whole_front", "whole_calls", "remat_fit", "REMAT_SCAN", "REMAT_MAX_BLOCKS",
-           "rebuilds_within_limit", "remat_front", "remat_lowest", "REMAT_LOWEST",
-           "autocast_loss", "REBUILD_LIMIT"]
+           "early_stop_flops", "stop_flops", "segment_stops", "op_options",
+           "placement_strategy", "lowest_nested", "stored_solver", "stored_model_bytes",
+           "strategy_of", "whole_solver", "whole_front", "whole_calls", "remat_fit",
+           "REMAT_SCAN", "REMAT_MAX_BLOCKS", "rebuilds_within_limit", "remat_front",
+           "remat_lowest", "REMAT_LOWEST", "autocast_loss", "REBUILD_LIMIT"]
 
 METRICS = ("peak", "stored")
 
@@ -115,7 +119,7 @@ def strategy_of(schedule) -> Strategy:
         return NoCheckpoint()
     if all(not children for _, _, children in tree):
         return Blocks(tuple((i, j) for i, j, _ in tree))
-    return Nested(tree)
+    return Nested(tuple(tree))
 
 
 def early_stop_flops(model, batch, *, blocks_attr=None, loss_fn=training_loss,
@@ -208,7 +212,7 @@ def lowest_nested(costs: ChainCosts, *, early=None) -> Strategy:
 
 def stored_model_bytes(costs: ChainCosts, segments) -> int:
     """Bytes the cost model says the forward retains with ``segments`` checkpointed."""
-    tree = [(i, j, []) for i, j in segments]
+    tree: list[tuple[int, int, list]] = [(i, j, []) for i, j in segments]
     items = rotor.tree_schedule(tree, 0, costs.n)
     t, total, held = costs.t, 0, False
     for item in items:
@@ -351,7 +355,7 @@ def remat_fit(model, batch, budget_bytes: int, simulate: Callable, *,
             return found
         tried = {spec for _, spec in seen}
         least = min(overheads)
-        for kept, _, keys in sorted((e for e in front if e[0] <= budget_bytes - least),
+        for _, _, keys in sorted((e for e in front if e[0] <= budget_bytes - least),
                                     key=lambda e: (e[1], e[0]))[:REMAT_SCAN]:
             if Remat(keys).spec in tried:
                 continue
@@ -378,8 +382,8 @@ def remat_lowest(model, batch, simulate: Callable, *, loss_fn=training_loss,
     distinct storages: a lower bound on the peak) stay below the least peak simulated,
     at most ``REMAT_LOWEST``; and keeping every kept-able output (the fewest rebuilds).
     When the bound stops it before the cap, the least is the least over the whole
-    front, so no budget's search (``remat_fit``) finds a lower peak. [] when ``remat:`` is not weighed
-    (``remat_front``) or cannot replay this model."""
+    front, so no budget's search (``remat_fit``) finds a lower peak. [] when ``remat:`` is
+    not weighed (``remat_front``) or cannot replay this model."""
     front = remat_front(model, batch, loss_fn=loss_fn) if front is None else front
     if not front:
         return []

@@ -56,8 +56,8 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from memprop.checkpoint.chain import CheckpointedChain, find_blocks
 from memprop.checkpoint.multilevel import claim_blocks, fake_target
-from memprop.checkpoint.selective import SAVED_OPS, _Both, draws_random
 from memprop.checkpoint.patch import Applied
+from memprop.checkpoint.selective import SAVED_OPS, _Both, draws_random
 from memprop.checkpoint.strategies import Strategy, register_form
 from memprop.errors import StrategyError
 from memprop.flops import FlopCounter
@@ -91,12 +91,12 @@ class _Matcher:
     kept (NOTE [ Op keys ])."""
 
     def __init__(self, keys: frozenset):
-        self.seen = Counter()
+        self.seen: Counter[str] = Counter()     # name -> calls made so far
         self.every: set = set()                 # names: every call kept
         self.ranges: dict = {}                  # name -> [(first, last), ...] call indices
         for key in keys:
             name, first, last = split_key(key)
-            if first is None:
+            if first is None or last is None:   # both or neither (split_key)
                 self.every.add(name)
             else:
                 self.ranges.setdefault(name, []).append((first, last))
@@ -184,18 +184,19 @@ def canonical_keys(keys) -> tuple[str, ...]:
     """The shortest keys that name the same calls, in spec order (NOTE [ Compact op-level
     specs ]): bare names first, then each op's runs of call indices as ranges
     (``mm#0+mm#1+mm#2`` -> ``mm#0-2``); a bare name covers its op's ranges."""
-    every, calls = set(), {}
+    every: set[str] = set()
+    calls: dict[str, set[int]] = {}
     for key in keys:
         name, first, last = split_key(key)
-        if first is None:
+        if first is None or last is None:       # both or neither (split_key)
             every.add(name)
         else:
             calls.setdefault(name, set()).update(range(first, last + 1))
     out = sorted(every)
     for name in sorted(set(calls) - every):
         indices = sorted(calls[name])
-        for _, run in itertools.groupby(enumerate(indices), key=lambda iv: iv[1] - iv[0]):
-            run = [i for _, i in run]
+        for _, group in itertools.groupby(enumerate(indices), key=lambda iv: iv[1] - iv[0]):
+            run = [i for _, i in group]
             out.append(f"{name}#{run[0]}" + (f"-{run[-1]}" if len(run) > 1 else ""))
     return tuple(out)
 
@@ -203,7 +204,7 @@ def canonical_keys(keys) -> tuple[str, ...]:
 def _reversed(key: str) -> bool:
     """A call range i-j with j < i (it would match nothing)."""
     _, first, last = split_key(key)
-    return first is not None and last < first
+    return first is not None and last is not None and last < first
 
 
 def _parse_keys(text: str, spec: str, form: str = "ops") -> frozenset:
@@ -328,7 +329,10 @@ class OpCall:
 class _Trace(TorchDispatchMode):
     def __init__(self, counter: FlopCounter):
         super().__init__()
-        self.counter, self.block, self.calls = counter, None, {}
+        self.counter = counter
+        self.block: int | None = None           # the block whose forward runs, if any
+        # block -> (its op calls, storages seen, calls per op name)
+        self.calls: dict[int, tuple[list[OpCall], set[int], Counter[str]]] = {}
         self.held: list = []      # outputs kept alive: no storage address is reused
         self.versions: dict = {}  # block -> per call, its outputs and their versions
 
@@ -376,7 +380,7 @@ def trace_blocks(model, batch, *, blocks_attr=None, loss_fn=training_loss, block
     counter = FlopCounter()
     trace = _Trace(counter)
 
-    entered = Counter()
+    entered: Counter[int] = Counter()
 
     def pre(module, args):
         if whole and not torch.is_grad_enabled():   # no checkpoint runs: not traced

@@ -37,29 +37,35 @@ import pandas as pd
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-
 from torch.utils._pytree import tree_flatten, tree_map
 
 from memprop.checkpoint import levels
 from memprop.checkpoint.cache import cache_off
 from memprop.checkpoint.chain import CheckpointedChain, find_blocks
-from memprop.checkpoint.levers import describe_levers, peak_composition
-from memprop.checkpoint.levers import levers as levers_of
 from memprop.checkpoint.dp import ChainCosts, min_peak, model_peak, segments_of, solve
+from memprop.checkpoint.levers import Lever, describe_levers, peak_composition
+from memprop.checkpoint.levers import levers as levers_of
 from memprop.checkpoint.multilevel import Nested
 from memprop.checkpoint.oplevel import Ops
-from memprop.checkpoint.whole import Forward
+from memprop.checkpoint.patch import APPLIED
 from memprop.checkpoint.remat import Remat
 from memprop.checkpoint.rotor import stored_fronts
-from memprop.checkpoint.patch import APPLIED
-from memprop.checkpoint.strategies import (Blocks, Full, NoCheckpoint, Selective,
-                                           Strategy, refuse_applied, register_form,
-                                           remove_strategy)
+from memprop.checkpoint.strategies import (
+    Blocks,
+    Full,
+    NoCheckpoint,
+    Selective,
+    Strategy,
+    refuse_applied,
+    register_form,
+    remove_strategy,
+)
 from memprop.checkpoint.verify import verify_replay
+from memprop.checkpoint.whole import Forward
 from memprop.errors import BudgetError, ConfigError, StrategyError
 from memprop.fake import fake_batch, fake_copy, fake_mode_of
 from memprop.flops import FlopCounter
-from memprop.measure import measure_step
+from memprop.measure import Measurement, measure_step
 from memprop.models import training_loss
 from memprop.models.user import step_loss as one_step_loss
 from memprop.saved import storage_key, storage_keys
@@ -100,10 +106,14 @@ def profile_chain(model: nn.Module, batch, *, blocks_attr=None, blocks=None, che
     n = len(blocks)
     skip = storage_keys([*model.parameters(), *model.buffers()])
     saves: dict = {k: {} for k in [*range(n), "pre", "post"]}
-    ins, outs, flops = [None] * n, [None] * n, [0] * n
+    # (storage key, bytes) of each block's input and output, once its hooks have run
+    ins: list[tuple[int, int] | None] = [None] * n
+    outs: list[tuple[int, int] | None] = [None] * n
+    flops = [0] * n
     state = {"region": "pre", "flops_at": 0}
     counter = FlopCounter()
-    param_region: dict[int, object] = {}   # parameter storage -> region of first use
+    # parameter storage -> (region of first use: block index, "pre" or "post"; parameter)
+    param_region: dict[int, tuple[int | str, torch.Tensor]] = {}
 
     def any_module(module, args):
         for p in module._parameters.values():
@@ -140,7 +150,9 @@ def profile_chain(model: nn.Module, batch, *, blocks_attr=None, blocks=None, che
         for h in handles:
             h.remove()
 
-    boundary = [ins[0]] + outs             # t[0..n]
+    block_ins = [_ran(r, k, "input") for k, r in enumerate(ins)]
+    block_outs = [_ran(r, k, "output") for k, r in enumerate(outs)]
+    boundary = [block_ins[0]] + block_outs     # t[0..n]
     outside = set(saves["pre"]) | set(saves["post"]) | storage_keys(
         tree_flatten(batch)[0])
     boundary_keys = {key for key, _ in boundary}
@@ -148,8 +160,8 @@ def profile_chain(model: nn.Module, batch, *, blocks_attr=None, blocks=None, che
         t=tuple(nbytes for _, nbytes in boundary),
         inner=tuple(sum(v for key, v in saves[k].items() if key not in boundary_keys)
                     for k in range(n)),
-        saves_in=tuple(ins[k][0] in saves[k] for k in range(n)),
-        saves_out=tuple(outs[k][0] in saves[k] for k in range(n)),
+        saves_in=tuple(block_ins[k][0] in saves[k] for k in range(n)),
+        saves_out=tuple(block_outs[k][0] in saves[k] for k in range(n)),
         keep=tuple(key in outside for key, _ in boundary),
         flops=tuple(float(f) for f in flops),
         const=sum(v for key, v in {**saves["pre"], **saves["post"]}.items()
@@ -166,9 +178,21 @@ def profile_chain(model: nn.Module, batch, *, blocks_attr=None, blocks=None, che
     return costs, table
 
 
+def _ran(record: tuple[int, int] | None, k: int, what: str) -> tuple[int, int]:
+    """Block ``k``'s ``what`` (input or output) as ``profile_chain`` recorded it: a
+    block the forward never called has none."""
+    if record is None:
+        raise StrategyError(f"memprop.checkpoint: block {k} of the chain recorded no "
+                            f"{what} in the forward: the loss never called it, so its "
+                            "costs cannot be profiled; name blocks the forward runs "
+                            "(blocks_attr=..., blocks=...)")
+    return record
+
+
 def _block_times_ms(model, batch, blocks, *, repeats=3, loss_fn=training_loss) -> list[float]:
     """Median forward time of each block (real models only), grad enabled."""
-    starts, times = {}, {id(b): [] for b in blocks}
+    starts: dict[int, float] = {}
+    times: dict[int, list[float]] = {id(b): [] for b in blocks}
 
     def pre(module, args):
         starts[id(module)] = time.perf_counter()
@@ -234,7 +258,7 @@ class Plan:
     # NOTE [ What sets the peak ], memprop.checkpoint.levers: bytes by category at the
     # predicted peak, and the levers beyond checkpointing when those are not activations
     peak_parts: dict = dataclasses.field(default_factory=dict)
-    levers: tuple = ()
+    levers: tuple[Lever, ...] = ()
     # remat:KEYS: op calls its rebuilds re-run per op call of the forward (time, no FLOPs)
     rebuild_ratio: float | None = None
     # NOTE [ Verifying a replay ]: whether the plan's replay was checked bitwise on one
@@ -279,7 +303,8 @@ class Plan:
             f"{format_ratio(self.recompute_flops / max(self.forward_flops, 1))} forward passes",
         ]
         if self.recompute_ms is not None:
-            lines.append(f"  recompute time ≈ {format_ms(self.recompute_ms)} (measured block forwards)")
+            lines.append(f"  recompute time ≈ {format_ms(self.recompute_ms)} "
+                         "(measured block forwards)")
         if self.rebuild_ratio is not None:
             lines.append(f"  rebuilds re-run {self.rebuild_ratio:.2f}x the forward's op calls "
                          "(pointwise ops: step time, no FLOPs)")
@@ -288,7 +313,8 @@ class Plan:
                          f"({VERIFY_ROWS} rows; memprop.checkpoint.verify)")
         lines += [f"  {note}" for note in self.notes]
         if self.peak_parts:
-            lines += describe_levers(self.predicted_peak_bytes, self.peak_parts, self.levers)
+            lines += describe_levers(self.predicted_peak_bytes, self.peak_parts,
+                                     list(self.levers))
         return "\n".join(lines)
 
 
@@ -444,7 +470,10 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
     if chainless and metric == "stored":
         return _plan_stored(None, plain, budget_bytes, simulated, plan_of, max_rounds,
                             None, None, _whole_forms(model, batch, loss_fn))
-    if chainless:
+    chained: Plan | None
+    error: StrategyError | None                     # why no plan, without a chain
+    lowest: list[tuple[Strategy, Measurement]]      # candidates of the smallest budget
+    if chainless or costs is None:                  # costs: profiled when not chainless
         if plain.peak_bytes <= budget_bytes:        # fits as it is
             return make_plan([], plain)
         chained, error, lowest = None, _chainless_error(model), []
@@ -479,6 +508,9 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
     if front is not None:
         lowest += levels.remat_lowest(model, batch, simulated, loss_fn=loss_fn, front=front)
     if not lowest:
+        if error is None:       # a chain always leaves candidates (_plan_peak)
+            raise RuntimeError("memprop.checkpoint: no plan fits and no candidate bounds "
+                               "the smallest feasible budget, though the chain was searched")
         raise error
     lowest.append((NoCheckpoint(), plain))
     fits = [(st, r) for st, r in lowest if r.peak_bytes <= budget_bytes]
@@ -592,7 +624,7 @@ def _whole_forms(model, batch, loss_fn, n_blocks: int = 0) -> list:
     if calls is None:
         return []
     front = levels.whole_front(model, batch, loss_fn=loss_fn, calls=calls)
-    forms = [Forward]
+    forms: list[type[Forward] | type[Remat]] = [Forward]
     if n_blocks <= levels.REMAT_MAX_BLOCKS and levels.rebuilds_within_limit(
             model, batch, calls, loss_fn=loss_fn):
         forms.append(Remat)
@@ -617,10 +649,10 @@ def _plan_stored(costs, plain, budget_bytes, simulated, plan_of, max_rounds,
                                 simulated, stored, budget_bytes, overhead,
                                 max_rounds=max_rounds))
     lowest = []
-    for form, solve in wholes:
+    for form, solver in wholes:
         try:
             nothing_kept = simulated(form())
-            found.append(levels.fit(solve, simulated, stored, budget_bytes,
+            found.append(levels.fit(solver, simulated, stored, budget_bytes,
                                     nothing_kept.saved_bytes, max_rounds=max_rounds))
         except StrategyError:        # a form this model cannot run (remat: NOTE there)
             continue

@@ -180,6 +180,8 @@ class _Table:
     is rounded up to whole slots, so a schedule read back fits its slots exactly with
     ``quantum=1`` and conservatively otherwise."""
 
+    top: np.ndarray    # the whole chain's least cost per slot count, set by _solve_table
+
     def __init__(self, c: ChainCosts, slots: int, quantum: int):
         self.c, self.slots, self.q = c, slots, quantum
         self.cost: dict = {}
@@ -254,7 +256,8 @@ def _solve_table(c: ChainCosts, budget: float, quantum: int, early=None) -> _Tab
 
 def _read(table: _Table, s: int, e: int, held: bool, m: int, top: bool = False) -> tuple:
     """The schedule the table chose for (s, e, held, top) within m slots."""
-    c, items = table.c, []
+    c = table.c
+    items: list[int | tuple[int, int, tuple]] = []
     top = top and e == c.n
     while s < e:
         pick = int(table.choice[(s, e, held, top)][m])
@@ -331,7 +334,8 @@ def stored_fronts(c: ChainCosts, *, early=None, options=None):
     n, t = c.n, c.t
     early = _early(c, early)
     # state (k, held): front of (retained, cost, segments-cons)
-    fronts = {(0, False): [(0, 0.0, ())]}
+    fronts: dict[tuple[int | str, bool], list[tuple[int, float, tuple]]] = {
+        (0, False): [(0, 0.0, ())]}
     for k in range(n + 1):
         for held in (False, True):
             cur = _pareto(fronts.pop((k, held), []))
@@ -443,7 +447,8 @@ def schedule_segments(schedule) -> list:
 
 def tree_schedule(tree, s: int, e: int) -> tuple:
     """The full schedule (stored blocks explicit) of a segments tree over s..e-1."""
-    items, k = [], s
+    items: list[int | tuple[int, int, tuple]] = []
+    k = s
     for i, j, children in tree:
         items.extend(range(k, i))
         items.append((i, j, tree_schedule(children, i, j + 1)))

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import json
 import shlex
+from typing import TYPE_CHECKING
 
 from memprop.cli._common import add_command, parse_dtype, render_table, size, table_rows
 from memprop.cli._progress import Spinner
 from memprop.cli.profile_cmd import add_model_options, config_from_args, factory_errors
 from memprop.units import format_bytes
+
+if TYPE_CHECKING:
+    from memprop.checkpoint.planner import Plan
 
 
 def gather_plan(config, batch_size: int, budget, *, dtype, optimizer="sgd",
@@ -28,7 +32,7 @@ def gather_plan(config, batch_size: int, budget, *, dtype, optimizer="sgd",
     from memprop.checkpoint.cache import cache_off
     from memprop.checkpoint.levels import simulate_strategy
     from memprop.checkpoint.planner import plan
-    from memprop.errors import BudgetError
+    from memprop.errors import BudgetError, ConfigError
     from memprop.units import parse_size
 
     budget_bytes = parse_size(budget)
@@ -50,6 +54,10 @@ def gather_plan(config, batch_size: int, budget, *, dtype, optimizer="sgd",
                              recompute_flops=m.backward_flops - plain.backward_flops))
     finally:
         restore_cache()
+    if plain is None:
+        raise ConfigError("memprop plan: compare names no strategy; the first it names "
+                          "(e.g. 'none') is the baseline of the recompute columns")
+    result: Plan | BudgetError
     try:
         result = plan(model, batch, budget_bytes, optimizer=optimizer, loss_fn=config.loss,
                       metric=metric, whole=whole, amp=amp)

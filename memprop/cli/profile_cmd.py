@@ -10,8 +10,17 @@ import contextlib
 import json
 import logging
 
-from memprop.cli._common import (MODEL_NAMES, OPTIMIZER_NAMES, DTYPE_NAMES, add_command,
-                                 check_output_file, parse_dtype, positive_int, render_table, json_ready)
+from memprop.cli._common import (
+    DTYPE_NAMES,
+    MODEL_NAMES,
+    OPTIMIZER_NAMES,
+    add_command,
+    check_output_file,
+    json_ready,
+    parse_dtype,
+    positive_int,
+    render_table,
+)
 from memprop.cli._progress import Spinner
 from memprop.errors import ConfigError
 from memprop.units import format_bytes, format_flops, format_ms, format_ratio
@@ -23,7 +32,8 @@ def parse_assignments(pairs: list[str]) -> dict:
     for pair in pairs or []:
         key, sep, text = pair.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"memprop profile: --set {pair!r} is not KEY=VALUE, e.g. --set depth=16")
+            raise ConfigError(f"memprop profile: --set {pair!r} is not KEY=VALUE, "
+                              "e.g. --set depth=16")
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
