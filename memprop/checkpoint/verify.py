@@ -53,6 +53,16 @@ _UNINITIALISED = {"empty", "empty_like", "empty_strided", "new_empty", "new_empt
 _IGNORED = {"detach"}
 
 
+def _updates_buffer(name: str, args) -> bool:
+    """An in-place op on a module buffer (BatchNorm's ``num_batches_tracked += 1``): a
+    recompute repeats it on the value the forward left, and the chain puts the buffers
+    back afterwards (NOTE [ How a segment is checkpointed without changing the model ],
+    memprop.checkpoint.chain), so it is neither compared nor counted."""
+    buffers = getattr(_state, "buffers", None)
+    return bool(buffers) and name.endswith("_") and bool(args) and isinstance(
+        args[0], torch.Tensor) and args[0].untyped_storage().data_ptr() in buffers
+
+
 def is_verifying() -> bool:
     return getattr(_state, "on", False)
 
@@ -145,7 +155,7 @@ class _Originals(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        if name in _IGNORED:
+        if name in _IGNORED or _updates_buffer(name, args):
             return out
         with _disable_current_modes(), torch.no_grad():
             copies = None if name in _UNINITIALISED else [t.clone() for t in _tensors(out)]
@@ -163,7 +173,7 @@ class _Compare(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        if name in _IGNORED:
+        if name in _IGNORED or _updates_buffer(name, args):
             return out
         if self.next >= len(self.calls):
             raise StrategyError(f"memprop.checkpoint: {self.form} recomputed more op calls "
@@ -210,6 +220,8 @@ def verify_replay(model: nn.Module, batch, *, loss_fn=None) -> None:
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     devices = sorted({p.device.index for p in model.parameters()
                       if p.device.type == "cuda"} - {None})
+    before = getattr(_state, "buffers", None)
+    _state.buffers = {b.untyped_storage().data_ptr() for b in model.buffers()}
     try:
         with torch.random.fork_rng(devices=devices), verifying(), _module_names(model), \
                 torch.enable_grad():
@@ -218,6 +230,7 @@ def verify_replay(model: nn.Module, batch, *, loss_fn=None) -> None:
             loss = loss_fn(model, batch)
             loss.backward()
     finally:
+        _state.buffers = before
         with torch.no_grad():
             for p, g in grads:
                 p.grad = g
