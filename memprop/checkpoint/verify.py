@@ -58,9 +58,9 @@ def _updates_buffer(name: str, args) -> bool:
     recompute repeats it on the value the forward left, and the chain puts the buffers
     back afterwards (NOTE [ How a segment is checkpointed without changing the model ],
     memprop.checkpoint.chain), so it is neither compared nor counted."""
-    buffers = getattr(_state, "buffers", None)
-    return bool(buffers) and name.endswith("_") and bool(args) and isinstance(
-        args[0], torch.Tensor) and args[0].untyped_storage().data_ptr() in buffers
+    buffers: set[int] = getattr(_state, "buffers", None) or set()
+    return name.endswith("_") and bool(args) and isinstance(args[0], torch.Tensor) and (
+        args[0].untyped_storage().data_ptr() in buffers)
 
 
 def is_verifying() -> bool:

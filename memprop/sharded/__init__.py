@@ -21,9 +21,9 @@ Modules, in the order a step goes through them:
 from memprop.sharded.apply import apply_fsdp, shard_layout
 from memprop.sharded.config import FSDPConfig
 from memprop.sharded.prediction import predict, predict_job
-from memprop.sharded.step import RankJob, rank_step
 from memprop.sharded.result import ShardedMeasurement
 from memprop.sharded.spawn import measure_jobs, measure_ranks
+from memprop.sharded.step import RankJob, rank_step
 
 __all__ = ["FSDPConfig", "apply_fsdp", "shard_layout", "RankJob", "rank_step", "predict",
            "predict_job", "measure_ranks", "measure_jobs", "ShardedMeasurement"]

@@ -36,8 +36,8 @@ from memprop.errors import ConfigError
 from memprop.fake import KernelStorages
 from memprop.sharded.apply import shard_layout
 from memprop.sharded.config import FSDPConfig
-from memprop.sharded.step import RankJob, rank_step
 from memprop.sharded.result import ShardedMeasurement
+from memprop.sharded.step import RankJob, rank_step
 
 __all__ = ["predict", "predict_job", "rank_classes"]
 

@@ -29,7 +29,7 @@ def rank_ranges(ranks: list[int]) -> str:
 
 def render_sharded(s: ShardedMeasurement, config, *, batch_size: int) -> str:
     """Header, one row per group of identical ranks, the largest rank."""
-    from memprop.cli._common import render_table      # table look shared with the CLI
+    from memprop.cli._common import render_table  # table look shared with the CLI
 
     m = s.rank(s.largest_rank)
     how = ("PREDICTED on a fake process group and fake tensors (nothing allocated), "

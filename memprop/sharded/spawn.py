@@ -32,8 +32,8 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from memprop.errors import MemPropError
 from memprop.sharded.config import FSDPConfig
-from memprop.sharded.step import RankJob, rank_step
 from memprop.sharded.result import ShardedMeasurement
+from memprop.sharded.step import RankJob, rank_step
 
 __all__ = ["measure_ranks", "measure_jobs", "run_on_ranks", "RankRunError"]
 

@@ -19,8 +19,8 @@ from memprop.checkpoint import parse_strategy
 from memprop.sharded.apply import apply_fsdp
 from memprop.sharded.config import FSDPConfig
 from memprop.sharded.gloo import use_gloo_collectives
-from memprop.sharded.step import RankJob
 from memprop.sharded.spawn import run_on_ranks
+from memprop.sharded.step import RankJob
 from memprop.workload import build_workload
 
 __all__ = ["checkpoint_matches", "rank_checkpoint_match"]
