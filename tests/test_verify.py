@@ -177,3 +177,18 @@ def test_batchnorm_blocks_verify_their_replay():
         quiet_apply(checked, form)
         verify_replay(checked, batch)
         assert all(torch.equal(before[k], v) for k, v in checked.state_dict().items()), form
+
+
+def test_planning_changes_neither_the_model_nor_the_rng():
+    # plan() runs the model (timed block forwards, a verified replay); BatchNorm's
+    # statistics and the global RNG moved on before (found by a new-user trial)
+    from memprop.checkpoint import plan
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4),
+                                          nn.ReLU(), nn.Dropout(0.1)) for _ in range(4)])
+    batch = torch.randn(8, 4, 8, 8)
+    before, rng = copy.deepcopy(model.state_dict()), torch.get_rng_state()
+    p = plan(model, batch, 120_000)
+    assert p.spec != "none"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng)

@@ -63,7 +63,7 @@ from memprop.checkpoint.strategies import (
 from memprop.checkpoint.verify import verify_replay
 from memprop.checkpoint.whole import Forward
 from memprop.errors import BudgetError, ConfigError, StrategyError
-from memprop.fake import fake_batch, fake_copy, fake_mode_of
+from memprop.fake import fake_batch, fake_copy, fake_mode_of, is_fake
 from memprop.flops import FlopCounter
 from memprop.measure import Measurement, measure_step
 from memprop.models import training_loss
@@ -354,6 +354,13 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, chec
     options = dict(blocks_attr=blocks_attr, select=dict(blocks=blocks, check_fn=check_fn),
                    optimizer=optimizer, loss_fn=loss_fn, max_rounds=max_rounds,
                    metric=metric, amp=amp)
+    # planning runs the model (timed block forwards, a verified replay): its buffers
+    # (BatchNorm statistics) and the RNG are put back, so planning changes nothing
+    buffers = [(b, b.detach().clone()) for b in model.buffers() if not is_fake(b)]
+    devices = sorted({p.device.index for p in model.parameters()
+                      if p.device.type == "cuda"} - {None})
+    rng = contextlib.ExitStack()
+    rng.enter_context(torch.random.fork_rng(devices=devices))
     try:
         found = _plan(model, batch, parse_size(budget), whole=whole, **options)
         refusal = _replay_refusal(model, batch, found, blocks_attr, step_loss,
@@ -370,6 +377,10 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, chec
                                 f"replay this model exactly: {refusal}")
         return found
     finally:
+        rng.close()
+        with torch.no_grad():
+            for b, value in buffers:
+                b.copy_(value)
         restore_cache()
 
 
