@@ -157,3 +157,19 @@ def test_profile_modules_option(capsys):
     for bad in ("0", "many"):
         err = _one_error_line(capsys, [*args, "--modules", bad])
         assert "argument --modules:" in err and "rows, or all" in err
+
+
+def test_after_make_demo_a_missing_quickstart_store_points_to_the_demo(tmp_path, monkeypatch,
+                                                                     capsys):
+    # make demo writes reports/demo/results.sqlite; the README's `memprop results
+    # experiments/quickstart.toml` looks in reports/quickstart/: the error says where
+    import shutil
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "experiments", tmp_path / "experiments")
+    (tmp_path / "reports" / "demo").mkdir(parents=True)
+    (tmp_path / "reports" / "demo" / "results.sqlite").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert main(["results", "experiments/quickstart.toml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("(make demo wrote reports/demo/results.sqlite)")

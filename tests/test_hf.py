@@ -482,3 +482,25 @@ def test_cli_profile_and_spec_take_hf_models(tmp_path, capsys):
                     '[grid]\nbatch = [2]\n')
     with pytest.raises(ConfigError, match="num_layers"):
         load_spec(spec)
+
+
+def test_types_a_new_user_tried_build_or_refuse_in_one_line():
+    # vit's weight init reads a value (an .item()): on fake tensors it is built without
+    # initialising weights, so its estimate runs and equals the measurement
+    known("vit")
+    cfg = model_config("hf:vit")
+    m = measure(cfg, 2, timing=False, flops=False)
+    e = estimate(cfg, 2, flops=False)
+    assert (e.saved_bytes, e.peak_bytes) == (m.saved_bytes, m.peak_bytes)
+    # t5's classifier needs an <eos> per row and a decoder start token: the batch and
+    # the tiny config give them
+    known("t5")
+    t5 = model_config("hf:t5")
+    assert t5.hf_config().decoder_start_token_id == 0
+    assert measure(t5, 2, timing=False, flops=False, inference=False).peak_bytes > 0
+    # a config transformers refuses under the tiny sizes: one line, how to fix it
+    known("swin")
+    with pytest.raises(ConfigError, match=r"^memprop.models: transformers could not build "
+                                          r"hf:swin with memprop's tiny config: .*num_heads.*"
+                                          r"set its sizes yourself"):
+        model_config("hf:swin").build()

@@ -80,6 +80,13 @@ def size(text: str) -> int:
 
 # -- paths, checked before any measuring so that nothing is lost to a typo --
 
+def _demo_hint(path) -> str:
+    """Where ``make demo`` put the quickstart's store, when a user looks for it elsewhere."""
+    demo = pathlib.Path("reports/demo/results.sqlite")
+    return (f" (make demo wrote {demo})" if "quickstart" in str(path) and demo.is_file()
+            else "")
+
+
 def check_output_file(path, option: str, command: str) -> pathlib.Path:
     """``path`` can be written as a file: not a folder, its folder exists and is writable."""
     path = pathlib.Path(path)
@@ -132,7 +139,7 @@ def check_database(path, option: str, command: str, *, must_exist: bool) -> path
     if not path.exists():
         if must_exist:
             raise ConfigError(f"{where}: no results database there; run 'memprop sweep SPEC' "
-                              "first, or give the .sqlite file it wrote")
+                              "first, or give the .sqlite file it wrote" + _demo_hint(path))
         check_output_file(path, option, command)
         return path
     with open(path, "rb") as f:

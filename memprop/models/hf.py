@@ -40,9 +40,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    FakeTensor,
+    unset_fake_temporarily,
+)
 
-from memprop.errors import ConfigError
+from memprop.errors import ConfigError, MemPropError
 from memprop.models.base import ModelConfig
 
 __all__ = ["HFConfig", "hf_config", "TASKS", "SMALL_DEFAULTS", "eager_masks"]
@@ -103,6 +107,28 @@ def _get(config, key: str, missing=None):
         return getattr(config, key, missing)
     except Exception:   # noqa: BLE001 - transformers' AmbiguousGlobalPerLayerAttributeError
         return missing
+
+
+def _no_init_weights():
+    """transformers' context that skips weight initialisation (5.x keeps it in
+    ``transformers.initialization``, 4.x in ``transformers.modeling_utils``)."""
+    import importlib
+    for where in ("transformers.initialization", "transformers.modeling_utils"):
+        try:
+            found = getattr(importlib.import_module(where), "no_init_weights", None)
+        except ImportError:
+            continue
+        if found is not None:
+            return found()
+    return contextlib.nullcontext()
+
+
+def _not_built(model_type: str, exc: BaseException) -> ConfigError:
+    """One line saying transformers could not make hf:<type> as memprop sized it."""
+    return ConfigError(f"memprop.models: transformers could not build hf:{model_type} with "
+                       f"memprop's tiny config: {type(exc).__name__}: "
+                       f"{' '.join(str(exc).split())[:300]}; set its sizes yourself "
+                       "(--set FIELD=VALUE, model_config(..., FIELD=VALUE))")
 
 
 def _default_config(model_type: str):
@@ -196,11 +222,36 @@ class HFConfig(ModelConfig):
             # the batch pads with 0 then: decoders find each row's last token by it, and
             # encoders (esm) number positions after it
             values["pad_token_id"] = 0
-        return transformers.AutoConfig.for_model(self.model_type, **values)
+        if (_get(default, "is_encoder_decoder") and "decoder_start_token_id" not in user
+                and _get(default, "decoder_start_token_id") is None):
+            # an encoder-decoder shifts the labels right from this token (t5's own
+            # default config has none, and its loss then fails): the pad token, as T5's
+            # checkpoints set it
+            pad = values.get("pad_token_id", _get(default, "pad_token_id"))
+            values["decoder_start_token_id"] = pad if isinstance(pad, int) else 0
+        try:
+            return transformers.AutoConfig.for_model(self.model_type, **values)
+        except Exception as exc:   # noqa: BLE001 - transformers' validators raise many kinds
+            raise _not_built(self.model_type, exc) from None
 
     def _build(self) -> nn.Module:
         auto = getattr(_transformers(), TASKS[self.task][0])
-        return auto.from_config(self.hf_config())
+        config = self.hf_config()
+        try:
+            return auto.from_config(config)
+        except MemPropError:
+            raise
+        except DataDependentOutputException:
+            pass                   # a weight init that reads values: fake tensors have none
+        except Exception as exc:   # noqa: BLE001 - any failure of transformers' own code
+            raise _not_built(self.model_type, exc) from None
+        # On fake tensors (an estimate) the weights' values are never read: build without
+        # initialising them (vit's trunc_normal_ init reads a value, as .item())
+        try:
+            with _no_init_weights():
+                return auto.from_config(config)
+        except Exception as exc:   # noqa: BLE001
+            raise _not_built(self.model_type, exc) from None
 
     def _batch(self, batch_size, gen, dtype) -> dict:
         config = self.hf_config()
@@ -220,6 +271,10 @@ class HFConfig(ModelConfig):
         ids[1::2, :self.pad] = pad_id
         if task == "sequence-classification":
             labels = torch.randint(0, self.num_labels, (batch_size,), generator=gen)
+            eos = _get(text, "eos_token_id")
+            if _get(config, "is_encoder_decoder") and isinstance(eos, int):
+                ids[ids == eos] = 1 if eos != 1 else 2
+                ids[:, -1] = eos          # an encoder-decoder classifies at each row's <eos>
         else:                            # the model shifts causal labels itself
             labels = ids.masked_fill(mask == 0, -100)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}

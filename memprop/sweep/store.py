@@ -247,8 +247,11 @@ def resolve_source(source):
         spec = load_spec(path)
         path = default_db_path(spec.name)
     if not path.is_file():
+        demo = pathlib.Path("reports/demo/results.sqlite")
+        hint = (f" (make demo wrote {demo})" if spec is not None
+                and spec.name == "quickstart" and demo.is_file() else "")
         raise ConfigError(f"memprop: no results database at {path}; run 'memprop sweep SPEC' "
-                          "first")
+                          "first" + hint)
     return path, spec
 
 
