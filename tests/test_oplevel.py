@@ -126,3 +126,11 @@ def test_peak_plan_uses_op_level_blocks_and_is_exact():
     assert (m.peak_bytes, m.saved_bytes) == (p.predicted_peak_bytes, p.predicted_saved_bytes)
     assert m.backward_flops - plain.backward_flops == p.recompute_flops
     assert torch.equal(ref[0], got[0]) and all(map(torch.equal, ref[1], got[1]))
+
+
+@pytest.mark.parametrize("spec", ["ops:adm", "ops:0-1=adm#0", "forward:adm", "remat:adm"])
+def test_an_op_key_naming_no_aten_op_is_refused_when_parsed(spec):
+    # a typo kept nothing in every block, silently (ops:) or at the first step only
+    with pytest.raises(StrategyError, match=r"names \['adm'\], no aten op; .*did you mean "
+                                            r"'addmm'\?"):
+        parse_strategy(spec)

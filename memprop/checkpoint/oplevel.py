@@ -43,6 +43,7 @@ NOTE [ Op-level options of a block ]
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import itertools
 import re
@@ -221,6 +222,14 @@ def _parse_keys(text: str, spec: str, form: str = "ops") -> frozenset:
                             f"op key is an aten op name, optionally #i for its i-th call in "
                             f"the {where}, or #i-j for calls i..j (addmm, addmm#0, sdpa, "
                             "mm#2-5)")
+    unknown = sorted({split_key(k)[0] for k in keys} - {"sdpa"}
+                     - {n for n in {split_key(k)[0] for k in keys} if hasattr(torch.ops.aten, n)})
+    if unknown:          # a typo would keep nothing, silently, in every block
+        close = difflib.get_close_matches(unknown[0], sorted(_HEAVY), n=1)
+        raise StrategyError(f"memprop.checkpoint: {form}:{spec} names {unknown}, no aten op; "
+                            "an op key names an aten op as the model calls it (addmm, mm, "
+                            "bmm, convolution, sdpa, ...)"
+                            + (f"; did you mean {close[0]!r}?" if close else ""))
     return keys
 
 
