@@ -104,6 +104,12 @@ def _same(a, b) -> bool:
         return False
 
 
+class SegmentRefused(StrategyError):
+    """A segment of several blocks cannot replay what the model computes (its loop
+    passes the blocks other arguments, transforms the hand-over, or calls them out of
+    order). One block per checkpoint still works: the planner leaves such segments out."""
+
+
 class _Call:
     """One call's arguments, with the hidden state's place: index 0, or a keyword."""
 
@@ -120,7 +126,7 @@ class _Call:
             return cls(args, kwargs, 0, params)
         if params and params[0] in kwargs:
             return cls(args, kwargs, params[0], params)
-        raise StrategyError(f"memprop.checkpoint: {name} was called without a hidden-state "
+        raise SegmentRefused(f"memprop.checkpoint: {name} was called without a hidden-state "
                             f"argument a segment could chain; {_per_block_hint(name)}")
 
     def with_hidden(self, hidden) -> tuple[tuple, dict]:
@@ -285,7 +291,7 @@ class SegmentForward(PatchedForward):
         if _inside_segment():                # called from inside a running segment
             return self.original(*args, **kwargs)
         if box.get("next") is not None:
-            raise StrategyError(
+            raise SegmentRefused(
                 f"memprop.checkpoint: the model's loop did not call {names[box['next']]} "
                 f"after {names[box['next'] - 1]} (a checkpointed segment runs them "
                 f"together); {_per_block_hint(names[0])}")
@@ -346,14 +352,14 @@ class PassThrough(PatchedForward):
         if _inside_segment():
             return self.original(*args, **kwargs)
         if box.get("next") != p:
-            raise StrategyError(
+            raise SegmentRefused(
                 f"memprop.checkpoint: the model called {names[p]} out of the order of "
                 f"its checkpointed segment ({names[0]} .. {names[-1]}); "
                 f"{_per_block_hint(names[0])}")
         problem = box["call"].mismatch(args, kwargs, _hidden(box["outs"][p - 1], names[p - 1]))
         if problem:
             box.clear()
-            raise StrategyError(
+            raise SegmentRefused(
                 f"memprop.checkpoint: {names[p]} is in a segment with {names[p - 1]}, but "
                 f"when the model called it {problem}: the segment cannot replay what the "
                 f"model computes; {_per_block_hint(names[0] + ' .. ' + names[-1])}")

@@ -35,7 +35,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.checkpoint import checkpoint
 
-from memprop.checkpoint.chain import _norms, _running, find_blocks
+from memprop.checkpoint.chain import SegmentRefused, _norms, _running, find_blocks
 from memprop.checkpoint.patch import Applied, PatchedForward
 from memprop.checkpoint.rotor import format_schedule, parse_schedule
 from memprop.checkpoint.strategies import Strategy, refuse_applied, register_form
@@ -91,7 +91,7 @@ class NestedChain:
                     out = self.blocks[k](out)
                     k += 1
                 if k <= last and not isinstance(out, torch.Tensor):
-                    raise StrategyError(
+                    raise SegmentRefused(
                         f"memprop.checkpoint: a nested segment needs blocks that return one "
                         f"tensor, but block {k - 1} ({type(self.blocks[k - 1]).__name__}) "
                         f"returned {type(out).__name__}; use a single-level strategy")
@@ -131,7 +131,7 @@ class _NestedTop(PatchedForward):
         if _get("depth") > 0:                  # run by a segment: the block itself
             return self.original(*args, **kwargs)
         if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
-            raise StrategyError(
+            raise SegmentRefused(
                 f"memprop.checkpoint: nested segments need blocks called with one "
                 f"tensor; block {first} ({type(self.module).__name__}) got "
                 f"{len(args)} positional and {sorted(kwargs)} keyword arguments; use a "

@@ -41,7 +41,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from memprop.checkpoint import levels
 from memprop.checkpoint.cache import cache_off
-from memprop.checkpoint.chain import CheckpointedChain, find_blocks
+from memprop.checkpoint.chain import CheckpointedChain, SegmentRefused, find_blocks
 from memprop.checkpoint.dp import ChainCosts, min_peak, model_peak, segments_of, solve
 from memprop.checkpoint.levers import Lever, describe_levers, peak_composition
 from memprop.checkpoint.levers import levers as levers_of
@@ -354,6 +354,7 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, chec
     options = dict(blocks_attr=blocks_attr, select=dict(blocks=blocks, check_fn=check_fn),
                    optimizer=optimizer, loss_fn=loss_fn, max_rounds=max_rounds,
                    metric=metric, amp=amp)
+    refused: list[str] = []           # why segments of several blocks were left out
     # planning runs the model (timed block forwards, a verified replay): its buffers
     # (BatchNorm statistics) and the RNG are put back, so planning changes nothing
     buffers = [(b, b.detach().clone()) for b in model.buffers() if not is_fake(b)]
@@ -362,12 +363,14 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, chec
     rng = contextlib.ExitStack()
     rng.enter_context(torch.random.fork_rng(devices=devices))
     try:
-        found = _plan(model, batch, parse_size(budget), whole=whole, **options)
+        found = _plan(model, batch, parse_size(budget), whole=whole, refused=refused,
+                      **options)
         refusal = _replay_refusal(model, batch, found, blocks_attr, step_loss,
                                   **options["select"])
         if refusal is not None and whole and isinstance(found.chosen, (Forward, Remat)):
             left_out = found.chosen.form
-            found = _plan(model, batch, parse_size(budget), whole=False, **options)
+            found = _plan(model, batch, parse_size(budget), whole=False, refused=refused,
+                          **options)
             found.notes += (f"{left_out}: left out, its replay is not exact on this model "
                             f"({refusal})",)
             refusal = _replay_refusal(model, batch, found, blocks_attr, step_loss,
@@ -375,6 +378,8 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, chec
         if refusal is not None:
             raise StrategyError(f"memprop.checkpoint: the plan {short_spec(found.spec)} cannot "
                                 f"replay this model exactly: {refusal}")
+        if refused:
+            found.notes += (f"segments of several blocks: left out ({refused[0]})",)
         return found
     finally:
         rng.close()
@@ -383,6 +388,9 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, chec
                 b.copy_(value)
         restore_cache()
 
+
+# the peak, bytes and FLOPs of a candidate that cannot run (never within a budget)
+_NEVER = 1 << 62
 
 # the forms that rebuild tensors from recorded calls or cached op outputs
 _REPLAYING = (Remat, Forward, Ops, Selective)
@@ -415,7 +423,9 @@ def _replay_refusal(model, batch, found: Plan, blocks_attr, loss_fn, **select) -
 
 
 def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn,
-          max_rounds, metric, whole, amp) -> Plan:
+          max_rounds, metric, whole, amp, refused: list[str] | None = None) -> Plan:
+    """The plan (see ``plan``); ``refused`` gets why segments of several blocks were left
+    out, if they were (``SegmentRefused``)."""
     mode = fake_mode_of(model)
     # the step's forward as the simulations run it (autocast under amp): what profiles
     # and traces run; the simulations take the plain loss and measure_step's amp
@@ -432,15 +442,28 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
     # step when the optimizer keeps no state (measure_step's warm). One simulation per
     # strategy: the searches and the smallest feasible budget's candidates share them
     simulations: dict = {}
+    refused = refused if refused is not None else []
 
     def simulated(strategy):
         if strategy.spec not in simulations:
-            simulations[strategy.spec] = levels.simulate_strategy(
-                model, batch, strategy, blocks_attr=blocks_attr, **select,
-                optimizer=optimizer, loss_fn=step_loss, amp=amp,
-                warm=mode is not None and not chainless)
+            try:
+                simulations[strategy.spec] = levels.simulate_strategy(
+                    model, batch, strategy, blocks_attr=blocks_attr, **select,
+                    optimizer=optimizer, loss_fn=step_loss, amp=amp,
+                    warm=mode is not None and not chainless)
+            except SegmentRefused as exc:
+                # a segment of several blocks this model's loop cannot replay (gemma4:
+                # each layer gets its own per_layer_input): never chosen, and said why
+                if not refused:
+                    refused.append(str(exc).removeprefix("memprop.checkpoint: "))
+                simulations[strategy.spec] = dataclasses.replace(
+                    plain, peak_bytes=_NEVER, saved_bytes=_NEVER, budget_peak_bytes=_NEVER,
+                    forward_flops=_NEVER, backward_flops=_NEVER)
         return simulations[strategy.spec]
-    plain = simulated(NoCheckpoint())
+    plain = levels.simulate_strategy(model, batch, NoCheckpoint(), blocks_attr=blocks_attr,
+                                     **select, optimizer=optimizer, loss_fn=step_loss, amp=amp,
+                                     warm=mode is not None and not chainless)
+    simulations[NoCheckpoint().spec] = plain
     n = costs.n if costs is not None else 0
     ms = None
     if mode is None and not chainless:
