@@ -38,6 +38,18 @@ class FSDPConfig:
     mixed_precision: str | None = None
     backend: str = "gloo"
 
+    @classmethod
+    def of(cls, world_size: int | None, fsdp: "FSDPConfig | None", who: str) -> "FSDPConfig":
+        """The config a caller gave as ``world_size=N`` or ``fsdp=FSDPConfig(...)``, one of
+        them (``who``: the function, for the error)."""
+        if (world_size is None) == (fsdp is None):
+            raise ConfigError(f"memprop.sharded.{who}: pass world_size=N or "
+                              "fsdp=FSDPConfig(world_size=N, ...), one of them")
+        if fsdp is not None:
+            return fsdp
+        assert world_size is not None                       # checked just above
+        return cls(world_size=world_size)
+
     def __post_init__(self) -> None:
         n = self.world_size
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:

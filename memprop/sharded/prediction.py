@@ -82,12 +82,7 @@ def predict(config, batch_size: int, *, world_size: int | None = None,
     """Each rank's predicted training step of ``config`` at ``batch_size`` examples per
     rank under FSDP2: pass ``world_size`` (defaults for the rest) or an ``FSDPConfig``.
     ``strategy`` (a checkpointing strategy) is applied before sharding."""
-    if (world_size is None) == (fsdp is None):
-        raise ConfigError("memprop.sharded.predict: pass world_size=N or "
-                          "fsdp=FSDPConfig(world_size=N, ...), one of them")
-    if fsdp is None:
-        assert world_size is not None                       # checked just above
-        fsdp = FSDPConfig(world_size=world_size)
+    fsdp = FSDPConfig.of(world_size, fsdp, "predict")
     return predict_job(RankJob(config=config, batch_size=batch_size, fsdp=fsdp,
                                optimizer=optimizer, strategy=strategy, dtype=dtype,
                                seed=seed))

@@ -109,12 +109,7 @@ def measure_ranks(config, batch_size: int, *, world_size: int | None = None,
                   seed: int = 0) -> ShardedMeasurement:
     """Each rank's measured training step of ``config`` at ``batch_size`` examples per
     rank under FSDP2, in ``world_size`` real processes (gloo, CPU)."""
-    if (world_size is None) == (fsdp is None):
-        raise MemPropError("memprop.sharded.measure_ranks: pass world_size=N or "
-                           "fsdp=FSDPConfig(world_size=N, ...), one of them")
-    if fsdp is None:
-        assert world_size is not None                       # checked just above
-        fsdp = FSDPConfig(world_size=world_size)
+    fsdp = FSDPConfig.of(world_size, fsdp, "measure_ranks")
     return measure_jobs([RankJob(config=config, batch_size=batch_size, fsdp=fsdp,
                                  optimizer=optimizer, strategy=strategy, dtype=dtype,
                                  seed=seed)])[0]
