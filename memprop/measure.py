@@ -90,6 +90,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
+from memprop.allocation_log import ALLOCATION_COLUMNS, AllocationLog
 from memprop.errors import ConfigError, MemPropError
 from memprop.fake import is_fake
 from memprop.flops import FlopCounter
@@ -192,6 +193,11 @@ class Measurement:
     repeats: int = 0
     threads: int = 0                                            # torch.get_num_threads()
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # every storage the first and the measured step allocate and free, in order (NOTE
+    # [ What the allocation log records ], memprop.allocation_log): the allocator
+    # simulation's input (memprop.allocator.replay_measurement)
+    allocations: pd.DataFrame = dataclasses.field(
+        default_factory=lambda: pd.DataFrame(columns=list(ALLOCATION_COLUMNS)), repr=False)
 
     @property
     def saved_per_module(self) -> pd.DataFrame:
@@ -528,12 +534,14 @@ def measure_step(model: nn.Module, batch, *, optimizer: str = "sgd",
                                      limit_bytes=budget_bytes, **kw)
 
         first = None
+        log = AllocationLog()                             # passes 1 and 2, in order
         if not (warm and optimizer == "sgd"):
-            with tracker(optimizer=opt) as first:         # 1. creates optimizer state
+            with tracker(optimizer=opt, log=log) as first:  # 1. creates optimizer state
                 step.run(first)
-        with tracker(optimizer=opt) as tracked:           # 2. the measured step
+        with tracker(optimizer=opt, log=log) as tracked:    # 2. the measured step
             start_bytes = tracked.live_bytes
             step.run(tracked)
+        log.close()
         if first is None:                                 # warm: the first is the steady
             first = tracked
         rec, fwd_flops, bwd_flops = _stored_pass(step, tensors, flops)  # 3, 4.
@@ -569,4 +577,4 @@ def measure_step(model: nn.Module, batch, *, optimizer: str = "sgd",
         forward_ms=median([t[0] for t in times]), backward_ms=median([t[1] for t in times]),
         optimizer_ms=median([t[2] for t in times]), step_ms=median(steps),
         step_ms_min=min(steps) if steps else None, step_ms_max=max(steps) if steps else None,
-        repeats=len(times), threads=torch.get_num_threads())
+        repeats=len(times), threads=torch.get_num_threads(), allocations=log.frame())

@@ -49,6 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from memprop._module_scope import ModuleScope
+from memprop.allocation_log import AllocationLog
 from memprop.budget import TensorBudgetExceeded
 from memprop.saved import _STORE_OBSERVERS, batch_tensors
 
@@ -106,12 +107,17 @@ class LiveMemoryTracker:
     they run: exact for backends whose graphs run aten ops (``aot_eager``,
     ``aot_eager_decomp_partition``: what compile's partitioner decided to save and
     recompute); Inductor allocates its buffers outside the dispatcher, where no
-    dispatch mode can see them - do not use it there."""
+    dispatch mode can see them - do not use it there.
+
+    ``log``: an ``AllocationLog`` (memprop.allocation_log) to which every storage counted
+    and freed is reported, in order; it changes nothing the tracker counts."""
 
     def __init__(self, model: nn.Module | None = None, *, optimizer=None,
                  inputs: Iterable = (), device=None, limit_bytes: int | None = None,
-                 compiled: bool = False):
+                 compiled: bool = False, log: AllocationLog | None = None):
         self.limit_bytes = limit_bytes
+        self._log = log
+        self._where = ("", "(live before the step)")   # (module, op) being counted
         self.model, self.optimizer = model, optimizer
         # count only storages on this device (None: all), so that on CUDA host copies
         # (offloaded activations, pinned buffers) do not count as device memory
@@ -164,6 +170,9 @@ class LiveMemoryTracker:
         ref = weakref.ref(storage, self._make_release(key))
         self._live[key] = [cat, nbytes, ref]
         self._totals[cat] += nbytes
+        if self._log is not None:
+            self._log.allocated(storage, phase=self._phase, module=self._where[0],
+                                op=self._where[1], category=category)
 
     def _make_release(self, key: int):
         def release(_ref, key=key, live=self._live, totals=self._totals):
@@ -179,6 +188,8 @@ class LiveMemoryTracker:
         is on ``meta`` whatever the tensor's device.)"""
         if self.device is not None and storage.device.type not in (self.device.type, "meta"):
             return
+        if self._log is not None:
+            self._log.resized(storage, phase=self._phase)
         key = storage._cdata
         entry = self._live.get(key)
         if entry is None:
@@ -197,12 +208,14 @@ class LiveMemoryTracker:
             return
         totals = self._totals
         before = sum(totals)
+        node = torch._C._current_autograd_node() if self.phase == "backward" else None
+        where = node.name() if node is not None else self._scope.current
+        op = name.replace("aten.", "")
+        self._where = (where, op)
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self._add(t, "temporary")
-        node = torch._C._current_autograd_node() if self.phase == "backward" else None
-        where = node.name() if node is not None else self._scope.current
-        live, op = sum(totals), name.replace("aten.", "")
+        live = sum(totals)
         if self.limit_bytes is not None and live > self.limit_bytes:
             raise TensorBudgetExceeded(budget_bytes=self.limit_bytes, live_bytes=live,
                                        requested_bytes=live - before, op=op, where=where,
@@ -259,6 +272,9 @@ class LiveMemoryTracker:
 
     # -- context --------------------------------------------------------------------
     def __enter__(self) -> "LiveMemoryTracker":
+        if self._log is not None:
+            self._log.phase_of = lambda: self._phase
+        self._where = ("", "(live before the step)")
         self._tag_existing()
         live = self.live_bytes
         if self.limit_bytes is not None and live > self.limit_bytes:
