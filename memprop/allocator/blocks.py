@@ -11,13 +11,14 @@ __all__ = ["Block", "Segment", "Pool", "Label"]
 
 @dataclasses.dataclass(frozen=True)
 class Label:
-    """Who asked for a block: the storage id of the allocation log, its phase, module
-    and op (memprop.allocation_log)."""
+    """Who asked for a block: the storage id of the allocation log, its phase, module,
+    op and category (memprop.allocation_log)."""
 
     storage_id: int = -1
     phase: str = ""
     module: str = ""
     op: str = ""
+    category: str = ""
 
 
 @dataclasses.dataclass(eq=False)

@@ -30,7 +30,7 @@ __all__ = ["AllocEvent", "AllocatorReport", "OOMEvent", "AllocatorRun", "replay"
 class AllocEvent:
     """One request: ``alloc`` of ``size_bytes`` (the bytes asked for) under
     ``storage_id``, or ``free`` of a live ``storage_id`` (its size is not needed).
-    ``phase``/``module``/``op`` label the block in snapshots."""
+    ``phase``/``module``/``op``/``category`` label the block in snapshots."""
 
     action: Literal["alloc", "free"]
     storage_id: int
@@ -38,6 +38,7 @@ class AllocEvent:
     phase: str = ""
     module: str = ""
     op: str = ""
+    category: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +123,7 @@ def replay(events: Iterable[AllocEvent], config: AllocatorConfig | None = None, 
             if e.size_bytes == 0:
                 live[e.storage_id] = None
                 continue
-            label = Label(e.storage_id, e.phase, e.module, e.op)
+            label = Label(e.storage_id, e.phase, e.module, e.op, e.category)
             before = a.max_allocated
             try:
                 live[e.storage_id] = a.malloc(e.size_bytes, label)
@@ -160,7 +161,7 @@ def events_of(frame: pd.DataFrame) -> list[AllocEvent]:
     """``AllocEvent``s from an allocation log's rows (``Measurement.allocations``)."""
     return [AllocEvent(action=r.action, storage_id=int(r.storage_id),
                        size_bytes=int(r.size_bytes), phase=str(r.phase),
-                       module=str(r.module), op=str(r.op))
+                       module=str(r.module), op=str(r.op), category=str(r.category))
             for r in frame.itertuples(index=False)]
 
 

@@ -291,8 +291,9 @@ class CachingAllocator(ExpandableSegments):
 def frames_of(label: Label) -> list[dict]:
     """A stack-free frame naming memprop's module and phase for ``memory_viz``: file
     ``<module>`` (the fully qualified module, or ``<step>``), function
-    ``<op> [<phase>]``, line = the storage id."""
+    ``<op> [<phase>, <category>]``, line = the storage id."""
     if label.storage_id < 0 and not label.op:
         return []
+    what = ", ".join(x for x in (label.phase, label.category) if x)
     return [{"filename": label.module or "<step>", "line": max(label.storage_id, 0),
-             "name": f"{label.op or 'free'} [{label.phase}]"}]
+             "name": f"{label.op or 'free'} [{what}]"}]

@@ -9,6 +9,7 @@ import ast
 import contextlib
 import json
 import logging
+import sys
 
 from memprop.cli._common import (
     DTYPE_NAMES,
@@ -22,6 +23,7 @@ from memprop.cli._common import (
     render_table,
 )
 from memprop.cli._progress import Spinner
+from memprop.cli._snapshot import add_snapshot_options, snapshot_request, write_profile_snapshot
 from memprop.errors import ConfigError
 from memprop.units import format_bytes, format_flops, format_ms, format_ratio
 
@@ -261,6 +263,7 @@ def add_parser(sub) -> None:
                         "every numbered block is summed in one row (blocks.*.attn), then "
                         "the N rows storing most are shown and the rest summed in one "
                         "line; all: every module on its own row")
+    add_snapshot_options(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of text")
     p.add_argument("--fsdp", type=positive_int, default=None, metavar="N",
                    help="shard with FSDP2 over N ranks (every block, then the root) and "
@@ -351,6 +354,7 @@ def gather_profile(config, args):
 
 
 def profile_command(args) -> int:
+    snapshot = snapshot_request(args)          # --snapshot: checked before measuring
     if args.fsdp is not None:
         return sharded_command(args)
     # output paths first: a typo must not cost a measurement
@@ -365,16 +369,22 @@ def profile_command(args) -> int:
         from memprop.report.trace import timeline_trace
         label = f"{config.name} batch {args.batch}, strategy {args.strategy}"
         trace.write_text(json.dumps(timeline_trace(result.timeline, label=label)))
+    written = snapshot and write_profile_snapshot(
+        result, snapshot, label=f"{config.name} batch {args.batch}, strategy {args.strategy}")
     if args.json:
         row = {k: json_ready(v) for k, v in result.summary().items()}
         if closed is not None:
             row["closed_form_saved_bytes"] = closed["saved_bytes"]
         row.update(timing or {})
         print(json.dumps(row, indent=2, default=str))
+        if written:
+            print(written, file=sys.stderr)    # stdout stays JSON
         return 0
     print(render_profile(result, config, closed_form=closed, modules=args.modules,
                          timing=timing))
     for path, what in ((timeline, "timeline (CSV)"), (trace, "Chrome trace")):
         if path:
             print(f"{what}: {len(result.timeline)} ops written to {path}")
+    if written:
+        print(written)
     return 0
