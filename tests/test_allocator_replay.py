@@ -133,3 +133,18 @@ def test_measured_and_estimated_logs_are_the_same_and_match_the_tracker():
     # sizes are multiples of 512 B here but the 4-byte loss: allocated = requested + rounding
     assert run.report.max_allocated_bytes >= run.report.max_requested_bytes
     assert replay_measurement(e).report == run.report
+
+
+def test_each_rank_of_a_sharded_prediction_replays():
+    """FSDP2's all-gather buffers are resized in place: the log has them as allocations
+    and frees, and each rank's requested peak is that rank's tracker peak."""
+    from memprop.models import model_config
+    from memprop.sharded import FSDPConfig, RankJob, predict_job
+
+    job = RankJob(config=model_config("mlp", depth=2, width=64), batch_size=4,
+                  fsdp=FSDPConfig(world_size=2))
+    for m in predict_job(job).ranks.values():
+        assert (m.allocations.op == "resize_").any()
+        report = replay_measurement(m).report
+        assert report.max_requested_bytes == m.peak_bytes
+        assert report.max_reserved_bytes >= report.max_allocated_bytes >= m.peak_bytes

@@ -25,7 +25,8 @@ class AllocatorConfig:
     device (its total memory less the CUDA context and other processes); None:
     unlimited. ``memory_fraction``: ``torch.cuda.set_per_process_memory_fraction``, a
     limit of ``int(fraction x capacity_bytes)`` on reserved bytes (needs
-    ``capacity_bytes``)."""
+    ``capacity_bytes``; torch takes the fraction of the device's total memory, context
+    included, so give the total here when the fraction is what matters)."""
 
     max_split_size_mb: int | None = None
     roundup_power2_divisions: int = 0
