@@ -3,17 +3,20 @@ allocation log of a measured and an estimated step replayed through it."""
 
 import random
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import memprop
+from memprop.allocation_log import ALLOCATION_COLUMNS
 from memprop.allocator import (
     AllocatorConfig,
     AllocatorOOM,
     AllocEvent,
     CachingAllocator,
+    largest_batch,
     replay,
     replay_measurement,
 )
@@ -148,3 +151,30 @@ def test_each_rank_of_a_sharded_prediction_replays():
         report = replay_measurement(m).report
         assert report.max_requested_bytes == m.peak_bytes
         assert report.max_reserved_bytes >= report.max_allocated_bytes >= m.peak_bytes
+
+
+class _Step:
+    """A step of ``batch``: a 12 MiB weight, then ``batch`` MiB of activation, freed."""
+
+    def __init__(self, batch: int):
+        rows = [("alloc", 0, 12 * MiB), ("alloc", 1, batch * MiB), ("free", 1, 0)]
+        self.allocations = pd.DataFrame(
+            [(i, a, s, n, "forward", "m", "op", "temporary") for i, (a, s, n) in enumerate(rows)],
+            columns=list(ALLOCATION_COLUMNS))
+
+
+def test_largest_batch_under_a_memory_fraction():
+    # 12 MiB segment + the activation's: 2 MiB (batch 1), 20 MiB (2..9), else the batch
+    # rounded up to 2 MiB: under 40 MiB (half of 80) the largest is 28 (12 + 28 = 40)
+    fit = largest_batch(_Step, AllocatorConfig(capacity_bytes=80 * MiB, memory_fraction=0.5))
+    assert (fit.batch, fit.report.max_reserved_bytes) == (28, 40 * MiB)
+    assert fit.failed.oom.size_bytes == 29 * MiB
+    assert [b for b, _, _ in fit.tried] == [1, 2, 4, 8, 16, 32, 24, 28, 30, 29]
+    # under 30 MiB a 2 MiB activation takes a 20 MiB segment (32 MiB) though 10 MiB fits
+    # in its own (22 MiB): fitting is not monotone in the batch, and the search says 1
+    fit = largest_batch(_Step, AllocatorConfig(capacity_bytes=30 * MiB))
+    assert fit.batch == 1 and fit.failed.oom.size_bytes == 2 * MiB
+    assert replay_measurement(_Step(10), AllocatorConfig(capacity_bytes=30 * MiB)).report.oom \
+        is None
+    with pytest.raises(ConfigError, match="needs a limit"):
+        largest_batch(_Step, AllocatorConfig())

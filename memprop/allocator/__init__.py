@@ -9,7 +9,8 @@ make it reserve, predicted on any machine (issue 23, items 3 and 5).
 Layout: ``rules`` (sizes: rounding, pools, segment sizes, splitting), ``blocks`` (blocks,
 segments, pools), ``simulator`` (``CachingAllocator``: malloc, free, empty_cache),
 ``expandable`` (expandable segments), ``replay`` (an allocation log in, an
-``AllocatorReport`` out), ``snapshot`` (``_snapshot()``'s format), ``config``.
+``AllocatorReport`` out), ``snapshot`` (``_snapshot()``'s format), ``frontier`` (the
+largest batch that fits), ``config``.
 
 NOTE [ The caching allocator, as modelled ]
   Read from ``c10/cuda/CUDACachingAllocator.cpp`` (``DeviceCachingAllocator``). NOT YET
@@ -53,6 +54,7 @@ NOTE [ The caching allocator, as modelled ]
 """
 
 from memprop.allocator.config import AllocatorConfig, parse_alloc_conf
+from memprop.allocator.frontier import BatchFit, largest_batch
 from memprop.allocator.replay import (
     AllocatorReport,
     AllocatorRun,
@@ -67,4 +69,5 @@ from memprop.allocator.snapshot import snapshot, write_snapshot
 
 __all__ = ["AllocatorConfig", "parse_alloc_conf", "AllocEvent", "AllocatorReport",
            "AllocatorRun", "OOMEvent", "replay", "replay_measurement", "events_of",
-           "CachingAllocator", "AllocatorOOM", "snapshot", "write_snapshot"]
+           "CachingAllocator", "AllocatorOOM", "snapshot", "write_snapshot", "largest_batch",
+           "BatchFit"]
