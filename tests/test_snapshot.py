@@ -118,7 +118,7 @@ def test_profile_snapshot_json_and_bad_values(tmp_path, capsys):
             (["--snapshot", str(path), "--alloc-conf", "pinned:True"], "is not one of"),
             (["--alloc-conf", "expandable_segments:True"], "add --snapshot FILE.pickle"),
             (["--snapshot", str(tmp_path / "no" / "s.pickle")], "does not exist"),
-            (["--snapshot", str(path), "--fsdp", "2"], "--fsdp does not take --snapshot"),
+            (["--snapshot", str(path), "--fsdp", "2"], "--snapshot does not take --fsdp"),
             (["--snapshot", str(path), "--device-memory", "lots"], "--device-memory")):
         assert main(["profile", *argv]) == 2
         err = capsys.readouterr().err

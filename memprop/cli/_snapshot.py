@@ -38,9 +38,13 @@ def snapshot_request(args):
                               f"{'apply' if len(given) > 1 else 'applies'} only to the "
                               "simulated allocator; add --snapshot FILE.pickle")
         return None
-    if getattr(args, "fsdp", None) is not None:
-        raise ConfigError("memprop profile: --fsdp does not take --snapshot yet; snapshot "
-                          "one device's step (without --fsdp)")
+    sharded = [f"--{name}" for name in ("fsdp", "replicate", "tp")
+               if getattr(args, name, None) is not None]
+    if sharded:
+        raise ConfigError(f"memprop profile: --snapshot does not take {', '.join(sharded)} "
+                          "yet; snapshot one device's step (per-rank snapshots are not "
+                          "written yet: replay each rank's Measurement.allocations with "
+                          "memprop.allocator.replay_measurement)")
     from memprop.allocator import parse_alloc_conf
 
     path = check_output_file(args.snapshot, "--snapshot", "profile")
