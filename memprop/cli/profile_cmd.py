@@ -269,23 +269,61 @@ def add_parser(sub) -> None:
                    help="shard with FSDP2 over N ranks (every block, then the root) and "
                         "report each rank: with --estimate predicted on a fake process "
                         "group (any N); without, measured in N real processes (gloo, CPU; "
-                        f"N <= {MAX_REAL_RANKS}); --batch is per rank (default: one device)")
+                        f"N <= {MAX_REAL_RANKS}); with --replicate/--tp, N ranks in all; "
+                        "--batch is per rank (default: one device)")
     p.add_argument("--fsdp-reshard", choices=("on", "off"), default="on",
                    help="with --fsdp: free each block's gathered parameters after forward "
                         "(on, ZeRO-3) or keep them to backward (off, ZeRO-2)")
     p.add_argument("--fsdp-mixed-precision", choices=("bf16",), default=None,
                    help="with --fsdp: bf16 parameters, fp32 gradient reduction (FSDP2's "
                         "MixedPrecisionPolicy) (default: the parameters' dtype)")
+    p.add_argument("--fsdp-offload", action="store_true",
+                   help="with --fsdp: FSDP2's CPUOffloadPolicy (on CPU ranks the host is "
+                        "the device: the bytes do not change)")
+    p.add_argument("--replicate", type=positive_int, default=None, metavar="R",
+                   help="with --fsdp N: HSDP, R replicas of N/R shards (a 2-D mesh); "
+                        "R divides N")
+    p.add_argument("--tp", type=positive_int, default=None, metavar="M",
+                   help="tensor parallelism over M ranks (colwise/rowwise plans; the zoo "
+                        "transformer and hf: Llama-family models); with --fsdp N, FSDP2 "
+                        "over N/M (a 2-D mesh), else M ranks in all")
     p.set_defaults(func=profile_command)
 
 
 MAX_REAL_RANKS = 8      # --fsdp without --estimate: processes started on this machine
 
 
+def parallel_config(args):
+    """The ``FSDPConfig`` of ``--fsdp N`` (N ranks in all), ``--replicate R``, ``--tp M``
+    and the ``--fsdp-*`` knobs; ``ConfigError`` naming the flag for a bad combination."""
+    from memprop.sharded import FSDPConfig
+
+    if args.fsdp is None:                 # --tp M alone: tensor parallelism, M ranks
+        knobs = [flag for flag, on in (("--replicate", args.replicate is not None),
+                                       ("--fsdp-reshard off", args.fsdp_reshard == "off"),
+                                       ("--fsdp-mixed-precision", args.fsdp_mixed_precision),
+                                       ("--fsdp-offload", args.fsdp_offload)) if on]
+        if knobs:
+            alone = (f"; --tp {args.tp} alone runs tensor parallelism without FSDP2"
+                     if args.tp else "")
+            raise ConfigError(f"memprop profile: {', '.join(knobs)} needs --fsdp N (the "
+                              f"world size, N ranks){alone}")
+        return FSDPConfig(world_size=args.tp, tp=args.tp, fsdp=False)
+    replicate, tp = args.replicate or 1, args.tp or 1
+    if args.fsdp % (replicate * tp):
+        raise ConfigError(f"memprop profile: --fsdp {args.fsdp} (the world size) is not "
+                          f"divisible by --replicate {replicate} x --tp {tp} = "
+                          f"{replicate * tp}; the world size is replicate x shard x tp, so "
+                          f"use a multiple of {replicate * tp}")
+    return FSDPConfig(world_size=args.fsdp, replicate=replicate, tp=tp,
+                      reshard_after_forward=args.fsdp_reshard == "on",
+                      mixed_precision=args.fsdp_mixed_precision, offload=args.fsdp_offload)
+
+
 def gather_sharded(config, args):
     """The ``ShardedMeasurement`` ``--fsdp N`` asks for: predicted with --estimate,
     else measured in N processes (memprop.sharded)."""
-    from memprop.sharded import FSDPConfig, RankJob, measure_jobs, predict_job
+    from memprop.sharded import RankJob, measure_jobs, predict_job
 
     refused = [opt for opt, on in (("--amp", args.amp), ("--timeline", args.timeline),
                                    ("--trace", args.trace),
@@ -294,12 +332,12 @@ def gather_sharded(config, args):
         raise ConfigError(f"memprop profile: --fsdp does not take {', '.join(refused)} yet; "
                           "sharded steps run on CPU ranks, in bf16 with "
                           "--fsdp-mixed-precision bf16")
-    if not args.estimate and args.fsdp > MAX_REAL_RANKS:
-        raise ConfigError(f"memprop profile: --fsdp {args.fsdp} without --estimate would start "
-                          f"{args.fsdp} processes here; measure at most {MAX_REAL_RANKS}, or "
-                          "add --estimate to predict every rank on a fake process group")
-    fsdp = FSDPConfig(world_size=args.fsdp, reshard_after_forward=args.fsdp_reshard == "on",
-                      mixed_precision=args.fsdp_mixed_precision)
+    fsdp = parallel_config(args)
+    if not args.estimate and fsdp.world_size > MAX_REAL_RANKS:
+        raise ConfigError(f"memprop profile: {fsdp.world_size} ranks without --estimate would "
+                          f"start {fsdp.world_size} processes here; measure at most "
+                          f"{MAX_REAL_RANKS}, or add --estimate to predict every rank on a "
+                          "fake process group")
     job = RankJob(config=config, batch_size=args.batch, fsdp=fsdp, optimizer=args.optimizer,
                   strategy=args.strategy, dtype=parse_dtype(args.dtype))
     return predict_job(job) if args.estimate else measure_jobs([job])[0]
@@ -308,7 +346,7 @@ def gather_sharded(config, args):
 def sharded_command(args) -> int:
     from memprop.sharded.render import render_sharded
 
-    what = "predicting every rank" if args.estimate else f"measuring {args.fsdp} ranks"
+    what = "predicting every rank" if args.estimate else "measuring every rank"
     with Spinner(what):
         config = config_from_args(args)
         result = gather_sharded(config, args)
@@ -355,7 +393,7 @@ def gather_profile(config, args):
 
 def profile_command(args) -> int:
     snapshot = snapshot_request(args)          # --snapshot: checked before measuring
-    if args.fsdp is not None:
+    if args.fsdp is not None or args.tp is not None or args.replicate is not None:
         return sharded_command(args)
     # output paths first: a typo must not cost a measurement
     timeline = args.timeline and check_output_file(args.timeline, "--timeline", "profile")

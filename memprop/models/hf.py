@@ -45,6 +45,7 @@ from torch._subclasses.fake_tensor import (
     FakeTensor,
     unset_fake_temporarily,
 )
+from torch.utils._python_dispatch import _disable_current_modes
 
 from memprop.errors import ConfigError, MemPropError
 from memprop.models.base import ModelConfig
@@ -711,7 +712,9 @@ def _rows(batch: dict) -> int:
 #   ``torch.ones`` makes, a wrapper of ``_preprocess_mask_arguments`` notes which mask
 #   each prepared padding mask came from, and a mask made by ``torch.ones`` stands in as
 #   all ones (the estimate of hf:bart counted a decoder mask per layer that the eager run
-#   skips). Any other mask is taken to be the batch's. Residual: recurrent-attention
+#   skips). Any other mask is taken to be the batch's. The stand-in is made with every
+#   dispatch mode off, so a live-memory tracker never sees it (it counted 128 bytes
+#   at the start of an hf:llama step that the eager run never holds). Residual: recurrent-attention
 #   models (mamba2, kimi-linear) trim their mask through
 #   ``create_recurrent_attention_mask``, imported into each model module; on fake
 #   tensors they keep a mask the eager run drops when the batch is unpadded (pad > 0,
@@ -721,10 +724,11 @@ def _with_real_mask(original, all_ones: bool, prepared: dict):
         if isinstance(padding_mask, FakeTensor):
             ref, ones = prepared.get(id(padding_mask), (None, all_ones))
             ones = ones if ref is not None and ref() is padding_mask else all_ones
-            with unset_fake_temporarily():
+            with _disable_current_modes():    # a stand-in: no tracker counts it
                 real = torch.ones(padding_mask.shape, dtype=torch.bool)
                 if not ones:
                     real[..., 0] = False
+            with unset_fake_temporarily():
                 return original(real, *args, **kwargs)
         return original(padding_mask, *args, **kwargs)
     return decide

@@ -30,11 +30,13 @@ class SelfAttention(nn.Module):
 
     def forward(self, x):  # (B, T, C)
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        # -1: the heads this module holds (all, or heads/tp of them under tensor
+        # parallelism, NOTE [ The fused qkv projection ], memprop.sharded.tensor_parallel)
+        q, k, v = self.qkv(x).chunk(3, dim=2)
+        q, k, v = (t.view(B, T, -1, C // self.heads).transpose(1, 2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(  # (B, heads, T, C/heads)
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class TransformerBlock(nn.Module):

@@ -1,12 +1,24 @@
-"""Shard a model with FSDP2 as torchtitan does: every block, then the root.
+"""Shard a model as torchtitan does: tensor parallelism first, then FSDP2 on every
+block, then the root.
 
+    parallelize(model, rank_mesh(config), config)    # TP (if tp > 1), then FSDP2
     apply_fsdp(model, mesh, FSDPConfig(world_size=2))
 
 The blocks are the chains memprop's checkpointing segments (NOTE [ How blocks are
-found ], memprop.checkpoint.blocks): each block of each chain gets its own
+found ], memprop.checkpoint): each block of each chain gets its own
 ``fully_shard`` (one all-gather and one reduce-scatter per block), the root gets the
 rest (embeddings, head, norms). A checkpointing strategy is applied before sharding
-(it stays inside one block, memprop.checkpoint.patch).
+(it stays inside one block). With ``replicate > 1`` the mesh FSDP2 takes is 2-D
+(replicate, shard): HSDP.
+
+NOTE [ Offload on CPU ranks ]
+  ``offload=True`` passes ``CPUOffloadPolicy(pin_memory=False)`` (pinned memory needs an
+  accelerator). FSDP2 then keeps the sharded parameters and gradients on the host and
+  copies them to the device to all-gather and after reduce-scatter (``.to(device)``,
+  ``.to("cpu")``). On CPU ranks the device is the host: those copies are no-ops, so
+  every rank's bytes are those of the run without offload (tests/test_sharded_parallel.py
+  checks this, real and predicted). What offload saves on a GPU (the sharded
+  parameters, gradients and optimizer state leave device memory) is not measured here.
 """
 
 from __future__ import annotations
@@ -17,29 +29,52 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
 from torch.distributed.fsdp._fully_shard import _fsdp_param
 
-from memprop.checkpoint.blocks import find_chains
+from memprop.checkpoint import find_chains
 from memprop.sharded.config import MIXED_PRECISION, FSDPConfig
+from memprop.sharded.mesh import dp_mesh, meshes_stay_real, tp_mesh
+from memprop.sharded.tensor_parallel import apply_tp
 
-__all__ = ["apply_fsdp", "shard_layout"]
+__all__ = ["parallelize", "apply_fsdp", "shard_layout"]
+
+
+def parallelize(model: nn.Module, mesh: DeviceMesh, config: FSDPConfig) -> nn.Module:
+    """Tensor parallelism over the mesh's ``tp`` dimension (if any), then FSDP2 over its
+    ``(replicate,) shard`` dimensions (if ``config.fsdp``); returns ``model``."""
+    tp = tp_mesh(mesh)
+    if tp is not None:
+        apply_tp(model, tp)
+    if config.fsdp:
+        apply_fsdp(model, mesh, config)
+    return model
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, fsdp: FSDPConfig) -> nn.Module:
-    """``fully_shard`` on every block of every chain of ``model``, then on ``model``;
-    returns ``model`` (now an ``FSDPModule``)."""
+    """``fully_shard`` on every block of every chain of ``model``, then on ``model``,
+    over the data-parallel part of ``mesh`` (memprop.sharded.mesh.dp_mesh: 2-D for
+    HSDP); returns ``model`` (now an ``FSDPModule``)."""
     policy = MixedPrecisionPolicy()                     # fully_shard's default
     if fsdp.mixed_precision is not None:
         param_dtype, reduce_dtype = MIXED_PRECISION[fsdp.mixed_precision]
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    with _chunks_on_demand():
+    # NOTE [ Offload on CPU ranks ]
+    offload = CPUOffloadPolicy(pin_memory=False) if fsdp.offload else OffloadPolicy()
+    shard_mesh = dp_mesh(mesh)
+    assert shard_mesh is not None, "apply_fsdp on a mesh without a shard dimension"
+    with _chunks_on_demand(), meshes_stay_real():
         for chain in find_chains(model):
             for block in chain:
-                fully_shard(block, mesh=mesh, reshard_after_forward=fsdp.reshard_after_forward,
-                            mp_policy=policy)
-        fully_shard(model, mesh=mesh, reshard_after_forward=fsdp.reshard_after_forward,
-                    mp_policy=policy)
+                fully_shard(block, mesh=shard_mesh, mp_policy=policy, offload_policy=offload,
+                            reshard_after_forward=fsdp.reshard_after_forward)
+        fully_shard(model, mesh=shard_mesh, mp_policy=policy, offload_policy=offload,
+                    reshard_after_forward=fsdp.reshard_after_forward)
     return model
 
 

@@ -19,7 +19,11 @@ NOTE [ Which ranks are predicted ]
   fall into classes by their layout (``shard_layout``: the rows each parameter gives
   the rank), at most a few per model (full chunks; the last partial one; empty ones
   when a dimension is smaller than N), and one rank per class is predicted: the first.
-  The others carry its figures (``ShardedMeasurement.same_as``).
+  The others carry its figures (``ShardedMeasurement.same_as``). On a mesh (NOTE [ The
+  rank mesh ], memprop.sharded.config) N is the ``shard`` degree and r the rank's shard
+  index; replicas (HSDP) hold the same shards, so they share a class; under tensor
+  parallelism the layout is that of the tensor-parallel rank's local shapes
+  (``tp_local_shapes``: even splits, the same on every tensor-parallel rank).
 """
 
 from __future__ import annotations
@@ -29,15 +33,16 @@ import time
 import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.distributed.device_mesh import init_device_mesh
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from memprop.errors import ConfigError
 from memprop.fake import KernelStorages
 from memprop.sharded.apply import shard_layout
 from memprop.sharded.config import FSDPConfig
+from memprop.sharded.mesh import rank_mesh
 from memprop.sharded.result import ShardedMeasurement
 from memprop.sharded.step import RankJob, rank_step
+from memprop.sharded.tensor_parallel import tp_local_shapes
 
 __all__ = ["predict", "predict_job", "rank_classes"]
 
@@ -46,9 +51,9 @@ def rank_classes(config, fsdp: FSDPConfig, *, dtype=torch.float32) -> list[int]:
     """For each rank, the first rank with its shard layout (NOTE [ Which ranks are
     predicted ]); the shapes come from a fake build of the model."""
     with FakeTensorMode():
-        shapes = [tuple(p.shape) for p in config.build(dtype=dtype).parameters()]
+        shapes = tp_local_shapes(config.build(dtype=dtype), fsdp.tp)
     first: dict[tuple, int] = {}
-    return [first.setdefault(shard_layout(shapes, fsdp.world_size, r), r)
+    return [first.setdefault(shard_layout(shapes, fsdp.shard, fsdp.coordinates(r)[1]), r)
             for r in range(fsdp.world_size)]
 
 
@@ -56,7 +61,7 @@ def _predict_rank(job: RankJob, rank: int):
     n = job.fsdp.world_size
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=n)
     try:
-        mesh = init_device_mesh("cpu", (n,))
+        mesh = rank_mesh(job.fsdp)
         with FakeTensorMode(allow_non_fake_inputs=False), KernelStorages():
             return rank_step(job, mesh, predicted=True)
     finally:

@@ -21,10 +21,11 @@ __all__ = ["ShardedMeasurement"]
 
 @dataclasses.dataclass
 class ShardedMeasurement:
-    """One FSDP2 step on every rank. ``ranks`` holds the ``Measurement`` of each rank
-    that ran; ``same_as[r]`` is the rank whose figures rank ``r`` has (``r`` itself when
-    it ran: every rank of a real run; in a prediction one rank per shard layout, NOTE
-    [ Which ranks are predicted ], memprop.sharded.prediction)."""
+    """One sharded step (FSDP2, HSDP, tensor parallelism) on every rank. ``ranks``
+    holds the ``Measurement`` of each rank that ran; ``same_as[r]`` is the rank whose
+    figures rank ``r`` has (``r`` itself when it ran: every rank of a real run; in a
+    prediction one rank per shard layout, NOTE [ Which ranks are predicted ],
+    memprop.sharded.prediction)."""
 
     fsdp: FSDPConfig
     predicted: bool
@@ -79,6 +80,8 @@ class ShardedMeasurement:
     def to_json(self) -> dict[str, Any]:
         first = self.rank(self.largest_rank)
         return {"predicted": self.predicted, "world_size": self.world_size,
+                "replicate": self.fsdp.replicate, "shard": self.fsdp.shard,
+                "tp": self.fsdp.tp, "fsdp": self.fsdp.fsdp, "offload": self.fsdp.offload,
                 "reshard_after_forward": self.fsdp.reshard_after_forward,
                 "mixed_precision": self.fsdp.mixed_precision, "backend": self.fsdp.backend,
                 "peak_bytes": self.peak_bytes, "largest_rank": self.largest_rank,

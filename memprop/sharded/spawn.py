@@ -5,8 +5,8 @@
 
 Each rank is a fresh ``python -m memprop.sharded.spawn`` process (rank, world size and
 a free local port on its command line; the jobs and results as pickle files in a
-temporary folder), which joins ``init_process_group("gloo")``, builds a 1-D CPU mesh
-and runs ``rank_step`` for each job (NOTE [ One rank, two passes ],
+temporary folder), which joins ``init_process_group("gloo")``, builds the job's CPU mesh
+(memprop.sharded.mesh) and runs ``rank_step`` for each job (NOTE [ One rank, two passes ],
 memprop.sharded.step): several jobs share one start-up. Torch runs one thread per
 rank, so N ranks do not fight over the cores. A rank that fails fails the run with its
 own error text.
@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 
 from memprop.errors import MemPropError
 from memprop.sharded.config import FSDPConfig
+from memprop.sharded.mesh import rank_mesh
 from memprop.sharded.result import ShardedMeasurement
 from memprop.sharded.step import RankJob, rank_step
 
@@ -119,11 +119,16 @@ def _run_rank(rank: int, world_size: int, jobs_file: str, out_file: str) -> None
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        mesh = init_device_mesh("cpu", (world_size,))
         name, jobs = pickle.loads(Path(jobs_file).read_bytes())
         module, _, qualname = name.partition(":")
         fn = getattr(importlib.import_module(module), qualname)
-        results = [fn(job, mesh) for job in jobs]
+        meshes: dict = {}              # one mesh per layout (NOTE [ The rank mesh ])
+        results = []
+        for job in jobs:
+            dims = tuple(job.fsdp.mesh_dims())
+            if dims not in meshes:         # every rank reaches this in the same order
+                meshes[dims] = rank_mesh(job.fsdp)
+            results.append(fn(job, meshes[dims]))
         Path(out_file).write_bytes(pickle.dumps(results))
     finally:
         dist.destroy_process_group()

@@ -6,13 +6,14 @@ NOTE [ One rank, two passes ]
   A real rank (memprop.sharded.spawn: its own process, a gloo process group) and a
   predicted rank (memprop.sharded.prediction: a fake process group under FakeTensorMode)
   run this same function: build the model (same seed on every rank, as FSDP2 requires)
-  and the rank's batch, apply the checkpointing strategy, shard (``apply_fsdp``), and
+  and the rank's batch, apply the checkpointing strategy, shard (``parallelize``), and
   ``measure_step`` it (the first step, then the measured step, then the stored pass; no
   timing, FLOPs or inference pass) with storage resizes reported to the tracker
-  (memprop.sharded.resizes). Both run FSDP2's collectives through memprop.sharded.gloo
-  (NOTE [ gloo reduce-scatters through a full copy ], NOTE [ gloo's worker thread frees
-  late ]). So a measured and a predicted rank differ in nothing but whether tensors hold
-  data and collectives move it.
+  (memprop.sharded.resizes). Both run FSDP2's collectives and tensor parallelism's
+  all-reduces through memprop.sharded.gloo (NOTE [ gloo reduce-scatters through a full
+  copy ], NOTE [ gloo's worker thread frees late ], NOTE [ Tensor parallelism's
+  all-reduces ]). So a measured and a predicted rank differ in nothing but whether
+  tensors hold data and collectives move it.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from memprop.checkpoint import parse_strategy
 from memprop.measure import Measurement, measure_step
 from memprop.models.base import ModelConfig
-from memprop.sharded.apply import apply_fsdp
+from memprop.sharded.apply import parallelize
 from memprop.sharded.config import FSDPConfig
-from memprop.sharded.gloo import use_gloo_collectives
+from memprop.sharded.gloo import all_reduces_released, use_gloo_collectives
 from memprop.sharded.resizes import resizes_reported
 from memprop.workload import build_workload
 
@@ -52,10 +53,10 @@ def rank_step(job: RankJob, mesh: DeviceMesh, *, predicted: bool) -> Measurement
     strat = parse_strategy(job.strategy)
     model, batch = build_workload(job.config, job.batch_size, dtype=job.dtype,
                                   strategy=strat, seed=job.seed)
-    apply_fsdp(model, mesh, job.fsdp)
+    parallelize(model, mesh, job.fsdp)
     if job.fsdp.backend == "gloo":
         use_gloo_collectives(model)
-    with resizes_reported() as log:
+    with resizes_reported() as log, all_reduces_released():
         result = measure_step(model, batch, optimizer=job.optimizer, strategy=strat.spec,
                               loss_fn=job.config.loss, forward_fn=job.config.forward,
                               timing=False, flops=False, inference=False,
@@ -63,8 +64,9 @@ def rank_step(job: RankJob, mesh: DeviceMesh, *, predicted: bool) -> Measurement
     result.meta.update(_gathered(log, result))
     result.meta.update(job.config.row_fields())
     result.meta.update(rank=mesh.get_rank(), world_size=job.fsdp.world_size,
+                       replicate=job.fsdp.replicate, tp=job.fsdp.tp, fsdp=job.fsdp.fsdp,
                        reshard_after_forward=job.fsdp.reshard_after_forward,
-                       mixed_precision=job.fsdp.mixed_precision)
+                       mixed_precision=job.fsdp.mixed_precision, offload=job.fsdp.offload)
     return result
 
 

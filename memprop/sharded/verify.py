@@ -1,5 +1,7 @@
 """Checkpointing under sharding: a strategy applied before ``fully_shard`` must give the
-gradients the same sharded run gives without it, bit for bit, on every rank.
+gradients the same sharded run gives without it, bit for bit, on every rank. And a
+parallelized model is the same network: its loss is the unsharded model's
+(``parallel_losses``).
 
     checkpoint_matches(model_config("transformer"), 4, world_size=2, strategy="full")
     # -> [{"rank": 0, "equal": True, "params": 12, ...}, {"rank": 1, ...}]
@@ -16,14 +18,14 @@ import dataclasses
 import torch
 
 from memprop.checkpoint import parse_strategy
-from memprop.sharded.apply import apply_fsdp
+from memprop.sharded.apply import apply_fsdp, parallelize
 from memprop.sharded.config import FSDPConfig
 from memprop.sharded.gloo import use_gloo_collectives
 from memprop.sharded.spawn import run_on_ranks
 from memprop.sharded.step import RankJob
 from memprop.workload import build_workload
 
-__all__ = ["checkpoint_matches", "rank_checkpoint_match"]
+__all__ = ["checkpoint_matches", "rank_checkpoint_match", "parallel_losses", "rank_loss"]
 
 
 def _local_gradients(job: RankJob, mesh, strategy: str) -> tuple[float, dict]:
@@ -54,3 +56,24 @@ def checkpoint_matches(config, batch_size: int, *, world_size: int, strategy: st
     job = RankJob(config=config, batch_size=batch_size, fsdp=dataclasses.replace(
         fsdp, world_size=world_size), strategy=strategy, seed=seed)
     return [rank[0] for rank in run_on_ranks(rank_checkpoint_match, [job])]
+
+
+def rank_loss(job: RankJob, mesh) -> tuple[float, float]:
+    """On this rank: (loss of the parallelized model, loss of the same model unsharded)
+    on this rank's batch (every rank's is the same: one seed)."""
+    whole, batch = build_workload(job.config, job.batch_size, dtype=job.dtype, seed=job.seed)
+    want = job.config.loss(whole, batch).item()
+    model, batch = build_workload(job.config, job.batch_size, dtype=job.dtype, seed=job.seed)
+    parallelize(model, mesh, job.fsdp)
+    if job.fsdp.fsdp:
+        use_gloo_collectives(model)
+    return job.config.loss(model, batch).item(), want
+
+
+def parallel_losses(config, batch_size: int, *, fsdp: FSDPConfig,
+                    seed: int = 0) -> list[tuple[float, float]]:
+    """``rank_loss`` on every rank of a real run: the sharded and the unsharded loss.
+    Tensor parallelism sums partial products in another order (rowwise layers
+    all-reduce), so the two agree to rounding, not bitwise."""
+    job = RankJob(config=config, batch_size=batch_size, fsdp=fsdp, seed=seed)
+    return [rank[0] for rank in run_on_ranks(rank_loss, [job])]
