@@ -4,13 +4,17 @@ group) next to torch's FSDPMemTracker on the same workloads, and prediction time
     python benchmarks/run.py sharded        # results/sharded.json and sharded.md
     python benchmarks/bench_sharded.py      # printed only
 
-Workloads: the test suite's (tests/test_sharded.py), 2 ranks, batch 4 per rank. For each
-rank: memprop's measured peak (``measure_jobs``: 2 processes, gloo), memprop's predicted
-peak (``predict_job``), and FSDPMemTracker's peak of the same step (the second step, the
-first having made the optimizer state) both ways: in the real gloo ranks and under
-FakeTensorMode on a fake process group (as its tests run it), with FSDP2's own
-collectives, as a user would run it. Then the time of memprop's prediction at 2, 64 and
-1024 ranks for the README's 8-block transformer (adam, batch 8 per rank).
+Workloads: the test suite's (tests/test_sharded.py, tests/test_sharded_parallel.py), 2
+and 4 ranks: FSDP2, HSDP 2x2, tensor parallel 2 alone and FSDP 2 x TP 2, bf16 mixed
+precision, CPU offload; batch 4 per rank (2 for hf:llama). For each rank: memprop's
+measured peak (``measure_jobs``: one set of gloo processes per world size), memprop's
+predicted peak (``predict_job``), and FSDPMemTracker's peak of the same step (the second
+step, the first having made the optimizer state) both ways: in the real gloo ranks and
+under FakeTensorMode on a fake process group (as its tests run it), with FSDP2's own
+collectives, as a user would run it (none for tensor parallelism alone: FSDPMemTracker
+takes an FSDP module). Then the time of memprop's prediction at 2, 64 and 1024 ranks for
+the README's 8-block transformer (adam, batch 8 per rank), FSDP2 alone and with HSDP and
+tensor parallelism.
 """
 
 from __future__ import annotations
@@ -23,12 +27,12 @@ import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-from torch.distributed.device_mesh import init_device_mesh
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 import memprop
 from memprop.measure import make_optimizer
-from memprop.sharded import FSDPConfig, RankJob, apply_fsdp, measure_jobs, predict_job
+from memprop.sharded import FSDPConfig, RankJob, measure_jobs, parallelize, predict_job
+from memprop.sharded.mesh import rank_mesh
 from memprop.sharded.spawn import run_on_ranks
 from memprop.workload import build_workload
 
@@ -41,13 +45,17 @@ TARGETS = ("issue 22: each rank's measured peak equals memprop's prediction to t
 MLP = memprop.model_config("mlp", depth=3, width=21, d_in=12)
 TRANSFORMER = memprop.model_config("transformer", depth=2, d_model=32, heads=2, seq_len=16,
                                    vocab=50)
+LLAMA = memprop.model_config("hf:llama")        # 2 layers, hidden 64, 4 heads, seq 64
 BIG = memprop.model_config("transformer", depth=8, d_model=1024, heads=16, seq_len=512,
                            vocab=32000)
 
 
-def _job(config, *, reshard=True, optimizer="sgd", mixed_precision=None, strategy="none"):
-    return RankJob(config=config, batch_size=4, optimizer=optimizer, strategy=strategy,
-                   fsdp=FSDPConfig(world_size=2, reshard_after_forward=reshard,
+def _job(config, *, reshard=True, optimizer="sgd", mixed_precision=None, strategy="none",
+         **mesh):
+    return RankJob(config=config, batch_size=2 if config is LLAMA else 4,
+                   optimizer=optimizer, strategy=strategy,
+                   fsdp=FSDPConfig(**{"world_size": 2, **mesh},
+                                   reshard_after_forward=reshard,
                                    mixed_precision=mixed_precision))
 
 
@@ -55,17 +63,29 @@ JOBS = {
     "mlp": _job(MLP),
     "mlp, no reshard": _job(MLP, reshard=False),
     "mlp, adam, full": _job(MLP, optimizer="adam", strategy="full"),
+    "mlp, cpu offload": _job(MLP, offload=True),
     "transformer": _job(TRANSFORMER),
     "transformer, no reshard": _job(TRANSFORMER, reshard=False),
     "transformer, bf16, adam": _job(TRANSFORMER, optimizer="adam", mixed_precision="bf16"),
+    "transformer, tp 2 alone": _job(TRANSFORMER, tp=2, fsdp=False),
+    "llama, tp 2 alone, adam": _job(LLAMA, tp=2, fsdp=False, optimizer="adam"),
+    "mlp, hsdp 2x2": _job(MLP, world_size=4, replicate=2),
+    "transformer, hsdp 2x2": _job(TRANSFORMER, world_size=4, replicate=2),
+    "transformer, fsdp 2 x tp 2": _job(TRANSFORMER, world_size=4, tp=2),
+    "llama, fsdp 2 x tp 2, adam": _job(LLAMA, world_size=4, tp=2, optimizer="adam"),
+    "llama, fsdp 2 x tp 2, bf16": _job(LLAMA, world_size=4, tp=2, mixed_precision="bf16"),
 }
+TIMED = [{}, {"replicate": 2, "tp": 4}]      # FSDP2 alone; HSDP x FSDP x TP
 
 
-def fsdp_mem_tracker_peak(job: RankJob, mesh) -> int:
-    """FSDPMemTracker's peak (bytes, all devices) of the second step of ``job``."""
+def fsdp_mem_tracker_peak(job: RankJob, mesh) -> int | None:
+    """FSDPMemTracker's peak (bytes, all devices) of the second step of ``job``; None
+    for tensor parallelism alone (FSDPMemTracker takes an FSDP module)."""
+    if not job.fsdp.fsdp:
+        return None
     model, batch = build_workload(job.config, job.batch_size, dtype=job.dtype,
                                   strategy=job.strategy, seed=job.seed)
-    apply_fsdp(model, mesh, job.fsdp)
+    parallelize(model, mesh, job.fsdp)
     opt = make_optimizer(job.optimizer, model.parameters(), lr=0.0)
 
     def step():
@@ -81,11 +101,13 @@ def fsdp_mem_tracker_peak(job: RankJob, mesh) -> int:
     return sum(snap["Total"] for snap in tracker.get_tracker_snapshot("peak").values())
 
 
-def _fake_fsdp_mem_tracker(job: RankJob, rank: int) -> int:
+def _fake_fsdp_mem_tracker(job: RankJob, rank: int) -> int | None:
+    if not job.fsdp.fsdp:
+        return None
     dist.init_process_group("fake", store=FakeStore(), rank=rank,
                             world_size=job.fsdp.world_size)
     try:
-        mesh = init_device_mesh("cpu", (job.fsdp.world_size,))
+        mesh = rank_mesh(job.fsdp)
         with FakeTensorMode():
             return fsdp_mem_tracker_peak(job, mesh)
     finally:
@@ -95,31 +117,40 @@ def _fake_fsdp_mem_tracker(job: RankJob, rank: int) -> int:
 def run() -> dict:
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), old]))
+    measured, tracked_real = {}, {}
     try:
-        measured = dict(zip(JOBS, measure_jobs(list(JOBS.values()))))
-        tracked_real = run_on_ranks(_module().fsdp_mem_tracker_peak, list(JOBS.values()))
+        for n in sorted({job.fsdp.world_size for job in JOBS.values()}):
+            names = [name for name, job in JOBS.items() if job.fsdp.world_size == n]
+            jobs = [JOBS[name] for name in names]
+            measured.update(zip(names, measure_jobs(jobs)))
+            per_rank = run_on_ranks(_module().fsdp_mem_tracker_peak, jobs)
+            tracked_real.update({name: [per_rank[r][i] for r in range(n)]
+                                 for i, name in enumerate(names)})
     finally:
         if old is None:
             os.environ.pop("PYTHONPATH")
         else:
             os.environ["PYTHONPATH"] = old
     rows = []
-    for i, (name, job) in enumerate(JOBS.items()):
+    for name, job in JOBS.items():
         predicted = predict_job(job)
         for r in range(job.fsdp.world_size):
             m, p = measured[name].rank(r).peak_bytes, predicted.rank(r).peak_bytes
-            fake = _fake_fsdp_mem_tracker(job, r)
+            real = tracked_real[name][r]
             rows.append({"workload": name, "rank": r, "measured_bytes": m,
                          "predicted_bytes": p, "equal": m == p,
-                         "fsdpmt_real_bytes": tracked_real[r][i],
-                         "fsdpmt_fake_bytes": fake,
-                         "fsdpmt_real_vs_measured": round(tracked_real[r][i] / m, 3)})
+                         "fsdpmt_real_bytes": real,
+                         "fsdpmt_fake_bytes": _fake_fsdp_mem_tracker(job, r),
+                         "fsdpmt_real_vs_measured": None if real is None
+                         else round(real / m, 3)})
     timings = []
-    for n in (2, 64, 1024):
-        s = predict_job(RankJob(config=BIG, batch_size=8, optimizer="adam",
-                                fsdp=FSDPConfig(world_size=n)))
-        timings.append({"world_size": n, "ranks_predicted": len(s.ranks),
-                        "peak_bytes": s.peak_bytes, "seconds": round(s.seconds, 1)})
+    for mesh in TIMED:
+        for n in (2, 64, 1024) if not mesh else (64, 1024):
+            s = predict_job(RankJob(config=BIG, batch_size=8, optimizer="adam",
+                                    fsdp=FSDPConfig(world_size=n, **mesh)))
+            timings.append({"mesh": s.fsdp.describe(), "world_size": n,
+                            "ranks_predicted": len(s.ranks), "peak_bytes": s.peak_bytes,
+                            "seconds": round(s.seconds, 1)})
     return {"table": rows, "prediction_times": timings,
             "big_model": BIG.fields(), "torch": torch.__version__}
 
@@ -134,25 +165,28 @@ def _module():
 
 def verdicts(rows: list[dict]) -> list[str]:
     """Counts of equal ranks, and each difference in bytes."""
-    n = len(rows)
-    out = [f"- memprop measured == memprop predicted: {sum(r['equal'] for r in rows)} of {n} "
-           "ranks"]
+    out = [f"- memprop measured == memprop predicted: {sum(r['equal'] for r in rows)} of "
+           f"{len(rows)} ranks"]
     for key, what in (("fsdpmt_real_bytes", "FSDPMemTracker in the real ranks"),
                       ("fsdpmt_fake_bytes", "FSDPMemTracker on a fake process group")):
+        tracked = [r for r in rows if r[key] is not None]
+        n = len(tracked)
         diffs = [f"{r['workload']} rank {r['rank']}: {r[key] - r['measured_bytes']:+d} B"
-                 for r in rows if r[key] != r["measured_bytes"]]
-        out.append(f"- {what} == memprop measured: {n - len(diffs)} of {n} ranks"
+                 for r in tracked if r[key] != r["measured_bytes"]]
+        out.append(f"- {what} == memprop measured: {n - len(diffs)} of {n} FSDP ranks"
                    + (f" (otherwise {'; '.join(diffs)})" if diffs else ""))
     return out
 
 
 def markdown(result: dict) -> str:
     import pandas as pd
-    table = pd.DataFrame(result["table"]).to_string(index=False)
+    table = pd.DataFrame(result["table"]).astype(          # None (no FSDP) shows as <NA>
+        {"fsdpmt_real_bytes": "Int64", "fsdpmt_fake_bytes": "Int64"}).to_string(index=False)
     times = pd.DataFrame(result["prediction_times"]).to_string(index=False)
     return "\n".join([
         "# benchmark: sharded", "", f"Targets: {TARGETS}.", "",
-        "Peak bytes of one training step per rank, 2 ranks (CPU, gloo), batch 4 per rank. "
+        "Peak bytes of one training step per rank, 2 or 4 ranks (CPU, gloo), batch 4 per "
+        "rank (hf:llama 2). "
         "measured/predicted: memprop (real ranks / fake process group). fsdpmt_real/fake: "
         "torch's FSDPMemTracker on the same step in the real ranks / under FakeTensorMode "
         "on a fake process group, with FSDP2's own collectives.", "",
@@ -163,7 +197,8 @@ def markdown(result: dict) -> str:
         "memprop's prediction runs the copy, FSDPMemTracker's does not. The bf16 difference "
         "is not investigated here.", "",
         f"memprop's prediction of the 8-block transformer ({result['big_model']}), adam, "
-        "batch 8 per rank, one rank per shard layout:", "",
+        "batch 8 per rank, one rank per shard layout (the world size counts every rank: "
+        "replicate x shard x tp):", "",
         "```", times, "```", ""])
 
 
