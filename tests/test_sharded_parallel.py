@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch.distributed as dist
-from test_sharded import assert_ranks_equal
+from helpers import assert_ranks_equal
 
 import memprop
 from memprop.cli import main
