@@ -13,12 +13,12 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 
 import psutil
 import pytest
 import torch
+from helpers import write_spec
 
 from memprop.budget import TensorBudgetExceeded
 from memprop.cli import main
@@ -36,12 +36,6 @@ MODELS = {
     "transformer": dict(depth=4, d_model=32, heads=4, seq_len=16, vocab=64),
     "convnet": dict(depth=4, channels=8, image_size=8),
 }
-
-
-def _write(tmp_path, text, name="spec.toml"):
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return path
 
 
 @pytest.mark.budget
@@ -82,7 +76,7 @@ def test_measure_step_leaves_the_model_as_found():
 def _frontier_spec(tmp_path, model, fields, strategies, budget, step, name="front"):
     fixed = "\n".join(f"{k} = {v!r}".replace("'", '"') for k, v in fields.items()
                       if k != "depth")
-    return load_spec(_write(tmp_path, f"""
+    return load_spec(write_spec(tmp_path, f"""
         name = "{name}"
         [model]
         name = "{model}"
@@ -164,7 +158,7 @@ def test_frontier_rerun_is_identical_and_a_killed_frontier_resumes(tmp_path):
 @pytest.mark.budget
 def test_process_budget_far_above_fits_far_below_runs_out(tmp_path):
     """The process mode counts libraries and pools too: only what holds on any machine."""
-    spec = load_spec(_write(tmp_path, """
+    spec = load_spec(write_spec(tmp_path, """
         name = "process"
         [model]
         name = "mlp"
@@ -191,7 +185,7 @@ def test_process_budget_far_above_fits_far_below_runs_out(tmp_path):
 
 
 def test_trial_records_threads_and_timing_spread(tmp_path):
-    spec = load_spec(_write(tmp_path, """
+    spec = load_spec(write_spec(tmp_path, """
         name = "threads"
         [model]
         name = "mlp"
@@ -236,7 +230,7 @@ def _env(tmp):
 def test_killed_sweep_leaves_no_trial_process_and_no_folder(tmp_path, monkeypatch, start):
     scratch = tmp_path / "tmp"
     scratch.mkdir()
-    spec_path = _write(tmp_path, HANGING)
+    spec_path = write_spec(tmp_path, HANGING)
     code = (f"import sys; sys.argv=['x']; from memprop.sweep import load_spec, run_sweep; "
             f"from memprop.sweep.executor import LocalProcessExecutor; "
             f"run_sweep(load_spec({str(spec_path)!r}), db_path={str(tmp_path / 'o.sqlite')!r}, "
@@ -260,7 +254,7 @@ def test_killed_sweep_leaves_no_trial_process_and_no_folder(tmp_path, monkeypatc
 
 
 def test_second_sweep_on_one_database_refuses_clearly(tmp_path, capsys):
-    spec_path = _write(tmp_path, HANGING)
+    spec_path = write_spec(tmp_path, HANGING)
     db = tmp_path / "busy.sqlite"
     proc = subprocess.Popen([sys.executable, "-m", "memprop", "sweep", str(spec_path), "--db",
                              str(db), "--quiet"], env=_env(tempfile.gettempdir()),

@@ -7,23 +7,22 @@ import random
 
 import pytest
 import torch
-from test_planner import random_chain
+from helpers import cfg_loss_and_grads, random_chain
 
 from memprop.checkpoint import apply_strategy, parse_strategy, remove_strategy
-from memprop.checkpoint.dp import ChainCosts, min_peak, model_peak, solve
-from memprop.checkpoint.levels import early_stop_flops
-from memprop.checkpoint.multilevel import Nested
-from memprop.checkpoint.planner import plan, profile_chain, simulate
-from memprop.checkpoint.rotor import (
+from memprop.checkpoint.forms.multilevel import Nested, format_schedule, parse_schedule
+from memprop.checkpoint.planning.dp import ChainCosts, min_peak, model_peak, solve
+from memprop.checkpoint.planning.planner import plan
+from memprop.checkpoint.planning.profile import early_stop_flops, profile_chain
+from memprop.checkpoint.planning.rotor import (
     brute_force,
     cost_curve,
-    format_schedule,
-    parse_schedule,
     revolve_forwards,
     run_schedule,
     solve_schedule,
     tree_schedule,
 )
+from memprop.checkpoint.planning.simulate import simulate
 from memprop.errors import StrategyError
 from memprop.measure import measure_step
 from memprop.models import model_config
@@ -105,13 +104,6 @@ def test_schedule_string_round_trips_and_rejects_bad_nesting():
             Nested.parse(bad)
 
 
-def loss_and_grads(cfg, model, data):
-    model.zero_grad(set_to_none=True)
-    loss = cfg.loss(model, data)
-    loss.backward()
-    return loss.detach(), [p.grad.clone() for p in model.parameters()]
-
-
 @pytest.mark.parametrize("name,sizes,batch,spec", [
     ("mlp", dict(depth=16, width=64, d_in=64), 256, "0-11[0-5[0-2],7-9],12-14"),
     ("transformer", dict(depth=6, d_model=32, heads=4, seq_len=32, vocab=64, dropout=0.1),
@@ -122,12 +114,11 @@ def loss_and_grads(cfg, model, data):
 def test_nested_schedule_is_bitwise_and_costs_what_the_model_says(name, sizes, batch, spec):
     cfg = model_config(name, **sizes)
     model, data = build_workload(cfg, batch)
-    torch.manual_seed(1)
-    plain = loss_and_grads(cfg, model, data)
+    plain = cfg_loss_and_grads(cfg, model, data, seed=1)
     plain_m = measure_step(model, data, repeats=1, inference=False)
     strategy = apply_strategy(model, "nested:" + spec)
-    torch.manual_seed(1)                     # dropout: same mask, replayed by every level
-    nested = loss_and_grads(cfg, model, data)
+    # dropout: the same mask, replayed by every level
+    nested = cfg_loss_and_grads(cfg, model, data, seed=1)
     assert torch.equal(plain[0], nested[0])
     assert all(torch.equal(a, b) for a, b in zip(plain[1], nested[1]))
     measured = measure_step(model, data, repeats=1, inference=False)
@@ -153,9 +144,9 @@ def test_readme_mlp_below_single_level_floor_at_37_mib():
     assert min_peak(costs) + overhead > 37 * MiB          # single level: no plan
     p = plan(model, data, 37 * MiB)
     assert p.tree and p.spec.startswith("nested:")
-    ref = loss_and_grads(cfg, model, data)
+    ref = cfg_loss_and_grads(cfg, model, data)
     p.apply(model)
-    got = loss_and_grads(cfg, model, data)
+    got = cfg_loss_and_grads(cfg, model, data)
     assert torch.equal(ref[0], got[0]) and all(torch.equal(a, b) for a, b in zip(ref[1], got[1]))
     measured = measure_step(model, data, repeats=1, inference=False, flops=False)
     assert measured.peak_bytes == p.predicted_peak_bytes <= 37 * MiB

@@ -4,10 +4,13 @@ choosing op-level policies."""
 
 import pytest
 import torch
+from helpers import cfg_loss_and_grads
 
 from memprop.checkpoint import apply_strategy, parse_strategy, remove_strategy
-from memprop.checkpoint.oplevel import OpCall, Ops, block_options, trace_blocks
-from memprop.checkpoint.planner import plan, simulate
+from memprop.checkpoint.forms.oplevel import Ops
+from memprop.checkpoint.planning.planner import plan
+from memprop.checkpoint.planning.profile import OpCall, block_options, trace_blocks
+from memprop.checkpoint.planning.simulate import simulate
 from memprop.errors import StrategyError
 from memprop.measure import measure_step
 from memprop.models import model_config
@@ -15,14 +18,6 @@ from memprop.workload import build_workload
 
 B, T, C = 4, 32, 32
 TRANSFORMER = dict(depth=4, d_model=C, heads=4, seq_len=T, vocab=64)
-
-
-def loss_and_grads(cfg, model, data):
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(0)
-    loss = cfg.loss(model, data)
-    loss.backward()
-    return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
 
 def test_spec_round_trip_and_errors():
@@ -43,9 +38,9 @@ def test_spec_round_trip_and_errors():
 def test_op_level_gradients_are_bitwise(spec, dropout):
     cfg = model_config("transformer", **TRANSFORMER, dropout=dropout)
     model, data = build_workload(cfg, B)
-    ref = loss_and_grads(cfg, model, data)
+    ref = cfg_loss_and_grads(cfg, model, data)
     apply_strategy(model, spec)
-    got = loss_and_grads(cfg, model, data)
+    got = cfg_loss_and_grads(cfg, model, data)
     remove_strategy(model)
     assert torch.equal(ref[0], got[0])
     assert all(torch.equal(a, b) for a, b in zip(ref[1], got[1]))
@@ -118,9 +113,9 @@ def test_peak_plan_uses_op_level_blocks_and_is_exact():
         fixed = simulate(model, data, parse_strategy(spec).segments(4))
         if fixed.peak_bytes <= budget:
             assert p.recompute_flops <= fixed.backward_flops - plain.backward_flops, spec
-    ref = loss_and_grads(cfg, model, data)
+    ref = cfg_loss_and_grads(cfg, model, data)
     p.apply(model)
-    got = loss_and_grads(cfg, model, data)
+    got = cfg_loss_and_grads(cfg, model, data)
     m = measure_step(model, data, repeats=1, inference=False)
     remove_strategy(model)
     assert (m.peak_bytes, m.saved_bytes) == (p.predicted_peak_bytes, p.predicted_saved_bytes)

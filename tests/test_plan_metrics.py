@@ -6,13 +6,14 @@ import itertools
 import random
 
 import pytest
-from test_planner import random_chain
+from helpers import random_chain
 
 from memprop.checkpoint import apply_strategy, parse_strategy, remove_strategy
-from memprop.checkpoint.dp import TIE, segments_of
-from memprop.checkpoint.levels import stored_model_bytes
-from memprop.checkpoint.planner import plan, simulate
-from memprop.checkpoint.rotor import stored_fronts
+from memprop.checkpoint.planning.dp import TIE, segments_of
+from memprop.checkpoint.planning.planner import plan
+from memprop.checkpoint.planning.rotor import stored_fronts
+from memprop.checkpoint.planning.searches import stored_model_bytes
+from memprop.checkpoint.planning.simulate import simulate
 from memprop.errors import ConfigError
 from memprop.measure import measure_step
 from memprop.models import model_config

@@ -4,27 +4,16 @@ predicted peak matches the measured one, and impossible budgets say what is feas
 import random
 
 import pytest
+from helpers import random_chain
 
 from memprop.checkpoint import apply_strategy, parse_strategy
-from memprop.checkpoint.dp import TIE, ChainCosts, brute_force, min_peak, model_peak, solve
-from memprop.checkpoint.planner import plan, simulate
+from memprop.checkpoint.planning.dp import TIE, ChainCosts, brute_force, min_peak, model_peak, solve
+from memprop.checkpoint.planning.planner import plan
+from memprop.checkpoint.planning.simulate import simulate
 from memprop.errors import BudgetError
 from memprop.measure import measure_step
 from memprop.models import model_config
 from memprop.workload import build_workload
-
-
-def random_chain(rng: random.Random) -> ChainCosts:
-    n = rng.randint(1, 7)
-    return ChainCosts(
-        t=tuple(rng.randint(1, 50) for _ in range(n + 1)),
-        inner=tuple(rng.randint(0, 60) for _ in range(n)),
-        saves_in=tuple(rng.random() < 0.5 for _ in range(n)),
-        saves_out=tuple(rng.random() < 0.5 for _ in range(n)),
-        keep=tuple(rng.random() < 0.3 for _ in range(n + 1)),
-        flops=tuple(rng.randint(1, 20) for _ in range(n)),
-        const=rng.randint(0, 30),
-        grad=tuple(rng.randint(0, 20) for _ in range(n)), grad_post=rng.randint(0, 10))
 
 
 def test_dp_cost_equals_brute_force_on_random_chains():

@@ -16,7 +16,7 @@ import time
 import pandas as pd
 import pytest
 import torch
-from test_sweep import BUDGETED_SPEC, FRONTIER_SPEC, write  # the same writer and specs
+from helpers import BUDGETED_SPEC, FRONTIER_SPEC, write_spec  # the sweep tests' specs
 
 from memprop.cli import main
 from memprop.errors import ConfigError
@@ -54,7 +54,7 @@ BUDGETED = BUDGETED_SPEC.replace("timeout = 60", "timeout = 120")   # Ray starts
 
 
 def test_ray_rows_equal_local_rows_and_a_budget_runs_out(cluster, tmp_path):
-    spec = write(tmp_path, BUDGETED)
+    spec = write_spec(tmp_path, BUDGETED)
     local, remote = tmp_path / "local.sqlite", tmp_path / "ray.sqlite"
     assert main(["sweep", str(spec), "--db", str(local), "--quiet"]) == 0
     assert main(["sweep", str(spec), "--db", str(remote), "--quiet", "--executor", "ray",
@@ -98,7 +98,7 @@ estimate = false
 def test_a_trial_that_kills_its_process_or_its_worker_is_crashed_and_the_sweep_goes_on(
         cluster, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS))       # reaches the tasks with the driver's path
-    spec = load_spec(write(tmp_path, MIXED))
+    spec = load_spec(write_spec(tmp_path, MIXED))
     db = tmp_path / "m.sqlite"
     summary = run_sweep(spec, db_path=db, executor=RayExecutor(cluster, retries=1))
     assert summary.counts == {"crashed": 2, "ok": 1}
@@ -129,7 +129,7 @@ estimate = false
 
 def test_a_killed_driver_keeps_finished_trials_and_a_rerun_runs_only_the_rest(cluster,
                                                                               tmp_path):
-    spec_path = write(tmp_path, KILLME)
+    spec_path = write_spec(tmp_path, KILLME)
     db = tmp_path / "k.sqlite"
     cmd = [sys.executable, "-m", "memprop", "sweep", str(spec_path), "--db", str(db),
            "--quiet", "--executor", "ray", "--ray-address", cluster]
@@ -159,7 +159,7 @@ def test_a_killed_driver_keeps_finished_trials_and_a_rerun_runs_only_the_rest(cl
 
 
 def test_the_frontier_runs_its_probes_on_ray(cluster, tmp_path):
-    spec = load_spec(write(tmp_path, FRONTIER_SPEC))
+    spec = load_spec(write_spec(tmp_path, FRONTIER_SPEC))
     db = tmp_path / "f.sqlite"
     (point,) = run_frontier(spec, db_path=db, executor=RayExecutor(cluster))
     rows = load_results(db).set_index("batch")
@@ -169,7 +169,7 @@ def test_the_frontier_runs_its_probes_on_ray(cluster, tmp_path):
 
 
 def test_a_cuda_trial_on_a_cluster_without_gpus_stops_before_it_runs(cluster, tmp_path):
-    (trial,) = load_spec(write(tmp_path, BUDGETED.replace("batch = [8, 4096]", "batch = [8]"))
+    (trial,) = load_spec(write_spec(tmp_path, BUDGETED.replace("batch = [8, 4096]", "batch = [8]"))
                          ).trials()
     with pytest.raises(ConfigError, match="need a GPU but no node of the Ray cluster"):
         RayExecutor(cluster).run([dataclasses.replace(trial, device="cuda")],
@@ -177,14 +177,15 @@ def test_a_cuda_trial_on_a_cluster_without_gpus_stops_before_it_runs(cluster, tm
 
 
 def test_spec_executor_key_and_a_missing_ray_name_the_fix(tmp_path, monkeypatch):
-    bad = write(tmp_path, BUDGETED.replace("timeout = 120", 'timeout = 120\nexecutor = "dask"'))
+    bad = write_spec(tmp_path,
+                     BUDGETED.replace("timeout = 120", 'timeout = 120\nexecutor = "dask"'))
     with pytest.raises(SpecError, match="run.executor: 'dask' is not allowed; choose one of: "
                                         "local, ray"):
         load_spec(bad)
-    spec = load_spec(write(tmp_path, BUDGETED.replace("timeout = 120",
-                                                      'timeout = 120\nexecutor = "ray"')))
+    spec = load_spec(write_spec(tmp_path, BUDGETED.replace("timeout = 120",
+                                                           'timeout = 120\nexecutor = "ray"')))
     assert spec.run.executor == "ray"
-    assert spec.trials() == load_spec(write(tmp_path, BUDGETED, "local.toml")).trials()
+    assert spec.trials() == load_spec(write_spec(tmp_path, BUDGETED, "local.toml")).trials()
     with pytest.raises(ConfigError, match="the executor is local; add --executor ray"):
         make_executor("local", ray_address="10.0.0.1:6379")
     monkeypatch.setitem(sys.modules, "ray", None)            # as if Ray were not installed

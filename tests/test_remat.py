@@ -1,13 +1,12 @@
 """remat:KEYS, each saved tensor rebuilt on its own when backward needs it
-(memprop.checkpoint.remat): spec forms, predicted = simulated = measured, gradients
+(memprop.checkpoint.forms.remat): spec forms, predicted = simulated = measured, gradients
 bitwise (dropout, padding masks, bf16 autocast), the same stored bytes and FLOPs as
 forward:KEYS at a lower peak, stand-ins for batch leaves, refusals of what it cannot
 replay, and the planner choosing it where it is cheaper."""
 
 import pytest
 import torch
-from test_oplevel import loss_and_grads
-from test_whole import _InPlaceChain, _square_loss
+from helpers import InPlaceChain, cfg_loss_and_grads, square_loss
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
@@ -16,14 +15,14 @@ from memprop.checkpoint import (
     Remat,
     applied_strategy,
     apply_strategy,
-    levels,
     parse_strategy,
     remove_strategy,
 )
-from memprop.checkpoint.levels import simulate_strategy, whole_front
-from memprop.checkpoint.oplevel import trace_blocks
-from memprop.checkpoint.planner import plan
-from memprop.checkpoint.remat import rebuild_ratio
+from memprop.checkpoint.planning import searches as levels
+from memprop.checkpoint.planning.planner import plan
+from memprop.checkpoint.planning.profile import rebuild_ratio, trace_blocks
+from memprop.checkpoint.planning.searches import whole_front
+from memprop.checkpoint.planning.simulate import simulate as simulate_strategy
 from memprop.errors import StrategyError
 from memprop.measure import measure_step
 from memprop.models import model_config
@@ -47,7 +46,7 @@ def _grads(cfg, model, data, strategy=None):
     if strategy is not None:
         apply_strategy(model, strategy)
     try:
-        return loss_and_grads(cfg, model, data)
+        return cfg_loss_and_grads(cfg, model, data)
     finally:
         if strategy is not None:
             remove_strategy(model)
@@ -182,9 +181,9 @@ def test_a_smaller_stand_in_replaces_a_batch_leaf():
 
 def test_in_place_ops_replay_or_are_refused():
     torch.manual_seed(0)
-    model, x = _InPlaceChain(), torch.randn(8, 16)
+    model, x = InPlaceChain(), torch.randn(8, 16)
     # outputs changed in place that are not kept: the in-place op replays on a rebuilt copy
-    assert _bitwise(model, _square_loss, x, Remat())
+    assert _bitwise(model, square_loss, x, Remat())
     Remat().apply(model)
     assert applied_strategy(model).spec == "remat:-"
     with pytest.raises(StrategyError, match="already has"):
@@ -195,7 +194,7 @@ def test_in_place_ops_replay_or_are_refused():
     Remat(frozenset({"addmm"})).apply(model)
     try:
         with pytest.raises(StrategyError, match="writes in place into the kept output"):
-            _square_loss(model, x)
+            square_loss(model, x)
     finally:
         remove_strategy(model)
 
@@ -244,11 +243,11 @@ def test_a_tensor_changed_after_the_forward_is_refused_in_backward():
 
 
 def test_keys_naming_calls_not_made_are_refused():
-    model, x = _InPlaceChain(), torch.randn(8, 16)
+    model, x = InPlaceChain(), torch.randn(8, 16)
     Remat(frozenset({"addmm#9"})).apply(model)
     try:
         with pytest.raises(StrategyError, match=r"addmm#9.*addmm#0-3"):
-            _square_loss(model, x)
+            square_loss(model, x)
     finally:
         remove_strategy(model)
 

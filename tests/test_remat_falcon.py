@@ -2,13 +2,13 @@
 parallel attention: ``mlp_output += attention_output``, where ``mlp_output`` is
 ``_unsafe_view(mm(...))``): backward rebuilds that matmul output once and holds it for
 every rebuild needing it, so a replayed write must not reach the held output through
-the view. Gradients bitwise those of the plain step (memprop.checkpoint.remat)."""
+the view. Gradients bitwise those of the plain step (memprop.checkpoint.forms.remat)."""
 
 import copy
 
 import pytest
 import torch
-from torch import nn
+from helpers import ParallelChain
 
 from memprop.checkpoint import apply_strategy
 from memprop.models import model_config
@@ -34,38 +34,9 @@ def _differ(model, loss_fn, strategy="remat:-"):
             [n for n in plain[1] if not torch.equal(plain[1][n], remat[1][n])])
 
 
-class _ParallelBlock(nn.Module):
-    """Falcon's parallel block in miniature: the MLP's output, a view of its matmul's
-    output (a 3-d input: mm, then _unsafe_view), written into in place."""
-
-    def __init__(self, d):
-        super().__init__()
-        self.norm = nn.LayerNorm(d)
-        self.attn = nn.Linear(d, d, bias=False)
-        self.up = nn.Linear(d, 2 * d, bias=False)
-        self.down = nn.Linear(2 * d, d, bias=False)
-
-    def forward(self, x):
-        h = self.norm(x)
-        a = self.attn(h)
-        m = self.down(torch.relu(self.up(h)))
-        m += a                                   # into a view of down's mm output
-        return m + x
-
-
-class _ParallelChain(nn.Module):
-    def __init__(self, d=16, depth=3):
-        super().__init__()
-        self.blocks = nn.Sequential(*(_ParallelBlock(d) for _ in range(depth)))
-        self.head = nn.Linear(d, 1)
-
-    def forward(self, x):
-        return self.head(self.blocks(x))
-
-
 def test_in_place_write_into_a_view_of_a_rebuilt_matmul_output():
     torch.manual_seed(0)
-    model = _ParallelChain()
+    model = ParallelChain()
     x = torch.randn(2, 8, 16)
     same_loss, differ = _differ(model, lambda m: m(x).square().mean())
     assert same_loss and differ == []

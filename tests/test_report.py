@@ -215,17 +215,31 @@ def test_c3_reads_the_formula_check_the_sweep_stored(built, tmp_path):
 
 
 def test_rendering_measures_nothing(built, tmp_path, monkeypatch):
-    """The report reads the store: no step is measured or estimated while it renders."""
-    import memprop.checkpoint.planner
-    import memprop.measure
+    """The report reads the store: no step is measured, estimated or simulated while it
+    renders. The modules that measure import ``measure_step`` (and the report would import
+    ``estimate``, ``measure`` or ``simulate``) by name, so patching one module's attribute
+    catches nothing: every loaded memprop module's name for a measuring function is
+    replaced, a report module's own import included; a lazy import gets the refusal too."""
+    import memprop.checkpoint.planning.simulate
     import memprop.workload
+
+    measuring = (memprop.workload.estimate, memprop.workload.measure,
+                 sys.modules["memprop.measure"].measure_step,   # memprop.measure: a function
+                 memprop.checkpoint.planning.simulate.simulate)
 
     def refuse(*args, **kwargs):
         raise AssertionError("the report ran a measurement")
-    for module, name in ((memprop.workload, "estimate"), (memprop.workload, "measure"),
-                         (sys.modules["memprop.measure"], "measure_step"),
-                         (memprop.checkpoint.planner, "simulate")):
-        monkeypatch.setattr(module, name, refuse)
+    for module_name, module in list(sys.modules.items()):
+        if module is None or module_name.split(".")[0] != "memprop":
+            continue
+        for name, value in list(vars(module).items()):
+            if any(value is f for f in measuring):
+                monkeypatch.setattr(module, name, refuse)
+    # the names every measurement goes through now refuse (the funnel: measure_step)
+    from memprop.estimate import estimate
+    from memprop.measure import measure_step
+    assert estimate is measure_step is memprop.workload.measure_step is refuse
+    assert memprop.checkpoint.planning.simulate.measure_step is refuse
     _, db, _ = built
     files = build_report(db, tmp_path / "pure")
     assert all(files[f"figures/{name}.png"].exists() for name in ALL_FIGURES)

@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch.distributed as dist
+from helpers import assert_ranks_equal
 
 import memprop
 from memprop.cli import main
@@ -53,36 +54,6 @@ def measured():
 @pytest.fixture(scope="module")
 def predicted():
     return {name: predict_job(job) for name, job in JOBS.items()}
-
-
-def _rows(timeline):
-    """The timeline's rows that allocate or free: fake tensors answer ``.device`` with a
-    ``prim.device`` op that real tensors answer without the dispatcher (no storage)."""
-    rows = timeline[~timeline.op.str.startswith("prim.")]
-    return rows[["phase", "module", "op", *[f"{c}_bytes" for c in memprop.CATEGORIES],
-                 "total_bytes"]].reset_index(drop=True)
-
-
-def assert_ranks_equal(real, fake, same_rows=None):
-    """Every rank of a real run and of its prediction: the same peak, by phase and
-    category, stored and gathered bytes, live bytes before the step, and timeline rows
-    (``same_rows(real_rows, fake_rows, rank)`` asserts them; default: equal)."""
-    assert not real.predicted and fake.predicted
-    assert real.rank_peak_bytes == fake.rank_peak_bytes
-    assert real.peak_bytes == fake.peak_bytes == max(real.rank_peak_bytes)
-    assert real.rank_saved_bytes == fake.rank_saved_bytes
-    for r in range(real.world_size):
-        m, p = real.rank(r), fake.rank(r)
-        assert m.peak_by_phase == p.peak_by_phase, r
-        assert m.peak_by_category == p.peak_by_category, r
-        assert (m.start_bytes, m.saved_bytes, m.saved_count) == \
-            (p.start_bytes, p.saved_bytes, p.saved_count), r
-        for key in ("gathered_bytes_at_peak", "gathered_peak_bytes"):
-            assert m.meta[key] == p.meta[key], (r, key)
-        if same_rows is None:
-            assert _rows(m.timeline).equals(_rows(p.timeline)), r
-        else:
-            same_rows(_rows(m.timeline), _rows(p.timeline), r)
 
 
 @pytest.mark.parametrize("name", JOBS)

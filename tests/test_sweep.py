@@ -11,6 +11,7 @@ import textwrap
 import time
 
 import pytest
+from helpers import BUDGETED_SPEC, FRONTIER_SPEC, write_spec
 
 from memprop.cli import main
 from memprop.sweep import SpecError, load_results, load_spec, run_sweep
@@ -31,12 +32,6 @@ batch = [4]
 [run]
 repeats = 1
 """
-
-
-def write(tmp_path, text, name="spec.toml"):
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return path
 
 
 BAD_SPECS = [
@@ -87,7 +82,7 @@ BAD_SPECS = [
 @pytest.mark.parametrize("what,edit,key,message", BAD_SPECS, ids=[b[0] for b in BAD_SPECS])
 def test_malformed_spec_names_file_key_value_and_starts_nothing(tmp_path, capsys, what, edit,
                                                                 key, message):
-    path = write(tmp_path, edit(textwrap.dedent(GOOD)))
+    path = write_spec(tmp_path, edit(textwrap.dedent(GOOD)))
     with pytest.raises(SpecError) as info:
         load_spec(path)
     assert info.value.key == key
@@ -114,32 +109,15 @@ def test_every_shipped_spec_validates():
 
 
 def test_trial_keys_are_stable_and_distinct(tmp_path):
-    spec = load_spec(write(tmp_path, GOOD))
+    spec = load_spec(write_spec(tmp_path, GOOD))
     keys = [t.key() for t in spec.trials()]
     assert len(set(keys)) == 2 and keys == [t.key() for t in load_spec(
-        write(tmp_path, GOOD, "again.toml")).trials()]
-
-
-# an MLP whose step needs ~0.5 MiB at batch 8 and ~67 MiB at batch 4096, under 16 MiB
-BUDGETED_SPEC = """
-name = "budgeted"
-[model]
-name = "mlp"
-width = 512
-d_in = 512
-[grid]
-depth = [4]
-batch = [8, 4096]
-[run]
-repeats = 1
-budget = "16MiB"
-timeout = 60
-"""
+        write_spec(tmp_path, GOOD, "again.toml")).trials()]
 
 
 def test_failures_are_results_oom_crashed_timeout(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS))
-    spec = load_spec(write(tmp_path, BUDGETED_SPEC))
+    spec = load_spec(write_spec(tmp_path, BUDGETED_SPEC))
     db = tmp_path / "r.sqlite"
     summary = run_sweep(spec, db_path=db)
     assert summary.counts == {"ok": 1, "oom": 1}
@@ -154,7 +132,7 @@ def test_failures_are_results_oom_crashed_timeout(tmp_path, monkeypatch):
     assert "TensorBudgetExceeded" in oom.error
 
     for factory, status in (("trial_models:dies", "crashed"), ("trial_models:hangs", "timeout")):
-        other = load_spec(write(tmp_path, f"""
+        other = load_spec(write_spec(tmp_path, f"""
             name = "bad_{status}"
             [model]
             name = "{factory}"
@@ -190,7 +168,7 @@ estimate = false
 
 
 def test_sigkill_keeps_finished_trials_and_rerun_completes_the_rest(tmp_path):
-    spec_path = write(tmp_path, SLOW_SPEC)
+    spec_path = write_spec(tmp_path, SLOW_SPEC)
     db = tmp_path / "k.sqlite"
     cmd = [sys.executable, "-m", "memprop", "sweep", str(spec_path), "--db", str(db), "--quiet"]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
@@ -220,27 +198,9 @@ def test_sigkill_keeps_finished_trials_and_rerun_completes_the_rest(tmp_path):
     assert (final.status == "ok").all()
 
 
-# an MLP frontier with a real fit and a real out-of-memory one step (512) above it
-FRONTIER_SPEC = """
-        name = "front"
-        [model]
-        name = "mlp"
-        width = 128
-        d_in = 128
-        [grid]
-        batch = [8]
-        [frontier]
-        budget = "12MiB"
-        depths = [4]
-        strategies = ["none"]
-        batch_step = 512
-        max_batch = 65536
-"""
-
-
 @pytest.mark.budget
 def test_frontier_finds_a_batch_that_fits_and_the_next_step_runs_out(tmp_path):
-    spec = load_spec(write(tmp_path, FRONTIER_SPEC))
+    spec = load_spec(write_spec(tmp_path, FRONTIER_SPEC))
     db = tmp_path / "f.sqlite"
     (point,) = run_frontier(spec, db_path=db, progress=None)
     rows = load_results(db).set_index("batch")
@@ -260,7 +220,7 @@ def test_doubling_probe_count_by_hand():
 
 
 def test_results_command_and_csv(tmp_path, capsys):
-    spec_path = write(tmp_path, GOOD)
+    spec_path = write_spec(tmp_path, GOOD)
     db = tmp_path / "g.sqlite"
     assert main(["sweep", str(spec_path), "--db", str(db), "--quiet"]) == 0
     assert main(["results", str(db)]) == 0
@@ -282,7 +242,7 @@ def test_results_command_and_csv(tmp_path, capsys):
 
 
 def test_d2l_trials_store_the_formula_check_for_claim_c3(tmp_path):
-    spec = load_spec(write(tmp_path, """
+    spec = load_spec(write_spec(tmp_path, """
         name = "c3"
         [model]
         name = "d2l_mlp"
@@ -324,7 +284,7 @@ depths = [2]
 def test_models_with_their_own_grids(tmp_path):
     # NOTE [ Models with their own grids ]: the MLP's depth and batch are its own, the
     # notes' network (no depth) takes [grid]; the frontier walks only the MLP
-    spec = load_spec(write(tmp_path, TWO_MODELS))
+    spec = load_spec(write_spec(tmp_path, TWO_MODELS))
     got = [(t.model, dict(t.model_fields).get("depth"), t.batch, t.strategy)
            for t in spec.trials()]
     assert got == [("mlp", 1, 2, "none"), ("mlp", 3, 2, "none"),     # [grid]'s keys first
@@ -333,9 +293,9 @@ def test_models_with_their_own_grids(tmp_path):
                    ("d2l_mlp", None, 8, "none"), ("d2l_mlp", None, 8, "sqrt")]
     assert [m for m, _ in spec.frontier_models()] == ["mlp"]
     with pytest.raises(SpecError) as info:            # a model grid's bad value: its key
-        load_spec(write(tmp_path, TWO_MODELS.replace("depth = [1, 3]", "depth = [1, 0]")))
+        load_spec(write_spec(tmp_path, TWO_MODELS.replace("depth = [1, 3]", "depth = [1, 0]")))
     assert info.value.key == "model[0].grid.depth"
     with pytest.raises(SpecError) as info:            # no model has the frontier's field
-        load_spec(write(tmp_path, 'name = "t"\n[[model]]\nname = "d2l_mlp"\n[grid]\n'
+        load_spec(write_spec(tmp_path, 'name = "t"\n[[model]]\nname = "d2l_mlp"\n[grid]\n'
                         'batch = [4]\n[frontier]\nbudget = "1MiB"\ndepths = [2]\n'))
     assert info.value.key == "frontier.depth" and "no field 'depth'" in str(info.value)

@@ -1,4 +1,4 @@
-"""Replays that check themselves (NOTE [ Verifying a replay ], memprop.checkpoint.verify):
+"""Replays that check themselves (NOTE [ Verifying a replay ], memprop.checkpoint.forms.verify):
 verify_replay passes where a strategy is exact, raises StrategyError naming the op and
 module where a replay rule is broken, and leaves the model as it found it."""
 
@@ -6,11 +6,10 @@ import copy
 
 import pytest
 import torch
-from helpers import quiet_apply
-from test_remat_falcon import _ParallelChain
+from helpers import ParallelChain, quiet_apply
 from torch import nn
 
-import memprop.checkpoint.remat as remat
+import memprop.checkpoint.forms.remat as remat
 from memprop.checkpoint import verify_replay
 from memprop.errors import StrategyError
 from memprop.models import model_config
@@ -50,7 +49,7 @@ def test_a_broken_remat_rule_is_caught_naming_op_and_module(monkeypatch):
     # on a Falcon-like block; verification names the write and the block
     monkeypatch.setattr(remat, "_copy_written", lambda func, args, kwargs, held: (args, kwargs))
     torch.manual_seed(0)
-    model, x = _ParallelChain(), torch.randn(2, 8, 16)
+    model, x = ParallelChain(), torch.randn(2, 8, 16)
     loss_fn = lambda m, batch: m(batch).square().mean()   # noqa: E731
     plain = copy.deepcopy(model)
     loss_fn(plain, x).backward()
@@ -105,10 +104,10 @@ def test_default_loss_is_measure_steps():
 def test_the_planner_leaves_out_a_remat_plan_whose_replay_is_not_exact(monkeypatch):
     import dataclasses
 
-    import memprop.checkpoint.planner as planner
+    import memprop.checkpoint.planning.planner as planner
     from memprop.checkpoint import Remat, plan
     torch.manual_seed(0)
-    model, x = _ParallelChain(d=64, depth=6), torch.randn(8, 64, 64)
+    model, x = ParallelChain(d=64, depth=6), torch.randn(8, 64, 64)
     loss_fn = lambda m, batch: m(batch).square().mean()   # noqa: E731
     chain_plan = planner._plan
 

@@ -1,4 +1,4 @@
-"""forward:KEYS, one checkpoint around the whole forward (memprop.checkpoint.whole):
+"""forward:KEYS, one checkpoint around the whole forward (memprop.checkpoint.forms.whole):
 spec forms, the knapsack front against brute force, predicted stored bytes and
 recompute FLOPs = simulated = measured, gradients bitwise (dropout included), and the
 stored-bytes planner choosing it where it is cheaper."""
@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from test_oplevel import loss_and_grads
+from helpers import InPlaceChain, cfg_loss_and_grads, square_loss
 from torch import nn
 
 from memprop.checkpoint import (
@@ -19,10 +19,11 @@ from memprop.checkpoint import (
     parse_strategy,
     remove_strategy,
 )
-from memprop.checkpoint.levels import simulate_strategy, stop_flops
-from memprop.checkpoint.oplevel import OpCall, trace_blocks
-from memprop.checkpoint.planner import plan
-from memprop.checkpoint.whole import compress_keys, forward_front
+from memprop.checkpoint.forms.opkeys import canonical_keys
+from memprop.checkpoint.planning.fronts import forward_front
+from memprop.checkpoint.planning.planner import plan
+from memprop.checkpoint.planning.profile import OpCall, stop_flops, trace_blocks
+from memprop.checkpoint.planning.simulate import simulate as simulate_strategy
 from memprop.errors import StrategyError
 from memprop.measure import measure_step
 from memprop.models import model_config
@@ -38,7 +39,7 @@ def test_spec_forms():
     assert s.spec == "forward:sdpa+addmm#0-3+mm#5"
     assert parse_strategy(s.spec).spec == s.spec
     assert parse_strategy("forward:-") == Forward() and Forward().spec == "forward:-"
-    assert compress_keys({"bmm#1", "bmm#3", "bmm#2", "bmm#7"}) == "bmm#1-3+bmm#7"
+    assert "+".join(canonical_keys({"bmm#1", "bmm#3", "bmm#2", "bmm#7"})) == "bmm#1-3+bmm#7"
     for bad in ("forward:a-b", "forward:addmm#x", "forward:addmm#1-"):
         with pytest.raises(StrategyError, match="forward:"):
             parse_strategy(bad)
@@ -86,7 +87,7 @@ def test_prediction_equals_measurement_and_gradients_are_bitwise(name, sizes):
     plain = measure_step(model, data, loss_fn=cfg.loss, repeats=1, inference=False,
                          timing=False)
     base = simulate_strategy(model, data, Forward(), loss_fn=cfg.loss).saved_bytes
-    ref = loss_and_grads(cfg, model, data)
+    ref = cfg_loss_and_grads(cfg, model, data)
     for kept, cost, keys in (front[0], front[len(front) // 2], front[-1]):
         strategy = Forward(keys)
         predicted = simulate_strategy(model, data, strategy, loss_fn=cfg.loss)
@@ -94,7 +95,7 @@ def test_prediction_equals_measurement_and_gradients_are_bitwise(name, sizes):
         try:
             m = measure_step(model, data, loss_fn=cfg.loss, repeats=1, inference=False,
                              timing=False)
-            got = loss_and_grads(cfg, model, data)
+            got = cfg_loss_and_grads(cfg, model, data)
         finally:
             remove_strategy(model)
         assert m.saved_bytes == predicted.saved_bytes == base + kept
@@ -152,45 +153,27 @@ def test_stored_planner_takes_the_whole_forward_where_it_is_cheaper():
     assert plan(model, data, lowest, metric="stored").predicted_saved_bytes == lowest
 
 
-class _InPlaceChain(nn.Module):
-    """Blocks of Linear + ReLU(inplace=True): each matmul output is changed in place."""
-
-    def __init__(self):
-        super().__init__()
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.ReLU(inplace=True))
-                                    for _ in range(4))
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = block(x)
-        return x
-
-
-def _square_loss(model, batch):
-    return model(batch).square().sum()
-
-
 def test_outputs_changed_in_place_are_never_kept():
     # a selective-checkpoint cache refuses a tensor mutated after caching (torch raises
     # in backward): such calls are recomputed, never offered as kept
-    model, x = _InPlaceChain(), torch.randn(8, 16)
-    calls = trace_blocks(model, x, loss_fn=_square_loss, whole=True)[0]
+    model, x = InPlaceChain(), torch.randn(8, 16)
+    calls = trace_blocks(model, x, loss_fn=square_loss, whole=True)[0]
     assert all(c.mutated for c in calls if c.flops)
     front = forward_front(calls)
     assert [keys for _, _, keys in front] == [frozenset()]
-    plain = simulate_strategy(model, x, parse_strategy("none"), loss_fn=_square_loss)
+    plain = simulate_strategy(model, x, parse_strategy("none"), loss_fn=square_loss)
     for fraction in (0.8, 0.5):
         p = plan(model, x, int(plain.saved_bytes * fraction), metric="stored",
-                 loss_fn=_square_loss)
+                 loss_fn=square_loss)
         apply_strategy(model, p.strategy)
         try:
-            _square_loss(model, x).backward()           # runs: nothing mutated is cached
+            square_loss(model, x).backward()           # runs: nothing mutated is cached
         finally:
             remove_strategy(model)
 
 
 def test_a_loss_calling_the_model_twice_gets_no_whole_forward_plan():
-    model, x = _InPlaceChain(), torch.randn(8, 16)
+    model, x = InPlaceChain(), torch.randn(8, 16)
 
     def twice(m, batch):
         with torch.no_grad():
