@@ -17,7 +17,7 @@ from memprop.cli import main
 from memprop.errors import ConfigError
 from memprop.sharded import FSDPConfig, RankJob, measure_jobs, predict, predict_job
 from memprop.sharded.tensor_parallel import tp_local_shapes
-from memprop.sharded.verify import parallel_losses
+from memprop.sharded.verify import checkpoint_matches, parallel_losses
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="no torch.distributed")
 
@@ -211,3 +211,17 @@ def test_cli_parallel_refusals_are_one_line(flags, words, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and words in err, err
     assert "Traceback" not in err and len(err.splitlines()) <= 2     # argparse: usage + line
+
+
+@pytest.mark.parametrize("config, fsdp", [
+    (TRANSFORMER, FSDPConfig(world_size=4, tp=2)),
+    (TRANSFORMER, FSDPConfig(world_size=4, replicate=2)),
+    (LLAMA, FSDPConfig(world_size=2, tp=2, fsdp=False))], ids=["fsdp2xtp2", "hsdp", "llama-tp2"])
+def test_full_checkpointing_under_tp_and_hsdp_gives_bitwise_gradients(config, fsdp):
+    # the strategy is applied before parallelize; its recompute re-runs tensor
+    # parallelism's all-reduces, on every rank alike
+    ranks = checkpoint_matches(config, 2, world_size=fsdp.world_size, strategy="full",
+                               fsdp=fsdp)
+    assert [r["rank"] for r in ranks] == list(range(fsdp.world_size))
+    assert all(r["equal"] and r["max_abs_diff"] == 0.0 for r in ranks), ranks
+    assert ranks[0]["params"] == len(list(config.build().parameters()))

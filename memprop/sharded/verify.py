@@ -7,8 +7,9 @@ parallelized model is the same network: its loss is the unsharded model's
     # -> [{"rank": 0, "equal": True, "params": 12, ...}, {"rank": 1, ...}]
 
 Each rank builds the model twice (same seed), applies the strategy to one, shards both
-(``apply_fsdp``), runs one forward and backward of its batch on each, and compares its
-gradient shards (the DTensors' local tensors) with ``torch.equal``.
+(``parallelize``: FSDP2, HSDP, tensor parallelism), runs one forward and backward of
+its batch on each, and compares its gradient shards (the DTensors' local tensors) with
+``torch.equal``.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from memprop.checkpoint import parse_strategy
-from memprop.sharded.apply import apply_fsdp, parallelize
+from memprop.sharded.apply import parallelize
 from memprop.sharded.config import FSDPConfig
 from memprop.sharded.gloo import use_gloo_collectives
 from memprop.sharded.spawn import run_on_ranks
@@ -31,11 +33,15 @@ __all__ = ["checkpoint_matches", "rank_checkpoint_match", "parallel_losses", "ra
 def _local_gradients(job: RankJob, mesh, strategy: str) -> tuple[float, dict]:
     model, batch = build_workload(job.config, job.batch_size, dtype=job.dtype,
                                   strategy=parse_strategy(strategy), seed=job.seed)
-    apply_fsdp(model, mesh, job.fsdp)
-    use_gloo_collectives(model)
+    parallelize(model, mesh, job.fsdp)
+    if job.fsdp.fsdp:
+        use_gloo_collectives(model)
     loss = job.config.loss(model, batch)
     loss.backward()
-    return loss.item(), {n: p.grad.to_local().clone() for n, p in model.named_parameters()}
+    # DTensor gradients (FSDP2's shards, tensor-parallel weights) compared by their local
+    # tensors; a parameter tensor parallelism leaves whole has a plain gradient
+    return loss.item(), {n: (p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad)
+                         .clone() for n, p in model.named_parameters()}
 
 
 def rank_checkpoint_match(job: RankJob, mesh) -> dict:
