@@ -197,7 +197,7 @@ def step(cfg, strategy=None, *, cache=True, plan_budget=None):
     the step in another state than the plain step's model. ``cache=False``: the KV cache
     off (a plain step)."""
     from memprop.checkpoint import apply_strategy, plan
-    from memprop.checkpoint.cache import cache_off
+    from memprop.checkpoint.forms.cache import cache_off
     model, batch = cfg.build(), cfg.example_batch(BATCH)
     model.train()
     found = None

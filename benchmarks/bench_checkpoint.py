@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from memprop.checkpoint.planner import plan
+from memprop.checkpoint.planning.planner import plan
 from memprop.measure import measure_step
 from memprop.models import model_config
 from memprop.workload import build_workload

@@ -71,8 +71,10 @@ import torch._functorch.config as functorch_config
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memprop.checkpoint import apply_strategy, parse_strategy
-from memprop.checkpoint.levels import early_stop_flops, lowest_nested, simulate_strategy
-from memprop.checkpoint.planner import plan, profile_chain
+from memprop.checkpoint.planning.planner import plan
+from memprop.checkpoint.planning.profile import early_stop_flops, profile_chain
+from memprop.checkpoint.planning.searches import lowest_nested
+from memprop.checkpoint.planning.simulate import simulate as simulate_strategy
 from memprop.errors import BudgetError, StrategyError
 from memprop.fake import fake_batch, fake_copy
 from memprop.flops import FlopCounter

@@ -14,7 +14,7 @@ from memprop._version import __version__
 # and `memprop.measure(...)` work as before.
 _PUBLIC = {name: module for module, names in {
     "memprop.checkpoint": ["apply_strategy", "parse_strategy", "remove_strategy"],
-    "memprop.checkpoint.planner": ["Plan", "plan"],
+    "memprop.checkpoint.planning.planner": ["Plan", "plan"],
     "memprop.errors": ["BudgetError", "ConfigError", "MemPropError", "StrategyError"],
     "memprop.estimate": ["estimate"],
     "memprop.measure": ["Measurement", "measure_step"],

@@ -1,7 +1,7 @@
 """The exceptions memprop raises for users.
 
 Every message names the subsystem, the bad value, what is allowed and, where there is
-one, the fix (see STYLE habit 9). ``assert`` is kept for internal invariants.
+one, the fix, as torch.utils.checkpoint's messages do. ``assert`` is kept for internal invariants.
 """
 
 __all__ = ["MemPropError", "ConfigError", "StrategyError", "BudgetError"]

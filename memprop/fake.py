@@ -1,6 +1,6 @@
 """Fake-tensor twins of real models and batches: same shapes, dtypes and storage sizes,
 no data, no memory. Used to predict a step (memprop.estimate) and to check a
-checkpointing plan (memprop.checkpoint.planner) without running it. Where a fake op
+checkpointing plan (memprop.checkpoint.planning.planner) without running it. Where a fake op
 allocates otherwise than the kernel does, a rule here allocates as the kernel does
 (NOTE [ Fake grouped GEMMs allocate what the kernel allocates ], NOTE [ CPU losses keep
 their elementwise buffer ], NOTE [ oneDNN RNN workspaces, measured ]).
@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 __all__ = ["is_fake", "fake_mode_of", "fake_copy", "fake_batch", "grouped_mm_output",
-           "KernelStorages"]
+           "KernelStorages", "fake_target"]
 
 
 # NOTE [ Fake grouped GEMMs allocate what the kernel allocates ]
@@ -241,7 +241,7 @@ def fake_copy(model: nn.Module, mode: FakeTensorMode, *,
     Checkpointing patches (instance ``forward`` attributes) are not carried over: copy
     the plain model. ``keep_strategy=True`` copies them too, as ``deepcopy`` copies a
     checkpointed model (NOTE [ A strategy travels with the model ],
-    memprop.checkpoint.patch): the twin runs the strategy the model runs (what
+    memprop.checkpoint.forms.patch): the twin runs the strategy the model runs (what
     ``estimate(model, batch)`` predicts). Works inside ``mode`` or outside it."""
     memo = {}
     with unset_fake_temporarily():           # the real model is read, never faked in place
@@ -262,3 +262,13 @@ def fake_batch(batch, mode: FakeTensorMode):
     with unset_fake_temporarily():
         return tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t,
                         batch)
+
+
+def fake_target(model: nn.Module, batch):
+    """(fake mode, model, batch) on fake tensors: the model itself if already fake,
+    else a fake copy (no memory used)."""
+    given = fake_mode_of(model)
+    mode = given or FakeTensorMode()
+    if given:
+        return mode, model, batch
+    return mode, fake_copy(model, mode), fake_batch(batch, mode)

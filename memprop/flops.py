@@ -16,6 +16,13 @@ NOTE [ Attention FLOPs on CPU ]
   the CPU kernels with the same formulas torch uses for the CUDA ones
   (``sdpa_flop_count``: QKᵀ and AV, 2 FLOPs a multiply-add; causal masks not
   discounted), so CPU and CUDA count attention alike.
+
+NOTE [ A step's work ]
+  Beside FLOPs the counter tallies what a step's time also depends on: ``ops``, the aten
+  calls that run (each costs a dispatch however small), and ``written``, the bytes of
+  their outputs (what memory-bound pointwise ops cost). Views write nothing and are not
+  counted. The planner's time model (memprop.checkpoint.planning.timing) prices a plan's
+  recompute by these three numbers.
 """
 
 from __future__ import annotations
@@ -65,11 +72,15 @@ METADATA_QUERIES = {
 
 
 class FlopCounter(TorchDispatchMode):
-    """``with FlopCounter() as fc: ...``; then ``fc.total`` FLOPs (see module docstring)."""
+    """``with FlopCounter() as fc: ...``; then ``fc.total`` FLOPs (see module docstring),
+    ``fc.ops`` aten calls run (after decomposition, metadata queries and views apart)
+    and ``fc.written`` bytes their outputs hold (NOTE [ A step's work ])."""
 
     def __init__(self):
         super().__init__()
         self.total = 0
+        self.ops = 0
+        self.written = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -84,4 +95,9 @@ class FlopCounter(TorchDispatchMode):
         formula = FORMULAS.get(func._overloadpacket)
         if formula is not None:
             self.total += formula(*args, **kwargs, out_val=out)
+        if not func.is_view:
+            self.ops += 1
+            self.written += sum(t.numel() * t.element_size()
+                                for t in (out if isinstance(out, (tuple, list)) else (out,))
+                                if isinstance(t, torch.Tensor))
         return out

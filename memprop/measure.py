@@ -14,11 +14,14 @@ square of the output (NOTE [ One step of any module ], memprop.models.user); a
   3. one forward and backward under the ``SavedTensorRecorder``: what is stored;
   4. ... counting FLOPs (``FlopCounter``, memprop.flops) in the same pass: a dispatch
      mode that only counts changes nothing autograd saves;
-  5. the same batch as inference (``eval()`` under ``torch.no_grad()``), tracked, on the
-     plain model (NOTE [ Inference runs the plain model ]);
+  5. the same batch as inference (``eval()`` under ``torch.no_grad()``) on the plain
+     model (NOTE [ Inference runs the plain model ]): its peak under a tracker, and
+     what it stores under a recorder inside it (only the innermost saved-tensor hooks
+     run; a forward that turns gradients on inside ``no_grad`` does store tensors);
   6. further warm-up steps, then the timed steps (medians, min and max; device synced);
   7. on CUDA, one plain step between allocator-peak resets.
-Each pass measures one thing (3 and 4 share one), so no instrument disturbs another.
+Each pass measures one thing (3 and 4 share one, 5 nests its two as above), so no
+instrument disturbs another.
 
 NOTE [ measure_step leaves the model as it found it ]
   The optimizer memprop builds steps with learning rate 0: every op of the update runs
@@ -33,10 +36,10 @@ NOTE [ Inference runs the plain model ]
   device: under ``no_grad`` it saves nothing, yet a checkpointed model runs differently
   even there (measured, ``mlp`` depth 8, width 128, batch 256: inference peak 1.57 MiB
   plain, 1.82 MiB under ``sqrt``), and it turns a model's KV cache off (NOTE
-  [ Checkpointing and KV caches ], memprop.checkpoint.cache), which prediction keeps on
+  [ Checkpointing and KV caches ], memprop.checkpoint.forms.cache), which prediction keeps on
   (``hf:gpt2`` with 6 layers at batch 8: 5.70 MiB plain, 4.33 MiB under ``sqrt``,
   4.20 MiB under ``full``, before this rule; 5.70 MiB under each since). So pass 5 runs
-  with the applied strategy suspended (``Applied.suspended``, memprop.checkpoint.patch):
+  with the applied strategy suspended (``Applied.suspended``, memprop.checkpoint.forms.patch):
   each patch the model's ``Applied`` record holds is uninstalled and each config whose
   cache it turned off gets ``use_cache = True`` back, the cache as the user left it;
   afterwards the same patch objects are installed again in order and the caches turned
@@ -184,6 +187,9 @@ class Measurement:
     # cost
     forward_flops: int = 0
     backward_flops: int = 0
+    # per phase (forward, backward): (aten calls run, bytes their outputs hold), counted
+    # with the FLOPs (NOTE [ A step's work ], memprop.flops); empty when FLOPs are not
+    work: dict = dataclasses.field(default_factory=dict)
     forward_ms: float | None = None
     backward_ms: float | None = None
     optimizer_ms: float | None = None
@@ -426,7 +432,7 @@ def _as_found(model: nn.Module, strategy, batch, loss_fn):
         model.train(was_training)
 
 
-_APPLIED = "_memprop_applied"   # the model's Applied record: memprop.checkpoint.patch.APPLIED
+_APPLIED = "_memprop_applied"   # the model's Applied record: memprop.checkpoint.forms.patch.APPLIED
 # (memprop.checkpoint imports this module, so the key is named here, as memprop.fake does)
 
 
@@ -437,9 +443,11 @@ def _strategy_suspended(model: nn.Module):
     return applied.suspended() if applied is not None else contextlib.nullcontext()
 
 
-def _stored_pass(step: _Step, tensors, flops: bool) -> tuple[SavedTensorRecorder, int, int]:
+def _stored_pass(step: _Step, tensors, flops: bool) -> tuple[SavedTensorRecorder,
+                                                              FlopCounter | None,
+                                                              FlopCounter | None]:
     """Passes 3 and 4: one forward under the recorder (then its backward): what is
-    stored; with ``flops``, the (forward, backward) FLOPs of that step too."""
+    stored; with ``flops``, the (forward, backward) counters of that step too."""
     fwd, bwd = (FlopCounter(), FlopCounter()) if flops else (None, None)
     with _phase("forward"), SavedTensorRecorder(step.model, inputs=tensors) as rec:
         with fwd or contextlib.nullcontext(), step.autocast():
@@ -449,7 +457,7 @@ def _stored_pass(step: _Step, tensors, flops: bool) -> tuple[SavedTensorRecorder
         loss.backward()
         del loss
     step.opt.zero_grad(set_to_none=True)
-    return rec, fwd.total if fwd is not None else 0, bwd.total if bwd is not None else 0
+    return rec, fwd, bwd
 
 
 def _inference_pass(step: _Step, forward_fn, tracker: LiveMemoryTracker) -> tuple[int, int]:
@@ -457,9 +465,11 @@ def _inference_pass(step: _Step, forward_fn, tracker: LiveMemoryTracker) -> tupl
     plain model (NOTE [ Inference runs the plain model ])."""
     step.model.eval()
     tracker.phase = "inference"
-    with _phase("inference"), _strategy_suspended(step.model), torch.no_grad(), \
-            SavedTensorRecorder(step.model) as rec:
-        with tracker, step.autocast():
+    # the recorder inside the tracker: torch applies only the innermost saved-tensor
+    # hooks, and only the recorder needs them here (the tracker's label saved tensors,
+    # which a no_grad forward makes none of unless it turns gradients on itself)
+    with _phase("inference"), _strategy_suspended(step.model), torch.no_grad():
+        with tracker, SavedTensorRecorder(step.model) as rec, step.autocast():
             out = forward_fn(step.model, step.batch)
             del out
     step.model.train()
@@ -544,7 +554,7 @@ def measure_step(model: nn.Module, batch, *, optimizer: str = "sgd",
         log.close()
         if first is None:                                 # warm: the first is the steady
             first = tracked
-        rec, fwd_flops, bwd_flops = _stored_pass(step, tensors, flops)  # 3, 4.
+        rec, fwd_count, bwd_count = _stored_pass(step, tensors, flops)  # 3, 4.
         inf_peak, inf_saved = _inference_pass(step, forward_fn, tracker()) if inference \
             else (0, 0)
         times = []
@@ -573,7 +583,10 @@ def measure_step(model: nn.Module, batch, *, optimizer: str = "sgd",
         budget_peak_bytes=max(first.peak_bytes, tracked.peak_bytes, inf_peak),
         inference_peak_bytes=inf_peak, inference_saved_bytes=inf_saved,
         device_peak_bytes=dev_peak, device_reserved_bytes=dev_reserved,
-        forward_flops=fwd_flops, backward_flops=bwd_flops,
+        forward_flops=fwd_count.total if fwd_count else 0,
+        backward_flops=bwd_count.total if bwd_count else 0,
+        work={phase: (c.ops, c.written) for phase, c in (("forward", fwd_count),
+                                                         ("backward", bwd_count)) if c},
         forward_ms=median([t[0] for t in times]), backward_ms=median([t[1] for t in times]),
         optimizer_ms=median([t[2] for t in times]), step_ms=median(steps),
         step_ms_min=min(steps) if steps else None, step_ms_max=max(steps) if steps else None,

@@ -72,7 +72,7 @@ _STORE_OBSERVERS: list = []
 
 def report_stored(tensor: torch.Tensor, op: str) -> None:
     """Tell active recorders and trackers that ``tensor`` is kept for backward by ``op``
-    without passing through a pack hook (see memprop.checkpoint.selective)."""
+    without passing through a pack hook (see memprop.checkpoint.forms.selective)."""
     for observer in _STORE_OBSERVERS:
         observer.observe_stored(tensor, op)
 

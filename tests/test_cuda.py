@@ -63,7 +63,7 @@ def test_remat_on_cuda_is_bitwise_with_dropout_and_lowers_the_allocator_peak():
     import torch
 
     from memprop.checkpoint import Forward, Remat, apply_strategy, remove_strategy
-    from memprop.checkpoint.levels import whole_front
+    from memprop.checkpoint.planning.searches import whole_front
 
     cfg = model_config("transformer", depth=4, d_model=256, heads=8, seq_len=256, dropout=0.1)
     model, data = build_workload(cfg, 16, device="cuda")

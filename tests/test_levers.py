@@ -1,8 +1,8 @@
 """When parameters and gradients set the peak, the plan says so and names the levers;
 each lever's predicted peak equals the measured one."""
 
-from memprop.checkpoint.levers import StepInBackward, peak_composition
-from memprop.checkpoint.planner import plan
+from memprop.checkpoint.planning.levers import StepInBackward, peak_composition
+from memprop.checkpoint.planning.planner import plan
 from memprop.measure import measure_step
 from memprop.models import model_config
 from memprop.workload import build_workload

@@ -190,3 +190,25 @@ def test_summary_keeps_the_optimizer_phase_apart_from_the_optimizer_category():
     assert row["optimizer_peak_bytes"] == m.peak_by_phase["optimizer"]
     assert row["optimizer_bytes_at_peak"] == m.peak_by_category["optimizer"]
     assert row["optimizer_peak_bytes"] != row["optimizer_bytes_at_peak"]
+
+
+class _GradInsideNoGrad(torch.nn.Module):
+    """A forward that turns gradients on for one layer even under ``no_grad`` (as a
+    model computing an input gradient at inference does): it stores tensors then."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 32)
+
+    def forward(self, x):
+        with torch.enable_grad():
+            return torch.sigmoid(self.lin(x))
+
+
+def test_the_inference_pass_sees_what_a_forward_stores():
+    """Pass 5's recorder is the innermost saved-tensor hook: a forward that stores
+    under ``no_grad`` is counted (sigmoid's output, 8 x 32 float32), so the zoo's
+    ``inference_saved_bytes == 0`` above is a measurement, not a hook that never runs."""
+    torch.manual_seed(0)
+    m = measure_step(_GradInsideNoGrad(), torch.randn(8, 16), repeats=1, timing=False)
+    assert m.inference_saved_bytes >= 8 * 32 * 4

@@ -1,5 +1,5 @@
 """The smallest feasible budget (issue 21, item 3; NOTE [ The smallest feasible budget ],
-memprop.checkpoint.planner): one figure whatever infeasible budget was asked, and one
+memprop.checkpoint.planning.planner): one figure whatever infeasible budget was asked, and one
 the planner found and applies: planning at exactly it returns a plan whose measured
 peak is at most it."""
 
@@ -7,7 +7,7 @@ import pytest
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memprop.checkpoint import remove_strategy
-from memprop.checkpoint.planner import plan
+from memprop.checkpoint.planning.planner import plan
 from memprop.errors import BudgetError
 from memprop.measure import measure_step
 from memprop.models import model_config

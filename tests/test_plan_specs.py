@@ -1,5 +1,5 @@
 """Readable plans (issue 21, item 4): op-level specs written compactly that parse back to
-the same strategy (NOTE [ Compact op-level specs ], memprop.checkpoint.oplevel), long
+the same strategy (NOTE [ Compact op-level specs ], memprop.checkpoint.forms.oplevel), long
 specs shortened where people read them and whole where they copy them, and
 ``plan --amp``."""
 
@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from memprop.checkpoint import apply_strategy, parse_strategy, remove_strategy
-from memprop.checkpoint.oplevel import Ops, canonical_keys
-from memprop.checkpoint.planner import plan, short_spec
+from memprop.checkpoint.forms.opkeys import canonical_keys
+from memprop.checkpoint.forms.oplevel import Ops
+from memprop.checkpoint.planning.planner import plan, short_spec
 from memprop.cli import main
 from memprop.cli._common import render_table
 from memprop.cli.plan_cmd import apply_line, shown_table

@@ -1,5 +1,5 @@
 """A checkpointed model is still an ordinary module (NOTE [ A strategy travels with the
-model ], memprop.checkpoint.patch): every strategy form x every workflow a model goes
+model ], memprop.checkpoint.forms.patch): every strategy form x every workflow a model goes
 through gives the loss and gradients of the same workflow without checkpointing,
 bitwise, or a StrategyError."""
 
@@ -16,7 +16,7 @@ from helpers import assert_same_step, loss_and_grads, quiet_apply
 from torch.nn.parallel import DistributedDataParallel
 
 from memprop.checkpoint import applied_strategy, remove_strategy
-from memprop.checkpoint.planner import simulate
+from memprop.checkpoint.planning.simulate import simulate
 from memprop.errors import StrategyError
 from memprop.models import model_config
 from memprop.workload import build_workload

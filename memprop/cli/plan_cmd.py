@@ -14,7 +14,7 @@ from memprop.cli.profile_cmd import add_model_options, config_from_args, factory
 from memprop.units import format_bytes
 
 if TYPE_CHECKING:
-    from memprop.checkpoint.planner import Plan
+    from memprop.checkpoint.planning.planner import Plan
 
 
 def gather_plan(config, batch_size: int, budget, *, dtype, optimizer="sgd",
@@ -29,9 +29,9 @@ def gather_plan(config, batch_size: int, budget, *, dtype, optimizer="sgd",
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from memprop.checkpoint import find_blocks, parse_strategy
-    from memprop.checkpoint.cache import cache_off
-    from memprop.checkpoint.levels import simulate_strategy
-    from memprop.checkpoint.planner import plan
+    from memprop.checkpoint.forms.cache import cache_off
+    from memprop.checkpoint.planning.planner import plan
+    from memprop.checkpoint.planning.simulate import simulate
     from memprop.errors import BudgetError, ConfigError
     from memprop.units import parse_size
 
@@ -46,7 +46,7 @@ def gather_plan(config, batch_size: int, budget, *, dtype, optimizer="sgd",
     restore_cache = cache_off(model, warn=False)
     try:
         for spec in compare:
-            m = simulate_strategy(model, batch, parse_strategy(spec), optimizer=optimizer,
+            m = simulate(model, batch, parse_strategy(spec), optimizer=optimizer,
                                   loss_fn=config.loss, amp=amp)
             plain = plain or m
             rows.append(dict(strategy=spec, peak_bytes=m.peak_bytes,
@@ -99,7 +99,7 @@ def shown_table(table):
     """The comparison table for people: a long plan spec shortened (planner.short_spec),
     so the strategy column is as wide as its content; the whole spec is printed once
     below it, and kept whole in --json."""
-    from memprop.checkpoint.planner import short_spec
+    from memprop.checkpoint.planning.planner import short_spec
 
     return table.assign(strategy=[f"plan: {short_spec(s.removeprefix('plan: '))}"
                                   if s.startswith("plan: ") else s for s in table.strategy])
@@ -108,7 +108,7 @@ def shown_table(table):
 def apply_line(spec: str, amp: str | None = None) -> str:
     """How to apply ``spec``, with the spec written once when it is long (a 7B plan's
     runs to hundreds of characters), twice (CLI and Python) when it is short."""
-    from memprop.checkpoint.planner import SHORT_SPEC
+    from memprop.checkpoint.planning.planner import SHORT_SPEC
 
     cli = f"memprop profile --strategy {shlex.quote(spec)}{f' --amp {amp}' if amp else ''} ..."
     if len(spec) <= SHORT_SPEC:

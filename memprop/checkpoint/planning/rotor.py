@@ -2,7 +2,7 @@
 and Revolve's closed form.
 
 NOTE [ Multi-level schedules ]
-  A single-level plan (memprop.checkpoint.dp) recomputes each checkpointed segment once,
+  A single-level plan (memprop.checkpoint.planning.dp) recomputes each checkpointed segment once,
   storing every block of it while its backward runs. A *multi-level* schedule may
   checkpoint again inside a recomputed segment: segment [i..j] stores only t[i] in the
   forward; when backward reaches it, it is recomputed, and that recompute itself stores
@@ -12,12 +12,12 @@ NOTE [ Multi-level schedules ]
   1911.13214). torch's nested non-reentrant checkpoints run exactly these schedules
   (NOTE [ Nestable Checkpoint ] in torch/utils/checkpoint.py: inner checkpoints met
   during a recompute are respected), which is how memprop applies them
-  (memprop.checkpoint.multilevel).
+  (memprop.checkpoint.forms.multilevel).
 
   A schedule is a sequence of items over blocks s..e-1: ``k`` (block k stored: its saved
   tensors held until its backward) or ``(i, j, inner)`` (blocks i..j checkpointed; inner
   is the schedule of their recompute, over i..j). In the bytes of the chain cost model
-  (NOTE [ The chain cost model ] in memprop.checkpoint.dp) with K = Σ kept boundaries
+  (NOTE [ The chain cost model ] in memprop.checkpoint.planning.dp) with K = Σ kept boundaries
   and G(k) = ``grads_after(k)``:
     storing block k retains inner[k] + t[k]·[saves_in, t[k] not yet held]
                             + t[k+1]·[saves_out]
@@ -50,16 +50,15 @@ from __future__ import annotations
 
 import itertools
 import math
-import re
 
 import numpy as np
 
-from memprop.checkpoint.dp import TIE, ChainCosts
-from memprop.errors import StrategyError
+from memprop.checkpoint.planning.dp import TIE, ChainCosts
+from memprop.checkpoint.planning.fronts import pareto
 
 __all__ = ["Schedule", "solve_schedule", "cost_curve", "min_need", "covering_budget",
-           "run_schedule", "brute_force", "revolve_forwards", "format_schedule",
-           "parse_schedule", "schedule_segments", "tree_schedule", "stored_fronts"]
+           "run_schedule", "brute_force", "revolve_forwards",
+           "schedule_segments", "tree_schedule", "stored_fronts"]
 
 # An item is an int (block stored) or (i, j, inner_items); a schedule a tuple of items.
 Schedule = tuple
@@ -161,17 +160,6 @@ def brute_force(c: ChainCosts, budget: int, *, early=None):
 
 
 # -- the DP ---------------------------------------------------------------------------
-
-def _pareto(entries):
-    """(need, cost, ...) entries that no other beats on both, by need ascending."""
-    entries.sort(key=lambda x: (x[0], x[1]))
-    front, best = [], math.inf
-    for entry in entries:
-        if entry[1] < best:
-            front.append(entry)
-            best = entry[1]
-    return front
-
 
 class _Table:
     """The DP's tables in memory slots of ``quantum`` bytes: ``cost[(s, e, held)][m]`` is
@@ -307,7 +295,7 @@ def cost_curve(c: ChainCosts, budget: float, *, quantum: int | None = None,
             need, exact = run_schedule(c, sched, early=early)
             points.append((need, exact, sched))
             last = cost
-    return _pareto(points)
+    return pareto(points)
 
 
 def covering_budget(c: ChainCosts, *, slots: int = 1500) -> int:
@@ -329,7 +317,7 @@ def stored_fronts(c: ChainCosts, *, early=None, options=None):
     over single-level placements: what a checkpoint's inside does later does not change
     what the forward stores, so one level is optimal for this metric. ``options[k]``:
     op-level alternatives for block k, (keys, kept bytes, recompute cost) each (NOTE
-    [ Op-level options of a block ], memprop.checkpoint.oplevel); a segment chosen with
+    [ Op-level options of a block ], memprop.checkpoint.planning.profile); a segment chosen with
     one is ``(k, k, keys)``."""
     n, t = c.n, c.t
     early = _early(c, early)
@@ -338,7 +326,7 @@ def stored_fronts(c: ChainCosts, *, early=None, options=None):
         (0, False): [(0, 0.0, ())]}
     for k in range(n + 1):
         for held in (False, True):
-            cur = _pareto(fronts.pop((k, held), []))
+            cur = pareto(fronts.pop((k, held), []))
             if k == n:
                 fronts[("end", held)] = cur
                 continue
@@ -358,7 +346,7 @@ def stored_fronts(c: ChainCosts, *, early=None, options=None):
     out = [(m + kept + _tail(c, held), cost, segs) for held in (False, True) for m, cost, segs in
            fronts[("end", held)]]
     result = []
-    for m, cost, segs in _pareto(out):
+    for m, cost, segs in pareto(out):
         flat = []
         while segs:
             seg, segs = segs
@@ -380,63 +368,6 @@ def revolve_forwards(steps: int, snapshots: int) -> int:
     while beta(snapshots, r) < steps:
         r += 1
     return r * steps - beta(snapshots + 1, r - 1)
-
-
-# -- string form: nested:0-18[0-9[0-3]],26-42 ----------------------------------------
-
-def format_schedule(schedule) -> str:
-    """The checkpointed items only (stored blocks are implicit): ``i-j[inner]``."""
-    parts = []
-    for item in schedule:
-        if isinstance(item, int):
-            continue
-        i, j, inner = item
-        text = str(i) if i == j else f"{i}-{j}"
-        sub = format_schedule(inner)
-        parts.append(text + (f"[{sub}]" if sub else ""))
-    return ",".join(parts)
-
-
-def parse_schedule(text: str, n: int | None = None) -> list:
-    """Segments tree from ``format_schedule`` text: [(i, j, [children]), ...]."""
-    pos = 0
-
-    def parse_list(lo, hi):
-        nonlocal pos
-        out = []
-        while pos < len(text) and text[pos] not in "]":
-            m = re.match(r"(\d+)(?:-(\d+))?", text[pos:])
-            if not m:
-                raise StrategyError(f"memprop.checkpoint: bad nested schedule {text!r} at "
-                                    f"character {pos}; write segments as i-j[inner,...], "
-                                    "e.g. nested:0-18[0-9[0-3]],26-42")
-            pos += m.end()
-            i = int(m.group(1))
-            j = int(m.group(2)) if m.group(2) else i
-            children = []
-            if pos < len(text) and text[pos] == "[":
-                pos += 1
-                children = parse_list(i, j)
-                if pos >= len(text) or text[pos] != "]":
-                    raise StrategyError(f"memprop.checkpoint: unclosed '[' in {text!r}")
-                pos += 1
-            if i > j or i < lo or j > hi or (out and i <= out[-1][1]) or (
-                    children and children[0][0] == i and children[-1][1] == j
-                    and len(children) == 1):
-                raise StrategyError(
-                    f"memprop.checkpoint: nested schedule {text!r}: segment {i}-{j} must "
-                    f"lie inside {lo}-{hi}, after its left neighbour, and not repeat its "
-                    "parent")
-            out.append((i, j, children))
-            if pos < len(text) and text[pos] == ",":
-                pos += 1
-        return out
-
-    tree = parse_list(0, (n - 1) if n else 10 ** 9)
-    if pos != len(text):
-        raise StrategyError(f"memprop.checkpoint: bad nested schedule {text!r}: unmatched "
-                            "']'")
-    return tree
 
 
 def schedule_segments(schedule) -> list:

@@ -1,10 +1,11 @@
 """The planner's searches beyond one level and beyond the peak: multi-level schedules
 below the single-level floor, and plans for the bytes stored for backward.
 
-``memprop.checkpoint.planner.plan`` calls these with its profile (``ChainCosts``) and
-its calibrated overhead; each candidate is checked by simulating the whole step on fake
-tensors (``simulate_strategy``), and a candidate that overshoots tightens the model
-budget by the excess, as the single-level search does.
+``memprop.checkpoint.planning.planner.plan`` calls these with its profile
+(``ChainCosts``) and its calibrated overhead; each candidate is checked by simulating
+the whole step on fake tensors (``memprop.checkpoint.planning.simulate``), and a
+candidate that overshoots tightens the model budget by the excess, as the single-level
+search does.
 
 NOTE [ The two metrics ]
   ``peak``: the step's tensor peak (``Measurement.peak_bytes``): parameters, gradients,
@@ -24,29 +25,33 @@ from typing import Callable
 
 import torch
 
-from memprop.checkpoint import rotor
-from memprop.checkpoint.dp import ChainCosts
-from memprop.checkpoint.multilevel import Nested, fake_target
-from memprop.checkpoint.oplevel import Ops, block_options, trace_blocks, traced_modules
-from memprop.checkpoint.remat import Remat, rebuild_ratio
-from memprop.checkpoint.strategies import Blocks, NoCheckpoint, Strategy, remove_strategy
-from memprop.checkpoint.tail import TailRecord
-from memprop.checkpoint.whole import Forward, forward_front
+from memprop.checkpoint.forms.multilevel import Nested
+from memprop.checkpoint.forms.oplevel import Ops
+from memprop.checkpoint.forms.remat import Remat
+from memprop.checkpoint.forms.strategies import Blocks, NoCheckpoint, Strategy
+from memprop.checkpoint.forms.whole import Forward
+from memprop.checkpoint.planning import rotor
+from memprop.checkpoint.planning.dp import ChainCosts
+from memprop.checkpoint.planning.fronts import forward_front
+from memprop.checkpoint.planning.profile import (
+    Profile,
+    block_options,
+    profile,
+    rebuild_ratio,
+)
 from memprop.errors import ConfigError, StrategyError
-from memprop.flops import FlopCounter
 from memprop.measure import (
     _AMP_DTYPES,  # one table of autocast dtypes, measure's
     AMP_MODES,
     Measurement,
-    measure_step,
 )
 from memprop.models import training_loss
 from memprop.saved import storage_key
 
-__all__ = ["METRICS", "metric_of", "simulate_strategy", "fit", "nested_solver",
-           "early_stop_flops", "stop_flops", "segment_stops", "op_options",
+__all__ = ["METRICS", "metric_of", "fit", "nested_solver",
+           "segment_stops", "op_options",
            "placement_strategy", "lowest_nested", "stored_solver", "stored_model_bytes",
-           "strategy_of", "whole_solver", "whole_front", "whole_calls", "remat_fit",
+           "strategy_of", "whole_solver", "whole_front", "remat_fit",
            "REMAT_SCAN", "REMAT_MAX_BLOCKS", "rebuilds_within_limit", "remat_front",
            "remat_lowest", "REMAT_LOWEST", "autocast_loss", "REBUILD_LIMIT"]
 
@@ -55,25 +60,6 @@ METRICS = ("peak", "stored")
 
 def metric_of(metric: str) -> Callable[[Measurement], int]:
     return {"peak": lambda m: m.peak_bytes, "stored": lambda m: m.saved_bytes}[metric]
-
-
-def simulate_strategy(model, batch, strategy: Strategy, *, blocks_attr=None,
-                      optimizer="sgd", loss_fn=training_loss, warm=False, blocks=None,
-                      check_fn=None, amp: str | None = None) -> Measurement:
-    """A predicted ``Measurement`` of one step with ``strategy`` applied, on fake tensors
-    (the model itself if already fake, else a fake copy). ``warm``: see measure_step
-    (only for a fake model that has run its forward already). ``blocks``, ``check_fn``:
-    the chain, as ``find_blocks`` takes them. ``amp``: the step under autocast, as
-    ``measure_step(amp=...)`` runs it."""
-    mode, target, target_batch = fake_target(model, batch)
-    with mode:
-        strategy.apply(target, blocks_attr=blocks_attr, blocks=blocks, check_fn=check_fn)
-        try:
-            return measure_step(target, target_batch, optimizer=optimizer, loss_fn=loss_fn,
-                                timing=False, inference=False, predicted=True,
-                                warm=warm and target is model, amp=amp)
-        finally:
-            remove_strategy(target)
 
 
 def autocast_loss(loss_fn, amp: str | None):
@@ -122,67 +108,11 @@ def strategy_of(schedule) -> Strategy:
     return Nested(tuple(tree))
 
 
-def early_stop_flops(model, batch, *, blocks_attr=None, loss_fn=training_loss,
-                     **select) -> tuple:
-    """Per block, the forward FLOPs after its last saved tensor: what a recompute ending
-    with that block skips (NOTE [ Early stop ], memprop.checkpoint.rotor)."""
-    return stop_flops(model, batch, blocks_attr=blocks_attr, loss_fn=loss_fn, **select)[0]
-
-
-def stop_flops(model, batch, *, blocks_attr=None, loss_fn=training_loss, blocks=None,
-               check_fn=None, whole: bool = False) -> tuple:
-    """(early, tail): per block, the forward FLOPs a recompute ending with it skips by
-    early stop, and those a plain segment ending with it also skips when its output is
-    held (NOTE [ A segment's output needs no recompute ], memprop.checkpoint.tail).
-    One forward on fake tensors; ``blocks``, ``check_fn``: the chain, as ``find_blocks``
-    takes them; ``whole``: the model's forward as one block."""
-    mode, target, target_batch = fake_target(model, batch)
-    blocks = traced_modules(target, blocks_attr, blocks=blocks, check_fn=check_fn,
-                            whole=whole)
-    index = {id(b): k for k, b in enumerate(blocks)}
-    counter = FlopCounter()
-    n = len(blocks)
-    current, last_pack, end, tail = [None], [0] * n, [0] * n, [0.0] * n
-    records: list = [None]
-
-    def pre(module, args):
-        if whole and not torch.is_grad_enabled():   # no checkpoint runs: not traced
-            return
-        current[0] = index[id(module)]
-        last_pack[current[0]] = counter.total
-        records[0] = TailRecord(counter)
-        records[0].__enter__()
-
-    def post(module, args, output):
-        if whole and not torch.is_grad_enabled():
-            return
-        k = index[id(module)]
-        records[0].__exit__(None, None, None)
-        end[k], tail[k] = counter.total, records[0].skipped_flops(output)
-        current[0] = None
-
-    def pack(t):
-        if current[0] is not None:
-            last_pack[current[0]] = counter.total
-        return t
-
-    handles = [h for b in blocks for h in (b.register_forward_pre_hook(pre),
-                                           b.register_forward_hook(post))]
-    try:
-        with mode, counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = loss_fn(target, target_batch)
-            del loss
-    finally:
-        for h in handles:
-            h.remove()
-    return tuple(float(e - p) for e, p in zip(end, last_pack)), tuple(tail)
-
-
 def segment_stops(costs: ChainCosts, early, tail) -> tuple:
     """What a plain segment ending with block j skips in its recompute: early stop, or
     the ops producing its held output when that output is kept anyway (the next block
     saves its input, or it is kept outside the chain: NOTE [ A segment's output needs
-    no recompute ], memprop.checkpoint.tail)."""
+    no recompute ], memprop.checkpoint.forms.tail)."""
     n = costs.n
     return tuple(max(early[j], tail[j] if costs.keep[j + 1] or (
         j + 1 < n and costs.saves_in[j + 1]) else 0.0) for j in range(n))
@@ -250,46 +180,37 @@ def _cheapest_within(front, target: int, strategy: Callable) -> Strategy | None:
     return strategy(min(fits, key=lambda e: (e[1], e[0]))[2]) if fits else None
 
 
-def whole_calls(model, batch, *, loss_fn=training_loss) -> list | None:
-    """The op calls of the model's whole forward (``OpCall``); None when the loss calls
-    the model more than once."""
-    try:
-        return trace_blocks(model, batch, loss_fn=loss_fn, whole=True)[0]
-    except StrategyError:           # the loss calls the model more than once
+def whole_front(model=None, batch=None, *, loss_fn=training_loss,
+                prof: Profile | None = None) -> list | None:
+    """``forward_front`` of the model's whole forward (memprop.checkpoint.forms.whole): the
+    cheapest keys per kept bytes; None when the loss calls the model more than once.
+    From ``prof`` when given (``plan``'s one trace), else from a trace of the whole
+    forward alone."""
+    if prof is None:
+        prof = profile(model, batch, loss_fn=loss_fn, chain=False, whole=True)
+    if prof.forward_calls is None:
         return None
+    return forward_front(prof.forward_calls, early=prof.forward_early)
 
 
-def whole_front(model, batch, *, loss_fn=training_loss, calls=None) -> list | None:
-    """``forward_front`` of the model's whole forward (memprop.checkpoint.whole): the
-    cheapest keys per kept bytes; None when the loss calls the model more than once."""
-    calls = whole_calls(model, batch, loss_fn=loss_fn) if calls is None else calls
-    if calls is None:
-        return None
-    early = stop_flops(model, batch, loss_fn=loss_fn, whole=True)[0][0]
-    return forward_front(calls, early=early)
-
-
-def whole_solver(model, batch, *, loss_fn=training_loss, form=Forward,
-                 front=None) -> Callable[[int], Strategy | None]:
+def whole_solver(front: list | None, form=Forward) -> Callable[[int], Strategy | None]:
     """Model budget on kept bytes (beyond what ``form`` stores with no keys) -> the
     keys of least recompute within it, as ``form`` (``Forward``: NOTE [ One checkpoint
-    around the forward ], memprop.checkpoint.whole; ``Remat``: NOTE [ Rebuilding each
-    saved tensor when backward needs it ], memprop.checkpoint.remat)."""
-    front = whole_front(model, batch, loss_fn=loss_fn) if front is None else front
+    around the forward ], memprop.checkpoint.forms.whole; ``Remat``: NOTE [ Rebuilding each
+    saved tensor when backward needs it ], memprop.checkpoint.forms.remat)."""
     return lambda target: None if front is None else _cheapest_within(front, target, form)
 
 
-def op_options(model, batch, *, blocks_attr=None, loss_fn=training_loss, early=None,
-               max_calls: int = 6, **select) -> list:
-    """Per block, its op-level options (NOTE [ Op-level options of a block ])."""
-    traced = trace_blocks(model, batch, blocks_attr=blocks_attr, loss_fn=loss_fn, **select)
-    early = early or (0.0,) * len(traced)
+def op_options(prof: Profile, *, max_calls: int = 6) -> list:
+    """Per block, its op-level options (NOTE [ Op-level options of a block ]), from the
+    profile's op calls and early stops."""
+    early = prof.early or (0.0,) * len(prof.block_calls)
     return [block_options(calls, early=e, max_calls=max_calls)
-            for calls, e in zip(traced, early)]
+            for calls, e in zip(prof.block_calls, early)]
 
 
 # remat:KEYS is weighed by plan(metric="peak") only while its rebuilds re-run at most this
-# many forwards' worth of op calls (memprop.checkpoint.remat.rebuild_ratio): a deep chain
+# many forwards' worth of op calls (memprop.checkpoint.forms.remat.rebuild_ratio): a deep chain
 # rebuilds its residual stream quadratically, in step time and in planning time
 REBUILD_LIMIT = 4.0
 # ... and, before that is measured, only on chains of at most this many blocks (its
@@ -313,21 +234,21 @@ def rebuilds_within_limit(model, batch, calls, *, loss_fn=training_loss) -> bool
 REMAT_SCAN = 24
 
 
-def remat_front(model, batch, *, loss_fn=training_loss) -> list | None:
+def remat_front(model, batch, prof: Profile, *, loss_fn=training_loss) -> list | None:
     """The whole forward's front (kept bytes, recompute FLOPs, keys) that ``remat:``'s
     searches draw from; None when ``remat:`` is not weighed: the loss calls the model
     more than once, or its rebuilds exceed ``REBUILD_LIMIT``."""
-    calls = whole_calls(model, batch, loss_fn=loss_fn)
+    calls = prof.forward_calls
     if calls is None or not rebuilds_within_limit(model, batch, calls, loss_fn=loss_fn):
         return None
-    return whole_front(model, batch, loss_fn=loss_fn, calls=calls)
+    return whole_front(prof=prof)
 
 
-def remat_fit(model, batch, budget_bytes: int, simulate: Callable, *,
-              loss_fn=training_loss, max_rounds: int = 8, front=None):
+def remat_fit(front: list | None, budget_bytes: int, simulate: Callable, *,
+              max_rounds: int = 8):
     """(``Remat`` strategy, simulated Measurement) of least recompute FLOPs whose
     simulated peak fits ``budget_bytes``; None if none does, or ``remat:`` is not
-    weighed (``remat_front``; ``front``: its answer, when already known). The keys come
+    weighed (``front``: ``remat_front``'s answer, None when not weighed). The keys come
     from the whole forward's front (the cheapest per kept bytes). First ``fit``: the
     model budget is the peak budget less the simulated peak of keeping every kept-able
     output, less those outputs, tightened by each overshoot. The peak is not monotone in
@@ -335,7 +256,6 @@ def remat_fit(model, batch, budget_bytes: int, simulate: Callable, *,
     bytes within the budget less the least overhead simulated) are simulated in order
     of FLOPs, up to ``REMAT_SCAN``. What it finds depends on the budget: the smallest
     feasible budget comes from ``remat_lowest``."""
-    front = remat_front(model, batch, loss_fn=loss_fn) if front is None else front
     if front is None:
         return None
     seen: list = []
@@ -348,7 +268,7 @@ def remat_fit(model, batch, budget_bytes: int, simulate: Callable, *,
         return result
     most, _, every = front[-1]
     try:
-        found = fit(whole_solver(model, batch, form=Remat, front=front), simulated,
+        found = fit(whole_solver(front, form=Remat), simulated,
                     metric_of("peak"), budget_bytes, simulated(Remat(every)).peak_bytes - most,
                     max_rounds=max_rounds)
         if found is not None:
@@ -373,18 +293,16 @@ def remat_fit(model, batch, budget_bytes: int, simulate: Callable, *,
 REMAT_LOWEST = 48
 
 
-def remat_lowest(model, batch, simulate: Callable, *, loss_fn=training_loss,
-                 front=None) -> list:
+def remat_lowest(model, simulate: Callable, front: list | None) -> list:
     """(``Remat``, simulated Measurement) of the candidates that bound ``remat:``'s
     smallest feasible peak, the same whatever the budget (NOTE [ The smallest feasible
-    budget ], memprop.checkpoint.planner): the front's entries in order of kept bytes,
+    budget ], memprop.checkpoint.planning.planner): the front's entries in order of kept bytes,
     while their kept bytes plus the parameters (both alive at the end of the forward,
     distinct storages: a lower bound on the peak) stay below the least peak simulated,
     at most ``REMAT_LOWEST``; and keeping every kept-able output (the fewest rebuilds).
     When the bound stops it before the cap, the least is the least over the whole
     front, so no budget's search (``remat_fit``) finds a lower peak. [] when ``remat:`` is
     not weighed (``remat_front``) or cannot replay this model."""
-    front = remat_front(model, batch, loss_fn=loss_fn) if front is None else front
     if not front:
         return []
     params = sum({storage_key(p): p.untyped_storage().nbytes()

@@ -19,9 +19,10 @@ NOTE [ The chain cost model ]
                  + G(k+1), max over segments of that recompute term + G(j+1))
     cost       = Σ over checkpointed blocks of their forward FLOPs (each recomputed once),
                  less ``stops[j]`` for a segment ending with block j: what its recompute
-                 skips (early stop, a held output: memprop.checkpoint.levels.segment_stops)
+                 skips (early stop, a held output:
+                 memprop.checkpoint.planning.searches.segment_stops)
   Op-level blocks (``options[k]``: (keys, kept bytes, recompute FLOPs) each, NOTE
-  [ Op-level options of a block ] in memprop.checkpoint.oplevel) are one-block segments
+  [ Op-level options of a block ] in memprop.checkpoint.planning.profile) are one-block segments
   that also retain the outputs of the kept ops: retained t[k] + kept; their recompute
   brings back the rest of the block's tensors, modelled as inner[k] - kept (the
   simulation checks it); cost: the FLOPs of the ops not kept.
@@ -37,7 +38,7 @@ NOTE [ The chain cost model ]
   or not) carry the Pareto front of (retained bytes, cost). ``brute_force`` enumerates
   every placement; tests check the two agree. Allocator-level effects (gradients in
   flight, parameter gradients) are not in the model: the planner calibrates them from a
-  simulated step and checks each plan by simulation (memprop.checkpoint.planner).
+  simulated step and checks each plan by simulation (memprop.checkpoint.planning.planner).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ import dataclasses
 import itertools
 
 import numpy as np
+
+from memprop.checkpoint.planning.fronts import front_arrays
 
 __all__ = ["ChainCosts", "model_peak", "solve", "min_peak", "brute_force", "segments_of",
            "TIE"]
@@ -173,15 +176,6 @@ def brute_force(c: ChainCosts, budget: int, options=None, stops=None):
     return best
 
 
-def _front(m, cost, *columns):
-    """The entries no other entry beats on both retained bytes ``m`` and ``cost``
-    (ties: the first in (m, cost) order), each array filtered alike."""
-    order = np.lexsort((cost, m))
-    best_before = np.concatenate(([np.inf], np.minimum.accumulate(cost[order])[:-1]))
-    keep = order[cost[order] < best_before]
-    return (m[keep], cost[keep], *(col[keep] for col in columns))
-
-
 def solve(c: ChainCosts, budget: int, options=None, stops=None):
     """(cost, placement) of the cheapest placement with model peak <= budget, or None;
     ``options[k]``: op-level alternatives of block k; ``stops[j]``: FLOPs a segment
@@ -214,7 +208,7 @@ def solve(c: ChainCosts, budget: int, options=None, stops=None):
             lists = candidates.pop((k, prev_stored), None)
             if lists is None:
                 continue
-            front = _front(*(np.concatenate(col) for col in lists))
+            front = front_arrays(*(np.concatenate(col) for col in lists))
             fronts[(k, prev_stored)] = front
             if k == n:
                 continue

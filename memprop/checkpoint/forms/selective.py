@@ -14,33 +14,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from memprop.checkpoint.forms.opkeys import SAVED_OPS, draws_random
 from memprop.saved import report_stored
 
-__all__ = ["SAVED_OPS", "selective_context_fn", "draws_random"]
-
-_aten = torch.ops.aten
-SAVED_OPS = {
-    op for name in ("mm", "addmm", "bmm", "baddbmm", "convolution", "_convolution",
-                    "_scaled_dot_product_flash_attention",
-                    "_scaled_dot_product_flash_attention_for_cpu",
-                    "_scaled_dot_product_efficient_attention",
-                    "_scaled_dot_product_cudnn_attention")
-    if (op := getattr(_aten, name, None)) is not None
-}
-
-
-def draws_random(func, args=(), kwargs=None) -> bool:
-    """Whether a call draws from the RNG: a seeded op (dropout, rand) or attention with
-    ``dropout_p > 0``. A selective-checkpoint cache must not keep its outputs: the
-    recompute would skip the draw, and every random op after it would draw other
-    numbers than the forward did (other dropout masks: other gradients)."""
-    if torch.Tag.nondeterministic_seeded not in getattr(func, "tags", ()):
-        return False
-    for i, arg in enumerate(func._schema.arguments):
-        if arg.name == "dropout_p":
-            return bool(args[i] if i < len(args) else (kwargs or {}).get("dropout_p", 0.0))
-    return True
-
+__all__ = ["selective_context_fn", "Both"]
 
 def _policy(ctx, op, *args, **kwargs):
     if getattr(op, "overloadpacket", None) in SAVED_OPS and not draws_random(op, args, kwargs):
@@ -60,7 +37,7 @@ class _ReportSaved(TorchDispatchMode):
         return out
 
 
-class _Both:
+class Both:
     """Enter two context managers in order, leave them in reverse."""
 
     def __init__(self, outer, inner):
@@ -81,4 +58,4 @@ class _Both:
 def selective_context_fn():
     """``context_fn`` for ``checkpoint``: (forward context, recompute context)."""
     forward_ctx, recompute_ctx = create_selective_checkpoint_contexts(_policy)
-    return _Both(forward_ctx, _ReportSaved()), recompute_ctx
+    return Both(forward_ctx, _ReportSaved()), recompute_ctx

@@ -7,7 +7,7 @@ NOTE [ How a segment is checkpointed without changing the model ]
   checkpointed model loads a plain checkpoint and vice versa) and the model's own
   ``forward`` loop still drives execution. The patches are objects the blocks hold
   (``SegmentForward``, ``PassThrough``), so they deep-copy and pickle with the model
-  (NOTE [ A strategy travels with the model ], memprop.checkpoint.patch):
+  (NOTE [ A strategy travels with the model ], memprop.checkpoint.forms.patch):
     * block ``i``'s forward runs blocks ``i..j`` inside one non-reentrant
       ``torch.utils.checkpoint.checkpoint`` (RNG state preserved, so dropout replays)
       and returns block ``i``'s output;
@@ -32,7 +32,7 @@ NOTE [ How a segment is checkpointed without changing the model ]
   (NOTE [ What counts as a stored intermediate ], memprop.saved).
   A plain segment (no selective policy) holds its output from the forward until its
   recompute, which then skips the ops that only produce it (NOTE [ A segment's output
-  needs no recompute ], memprop.checkpoint.tail).
+  needs no recompute ], memprop.checkpoint.forms.tail).
   A recompute re-runs BatchNorm in training mode, which would update its running
   statistics a second time; they are snapshot before and restored after the recompute,
   so one checkpointed step leaves them exactly as one plain step does.
@@ -50,10 +50,10 @@ from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
-from memprop.checkpoint.blocks import find_blocks, find_chains
-from memprop.checkpoint.patch import PatchedForward, refuse_sharded
-from memprop.checkpoint.tail import TailElision, TailRecord, hold
-from memprop.checkpoint.verify import VerifyingContext, is_verifying
+from memprop.checkpoint.forms.blocks import find_blocks, find_chains
+from memprop.checkpoint.forms.patch import PatchedForward, refuse_sharded
+from memprop.checkpoint.forms.tail import TailElision, TailRecord, hold
+from memprop.checkpoint.forms.verify import VerifyingContext, is_verifying
 from memprop.errors import StrategyError
 
 __all__ = ["find_blocks", "find_chains", "CheckpointedChain", "SegmentForward", "PassThrough"]
@@ -159,7 +159,7 @@ class _Call:
 def _run_tail(block: nn.Module, args, kwargs, tail: dict, recompute: bool):
     """The last block of a plain segment: recorded in the forward; in the first
     recompute, the ops that only produce the held output are skipped (NOTE [ A
-    segment's output needs no recompute ], memprop.checkpoint.tail)."""
+    segment's output needs no recompute ], memprop.checkpoint.forms.tail)."""
     if not recompute:
         record = TailRecord()
         with record:
@@ -185,9 +185,9 @@ class CheckpointedChain:
 
     ``segments``: inclusive ``(first, last)`` block indices, disjoint and ordered.
     ``context_fn``: passed to ``checkpoint`` (selective checkpointing uses it); a
-    picklable callable (NOTE [ A strategy travels with the model ], memprop.checkpoint.
-    patch). ``apply()`` installs one ``SegmentForward`` on each segment's first block
-    and a ``PassThrough`` on the others; ``patches`` lists them."""
+    picklable callable (NOTE [ A strategy travels with the model ],
+    memprop.checkpoint.forms.patch). ``apply()`` installs one ``SegmentForward`` on each
+    segment's first block and a ``PassThrough`` on the others; ``patches`` lists them."""
 
     def __init__(self, blocks: list[nn.Module], segments: list[tuple[int, int]], *,
                  context_fn: Callable | None = None):

@@ -6,7 +6,7 @@ schedule of torch.compile's partitioner, in eager.
 
 NOTE [ Rebuilding each saved tensor when backward needs it ]
   ``remat:KEYS`` keeps what ``forward:KEYS`` keeps (NOTE [ One checkpoint around the
-  forward ], memprop.checkpoint.whole: the outputs of the op calls KEYS names, numbered
+  forward ], memprop.checkpoint.forms.whole: the outputs of the op calls KEYS names, numbered
   over the whole forward, and the tensors the forward did not make: the batch,
   parameters, buffers) and recomputes the rest, but not in one burst. While the forward
   runs, a dispatch mode records each aten call: the op, its arguments (earlier calls'
@@ -56,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -63,17 +64,15 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from memprop.checkpoint.multilevel import fake_target
-from memprop.checkpoint.oplevel import _HEAVY, _Matcher, _name, refuse_unmatched
-from memprop.checkpoint.patch import Applied, PatchedForward, refuse_sharded
-from memprop.checkpoint.strategies import refuse_applied, register_form, remove_strategy
-from memprop.checkpoint.verify import check_rebuilt, is_verifying, where_now
-from memprop.checkpoint.whole import KeyedForward
+from memprop.checkpoint.forms.opkeys import HEAVY_OPS, KeyMatcher, op_name, refuse_unmatched
+from memprop.checkpoint.forms.patch import Applied, PatchedForward, refuse_sharded
+from memprop.checkpoint.forms.strategies import refuse_applied
+from memprop.checkpoint.forms.verify import check_rebuilt, is_verifying, where_now
+from memprop.checkpoint.forms.whole import KeyedForward
 from memprop.errors import StrategyError
-from memprop.models import training_loss
 from memprop.saved import report_stored, storage_key
 
-__all__ = ["Remat", "rebuild_ratio"]
+__all__ = ["Remat"]
 
 _aten = torch.ops.aten
 
@@ -107,13 +106,41 @@ def _key(t: torch.Tensor) -> tuple | None:
             t.is_conj(), t.is_neg())
 
 
-class _Call:
-    """One recorded aten call: ``inputs`` holds, per flattened argument, ``(call, i)``
-    (output i of an earlier call), ``(None, tensor, version)`` (a leaf, read as it is),
-    ``(None, copy, version, "copy")`` (a copy taken before the call: a leaf it writes
-    into, or a tensor written since through another view; replays get a fresh copy of
-    it) or ``(None, value)`` (not a tensor). ``kept``: its outputs, when kept (then
-    ``inputs`` is emptied when the forward ends: rebuilds stop here)."""
+class Output(NamedTuple):
+    """An input that is output number ``position`` of an earlier recorded call (rebuilt,
+    or kept); also what the pack hook hands autograd for a saved tensor it rebuilds."""
+    call: "RecordedCall"
+    position: int
+
+
+class Leaf(NamedTuple):
+    """An input the forward did not make (batch, parameter, buffer), read as it is; also
+    what the pack hook hands autograd for a tensor it holds as it is. ``version``: its
+    version counter then (a change since is refused: ``_unchanged``)."""
+    tensor: torch.Tensor
+    version: int
+
+
+class Snapshot(NamedTuple):
+    """A copy of an input taken before the call: a leaf the call writes into, or a
+    tensor written since through another view. Replays get a fresh copy of it."""
+    tensor: torch.Tensor
+    version: int
+
+
+class Constant(NamedTuple):
+    """An input that is not a tensor."""
+    value: Any
+
+
+Input = Output | Leaf | Snapshot | Constant
+
+
+class RecordedCall:
+    """One recorded aten call: ``inputs``, one ``Input`` per flattened argument;
+    ``spec``, their pytree; ``rng``, the RNG state before a random op. ``kept``: its
+    outputs, when kept (then ``inputs`` is emptied when the forward ends: rebuilds stop
+    here)."""
 
     __slots__ = ("seq", "func", "spec", "inputs", "rng", "kept", "heavy", "small", "origin",
                  "versions")
@@ -125,11 +152,11 @@ class _Call:
         self.origin = None      # storage key of the one batch leaf it derives from, or _FREE
         self.versions = None    # of the kept outputs, when kept
 
-    def sources(self):
-        return [a[0] for a in self.inputs if a[0] is not None]
+    def sources(self) -> list["RecordedCall"]:
+        return [a.call for a in self.inputs if isinstance(a, Output)]
 
 
-class _Rebuild:
+class Rebuilder:
     """Backward's side: rebuilds recipes; outputs of FLOP-carrying calls that are not
     kept are held from their first rebuild until their last use (NOTE above)."""
 
@@ -139,11 +166,11 @@ class _Rebuild:
         self.ops = 0                          # calls the rebuilds will re-run in all
 
     @staticmethod
-    def region(target: _Call) -> tuple[list, list]:
+    def region(target: RecordedCall) -> tuple[list, list]:
         """(calls re-run to rebuild ``target``, in forward order; FLOP-carrying calls
         not kept whose outputs it takes as they are)."""
-        inner: list[_Call] = []
-        edge: list[_Call] = []
+        inner: list[RecordedCall] = []
+        edge: list[RecordedCall] = []
         seen, stack = {id(target)}, [target]
         while stack:
             call = stack.pop()
@@ -186,16 +213,16 @@ class _Rebuild:
             self.ops += len(inner)
             for call in inner:
                 for a in call.inputs:
-                    if a[0] is not None and a[0].kept is not None:
-                        kept[id(a[0])] = a[0]
-                    elif a[0] is None and len(a) >= 3:
-                        leaves[id(a[1])] = a[1]
+                    if isinstance(a, Output) and a.call.kept is not None:
+                        kept[id(a.call)] = a.call
+                    elif isinstance(a, (Leaf, Snapshot)):
+                        leaves[id(a.tensor)] = a.tensor
             for src in edge:
                 self.uses[id(src)] = self.uses.get(id(src), 0) + 1
         self.walk(packed, visit)
         return list(kept.values()), list(leaves.values())
 
-    def value(self, call: _Call, index: int):
+    def value(self, call: RecordedCall, index: int):
         if call.kept is not None:
             return _unchanged(call.kept[index], call.versions[index])
         if call.heavy:
@@ -205,7 +232,7 @@ class _Rebuild:
             return out.clone() if id(call) in self.held else out
         return self._run(call)[index]
 
-    def _heavy(self, call: _Call) -> list:
+    def _heavy(self, call: RecordedCall) -> list:
         outs = self.held.get(id(call))
         if outs is None:
             outs = self._run(call)
@@ -217,7 +244,7 @@ class _Rebuild:
             self.held.pop(id(call), None)
         return outs
 
-    def _run(self, target: _Call) -> list:
+    def _run(self, target: RecordedCall) -> list:
         inner, edge = self.region(target)
         edges = {id(src): self._heavy(src) for src in edge}
         # storages, not tensors: a call may write into a held output through a view of
@@ -232,17 +259,16 @@ class _Rebuild:
         for call in inner:
             flat = []
             for a in call.inputs:
-                src = a[0]
-                if src is None:
-                    flat.append(a[1] if len(a) == 2 else _unchanged(a[1], a[2]) if len(a) == 3
-                                else a[1].clone())         # a snapshot the call writes into
+                if not isinstance(a, Output):
+                    flat.append(_value(a))
                     continue
+                src = a.call
                 if src.kept is not None:
-                    flat.append(_unchanged(src.kept[a[1]], src.versions[a[1]]))
+                    flat.append(_unchanged(src.kept[a.position], src.versions[a.position]))
                 elif id(src) in edges:
-                    flat.append(edges[id(src)][a[1]])
+                    flat.append(edges[id(src)][a.position])
                 else:
-                    flat.append(values[id(src)][a[1]])
+                    flat.append(values[id(src)][a.position])
                 users[id(src)] -= 1
                 if users[id(src)] == 0:
                     values.pop(id(src), None)
@@ -262,6 +288,15 @@ class _Rebuild:
                 "None where the forward got a tensor when replayed without gradients (an "
                 "output that depends on grad mode, as an RNN's workspace); use forward:KEYS")
         return values[id(target)]
+
+
+def _value(a: Leaf | Snapshot | Constant):
+    """What a replay passes for an input that is no recorded call's output."""
+    if isinstance(a, Constant):
+        return a.value
+    if isinstance(a, Leaf):
+        return _unchanged(a.tensor, a.version)
+    return a.tensor.clone()              # a snapshot the call writes into: a fresh copy
 
 
 _FREE = "free"       # origin of a call reading no tensor (arange, full): any leaf's
@@ -317,12 +352,12 @@ def _unchanged(t: torch.Tensor, version: int) -> torch.Tensor:
     return t
 
 
-def _derived(call: _Call):
+def _derived(call: RecordedCall):
     """The key of the batch leaf ``call`` derives from alone, else None."""
     return call.origin if call.origin is not None and call.origin is not _FREE else None
 
 
-def _standins(rebuild: _Rebuild, packed: list) -> list:
+def _standins(rebuild: Rebuilder, packed: list) -> list:
     """Calls whose held outputs replace a batch leaf in every rebuild, at fewer bytes
     (NOTE [ Smaller stand-ins for leaves ]): per leaf, a minimum cut between it and
     what rebuilds read, through the calls derived from it alone."""
@@ -344,12 +379,13 @@ def _standins(rebuild: _Rebuild, packed: list) -> list:
                 if id(call) in targets:          # unpacked: read as it is
                     graph(mine)[2].append((call, None))
             for a in call.inputs:
-                src = a[0]
-                if src is None and len(a) == 3:
-                    key = _skey(a[1])
+                if isinstance(a, Leaf):
+                    key = _skey(a.tensor)
                     if key is not None:
-                        graph(key, a[1])[2].append((None, call if mine == key else None))
-                elif src is not None and src.kept is None and _derived(src) is not None:
+                        graph(key, a.tensor)[2].append((None, call if mine == key else None))
+                elif (isinstance(a, Output) and a.call.kept is None
+                      and _derived(a.call) is not None):
+                    src = a.call
                     key = _derived(src)
                     graph(key)[1][id(src)] = src
                     graph(key)[2].append((src, call if mine == key else None))
@@ -361,7 +397,7 @@ def _standins(rebuild: _Rebuild, packed: list) -> list:
     return out
 
 
-def _held_bytes(call: _Call) -> float:
+def _held_bytes(call: RecordedCall) -> float:
     """Bytes of a call's held outputs; unbounded when none are held (or one changed)."""
     if call.small is None:
         return float("inf")
@@ -425,7 +461,7 @@ def _autocast_off():
     return stack
 
 
-def _replay_random(call: _Call, args, kwargs):
+def _replay_random(call: RecordedCall, args, kwargs):
     devices, states = call.rng
     saved = [_get_state(d) for d in devices]
     try:
@@ -448,37 +484,38 @@ def _set_state(device: torch.device, state) -> None:
         torch.cuda.set_rng_state(state, device)
 
 
-class _Record(TorchDispatchMode):
+class Recorder(TorchDispatchMode):
     """The forward's side: records calls (NOTE above) and packs saved tensors."""
 
     def __init__(self, keys: frozenset, owned: set):
         super().__init__()
-        self.matcher = _Matcher(keys)
+        self.matcher = KeyMatcher(keys)
         self.owned = owned                        # storage keys of parameters, buffers
         self.standins: list = []                  # calls with .small set
         self.kept_calls: list = []
-        # _key -> [weak ref to the output's storage, call, output index]
-        self.made: dict[tuple, list] = {}
+        # _key -> (weak ref to the output's storage, the Output that made it)
+        self.made: dict[tuple, tuple[Any, Output]] = {}
         self.views: dict[int, set] = {}           # storage key -> _keys made on it
         self.demoted: set = set()                 # storage keys written in place
         self.unwritten: set = set()               # storage keys of empty() outputs
         self.batch_leaves: dict = {}              # storage key -> a leaf of the batch
         # storage key -> what a recipe reads there (None, a sparse tensor's, popped below)
         self.guarded: dict[int | None, str] = {}
-        self.rebuild = _Rebuild()
+        self.rebuild = Rebuilder()
         self.packed: list = []                    # calls handed to autograd as recipes
         self.seq = 0
 
-    def _source(self, t: torch.Tensor):
+    def _source(self, t: torch.Tensor) -> Output | None:
+        """The recorded call output ``t`` is, if any (what a recipe substitutes)."""
         key = _key(t)
         found = self.made.get(key) if key is not None else None
         if found is not None and not torch.UntypedStorage._expired(found[0]):
-            return found[1], found[2]
+            return found[1]
         # not made by a recorded call (or a freed storage's twin), or changed since
         # through another view of its storage (_forget): read as it is now (a leaf)
         return None
 
-    def _forget(self, written: list, call: _Call) -> None:
+    def _forget(self, written: list, call: RecordedCall) -> None:
         """After ``call`` wrote into ``written``: the other views of their storages no
         longer hold what the calls that made them made (autograd's version counters say
         the same, but a view's counter is set after the view passes through this mode)."""
@@ -490,7 +527,7 @@ class _Record(TorchDispatchMode):
             self.unwritten.discard(storage)
             for key in list(self.views.get(storage, ())):
                 entry = self.made.get(key)
-                if entry is not None and entry[1] is not call:
+                if entry is not None and entry[1].call is not call:
                     torch.UntypedStorage._free_weak_ref(entry[0])
                     del self.made[key]
                     self.views[storage].discard(key)
@@ -501,81 +538,108 @@ class _Record(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         flat, spec = tree_flatten((args, kwargs))
-        devices = sorted({a.device for a in flat if isinstance(a, torch.Tensor)}, key=str)
-        fake = any(isinstance(a, FakeTensor) for a in flat)
-        rng = None
-        random = torch.Tag.nondeterministic_seeded in func.tags   # dropout, rand, ...
-        if random:
-            if kwargs.get("generator") is not None:
-                raise StrategyError(
-                    f"memprop.checkpoint: remat: {func.overloadpacket.__name__} draws from "
-                    "its own generator, whose state it cannot replay; use forward:KEYS")
-            if not fake:
-                if kwargs.get("device") is not None:
-                    devices = sorted({*devices, torch.device(kwargs["device"])}, key=str)
-                devices = devices or [torch.device("cpu")]
-                rng = (devices, [_get_state(d) for d in devices])
-        # a tensor the forward did not make that the call writes into (BatchNorm's
-        # running statistics): replays write into a copy of it as it was before the call
-        written = self._written(func, args, kwargs)
-        snaps = {id(t): t.clone() for t in written if self._source(t) is None}
-        # a tensor made here but written since through another view is read as it is
-        # now: a copy, so that later writes do not reach the recipe (never a guard)
-        writes = {id(t) for t in written}
-        snaps.update({id(a): a.clone() for a in flat if isinstance(a, torch.Tensor)
-                      and id(a) not in writes and self._outside(a)})
+        rng = self._rng(func, flat, kwargs)                  # refuses its own generator
+        written = self._written(func, args, kwargs)          # refuses guarded writes
+        snaps = self._hold(written, flat)
         out = func(*args, **kwargs)
-        kept = self.matcher.kept(func)
         outs = tree_flatten(out)[0]
-        inputs = []
-        for a in flat:
-            if isinstance(a, torch.Tensor) and id(a) in snaps:
-                inputs.append((None, snaps[id(a)], snaps[id(a)]._version, "copy"))
-            elif isinstance(a, torch.Tensor):
-                src = self._source(a)
-                inputs.append(src if src is not None else (None, a, a._version))
-            else:
-                inputs.append((None, a))
-        call = _Call(self.seq, func, spec, inputs, rng, outs if kept else None,
-                     _name(func) in _HEAVY)
-        self.seq += 1
-        if not kept and not random:
+        kept = self.matcher.kept(func)
+        call = self._record(func, spec, flat, snaps, rng, outs if kept else None)
+        if kept:
+            self.kept_calls.append(call)
+        if not kept and torch.Tag.nondeterministic_seeded not in func.tags:
             self._offer_standin(call, outs)
-        for i, t in enumerate(outs):
-            if isinstance(t, torch.Tensor) and _key(t) is not None:
-                old = self.made.get(key := _key(t))
-                if old is not None:
-                    torch.UntypedStorage._free_weak_ref(old[0])
-                self.made[key] = [t.untyped_storage()._weak_ref(), call, i]
-                self.views.setdefault(key[0], set()).add(key)
+        self._index(call, outs)
         self._forget(written, call)
         if func.overloadpacket.__name__ in _EMPTY:
             self.unwritten.update(_skey(t) for t in outs if isinstance(t, torch.Tensor))
-        for a in inputs:               # what a recipe will read as it was: kept or leaf
-            if a[0] is None and len(a) == 3:
-                self.guarded[_skey(a[1])] = "a tensor the forward did not make"
-        if kept:
-            self.kept_calls.append(call)
-            for t in outs:
-                if isinstance(t, torch.Tensor):
-                    self.guarded[_skey(t)] = f"the kept output of {_name(func)}"
-        self.guarded.pop(None, None)
+        self._guard(call, outs if kept else [])
         return out
 
-    def _offer_standin(self, call: _Call, outs: list) -> None:
+    # -- the jobs of one call, in the order it runs them --------------------------------
+
+    def _rng(self, func, flat: list, kwargs: dict):
+        """(devices, RNG states) before a random op (dropout, rand, ...) on real tensors;
+        None for any other call. Refuses an op drawing from its own generator."""
+        if torch.Tag.nondeterministic_seeded not in func.tags:
+            return None
+        if kwargs.get("generator") is not None:
+            raise StrategyError(
+                f"memprop.checkpoint: remat: {func.overloadpacket.__name__} draws from "
+                "its own generator, whose state it cannot replay; use forward:KEYS")
+        if any(isinstance(a, FakeTensor) for a in flat):
+            return None
+        devices = sorted({a.device for a in flat if isinstance(a, torch.Tensor)}, key=str)
+        if kwargs.get("device") is not None:
+            devices = sorted({*devices, torch.device(kwargs["device"])}, key=str)
+        devices = devices or [torch.device("cpu")]
+        return devices, [_get_state(d) for d in devices]
+
+    def _hold(self, written: list, flat: list) -> dict[int, torch.Tensor]:
+        """id -> a copy taken before the call, of each input a recipe must read as it
+        was: a tensor the forward did not make that the call writes into (BatchNorm's
+        running statistics: replays write into a copy), and a tensor made here but
+        written since through another view (read as it is now; later writes must not
+        reach the recipe)."""
+        snaps = {id(t): t.clone() for t in written if self._source(t) is None}
+        writes = {id(t) for t in written}
+        snaps.update({id(a): a.clone() for a in flat if isinstance(a, torch.Tensor)
+                      and id(a) not in writes and self._outside(a)})
+        return snaps
+
+    def _record(self, func, spec, flat: list, snaps: dict, rng, kept) -> RecordedCall:
+        """The call, each argument as the ``Input`` a replay reads."""
+        inputs: list[Input] = []
+        for a in flat:
+            if isinstance(a, torch.Tensor) and id(a) in snaps:
+                inputs.append(Snapshot(snaps[id(a)], snaps[id(a)]._version))
+            elif isinstance(a, torch.Tensor):
+                inputs.append(self._source(a) or Leaf(a, a._version))
+            else:
+                inputs.append(Constant(a))
+        call = RecordedCall(self.seq, func, spec, inputs, rng, kept,
+                            op_name(func) in HEAVY_OPS)
+        self.seq += 1
+        return call
+
+    def _index(self, call: RecordedCall, outs: list) -> None:
+        """Index ``call``'s outputs by view, so that later calls reading them record
+        ``Output(call, i)`` (substituted in replays) rather than a leaf."""
+        for i, t in enumerate(outs):
+            key = _key(t) if isinstance(t, torch.Tensor) else None
+            if key is not None:
+                old = self.made.get(key)
+                if old is not None:
+                    torch.UntypedStorage._free_weak_ref(old[0])
+                self.made[key] = (t.untyped_storage()._weak_ref(), Output(call, i))
+                self.views.setdefault(key[0], set()).add(key)
+
+    def _guard(self, call: RecordedCall, kept_outs: list) -> None:
+        """What recipes will read as it was (the leaves ``call`` read, its kept outputs):
+        a later in-place write into it is refused (``_written``)."""
+        for a in call.inputs:
+            if isinstance(a, Leaf):
+                self.guarded[_skey(a.tensor)] = "a tensor the forward did not make"
+        for t in kept_outs:
+            if isinstance(t, torch.Tensor):
+                self.guarded[_skey(t)] = f"the kept output of {op_name(call.func)}"
+        self.guarded.pop(None, None)
+
+    def _offer_standin(self, call: RecordedCall, outs: list) -> None:
         """Note the one leaf of the batch (no parameter or buffer) a call derives from,
         through cheap calls and constants only, and hold its outputs when they are no
         larger than that leaf: at the forward's end they may be kept in its place
         (NOTE [ Smaller stand-ins for leaves ])."""
         origins = set()
         for a in call.inputs:
-            if a[0] is not None:
-                origin = a[0].origin
-            elif len(a) >= 3:
-                key = _skey(a[1])
-                origin = None if key is None or key in self.owned or len(a) == 4 else key
+            if isinstance(a, Output):
+                origin = a.call.origin
+            elif isinstance(a, (Leaf, Snapshot)):
+                key = _skey(a.tensor)
+                origin = (None if key is None or key in self.owned or isinstance(a, Snapshot)
+                          else key)
                 if origin is not None:
-                    self.batch_leaves[key] = a[1]
+                    self.batch_leaves[key] = a.tensor
             else:
                 continue
             if origin is None:
@@ -624,20 +688,20 @@ class _Record(TorchDispatchMode):
         src = self._source(t)
         if _skey(t) in self.unwritten:
             src = None                                # its recipe would replay empty()
-        if src is None or src[0].kept is not None:
+        if src is None or src.call.kept is not None:
             if _skey(t) is not None:                  # (a sparse tensor: not measured)
                 report_stored(t, "remat:saved")       # held for backward as it is
-            return (None, t, t._version)
-        self.packed.append(src[0])
+            return Leaf(t, t._version)
+        self.packed.append(src.call)
         return src
 
-    def unpack(self, packed):
-        if packed[0] is None:
-            return _unchanged(packed[1], packed[2])
+    def unpack(self, packed: Output | Leaf):
+        if isinstance(packed, Leaf):
+            return _unchanged(packed.tensor, packed.version)
         # the recorded calls are the casts autocast made: replay them as they are, also
         # when backward runs under autocast
         with torch.no_grad(), _autocast_off():
-            return self.rebuild.value(*packed)
+            return self.rebuild.value(packed.call, packed.position)
 
     def finish(self) -> None:
         """The forward is over: keep stand-ins for leaves, count uses, report what is
@@ -656,11 +720,11 @@ class _Record(TorchDispatchMode):
         for call in kept:
             for t in call.kept:
                 if isinstance(t, torch.Tensor):
-                    report_stored(t, f"remat:{_name(call.func)}")
+                    report_stored(t, f"remat:{op_name(call.func)}")
         for t in leaves:
             if _skey(t) is not None:
                 report_stored(t, "remat:leaf")
-        for ref, *_ in self.made.values():
+        for ref, _ in self.made.values():
             torch.UntypedStorage._free_weak_ref(ref)
         self.made, self.views, self.packed, self.guarded = {}, {}, [], {}
         self.batch_leaves, self.demoted, self.unwritten = {}, set(), set()
@@ -674,6 +738,7 @@ class Remat(KeyedForward):
     needs it (NOTE above); no keys: everything rebuilt."""
 
     form = "remat"
+    syntax = "remat:OPS"
 
     def apply(self, model: nn.Module, *, blocks_attr=None, blocks=None, check_fn=None,
               example_batch=None, loss_fn=None) -> nn.Module:
@@ -696,7 +761,7 @@ class RematForward(PatchedForward):
         refuse_sharded([model], "remat")
         # read at each call: parameters may have been replaced since apply()
         owned = {_skey(t) for t in itertools.chain(model.parameters(), model.buffers())}
-        record = _Record(self.keys, owned)
+        record = Recorder(self.keys, owned)
         hooks = _checked(record) if is_verifying() else (record.pack, record.unpack)
         with torch.autograd.graph.saved_tensors_hooks(*hooks):
             with record:
@@ -707,14 +772,14 @@ class RematForward(PatchedForward):
         return out
 
 
-def _checked(record: _Record) -> tuple:
+def _checked(record: Recorder) -> tuple:
     """``record``'s pack and unpack hooks, each saved tensor packed with a copy of the
     original and its rebuild compared with it (NOTE [ Verifying a replay ],
-    memprop.checkpoint.verify)."""
+    memprop.checkpoint.forms.verify)."""
     def pack(t):
         inner = record.pack(t)
         original = None
-        if inner[0] is not None:
+        if isinstance(inner, Output):
             with _disable_current_modes(), torch.no_grad():
                 original = t.detach().clone()
         return inner, original, where_now()
@@ -722,27 +787,7 @@ def _checked(record: _Record) -> tuple:
     def unpack(packed):
         inner, original, where = packed
         value = record.unpack(inner)
-        if inner[0] is not None:      # rebuilt (a tensor saved as it is was not)
-            check_rebuilt(original, value, _name(inner[0].func), where, "remat")
+        if isinstance(inner, Output):      # rebuilt (a tensor saved as it is was not)
+            check_rebuilt(original, value, op_name(inner.call.func), where, "remat")
         return value
     return pack, unpack
-
-
-register_form("remat", Remat.parse)
-
-
-def rebuild_ratio(model: nn.Module, batch, keys=frozenset(), *,
-                  loss_fn=training_loss) -> float:
-    """Op calls the rebuilds of one step with ``remat:KEYS`` re-run, per op call of the
-    forward: its time overhead in ops, FLOPs apart (NOTE above). One forward on fake
-    tensors, no backward."""
-    mode, target, target_batch = fake_target(model, batch)
-    with mode:
-        Remat(keys).apply(target)
-        try:
-            loss = loss_fn(target, target_batch)
-            del loss
-            rebuilt, made = target.forward.counts
-        finally:
-            remove_strategy(target)
-    return rebuilt / max(made, 1)

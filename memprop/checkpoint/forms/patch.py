@@ -14,7 +14,7 @@ NOTE [ A strategy travels with the model ]
       model's own loop) meets the patch through ``nn.Module.__call__``.
   The model holds one ``Applied`` record under ``_memprop_applied``: the strategy, its
   patches and the configs whose KV cache it turned off (NOTE [ Checkpointing and KV
-  caches ], memprop.checkpoint.cache). ``remove_strategy`` undoes exactly those, so on a
+  caches ], memprop.checkpoint.forms.cache). ``remove_strategy`` undoes exactly those, so on a
   copy it undoes the copy's. A patch holds nothing between steps but what the strategy
   itself is (a segment's hand-over ``box`` is emptied when its last block is called).
 
@@ -30,7 +30,7 @@ import contextlib
 
 from torch import nn
 
-from memprop.checkpoint.cache import CacheRestore, cache_off
+from memprop.checkpoint.forms.cache import CacheRestore, cache_off
 from memprop.errors import StrategyError
 
 _FSDP_MODULES: tuple[type, ...]              # FSDP2's module class, or none

@@ -17,31 +17,31 @@ String forms (CLI and experiment specs):
     blocks:i,j,...  exactly these blocks checkpointed, each on its own; i-j is one
                     segment of blocks i..j (blocks:0-3,5)
     selective       every block, op-level: keep matmul/conv/attention outputs, recompute
-                    pointwise ops (memprop.checkpoint.selective)
+                    pointwise ops (memprop.checkpoint.forms.selective)
     offload         keep saved tensors in host memory (torch.autograd.graph.save_on_cpu);
                     on a CPU run it moves nothing and says so
     budget:SIZE     the planner's cheapest plan whose predicted peak fits SIZE (e.g. 2GiB)
     nested:0-40[0-20[0-9]],41-62
                     a multi-level schedule: segments checkpointed again inside recomputed
-                    segments (memprop.checkpoint.multilevel)
+                    segments (memprop.checkpoint.forms.multilevel)
     ops:mm,sdpa     every block, op-level: keep the outputs of these ops, recompute the
-                    rest (memprop.checkpoint.oplevel)
+                    rest (memprop.checkpoint.forms.oplevel)
     forward:addmm#0-11+sdpa
                     the whole forward in one checkpoint, keeping the outputs of these op
                     calls (numbered over the forward) and rebuilding everything else in
-                    backward, as torch.compile's partitioner (memprop.checkpoint.whole)
+                    backward, as torch.compile's partitioner (memprop.checkpoint.forms.whole)
     remat:addmm#0-11+sdpa
                     keep the same outputs as forward:, and rebuild each other saved tensor
                     on its own just before backward needs it, as torch.compile's
-                    partitioner schedules its recompute (memprop.checkpoint.remat)
+                    partitioner schedules its recompute (memprop.checkpoint.forms.remat)
 
 All strategies but remat use non-reentrant checkpointing and preserve RNG state; see
 NOTE [ How a segment is checkpointed without changing the model ] in
-memprop.checkpoint.chain (remat replays recorded op calls, RNG states included: NOTE
-[ Rebuilding each saved tensor when backward needs it ] in memprop.checkpoint.remat). Blocks
+memprop.checkpoint.forms.chain (remat replays recorded op calls, RNG states included: NOTE
+[ Rebuilding each saved tensor when backward needs it ] in memprop.checkpoint.forms.remat). Blocks
 are found automatically, or named by class or predicate (NOTE [ How blocks are found ] in
-memprop.checkpoint.blocks); a strategy applies to each chain, and turns a model's KV cache
-off while applied (NOTE [ Checkpointing and KV caches ] in memprop.checkpoint.cache).
+memprop.checkpoint.forms.blocks); a strategy applies to each chain, and turns a model's KV cache
+off while applied (NOTE [ Checkpointing and KV caches ] in memprop.checkpoint.forms.cache).
 """
 
 from __future__ import annotations
@@ -56,29 +56,28 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from memprop.checkpoint.chain import CheckpointedChain, find_chains
-from memprop.checkpoint.patch import APPLIED, Applied, PatchedForward
-from memprop.checkpoint.selective import selective_context_fn
+from memprop.checkpoint.forms.chain import CheckpointedChain, find_chains
+from memprop.checkpoint.forms.patch import APPLIED, Applied, PatchedForward
+from memprop.checkpoint.forms.selective import selective_context_fn
 from memprop.errors import StrategyError
-from memprop.units import parse_size
 
 __all__ = ["Strategy", "NoCheckpoint", "Full", "EveryK", "Segments", "Sqrt", "Blocks",
            "Selective", "Offload", "parse_strategy", "apply_strategy",
-           "remove_strategy", "applied_strategy", "STRATEGY_FORMS"]
+           "remove_strategy", "applied_strategy", "strategy_forms"]
 
-STRATEGY_FORMS = ("none", "full", "every:K", "segments:N", "sqrt", "blocks:i,j-k,...",
-                  "selective", "offload", "budget:SIZE", "nested:i-j[k-l],...", "ops:OPS",
-                  "forward:OPS", "remat:OPS")
-
-# "name:" -> parser of the text after it, for strategies defined in their own modules
-# (memprop.checkpoint.multilevel: nested, memprop.checkpoint.oplevel: ops,
-# memprop.checkpoint.whole: forward, memprop.checkpoint.remat: remat,
-# memprop.checkpoint.planner: budget)
-_FORMS: dict = {}
+# NOTE [ The registry of string forms ]
+#   A strategy class with a ``syntax`` (``"every:K"``, ``"full"``) is a string form: the
+#   class registers itself when defined (``Strategy.__init_subclass__``), ``syntax`` names
+#   it in the list of forms, and ``parse_strategy`` builds it: ``cls()`` for a form without
+#   an argument, else ``cls.parse(text after the colon)``. ``strategy_forms()`` lists the
+#   forms in the order their modules define them.
+_FORMS: dict[str, type[Strategy]] = {}   # name before the colon -> class
 
 
-def register_form(name: str, parse) -> None:
-    _FORMS[name] = parse
+def strategy_forms() -> tuple[str, ...]:
+    """Every registered string form's syntax (``none``, ``every:K``, ``ops:OPS``, ...)."""
+    return tuple(cls.syntax for cls in _FORMS.values())
+
 
 def refuse_applied(model: nn.Module) -> None:
     """A ``StrategyError`` if ``model`` runs a strategy already (one at a time)."""
@@ -91,6 +90,21 @@ def refuse_applied(model: nn.Module) -> None:
 @dataclasses.dataclass(frozen=True)
 class Strategy:
     """Base: subclasses choose ``segments(n)`` (inclusive block ranges to recompute)."""
+
+    # the string form (NOTE [ The registry of string forms ]); empty: not a string form
+    syntax: ClassVar[str] = ""
+    # parse() reads the argument as written (sizes: 1.5GiB), not lower-cased
+    keeps_case: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("syntax"):
+            _FORMS[cls.syntax.partition(":")[0]] = cls
+
+    @classmethod
+    def parse(cls, text: str) -> "Strategy":
+        """The strategy of the text after ``name:`` in its string form."""
+        raise StrategyError(f"memprop.checkpoint: {cls.syntax} takes no argument")
 
     def segments(self, n_blocks: int) -> list[tuple[int, int]]:
         return []
@@ -108,7 +122,7 @@ class Strategy:
               check_fn=None, example_batch=None, loss_fn=None) -> nn.Module:
         """Checkpoint ``model`` in place (``state_dict`` keys unchanged); returns it.
 
-        Blocks: NOTE [ How blocks are found ] (memprop.checkpoint.blocks); the strategy
+        Blocks: NOTE [ How blocks are found ] (memprop.checkpoint.forms.blocks); the strategy
         applies to each chain. ``example_batch`` and ``loss_fn`` serve ``budget:SIZE``."""
         refuse_applied(model)
         select = dict(blocks=blocks, check_fn=check_fn)
@@ -132,15 +146,24 @@ class Strategy:
 
 @dataclasses.dataclass(frozen=True)
 class NoCheckpoint(Strategy):
+    syntax = "none"
     spec = "none"
 
 
 @dataclasses.dataclass(frozen=True)
 class Full(Strategy):
+    syntax = "full"
     spec = "full"
 
     def segments(self, n):
         return [(i, i) for i in range(n)]
+
+
+def _count(text: str, form: str) -> int:
+    """The integer argument of ``every:K`` / ``segments:N``."""
+    if not re.fullmatch(r"\d+", text):
+        raise ValueError(f"{form} needs an integer, got {text!r}")
+    return int(text)
 
 
 def _check_count(value, form: str, letter: str) -> None:
@@ -151,7 +174,12 @@ def _check_count(value, form: str, letter: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class EveryK(Strategy):
+    syntax = "every:K"
     k: int = 2
+
+    @classmethod
+    def parse(cls, text):
+        return cls(_count(text, cls.syntax))
 
     def __post_init__(self):
         _check_count(self.k, "every:K", "K")
@@ -178,7 +206,12 @@ def _equal_segments(n: int, count: int) -> list[tuple[int, int]]:
 
 @dataclasses.dataclass(frozen=True)
 class Segments(Strategy):
+    syntax = "segments:N"
     n: int = 2
+
+    @classmethod
+    def parse(cls, text):
+        return cls(_count(text, cls.syntax))
 
     def __post_init__(self):
         _check_count(self.n, "segments:N", "N")
@@ -193,6 +226,7 @@ class Segments(Strategy):
 
 @dataclasses.dataclass(frozen=True)
 class Sqrt(Strategy):
+    syntax = "sqrt"
     spec = "sqrt"
 
     def segments(self, n):
@@ -204,7 +238,14 @@ class Blocks(Strategy):
     """Explicit segments: ``blocks:0,3`` checkpoints blocks 0 and 3 each on its own,
     ``blocks:0-3,5`` blocks 0..3 as one segment and block 5 (what a ``Plan`` applies)."""
 
+    syntax = "blocks:i,j-k,..."
     ranges: tuple[tuple[int, int], ...] = ()
+
+    @classmethod
+    def parse(cls, text):
+        if not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", text):
+            raise ValueError(f"blocks:{text} is not a list of blocks i or ranges i-j")
+        return cls(tuple(_block_range(part) for part in text.split(",")))
 
     def __post_init__(self):
         ranges = tuple((r, r) if isinstance(r, int) else tuple(r) for r in self.ranges)
@@ -230,6 +271,7 @@ class Blocks(Strategy):
 
 @dataclasses.dataclass(frozen=True)
 class Selective(Strategy):
+    syntax = "selective"
     spec = "selective"
     context_fn = staticmethod(selective_context_fn)
 
@@ -239,6 +281,7 @@ class Selective(Strategy):
 
 @dataclasses.dataclass(frozen=True)
 class Offload(Strategy):
+    syntax = "offload"
     spec = "offload"
 
     def apply(self, model, *, blocks_attr=None, blocks=None, check_fn=None,
@@ -274,40 +317,33 @@ def applied_strategy(model: nn.Module) -> Strategy | None:
     return entry.strategy if entry else None
 
 
-_SIMPLE = {"none": NoCheckpoint, "full": Full, "sqrt": Sqrt, "selective": Selective,
-           "offload": Offload}
-
-
 def parse_strategy(text: str | Strategy | None) -> Strategy:
-    """A ``Strategy`` from its string form; an error listing the valid forms otherwise."""
+    """A ``Strategy`` from its string form (NOTE [ The registry of string forms ]); an
+    error listing the valid forms otherwise."""
     if isinstance(text, Strategy):
         return text
     if text is None:
         return NoCheckpoint()
     spec = str(text).strip().lower()
-    if spec in _SIMPLE:
-        return _SIMPLE[spec]()
-    name, _, arg = spec.partition(":")
-    try:
-        if name == "budget" and arg:    # a budget fits something: refused as --budget is
-            parse_size(str(text).strip().partition(":")[2], positive=True)
-        if name == "every" and re.fullmatch(r"\d+", arg):
-            return EveryK(int(arg))
-        if name == "segments" and re.fullmatch(r"\d+", arg):
-            return Segments(int(arg))
-        if name == "blocks" and re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", arg):
-            return Blocks(tuple(_block_range(part) for part in arg.split(",")))
-        if name in _FORMS and arg:
-            return _FORMS[name](arg)
-    except StrategyError:
-        raise
-    except ValueError as exc:
-        raise StrategyError(f"memprop.checkpoint: bad strategy {text!r}: "
-                            f"{str(exc).removeprefix('memprop.units: ')}") from None
+    name, colon, arg = spec.partition(":")
+    cls = _FORMS.get(name)
+    takes_arg = cls is not None and ":" in cls.syntax
+    if cls is not None and takes_arg == bool(colon) and (arg or not takes_arg):
+        try:
+            if cls.keeps_case:
+                arg = str(text).strip().partition(":")[2]
+            return cls.parse(arg) if takes_arg else cls()
+        except StrategyError:
+            raise
+        except ValueError as exc:
+            if name not in ("every", "segments", "blocks"):   # their messages: below
+                raise StrategyError(f"memprop.checkpoint: bad strategy {text!r}: "
+                                    f"{str(exc).removeprefix('memprop.units: ')}") from None
     guess = _close_form(spec)
     raise StrategyError(f"memprop.checkpoint: unknown strategy {text!r}; choose one of: "
-                        f"{', '.join(STRATEGY_FORMS)} (e.g. every:2, segments:4, blocks:0,3, "
-                        "budget:1.5GiB)" + (f"; did you mean {guess!r}?" if guess else ""))
+                        f"{', '.join(strategy_forms())} (e.g. every:2, segments:4, "
+                        "blocks:0,3, budget:1.5GiB)" + (f"; did you mean {guess!r}?" if guess
+                                                        else ""))
 
 
 def _block_range(part: str) -> tuple[int, int]:
@@ -320,7 +356,7 @@ def _close_form(spec: str) -> str | None:
     """The strategy ``spec`` was likely meant to be (difflib, as for model names), or
     None: ``sqr`` -> ``sqrt``, ``segment:4`` -> ``segments:4``, ``every:x`` -> ``every:K``."""
     name, _, arg = spec.partition(":")
-    forms = {form.partition(":")[0]: form for form in STRATEGY_FORMS}   # every -> every:K
+    forms = {form.partition(":")[0]: form for form in strategy_forms()}   # every -> every:K
     close = difflib.get_close_matches(name, forms, n=1)
     if not close:
         return None
@@ -339,7 +375,7 @@ def apply_strategy(model: nn.Module, strategy, *, blocks_attr: str | None = None
     """Parse (if a string) and apply ``strategy`` to ``model``; returns the Strategy.
 
     ``blocks`` (a class or class name) or ``check_fn`` (a predicate) name the blocks;
-    by default they are found (NOTE [ How blocks are found ], memprop.checkpoint.blocks).
+    by default they are found (NOTE [ How blocks are found ], memprop.checkpoint.forms.blocks).
     ``budget:SIZE`` profiles one step: ``example_batch`` and its ``loss_fn(model, batch)``
     (default: the zoo's ``(inputs, targets)`` and ``model.objective``)."""
     strat = parse_strategy(strategy)

@@ -25,9 +25,9 @@ import dataclasses
 import pandas as pd
 from torch import nn
 
-from memprop.checkpoint.multilevel import fake_target
-from memprop.checkpoint.strategies import NoCheckpoint, Strategy, remove_strategy
-from memprop.measure import Measurement, make_optimizer, measure_step
+from memprop.checkpoint.forms.strategies import NoCheckpoint, Strategy
+from memprop.checkpoint.planning.simulate import simulate
+from memprop.measure import Measurement, make_optimizer
 from memprop.models import training_loss
 from memprop.units import format_bytes
 
@@ -79,24 +79,6 @@ class Lever:
     note: str = ""
 
 
-def _simulate(model, batch, strategy: Strategy, *, optimizer, loss_fn, amp=None,
-              step_in_backward=False) -> Measurement:
-    mode, target, target_batch = fake_target(model, batch)
-    fused = StepInBackward(optimizer) if step_in_backward else None
-    with mode:
-        strategy.apply(target)
-        if fused is not None:
-            fused.apply(target)
-        try:
-            return measure_step(target, target_batch, optimizer=optimizer, loss_fn=loss_fn,
-                                amp=amp, timing=False, inference=False, flops=False,
-                                predicted=True)
-        finally:
-            if fused is not None:
-                fused.remove()
-            remove_strategy(target)
-
-
 def levers(model: nn.Module, batch, strategy: Strategy | None = None, *,
            optimizer: str = "sgd", loss_fn=training_loss,
            amp: str | None = None) -> tuple[dict, list[Lever]]:
@@ -104,19 +86,20 @@ def levers(model: nn.Module, batch, strategy: Strategy | None = None, *,
     the step under ``amp`` (None: full precision; under autocast, bf16 autocast is not
     offered as a lever)."""
     strategy = strategy or NoCheckpoint()
-    base = _simulate(model, batch, strategy, optimizer=optimizer, loss_fn=loss_fn, amp=amp)
-    fused = _simulate(model, batch, strategy, optimizer=optimizer, loss_fn=loss_fn, amp=amp,
-                      step_in_backward=True)
+    base = simulate(model, batch, strategy, optimizer=optimizer, loss_fn=loss_fn, amp=amp,
+                    flops=False)
+    fused = simulate(model, batch, strategy, optimizer=optimizer, loss_fn=loss_fn, amp=amp,
+                     flops=False, step_in_backward=True)
     on_cuda = any(p.device.type == "cuda" for p in model.parameters())
     composition = peak_composition(base)
     rows = [
         Lever("optimizer step in backward", fused.peak_bytes,
-              "memprop.checkpoint.levers.StepInBackward(optimizer).apply(model)",
+              "memprop.checkpoint.planning.levers.StepInBackward(optimizer).apply(model)",
               "gradients freed as each parameter is updated"),
     ]
     if amp is None:
-        half = _simulate(model, batch, strategy, optimizer=optimizer, loss_fn=loss_fn,
-                         amp="bf16")
+        half = simulate(model, batch, strategy, optimizer=optimizer, loss_fn=loss_fn,
+                        amp="bf16", flops=False)
         rows.append(Lever("bf16 autocast", half.peak_bytes,
                           "measure_step(..., amp='bf16'); --amp bf16",
                           "activations and temporaries in half the bytes"))

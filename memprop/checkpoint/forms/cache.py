@@ -36,7 +36,7 @@ def _configs(model: nn.Module) -> list:
 class CacheRestore:
     """The undo of ``cache_off``: turns ``use_cache`` back on for ``configs``. An object,
     not a closure, so a model holding it deep-copies and pickles (NOTE [ A strategy
-    travels with the model ], memprop.checkpoint.patch)."""
+    travels with the model ], memprop.checkpoint.forms.patch)."""
 
     def __init__(self, configs: list):
         self.configs = configs

@@ -30,7 +30,7 @@ NOTE [ A segment's output needs no recompute ]
   for one block's forward less recompute); the held output is reported as stored
   (``report_stored``), so memprop's instruments count it either way, and the planner
   credits the skipped FLOPs only where the output is kept anyway
-  (``memprop.checkpoint.levels.segment_stops``).
+  (``memprop.checkpoint.planning.searches.segment_stops``).
   ``TailRecord.skipped_flops`` measures what this skips per block, for the planner.
 """
 

@@ -19,7 +19,7 @@ NOTE [ How blocks are found ]
   A strategy applies to each chain. Finding a chain claims nothing about how the model
   calls its blocks: a multi-block segment verifies at run time that the model's loop
   feeds each block the previous block's output (NOTE [ How a segment is checkpointed
-  without changing the model ] in memprop.checkpoint.chain).
+  without changing the model ] in memprop.checkpoint.forms.chain).
 """
 
 from __future__ import annotations

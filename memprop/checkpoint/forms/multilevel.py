@@ -1,49 +1,50 @@
-"""Multi-level recompute applied to a model: nested non-reentrant checkpoints, and the
-planner that reaches budgets below the single-level floor.
+"""Multi-level recompute applied to a model: nested non-reentrant checkpoints, which
+reach budgets below the single-level floor (the planner finds them: rotor's DP,
+memprop.checkpoint.planning.rotor, checked by simulation).
 
-    p = plan_multilevel(model, batch, "37MiB")     # rotor DP, checked by simulation
-    p.apply(model)                                  # or Nested.parse("0-31[0-15],...")
     apply_strategy(model, "nested:0-40[0-20[0-9]],41-62")
+    Nested.parse("0-31[0-15],32-47").apply(model)
+    p = plan(model, batch, "37MiB")                 # may return a Nested schedule
 
 NOTE [ How a multi-level schedule is applied ]
-  A schedule (NOTE [ Multi-level schedules ], memprop.checkpoint.rotor) is a tree of
-  checkpointed segments: ``0-40[0-20[0-9]]`` checkpoints blocks 0..40; when backward
-  recomputes them, blocks 0..20 run inside a checkpoint of their own (and, when those
-  are recomputed, blocks 0..9 again), the other blocks of the range are stored. Each
-  segment is one ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False,
-  preserve_rng_state=True)``; torch's nested checkpoints respect an inner checkpoint
-  met during a recompute (NOTE [ Nestable Checkpoint ], torch/utils/checkpoint.py), so
-  the tree runs as the DP scheduled it. Top-level segments are applied as in NOTE
-  [ How a segment is checkpointed without changing the model ] (memprop.checkpoint.
-  chain): instance ``forward`` patches, ``state_dict`` keys unchanged, blocks called
-  through ``__call__``. Inside a segment block k + 1 receives block k's output, so every
-  block of a segment of more than one block must take and return one tensor; anything
-  else raises ``StrategyError``. BatchNorm running statistics are snapshot before the
-  outermost recompute that runs a block and restored after it: one step leaves them as
-  a plain step does. The RNG state is replayed by every level, so dropout matches.
+  A schedule (NOTE [ Multi-level schedules ], memprop.checkpoint.planning.rotor) is a
+  tree of checkpointed segments: ``0-40[0-20[0-9]]`` checkpoints blocks 0..40; when
+  backward recomputes them, blocks 0..20 run inside a checkpoint of their own (and, when
+  those are recomputed, blocks 0..9 again), the other blocks of the range are stored.
+  Each segment is one ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False,
+  preserve_rng_state=True)``; torch's nested checkpoints respect an inner checkpoint met
+  during a recompute (NOTE [ Nestable Checkpoint ], torch/utils/checkpoint.py), so the
+  tree runs as the DP scheduled it. Top-level segments are applied as in NOTE [ How a
+  segment is checkpointed without changing the model ] (memprop.checkpoint.forms.chain):
+  instance ``forward`` patches, ``state_dict`` keys unchanged, blocks called through
+  ``__call__``. Inside a segment block k + 1 receives block k's output, so the first
+  block of every top-level segment (one block or several) must be called with one
+  tensor, and every block but a segment's last must return one; anything else raises
+  ``SegmentRefused`` (a ``StrategyError``). BatchNorm running statistics are snapshot
+  before the outermost recompute that runs a block and restored after it: one step
+  leaves them as a plain step does. The RNG state is replayed by every level, so dropout
+  matches.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import threading
 from typing import Any
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.checkpoint import checkpoint
 
-from memprop.checkpoint.chain import SegmentRefused, _norms, _running, find_blocks
-from memprop.checkpoint.patch import Applied, PatchedForward
-from memprop.checkpoint.rotor import format_schedule, parse_schedule
-from memprop.checkpoint.strategies import Strategy, refuse_applied, register_form
-from memprop.checkpoint.verify import VerifyingContext, is_verifying
+from memprop.checkpoint.forms.chain import SegmentRefused, _norms, _running, find_blocks
+from memprop.checkpoint.forms.patch import Applied, PatchedForward
+from memprop.checkpoint.forms.strategies import Strategy, refuse_applied
+from memprop.checkpoint.forms.verify import VerifyingContext, is_verifying
 from memprop.errors import StrategyError
-from memprop.fake import fake_batch, fake_copy, fake_mode_of
 
-__all__ = ["Nested", "NestedChain", "claim_blocks", "fake_target"]
+__all__ = ["Nested", "NestedChain", "claim_blocks", "format_schedule", "parse_schedule"]
 
 _state = threading.local()   # .depth: segments running; .recomputing: recomputes running
 
@@ -158,22 +159,69 @@ class _NestedPassThrough(PatchedForward):
         return self.box.pop("out") if self.last else self.box["out"]
 
 
+# -- string form: nested:0-18[0-9[0-3]],26-42 ----------------------------------------
+
+def format_schedule(schedule) -> str:
+    """The checkpointed items only (stored blocks are implicit): ``i-j[inner]``."""
+    parts = []
+    for item in schedule:
+        if isinstance(item, int):
+            continue
+        i, j, inner = item
+        text = str(i) if i == j else f"{i}-{j}"
+        sub = format_schedule(inner)
+        parts.append(text + (f"[{sub}]" if sub else ""))
+    return ",".join(parts)
+
+
+def parse_schedule(text: str, n: int | None = None) -> list:
+    """Segments tree from ``format_schedule`` text: [(i, j, [children]), ...]."""
+    pos = 0
+
+    def parse_list(lo, hi):
+        nonlocal pos
+        out = []
+        while pos < len(text) and text[pos] not in "]":
+            m = re.match(r"(\d+)(?:-(\d+))?", text[pos:])
+            if not m:
+                raise StrategyError(f"memprop.checkpoint: bad nested schedule {text!r} at "
+                                    f"character {pos}; write segments as i-j[inner,...], "
+                                    "e.g. nested:0-18[0-9[0-3]],26-42")
+            pos += m.end()
+            i = int(m.group(1))
+            j = int(m.group(2)) if m.group(2) else i
+            children = []
+            if pos < len(text) and text[pos] == "[":
+                pos += 1
+                children = parse_list(i, j)
+                if pos >= len(text) or text[pos] != "]":
+                    raise StrategyError(f"memprop.checkpoint: unclosed '[' in {text!r}")
+                pos += 1
+            if i > j or i < lo or j > hi or (out and i <= out[-1][1]) or (
+                    children and children[0][0] == i and children[-1][1] == j
+                    and len(children) == 1):
+                raise StrategyError(
+                    f"memprop.checkpoint: nested schedule {text!r}: segment {i}-{j} must "
+                    f"lie inside {lo}-{hi}, after its left neighbour, and not repeat its "
+                    "parent")
+            out.append((i, j, children))
+            if pos < len(text) and text[pos] == ",":
+                pos += 1
+        return out
+
+    tree = parse_list(0, (n - 1) if n else 10 ** 9)
+    if pos != len(text):
+        raise StrategyError(f"memprop.checkpoint: bad nested schedule {text!r}: unmatched "
+                            "']'")
+    return tree
+
+
 def claim_blocks(model: nn.Module, blocks_attr, select: dict) -> list[nn.Module]:
     """The chain a new strategy will patch; refuses a model that has one applied.
     ``select``: ``blocks=`` / ``check_fn=`` where ``find_blocks`` takes them."""
     refuse_applied(model)
     select = {k: v for k, v in select.items() if v is not None and k != "loss_fn"}
     return find_blocks(model, blocks_attr, **select)
-
-
-def fake_target(model: nn.Module, batch):
-    """(fake mode, model, batch) on fake tensors: the model itself if already fake,
-    else a fake copy (no memory used)."""
-    given = fake_mode_of(model)
-    mode = given or FakeTensorMode()
-    if given:
-        return mode, model, batch
-    return mode, fake_copy(model, mode), fake_batch(batch, mode)
 
 
 def _freeze(tree) -> tuple:
@@ -185,6 +233,7 @@ class Nested(Strategy):
     """A multi-level schedule: ``Nested.parse("0-40[0-20[0-9]],41-62")`` or a tree
     ``((first, last, children), ...)``; string form ``nested:...`` (NOTE above)."""
 
+    syntax = "nested:i-j[k-l],..."
     tree: tuple = ()
 
     def __post_init__(self):
@@ -218,6 +267,3 @@ class Nested(Strategy):
 def _schedule_of(tree) -> tuple:
     """The rotor schedule items of a tree (stored blocks left implicit)."""
     return tuple((i, j, _schedule_of(children)) for i, j, children in tree)
-
-
-register_form("nested", Nested.parse)

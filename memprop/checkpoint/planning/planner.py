@@ -3,10 +3,12 @@
     p = plan(model, batch, "1.5GiB")     # profile, solve, check by simulation
     print(p.describe()); p.apply(model)
 
-1. Profile each block of the chain once (on a fake-tensor copy: no memory used): the
+1. Profile each block of the chain once (memprop.checkpoint.planning.profile): the
    bytes of its input and output, which of them it saves, the other bytes it saves
-   (parameters apart), its forward FLOPs, and, on real models, its forward time.
-2. Solve the chain cost model (NOTE [ The chain cost model ] in memprop.checkpoint.dp)
+   (parameters apart), its forward FLOPs, and, on real models, its forward time. The
+   profile runs on the model as given (a real model: a real forward; a fake one: no
+   memory); op-level traces and every check run on a fake twin.
+2. Solve the chain cost model (NOTE [ The chain cost model ] in memprop.checkpoint.planning.dp)
    for the placement of checkpointed segments with the least recompute FLOPs whose
    modelled peak fits the budget, less the step's overhead (parameters, gradients,
    optimizer state, gradients in flight), which is calibrated from a simulated plain step.
@@ -16,13 +18,13 @@
 
 Each segment is recomputed once (optimal segmenting) while that fits. Below the
 single-level floor, a multi-level schedule (Revolve; rotor, Beaumont et al. 2019:
-checkpoints inside recomputed segments, memprop.checkpoint.rotor) is searched the same
-way and applied as nested checkpoints (memprop.checkpoint.multilevel).
+checkpoints inside recomputed segments, memprop.checkpoint.planning.rotor) is searched the same
+way and applied as nested checkpoints (memprop.checkpoint.forms.multilevel).
 ``metric="stored"`` plans for the bytes stored for backward instead of the peak
-(NOTE [ The two metrics ], memprop.checkpoint.levels). Forms spanning the whole forward
+(NOTE [ The two metrics ], memprop.checkpoint.planning.searches). Forms spanning the whole forward
 are weighed too (``whole=True``): ``remat:KEYS`` (each saved tensor rebuilt on its own
-when backward needs it, memprop.checkpoint.remat) for both metrics, ``forward:KEYS``
-(one checkpoint around the forward, memprop.checkpoint.whole) for stored bytes; their
+when backward needs it, memprop.checkpoint.forms.remat) for both metrics, ``forward:KEYS``
+(one checkpoint around the forward, memprop.checkpoint.forms.whole) for stored bytes; their
 keys come from an exact knapsack over the forward's matmul and attention calls, and
 their peaks from simulation.
 """
@@ -31,47 +33,47 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import statistics
 import time
+import warnings
 
 import pandas as pd
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from memprop.checkpoint import levels
-from memprop.checkpoint.cache import cache_off
-from memprop.checkpoint.chain import CheckpointedChain, SegmentRefused, find_blocks
-from memprop.checkpoint.dp import ChainCosts, min_peak, model_peak, segments_of, solve
-from memprop.checkpoint.levers import Lever, describe_levers, peak_composition
-from memprop.checkpoint.levers import levers as levers_of
-from memprop.checkpoint.multilevel import Nested
-from memprop.checkpoint.oplevel import Ops
-from memprop.checkpoint.patch import APPLIED
-from memprop.checkpoint.remat import Remat
-from memprop.checkpoint.rotor import stored_fronts
-from memprop.checkpoint.strategies import (
+from memprop.checkpoint.forms.cache import cache_off
+from memprop.checkpoint.forms.chain import SegmentRefused, find_blocks
+from memprop.checkpoint.forms.multilevel import Nested
+from memprop.checkpoint.forms.oplevel import Ops
+from memprop.checkpoint.forms.patch import APPLIED
+from memprop.checkpoint.forms.remat import Remat
+from memprop.checkpoint.forms.strategies import (
     Blocks,
     Full,
     NoCheckpoint,
     Selective,
     Strategy,
     refuse_applied,
-    register_form,
     remove_strategy,
 )
-from memprop.checkpoint.verify import verify_replay
-from memprop.checkpoint.whole import Forward
+from memprop.checkpoint.forms.verify import verify_replay
+from memprop.checkpoint.forms.whole import Forward
+from memprop.checkpoint.planning import searches as levels
+from memprop.checkpoint.planning.dp import min_peak, model_peak, segments_of, solve
+from memprop.checkpoint.planning.levers import Lever, describe_levers, peak_composition
+from memprop.checkpoint.planning.levers import levers as levers_of
+from memprop.checkpoint.planning.profile import Profile, profile
+from memprop.checkpoint.planning.rotor import stored_fronts
+from memprop.checkpoint.planning.simulate import simulate
+from memprop.checkpoint.planning.timing import SMALL_ROWS, calibrate, first_rows, predict_ms
 from memprop.errors import BudgetError, ConfigError, StrategyError
-from memprop.fake import fake_batch, fake_copy, fake_mode_of, is_fake
-from memprop.flops import FlopCounter
-from memprop.measure import Measurement, measure_step
-from memprop.models import training_loss
+from memprop.fake import fake_mode_of, is_fake
+from memprop.measure import Measurement
 from memprop.models.user import step_loss as one_step_loss
-from memprop.saved import storage_key, storage_keys
 from memprop.units import format_bytes, format_flops, format_ms, format_ratio, parse_size
 
-__all__ = ["Plan", "plan", "profile_chain", "simulate", "Budget", "short_spec"]
+__all__ = ["Plan", "plan", "Budget", "short_spec"]
 
 # a spec longer than this is shortened where people read it (tables, describe, errors);
 # --json and the "apply it" line carry it whole
@@ -89,157 +91,13 @@ def short_spec(spec: str, width: int = SHORT_SPEC) -> str:
     return f"{kept}...(+{len(spec) - len(kept)} chars)"
 
 
-def _first_tensor(value):
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)):
-        return next((v for v in value if isinstance(v, torch.Tensor)), None)
-    return None
-
-
-def profile_chain(model: nn.Module, batch, *, blocks_attr=None, blocks=None, check_fn=None,
-                  loss_fn=training_loss) -> tuple[ChainCosts, pd.DataFrame]:
-    """One forward of ``model`` (real or fake), recording per block what the cost model
-    needs. Returns the ``ChainCosts`` and a per-block table (bytes, FLOPs)."""
-    blocks = find_blocks(model, blocks_attr, blocks=blocks, check_fn=check_fn)
-    index = {id(b): k for k, b in enumerate(blocks)}
-    n = len(blocks)
-    skip = storage_keys([*model.parameters(), *model.buffers()])
-    saves: dict = {k: {} for k in [*range(n), "pre", "post"]}
-    # (storage key, bytes) of each block's input and output, once its hooks have run
-    ins: list[tuple[int, int] | None] = [None] * n
-    outs: list[tuple[int, int] | None] = [None] * n
-    flops = [0] * n
-    state = {"region": "pre", "flops_at": 0}
-    counter = FlopCounter()
-    # parameter storage -> (region of first use: block index, "pre" or "post"; parameter)
-    param_region: dict[int, tuple[int | str, torch.Tensor]] = {}
-
-    def any_module(module, args):
-        for p in module._parameters.values():
-            if p is not None and p.requires_grad:
-                param_region.setdefault(storage_key(p), (state["region"], p))
-
-    def pre(module, args):
-        k = index[id(module)]
-        state["region"], state["flops_at"] = k, counter.total
-        t = _first_tensor(args)
-        ins[k] = (storage_key(t), t.untyped_storage().nbytes())
-
-    def post(module, args, output):
-        k = index[id(module)]
-        flops[k] = counter.total - state["flops_at"]
-        t = _first_tensor(output)
-        outs[k] = (storage_key(t), t.untyped_storage().nbytes())
-        state["region"] = "post" if k == n - 1 else k
-
-    def pack(t):
-        key = storage_key(t)
-        if key not in skip:
-            saves[state["region"]][key] = t.untyped_storage().nbytes()
-        return t
-
-    handles = [h for b in blocks for h in (b.register_forward_pre_hook(pre),
-                                           b.register_forward_hook(post))]
-    handles.append(nn.modules.module.register_module_forward_pre_hook(any_module))
-    try:
-        with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = loss_fn(model, batch)
-        del loss
-    finally:
-        for h in handles:
-            h.remove()
-
-    block_ins = [_ran(r, k, "input") for k, r in enumerate(ins)]
-    block_outs = [_ran(r, k, "output") for k, r in enumerate(outs)]
-    boundary = [block_ins[0]] + block_outs     # t[0..n]
-    outside = set(saves["pre"]) | set(saves["post"]) | storage_keys(
-        tree_flatten(batch)[0])
-    boundary_keys = {key for key, _ in boundary}
-    costs = ChainCosts(
-        t=tuple(nbytes for _, nbytes in boundary),
-        inner=tuple(sum(v for key, v in saves[k].items() if key not in boundary_keys)
-                    for k in range(n)),
-        saves_in=tuple(block_ins[k][0] in saves[k] for k in range(n)),
-        saves_out=tuple(block_outs[k][0] in saves[k] for k in range(n)),
-        keep=tuple(key in outside for key, _ in boundary),
-        flops=tuple(float(f) for f in flops),
-        const=sum(v for key, v in {**saves["pre"], **saves["post"]}.items()
-                  if key not in boundary_keys),
-        grad=tuple(sum(p.untyped_storage().nbytes() for region, p in param_region.values()
-                       if region == k) for k in range(n)),
-        grad_post=sum(p.untyped_storage().nbytes() for region, p in param_region.values()
-                      if region == "post"))
-    table = pd.DataFrame({"block": range(n), "input_bytes": costs.t[:-1],
-                          "output_bytes": costs.t[1:], "saves_input": costs.saves_in,
-                          "saves_output": costs.saves_out, "inner_saved_bytes": costs.inner,
-                          "param_bytes": costs.grad,
-                          "forward_flops": flops})
-    return costs, table
-
-
-def _ran(record: tuple[int, int] | None, k: int, what: str) -> tuple[int, int]:
-    """Block ``k``'s ``what`` (input or output) as ``profile_chain`` recorded it: a
-    block the forward never called has none."""
-    if record is None:
-        raise StrategyError(f"memprop.checkpoint: block {k} of the chain recorded no "
-                            f"{what} in the forward: the loss never called it, so its "
-                            "costs cannot be profiled; name blocks the forward runs "
-                            "(blocks_attr=..., blocks=...)")
-    return record
-
-
-def _block_times_ms(model, batch, blocks, *, repeats=3, loss_fn=training_loss) -> list[float]:
-    """Median forward time of each block (real models only), grad enabled."""
-    starts: dict[int, float] = {}
-    times: dict[int, list[float]] = {id(b): [] for b in blocks}
-
-    def pre(module, args):
-        starts[id(module)] = time.perf_counter()
-
-    def post(module, args, output):
-        times[id(module)].append((time.perf_counter() - starts[id(module)]) * 1e3)
-
-    handles = [h for b in blocks for h in (b.register_forward_pre_hook(pre),
-                                           b.register_forward_hook(post))]
-    try:
-        for _ in range(repeats):
-            loss = loss_fn(model, batch)
-            del loss
-    finally:
-        for h in handles:
-            h.remove()
-    return [sorted(times[id(b)])[len(times[id(b)]) // 2] for b in blocks]
-
-
-def simulate(model: nn.Module, batch, segments, *, blocks_attr=None, blocks=None,
-             check_fn=None, optimizer="sgd", loss_fn=training_loss):
-    """A predicted ``Measurement`` of one step with ``segments`` checkpointed, run on
-    fake tensors (the model itself if already fake, else a fake copy)."""
-
-    mode = fake_mode_of(model)
-    if mode is None:
-        mode = FakeTensorMode()
-        target, target_batch = fake_copy(model, mode), fake_batch(batch, mode)
-    else:
-        target, target_batch = model, batch
-    with mode:
-        chain = CheckpointedChain(find_blocks(target, blocks_attr, blocks=blocks,
-                                              check_fn=check_fn), list(segments)).apply()
-        restore_cache = cache_off(target, warn=False) if segments else (lambda: None)
-        try:
-            return measure_step(target, target_batch, optimizer=optimizer, loss_fn=loss_fn,
-                                timing=False, inference=False, predicted=True)
-        finally:
-            restore_cache()
-            chain.remove()
-
-
 @dataclasses.dataclass
 class Plan:
     """A checkpoint placement and its predicted cost. Peaks and FLOPs are predictions
-    from a fake-tensor simulation of the whole step; ``recompute_ms`` sums the measured
-    forward times of the recomputed blocks (real models only)."""
+    from a fake-tensor simulation of the whole step; step times are predictions of the
+    time model (NOTE [ Pricing a plan in seconds ], memprop.checkpoint.planning.timing):
+    ``predicted_step_ms`` of one forward and backward with the plan, ``plain_step_ms``
+    without, ``recompute_ms`` their difference."""
 
     segments: list[tuple[int, int]]
     n_blocks: int
@@ -252,10 +110,17 @@ class Plan:
     forward_flops: int
     recompute_ms: float | None
     blocks: pd.DataFrame = dataclasses.field(repr=False)
-    metric: str = "peak"                 # NOTE [ The two metrics ], checkpoint.levels
+    predicted_step_ms: float | None = None
+    plain_step_ms: float | None = None
+    # "measured": candidates timed at SMALL_ROWS rows of the real model; "rates": a fake
+    # model, priced by the device's rates alone; None: not priced (objective="flops")
+    time_basis: str | None = None
+    objective: str = "time"              # what chose it among the plans that fit
+    simulation: Measurement | None = dataclasses.field(default=None, repr=False)
+    metric: str = "peak"                 # NOTE [ The two metrics ], planning.searches
     tree: tuple = ()                     # a multi-level schedule (segments: its top level)
     chosen: object = None                # a strategy beyond segments (op-level: Ops)
-    # NOTE [ What sets the peak ], memprop.checkpoint.levers: bytes by category at the
+    # NOTE [ What sets the peak ], memprop.checkpoint.planning.levers: bytes by category at the
     # predicted peak, and the levers beyond checkpointing when those are not activations
     peak_parts: dict = dataclasses.field(default_factory=dict)
     levers: tuple[Lever, ...] = ()
@@ -292,9 +157,9 @@ class Plan:
             f"  {len(self.segments)} checkpointed segment(s) covering {n_ckpt} of "
             f"{self.n_blocks} blocks" if not isinstance(self.chosen, (Forward, Remat)) else
             "  one checkpoint around the whole forward, recomputed in one burst as backward "
-            "begins (memprop.checkpoint.whole)" if isinstance(self.chosen, Forward) else
+            "begins (memprop.checkpoint.forms.whole)" if isinstance(self.chosen, Forward) else
             "  each saved tensor rebuilt on its own just before backward needs it "
-            "(memprop.checkpoint.remat)",
+            "(memprop.checkpoint.forms.remat)",
             f"  predicted peak {format_bytes(self.predicted_peak_bytes)} (plain step "
             f"{format_bytes(self.none_peak_bytes)}); stored for backward "
             f"{format_bytes(self.predicted_saved_bytes)} (plain "
@@ -302,15 +167,20 @@ class Plan:
             f"  recompute {format_flops(self.recompute_flops)} = "
             f"{format_ratio(self.recompute_flops / max(self.forward_flops, 1))} forward passes",
         ]
-        if self.recompute_ms is not None:
-            lines.append(f"  recompute time ≈ {format_ms(self.recompute_ms)} "
-                         "(measured block forwards)")
+        if self.predicted_step_ms is not None and self.plain_step_ms:
+            how = (f"timed at {SMALL_ROWS} rows, the rest of the batch priced at this "
+                   "device's rates" if self.time_basis == "measured" else
+                   "a fake model: priced at this device's rates, form overheads not timed")
+            lines.append(f"  predicted step {format_ms(self.predicted_step_ms)} = "
+                         f"{format_ratio(self.predicted_step_ms / self.plain_step_ms)} the "
+                         f"plain step's {format_ms(self.plain_step_ms)} (forward and "
+                         f"backward; {how})")
         if self.rebuild_ratio is not None:
             lines.append(f"  rebuilds re-run {self.rebuild_ratio:.2f}x the forward's op calls "
                          "(pointwise ops: step time, no FLOPs)")
         if self.verified:
             lines.append("  replay verified bitwise on one real step of the model "
-                         f"({VERIFY_ROWS} rows; memprop.checkpoint.verify)")
+                         f"({VERIFY_ROWS} rows; memprop.checkpoint.forms.verify)")
         lines += [f"  {note}" for note in self.notes]
         if self.peak_parts:
             lines += describe_levers(self.predicted_peak_bytes, self.peak_parts,
@@ -320,7 +190,8 @@ class Plan:
 
 def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, check_fn=None,
          optimizer="sgd", loss_fn=None, max_rounds: int = 8,
-         metric: str = "peak", whole: bool = True, amp: str | None = None) -> Plan:
+         metric: str = "peak", whole: bool = True, amp: str | None = None,
+         objective: str = "flops") -> Plan:
     """The placement with the least recompute FLOPs whose simulated peak fits ``budget``
     (bytes or a size string); with ``metric="stored"``, whose bytes stored for backward
     fit it. Below the single-level floor of the peak, a multi-level schedule. Raises
@@ -328,12 +199,12 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, chec
 
     ``whole``: also weigh forms that span the whole forward: each saved tensor rebuilt
     on its own when backward needs it (``remat:KEYS``, NOTE [ Rebuilding each saved
-    tensor when backward needs it ] in memprop.checkpoint.remat; for ``metric="peak"``
+    tensor when backward needs it ] in memprop.checkpoint.forms.remat; for ``metric="peak"``
     only when the chain's plan recomputes at all), on chains of at most
     ``levels.REMAT_MAX_BLOCKS`` blocks while its rebuilds re-run at most
     ``levels.REBUILD_LIMIT`` forwards' worth of ops; and for ``metric="stored"`` one
     checkpoint around it (``forward:KEYS``, NOTE [ One checkpoint around the forward ]
-    in memprop.checkpoint.whole), which recomputes in one burst as backward begins.
+    in memprop.checkpoint.forms.whole), which recomputes in one burst as backward begins.
     False keeps to placements on the chain, recomputed a segment at a time.
 
     ``model`` and ``batch`` are any module and batch ``measure_step`` takes, and
@@ -343,7 +214,15 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, chec
     objective. The model's KV
     cache is off while planning, as under the plan (NOTE [ Checkpointing and KV caches ]).
     ``amp``: plan the step as ``measure_step(amp=amp)`` runs it (``bf16``, ``fp16``:
-    forward under ``torch.autocast``, float32 master weights)."""
+    forward under ``torch.autocast``, float32 master weights).
+
+    ``objective``: among the plans that fit (the chain's, ``remat:``'s, ``full``), the
+    one of least predicted step time (``"time"``: NOTE [ Pricing a plan in seconds ],
+    memprop.checkpoint.planning.timing), or of least recompute FLOPs (``"flops"``)."""
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"memprop.checkpoint: unknown plan objective {objective!r}; "
+                          f"choose one of: {', '.join(OBJECTIVES)} (time: least predicted "
+                          "step time; flops: least recompute FLOPs)")
     if metric not in levels.METRICS:
         raise ConfigError(f"memprop.checkpoint: unknown plan metric {metric!r}; choose one "
                           f"of: {', '.join(levels.METRICS)} (peak: the step's tensor peak; "
@@ -353,7 +232,7 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, chec
     restore_cache = cache_off(model, warn=False)
     options = dict(blocks_attr=blocks_attr, select=dict(blocks=blocks, check_fn=check_fn),
                    optimizer=optimizer, loss_fn=loss_fn, max_rounds=max_rounds,
-                   metric=metric, amp=amp)
+                   metric=metric, amp=amp, objective=objective)
     refused: list[str] = []           # why segments of several blocks were left out
     # planning runs the model (timed block forwards, a verified replay): its buffers
     # (BatchNorm statistics) and the RNG are put back, so planning changes nothing
@@ -387,6 +266,76 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, chec
             for b, value in buffers:
                 b.copy_(value)
         restore_cache()
+
+
+# what plan() minimises among the plans that fit (NOTE [ Pricing a plan in seconds ])
+OBJECTIVES = ("time", "flops")
+
+
+def _price(model, batch, plans: list[Plan], plain: Measurement, *, blocks_attr, select,
+           optimizer, loss_fn, amp) -> None:
+    """Set each plan's predicted step time and the plain step's (NOTE [ Pricing a plan
+    in seconds ], memprop.checkpoint.planning.timing): on a real model each candidate
+    and the plain step timed at ``SMALL_ROWS`` rows (interleaved, medians), the rest of
+    the batch priced at the device's rates; a fake model priced by the rates alone."""
+    first = next(iter(model.parameters()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    rates = calibrate(device, first.dtype if first is not None else torch.float32)
+    strategies = {NoCheckpoint().spec: NoCheckpoint(), **{p.spec: p.strategy for p in plans}}
+    full: dict[str, Measurement] = {NoCheckpoint().spec: plain}
+    for p in plans:
+        assert p.simulation is not None          # make_plan keeps its simulation
+        full[p.spec] = p.simulation
+    if fake_mode_of(model) is not None:
+        ms = {spec: predict_ms(rates, m) for spec, m in full.items()}
+        basis = "rates"
+    else:
+        small = first_rows(batch)
+        sims = {spec: simulate(model, small, strategy, blocks_attr=blocks_attr, **select,
+                               optimizer=optimizer, loss_fn=loss_fn, amp=amp)
+                for spec, strategy in strategies.items()}
+        timed = _time_small(model, small, strategies, loss_fn, amp, blocks_attr, select)
+        ms = {spec: predict_ms(rates, full[spec], sims[spec], timed[spec]) for spec in full}
+        basis = "measured"
+    for p in plans:
+        p.predicted_step_ms, p.plain_step_ms = ms[p.spec], ms[NoCheckpoint().spec]
+        p.recompute_ms = p.predicted_step_ms - p.plain_step_ms
+        p.time_basis = basis
+
+
+# rounds each candidate is timed at SMALL_ROWS rows, after one warm-up round
+TIME_ROUNDS = 5
+
+
+def _time_small(model, small, strategies: dict, loss_fn, amp, blocks_attr,
+                select) -> dict:
+    """Median ms of one forward and backward at ``small`` under each strategy, the
+    strategies interleaved round by round; the model's gradients are put back."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad for p in params]
+    step = levels.autocast_loss(loss_fn, amp)
+    times: dict = {spec: [] for spec in strategies}
+    try:
+        for round_ in range(TIME_ROUNDS + 1):
+            for spec, strategy in strategies.items():
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    strategy.apply(model, blocks_attr=blocks_attr, **select)
+                try:
+                    for p in params:
+                        p.grad = None
+                    start = time.perf_counter()
+                    step(model, small).backward()
+                    if params and params[0].device.type == "cuda":
+                        torch.cuda.synchronize(params[0].device)
+                    if round_:                       # the first round warms up
+                        times[spec].append((time.perf_counter() - start) * 1e3)
+                finally:
+                    remove_strategy(model)
+    finally:
+        for p, g in zip(params, grads):
+            p.grad = g
+    return {spec: statistics.median(t) for spec, t in times.items()}
 
 
 # the peak, bytes and FLOPs of a candidate that cannot run (never within a budget)
@@ -423,7 +372,8 @@ def _replay_refusal(model, batch, found: Plan, blocks_attr, loss_fn, **select) -
 
 
 def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn,
-          max_rounds, metric, whole, amp, refused: list[str] | None = None) -> Plan:
+          max_rounds, metric, whole, amp, objective: str = "time",
+          refused: list[str] | None = None) -> Plan:
     """The plan (see ``plan``); ``refused`` gets why segments of several blocks were left
     out, if they were (``SegmentRefused``)."""
     mode = fake_mode_of(model)
@@ -433,11 +383,10 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
     # no chain of blocks to find: forms spanning the whole forward need none
     chainless = (whole and blocks_attr is None and all(v is None for v in select.values())
                  and not _finds_chain(model))
-    costs, table = None, pd.DataFrame()
-    if not chainless:
-        with (mode if mode is not None else contextlib.nullcontext()):
-            costs, table = profile_chain(model, batch, blocks_attr=blocks_attr, **select,
-                                         loss_fn=loss_fn)
+    # NOTE [ One trace ]: everything the searches read, from one forward on a fake twin
+    prof = profile(model, batch, blocks_attr=blocks_attr, **select, loss_fn=loss_fn,
+                   chain=not chainless, whole=whole)
+    costs, table = prof.costs, prof.table
     # a fake model just profiled (its forward has run): its simulations need no first
     # step when the optimizer keeps no state (measure_step's warm). One simulation per
     # strategy: the searches and the smallest feasible budget's candidates share them
@@ -447,7 +396,7 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
     def simulated(strategy):
         if strategy.spec not in simulations:
             try:
-                simulations[strategy.spec] = levels.simulate_strategy(
+                simulations[strategy.spec] = simulate(
                     model, batch, strategy, blocks_attr=blocks_attr, **select,
                     optimizer=optimizer, loss_fn=step_loss, amp=amp,
                     warm=mode is not None and not chainless)
@@ -460,20 +409,16 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
                     plain, peak_bytes=_NEVER, saved_bytes=_NEVER, budget_peak_bytes=_NEVER,
                     forward_flops=_NEVER, backward_flops=_NEVER)
         return simulations[strategy.spec]
-    plain = levels.simulate_strategy(model, batch, NoCheckpoint(), blocks_attr=blocks_attr,
+    plain = simulate(model, batch, NoCheckpoint(), blocks_attr=blocks_attr,
                                      **select, optimizer=optimizer, loss_fn=step_loss, amp=amp,
                                      warm=mode is not None and not chainless)
     simulations[NoCheckpoint().spec] = plain
     n = costs.n if costs is not None else 0
-    ms = None
-    if mode is None and not chainless:
-        ms = _block_times_ms(model, batch, find_blocks(model, blocks_attr, **select),
-                             loss_fn=loss_fn)
-        table["forward_ms"] = ms
 
     def make_plan(segments, result, tree=(), chosen=None) -> Plan:
         segments = [tuple(seg[:2]) for seg in segments]
-        table["checkpointed"] = [any(a <= k <= b for a, b in segments) for k in range(n)]
+        blocks_table = table.assign(checkpointed=[any(a <= k <= b for a, b in segments)
+                                                  for k in range(n)])
         parts = peak_composition(result)
         static = sum(parts.get(c, 0) for c in ("parameter", "gradient", "optimizer"))
         found = Plan(segments=segments, n_blocks=n, budget_bytes=budget_bytes,
@@ -483,10 +428,8 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
                     none_peak_bytes=plain.peak_bytes, none_saved_bytes=plain.saved_bytes,
                     recompute_flops=result.backward_flops - plain.backward_flops,
                     forward_flops=plain.forward_flops,
-                    recompute_ms=(sum(ms[k] for a, b in segments for k in range(a, b + 1))
-                                  if ms is not None and not isinstance(chosen, (Forward, Remat))
-                                  else None),
-                    blocks=table, peak_parts=parts)
+                    recompute_ms=None, blocks=blocks_table, peak_parts=parts,
+                    simulation=result, objective=objective)
         if isinstance(chosen, Remat):
             found.rebuild_ratio = levels.rebuild_ratio(model, batch, chosen.keys,
                                                        loss_fn=loss_fn)
@@ -501,9 +444,27 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
                          chosen=None if isinstance(strategy, (Blocks, Nested, NoCheckpoint))
                          else strategy)
 
+    def choose(fits: list[Plan]) -> Plan:
+        """The plan the objective prefers among plans that fit (first among equals)."""
+        fits = [p for i, p in enumerate(fits) if p.spec not in {q.spec for q in fits[:i]}]
+        if objective == "flops" or len(fits) == 1 and fits[0].recompute_flops == 0:
+            return min(fits, key=lambda p: p.recompute_flops)
+        _price(model, batch, fits, plain, blocks_attr=blocks_attr, select=select,
+               optimizer=optimizer, loss_fn=step_loss, amp=amp)
+        return min(fits, key=lambda p: (p.predicted_step_ms, p.recompute_flops))
+
+    def with_full(fits: list[Plan]) -> list[Plan]:
+        """``fits`` and, under the time objective, ``full`` when it fits too: a plan is
+        never slower than full unless it peaks lower."""
+        if objective == "flops" or costs is None:
+            return fits
+        result = simulated(Full())
+        value = result.peak_bytes if metric == "peak" else result.saved_bytes
+        return fits + ([plan_of(Full(), result)] if value <= budget_bytes else [])
+
     if chainless and metric == "stored":
         return _plan_stored(None, plain, budget_bytes, simulated, plan_of, max_rounds,
-                            None, None, _whole_forms(model, batch, loss_fn))
+                            None, None, _whole_forms(model, batch, loss_fn, prof), choose)
     chained: Plan | None
     error: StrategyError | None                     # why no plan, without a chain
     lowest: list[tuple[Strategy, Measurement]]      # candidates of the smallest budget
@@ -512,15 +473,13 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
             return make_plan([], plain)
         chained, error, lowest = None, _chainless_error(model), []
     else:
-        early, tail = levels.stop_flops(model, batch, blocks_attr=blocks_attr,
-                                        loss_fn=loss_fn, **select)
-        stops = levels.segment_stops(costs, early, tail)    # plain segments' discount
-        options = levels.op_options(model, batch, blocks_attr=blocks_attr, loss_fn=loss_fn,
-                                    early=early, **select)
+        early = prof.early
+        stops = levels.segment_stops(costs, early, prof.tail)   # plain segments' discount
+        options = levels.op_options(prof)
         if metric == "stored":
             return _plan_stored(costs, plain, budget_bytes, simulated, plan_of, max_rounds,
-                                stops, options, _whole_forms(model, batch, loss_fn, n)
-                                if whole else [])
+                                stops, options, _whole_forms(model, batch, loss_fn, prof, n)
+                                if whole else [], lambda fits: choose(with_full(fits)))
         chained, lowest = _plan_peak(costs, plain, budget_bytes, simulated, make_plan,
                                      plan_of, max_rounds, options, stops, early)
         error = None
@@ -528,28 +487,29 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
     # when the chain's plan recomputes at all; equal FLOPs: the chain's plan, whose
     # rebuilds re-run fewer ops
     remat = whole and n <= levels.REMAT_MAX_BLOCKS
-    front = levels.remat_front(model, batch, loss_fn=loss_fn) if remat and (
+    front = levels.remat_front(model, batch, prof, loss_fn=loss_fn) if remat and (
         chained is None or chained.recompute_flops > 0) else None
+    fits = [chained] if chained is not None else []
     if front is not None:
-        found = levels.remat_fit(model, batch, budget_bytes, simulated, loss_fn=loss_fn,
-                                 max_rounds=max_rounds, front=front)
-        if found is not None and (chained is None or found[1].backward_flops
+        found = levels.remat_fit(front, budget_bytes, simulated, max_rounds=max_rounds)
+        if found is not None and (objective == "time" or chained is None or found[1].backward_flops
                                   - plain.backward_flops < chained.recompute_flops):
-            return make_plan([], found[1], chosen=found[0])
-    if chained is not None:
-        return chained
+            fits.insert(0, make_plan([], found[1], chosen=found[0]))
+    if fits:
+        return choose(with_full(fits) if chained is None or chained.recompute_flops else fits)
     # NOTE [ The smallest feasible budget ]
     if front is not None:
-        lowest += levels.remat_lowest(model, batch, simulated, loss_fn=loss_fn, front=front)
+        lowest += levels.remat_lowest(model, simulated, front)
     if not lowest:
         if error is None:       # a chain always leaves candidates (_plan_peak)
             raise RuntimeError("memprop.checkpoint: no plan fits and no candidate bounds "
                                "the smallest feasible budget, though the chain was searched")
         raise error
     lowest.append((NoCheckpoint(), plain))
-    fits = [(st, r) for st, r in lowest if r.peak_bytes <= budget_bytes]
-    if fits:
-        return plan_of(*min(fits, key=lambda sr: (sr[1].backward_flops, sr[1].peak_bytes)))
+    fitting = [(st, r) for st, r in lowest if r.peak_bytes <= budget_bytes]
+    if fitting:
+        return choose([plan_of(*sr) for sr in sorted(
+            fitting, key=lambda sr: (sr[1].backward_flops, sr[1].peak_bytes))])
     strategy, result = min(lowest, key=lambda sr: (sr[1].peak_bytes, sr[1].backward_flops))
     raise _peak_budget_error(budget_bytes, result.peak_bytes, plain, strategy.spec)
 
@@ -649,28 +609,27 @@ def _finds_chain(model) -> bool:
     return True
 
 
-def _whole_forms(model, batch, loss_fn, n_blocks: int = 0) -> list:
+def _whole_forms(model, batch, loss_fn, prof: Profile, n_blocks: int = 0) -> list:
     """(form, solver) of the forms spanning the whole forward that ``plan(metric=
     "stored")`` weighs: ``forward:KEYS``, and ``remat:KEYS`` on chains of at most
     ``levels.REMAT_MAX_BLOCKS`` blocks while its rebuilds stay within
     ``levels.REBUILD_LIMIT``; none when the loss calls the model twice."""
-    calls = levels.whole_calls(model, batch, loss_fn=loss_fn)
+    calls = prof.forward_calls
     if calls is None:
         return []
-    front = levels.whole_front(model, batch, loss_fn=loss_fn, calls=calls)
+    front = levels.whole_front(prof=prof)
     forms: list[type[Forward] | type[Remat]] = [Forward]
     if n_blocks <= levels.REMAT_MAX_BLOCKS and levels.rebuilds_within_limit(
             model, batch, calls, loss_fn=loss_fn):
         forms.append(Remat)
-    return [(form, levels.whole_solver(model, batch, form=form, front=front))
-            for form in forms]
+    return [(form, levels.whole_solver(front, form=form)) for form in forms]
 
 
 def _plan_stored(costs, plain, budget_bytes, simulated, plan_of, max_rounds,
-                 stops, options, wholes) -> Plan:
+                 stops, options, wholes, choose) -> Plan:
     """``plan(metric="stored")``: the cheapest of the single-level placements on the
-    chain and the ``wholes`` forms (memprop.checkpoint.whole, .remat), on the bytes the
-    forward stores (NOTE [ The two metrics ], memprop.checkpoint.levels). Equal FLOPs:
+    chain and the ``wholes`` forms (memprop.checkpoint.forms.whole, .remat), on the bytes the
+    forward stores (NOTE [ The two metrics ], memprop.checkpoint.planning.searches). Equal FLOPs:
     the lower peak. None fits: the cheapest that fits of the candidates that bound the
     smallest feasible budget (each form keeping nothing, the chain's placement of least
     stored bytes), else a ``BudgetError`` with the least of them (as NOTE [ The smallest
@@ -693,15 +652,15 @@ def _plan_stored(costs, plain, budget_bytes, simulated, plan_of, max_rounds,
         lowest.append((form(), nothing_kept))
     cheapest = lambda f: (f[1].backward_flops, f[1].peak_bytes)  # noqa: E731
     fits = [f for f in found if f is not None]
-    if fits:
-        return plan_of(*min(fits, key=cheapest))
+    if fits:          # the objective's choice; first among equals: the cheapest
+        return choose([plan_of(*f) for f in sorted(fits, key=cheapest)])
     if costs is not None:
         least = levels.placement_strategy(stored_fronts(costs, early=stops,
                                                         options=options)[0][2])
         lowest.append((least, simulated(least)))
     fits = [f for f in lowest if f[1].saved_bytes <= budget_bytes]
     if fits:
-        return plan_of(*min(fits, key=cheapest))
+        return choose([plan_of(*f) for f in sorted(fits, key=cheapest)])
     reached_by, result = min(lowest, key=lambda f: (f[1].saved_bytes, f[0].spec))
     smallest = result.saved_bytes
     raise BudgetError(
@@ -718,7 +677,13 @@ class Budget(Strategy):
     """``budget:SIZE``: the planner's cheapest plan whose predicted peak fits SIZE,
     planned from a profile of the example batch when applied."""
 
+    syntax = "budget:SIZE"
+    keeps_case = True
     budget_bytes: int = 0
+
+    @classmethod
+    def parse(cls, text):
+        return cls(parse_size(text, positive=True))
 
     @property
     def spec(self):
@@ -741,6 +706,3 @@ class Budget(Strategy):
         found.strategy.apply(model, blocks_attr=blocks_attr, blocks=blocks, check_fn=check_fn)
         model.__dict__[APPLIED].strategy = self
         return model
-
-
-register_form("budget", lambda arg: Budget(parse_size(arg)))

@@ -9,14 +9,14 @@ NOTE [ Verifying a replay ]
   time. Both rest on rules (RNG restored, BatchNorm statistics restored, in-place writes
   refused or copied) that a model never seen before can break. Inside ``verifying()``
   the patches a strategy installed (NOTE [ A strategy travels with the model ],
-  memprop.checkpoint.patch) hold the originals for that step only and compare:
+  memprop.checkpoint.forms.patch) hold the originals for that step only and compare:
     * checkpointed segments (every chain form, ``selective``, ``ops:``, ``forward:``,
       ``nested:``): the forward records, in order, a copy of every op call's tensor
       outputs; the recompute compares each call's outputs with the recorded ones, in
       the same order (torch may stop a recompute early: a prefix is compared). Calls
       whose output is uninitialised memory (``empty``) are not compared. While
       verifying, a plain segment recomputes its last block in full (NOTE [ A segment's
-      output needs no recompute ], memprop.checkpoint.tail, is off).
+      output needs no recompute ], memprop.checkpoint.forms.tail, is off).
     * ``remat:``: each saved tensor is packed with a copy of the original; when backward
       unpacks its rebuild, the two must be equal.
   The first difference raises ``StrategyError`` naming the op, the module that ran it
@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_flatten
 from torch.utils.checkpoint import noop_context_fn
 
-from memprop.checkpoint.selective import _Both
+from memprop.checkpoint.forms.selective import Both
 from memprop.errors import StrategyError
 from memprop.models.user import step_loss as one_step_loss
 
@@ -57,7 +57,7 @@ def _updates_buffer(name: str, args) -> bool:
     """An in-place op on a module buffer (BatchNorm's ``num_batches_tracked += 1``): a
     recompute repeats it on the value the forward left, and the chain puts the buffers
     back afterwards (NOTE [ How a segment is checkpointed without changing the model ],
-    memprop.checkpoint.chain), so it is neither compared nor counted."""
+    memprop.checkpoint.forms.chain), so it is neither compared nor counted."""
     buffers: set[int] = getattr(_state, "buffers", None) or set()
     return name.endswith("_") and bool(args) and isinstance(args[0], torch.Tensor) and (
         args[0].untyped_storage().data_ptr() in buffers)
@@ -206,8 +206,8 @@ class VerifyingContext:
     def __call__(self):
         forward_ctx, recompute_ctx = self.inner()
         calls: list = []
-        return (_Both(forward_ctx, _Originals(calls)),
-                _Both(recompute_ctx, _Compare(calls, self.form)))
+        return (Both(forward_ctx, _Originals(calls)),
+                Both(recompute_ctx, _Compare(calls, self.form)))
 
 
 def verify_replay(model: nn.Module, batch, *, loss_fn=None) -> None:

@@ -1,0 +1,187 @@
+"""Op-level checkpointing: inside each checkpointed block, which op outputs are kept and
+which are recomputed, as torch's selective checkpointing and compile's partitioner
+decide per op.
+
+    apply_strategy(model, "ops:addmm+sdpa")               # every block: keep these
+    apply_strategy(model, "ops:0-3=addmm#0+sdpa,4-5")     # blocks 0..3 each with a policy
+    Ops.parse("0-3=addmm#0+sdpa,4-5").apply(model)        # 4-5: one plain segment
+
+NOTE [ One block, one op-level policy ]
+  A block checkpointed with op keys K (NOTE [ Op keys ], memprop.checkpoint.forms.opkeys)
+  runs in one non-reentrant checkpoint (RNG preserved) whose selective-checkpoint policy
+  (``torch.utils.checkpoint.create_selective_checkpoint_contexts``) is MUST_SAVE for the
+  outputs of ops matching K and PREFER_RECOMPUTE for every other op: what backward needs
+  from the kept ops comes from the cache, the rest is recomputed. Those cached outputs
+  are reported to memprop's instruments as stored (``memprop.saved.report_stored``), as
+  for ``selective``. Gradients are bitwise those of the plain step on CPU.
+
+NOTE [ Compact op-level specs ]
+  A plan keeps per block a set of op keys; a 7B chain writes the same set for dozens of
+  blocks. The spec is written short, and ``Ops`` holds it in that form, so that each
+  spelling of one strategy parses to one value (``==``, round trip): an op's calls in
+  runs of indices become ranges (``mm#0+mm#1+mm#2`` -> ``mm#0-2``; a bare name covers
+  them all), and consecutive blocks with the same keys one range of blocks
+  (``0=mm#0-4,1=mm#0-4`` -> ``0-1=mm#0-4``). A keyed range checkpoints each of its
+  blocks apart with that policy, so merging it changes nothing; a plain range
+  (``4-5``, no keys) is one segment, and plain ranges are never merged. The long forms
+  still parse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+from memprop.checkpoint.forms.chain import CheckpointedChain
+from memprop.checkpoint.forms.multilevel import claim_blocks
+from memprop.checkpoint.forms.opkeys import (
+    KeyMatcher,
+    canonical_keys,
+    draws_random,
+    op_name,
+    parse_keys,
+    refuse_unmatched,
+)
+from memprop.checkpoint.forms.patch import Applied
+from memprop.checkpoint.forms.selective import Both
+from memprop.checkpoint.forms.strategies import Strategy
+from memprop.errors import StrategyError
+from memprop.saved import report_stored
+
+__all__ = ["Ops", "op_context", "op_context_fn"]
+
+
+class _Report(TorchDispatchMode):
+    """Reports kept outputs as stored for backward (the forward pass only); on leaving,
+    refuses keys that named calls the run did not make (``refuse_unmatched``)."""
+
+    def __init__(self, matcher: KeyMatcher, where: str = "block"):
+        super().__init__()
+        self.matcher, self.where = matcher, where
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        if exc[0] is None:
+            refuse_unmatched(self.matcher, self.where)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.matcher.kept(func) and not draws_random(func, args, kwargs):
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    report_stored(t, f"ops:{op_name(func)}")
+        return out
+
+
+def op_context(keys: frozenset, where: str = "block"):
+    """The (forward, recompute) contexts of a checkpoint keeping the outputs of the calls
+    ``keys`` names (numbered within each ``where``: a block, or the forward)."""
+    runs = {False: KeyMatcher(keys), True: KeyMatcher(keys)}   # forward, recompute
+
+    def policy(ctx, op, *args, **kwargs):
+        if runs[ctx.is_recompute].kept(op) and not draws_random(op, args, kwargs):
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    forward_ctx, recompute_ctx = create_selective_checkpoint_contexts(policy)
+    return Both(forward_ctx, _Report(KeyMatcher(keys), where)), recompute_ctx
+
+
+def op_context_fn(keys, where: str = "block") -> functools.partial:
+    """``context_fn`` for ``checkpoint``: ``op_context`` over ``keys``. A partial of a
+    module-level function, not a closure: it pickles and deep-copies with the patch that
+    holds it (NOTE [ A strategy travels with the model ], memprop.checkpoint.forms.patch), and
+    torch.compile traces it (dynamo takes a function or a partial as ``context_fn``)."""
+    return functools.partial(op_context, frozenset(keys), where)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ops(Strategy):
+    """Segments ``(first, last, keys)``: ``keys`` empty = a plain checkpointed segment;
+    else each block of the range checkpointed with that op-level policy. ``every``:
+    keys applied to every block (the form ``ops:addmm+sdpa``)."""
+
+    syntax = "ops:OPS"
+    parts: tuple = ()
+    every: frozenset | None = None
+
+    def __post_init__(self):
+        # NOTE [ Compact op-level specs ]: keys in their shortest form, and keyed blocks
+        # in runs, so that every spelling of one strategy is one value
+        parts = tuple((int(a), int(b), frozenset(canonical_keys(k))) for a, b, k in self.parts)
+        if self.every is not None:
+            object.__setattr__(self, "every", frozenset(canonical_keys(self.every)))
+        ends = [i for a, b, _ in parts for i in (a, b)]
+        if any(a > b for a, b, _ in parts) or ends != sorted(ends) or len(set(ends)) != len(
+                ends) - sum(a == b for a, b, _ in parts):
+            object.__setattr__(self, "parts", parts)
+            raise StrategyError(f"memprop.checkpoint: {self.spec} needs ordered, disjoint "
+                                "ranges, e.g. ops:0-3=addmm+sdpa,4-5")
+        runs: list = []
+        for a, b, keys in parts:
+            if runs and keys and runs[-1][2] == keys and runs[-1][1] + 1 == a:
+                runs[-1] = (runs[-1][0], b, keys)    # the next block, the same policy
+            else:
+                runs.append((a, b, keys))
+        object.__setattr__(self, "parts", tuple(runs))
+
+    @classmethod
+    def parse(cls, text: str) -> "Ops":
+        if re.fullmatch(r"[a-z_][a-z0-9_#+-]*", text):
+            return cls(every=parse_keys(text, text))
+        parts = []
+        for part in text.split(","):
+            m = re.fullmatch(r"(\d+)(?:-(\d+))?(?:=([a-z0-9_#+-]+))?", part)
+            if not m:
+                raise StrategyError(
+                    f"memprop.checkpoint: bad op-level strategy ops:{text} at {part!r}; write "
+                    "ops:KEYS (every block) or ops:RANGE[=KEYS],... e.g. ops:addmm+sdpa, "
+                    "ops:0-3=addmm#0+sdpa,4-5")
+            a = int(m.group(1))
+            parts.append((a, int(m.group(2) or a), parse_keys(m.group(3) or "", text)))
+        return cls(tuple(parts))
+
+    @property
+    def spec(self) -> str:
+        """The compact form (NOTE [ Compact op-level specs ]): ``ops:0-22=mm#0-4,23``."""
+        if self.every is not None:
+            return "ops:" + "+".join(canonical_keys(self.every))
+        out = []
+        for a, b, keys in self.parts:
+            text = str(a) if a == b else f"{a}-{b}"
+            out.append(text + ("=" + "+".join(canonical_keys(keys)) if keys else ""))
+        return "ops:" + ",".join(out)
+
+    def segments(self, n):
+        """The checkpointed segments: a plain range is one, a keyed range one per block."""
+        if self.every is not None:
+            return [(k, k) for k in range(n)]
+        return [seg for a, b, keys in self.parts
+                for seg in ([(k, k) for k in range(a, b + 1)] if keys else [(a, b)])]
+
+    def groups(self, n: int) -> dict:
+        """keys -> segments checkpointed with them (empty keys: plain segments)."""
+        if self.every is not None:
+            return {self.every: [(k, k) for k in range(n)]}
+        out: dict = {}
+        for a, b, keys in self.parts:
+            if b >= n:
+                raise StrategyError(f"memprop.checkpoint: {self.spec} names block {b} but "
+                                    f"the chain has blocks 0..{n - 1}")
+            out.setdefault(keys, []).extend([(a, b)] if not keys else
+                                             [(k, k) for k in range(a, b + 1)])
+        return out
+
+    def apply(self, model: nn.Module, *, blocks_attr: str | None = None,
+              example_batch=None, **select) -> nn.Module:
+        blocks = claim_blocks(model, blocks_attr, select)
+        patches = [patch for keys, segs in self.groups(len(blocks)).items()
+                   for patch in CheckpointedChain(blocks, segs, context_fn=op_context_fn(keys)
+                                                  if keys else None).apply().patches]
+        return Applied.record(model, self, patches)

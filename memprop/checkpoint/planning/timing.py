@@ -1,0 +1,140 @@
+"""What a plan costs in seconds on this device: the planner's time model.
+
+    rates = calibrate(torch.device("cpu"), torch.float32)     # once per device, cached
+    ms = predict_step_ms(rates, small_ms, small_work, full_work)
+
+NOTE [ Pricing a plan in seconds ]
+  The planner used to choose the plan of least recompute FLOPs; a user pays seconds. A
+  step's time is its work priced at this device's rates plus what each op costs to
+  dispatch: FLOPs (matmuls, attention, convolutions), bytes written (pointwise ops are
+  memory-bound), and per aten call a fixed cost, which a form that runs ops through
+  Python (a selective-checkpoint policy, ``remat:``'s recorder and replays) pays many
+  times over. The last is the one no count predicts, so it is measured: each candidate
+  plan is timed on the user's real model at ``SMALL_ROWS`` rows of the batch (a few
+  steps, interleaved with the plain step, medians), where the work is small and the
+  per-op costs dominate. The full batch adds work, priced at rates calibrated once per
+  device, dtype and thread count (``calibrate``: a matmul for seconds per FLOP, a large
+  add for seconds per byte):
+
+      predicted ms (batch B) = measured ms (SMALL_ROWS rows)
+                               + (FLOPs(B) - FLOPs(small)) * ms_per_flop
+                               + (bytes(B) - bytes(small)) * ms_per_byte
+
+  with FLOPs and bytes written over the step's forward and backward, counted on fake
+  tensors by the simulation (NOTE [ A step's work ], memprop.flops). Nothing of the full
+  step is allocated. A fake model (a config planned from the CLI) cannot be timed: its
+  plans are priced by the rates alone, per-op costs at the plain dispatch cost, and the
+  plan says so. The model ranks plans; ``benchmarks/results/planner.md`` measures how
+  well it predicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import statistics
+import time
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map
+
+from memprop.measure import Measurement
+
+__all__ = ["Rates", "calibrate", "SMALL_ROWS", "first_rows", "work_of", "predict_ms",
+           "time_steps"]
+
+# rows of the batch each candidate is timed at (NOTE above): per-op costs, little work
+SMALL_ROWS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Rates:
+    """This device's prices (NOTE [ Pricing a plan in seconds ]), in milliseconds."""
+
+    ms_per_flop: float        # a large matmul's time per FLOP
+    ms_per_byte: float        # a large pointwise add's time per byte written
+    ms_per_op: float          # one small aten call's dispatch
+
+
+def _median_ms(fn, repeats: int = 5) -> float:
+    fn()                                                  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+@functools.lru_cache(maxsize=None)
+def _calibrate(device: str, dtype: torch.dtype, threads: int) -> Rates:
+    dev = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    n = 512 if dev.type == "cpu" else 2048
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    big = torch.randn(1 << 22, device=dev, dtype=dtype)
+    tiny = torch.randn(4, device=dev, dtype=dtype)
+
+    def run(fn, reps):
+        def go():
+            for _ in range(reps):
+                fn()
+            sync()
+        return _median_ms(go) / reps
+    mm = run(lambda: torch.mm(a, a), 4)
+    add = run(lambda: torch.add(big, big), 4)
+    op = run(lambda: torch.add(tiny, tiny), 200)
+    return Rates(ms_per_flop=max(mm - op, 0.0) / (2 * n ** 3),
+                 ms_per_byte=max(add - op, 0.0) / (big.numel() * big.element_size()),
+                 ms_per_op=op)
+
+
+def calibrate(device: torch.device, dtype: torch.dtype) -> Rates:
+    """This device's ``Rates`` for ``dtype`` at the current thread count, measured once
+    per process (a 512x512 matmul, a 16 MiB add, a 4-element add; medians of 5)."""
+    return _calibrate(str(device), dtype, torch.get_num_threads())
+
+
+def first_rows(batch, rows: int = SMALL_ROWS):
+    """``batch`` cut to its first ``rows`` rows: every tensor whose first dimension is
+    the batch's (the first tensor's) is sliced, anything else is kept as it is."""
+    size = next((t.shape[0] for t in tree_flatten(batch)[0]
+                 if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+    return tree_map(lambda t: t[:rows] if isinstance(t, torch.Tensor) and t.dim() > 0
+                    and t.shape[0] == size else t, batch)
+
+
+def work_of(m: Measurement) -> tuple[int, int, int]:
+    """(FLOPs, bytes written, aten calls) of a step's forward and backward
+    (NOTE [ A step's work ], memprop.flops)."""
+    ops = sum(n for n, _ in m.work.values())
+    written = sum(b for _, b in m.work.values())
+    return m.forward_flops + m.backward_flops, written, ops
+
+
+def predict_ms(rates: Rates, full: Measurement, small: Measurement | None = None,
+               small_ms: float | None = None) -> float:
+    """Predicted step time (ms) of the step ``full`` simulates: ``small_ms``, measured at
+    the rows ``small`` simulates, plus the extra work priced at ``rates``; without a
+    timing, the whole work priced at ``rates`` (per-op costs at the plain dispatch)."""
+    flops, written, ops = work_of(full)
+    if small is None or small_ms is None:
+        return flops * rates.ms_per_flop + written * rates.ms_per_byte + ops * rates.ms_per_op
+    small_flops, small_written, _ = work_of(small)
+    return (small_ms + (flops - small_flops) * rates.ms_per_flop
+            + (written - small_written) * rates.ms_per_byte)
+
+
+def time_steps(steps: dict, *, rounds: int = 5) -> dict:
+    """Median ms of each zero-argument ``steps[name]`` (one training step each),
+    interleaved over ``rounds`` rounds after one warm-up round: the noise of a shared
+    machine falls on every candidate alike."""
+    for run in steps.values():
+        run()
+    times: dict = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, run in steps.items():
+            start = time.perf_counter()
+            run()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
