@@ -225,3 +225,13 @@ def test_full_checkpointing_under_tp_and_hsdp_gives_bitwise_gradients(config, fs
     assert [r["rank"] for r in ranks] == list(range(fsdp.world_size))
     assert all(r["equal"] and r["max_abs_diff"] == 0.0 for r in ranks), ranks
     assert ranks[0]["params"] == len(list(config.build().parameters()))
+
+
+def test_cli_tp_alone_text(capsys):
+    # tensor parallelism alone: no FSDP2, so no gathered parameters to report
+    assert main(["profile", "--model", "hf:llama", "--batch", "2", "--tp", "2",
+                 "--estimate"]) == 0
+    out = capsys.readouterr().out
+    assert "tensor parallel over 2 ranks (no FSDP2)" in out and "PREDICTED" in out
+    assert "parameters (its tensor-parallel slices)" in out
+    assert "gathered parameters" not in out

@@ -1,4 +1,4 @@
-"""A ``ShardedMeasurement`` as text for people (``memprop profile --fsdp N``).
+"""A ``ShardedMeasurement`` as text for people (``memprop profile --fsdp N``, ``--tp M``).
 
 Ranks whose figures are identical share one row, named by their ranks as ranges
 (``0-62``, ``63``), so 1024 ranks print as a few rows; the largest rank is named.
@@ -43,6 +43,8 @@ def render_sharded(s: ShardedMeasurement, config, *, batch_size: int) -> str:
     shown = groups[["ranks", *SHOWN]]
     took = f" in {s.seconds:.1f} s" if s.seconds is not None else ""
     held = m.peak_by_category
+    # tensor parallelism alone: whole slices of each layer, nothing FSDP2 gathers
+    params = "sharded parameters" if s.fsdp.fsdp else "parameters (its tensor-parallel slices)"
     lines = [f"{config.name} ({sizes})",
              f"batch {batch_size} per rank, {m.dtype}, cpu, strategy {m.strategy}, optimizer "
              f"{m.optimizer}; {s.fsdp.describe()}: {how}{took}",
@@ -51,11 +53,12 @@ def render_sharded(s: ShardedMeasurement, config, *, batch_size: int) -> str:
              "",
              f"  largest rank          {s.largest_rank}: tensor-level peak "
              f"{format_bytes(s.peak_bytes)} ({s.peak_bytes} bytes)",
-             f"  held by that rank     sharded parameters {format_bytes(held['parameter'])}, "
+             f"  held by that rank     {params} {format_bytes(held['parameter'])}, "
              f"gradients {format_bytes(held['gradient'])}, optimizer state "
              f"{format_bytes(held['optimizer'])}; live before the step "
-             f"{format_bytes(m.start_bytes)}",
-             f"  gathered parameters   {format_bytes(m.meta['gathered_bytes_at_peak'])} at "
-             f"that peak, at most {format_bytes(m.meta['gathered_peak_bytes'])} (FSDP2's "
-             "all-gathered, unsharded parameters)"]
+             f"{format_bytes(m.start_bytes)}"]
+    if s.fsdp.fsdp:
+        lines.append(f"  gathered parameters   {format_bytes(m.meta['gathered_bytes_at_peak'])} "
+                     f"at that peak, at most {format_bytes(m.meta['gathered_peak_bytes'])} "
+                     "(FSDP2's all-gathered, unsharded parameters)")
     return "\n".join(lines)
