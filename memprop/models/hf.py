@@ -713,9 +713,14 @@ def _rows(batch: dict) -> int:
 #   each prepared padding mask came from, and a mask made by ``torch.ones`` stands in as
 #   all ones (the estimate of hf:bart counted a decoder mask per layer that the eager run
 #   skips). Any other mask is taken to be the batch's. The stand-in is made with every
-#   dispatch mode off, so a live-memory tracker never sees it (it counted 128 bytes
-#   at the start of an hf:llama step that the eager run never holds). Residual: recurrent-attention
-#   models (mamba2, kimi-linear) trim their mask through
+#   dispatch mode off, so a live-memory tracker does not see it made (it showed 4 rows,
+#   ones/lift_fresh/select/fill_, that the eager run never runs). The skip test's own
+#   ops on it (alias, sum, eq, item) the tracker still sees, as it sees them on the real
+#   batch's mask, but the stand-in is a storage it has not counted: for those 4 rows a
+#   prediction holds the mask's bytes more than the real run (B x T bools: 128 bytes at
+#   batch 2, seq 64; at the start of forward, below the peak). Checked row by row
+#   against real gloo ranks in tests/test_sharded_parallel.py (``_same_rows``).
+#   Residual: recurrent-attention models (mamba2, kimi-linear) trim their mask through
 #   ``create_recurrent_attention_mask``, imported into each model module; on fake
 #   tensors they keep a mask the eager run drops when the batch is unpadded (pad > 0,
 #   the default, pads half the rows and agrees).
