@@ -235,3 +235,25 @@ def test_cli_tp_alone_text(capsys):
     assert "tensor parallel over 2 ranks (no FSDP2)" in out and "PREDICTED" in out
     assert "parameters (its tensor-parallel slices)" in out
     assert "gathered parameters" not in out
+
+
+def test_uneven_fsdp_shards_under_tp_on_six_ranks():
+    # FSDP over 3 of each tensor-parallel half: the 3 shards of a dimension of n rows hold
+    # ceil(n/3), ..., the rest, so shard 2 (ranks 4, 5) holds fewer rows; two rank classes,
+    # predicted one after the other in this process (NOTE [ One process group per
+    # predicted rank ], memprop.sharded.prediction)
+    job = RankJob(config=TRANSFORMER, batch_size=2, optimizer="adam",
+                  fsdp=FSDPConfig(world_size=6, tp=2))
+    real, fake = measure_jobs([job])[0], predict_job(job)
+    assert fake.same_as == [0, 0, 0, 0, 4, 4]
+    assert_ranks_equal(real, fake)
+    # Adam's moments follow the unpadded shard. Floats shard 2 lacks, per tensor-parallel
+    # local shape: embed and head (50, 32) 17/17/16 rows: 32 each; pos (16, 32) 6/6/4: 64;
+    # ln_f 32 and 32: 1 + 1; per block ln1, ln2: 4, qkv (48, 32) and (48,) even: 0,
+    # proj (32, 16) 11/11/10: 16 and its whole bias (32,): 1, fc1 (64, 32) and (64,)
+    # 22/22/20: 64 + 2, fc2 (32, 64) and (32,): 64 + 1 -> 152
+    fewer = 32 + 32 + 64 + 2 + 2 * 152
+    assert fewer == 434
+    opt = [real.rank(r).peak_by_category["optimizer"] for r in range(6)]
+    assert opt[0] - opt[4] == 2 * 4 * fewer == 3472
+    assert opt[:4] == [opt[0]] * 4 and opt[4:] == [opt[4]] * 2

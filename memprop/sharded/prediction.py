@@ -24,6 +24,17 @@ NOTE [ Which ranks are predicted ]
   index; replicas (HSDP) hold the same shards, so they share a class; under tensor
   parallelism the layout is that of the tensor-parallel rank's local shapes
   (``tp_local_shapes``: even splits, the same on every tensor-parallel rank).
+
+NOTE [ One process group per predicted rank ]
+  Each predicted rank gets its own fake process group and mesh, one after the other in
+  this process. DTensor caches sharding decisions by their specs, and a spec's mesh
+  hashes by its shape and names, not by its process groups: the second predicted rank
+  of a tensor-parallel model was handed the first rank's mesh from that cache, whose
+  groups were gone ("Could not resolve the process group registered under the name
+  3", FSDP 2 x TP 2 predicting ranks 0 and 2). So after each predicted rank
+  ``_forget_meshes`` clears DTensor's caches (sharding propagation, in C++ and Python,
+  tensor metadata, redistribution plans): a prediction of one rank never sees
+  another's meshes.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import time
 import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed.tensor import DTensor, _redistribute
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from memprop.errors import ConfigError
@@ -66,6 +78,17 @@ def _predict_rank(job: RankJob, rank: int):
             return rank_step(job, mesh, predicted=True)
     finally:
         dist.destroy_process_group()
+        _forget_meshes()
+
+
+def _forget_meshes() -> None:
+    """Clear DTensor's caches that hold meshes (NOTE [ One process group per predicted
+    rank ])."""
+    torch._C._clear_DTensor_sharding_propagator_cache()         # the C++ fast path's
+    propagator = DTensor._op_dispatcher.sharding_propagator
+    propagator.propagate_op_sharding.cache_clear()
+    propagator._propagate_tensor_meta_cached.cache_clear()
+    _redistribute._gen_transform_infos.cache_clear()
 
 
 def predict_job(job: RankJob) -> ShardedMeasurement:
