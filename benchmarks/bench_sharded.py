@@ -14,7 +14,8 @@ under FakeTensorMode on a fake process group (as its tests run it), with FSDP2's
 collectives, as a user would run it (none for tensor parallelism alone: FSDPMemTracker
 takes an FSDP module). Then the time of memprop's prediction at 2, 64 and 1024 ranks for
 the README's 8-block transformer (adam, batch 8 per rank), FSDP2 alone and with HSDP and
-tensor parallelism.
+tensor parallelism; and predictions of 7B- and 70B-shaped Llama configs at 8, 64 and 512
+ranks (FSDP2, FSDP x TP 8, HSDP x FSDP x TP 8).
 """
 
 from __future__ import annotations
@@ -76,6 +77,19 @@ JOBS = {
     "llama, fsdp 2 x tp 2, bf16": _job(LLAMA, world_size=4, tp=2, mixed_precision="bf16"),
 }
 TIMED = [{}, {"replicate": 2, "tp": 4}]      # FSDP2 alone; HSDP x FSDP x TP
+
+# Llama-shaped hf:llama configs (random weights, nothing downloaded), bf16 parameters,
+# Adam, seq 4096, batch 1 per rank: predicted only
+LLAMA_SHAPES = {
+    "7B": memprop.model_config("hf:llama", hidden_size=4096, num_hidden_layers=32,
+                               num_attention_heads=32, num_key_value_heads=32,
+                               intermediate_size=11008, vocab_size=32000, seq_len=4096),
+    "70B": memprop.model_config("hf:llama", hidden_size=8192, num_hidden_layers=80,
+                                num_attention_heads=64, num_key_value_heads=8,
+                                intermediate_size=28672, vocab_size=32000, seq_len=4096),
+}
+LLAMA_MESHES = [{"world_size": 8}, {"world_size": 64}, {"world_size": 64, "tp": 8},
+                {"world_size": 512, "tp": 8}, {"world_size": 512, "replicate": 8, "tp": 8}]
 
 
 def fsdp_mem_tracker_peak(job: RankJob, mesh) -> int | None:
@@ -151,8 +165,26 @@ def run() -> dict:
             timings.append({"mesh": s.fsdp.describe(), "world_size": n,
                             "ranks_predicted": len(s.ranks), "peak_bytes": s.peak_bytes,
                             "seconds": round(s.seconds, 1)})
-    return {"table": rows, "prediction_times": timings,
+    llama = []
+    for size, config in LLAMA_SHAPES.items():
+        params = sum(p.numel() for p in _fake_build(config))
+        for mesh in LLAMA_MESHES:
+            s = predict_job(RankJob(config=config, batch_size=1, optimizer="adam",
+                                    dtype=torch.bfloat16, fsdp=FSDPConfig(**mesh)))
+            m = s.rank(s.largest_rank)
+            llama.append({"model": size, "parameters": params, "mesh": s.fsdp.describe(),
+                          "peak_bytes": s.peak_bytes,
+                          "parameter_bytes": m.peak_by_category["parameter"],
+                          "optimizer_bytes": m.peak_by_category["optimizer"],
+                          "saved_bytes": m.saved_bytes, "ranks_predicted": len(s.ranks),
+                          "seconds": round(s.seconds, 1)})
+    return {"table": rows, "prediction_times": timings, "llama": llama,
             "big_model": BIG.fields(), "torch": torch.__version__}
+
+
+def _fake_build(config):
+    with FakeTensorMode():
+        return list(config.build(dtype=torch.bfloat16).parameters())
 
 
 def _module():
@@ -183,6 +215,7 @@ def markdown(result: dict) -> str:
     table = pd.DataFrame(result["table"]).astype(          # None (no FSDP) shows as <NA>
         {"fsdpmt_real_bytes": "Int64", "fsdpmt_fake_bytes": "Int64"}).to_string(index=False)
     times = pd.DataFrame(result["prediction_times"]).to_string(index=False)
+    llama = pd.DataFrame(result["llama"]).to_string(index=False)
     return "\n".join([
         "# benchmark: sharded", "", f"Targets: {TARGETS}.", "",
         "Peak bytes of one training step per rank, 2 or 4 ranks (CPU, gloo), batch 4 per "
@@ -199,7 +232,13 @@ def markdown(result: dict) -> str:
         f"memprop's prediction of the 8-block transformer ({result['big_model']}), adam, "
         "batch 8 per rank, one rank per shard layout (the world size counts every rank: "
         "replicate x shard x tp):", "",
-        "```", times, "```", ""])
+        "```", times, "```", "",
+        "Llama-shaped hf:llama configs (7B: hidden 4096, 32 layers, 32 heads, MLP 11008; "
+        "70B: hidden 8192, 80 layers, 64 heads and 8 key-value heads, MLP 28672; vocab "
+        "32000), bf16 parameters, Adam (bf16 moments), seq 4096, batch 1 per rank, no "
+        "checkpointing: each rank's predicted peak and what it holds (bytes), and how long "
+        "the prediction took here (2 shared CPU cores):", "",
+        "```", llama, "```", ""])
 
 
 if __name__ == "__main__":
