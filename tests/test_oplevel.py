@@ -86,7 +86,8 @@ def test_stored_plan_uses_op_level_policies_and_is_exact():
     cfg = model_config("transformer", depth=4, d_model=64, heads=4, seq_len=64, vocab=64)
     model, data = build_workload(cfg, 4)
     plain = simulate(model, data, [])
-    p = plan(model, data, int(plain.saved_bytes * 0.6), metric="stored", whole=False)
+    p = plan(model, data, int(plain.saved_bytes * 0.6), metric="stored", whole=False,
+             objective="flops")
     assert p.spec.startswith("ops:") and "=" in p.spec
     # selective keeps every matmul and attention output; the plan stores less than it
     # or recomputes less than full checkpointing

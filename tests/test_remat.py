@@ -266,9 +266,9 @@ def test_peak_planner_takes_remat_where_it_is_cheaper(monkeypatch):
     model, data = build_workload(cfg, B)
     keys = whole_front(model, data, loss_fn=cfg.loss)[-1][2]
     budget = simulate_strategy(model, data, Remat(keys), loss_fn=cfg.loss).peak_bytes
-    chain = plan(model, data, budget, loss_fn=cfg.loss, whole=False)
+    chain = plan(model, data, budget, loss_fn=cfg.loss, whole=False, objective="flops")
     assert not isinstance(chain.strategy, Remat) and chain.recompute_flops > 0
-    p = plan(model, data, budget, loss_fn=cfg.loss)
+    p = plan(model, data, budget, loss_fn=cfg.loss, objective="flops")
     assert isinstance(p.strategy, Remat) and p.recompute_flops < chain.recompute_flops
     assert "rebuilt on its own" in p.describe() and "rebuilds re-run" in p.describe()
     assert p.rebuild_ratio == rebuild_ratio(model, data, p.strategy.keys, loss_fn=cfg.loss) > 0
@@ -276,14 +276,15 @@ def test_peak_planner_takes_remat_where_it_is_cheaper(monkeypatch):
     assert m.peak_bytes == p.predicted_peak_bytes <= budget
     # rebuilds beyond the limit: not weighed
     monkeypatch.setattr(levels, "REBUILD_LIMIT", 0.0)
-    assert not isinstance(plan(model, data, budget, loss_fn=cfg.loss).strategy, Remat)
+    assert not isinstance(plan(model, data, budget, loss_fn=cfg.loss,
+                               objective="flops").strategy, Remat)
 
 
 def test_stored_planner_weighs_remat_at_equal_flops_for_its_peak():
     cfg = model_config("transformer", **TRANSFORMER)
     model, data = build_workload(cfg, B)
     plain = simulate_strategy(model, data, parse_strategy("none"))
-    p = plan(model, data, plain.saved_bytes // 2, metric="stored")
+    p = plan(model, data, plain.saved_bytes // 2, metric="stored", objective="flops")
     assert isinstance(p.strategy, Remat)
     burst = simulate_strategy(model, data, Forward(p.strategy.keys))
     assert burst.saved_bytes == p.predicted_saved_bytes
@@ -298,9 +299,9 @@ def test_default_plan_is_exact_on_models_it_takes_remat_for(name, sizes, batch):
     cfg = model_config(name, **sizes)
     model, data = build_workload(cfg, batch)
     plain = measure_step(model, data, repeats=1, inference=False, timing=False)
-    p = plan(model, data, int(plain.peak_bytes * 0.65))
+    p = plan(model, data, int(plain.peak_bytes * 0.65), objective="flops")
     assert isinstance(p.strategy, Remat)
-    chain = plan(model, data, int(plain.peak_bytes * 0.65), whole=False)
+    chain = plan(model, data, int(plain.peak_bytes * 0.65), whole=False, objective="flops")
     assert p.recompute_flops < chain.recompute_flops
     ref = _grads(cfg, model, data)
     got = _grads(cfg, model, data, p.strategy)

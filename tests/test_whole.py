@@ -132,14 +132,14 @@ def test_stored_planner_takes_the_whole_forward_where_it_is_cheaper():
     model, data = build_workload(cfg, B)
     plain = simulate_strategy(model, data, parse_strategy("none"))
     budget = plain.saved_bytes // 2
-    p = plan(model, data, budget, metric="stored")
+    p = plan(model, data, budget, metric="stored", objective="flops")
     assert p.predicted_saved_bytes <= budget
     # at equal FLOPs remat:KEYS (the same kept outputs, rebuilt one at a time: a lower
     # peak) is taken over forward:KEYS (tests/test_remat.py)
     assert isinstance(p.strategy, (Forward, Remat))
     assert "whole forward" in p.describe() or "rebuilt on its own" in p.describe()
     # no placement on the chain storing as little is as cheap
-    chain = plan(model, data, budget, metric="stored", whole=False)
+    chain = plan(model, data, budget, metric="stored", whole=False, objective="flops")
     assert not isinstance(chain.strategy, (Forward, Remat))
     assert chain.recompute_flops > p.recompute_flops
     apply_strategy(model, p.strategy)
@@ -150,7 +150,8 @@ def test_stored_planner_takes_the_whole_forward_where_it_is_cheaper():
     assert m.saved_bytes == p.predicted_saved_bytes and m.peak_bytes == p.predicted_peak_bytes
     # the smallest feasible stored bytes: the whole forward with nothing kept
     lowest = simulate_strategy(model, data, Forward()).saved_bytes
-    assert plan(model, data, lowest, metric="stored").predicted_saved_bytes == lowest
+    assert plan(model, data, lowest, metric="stored",
+                objective="flops").predicted_saved_bytes == lowest
 
 
 def test_outputs_changed_in_place_are_never_kept():

@@ -19,12 +19,13 @@ if TYPE_CHECKING:
 
 def gather_plan(config, batch_size: int, budget, *, dtype, optimizer="sgd",
                 compare=("none", "sqrt", "full"), metric: str = "peak", whole: bool = True,
-                amp: str | None = None):
+                amp: str | None = None, objective: str = "time"):
     """(Plan or BudgetError, comparison DataFrame, number of blocks): one row per strategy
     with predicted peak, stored bytes and recompute FLOPs; ``fits`` says whether it meets
     the budget (on the step's peak, or with ``metric="stored"`` on the bytes stored).
     The plan's row holds its whole spec (``plan: SPEC``); ``amp``: every row's step
-    under autocast (``bf16``, ``fp16``), as ``memprop profile --amp``."""
+    under autocast (``bf16``, ``fp16``), as ``memprop profile --amp``; ``objective``:
+    what the plan minimises among the plans that fit (``time``, ``flops``)."""
     import pandas as pd
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -60,7 +61,7 @@ def gather_plan(config, batch_size: int, budget, *, dtype, optimizer="sgd",
     result: Plan | BudgetError
     try:
         result = plan(model, batch, budget_bytes, optimizer=optimizer, loss_fn=config.loss,
-                      metric=metric, whole=whole, amp=amp)
+                      metric=metric, whole=whole, amp=amp, objective=objective)
         rows.append(dict(strategy=f"plan: {result.spec}", peak_bytes=result.predicted_peak_bytes,
                          saved_bytes=result.predicted_saved_bytes,
                          recompute_flops=result.recompute_flops))
@@ -91,6 +92,10 @@ def add_parser(sub) -> None:
                    help="mixed precision: plan the step with its forward under "
                         "torch.autocast and float32 master weights (fp16 adds a "
                         "GradScaler), as memprop profile --amp measures it (default: off)")
+    p.add_argument("--objective", choices=("time", "flops"), default="time",
+                   help="among the plans that fit: the least predicted step time (time; "
+                        "on fake tensors priced at this machine's measured rates) or the "
+                        "least recompute FLOPs (flops)")
     p.add_argument("--json", action="store_true", help="print the plan and the table as JSON")
     p.set_defaults(func=plan_command)
 
@@ -125,18 +130,21 @@ def plan_command(args) -> int:
         with factory_errors(args, "plan"):
             result, table, n = gather_plan(config, args.batch, args.budget,
                                            dtype=parse_dtype(args.dtype), optimizer=args.optimizer,
-                                           metric=args.metric, whole=args.whole, amp=args.amp)
+                                           metric=args.metric, whole=args.whole, amp=args.amp,
+                                           objective=args.objective)
     failed = isinstance(result, BudgetError)
     if args.json:
         print(json.dumps({
             "model": config.name, "fields": config.fields(), "batch": args.batch,
             "dtype": args.dtype, "amp": args.amp, "blocks": n, "budget_bytes": args.budget,
-            "metric": args.metric,
+            "metric": args.metric, "objective": args.objective,
             "plan": None if failed else {
                 "spec": result.spec, "predicted_peak_bytes": result.predicted_peak_bytes,
                 "predicted_saved_bytes": result.predicted_saved_bytes,
                 "recompute_flops": result.recompute_flops,
-                "rebuild_ratio": result.rebuild_ratio},
+                "rebuild_ratio": result.rebuild_ratio, "objective": result.objective,
+                "predicted_step_ms": result.predicted_step_ms,
+                "plain_step_ms": result.plain_step_ms, "time_basis": result.time_basis},
             "error": str(result) if failed else None,
             "strategies": table_rows(table)}, indent=2, default=str))
         return 2 if failed else 0

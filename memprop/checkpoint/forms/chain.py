@@ -40,6 +40,7 @@ NOTE [ How a segment is checkpointed without changing the model ]
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
 from typing import Any, Callable
@@ -211,6 +212,23 @@ class CheckpointedChain:
         self.patches = []
 
 
+@contextlib.contextmanager
+def norms_kept(blocks: list[nn.Module]):
+    """BatchNorm running statistics of ``blocks`` (those training) as they were on entry,
+    put back on exit: a recompute must not update them a second time. Snapshot and
+    restore run outside any dispatch mode (bookkeeping, not part of the model)."""
+    with _disable_current_modes():
+        snapshot = [(bn, [t.clone() for t in _running(bn)]) for bn in _norms(blocks)
+                    if bn.training]
+    try:
+        yield
+    finally:
+        with torch.no_grad(), _disable_current_modes():
+            for bn, saved in snapshot:
+                for t, value in zip(_running(bn), saved):
+                    t.copy_(value)
+
+
 def _norms(blocks: list[nn.Module]) -> list[nn.Module]:
     return [m for b in blocks for m in b.modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
@@ -265,26 +283,20 @@ class SegmentForward(PatchedForward):
         # snapshot them and put them back (the kernel path, and so the saved tensors
         # checkpoint compares, stay exactly those of the first pass)
         # (outside any dispatch mode: it is bookkeeping, not part of the model)
-        with _disable_current_modes():
-            snapshot = [(bn, [t.clone() for t in _running(bn)]) for bn in _norms(seg)
-                        if bn.training] if recompute else []
         _state.depth = getattr(_state, "depth", 0) + 1
         try:
-            outs: list = []
-            for p, block in enumerate(seg):
-                args, kwargs = (call.args, call.kwargs) if p == 0 else call.with_hidden(
-                    _hidden(outs[-1], names[p - 1]))
-                if tail is None or p < len(seg) - 1:
-                    outs.append(block(*args, **kwargs))
-                else:                        # NOTE [ A segment's output needs no recompute ]
-                    outs.append(_run_tail(block, args, kwargs, tail, recompute))
-            return tuple(outs)
+            with norms_kept(seg if recompute else []):
+                outs: list = []
+                for p, block in enumerate(seg):
+                    args, kwargs = (call.args, call.kwargs) if p == 0 else call.with_hidden(
+                        _hidden(outs[-1], names[p - 1]))
+                    if tail is None or p < len(seg) - 1:
+                        outs.append(block(*args, **kwargs))
+                    else:                    # NOTE [ A segment's output needs no recompute ]
+                        outs.append(_run_tail(block, args, kwargs, tail, recompute))
+                return tuple(outs)
         finally:
             _state.depth -= 1
-            with torch.no_grad(), _disable_current_modes():
-                for bn, saved in snapshot:
-                    for t, value in zip(_running(bn), saved):
-                        t.copy_(value)
 
     def __call__(self, *args, **kwargs):
         seg, names, box, context_fn = self.seg, self.names, self.box, self.context_fn

@@ -35,10 +35,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.checkpoint import checkpoint
 
-from memprop.checkpoint.forms.chain import SegmentRefused, _norms, _running, find_blocks
+from memprop.checkpoint.forms.chain import SegmentRefused, find_blocks, norms_kept
 from memprop.checkpoint.forms.patch import Applied, PatchedForward
 from memprop.checkpoint.forms.strategies import Strategy, refuse_applied
 from memprop.checkpoint.forms.verify import VerifyingContext, is_verifying
@@ -74,36 +73,33 @@ class NestedChain:
         """Blocks first..last on ``x``, children checkpointed; a recompute that is the
         outermost one puts BatchNorm statistics back afterwards."""
         outermost = recompute and _get("recomputing") == 0
-        with _disable_current_modes():
-            snapshot = ([(bn, [t.clone() for t in _running(bn)])
-                         for bn in _norms(self.blocks[first:last + 1]) if bn.training]
-                        if outermost else [])
         _state.depth = _get("depth") + 1
         _state.recomputing = _get("recomputing") + int(recompute)
         try:
-            starts = {c[0]: c for c in children}
-            out, k = x, first
-            while k <= last:
-                if k in starts:
-                    a, b, grand = starts[k]
-                    out = self._checkpointed(a, b, grand, out)
-                    k = b + 1
-                else:
-                    out = self.blocks[k](out)
-                    k += 1
-                if k <= last and not isinstance(out, torch.Tensor):
-                    raise SegmentRefused(
-                        f"memprop.checkpoint: a nested segment needs blocks that return one "
-                        f"tensor, but block {k - 1} ({type(self.blocks[k - 1]).__name__}) "
-                        f"returned {type(out).__name__}; use a single-level strategy")
-            return out
+            with norms_kept(self.blocks[first:last + 1] if outermost else []):
+                return self._blocks(first, last, children, x)
         finally:
             _state.depth -= 1
             _state.recomputing -= int(recompute)
-            with torch.no_grad(), _disable_current_modes():
-                for bn, saved in snapshot:
-                    for t, value in zip(_running(bn), saved):
-                        t.copy_(value)
+
+    def _blocks(self, first: int, last: int, children, x):
+        """Blocks first..last on ``x``, each child segment in its own checkpoint."""
+        starts = {c[0]: c for c in children}
+        out, k = x, first
+        while k <= last:
+            if k in starts:
+                a, b, grand = starts[k]
+                out = self._checkpointed(a, b, grand, out)
+                k = b + 1
+            else:
+                out = self.blocks[k](out)
+                k += 1
+            if k <= last and not isinstance(out, torch.Tensor):
+                raise SegmentRefused(
+                    f"memprop.checkpoint: a nested segment needs blocks that return one "
+                    f"tensor, but block {k - 1} ({type(self.blocks[k - 1]).__name__}) "
+                    f"returned {type(out).__name__}; use a single-level strategy")
+        return out
 
     def _checkpointed(self, first: int, last: int, children, x):
         calls = [0]                     # 1st call: a forward; later: recomputes

@@ -48,6 +48,11 @@ _state = threading.local()   # .on: inside verifying(); .stack: module names run
 
 # outputs that are uninitialised memory: a replay's differ and mean nothing
 _UNINITIALISED = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
+# outputs (by position) that are a kernel's scratch space, not values: oneDNN's and
+# cuDNN's RNN workspaces hold padding a kernel leaves as it finds it (a CPU LSTM's
+# replay differed in 16838 of 90112 workspace values while the layer's outputs and
+# every gradient were bitwise equal, measured); the values are compared, not these
+_SCRATCH = {"mkldnn_rnn_layer": {3}, "_cudnn_rnn": {3}, "miopen_rnn": {3}}
 # not compared, nor counted: the recompute's saved-tensor hook detaches what it saves
 # (torch.utils.checkpoint), which the forward never does; a detach computes nothing
 _IGNORED = {"detach"}
@@ -191,8 +196,10 @@ class _Compare(TorchDispatchMode):
                 raise StrategyError(f"memprop.checkpoint: {self.form} recomputed {name} in "
                                     f"{where} with {len(rebuilt)} outputs, not "
                                     f"{len(originals)}")
-            for original, again in zip(originals, rebuilt):
-                check_rebuilt(original, again, name, where, self.form)
+            scratch = _SCRATCH.get(name, ())
+            for i, (original, again) in enumerate(zip(originals, rebuilt)):
+                if i not in scratch:
+                    check_rebuilt(original, again, name, where, self.form)
         return out
 
 

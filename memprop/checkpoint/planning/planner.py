@@ -33,14 +33,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import statistics
-import time
-import warnings
 
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map
 
 from memprop.checkpoint.forms.cache import cache_off
 from memprop.checkpoint.forms.chain import SegmentRefused, find_blocks
@@ -52,6 +48,7 @@ from memprop.checkpoint.forms.strategies import (
     Blocks,
     Full,
     NoCheckpoint,
+    Offload,
     Selective,
     Strategy,
     refuse_applied,
@@ -66,7 +63,14 @@ from memprop.checkpoint.planning.levers import levers as levers_of
 from memprop.checkpoint.planning.profile import Profile, profile
 from memprop.checkpoint.planning.rotor import stored_fronts
 from memprop.checkpoint.planning.simulate import simulate
-from memprop.checkpoint.planning.timing import SMALL_ROWS, calibrate, first_rows, predict_ms
+from memprop.checkpoint.planning.timing import (
+    SMALL_ROWS,
+    calibrate,
+    first_rows,
+    predict_ms,
+    python_ops_of,
+    time_strategies,
+)
 from memprop.errors import BudgetError, ConfigError, StrategyError
 from memprop.fake import fake_mode_of, is_fake
 from memprop.measure import Measurement
@@ -116,6 +120,8 @@ class Plan:
     # model, priced by the device's rates alone; None: not priced (objective="flops")
     time_basis: str | None = None
     objective: str = "time"              # what chose it among the plans that fit
+    # the plans that fit and were priced: (spec, predicted peak bytes, predicted step ms)
+    weighed: tuple = ()
     simulation: Measurement | None = dataclasses.field(default=None, repr=False)
     metric: str = "peak"                 # NOTE [ The two metrics ], planning.searches
     tree: tuple = ()                     # a multi-level schedule (segments: its top level)
@@ -169,12 +175,18 @@ class Plan:
         ]
         if self.predicted_step_ms is not None and self.plain_step_ms:
             how = (f"timed at {SMALL_ROWS} rows, the rest of the batch priced at this "
-                   "device's rates" if self.time_basis == "measured" else
-                   "a fake model: priced at this device's rates, form overheads not timed")
+                   "machine's rates" if self.time_basis == "measured" else
+                   "a fake model, not timed: FLOPs, bytes and dispatches priced at this "
+                   "machine's measured rates")
             lines.append(f"  predicted step {format_ms(self.predicted_step_ms)} = "
-                         f"{format_ratio(self.predicted_step_ms / self.plain_step_ms)} the "
-                         f"plain step's {format_ms(self.plain_step_ms)} (forward and "
-                         f"backward; {how})")
+                         f"{self.predicted_step_ms / self.plain_step_ms:.2f}x the plain "
+                         f"step's {format_ms(self.plain_step_ms)} (forward and backward; "
+                         f"{how}; NOTE [ Pricing a plan in seconds ])")
+            others = [f"{short_spec(spec, 40)} {format_bytes(peak)}, "
+                      f"{ms / self.plain_step_ms:.2f}x" for spec, peak, ms in self.weighed
+                      if spec != self.spec]
+            if others:
+                lines.append(f"  also fits (peak, step time): {'; '.join(others)}")
         if self.rebuild_ratio is not None:
             lines.append(f"  rebuilds re-run {self.rebuild_ratio:.2f}x the forward's op calls "
                          "(pointwise ops: step time, no FLOPs)")
@@ -191,7 +203,7 @@ class Plan:
 def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, check_fn=None,
          optimizer="sgd", loss_fn=None, max_rounds: int = 8,
          metric: str = "peak", whole: bool = True, amp: str | None = None,
-         objective: str = "flops") -> Plan:
+         objective: str = "time") -> Plan:
     """The placement with the least recompute FLOPs whose simulated peak fits ``budget``
     (bytes or a size string); with ``metric="stored"``, whose bytes stored for backward
     fit it. Below the single-level floor of the peak, a multi-level schedule. Raises
@@ -234,7 +246,7 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, chec
                    optimizer=optimizer, loss_fn=loss_fn, max_rounds=max_rounds,
                    metric=metric, amp=amp, objective=objective)
     refused: list[str] = []           # why segments of several blocks were left out
-    # planning runs the model (timed block forwards, a verified replay): its buffers
+    # planning runs the model (candidates timed at a few rows, a verified replay): its buffers
     # (BatchNorm statistics) and the RNG are put back, so planning changes nothing
     buffers = [(b, b.detach().clone()) for b in model.buffers() if not is_fake(b)]
     devices = sorted({p.device.index for p in model.parameters()
@@ -287,62 +299,40 @@ def _price(model, batch, plans: list[Plan], plain: Measurement, *, blocks_attr, 
         assert p.simulation is not None          # make_plan keeps its simulation
         full[p.spec] = p.simulation
     if fake_mode_of(model) is not None:
-        ms = {spec: predict_ms(rates, m) for spec, m in full.items()}
+        ratios = {p.spec: p.rebuild_ratio for p in plans}
+        ms = {spec: predict_ms(rates, m, python_ops=python_ops_of(
+            strategies[spec], m, plain, ratios.get(spec))) for spec, m in full.items()}
         basis = "rates"
     else:
         small = first_rows(batch)
         sims = {spec: simulate(model, small, strategy, blocks_attr=blocks_attr, **select,
                                optimizer=optimizer, loss_fn=loss_fn, amp=amp)
                 for spec, strategy in strategies.items()}
-        timed = _time_small(model, small, strategies, loss_fn, amp, blocks_attr, select)
+        timed = time_strategies(model, small, levels.autocast_loss(loss_fn, amp), strategies,
+                                rounds=TIME_ROUNDS,
+                                apply_kwargs=dict(blocks_attr=blocks_attr, **select))
         ms = {spec: predict_ms(rates, full[spec], sims[spec], timed[spec]) for spec in full}
         basis = "measured"
     for p in plans:
         p.predicted_step_ms, p.plain_step_ms = ms[p.spec], ms[NoCheckpoint().spec]
         p.recompute_ms = p.predicted_step_ms - p.plain_step_ms
         p.time_basis = basis
+    weighed = tuple((p.spec, p.predicted_peak_bytes, p.predicted_step_ms) for p in plans)
+    for p in plans:
+        p.weighed = weighed
 
 
 # rounds each candidate is timed at SMALL_ROWS rows, after one warm-up round
 TIME_ROUNDS = 5
 
 
-def _time_small(model, small, strategies: dict, loss_fn, amp, blocks_attr,
-                select) -> dict:
-    """Median ms of one forward and backward at ``small`` under each strategy, the
-    strategies interleaved round by round; the model's gradients are put back."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    grads = [p.grad for p in params]
-    step = levels.autocast_loss(loss_fn, amp)
-    times: dict = {spec: [] for spec in strategies}
-    try:
-        for round_ in range(TIME_ROUNDS + 1):
-            for spec, strategy in strategies.items():
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    strategy.apply(model, blocks_attr=blocks_attr, **select)
-                try:
-                    for p in params:
-                        p.grad = None
-                    start = time.perf_counter()
-                    step(model, small).backward()
-                    if params and params[0].device.type == "cuda":
-                        torch.cuda.synchronize(params[0].device)
-                    if round_:                       # the first round warms up
-                        times[spec].append((time.perf_counter() - start) * 1e3)
-                finally:
-                    remove_strategy(model)
-    finally:
-        for p, g in zip(params, grads):
-            p.grad = g
-    return {spec: statistics.median(t) for spec, t in times.items()}
-
-
 # the peak, bytes and FLOPs of a candidate that cannot run (never within a budget)
 _NEVER = 1 << 62
 
-# the forms that rebuild tensors from recorded calls or cached op outputs
-_REPLAYING = (Remat, Forward, Ops, Selective)
+# the forms that run nothing again: every other plan recomputes, and its replay is
+# verified before it is returned (a plain checkpoint replays too: a model drawing from
+# its own generator recomputes other numbers under full as under remat:, measured)
+_NOT_REPLAYING = (NoCheckpoint, Offload)
 
 # rows of the batch a plan's replay is verified on (NOTE [ Verifying a replay ]): the
 # rules it checks do not depend on the batch size, and the real batch may not fit
@@ -351,15 +341,12 @@ VERIFY_ROWS = 2
 
 def _replay_refusal(model, batch, found: Plan, blocks_attr, loss_fn, **select) -> str | None:
     """None if ``found`` replays exactly on one real step of ``model`` at ``VERIFY_ROWS``
-    rows (sets ``found.verified``), else what ``verify_replay`` said. Plans that replay
-    nothing from recorded calls, and fake models, are not run."""
+    rows (sets ``found.verified``), else what ``verify_replay`` said. Plans that
+    recompute nothing, and fake models, are not run."""
     strategy = found.strategy
-    if fake_mode_of(model) is not None or not isinstance(strategy, _REPLAYING):
+    if fake_mode_of(model) is not None or isinstance(strategy, _NOT_REPLAYING):
         return None
-    rows = next((t.shape[0] for t in tree_flatten(batch)[0]
-                 if isinstance(t, torch.Tensor) and t.dim() > 0), None)
-    small = tree_map(lambda t: t[:VERIFY_ROWS] if isinstance(t, torch.Tensor) and t.dim() > 0
-                     and t.shape[0] == rows else t, batch)
+    small = first_rows(batch, VERIFY_ROWS)
     try:
         strategy.apply(model, blocks_attr=blocks_attr, **select)
         verify_replay(model, small, loss_fn=loss_fn)
@@ -371,9 +358,22 @@ def _replay_refusal(model, batch, found: Plan, blocks_attr, loss_fn, **select) -
     return None
 
 
-def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn,
-          max_rounds, metric, whole, amp, objective: str = "time",
-          refused: list[str] | None = None) -> Plan:
+def _plan(model, batch, budget_bytes, *, optimizer, loss_fn, amp, **options) -> Plan:
+    """``_search``'s plan, with the levers beyond checkpointing when what sets its peak
+    is not activations (NOTE [ What sets the peak ], memprop.checkpoint.planning.levers):
+    weighed for the plan returned only, not for every candidate."""
+    found = _search(model, batch, budget_bytes, optimizer=optimizer, loss_fn=loss_fn,
+                    amp=amp, **options)
+    static = sum(found.peak_parts.get(c, 0) for c in ("parameter", "gradient", "optimizer"))
+    if found.peak_parts and static * 2 >= found.predicted_peak_bytes:
+        found.levers = tuple(levers_of(model, batch, found.strategy, optimizer=optimizer,
+                                       loss_fn=loss_fn, amp=amp)[1])
+    return found
+
+
+def _search(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn,
+            max_rounds, metric, whole, amp, objective: str = "time",
+            refused: list[str] | None = None) -> Plan:
     """The plan (see ``plan``); ``refused`` gets why segments of several blocks were left
     out, if they were (``SegmentRefused``)."""
     mode = fake_mode_of(model)
@@ -420,7 +420,6 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
         blocks_table = table.assign(checkpointed=[any(a <= k <= b for a, b in segments)
                                                   for k in range(n)])
         parts = peak_composition(result)
-        static = sum(parts.get(c, 0) for c in ("parameter", "gradient", "optimizer"))
         found = Plan(segments=segments, n_blocks=n, budget_bytes=budget_bytes,
                     metric=metric, tree=tree, chosen=chosen,
                     predicted_peak_bytes=result.peak_bytes,
@@ -433,9 +432,6 @@ def _plan(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn
         if isinstance(chosen, Remat):
             found.rebuild_ratio = levels.rebuild_ratio(model, batch, chosen.keys,
                                                        loss_fn=loss_fn)
-        if static * 2 >= result.peak_bytes:      # not activations: say what would help
-            found.levers = tuple(levers_of(model, batch, found.strategy, optimizer=optimizer,
-                                           loss_fn=step_loss, amp=amp)[1])
         return found
 
     def plan_of(strategy, result) -> Plan:

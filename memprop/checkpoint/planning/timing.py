@@ -34,14 +34,20 @@ import dataclasses
 import functools
 import statistics
 import time
+import warnings
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from memprop.checkpoint.forms.oplevel import Ops
+from memprop.checkpoint.forms.remat import Remat
+from memprop.checkpoint.forms.strategies import Selective, parse_strategy, remove_strategy
+from memprop.checkpoint.forms.whole import Forward
 from memprop.measure import Measurement
 
 __all__ = ["Rates", "calibrate", "SMALL_ROWS", "first_rows", "work_of", "predict_ms",
-           "time_steps"]
+           "python_ops_of", "time_strategies"]
 
 # rows of the batch each candidate is timed at (NOTE above): per-op costs, little work
 SMALL_ROWS = 2
@@ -54,6 +60,7 @@ class Rates:
     ms_per_flop: float        # a large matmul's time per FLOP
     ms_per_byte: float        # a large pointwise add's time per byte written
     ms_per_op: float          # one small aten call's dispatch
+    ms_per_python_op: float   # what an aten call costs more through a Python dispatch mode
 
 
 def _median_ms(fn, repeats: int = 5) -> float:
@@ -84,14 +91,24 @@ def _calibrate(device: str, dtype: torch.dtype, threads: int) -> Rates:
     mm = run(lambda: torch.mm(a, a), 4)
     add = run(lambda: torch.add(big, big), 4)
     op = run(lambda: torch.add(tiny, tiny), 200)
+    with _PassThrough():
+        python_op = run(lambda: torch.add(tiny, tiny), 200)
     return Rates(ms_per_flop=max(mm - op, 0.0) / (2 * n ** 3),
                  ms_per_byte=max(add - op, 0.0) / (big.numel() * big.element_size()),
-                 ms_per_op=op)
+                 ms_per_op=op, ms_per_python_op=max(python_op - op, 0.0))
+
+
+class _PassThrough(TorchDispatchMode):
+    """A dispatch mode that only runs each call: the cost of one Python hop."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
 
 
 def calibrate(device: torch.device, dtype: torch.dtype) -> Rates:
     """This device's ``Rates`` for ``dtype`` at the current thread count, measured once
-    per process (a 512x512 matmul, a 16 MiB add, a 4-element add; medians of 5)."""
+    per process (a 512x512 matmul, a 16 MiB add, a 4-element add, and that add through a
+    Python dispatch mode; medians of 5)."""
     return _calibrate(str(device), dtype, torch.get_num_threads())
 
 
@@ -113,28 +130,64 @@ def work_of(m: Measurement) -> tuple[int, int, int]:
 
 
 def predict_ms(rates: Rates, full: Measurement, small: Measurement | None = None,
-               small_ms: float | None = None) -> float:
+               small_ms: float | None = None, python_ops: float = 0.0) -> float:
     """Predicted step time (ms) of the step ``full`` simulates: ``small_ms``, measured at
     the rows ``small`` simulates, plus the extra work priced at ``rates``; without a
-    timing, the whole work priced at ``rates`` (per-op costs at the plain dispatch)."""
+    timing, the whole work priced at ``rates``, each op at the plain dispatch cost and
+    ``python_ops`` of them (a form's own, ``python_ops_of``) at a Python hop more."""
     flops, written, ops = work_of(full)
     if small is None or small_ms is None:
-        return flops * rates.ms_per_flop + written * rates.ms_per_byte + ops * rates.ms_per_op
+        return (flops * rates.ms_per_flop + written * rates.ms_per_byte
+                + ops * rates.ms_per_op + python_ops * rates.ms_per_python_op)
     small_flops, small_written, _ = work_of(small)
     return (small_ms + (flops - small_flops) * rates.ms_per_flop
             + (written - small_written) * rates.ms_per_byte)
 
 
-def time_steps(steps: dict, *, rounds: int = 5) -> dict:
-    """Median ms of each zero-argument ``steps[name]`` (one training step each),
-    interleaved over ``rounds`` rounds after one warm-up round: the noise of a shared
-    machine falls on every candidate alike."""
-    for run in steps.values():
-        run()
-    times: dict = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, run in steps.items():
-            start = time.perf_counter()
-            run()
-            times[name].append((time.perf_counter() - start) * 1e3)
+def python_ops_of(strategy, full: Measurement, plain: Measurement,
+                  rebuild_ratio: float | None = None) -> float:
+    """Aten calls a form runs through memprop's or torch's Python dispatch (untimed, a
+    fake model): ``remat:`` records every forward call and replays its rebuilds
+    (``rebuild_ratio`` of them per forward call); a selective-checkpoint policy
+    (``ops:``, ``selective``, ``forward:``) sees each recomputed call twice, in the
+    forward and in its recompute; plain checkpoints none."""
+    forward_ops = full.work.get("forward", (0, 0))[0]
+    extra = full.work.get("backward", (0, 0))[0] - plain.work.get("backward", (0, 0))[0]
+    if isinstance(strategy, Remat):
+        return forward_ops * (1 + (rebuild_ratio or 0.0))
+    if isinstance(strategy, (Ops, Forward, Selective)):
+        return 2.0 * max(extra, 0)
+    return 0.0
+
+
+def time_strategies(model, batch, loss_fn, strategies: dict, *, rounds: int = 5,
+                    apply_kwargs: dict | None = None) -> dict:
+    """Median ms of one forward and backward of ``loss_fn(model, batch)`` under each of
+    ``strategies`` (name -> ``Strategy`` or spec), applied in turn round by round
+    (``rounds`` rounds after one warm-up round): a shared machine's noise falls on every
+    candidate alike. The model's gradients are put back afterwards."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad for p in params]
+    cuda = bool(params) and params[0].device.type == "cuda"
+    times: dict = {name: [] for name in strategies}
+    try:
+        for round_ in range(rounds + 1):
+            for name, strategy in strategies.items():
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    parse_strategy(strategy).apply(model, **(apply_kwargs or {}))
+                try:
+                    for p in params:
+                        p.grad = None
+                    start = time.perf_counter()
+                    loss_fn(model, batch).backward()
+                    if cuda:
+                        torch.cuda.synchronize(params[0].device)
+                    if round_:                       # the first round warms up
+                        times[name].append((time.perf_counter() - start) * 1e3)
+                finally:
+                    remove_strategy(model)
+    finally:
+        for p, g in zip(params, grads):
+            p.grad = g
     return {name: statistics.median(t) for name, t in times.items()}
