@@ -142,7 +142,7 @@ def test_readme_mlp_below_single_level_floor_at_37_mib():
     plain = simulate(model, data, [])
     overhead = plain.peak_bytes - model_peak(costs, ("S",) * costs.n)[0]
     assert min_peak(costs) + overhead > 37 * MiB          # single level: no plan
-    p = plan(model, data, 37 * MiB)
+    p = plan(model, data, 37 * MiB, objective="flops")
     assert p.tree and p.spec.startswith("nested:")
     ref = cfg_loss_and_grads(cfg, model, data)
     p.apply(model)

@@ -108,7 +108,7 @@ def test_peak_plan_uses_op_level_blocks_and_is_exact():
     model, data = build_workload(cfg, 4)
     plain = simulate(model, data, [])
     budget = int(plain.peak_bytes * 0.8)
-    p = plan(model, data, budget)
+    p = plan(model, data, budget, objective="flops")
     assert p.spec.startswith("ops:") and p.predicted_peak_bytes <= budget
     for spec in ("full", "every:2", "sqrt", "segments:2"):
         fixed = simulate(model, data, parse_strategy(spec).segments(4))

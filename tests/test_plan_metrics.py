@@ -49,7 +49,7 @@ def test_stored_metric_plan_is_measured_exactly_and_beats_fixed_strategies():
     model, data = build_workload(cfg, 8)
     plain = simulate(model, data, [])
     budget = int(plain.saved_bytes * 0.5)
-    p = plan(model, data, budget, metric="stored")
+    p = plan(model, data, budget, metric="stored", objective="flops")
     assert p.metric == "stored" and p.predicted_saved_bytes <= budget
     assert "bytes stored for backward" in p.describe()
     p.apply(model)

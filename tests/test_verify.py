@@ -238,3 +238,28 @@ def test_the_planner_leaves_out_segments_the_models_loop_cannot_replay():
     checked = copy.deepcopy(model)
     p.apply(checked)
     assert measure_step(checked, x, repeats=1).peak_bytes == p.predicted_peak_bytes
+
+
+class _ScalesItsMatmul(nn.Module):
+    """A block that changes its Linear's output in place (as convbert and funnel do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.lin(x)
+        y.mul_(2)
+        return torch.tanh(y)
+
+
+@pytest.mark.parametrize("form", ["selective", "ops:addmm"])
+def test_a_kept_output_changed_in_place_is_refused_by_memprop(form):
+    """torch raises a RuntimeError in backward for a selective-checkpoint cache entry
+    changed in place; memprop says which form, why, and what to use instead. Without
+    keeping that output (full) the same model trains exactly."""
+    model = nn.Sequential(*(_ScalesItsMatmul() for _ in range(3)))
+    quiet_apply(model, form)
+    with pytest.raises(StrategyError, match=rf"{form.split(':')[0]}.* changes in place.*"
+                                            r"use full"):
+        model(torch.randn(4, 8)).sum().backward()

@@ -50,7 +50,7 @@ from memprop.checkpoint.forms.opkeys import (
     refuse_unmatched,
 )
 from memprop.checkpoint.forms.patch import Applied
-from memprop.checkpoint.forms.selective import Both
+from memprop.checkpoint.forms.selective import Both, RefuseMutated
 from memprop.checkpoint.forms.strategies import Strategy
 from memprop.errors import StrategyError
 from memprop.saved import report_stored
@@ -90,7 +90,8 @@ def op_context(keys: frozenset, where: str = "block"):
             return CheckpointPolicy.MUST_SAVE
         return CheckpointPolicy.PREFER_RECOMPUTE
     forward_ctx, recompute_ctx = create_selective_checkpoint_contexts(policy)
-    return Both(forward_ctx, _Report(KeyMatcher(keys), where)), recompute_ctx
+    return (Both(forward_ctx, _Report(KeyMatcher(keys), where)),
+            RefuseMutated(recompute_ctx, "ops:KEYS" if where == "block" else "forward:KEYS"))
 
 
 def op_context_fn(keys, where: str = "block") -> functools.partial:

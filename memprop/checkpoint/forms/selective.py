@@ -15,9 +15,10 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from memprop.checkpoint.forms.opkeys import SAVED_OPS, draws_random
+from memprop.errors import StrategyError
 from memprop.saved import report_stored
 
-__all__ = ["selective_context_fn", "Both"]
+__all__ = ["selective_context_fn", "Both", "RefuseMutated"]
 
 def _policy(ctx, op, *args, **kwargs):
     if getattr(op, "overloadpacket", None) in SAVED_OPS and not draws_random(op, args, kwargs):
@@ -55,7 +56,31 @@ class Both:
             self.outer.__exit__(*exc)
 
 
+class RefuseMutated:
+    """A selective checkpoint's recompute context that turns torch's error for a kept
+    output changed in place after the forward cached it into memprop's refusal, naming
+    the form and what to use instead (the recompute would read other values)."""
+
+    def __init__(self, inner, form: str):
+        self.inner, self.form = inner, form
+
+    def __enter__(self):
+        self.inner.__enter__()
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        handled = self.inner.__exit__(kind, exc, tb)
+        if isinstance(exc, RuntimeError) and "has been mutated" in str(exc):
+            raise StrategyError(
+                f"memprop.checkpoint: {self.form} keeps an op output that the model then "
+                "changes in place (torch: 'Tensor cached during selective activation "
+                "checkpoint has been mutated'), so its recompute cannot read what the "
+                "forward read; use full, blocks:... or ops: keys that leave that op out"
+            ) from exc
+        return handled
+
+
 def selective_context_fn():
     """``context_fn`` for ``checkpoint``: (forward context, recompute context)."""
     forward_ctx, recompute_ctx = create_selective_checkpoint_contexts(_policy)
-    return Both(forward_ctx, _ReportSaved()), recompute_ctx
+    return Both(forward_ctx, _ReportSaved()), RefuseMutated(recompute_ctx, "selective")

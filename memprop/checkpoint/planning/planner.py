@@ -1,13 +1,12 @@
-"""The checkpointing planner: the cheapest recompute that fits a memory budget.
+"""The checkpointing planner: the fastest step that fits a memory budget.
 
-    p = plan(model, batch, "1.5GiB")     # profile, solve, check by simulation
+    p = plan(model, batch, "1.5GiB")     # profile, solve, check by simulation, price
     print(p.describe()); p.apply(model)
 
-1. Profile each block of the chain once (memprop.checkpoint.planning.profile): the
-   bytes of its input and output, which of them it saves, the other bytes it saves
-   (parameters apart), its forward FLOPs, and, on real models, its forward time. The
-   profile runs on the model as given (a real model: a real forward; a fake one: no
-   memory); op-level traces and every check run on a fake twin.
+1. Profile the model once, on a fake twin (NOTE [ One trace ],
+   memprop.checkpoint.planning.profile): per block the bytes of its input and output,
+   which of them it saves, the other bytes it saves (parameters apart), its forward
+   FLOPs and op calls; the whole forward's op calls. Nothing of the step is allocated.
 2. Solve the chain cost model (NOTE [ The chain cost model ] in memprop.checkpoint.planning.dp)
    for the placement of checkpointed segments with the least recompute FLOPs whose
    modelled peak fits the budget, less the step's overhead (parameters, gradients,
@@ -27,6 +26,12 @@ when backward needs it, memprop.checkpoint.forms.remat) for both metrics, ``forw
 (one checkpoint around the forward, memprop.checkpoint.forms.whole) for stored bytes; their
 keys come from an exact knapsack over the forward's matmul and attention calls, and
 their peaks from simulation.
+
+4. Among the plans that fit (the chain's, ``remat:``'s, ``full``), choose the one of least
+   predicted step time (NOTE [ Pricing a plan in seconds ],
+   memprop.checkpoint.planning.timing), or of least recompute FLOPs with
+   ``objective="flops"``; verify its replay on one real step at two rows (NOTE
+   [ Verifying a replay ], memprop.checkpoint.forms.verify).
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ from memprop.checkpoint.forms.strategies import (
 from memprop.checkpoint.forms.verify import verify_replay
 from memprop.checkpoint.forms.whole import Forward
 from memprop.checkpoint.planning import searches as levels
-from memprop.checkpoint.planning.dp import min_peak, model_peak, segments_of, solve
+from memprop.checkpoint.planning.dp import ChainCosts, min_peak, model_peak, segments_of, solve
 from memprop.checkpoint.planning.levers import Lever, describe_levers, peak_composition
 from memprop.checkpoint.planning.levers import levers as levers_of
 from memprop.checkpoint.planning.profile import Profile, profile
@@ -204,9 +209,9 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, chec
          optimizer="sgd", loss_fn=None, max_rounds: int = 8,
          metric: str = "peak", whole: bool = True, amp: str | None = None,
          objective: str = "time") -> Plan:
-    """The placement with the least recompute FLOPs whose simulated peak fits ``budget``
-    (bytes or a size string); with ``metric="stored"``, whose bytes stored for backward
-    fit it. Below the single-level floor of the peak, a multi-level schedule. Raises
+    """The plan of least predicted step time (``objective``) whose simulated peak fits
+    ``budget`` (bytes or a size string); with ``metric="stored"``, whose bytes stored
+    for backward fit it. Below the single-level floor of the peak, a multi-level schedule. Raises
     ``BudgetError`` stating the smallest feasible budget when none fits.
 
     ``whole``: also weigh forms that span the whole forward: each saved tensor rebuilt
@@ -371,12 +376,109 @@ def _plan(model, batch, budget_bytes, *, optimizer, loss_fn, amp, **options) -> 
     return found
 
 
+@dataclasses.dataclass
+class _Search:
+    """One planning run: what every search reads (the model's ``Profile``, the plain
+    step, the budget) and the simulations they share, one per strategy. The searches
+    (``_plan_peak``, ``_plan_stored``, ``levels.*``) take it and return candidates;
+    ``choose`` picks among the ones that fit by the objective."""
+
+    model: nn.Module
+    batch: object
+    budget_bytes: int
+    prof: Profile
+    metric: str
+    objective: str
+    max_rounds: int
+    blocks_attr: str | None
+    select: dict
+    optimizer: str
+    step_loss: object           # the plain loss, as measure_step runs it under amp
+    loss_fn: object             # the forward profiles and traces run (autocast under amp)
+    amp: str | None
+    warm: bool                  # a fake model just profiled: no first step (measure_step)
+    refused: list[str]          # why segments of several blocks were left out
+    simulations: dict = dataclasses.field(default_factory=dict)
+    plain: Measurement = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        self.plain = self.simulated(NoCheckpoint())
+
+    @property
+    def costs(self) -> ChainCosts | None:
+        return self.prof.costs
+
+    @property
+    def n(self) -> int:
+        return self.prof.costs.n if self.prof.costs is not None else 0
+
+    def simulated(self, strategy: Strategy) -> Measurement:
+        """The simulated step with ``strategy``, once per strategy; a segment the
+        model's loop cannot replay (``SegmentRefused``) never fits (``_NEVER``)."""
+        if strategy.spec not in self.simulations:
+            try:
+                self.simulations[strategy.spec] = simulate(
+                    self.model, self.batch, strategy, blocks_attr=self.blocks_attr,
+                    **self.select, optimizer=self.optimizer, loss_fn=self.step_loss,
+                    amp=self.amp, warm=self.warm)
+            except SegmentRefused as exc:
+                # a segment of several blocks this model's loop cannot replay (gemma4:
+                # each layer gets its own per_layer_input): never chosen, and said why
+                if not self.refused:
+                    self.refused.append(str(exc).removeprefix("memprop.checkpoint: "))
+                self.simulations[strategy.spec] = dataclasses.replace(
+                    self.plain, peak_bytes=_NEVER, saved_bytes=_NEVER,
+                    budget_peak_bytes=_NEVER, forward_flops=_NEVER, backward_flops=_NEVER)
+        return self.simulations[strategy.spec]
+
+    def make_plan(self, segments, result: Measurement, tree=(), chosen=None) -> Plan:
+        n, plain = self.n, self.plain
+        segments = [tuple(seg[:2]) for seg in segments]
+        blocks_table = self.prof.table.assign(
+            checkpointed=[any(a <= k <= b for a, b in segments) for k in range(n)])
+        found = Plan(segments=segments, n_blocks=n, budget_bytes=self.budget_bytes,
+                     metric=self.metric, tree=tree, chosen=chosen,
+                     predicted_peak_bytes=result.peak_bytes,
+                     predicted_saved_bytes=result.saved_bytes,
+                     none_peak_bytes=plain.peak_bytes, none_saved_bytes=plain.saved_bytes,
+                     recompute_flops=result.backward_flops - plain.backward_flops,
+                     forward_flops=plain.forward_flops,
+                     recompute_ms=None, blocks=blocks_table,
+                     peak_parts=peak_composition(result), simulation=result,
+                     objective=self.objective)
+        if isinstance(chosen, Remat):
+            found.rebuild_ratio = levels.rebuild_ratio(self.model, self.batch, chosen.keys,
+                                                       loss_fn=self.loss_fn)
+        return found
+
+    def plan_of(self, strategy: Strategy, result: Measurement) -> Plan:
+        """make_plan for any strategy a search or the smallest's candidates chose."""
+        return self.make_plan(strategy.segments(self.n), result, getattr(strategy, "tree", ()),
+                              chosen=None if isinstance(strategy, (Blocks, Nested, NoCheckpoint))
+                              else strategy)
+
+    def choose(self, fits: list[Plan], *, full: bool = False) -> Plan:
+        """The plan the objective prefers among plans that fit (first among equals);
+        ``full``: weigh ``full`` too when it fits, under the time objective (a plan is
+        never slower than full unless it peaks lower)."""
+        if full and self.objective == "time" and self.costs is not None:
+            result = self.simulated(Full())
+            value = result.peak_bytes if self.metric == "peak" else result.saved_bytes
+            fits = fits + ([self.plan_of(Full(), result)] if value <= self.budget_bytes else [])
+        fits = [p for i, p in enumerate(fits) if p.spec not in {q.spec for q in fits[:i]}]
+        if self.objective == "flops" or len(fits) == 1 and fits[0].spec == "none":
+            return min(fits, key=lambda p: p.recompute_flops)
+        _price(self.model, self.batch, fits, self.plain, blocks_attr=self.blocks_attr,
+               select=self.select, optimizer=self.optimizer, loss_fn=self.step_loss,
+               amp=self.amp)
+        return min(fits, key=lambda p: (p.predicted_step_ms, p.recompute_flops))
+
+
 def _search(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn,
             max_rounds, metric, whole, amp, objective: str = "time",
             refused: list[str] | None = None) -> Plan:
     """The plan (see ``plan``); ``refused`` gets why segments of several blocks were left
     out, if they were (``SegmentRefused``)."""
-    mode = fake_mode_of(model)
     # the step's forward as the simulations run it (autocast under amp): what profiles
     # and traces run; the simulations take the plain loss and measure_step's amp
     step_loss, loss_fn = loss_fn, levels.autocast_loss(loss_fn, amp)
@@ -386,98 +488,30 @@ def _search(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_
     # NOTE [ One trace ]: everything the searches read, from one forward on a fake twin
     prof = profile(model, batch, blocks_attr=blocks_attr, **select, loss_fn=loss_fn,
                    chain=not chainless, whole=whole)
-    costs, table = prof.costs, prof.table
     # a fake model just profiled (its forward has run): its simulations need no first
-    # step when the optimizer keeps no state (measure_step's warm). One simulation per
-    # strategy: the searches and the smallest feasible budget's candidates share them
-    simulations: dict = {}
-    refused = refused if refused is not None else []
-
-    def simulated(strategy):
-        if strategy.spec not in simulations:
-            try:
-                simulations[strategy.spec] = simulate(
-                    model, batch, strategy, blocks_attr=blocks_attr, **select,
-                    optimizer=optimizer, loss_fn=step_loss, amp=amp,
-                    warm=mode is not None and not chainless)
-            except SegmentRefused as exc:
-                # a segment of several blocks this model's loop cannot replay (gemma4:
-                # each layer gets its own per_layer_input): never chosen, and said why
-                if not refused:
-                    refused.append(str(exc).removeprefix("memprop.checkpoint: "))
-                simulations[strategy.spec] = dataclasses.replace(
-                    plain, peak_bytes=_NEVER, saved_bytes=_NEVER, budget_peak_bytes=_NEVER,
-                    forward_flops=_NEVER, backward_flops=_NEVER)
-        return simulations[strategy.spec]
-    plain = simulate(model, batch, NoCheckpoint(), blocks_attr=blocks_attr,
-                                     **select, optimizer=optimizer, loss_fn=step_loss, amp=amp,
-                                     warm=mode is not None and not chainless)
-    simulations[NoCheckpoint().spec] = plain
-    n = costs.n if costs is not None else 0
-
-    def make_plan(segments, result, tree=(), chosen=None) -> Plan:
-        segments = [tuple(seg[:2]) for seg in segments]
-        blocks_table = table.assign(checkpointed=[any(a <= k <= b for a, b in segments)
-                                                  for k in range(n)])
-        parts = peak_composition(result)
-        found = Plan(segments=segments, n_blocks=n, budget_bytes=budget_bytes,
-                    metric=metric, tree=tree, chosen=chosen,
-                    predicted_peak_bytes=result.peak_bytes,
-                    predicted_saved_bytes=result.saved_bytes,
-                    none_peak_bytes=plain.peak_bytes, none_saved_bytes=plain.saved_bytes,
-                    recompute_flops=result.backward_flops - plain.backward_flops,
-                    forward_flops=plain.forward_flops,
-                    recompute_ms=None, blocks=blocks_table, peak_parts=parts,
-                    simulation=result, objective=objective)
-        if isinstance(chosen, Remat):
-            found.rebuild_ratio = levels.rebuild_ratio(model, batch, chosen.keys,
-                                                       loss_fn=loss_fn)
-        return found
-
-    def plan_of(strategy, result) -> Plan:
-        """make_plan for any strategy a search or the smallest's candidates chose."""
-        return make_plan(strategy.segments(n), result, getattr(strategy, "tree", ()),
-                         chosen=None if isinstance(strategy, (Blocks, Nested, NoCheckpoint))
-                         else strategy)
-
-    def choose(fits: list[Plan]) -> Plan:
-        """The plan the objective prefers among plans that fit (first among equals)."""
-        fits = [p for i, p in enumerate(fits) if p.spec not in {q.spec for q in fits[:i]}]
-        if objective == "flops" or len(fits) == 1 and fits[0].recompute_flops == 0:
-            return min(fits, key=lambda p: p.recompute_flops)
-        _price(model, batch, fits, plain, blocks_attr=blocks_attr, select=select,
-               optimizer=optimizer, loss_fn=step_loss, amp=amp)
-        return min(fits, key=lambda p: (p.predicted_step_ms, p.recompute_flops))
-
-    def with_full(fits: list[Plan]) -> list[Plan]:
-        """``fits`` and, under the time objective, ``full`` when it fits too: a plan is
-        never slower than full unless it peaks lower."""
-        if objective == "flops" or costs is None:
-            return fits
-        result = simulated(Full())
-        value = result.peak_bytes if metric == "peak" else result.saved_bytes
-        return fits + ([plan_of(Full(), result)] if value <= budget_bytes else [])
-
+    # step when the optimizer keeps no state (measure_step's warm)
+    s = _Search(model, batch, budget_bytes, prof, metric, objective, max_rounds, blocks_attr,
+                select, optimizer, step_loss, loss_fn, amp,
+                warm=fake_mode_of(model) is not None and not chainless,
+                refused=refused if refused is not None else [])
+    costs, plain, n = s.costs, s.plain, s.n
     if chainless and metric == "stored":
-        return _plan_stored(None, plain, budget_bytes, simulated, plan_of, max_rounds,
-                            None, None, _whole_forms(model, batch, loss_fn, prof), choose)
+        return _plan_stored(s, None, None, _whole_forms(model, batch, loss_fn, prof))
     chained: Plan | None
     error: StrategyError | None                     # why no plan, without a chain
     lowest: list[tuple[Strategy, Measurement]]      # candidates of the smallest budget
     if chainless or costs is None:                  # costs: profiled when not chainless
         if plain.peak_bytes <= budget_bytes:        # fits as it is
-            return make_plan([], plain)
+            return s.make_plan([], plain)
         chained, error, lowest = None, _chainless_error(model), []
     else:
         early = prof.early
         stops = levels.segment_stops(costs, early, prof.tail)   # plain segments' discount
         options = levels.op_options(prof)
         if metric == "stored":
-            return _plan_stored(costs, plain, budget_bytes, simulated, plan_of, max_rounds,
-                                stops, options, _whole_forms(model, batch, loss_fn, prof, n)
-                                if whole else [], lambda fits: choose(with_full(fits)))
-        chained, lowest = _plan_peak(costs, plain, budget_bytes, simulated, make_plan,
-                                     plan_of, max_rounds, options, stops, early)
+            return _plan_stored(s, stops, options, _whole_forms(model, batch, loss_fn, prof, n)
+                                if whole else [], full=True)
+        chained, lowest = _plan_peak(s, options, stops, early)
         error = None
     # each saved tensor rebuilt on its own when backward needs it (remat:KEYS): weighed
     # when the chain's plan recomputes at all; equal FLOPs: the chain's plan, whose
@@ -487,15 +521,18 @@ def _search(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_
         chained is None or chained.recompute_flops > 0) else None
     fits = [chained] if chained is not None else []
     if front is not None:
-        found = levels.remat_fit(front, budget_bytes, simulated, max_rounds=max_rounds)
+        found = levels.remat_fit(front, budget_bytes, s.simulated, max_rounds=max_rounds)
         if found is not None and (objective == "time" or chained is None or found[1].backward_flops
                                   - plain.backward_flops < chained.recompute_flops):
-            fits.insert(0, make_plan([], found[1], chosen=found[0]))
+            fits.insert(0, s.make_plan([], found[1], chosen=found[0]))
     if fits:
-        return choose(with_full(fits) if chained is None or chained.recompute_flops else fits)
+        # full is weighed against any plan that checkpoints: one that recomputes no
+        # FLOPs still re-runs pointwise ops, through a Python policy for ops: keys
+        # (hf:gpt2, ops:... keeping every matmul: 2.09x the plain step, full 1.33x)
+        return s.choose(fits, full=chained is None or chained.spec != "none")
     # NOTE [ The smallest feasible budget ]
     if front is not None:
-        lowest += levels.remat_lowest(model, simulated, front)
+        lowest += levels.remat_lowest(model, s.simulated, front)
     if not lowest:
         if error is None:       # a chain always leaves candidates (_plan_peak)
             raise RuntimeError("memprop.checkpoint: no plan fits and no candidate bounds "
@@ -504,7 +541,7 @@ def _search(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_
     lowest.append((NoCheckpoint(), plain))
     fitting = [(st, r) for st, r in lowest if r.peak_bytes <= budget_bytes]
     if fitting:
-        return choose([plan_of(*sr) for sr in sorted(
+        return s.choose([s.plan_of(*sr) for sr in sorted(
             fitting, key=lambda sr: (sr[1].backward_flops, sr[1].peak_bytes))])
     strategy, result = min(lowest, key=lambda sr: (sr[1].peak_bytes, sr[1].backward_flops))
     raise _peak_budget_error(budget_bytes, result.peak_bytes, plain, strategy.spec)
@@ -551,12 +588,14 @@ def _chainless_error(model) -> StrategyError:
     return StrategyError(f"memprop.checkpoint: no chain of blocks in {type(model).__name__}")
 
 
-def _plan_peak(costs, plain, budget_bytes, simulated, make_plan, plan_of, max_rounds,
-               options, stops, early) -> tuple[Plan | None, list]:
+def _plan_peak(s: _Search, options, stops, early) -> tuple[Plan | None, list]:
     """``plan(metric="peak")`` on the chain: (single-level placements (segments and
     op-level blocks), else multi-level schedules, else the fallbacks; []), or, when
     none fits, (None, the chain's candidates for the smallest feasible budget: NOTE
     [ The smallest feasible budget ])."""
+    costs, plain, budget_bytes, max_rounds = s.costs, s.plain, s.budget_bytes, s.max_rounds
+    assert costs is not None                        # a chain was profiled
+    simulated, make_plan, plan_of = s.simulated, s.make_plan, s.plan_of
     # solve the model (segments and op-level blocks) at the budget less the calibrated
     # overhead; a plan whose simulated peak overshoots tightens the model budget by the
     # excess
@@ -621,8 +660,7 @@ def _whole_forms(model, batch, loss_fn, prof: Profile, n_blocks: int = 0) -> lis
     return [(form, levels.whole_solver(front, form=form)) for form in forms]
 
 
-def _plan_stored(costs, plain, budget_bytes, simulated, plan_of, max_rounds,
-                 stops, options, wholes, choose) -> Plan:
+def _plan_stored(s: _Search, stops, options, wholes, *, full: bool = False) -> Plan:
     """``plan(metric="stored")``: the cheapest of the single-level placements on the
     chain and the ``wholes`` forms (memprop.checkpoint.forms.whole, .remat), on the bytes the
     forward stores (NOTE [ The two metrics ], memprop.checkpoint.planning.searches). Equal FLOPs:
@@ -630,6 +668,11 @@ def _plan_stored(costs, plain, budget_bytes, simulated, plan_of, max_rounds,
     smallest feasible budget (each form keeping nothing, the chain's placement of least
     stored bytes), else a ``BudgetError`` with the least of them (as NOTE [ The smallest
     feasible budget ] for the peak)."""
+    costs, plain, budget_bytes, max_rounds = s.costs, s.plain, s.budget_bytes, s.max_rounds
+    simulated, plan_of = s.simulated, s.plan_of
+
+    def choose(fits: list) -> Plan:
+        return s.choose(fits, full=full)
     stored = levels.metric_of("stored")
     found = []
     if costs is not None:            # None: no chain (the whole forward only)
