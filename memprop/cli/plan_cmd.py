@@ -1,4 +1,5 @@
-"""``memprop plan``: the cheapest checkpointing plan that fits a memory budget, next to
+"""``memprop plan``: the checkpointing plan that fits a memory budget at the least predicted
+step time (--objective flops: the least recompute), next to
 ``none``, ``sqrt`` and ``full``. Every row is predicted on fake tensors (nothing is
 allocated), so budgets for configurations beyond this machine can be planned."""
 
