@@ -263,3 +263,36 @@ def test_a_kept_output_changed_in_place_is_refused_by_memprop(form):
     with pytest.raises(StrategyError, match=rf"{form.split(':')[0]}.* changes in place.*"
                                             r"use full"):
         model(torch.randn(4, 8)).sum().backward()
+
+
+class _CountsItsCalls(nn.Module):
+    """A forward that reads state it changes (a call counter; ibert's quantisation
+    ranges do the same): a recompute does not replay the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        y = self.lin(x)
+        if int(self.calls.item()) % 2 == 0:
+            y = y * 2
+        return torch.tanh(y * 3)
+
+
+def test_a_forward_that_reads_state_it_changes_is_refused_never_replayed_wrongly():
+    """Selective forms get memprop's refusal instead of torch's RuntimeError; a plain
+    checkpoint cannot tell by itself, and verify_replay (which plan() runs on every plan
+    that recomputes) catches its different replay."""
+    x = torch.randn(4, 8)
+    for form in ("selective", "ops:addmm"):
+        model = nn.Sequential(_CountsItsCalls(), _CountsItsCalls())
+        quiet_apply(model, form)
+        with pytest.raises(StrategyError, match="recomputed other op calls than the forward"):
+            model(x).sum().backward()
+    model = nn.Sequential(_CountsItsCalls(), _CountsItsCalls())
+    quiet_apply(model, "full")
+    with pytest.raises(StrategyError, match=r"replayed mul .* different tensor"):
+        verify_replay(model, x, loss_fn=lambda m, b: m(b).sum())

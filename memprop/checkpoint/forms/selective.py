@@ -57,9 +57,11 @@ class Both:
 
 
 class RefuseMutated:
-    """A selective checkpoint's recompute context that turns torch's error for a kept
-    output changed in place after the forward cached it into memprop's refusal, naming
-    the form and what to use instead (the recompute would read other values)."""
+    """A selective checkpoint's recompute context that turns torch's errors for a
+    recompute that cannot read what the forward cached into memprop's refusal, naming
+    the form and what to use instead: a kept output changed in place after the forward
+    cached it, or a recompute that makes other op calls than the forward made (a
+    forward that reads state it changes: ibert's quantisation ranges, a call counter)."""
 
     def __init__(self, inner, form: str):
         self.inner, self.form = inner, form
@@ -70,14 +72,20 @@ class RefuseMutated:
 
     def __exit__(self, kind, exc, tb):
         handled = self.inner.__exit__(kind, exc, tb)
-        if isinstance(exc, RuntimeError) and "has been mutated" in str(exc):
-            raise StrategyError(
-                f"memprop.checkpoint: {self.form} keeps an op output that the model then "
-                "changes in place (torch: 'Tensor cached during selective activation "
-                "checkpoint has been mutated'), so its recompute cannot read what the "
-                "forward read; use full, blocks:... or ops: keys that leave that op out"
-            ) from exc
-        return handled
+        text = str(exc) if isinstance(exc, RuntimeError) else ""
+        if "has been mutated" in text:
+            why = ("keeps an op output that the model then changes in place (torch: 'Tensor "
+                   "cached during selective activation checkpoint has been mutated'), so its "
+                   "recompute cannot read what the forward read")
+        elif "encountered during backward but not found in storage" in text:
+            why = ("recomputed other op calls than the forward made (torch: '"
+                   + text.split(". ")[0] + "'): the model's forward depends on state it "
+                   "changes, so a recompute does not replay it")
+        else:
+            return handled
+        raise StrategyError(f"memprop.checkpoint: {self.form} {why}; use full, blocks:... "
+                            "or ops: keys that leave that op out, and verify_replay(model, "
+                            "batch) to check the replay") from exc
 
 
 def selective_context_fn():
