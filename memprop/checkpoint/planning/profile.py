@@ -370,12 +370,19 @@ def profile_chain(model: nn.Module, batch, *, blocks_attr=None, blocks=None, che
                   loss_fn=training_loss) -> tuple[ChainCosts, pd.DataFrame]:
     """One forward of ``model`` (on its fake twin), recording per block what the cost
     model needs. Returns the ``ChainCosts`` and a per-block table (bytes, FLOPs)."""
+    return _one(model, batch, loss_fn, lambda target, target_batch, counter: _ChainCosts(
+        target, target_batch, find_blocks(target, blocks_attr, blocks=blocks,
+                                          check_fn=check_fn), counter))
+
+
+def _one(model, batch, loss_fn, make):
+    """The result of one collector, ``make(twin, twin batch, counter)``, over one traced
+    forward on the fake twin (for callers that need one answer)."""
     mode, target, target_batch = fake_target(model, batch)
     counter = FlopCounter()
-    costs = _ChainCosts(target, target_batch, find_blocks(
-        target, blocks_attr, blocks=blocks, check_fn=check_fn), counter)
-    _trace(target, target_batch, loss_fn, [costs], counter, mode)
-    return costs.result()
+    collector = make(target, target_batch, counter)
+    _trace(target, target_batch, loss_fn, [collector], counter, mode)
+    return collector.result()
 
 
 def _ran(record: tuple[int, int] | None, k: int, what: str) -> tuple[int, int]:
@@ -426,24 +433,16 @@ def stop_flops(model, batch, *, blocks_attr=None, loss_fn=training_loss, blocks=
     held (NOTE [ A segment's output needs no recompute ], memprop.checkpoint.forms.tail).
     One forward on fake tensors; ``blocks``, ``check_fn``: the chain, as ``find_blocks``
     takes them; ``whole``: the model's forward as one block."""
-    mode, target, target_batch = fake_target(model, batch)
-    counter = FlopCounter()
-    stops = _Stops(traced_modules(target, blocks_attr, blocks=blocks, check_fn=check_fn,
-                                  whole=whole), counter, whole)
-    _trace(target, target_batch, loss_fn, [stops], counter, mode)
-    return stops.result()
+    return _one(model, batch, loss_fn, lambda target, _, counter: _Stops(traced_modules(
+        target, blocks_attr, blocks=blocks, check_fn=check_fn, whole=whole), counter, whole))
 
 
 def trace_blocks(model, batch, *, blocks_attr=None, loss_fn=training_loss, blocks=None,
                  check_fn=None, whole: bool = False) -> list:
     """Per block, its forward's op calls (``OpCall``), on fake tensors; ``whole``: one
     list, the model's whole forward."""
-    mode, target, target_batch = fake_target(model, batch)
-    counter = FlopCounter()
-    ops = _OpCalls(traced_modules(target, blocks_attr, blocks=blocks, check_fn=check_fn,
-                                  whole=whole), counter, whole)
-    _trace(target, target_batch, loss_fn, [ops], counter, mode)
-    return ops.result()
+    return _one(model, batch, loss_fn, lambda target, _, counter: _OpCalls(traced_modules(
+        target, blocks_attr, blocks=blocks, check_fn=check_fn, whole=whole), counter, whole))
 
 
 def block_options(calls: list, *, early: float = 0.0, max_calls: int = 6) -> list:
