@@ -9,9 +9,12 @@ loss ``model(**batch).loss``; every step below runs the workload's own
 step-time ratio) of
   * ``torch._functorch.config.activation_memory_budget`` r in BUDGETS, compiled with
     the ``aot_eager_decomp_partition`` backend (min-cut partitioner, eager kernels);
-  * memprop's ``plan(metric="stored")`` at each of compile's stored bytes and
-    ``plan(metric="peak")`` at each of compile's peaks (same bytes, same peak: who pays
-    less recompute?), ``plan(metric="peak")`` at fractions of the plain peak (down to
+  * the same budgets compiled by ``inductor`` (fused kernels; stored bytes and time);
+  * memprop's ``plan(metric="stored", objective="flops")`` at each of compile's stored
+    bytes and ``plan(metric="peak", objective="flops")`` at each of compile's peaks (same
+    bytes, same peak: who pays less recompute?), the default ``plan()`` (least predicted
+    step time) at each of compile's peaks (who steps faster?), ``plan(metric="peak")``
+    at fractions of the plain peak (down to
     below the single-level floor: multi-level), and the multi-level optimum;
   * the fixed strategies none, full, sqrt, selective, forward:- and remat:- (memprop's;
     the last two: one checkpoint around the whole forward, nothing kept; every saved
@@ -92,8 +95,14 @@ Targets (issue 11): at every compile budget point r memprop's plan for the same 
 bytes and its plan for the same peak each pay no more recompute FLOPs than compile, and
 memprop's lowest reachable stored bytes and peak are at or below compile's; below the
 single-level floor a plan exists and fits; predicted peak = measured peak for every plan;
-planning a 48-block transformer takes < 10 s. Workloads: zoo transformer, MLP, hf:gpt2.
-CPU, float32, SGD (lr 0), torch.compile backend aot_eager_decomp_partition. Counted the
+planning a 48-block transformer takes < 10 s (the FLOP rows: ``objective="flops"``).
+Issue 21: at each compile point, the step time of memprop's default plan (``objective=
+"time"``, "memprop time peak<=compile r") at compile's peak next to compile's graphs
+(aot_eager, and inductor: fused kernels, same partition), and which is faster
+(``faster``). Workloads: zoo transformer, MLP, hf:gpt2.
+CPU, float32, SGD (lr 0), torch.compile backend aot_eager_decomp_partition (inductor
+rows: stored bytes and time; its generated code allocates outside the dispatcher, so
+its peak is not measured at tensor level, and its FLOPs are aot_eager's). Counted the
 same way for both: stored bytes = distinct storages saved for backward (parameters
 apart); peak = tensor-level peak of one whole step (compiled steps measured with
 LiveMemoryTracker(compiled=True), which counts the compiled graph's aten ops); recompute
@@ -113,6 +122,7 @@ if QUICK:
                                         use_cache=False), 4),
     }
     ROUNDS = 1
+    INDUCTOR_BUDGETS: tuple = ()       # inductor compiles for minutes: not in the quick run
     PLANNING = (12, "150MiB")          # blocks, budget of the planning-time check
     MEASURED_R = 0.5                   # the compile point whose memprop plans are measured
 else:
@@ -124,7 +134,8 @@ else:
         "hf:gpt2": ("hf:gpt2", dict(n_layer=4, n_embd=128, n_head=4, seq_len=128,
                                         use_cache=False), 8),
     }
-    ROUNDS = 2
+    ROUNDS = 3
+    INDUCTOR_BUDGETS = BUDGETS
     PLANNING = (48, "600MiB")
     MEASURED_R = 0.3
 # hf: use_cache=False, so that compile's graphs and the plain step carry no cache
@@ -176,10 +187,12 @@ def _frames_compiled() -> int:
     return torch._dynamo.utils.counters["frames"]["ok"]
 
 
-def _compiled_point(cfg, batch_size, r, plain_entry) -> dict:
+def _compiled_point(cfg, batch_size, r, plain_entry, backend: str = BACKEND) -> dict:
     """Compile's plan at budget r, compiled and measured: stored bytes, backward FLOPs,
     the step's tensor peak, graph breaks, and the step time against ``plain_entry`` (the
-    plain eager model, timed interleaved with it)."""
+    plain eager model, timed interleaved with it). Under ``inductor`` the peak is None:
+    its generated code allocates its buffers outside the dispatcher, where no tensor-level
+    tracker sees them (the partition, and so the stored bytes, is the same min-cut)."""
     loss_fn = cfg.loss
     torch._dynamo.reset()
     breaks_before = dict(torch._dynamo.utils.counters["graph_break"])
@@ -189,7 +202,7 @@ def _compiled_point(cfg, batch_size, r, plain_entry) -> dict:
             # for the OptimizedModule wrapper; harmless for bytes
             warnings.filterwarnings("ignore", message=".*global hooks on modules.*")
             model, data = build_workload(cfg, batch_size)
-            compiled = torch.compile(model, backend=BACKEND)   # shares model's parameters
+            compiled = torch.compile(model, backend=backend)   # shares model's parameters
             opt = torch.optim.SGD(model.parameters(), lr=0.0)
             _step(loss_fn, compiled, model, data, opt)         # compiles forward, backward
             skip = storage_keys([*model.parameters(), *model.buffers()])
@@ -206,22 +219,27 @@ def _compiled_point(cfg, batch_size, r, plain_entry) -> dict:
                 loss.backward()
             del loss
             opt.zero_grad(set_to_none=True)
-            for _ in range(3):   # SGD has no state to create: the first tracked step
-                compiles = _frames_compiled()      # counts unless it had to recompile
+            peak = None
+            for _ in range(3 if backend != "inductor" else 0):
+                # SGD has no state to create: the first tracked step counts unless it
+                # had to recompile
+                compiles = _frames_compiled()
                 tracker = LiveMemoryTracker(model, optimizer=opt, inputs=data,
                                             compiled=True)
                 with tracker:
                     _step(loss_fn, compiled, model, data, opt, tracker)
                 if _frames_compiled() == compiles:
+                    peak = tracker.peak_bytes
                     break
             else:
-                raise RuntimeError("the compiled step recompiles at every tracked step")
+                if backend != "inductor":
+                    raise RuntimeError("the compiled step recompiles at every tracked step")
             # both have run already (the plain model measured, this one compiled)
             ms = _times({"plain": plain_entry, "compile": (compiled, model, data)}, loss_fn,
-                        warmup=False)
+                        warmup=backend == "inductor")
     finally:
         torch._dynamo.reset()
-    return dict(stored=sum(packed.values()), flops=counter.total, peak=tracker.peak_bytes,
+    return dict(stored=sum(packed.values()), flops=counter.total, peak=peak,
                 ratio=ms["compile"] / ms["plain"],
                 graph_breaks={reason: n - breaks_before.get(reason, 0) for reason, n in
                               torch._dynamo.utils.counters["graph_break"].items()
@@ -310,16 +328,39 @@ def _workload(name: str) -> tuple[list[dict], list[str]]:
         notes.append(f"{name}: torch.compile graph break ({'/'.join(map(str, sorted(counts)))}"
                      f" per compile point; each graph is partitioned at the budget): {reason}")
 
+    for r in INDUCTOR_BUDGETS:   # the same partitions, compiled to fused kernels
+        if r not in compiled:
+            continue
+        try:
+            c = _compiled_point(cfg, batch_size, r, plain_entry, backend="inductor")
+        except Exception as exc:       # noqa: BLE001 - reported, the benchmark goes on
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            notes.append(f"{name} r={r}: inductor failed: {type(exc).__name__}: {first}")
+            continue
+        # inductor's kernels run outside the dispatcher: FLOPs are the same partition's
+        # (aot_eager's count at this r); the peak is not measured at tensor level
+        c["flops"] = compiled[r]["flops"]
+        _progress(name, f"inductor r={r}: stored {_b(c['stored'])}", t0)
+        add("inductor", f"r={r}", c, ratio=round(c["ratio"], 3))
+
     plan_errors = {}
     for metric in ("stored", "peak"):        # memprop at compile's stored bytes and peak
         for r, c in compiled.items():
-            try:
-                p = plan(*twin, c[metric], metric=metric, loss_fn=loss_fn)
+            try:   # the FLOP claim: least recompute at compile's bytes
+                p = plan(*twin, c[metric], metric=metric, loss_fn=loss_fn,
+                         objective="flops")
             except BudgetError as exc:
                 plan_errors[metric, r] = str(exc).strip().splitlines()[0]
                 continue
             eager(f"memprop {metric}<=compile r={r}", p.strategy, p.predicted_peak_bytes,
                   measured=r == MEASURED_R)
+    for r, c in compiled.items():        # the default objective: least predicted time
+        try:
+            p = plan(*twin, c["peak"], loss_fn=loss_fn)
+        except BudgetError as exc:
+            plan_errors["time", r] = str(exc).strip().splitlines()[0]
+            continue
+        eager(f"memprop time peak<=compile r={r}", p.strategy, p.predicted_peak_bytes)
     _progress(name, "memprop at compile's stored bytes and peaks", t0)
     for fraction in PEAK_FRACTIONS:          # down to below the single-level floor
         try:
@@ -348,8 +389,27 @@ def _workload(name: str) -> tuple[list[dict], list[str]]:
         key = row.pop("key")
         if key is not None:
             row["step_ratio"] = round(ms[key] / ms["none"], 3)
+    _faster(rows)
     _progress(name, "step times", t0)
     return rows, _verdicts(name, rows, plan_errors) + notes
+
+
+def _faster(rows: list[dict]) -> None:
+    """Each ``memprop time peak<=compile r`` row's ``faster``: which of memprop's plan
+    (eager) and compile's graph at r (aot_eager, and inductor where it compiled) steps
+    faster, by their step-time ratios to the same plain eager step."""
+    by = {(x["method"], x["spec"]): x for x in rows}
+    for row in rows:
+        row.setdefault("faster", None)
+        if not row["method"].startswith("memprop time peak<=compile r="):
+            continue
+        r = row["method"].rsplit("=", 1)[1]
+        sides = {"memprop": row["step_ratio"]}
+        for backend in ("compile", "inductor"):
+            other = by.get((backend, f"r={r}"))
+            if other is not None:
+                sides["aot_eager" if backend == "compile" else backend] = other["step_ratio"]
+        row["faster"] = min(sides, key=sides.__getitem__)
 
 
 def _cmp(mine, theirs) -> str:
@@ -378,8 +438,23 @@ def _verdicts(name: str, rows: list[dict], plan_errors: dict) -> list[str]:
                        f"{_b(mine[f'{metric}_bytes'])} for "
                        f"{format_flops(mine['recompute_flops'])} "
                        f"({_cmp(mine['recompute_flops'], comp['recompute_flops'])})")
+    for r, comp in comps.items():      # seconds: the default (time) plan at compile's peak
+        mine = next((x for x in rows
+                     if x["method"] == f"memprop time peak<=compile r={r}"), None)
+        ind = next((x for x in rows if x["method"] == "inductor" and x["spec"] == f"r={r}"),
+                   None)
+        theirs = f"compile aot_eager {comp['step_ratio']}x at {_b(comp['peak_bytes'])}" + (
+            f", inductor {ind['step_ratio']}x" if ind is not None else "")
+        if mine is None:
+            out.append(f"{name} r={r} (time): {theirs}; no memprop plan "
+                       f"({plan_errors.get(('time', r), 'not planned')})")
+            continue
+        out.append(f"{name} r={r} (time): {theirs}; memprop {mine['spec'][:40]} "
+                   f"{mine['step_ratio']}x at {_b(mine['peak_bytes'])}: faster: "
+                   f"{mine['faster']}")
     # memprop's plans and strategies (transformers' own checkpointing is not memprop's)
-    ours = [x for x in rows if x["method"] not in ("compile", "hf gradient checkpointing")]
+    ours = [x for x in rows
+            if x["method"] not in ("compile", "inductor", "hf gradient checkpointing")]
     if comps:
         for metric in ("stored", "peak"):
             mine = min(ours, key=lambda x: (x[f"{metric}_bytes"], x["recompute_flops"]))
@@ -430,6 +505,7 @@ def run() -> dict:
         shown["recompute_gflop"] = round(shown.pop("recompute_flops") / 1e9, 3)
         shown["step_ratio"] = shown.pop("step_ratio")
         shown["measured"] = shown.pop("measured")
+        shown["faster"] = shown.pop("faster")
         if len(shown["spec"]) > 40:        # op-level specs are long: whole in the JSON
             shown["spec"] = shown["spec"][:37] + "..."
         table.append(shown)

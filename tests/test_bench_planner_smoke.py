@@ -20,6 +20,7 @@ def bench(monkeypatch):
     monkeypatch.setattr(module, "BUDGETS", (1.0, 0.3))
     monkeypatch.setattr(module, "PEAK_FRACTIONS", ())
     monkeypatch.setattr(module, "ROUNDS", 1)
+    monkeypatch.setattr(module, "INDUCTOR_BUDGETS", ())
     monkeypatch.setattr(module, "MEASURED_R", 0.3)
     return module
 
@@ -37,7 +38,14 @@ def test_planner_benchmark_runs_and_compares_peaks(bench):
     assert by_method["compile", "r=0.3"]["recompute_flops"] > 0
     methods = {r["method"] for r in rows}
     assert {"memprop stored<=compile r=0.3", "memprop peak<=compile r=0.3",
-            "multi-level optimum"} <= methods
+            "memprop time peak<=compile r=0.3", "multi-level optimum"} <= methods
+    timed = next(
+        r for r in rows if r["method"] == "memprop time peak<=compile r=0.3")
+    # the faster side is the one of least step ratio, memprop's or compile's at r
+    compiled = by_method["compile", "r=0.3"]
+    assert timed["faster"] == ("memprop" if timed["step_ratio"] <= compiled["step_ratio"]
+                               else "aot_eager")
+    assert any(v.startswith("mlp r=0.3 (time):") and "faster:" in v for v in verdicts)
     assert all(r["step_ratio"] is not None for r in rows)
     assert any(v.startswith("mlp r=0.3 (peak):") for v in verdicts)
     assert any(v.startswith("mlp: lowest peak:") for v in verdicts)
