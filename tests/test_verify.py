@@ -11,6 +11,8 @@ from torch import nn
 
 import memprop.checkpoint.forms.remat as remat
 from memprop.checkpoint import verify_replay
+from memprop.checkpoint.forms.verify import discarding_grads
+from memprop.checkpoint.planning.timing import time_strategies
 from memprop.errors import StrategyError
 from memprop.models import model_config
 from memprop.workload import build_workload
@@ -32,6 +34,33 @@ def test_exact_forms_verify_and_leave_the_model_as_it_was(form):
     verify_replay(model, batch)
     assert all(torch.equal(p.grad, torch.full_like(p, 3.0)) for p in model.parameters())
     assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_checked_and_timed_steps_never_hold_the_models_gradients():
+    """Planning runs steps only to check or time them: each parameter's gradient is
+    dropped as backward accumulates it (what planning a model of large weights holds:
+    one parameter's gradient, not all), and the gradients held before are put back."""
+    cfg = model_config("mlp", depth=4, width=32, d_in=32)
+    model, batch = build_workload(cfg, 8)
+    held = {p: torch.full_like(p, 3.0) for p in model.parameters()}
+    for p, g in held.items():
+        p.grad = g
+    seen = []   # at each parameter's accumulation: how many gradients are held
+    hooks = [p.register_post_accumulate_grad_hook(
+        lambda _: seen.append(sum(q.grad is not None for q in model.parameters())))
+        for p in model.parameters()]
+    with discarding_grads(model):
+        assert all(p.grad is None for p in model.parameters())
+        cfg.loss(model, batch).backward()
+        assert all(p.grad is None for p in model.parameters())
+    for h in hooks:
+        h.remove()
+    assert len(seen) == len(held) and max(seen) <= 1
+    assert all(p.grad is held[p] for p in model.parameters())
+    times = time_strategies(model, batch, cfg.loss, {"none": "none", "full": "full"},
+                            rounds=1)
+    assert set(times) == {"none", "full"}
+    assert all(p.grad is held[p] for p in model.parameters())
 
 
 def test_batchnorm_statistics_are_put_back():

@@ -21,8 +21,9 @@ NOTE [ Verifying a replay ]
       unpacks its rebuild, the two must be equal.
   The first difference raises ``StrategyError`` naming the op, the module that ran it
   and how far apart the values are. Equal means ``torch.equal`` with NaNs equal where
-  both have them. The step's gradients, buffers and RNG state are put back afterwards:
-  verifying leaves the model as it found it. It costs the memory of the plain step's
+  both have them. The step's gradients are dropped as they arrive (``discarding_grads``);
+  the gradients, buffers and RNG state held before are put back afterwards: verifying
+  leaves the model as it found it. It costs the memory of the plain step's
   saved tensors once more: run it on a small batch.
 """
 
@@ -42,7 +43,7 @@ from memprop.errors import StrategyError
 from memprop.models.user import step_loss as one_step_loss
 
 __all__ = ["verify_replay", "verifying", "is_verifying", "VerifyingContext",
-           "check_rebuilt", "where_now"]
+           "check_rebuilt", "where_now", "discarding_grads"]
 
 _state = threading.local()   # .on: inside verifying(); .stack: module names running
 
@@ -217,13 +218,38 @@ class VerifyingContext:
                 Both(recompute_ctx, _Compare(calls, self.form)))
 
 
+@contextlib.contextmanager
+def discarding_grads(model: nn.Module):
+    """Inside, each parameter's gradient is dropped as soon as backward has accumulated
+    it (a post-accumulate-grad hook sets ``.grad = None``), so a step run only to be
+    checked or timed never holds the model's gradients: planning a model whose
+    gradients are hundreds of MiB holds one parameter's at a time. The gradients
+    ``.grad`` held before are put back after."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    held = [p.grad for p in params]
+    handles = []
+
+    def drop(p: torch.Tensor) -> None:
+        p.grad = None
+    try:
+        for p in params:
+            p.grad = None
+            handles.append(p.register_post_accumulate_grad_hook(drop))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        with torch.no_grad():
+            for p, g in zip(params, held):
+                p.grad = g
+
+
 def verify_replay(model: nn.Module, batch, *, loss_fn=None) -> None:
     """One real forward and backward of ``model`` (a strategy applied) in which every
     replayed tensor is checked against the original (NOTE [ Verifying a replay ]);
     ``StrategyError`` on the first difference. Gradients, buffers and the RNG state are
     as before afterwards."""
     loss_fn = one_step_loss(loss_fn)      # as measure_step reads it (memprop.models.user)
-    grads = [(p, p.grad) for p in model.parameters()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     devices = sorted({p.device.index for p in model.parameters()
                       if p.device.type == "cuda"} - {None})
@@ -231,15 +257,11 @@ def verify_replay(model: nn.Module, batch, *, loss_fn=None) -> None:
     _state.buffers = {b.untyped_storage().data_ptr() for b in model.buffers()}
     try:
         with torch.random.fork_rng(devices=devices), verifying(), _module_names(model), \
-                torch.enable_grad():
-            for p, _ in grads:
-                p.grad = None
+                torch.enable_grad(), discarding_grads(model):
             loss = loss_fn(model, batch)
             loss.backward()
     finally:
         _state.buffers = before
         with torch.no_grad():
-            for p, g in grads:
-                p.grad = g
             for b, value in buffers:
                 b.copy_(value)

@@ -43,6 +43,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from memprop.checkpoint.forms.oplevel import Ops
 from memprop.checkpoint.forms.remat import Remat
 from memprop.checkpoint.forms.strategies import Selective, parse_strategy, remove_strategy
+from memprop.checkpoint.forms.verify import discarding_grads
 from memprop.checkpoint.forms.whole import Forward
 from memprop.measure import Measurement
 
@@ -165,20 +166,19 @@ def time_strategies(model, batch, loss_fn, strategies: dict, *, rounds: int = 5,
     """Median ms of one forward and backward of ``loss_fn(model, batch)`` under each of
     ``strategies`` (name -> ``Strategy`` or spec), applied in turn round by round
     (``rounds`` rounds after one warm-up round): a shared machine's noise falls on every
-    candidate alike. The model's gradients are put back afterwards."""
+    candidate alike. The parameters' gradients are dropped as they arrive
+    (``discarding_grads``: timing never holds them) and the ones held before are put
+    back afterwards."""
     params = [p for p in model.parameters() if p.requires_grad]
-    grads = [p.grad for p in params]
     cuda = bool(params) and params[0].device.type == "cuda"
     times: dict = {name: [] for name in strategies}
-    try:
+    with discarding_grads(model):
         for round_ in range(rounds + 1):
             for name, strategy in strategies.items():
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     parse_strategy(strategy).apply(model, **(apply_kwargs or {}))
                 try:
-                    for p in params:
-                        p.grad = None
                     start = time.perf_counter()
                     loss_fn(model, batch).backward()
                     if cuda:
@@ -187,7 +187,4 @@ def time_strategies(model, batch, loss_fn, strategies: dict, *, rounds: int = 5,
                         times[name].append((time.perf_counter() - start) * 1e3)
                 finally:
                     remove_strategy(model)
-    finally:
-        for p, g in zip(params, grads):
-            p.grad = g
     return {name: statistics.median(t) for name, t in times.items()}
