@@ -191,3 +191,25 @@ def assert_ranks_equal(real, fake, same_rows=None):
             assert timeline_rows(m.timeline).equals(timeline_rows(p.timeline)), r
         else:
             same_rows(timeline_rows(m.timeline), timeline_rows(p.timeline), r)
+
+
+# sharded trials (a spec's [parallel]): an MLP whose 4 parameter tensors of 64 rows split
+# evenly over 1, 2 and 4 ranks and whose 10-row head does not, predicted on fake ranks
+SHARDED_MLP = dict(depth=2, width=64, d_in=96, d_out=10)
+SHARDED_SPEC = """
+name = "sharded_small"
+[model]
+name = "mlp"
+depth = 2
+width = 64
+d_in = 96
+d_out = 10
+[grid]
+batch = [8]
+[run]
+optimizer = "adam"
+timeout = 120
+[parallel]
+world_size = [1, 2, 4]
+estimate = true
+"""

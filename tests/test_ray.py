@@ -16,10 +16,18 @@ import time
 import pandas as pd
 import pytest
 import torch
-from helpers import BUDGETED_SPEC, FRONTIER_SPEC, write_spec  # the sweep tests' specs
+from helpers import (  # the sweep tests' specs
+    BUDGETED_SPEC,
+    FRONTIER_SPEC,
+    SHARDED_MLP,
+    SHARDED_SPEC,
+    write_spec,
+)
 
 from memprop.cli import main
 from memprop.errors import ConfigError
+from memprop.models import model_config
+from memprop.sharded import predict
 from memprop.sweep import RayExecutor, SpecError, load_results, load_spec, make_executor, run_sweep
 from memprop.sweep.frontier import run_frontier
 
@@ -191,3 +199,27 @@ def test_spec_executor_key_and_a_missing_ray_name_the_fix(tmp_path, monkeypatch)
     monkeypatch.setitem(sys.modules, "ray", None)            # as if Ray were not installed
     with pytest.raises(ConfigError, match=r"pip install 'memprop\[ray\]'"):
         make_executor("ray")
+
+
+# one real trial of 2 ranks (Adam)
+SHARDED = SHARDED_SPEC.replace("world_size = [1, 2, 4]\nestimate = true", "world_size = 2")
+
+
+def test_a_real_sharded_trial_is_one_placement_group_of_its_ranks(cluster, tmp_path):
+    import ray
+    spec = load_spec(write_spec(tmp_path, SHARDED))
+    db = tmp_path / "s.sqlite"
+    assert run_sweep(spec, db_path=db, executor=RayExecutor(cluster)).counts == {"ok": 1}
+    row = load_results(db).iloc[0]
+    assert SHARDED != SHARDED_SPEC
+    p = predict(model_config("mlp", **SHARDED_MLP), 8, world_size=2, optimizer="adam")
+    assert list(row.rank_peak_bytes) == p.rank_peak_bytes == list(row.predicted_rank_peak_bytes)
+    assert row.executor == "ray" and not bool(row.predicted)
+    group = ray.util.placement_group_table()[row.ray_placement_group]
+    assert group["strategy"] == "STRICT_PACK" and group["state"] == "REMOVED"
+    assert list(group["bundles"].values()) == [{"CPU": 1.0}, {"CPU": 1.0}]
+    # 3 ranks on a cluster of 2 CPUs: refused before anything runs
+    (trial,) = spec.trials()
+    three = dataclasses.replace(trial, parallel=dataclasses.replace(trial.parallel, world_size=3))
+    with pytest.raises(ConfigError, match="3 ranks asks Ray for 3 CPUs on one node"):
+        RayExecutor(cluster).run([three], lambda t, r: pytest.fail("no trial may run"))

@@ -24,6 +24,9 @@ from memprop.units import format_bytes
 RESULT_COLUMNS = ["model", "batch", "strategy", "status", "phase", "saved_bytes", "peak_bytes",
                   "predicted_peak_bytes", "inference_peak_bytes", "step_ms", "duration_s"]
 
+# a sharded trial's ranks (a spec's [parallel]; memprop.sweep.parallel), when any is stored
+SHARDED_COLUMNS = ["world_size", "tp", "replicate", "predicted"]
+
 FRONTIER_DOC = """``memprop frontier``: for each depth and strategy of a spec's [frontier] table,
 the largest batch that fits its memory budget. Predicted on fake tensors first, then
 confirmed by real trials under the real budget: the batch fits, and one step more runs
@@ -203,8 +206,9 @@ def results_command(args) -> int:
         return 0
     cfg = [c for c in frame.columns if c.startswith("cfg_")
            and frame[c].nunique(dropna=True) > 1]
+    sharded = [c for c in SHARDED_COLUMNS if "world_size" in frame and c in frame]
     cols = list(frame.columns) if args.all_columns else [
-        c for c in ["model", *cfg, *RESULT_COLUMNS[1:]] if c in frame.columns]
+        c for c in ["model", *cfg, *sharded, *RESULT_COLUMNS[1:]] if c in frame.columns]
     counts = frame.status.value_counts().to_dict()
     print(f"{db}: {len(frame)} trials (" + ", ".join(f"{v} {k}" for k, v in counts.items()) + ")")
     print(render_table(frame[cols]))

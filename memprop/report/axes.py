@@ -1,5 +1,6 @@
 """Byte axes for people: ticks at round numbers of one binary unit (0.4 MiB, not 409.6 KiB).
-Data stay in raw bytes; only the labels convert."""
+Data stay in raw bytes; only the labels convert. And the colour of each memory category,
+the same in every figure."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ import math
 import matplotlib
 from matplotlib.ticker import FuncFormatter, Locator, MaxNLocator
 
-__all__ = ["BYTES", "BytesLocator", "bytes_axis", "flops_axis", "power_of_two_ticks"]
+__all__ = ["BYTES", "BytesLocator", "bytes_axis", "flops_axis", "power_of_two_ticks",
+           "CATEGORY_COLORS"]
+
+# one colour per live-memory category (memprop.tracker.CATEGORIES)
+CATEGORY_COLORS = {"parameter": "#4C72B0", "buffer": "#8172B3", "input": "#937860",
+                   "gradient": "#DD8452", "optimizer": "#C44E52", "activation": "#55A868",
+                   "temporary": "#BBBBBB"}
 
 
 def _unit(value: float) -> float:

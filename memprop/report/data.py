@@ -19,7 +19,7 @@ from memprop.sweep.store import ResultsStore, resolve_source
 from memprop.sweep.trial import Trial
 
 __all__ = ["ReportData", "load_report_data", "mark_unmeasured", "NOT_MEASURED_IN_FIT_MODE",
-           "DEPTH", "depth_field"]
+           "DEPTH", "depth_field", "single_device"]
 
 # NOTE [ The depth axis ]
 # Workloads name their layer count differently: the zoo's ``depth``, transformers'
@@ -36,6 +36,15 @@ _DEPTH_NAME = re.compile(r"^(depth|(num_|n_)?(hidden_|encoder_|decoder_)?layers?
 # and runs no inference pass, so those fields are "not measured", not zero.
 NOT_MEASURED_IN_FIT_MODE = ("forward_flops", "backward_flops", "inference_peak_bytes",
                             "inference_saved_bytes")
+
+
+def single_device(results: pd.DataFrame) -> pd.DataFrame:
+    """The trials of one device: without the sharded ones (a spec's ``[parallel]``,
+    whose ``world_size`` is set; memprop.sweep.parallel), which the sharded figure reads
+    (``ReportData.parallel``) and no single-device figure or claim does."""
+    if "world_size" not in results:
+        return results
+    return results[results.world_size.isna()]
 
 
 def mark_unmeasured(results: pd.DataFrame) -> pd.DataFrame:
@@ -76,12 +85,22 @@ class ReportData:
 
     @property
     def ok(self) -> pd.DataFrame:
-        """Trials that finished and were measured in full (not frontier probes)."""
-        r = self.results
+        """Trials of one device that finished and were measured in full (not frontier
+        probes, not sharded trials)."""
+        r = single_device(self.results)
         if r.empty or "saved_bytes" not in r:
             return pd.DataFrame(columns=["key", "model", "strategy", "batch", "status",
                                          "saved_bytes", "peak_bytes"])
         return r[(r.status == "ok") & (r["mode"] == "measure")]
+
+    @property
+    def parallel(self) -> pd.DataFrame:
+        """Sharded trials that finished (a spec's ``[parallel]``): one row each, every
+        rank's figures in it (memprop.sharded.row)."""
+        r = self.results
+        if r.empty or "world_size" not in r or "peak_bytes" not in r:
+            return r.iloc[:0]
+        return r[r.world_size.notna() & (r.status == "ok")]
 
     def frame(self, key: str, name: str) -> pd.DataFrame | None:
         return self._store.frame(key, name) if self._store is not None else None

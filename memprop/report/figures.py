@@ -5,7 +5,9 @@ are shown in binary units, predictions are drawn dashed and labelled as such.
 Drawing only reads the store: nothing is measured or estimated here (the closed-form
 saved bytes of the zoo MLPs are arithmetic on the stored config). Depth is whatever field
 the workload counts layers with (NOTE [ The depth axis ] in data.py), labelled by its name.
-The out-of-memory figures live in oom_figures.py; ``ALL_FIGURES`` lists every figure."""
+The out-of-memory figures live in oom_figures.py; ``ALL_FIGURES`` lists every figure of
+one device. The sharded figure (sharded_figures.py) is drawn when the store holds
+sharded trials, and only then."""
 
 from __future__ import annotations
 
@@ -22,19 +24,17 @@ from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from memprop.models import MLPConfig, model_config  # noqa: E402
 from memprop.predict import predict_saved_bytes  # noqa: E402
+from memprop.report.axes import CATEGORY_COLORS as COLORS  # noqa: E402
 from memprop.report.axes import bytes_axis, flops_axis  # noqa: E402
 from memprop.report.claims import c4_rows, fit_depth_batch  # noqa: E402
 from memprop.report.data import DEPTH, ReportData  # noqa: E402
 from memprop.report.graph import d2l_graph_figure  # noqa: E402
 from memprop.report.oom_figures import fig_frontier, fig_peak_heatmap  # noqa: E402
+from memprop.report.sharded_figures import PARALLEL_FIGURES  # noqa: E402
 from memprop.tracker import CATEGORIES  # noqa: E402
 from memprop.units import format_bytes, format_ratio  # noqa: E402
 
 __all__ = ["ALL_FIGURES", "make_figures"]
-
-COLORS = {"parameter": "#4C72B0", "buffer": "#8172B3", "input": "#937860",
-          "gradient": "#DD8452", "optimizer": "#C44E52", "activation": "#55A868",
-          "temporary": "#BBBBBB"}
 
 
 def _closed_form(data: ReportData, row, depth=None, batch=None):
@@ -370,7 +370,8 @@ ALL_FIGURES = {
 def make_figures(data: ReportData) -> tuple[dict, dict]:
     """(name -> Figure, name -> why it is missing)."""
     figures, missing = {}, {}
-    for name, make in ALL_FIGURES.items():
+    sharded = "world_size" in data.results and data.results.world_size.notna().any()
+    for name, make in {**ALL_FIGURES, **(PARALLEL_FIGURES if sharded else {})}.items():
         fig, why = make(data)
         if fig is None:
             missing[name] = why

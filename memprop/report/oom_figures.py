@@ -17,7 +17,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from memprop.report.axes import BYTES, power_of_two_ticks  # noqa: E402
-from memprop.report.data import DEPTH, ReportData  # noqa: E402
+from memprop.report.data import DEPTH, ReportData, single_device  # noqa: E402
 from memprop.units import format_bytes  # noqa: E402
 
 __all__ = ["budget_line", "fig_frontier", "fig_peak_heatmap"]
@@ -36,7 +36,7 @@ def _plain_peaks(data: ReportData) -> pd.DataFrame:
     """Every stored step of the main model without checkpointing: the measured grid and
     the frontier's probes under the real budget; depth, batch, peak_bytes, status."""
     model, _ = data.main_model()
-    r = data.results
+    r = single_device(data.results)
     if model is None or r.empty or DEPTH not in r:
         return pd.DataFrame(columns=[DEPTH, "batch", "peak_bytes", "status", "mode"])
     rows = r[(r.model == model) & (r.strategy == "none") & r.status.isin(["ok", "oom"])]

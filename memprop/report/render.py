@@ -40,9 +40,15 @@ CAPTIONS = {
                         "configuration, in the order forward propagation saved them.",
     "precision": "The same step in float32 and under autocast: bytes stored for backward "
                  "and tensor-level peak (float32 master weights either way).",
+    "sharded_memory": "Each rank's memory under FSDP2 against the world size (the largest "
+                      "rank): left, its peak stacked by what holds it at that peak; right, "
+                      "each category at its own maximum, with division by the world size "
+                      "dotted. All-gathered parameters count as temporary (or activation "
+                      "while autograd holds them).",
 }
 
-SUMMARY_COLUMNS = ["model", DEPTH, "batch", "strategy", "mode", "status", "phase", "saved_bytes",
+SUMMARY_COLUMNS = ["model", DEPTH, "world_size", "tp", "replicate", "batch",
+                   "strategy", "mode", "status", "phase", "saved_bytes",
                    "peak_bytes", "predicted_peak_bytes", "inference_peak_bytes",
                    "forward_flops", "backward_flops", "step_ms"]
 
@@ -72,6 +78,8 @@ def _summary(data: ReportData) -> pd.DataFrame:
     if r.empty:
         return r
     cols = [c for c in SUMMARY_COLUMNS if c in r.columns]
+    if "world_size" in r:        # sharded trials: measured or predicted ranks
+        cols.insert(cols.index("world_size") + 1, "predicted")
     return r[cols].rename(columns={DEPTH: data.depth_name or DEPTH})
 
 

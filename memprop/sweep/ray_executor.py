@@ -19,6 +19,18 @@ NOTE [ A Ray trial means what a local trial means ]
   retried ``retries`` times (the row's ``ray_attempts`` says how many tries it took) and
   then stored as ``crashed``: no trial is lost.
 
+NOTE [ A sharded trial on Ray ]
+  A real sharded trial of N ranks (a spec's ``[parallel]``, memprop.sweep.parallel) asks
+  Ray for one placement group of N bundles of one CPU, ``STRICT_PACK``: all N on one
+  node or none, so it never starts with part of its ranks, and no other task takes the
+  CPUs its ranks run on. Its task runs in the first bundle and runs the trial as the
+  local executor does; the worker starts the N gloo processes itself
+  (``measure_jobs``, memprop.sharded.spawn), on the node's loopback. Ray could instead
+  place N actors that join one gloo group, but then each rank would be measured inside
+  a Ray worker (Ray's threads and imports beside the step), no longer the process a
+  local trial measures. The group is removed when the task ends, however it ends. A
+  predicted sharded trial is one ordinary task (one process, fake ranks).
+
 Ray is an optional extra (``pip install 'memprop[ray]'``): it is imported when a
 ``RayExecutor`` is built, so memprop itself never needs it.
 """
@@ -87,6 +99,13 @@ def _uses_gpu(trial: Trial) -> bool:
     return trial.device.startswith("cuda")
 
 
+def _ranks(trial: Trial) -> int:
+    """The processes a trial runs at once beside its task: a real sharded trial's ranks
+    (NOTE [ A sharded trial on Ray ]), else 0."""
+    p = trial.parallel
+    return p.world_size if p is not None and not p.predicted else 0
+
+
 class RayExecutor:
     """Run each trial as a Ray task on a cluster (see NOTE at the top of the module).
 
@@ -137,6 +156,12 @@ class RayExecutor:
             raise ConfigError(f"memprop.sweep: a trial asks Ray for {threads} CPUs (its "
                               f"threads) but the largest node of the cluster ({where}) has "
                               f"{cpus:g}; lower the threads or add a larger node")
+        ranks = max(_ranks(t) for t in trials)
+        if ranks > cpus:
+            raise ConfigError(f"memprop.sweep: a sharded trial of {ranks} ranks asks Ray for "
+                              f"{ranks} CPUs on one node but the largest node of the cluster "
+                              f"({where}) has {cpus:g}; lower [parallel] world_size, add "
+                              "estimate = true, or add a larger node")
         if any(_uses_gpu(t) for t in trials) and gpus < 1:
             raise ConfigError(f"memprop.sweep: trials on device 'cuda' need a GPU but no "
                               f"node of the Ray cluster ({where}) has one; start nodes with "
@@ -148,16 +173,26 @@ class RayExecutor:
         ray = self._ray
         self._connect()
         self._check_resources(trials)
+        from ray.util import placement_group, remove_placement_group  # Ray: optional
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
         task = ray.remote(max_calls=1, max_retries=0)(_ray_trial)   # a fresh worker each
         cwd = os.getcwd()
         path = [os.path.abspath(p) if p else cwd for p in sys.path]   # "" is the cwd
         in_flight = {}                 # ObjectRef -> (trial, why earlier tries died)
+        groups = {}                    # ObjectRef -> its placement group (sharded trials)
 
         def submit(trial: Trial, died: list[str]) -> None:
-            ref = task.options(num_cpus=_threads(trial), num_gpus=int(_uses_gpu(trial)),
-                               name=f"memprop {trial.label()}"
+            options: dict = {"num_cpus": _threads(trial), "num_gpus": int(_uses_gpu(trial))}
+            group = None
+            if _ranks(trial):          # NOTE [ A sharded trial on Ray ]
+                group = placement_group([{"CPU": 1}] * _ranks(trial), strategy="STRICT_PACK")
+                options = {"num_cpus": 1, "scheduling_strategy":
+                           PlacementGroupSchedulingStrategy(group, 0)}
+            ref = task.options(**options, name=f"memprop {trial.label()}"
                                ).remote(trial, path, cwd, len(died) + 1)
             in_flight[ref] = (trial, died)
+            if group is not None:
+                groups[ref] = group
 
         for trial in trials:
             submit(trial, [])
@@ -165,6 +200,8 @@ class RayExecutor:
             while in_flight:
                 (ref,), _ = ray.wait(list(in_flight), num_returns=1)
                 trial, died = in_flight.pop(ref)
+                if ref in groups:
+                    remove_placement_group(groups.pop(ref))
                 try:
                     result = ray.get(ref)
                 except ray.exceptions.RayTaskError as exc:    # the task's own code raised
@@ -184,6 +221,8 @@ class RayExecutor:
         finally:
             for ref in in_flight:      # interrupted: a KeyboardInterrupt in each task,
                 ray.cancel(ref)        # whose local executor then kills its trial
+            for group in groups.values():
+                remove_placement_group(group)
 
 
 def _ray_trial(trial: Trial, driver_path: list[str], driver_cwd: str, attempt: int) -> dict:
@@ -198,7 +237,9 @@ def _ray_trial(trial: Trial, driver_path: list[str], driver_cwd: str, attempt: i
     box: dict = {}
     local = dataclasses.replace(trial, threads=_threads(trial))   # the CPUs Ray granted
     LocalProcessExecutor(1, start="subprocess").run([local], lambda _, r: box.update(r))
+    group = ray.get_runtime_context().get_placement_group_id()
     box.update(executor="ray", ray_attempts=attempt, node_host=socket.gethostname(),
+               ray_placement_group=group,       # NOTE [ A sharded trial on Ray ], or None
                node_ip=ray.util.get_node_ip_address(),
                node_id=ray.get_runtime_context().get_node_id(),
                node_cpu_model=_cpu_model(), node_cpu_count=os.cpu_count(),

@@ -20,6 +20,8 @@
     budget_mode = "tensor"                # live tensor bytes (default) or "process" (the OS)
     estimate = true                       # also predict each trial on fake tensors
     executor = "ray"                      # optional: trials as Ray tasks (default "local")
+    [parallel]                            # optional: sharded trials (memprop.sweep.parallel)
+    world_size = [2, 4, 8]; tp = 1; estimate = true
     [frontier]                            # optional (memprop frontier): the OOM frontier
     budget = "512MiB"; depths = [4, 8]; strategies = ["none", "sqrt"]
     batch_step = 16; max_batch = 65536
@@ -58,7 +60,13 @@ from memprop.dtypes import DTYPES
 from memprop.errors import ConfigError, MemPropError
 from memprop.measure import AMP_MODES, OPTIMIZERS
 from memprop.models import MODELS, model_config
+from memprop.sweep.parallel import Parallel, parse_parallel
 from memprop.sweep.ray_executor import EXECUTORS
+from memprop.sweep.spec_values import SpecError
+from memprop.sweep.spec_values import choice as _choice
+from memprop.sweep.spec_values import int_value as _int
+from memprop.sweep.spec_values import list_value as _list
+from memprop.sweep.spec_values import unknown_key as _unknown
 from memprop.sweep.trial import Trial
 from memprop.units import parse_size
 
@@ -66,19 +74,11 @@ __all__ = ["SpecError", "Trial", "SweepSpec", "RunOptions", "FrontierOptions", "
            "parse_spec"]
 
 DEVICES = ("cpu", "cuda")
-_TOP = ("name", "description", "model", "grid", "run", "frontier")
+_TOP = ("name", "description", "model", "grid", "run", "frontier", "parallel")
 _RUN = ("dtype", "device", "optimizer", "repeats", "warmup", "timeout", "seed", "budget",
         "budget_mode", "threads", "amp", "estimate", "executor")
 _GRID_EXTRA = ("batch", "strategy", "dtype", "optimizer", "amp")
 _FRONTIER = ("budget", "depths", "strategies", "batch_step", "max_batch", "field")
-
-
-class SpecError(ConfigError):
-    """A malformed experiment spec: names the file, the key path, value and what is allowed."""
-
-    def __init__(self, path, key: str, message: str):
-        super().__init__(f"{path}: {key}: {message}")
-        self.path, self.key = str(path), key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +121,7 @@ class SweepSpec:
     run: RunOptions
     frontier: FrontierOptions | None = None
     model_grids: tuple[tuple[tuple[str, tuple], ...], ...] = ()   # per model, or ()
+    parallel: tuple[Parallel, ...] = ()   # [parallel]: each trial once per point, or ()
 
     def grid_of(self, index: int) -> tuple[tuple[str, tuple], ...]:
         """The grid of ``models[index]``: ``[grid]`` with its own ``[model.grid]`` (NOTE
@@ -162,33 +163,14 @@ class SweepSpec:
                 point = dict(zip(keys, values))
                 fields = {**dict(fixed), **{k: v for k, v in point.items()
                                             if k not in _GRID_EXTRA}}
-                out.append(self.trial(model, fields, **{k: v for k, v in point.items()
-                                                        if k in _GRID_EXTRA}))
+                extra = {k: v for k, v in point.items() if k in _GRID_EXTRA}
+                out += [self.trial(model, fields, **extra, **(
+                    {"parallel": p} if p is not None else {}))
+                        for p in (self.parallel or (None,))]
         return out
 
 
 # -- validation helpers ----------------------------------------------------------------
-
-def _unknown(path, where: str, key: str, allowed) -> SpecError:
-    close = difflib.get_close_matches(key, allowed, n=1) or [
-        a for a in allowed if key in a or a in key][:1]
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return SpecError(path, f"{where}{key}", f"unknown key{hint}; allowed keys: "
-                     f"{', '.join(allowed)}")
-
-
-def _int(path, key, value, low, what="an integer") -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise SpecError(path, key, f"{value!r} is not allowed; it must be {what} >= {low}")
-    return value
-
-
-def _choice(path, key, value, options) -> str:
-    if value not in options:
-        raise SpecError(path, key, f"{value!r} is not allowed; choose one of: "
-                        f"{', '.join(map(str, options))}")
-    return value
-
 
 def _size(path, key, value) -> int:
     """A budget's bytes: a positive size, as the CLI's --budget takes."""
@@ -211,15 +193,6 @@ def _strategy(path, key, value) -> str:
         return value if value.startswith("budget:") else spec   # the size as written
     except MemPropError as exc:
         raise SpecError(path, key, str(exc).replace("memprop.checkpoint: ", "")) from None
-
-
-def _list(path, key, value) -> tuple:
-    if not isinstance(value, list):
-        raise SpecError(path, key, f"{value!r} is not a list; write e.g. {key.split('.')[-1]} "
-                        "= [1, 2, 4]")
-    if not value:
-        raise SpecError(path, key, "the list is empty, so the grid expands to zero trials")
-    return tuple(value)
 
 
 # -- loading ---------------------------------------------------------------------------
@@ -314,11 +287,16 @@ def parse_spec(data: dict, *, path="<spec>") -> SweepSpec:
     frontier = None
     if "frontier" in data:
         frontier = _parse_frontier(path, data["frontier"], run)
+    parallel: tuple[Parallel, ...] = ()
+    if "parallel" in data:
+        grids = [dict(grid)] + [dict(own) for *_, own in models]
+        parallel = parse_parallel(path, data["parallel"], run, frontier=frontier is not None,
+                                  grid={"amp": tuple(a for g in grids for a in g.get("amp", ()))})
 
     spec = SweepSpec(name=name, path=str(path), description=description,
                      models=tuple((n, tuple(sorted(f.items()))) for n, f, _, _ in models),
                      grid=tuple(grid), run=RunOptions(**run), frontier=frontier,
-                     model_grids=tuple(tuple(own) for *_, own in models))
+                     model_grids=tuple(tuple(own) for *_, own in models), parallel=parallel)
     _check_configs(path, spec, models)
     return spec
 

@@ -219,14 +219,16 @@ class ResultsStore:
         return pd.read_sql_query("SELECT * FROM frontier ORDER BY strategy, depth", self.db)
 
     def results(self) -> pd.DataFrame:
-        """One row per trial: key, status, the config's fields (``cfg_*`` for the model's),
+        """One row per trial: key, status, the config's fields (``cfg_*`` for the model's;
+        a sharded trial's ``world_size``, ``tp``, ... ``predicted``, memprop.sweep.parallel),
         then every result field."""
         rows = []
         for key, status, config, result, finished in self.db.execute(
                 "SELECT key, status, config, result, finished_at FROM trials"):
             config, result = json.loads(config), json.loads(result)
             row = {"key": key, "status": status, "finished_at": finished}
-            row.update({k: v for k, v in config.items() if k != "model_fields"})
+            row.update({k: v for k, v in config.items() if k not in ("model_fields", "parallel")})
+            row.update(config.get("parallel") or {})
             row.update({f"cfg_{k}": tuple(v) if isinstance(v, list) else v
                         for k, v in config["model_fields"].items()})
             row.update({k: tuple(v) if isinstance(v, list) else v
@@ -234,8 +236,10 @@ class ResultsStore:
             rows.append(row)
         frame = pd.DataFrame(rows)
         if not frame.empty:
+            sharded = ["world_size"] if "world_size" in frame else []
             frame = frame.sort_values(["model", "strategy", "batch"] + sorted(
-                c for c in frame.columns if c.startswith("cfg_"))).reset_index(drop=True)
+                c for c in frame.columns if c.startswith("cfg_")) + sharded
+            ).reset_index(drop=True)
         return frame
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from memprop._version import __version__
 from memprop.models import ModelConfig, model_config
+from memprop.sweep.parallel import Parallel
 
 __all__ = ["Trial"]
 
@@ -18,7 +19,10 @@ class Trial:
     """One isolated run: a model config, a batch, a strategy, and how to run it.
 
     Frozen and hashable; ``key()`` identifies its result in the store (the full config,
-    the memprop version and the torch version)."""
+    the memprop version and the torch version). ``parallel``: a sharded trial (every
+    rank, ``batch`` examples each; memprop.sweep.parallel), or None for one device; a
+    trial without one keeps the key it had before sharded trials existed (``to_dict``
+    leaves the field out), so stores made then resume."""
 
     spec: str
     model: str
@@ -38,6 +42,7 @@ class Trial:
     amp: str | None = None         # autocast: "bf16" / "fp16"
     estimate: bool = True
     mode: str = "measure"          # "measure": everything; "fit": does one step fit?
+    parallel: Parallel | None = None
 
     def config(self) -> ModelConfig:
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in self.model_fields}
@@ -46,12 +51,16 @@ class Trial:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["model_fields"] = dict(self.model_fields)
+        if d["parallel"] is None:
+            del d["parallel"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Trial":
         d = dict(d)
         d["model_fields"] = tuple(sorted(d["model_fields"].items()))
+        if d.get("parallel") is not None:
+            d["parallel"] = Parallel(**d["parallel"])
         return cls(**d)
 
     def point(self) -> dict[str, Any]:
@@ -70,4 +79,6 @@ class Trial:
 
     def label(self) -> str:
         fields = ",".join(f"{k}={v}" for k, v in self.model_fields)
-        return f"{self.model}({fields}) batch={self.batch} {self.strategy}"
+        ranks = (f" x{self.parallel.world_size} ranks"
+                 f"{' predicted' if self.parallel.predicted else ''}" if self.parallel else "")
+        return f"{self.model}({fields}) batch={self.batch} {self.strategy}{ranks}"

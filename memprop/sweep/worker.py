@@ -1,6 +1,7 @@
 """One trial in its own process: ``python -m memprop.sweep.worker TRIAL.json RESULT.json``.
 
-Reads a ``Trial``, measures it (under its budget, if any) and writes one JSON result:
+Reads a ``Trial``, measures it (under its budget, if any; every rank of a sharded
+trial, memprop.sweep.sharded_trial) and writes one JSON result:
 status ``ok``, ``oom`` (with the phase, op and bytes where memory ran out) or ``error``
 (a Python exception, with its message). A process that dies before writing a result is
 recorded by the executor as ``crashed`` (signal or exit code) or ``timeout``.
@@ -24,6 +25,7 @@ from memprop.budget import TensorBudgetExceeded
 from memprop.checkpoint import parse_strategy
 from memprop.measure import DataDependentStepError, measure_step, phase_of
 from memprop.sweep.budget import apply_process_budget, is_out_of_memory, peak_address_space_bytes
+from memprop.sweep.sharded_trial import run_sharded
 from memprop.sweep.trial import Trial
 from memprop.workload import build_workload, estimate
 
@@ -163,6 +165,10 @@ def run_trial(trial: Trial) -> dict:
         strategy = parse_strategy(trial.strategy)
         # the full config, defaults included: the store says exactly what was measured
         result.update({k: v for k, v in config.row_fields().items() if k != "model"})
+        if trial.parallel is not None:          # every rank (memprop.sweep.sharded_trial)
+            row, timeline = run_sharded(trial, config)
+            result.update(row, timeline=_pack_frame(timeline))
+            return result
         if trial.estimate and trial.mode == "measure":
             try:
                 predicted = estimate(config, trial.batch, dtype=trial.dtype,
