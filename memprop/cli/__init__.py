@@ -18,7 +18,7 @@ import sys
 import warnings
 
 from memprop._version import __version__
-from memprop.cli import backprop_cmd, plan_cmd, profile_cmd, report_cmd, sweep_cmd
+from memprop.cli import backprop_cmd, fit_cmd, plan_cmd, profile_cmd, report_cmd, sweep_cmd
 from memprop.errors import MemPropError
 
 __all__ = ["main", "build_parser"]
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "measured, not assumed.")
     parser.add_argument("--version", action="version", version=f"memprop {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    for module in (backprop_cmd, profile_cmd, plan_cmd, sweep_cmd, report_cmd):
+    for module in (backprop_cmd, profile_cmd, plan_cmd, fit_cmd, sweep_cmd, report_cmd):
         module.add_parser(sub)
     return parser
 

@@ -5,13 +5,27 @@ allocated), so budgets for configurations beyond this machine can be planned."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 from typing import TYPE_CHECKING
 
-from memprop.cli._common import add_command, parse_dtype, render_table, size, table_rows
+from memprop.cli._common import (
+    add_command,
+    parse_dtype,
+    positive_int,
+    render_table,
+    size,
+    table_rows,
+)
 from memprop.cli._progress import Spinner
-from memprop.cli.profile_cmd import add_model_options, config_from_args, factory_errors
+from memprop.cli.profile_cmd import (
+    add_model_options,
+    config_from_args,
+    factory_errors,
+    parallel_config,
+)
+from memprop.errors import ConfigError
 from memprop.units import format_bytes
 
 if TYPE_CHECKING:
@@ -93,10 +107,24 @@ def add_parser(sub) -> None:
                    help="mixed precision: plan the step with its forward under "
                         "torch.autocast and float32 master weights (fp16 adds a "
                         "GradScaler), as memprop profile --amp measures it (default: off)")
-    p.add_argument("--objective", choices=("time", "flops"), default="time",
+    p.add_argument("--objective", choices=("time", "flops"), default=None,
                    help="among the plans that fit: the least predicted step time (time; "
                         "on fake tensors priced at this machine's measured rates) or the "
-                        "least recompute FLOPs (flops)")
+                        "least recompute FLOPs (flops) (default: time; with --fsdp always "
+                        "flops)")
+    p.add_argument("--fsdp", type=positive_int, default=None, metavar="N",
+                   help="plan each rank of FSDP2 over N ranks (N in all with --tp and "
+                        "--replicate), against a per-rank budget; predicted on a fake "
+                        "process group (memprop.sharded.plan); --batch is per rank")
+    p.add_argument("--tp", type=positive_int, default=None, metavar="M",
+                   help="with --fsdp N: tensor parallelism over M of the N ranks (a 2-D "
+                        "mesh); alone: M ranks of tensor parallelism")
+    p.add_argument("--replicate", type=positive_int, default=None, metavar="R",
+                   help="with --fsdp N: HSDP, R replicas of N/R shards")
+    p.add_argument("--fsdp-reshard", choices=("on", "off"), default="on",
+                   help="with --fsdp: free each block's gathered parameters after forward "
+                        "(on, ZeRO-3) or keep them to backward (off, ZeRO-2)")
+    p.set_defaults(fsdp_mixed_precision=None, fsdp_offload=False)
     p.add_argument("--json", action="store_true", help="print the plan and the table as JSON")
     p.set_defaults(func=plan_command)
 
@@ -126,19 +154,21 @@ def apply_line(spec: str, amp: str | None = None) -> str:
 def plan_command(args) -> int:
     from memprop.errors import BudgetError
 
+    if args.fsdp is not None or args.tp is not None or args.replicate is not None:
+        return rank_plan_command(args)
     with Spinner("planning on fake tensors"):
         config = config_from_args(args)
         with factory_errors(args, "plan"):
             result, table, n = gather_plan(config, args.batch, args.budget,
                                            dtype=parse_dtype(args.dtype), optimizer=args.optimizer,
                                            metric=args.metric, whole=args.whole, amp=args.amp,
-                                           objective=args.objective)
+                                           objective=args.objective or "time")
     failed = isinstance(result, BudgetError)
     if args.json:
         print(json.dumps({
             "model": config.name, "fields": config.fields(), "batch": args.batch,
             "dtype": args.dtype, "amp": args.amp, "blocks": n, "budget_bytes": args.budget,
-            "metric": args.metric, "objective": args.objective,
+            "metric": args.metric, "objective": args.objective or "time",
             "plan": None if failed else {
                 "spec": result.spec, "predicted_peak_bytes": result.predicted_peak_bytes,
                 "predicted_saved_bytes": result.predicted_saved_bytes,
@@ -162,4 +192,99 @@ def plan_command(args) -> int:
     print(result.describe())
     print()
     print(apply_line(result.spec, args.amp))
+    return 0
+
+
+def gather_rank_plan(config, args):
+    """(RankPlan, comparison DataFrame, ClosedForms) for ``plan --fsdp``: the per-rank plan
+    (memprop.sharded.plan.plan_rank) and ``none`` and ``full`` per rank, each predicted
+    on a fake process group, with the closed forms at the batch."""
+    import pandas as pd
+
+    from memprop.sharded.closed_forms import closed_forms
+    from memprop.sharded.plan import plan_rank
+    from memprop.sharded.predictions import RankPredictions, RecomputeFlops
+
+    refused = [opt for opt, on in (("--amp", args.amp), ("--metric stored",
+                                   args.metric == "stored"),
+                                   ("--objective time", args.objective == "time")) if on]
+    if refused:
+        raise ConfigError(f"memprop plan: --fsdp does not take {', '.join(refused)}; a "
+                          "per-rank plan limits the step's peak and minimises recompute "
+                          "FLOPs (leave those options out)")
+    fsdp = parallel_config(args)
+    dtype = parse_dtype(args.dtype)
+    runs = RankPredictions(config, fsdp, optimizer=args.optimizer, dtype=dtype)
+    flops = RecomputeFlops(config, optimizer=args.optimizer, dtype=dtype)
+    with factory_errors(args, "plan"):
+        found = plan_rank(config, args.batch, fsdp, args.budget, optimizer=args.optimizer,
+                          dtype=dtype, predictions=runs)
+        rows = []
+        for name, spec, recompute in (
+                ("none", "none", 0),
+                ("full", "full", flops.flops(args.batch, "full", tp=fsdp.tp)),
+                (f"plan: {found.spec}", found.spec, found.recompute_flops)):
+            s = runs.get(args.batch, spec)
+            rows.append(dict(strategy=name, peak_bytes=s.peak_bytes,
+                             saved_bytes=s.rank(s.largest_rank).saved_bytes,
+                             recompute_flops=recompute))
+    table = pd.DataFrame(rows)
+    table["recompute_vs_forward"] = table.recompute_flops / max(found.forward_flops, 1)
+    table["fits"] = table.peak_bytes <= args.budget
+    closed = closed_forms(config, args.batch, fsdp, optimizer=args.optimizer, dtype=dtype)
+    return found, table, closed
+
+
+def rank_plan_command(args) -> int:
+    """``plan --fsdp N``: the per-rank plan, none and full per rank, the closed forms."""
+    from memprop.errors import BudgetError
+
+    with Spinner("planning each rank on fake process groups"):
+        config = config_from_args(args)
+        found, table, closed = gather_rank_plan(config, args)
+    failed = not found.fits
+    message = (f"memprop plan: no checkpointing plan fits {format_bytes(args.budget)} per "
+               f"rank at batch {args.batch} per rank ({found.fsdp.describe()}); the smallest "
+               f"per-rank peak found is {format_bytes(found.predicted_peak_bytes)} "
+               f"({found.predicted_peak_bytes} bytes, with {found.spec}): raise the budget, "
+               "add shards or shrink the micro-batch")
+    if args.json:
+        print(json.dumps({
+            "model": config.name, "fields": config.fields(), "batch_per_rank": args.batch,
+            "dtype": args.dtype, "budget_bytes": args.budget, "fsdp": found.fsdp.describe(),
+            "world_size": found.fsdp.world_size, "tp": found.fsdp.tp,
+            "replicate": found.fsdp.replicate, "shard": found.fsdp.shard,
+            "plan": {"spec": found.spec, "fits": found.fits,
+                     "predicted_peak_bytes": found.predicted_peak_bytes,
+                     "rank_peak_bytes": found.predicted.rank_peak_bytes,
+                     "recompute_flops": found.recompute_flops,
+                     "peak_parts_bytes": found.peak_parts, "rounds": found.rounds},
+            "error": message if failed else None,
+            "closed_forms": dataclasses.asdict(closed),
+            "strategies": table_rows(table)}, indent=2, default=str))
+        return 2 if failed else 0
+    sizes = ", ".join(f"{k}={v}" for k, v in config.fields().items())
+    print(f"{config.name} ({sizes}), batch {args.batch} per rank, {args.dtype}, optimizer "
+          f"{args.optimizer}; {found.fsdp.describe()}; budget {format_bytes(args.budget)} "
+          "per rank on the step's tensor peak (largest rank)")
+    print("PREDICTED on a fake process group and fake tensors (per rank; recompute per "
+          "rank, the unsharded model's / tp):")
+    print(render_table(shown_table(table)))
+    print()
+    zero = (f"closed form (by formula, not memprop): ZeRO-3 model states "
+            f"{format_bytes(closed.zero3_bytes)} per rank at this run's "
+            f"{closed.bytes_per_param:g} B/parameter ({format_bytes(closed.zero3_paper_bytes)} "
+            f"at the paper's 2+2+12)")
+    print(zero)
+    if closed.megatron_none_bytes is not None:
+        print(f"  + Megatron activations {format_bytes(closed.megatron_none_bytes)} (no "
+              f"recompute), {format_bytes(closed.megatron_full_bytes)} (full recompute) "
+              "(Korthikanti et al. 2022; no logits, loss, gathered parameters or "
+              "temporaries: memprop.sharded.closed_forms)")
+    print()
+    print(found.describe())
+    if failed:
+        raise BudgetError(message)
+    print()
+    print(apply_line(found.spec))
     return 0
