@@ -166,8 +166,19 @@ class _Child:
         return self.proc.exitcode
 
     def kill(self) -> None:
-        if self.returncode() is None:
-            self.proc.kill()
+        """SIGKILL the trial: its process and what it started (a sharded trial's ranks,
+        memprop.sweep.sharded_trial), its whole process group once it leads one (its
+        ``setsid``); before that it has started nothing, and only it is killed."""
+        pid = self.proc.pid
+        if self.returncode() is None and pid is not None:
+            try:
+                leads = os.getpgid(pid) == pid
+            except ProcessLookupError:
+                leads = False
+            if leads:
+                os.killpg(pid, signal.SIGKILL)
+            else:
+                self.proc.kill()
         if isinstance(self.proc, subprocess.Popen):
             self.proc.wait()
         else:

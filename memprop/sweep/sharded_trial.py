@@ -8,10 +8,13 @@ A predicted trial runs every rank's step on a fake process group here, in the wo
 single-device trial does. The worker's own threads are idle meanwhile.
 
 NOTE [ A sharded trial's ranks and its timeout ]
-  The ranks are children of the worker, not of the executor: the worker gives them
-  nine tenths of the trial's timeout (``measure_jobs`` kills them past it and the row
-  is an ``error`` naming the rank), so the executor's own timeout, which kills only the
-  worker, is the last resort, not the rule.
+  The ranks are children of the worker, in its process group: the local executor
+  kills a trial's whole group (``_Child.kill``, memprop.sweep.executor), so a trial past
+  its timeout, or stopped by Ctrl-C, takes its ranks with it (without that, both ranks
+  of a 2-rank trial killed at 5 s ran on to the end of their step). The worker also
+  gives the ranks nine tenths of the trial's timeout itself (``measure_jobs`` kills them
+  past it and the row is an ``error``). A sweep killed with SIGKILL takes its workers
+  (NOTE [ No trial outlives its sweep ]) but not their ranks, which end with their step.
 """
 
 from __future__ import annotations
