@@ -24,8 +24,10 @@ from memprop.units import format_bytes
 RESULT_COLUMNS = ["model", "batch", "strategy", "status", "phase", "saved_bytes", "peak_bytes",
                   "predicted_peak_bytes", "inference_peak_bytes", "step_ms", "duration_s"]
 
-# a sharded trial's ranks (a spec's [parallel]; memprop.sweep.parallel), when any is stored
+# a sharded trial's ranks (a spec's [parallel]; memprop.sweep.parallel), when any is
+# stored; FSDP2's knobs too where the trials vary them
 SHARDED_COLUMNS = ["world_size", "tp", "replicate", "predicted"]
+SHARDED_KNOBS = ["reshard_after_forward", "mixed_precision", "offload"]
 
 FRONTIER_DOC = """``memprop frontier``: for each depth and strategy of a spec's [frontier] table,
 the largest batch that fits its memory budget. Predicted on fake tensors first, then
@@ -206,7 +208,8 @@ def results_command(args) -> int:
         return 0
     cfg = [c for c in frame.columns if c.startswith("cfg_")
            and frame[c].nunique(dropna=True) > 1]
-    sharded = [c for c in SHARDED_COLUMNS if "world_size" in frame and c in frame]
+    sharded = [c for c in SHARDED_COLUMNS if "world_size" in frame and c in frame] + [
+        c for c in SHARDED_KNOBS if c in frame and frame[c].nunique(dropna=False) > 1]
     cols = list(frame.columns) if args.all_columns else [
         c for c in ["model", *cfg, *sharded, *RESULT_COLUMNS[1:]] if c in frame.columns]
     counts = frame.status.value_counts().to_dict()

@@ -78,8 +78,11 @@ def _summary(data: ReportData) -> pd.DataFrame:
     if r.empty:
         return r
     cols = [c for c in SUMMARY_COLUMNS if c in r.columns]
-    if "world_size" in r:        # sharded trials: measured or predicted ranks
-        cols.insert(cols.index("world_size") + 1, "predicted")
+    if "world_size" in r:        # sharded trials: measured or predicted ranks, the knobs varied
+        at = cols.index("world_size") + 1
+        cols[at:at] = ["predicted"] + [c for c in ("reshard_after_forward", "mixed_precision",
+                                                   "offload")
+                                       if c in r and r[c].nunique(dropna=False) > 1]
     return r[cols].rename(columns={DEPTH: data.depth_name or DEPTH})
 
 
