@@ -58,6 +58,8 @@ def test_the_parallel_table_grids_with_the_grid(tmp_path):
     ({"worldsize": 2}, "parallel.worldsize", "did you mean 'world_size'?"),
     ({"tp": 2}, "parallel.world_size", "missing"),
     ({"world_size": 128}, "parallel.world_size", "add estimate = true"),
+    ({"world_size": 3, "tp": 3, "estimate": True}, "parallel.tp",
+     "tp = 3 with model transformer: tp = 3 does not divide the transformer's heads = 4"),
 ])
 def test_bad_parallel_values_are_refused_in_one_line(table, key, words):
     with pytest.raises(SpecError) as err:
@@ -65,6 +67,13 @@ def test_bad_parallel_values_are_refused_in_one_line(table, key, words):
                     "parallel": table}, path="s.toml")
     text = str(err.value)
     assert "\n" not in text and text.startswith(f"s.toml: {key}: ") and words in text, text
+
+
+def test_tensor_parallelism_on_a_model_without_a_plan_is_refused_before_any_trial():
+    with pytest.raises(SpecError, match=r"^s.toml: parallel.tp: tp = 2 with model mlp: no "
+                                        "tensor-parallel plan for MLP"):
+        parse_spec({"name": "b", "model": {"name": "mlp"}, "grid": {"batch": [2]},
+                    "parallel": {"world_size": 2, "tp": 2}}, path="s.toml")
 
 
 @pytest.mark.parametrize("line, key", [('amp = "bf16"', "run.amp"),

@@ -16,7 +16,8 @@ Any value may be a list: the trials are the product of these lists and the [grid
 ``memprop profile --fsdp N``); FSDP2 is always on (tensor parallelism alone is
 ``memprop profile --tp M``). A sharded trial runs on CPU ranks, without autocast and
 without a memory budget; the spec refuses ``[run] amp``, ``device = "cuda"``,
-``budget`` and a ``[frontier]`` beside ``[parallel]``, before any trial runs.
+``budget`` and a ``[frontier]`` beside ``[parallel]``, and a ``tp`` that a model has no
+plan for or that does not divide its heads, before any trial runs.
 """
 
 from __future__ import annotations
@@ -25,11 +26,15 @@ import dataclasses
 import itertools
 from typing import Any
 
+from torch._subclasses.fake_tensor import FakeTensorMode
+
 from memprop.errors import ConfigError
 from memprop.sharded.config import MIXED_PRECISION, FSDPConfig
+from memprop.sharded.tensor_parallel import tp_plan
 from memprop.sweep.spec_values import SpecError, choice, int_value, list_value, unknown_key
 
-__all__ = ["Parallel", "PARALLEL_KEYS", "MAX_REAL_RANKS", "parse_parallel"]
+__all__ = ["Parallel", "PARALLEL_KEYS", "MAX_REAL_RANKS", "parse_parallel",
+           "check_tensor_parallel"]
 
 PARALLEL_KEYS = ("world_size", "fsdp", "tp", "replicate", "reshard_after_forward",
                  "mixed_precision", "offload", "estimate")
@@ -125,6 +130,20 @@ def parse_parallel(path, raw, run: dict, *, frontier: bool, grid: dict) -> tuple
                             f"the {MAX_REAL_RANKS} processes a trial starts on one machine; "
                             "add estimate = true to predict them on a fake process group")
     return tuple(points)
+
+
+def check_tensor_parallel(path, pairs) -> None:
+    """Each (model config, tp > 1) of the spec has a tensor-parallel plan that ``tp``
+    divides evenly (``tp_plan``, built on fake tensors: nothing allocated); else a
+    ``SpecError`` at ``parallel.tp`` naming the model and the degree."""
+    distinct = {(repr(config), tp): (config, tp) for config, tp in pairs}
+    for config, tp in distinct.values():
+        try:
+            with FakeTensorMode():
+                tp_plan(config.build(), tp)
+        except ConfigError as exc:
+            raise SpecError(path, "parallel.tp", f"tp = {tp} with model {config.name}: "
+                            + str(exc).replace("memprop.sharded: ", "")) from None
 
 
 def _refuse_single_device(path, run: dict, *, frontier: bool, grid: dict) -> None:

@@ -60,7 +60,7 @@ from memprop.dtypes import DTYPES
 from memprop.errors import ConfigError, MemPropError
 from memprop.measure import AMP_MODES, OPTIMIZERS
 from memprop.models import MODELS, model_config
-from memprop.sweep.parallel import Parallel, parse_parallel
+from memprop.sweep.parallel import Parallel, check_tensor_parallel, parse_parallel
 from memprop.sweep.ray_executor import EXECUTORS
 from memprop.sweep.spec_values import SpecError
 from memprop.sweep.spec_values import choice as _choice
@@ -298,6 +298,9 @@ def parse_spec(data: dict, *, path="<spec>") -> SweepSpec:
                      grid=tuple(grid), run=RunOptions(**run), frontier=frontier,
                      model_grids=tuple(tuple(own) for *_, own in models), parallel=parallel)
     _check_configs(path, spec, models)
+    if any(p.tp > 1 for p in parallel):          # each model's plan, before any trial runs
+        check_tensor_parallel(path, ((t.config(), t.parallel.tp) for t in spec.trials()
+                                     if t.parallel is not None and t.parallel.tp > 1))
     return spec
 
 
