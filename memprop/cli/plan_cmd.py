@@ -286,5 +286,6 @@ def rank_plan_command(args) -> int:
     if failed:
         raise BudgetError(message)
     print()
-    print(apply_line(found.spec))
+    how = f"--fsdp {args.fsdp}" if args.fsdp else f"--tp {args.tp}"
+    print(apply_line(found.spec).replace(" ...", f" {how} --estimate ...", 1))
     return 0

@@ -20,14 +20,24 @@ Modules, in the order a step goes through them:
   verify     checkpointing under sharding: gradients bitwise equal; TP's loss, on real ranks
   result     ``ShardedMeasurement``: every rank's figures, the largest
   render     a ShardedMeasurement as text (``memprop profile --fsdp N --tp M``)
+
+and what is chosen from predictions:
+  predictions  one workload predicted at several micro-batches and strategies, each once
+  plan       ``plan_rank``: a checkpointing plan whose per-rank peak fits a per-rank budget
+  fit        ``fit_cluster``: the largest micro-batch per rank per world size (``memprop fit``)
+  closed_forms  ZeRO's model states and Megatron's activations by formula, shown beside
 """
 
 from memprop.sharded.apply import apply_fsdp, parallelize, shard_layout
+from memprop.sharded.closed_forms import closed_forms
 from memprop.sharded.config import FSDPConfig
+from memprop.sharded.fit import fit_cluster
+from memprop.sharded.plan import RankPlan, plan_rank
 from memprop.sharded.prediction import predict, predict_job
 from memprop.sharded.result import ShardedMeasurement
 from memprop.sharded.spawn import measure_jobs, measure_ranks
 from memprop.sharded.step import RankJob, rank_step
 
 __all__ = ["FSDPConfig", "parallelize", "apply_fsdp", "shard_layout", "RankJob", "rank_step",
-           "predict", "predict_job", "measure_ranks", "measure_jobs", "ShardedMeasurement"]
+           "predict", "predict_job", "measure_ranks", "measure_jobs", "ShardedMeasurement",
+           "plan_rank", "RankPlan", "fit_cluster", "closed_forms"]

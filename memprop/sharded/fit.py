@@ -10,20 +10,25 @@ Every memprop figure is a prediction on a fake process group under fake tensors
 predictions by formula. The budget is on the tensor-level peak of the largest rank
 (level 1 of DESIGN.md's three levels: no allocator rounding, no fragmentation).
 
-NOTE [ Searching the micro-batch with two predictions ]
+NOTE [ Searching the micro-batch with few predictions ]
   A rank's live bytes at each op of the step are, for one strategy, an affine function
   of the micro-batch (activations and the batch scale with it; parameters, gradients and
   optimizer state do not), so its peak, the largest of them, is a maximum of affine
   functions: piecewise affine and convex in the micro-batch (the peak can move from the
-  optimizer step to the start of backward as the batch grows: the 4-block transformer
-  of tests/test_fit.py grows 1.7 MiB from batch 1 to 2 and 2.3 MiB a step after). So
-  ``largest_batch`` predicts at 1 and 2 and extrapolates the line through them to the
-  budget; by convexity the line lies below the peak beyond them, so the guess is never
-  short of too much: it is predicted, and the bracket (largest that fits, smallest that
-  does not) is narrowed by the chord between its ends, or halved when the chord would
-  not narrow it, until the two are adjacent. The answer is always confirmed by two
-  predictions, at it and one above; where the peak is affine that is four predictions in
-  all, whatever the answer. Each is made once (memprop.sharded.predictions).
+  optimizer step to the start of backward as the batch grows: a 4-block transformer,
+  d_model 128, at 4 ranks under Adam grows 1.7 MiB from batch 1 to 2, then 2.3 MiB a
+  step). So ``largest_batch`` predicts at batch 1 and guesses where the peak reaches
+  the budget from what grows with the batch at that peak (activations, temporaries,
+  the batch); while every prediction fits, the next guess extrapolates the line through
+  the two largest. By convexity a line through two points lies below the peak beyond
+  them, so an extrapolated guess can be too large, never too small for that line; once
+  a guess does not fit, the bracket (largest batch that fits, smallest that does not)
+  is narrowed at the chord's crossing (by convexity the chord lies above the peak inside
+  the bracket, so its crossing fits), then the batch above it, or halved when the chord
+  would not narrow it, until the two are adjacent. The answer is therefore always
+  confirmed by two predictions, at it and one above: where the peak is affine, three
+  or four predictions in all, whatever the answer. Each is made once
+  (memprop.sharded.predictions).
 """
 
 from __future__ import annotations
@@ -38,21 +43,25 @@ import torch
 from memprop.errors import ConfigError
 from memprop.sharded.closed_forms import closed_forms
 from memprop.sharded.config import FSDPConfig
-from memprop.sharded.plan import plan_rank
+from memprop.sharded.plan import plan_rank, rank_peak_parts
 from memprop.sharded.predictions import RankPredictions, RecomputeFlops
 from memprop.units import parse_size
 
 __all__ = ["largest_batch", "fit_cluster", "BATCH_LIMIT"]
 
 BATCH_LIMIT = 4096      # micro-batches per rank searched at most
+PLAN_ROUNDS = 2         # single-device plans per plan_rank in a fit (a 7B one: ~30 s each)
 
 
 def largest_batch(peak_of: Callable[[int], int], budget: int, *,
-                  limit: int = BATCH_LIMIT) -> int:
+                  limit: int = BATCH_LIMIT,
+                  per_example: Callable[[], int] | None = None) -> int:
     """The largest micro-batch ``b`` in [1, ``limit``] with ``peak_of(b) <= budget``,
-    0 if 1 does not fit (NOTE [ Searching the micro-batch with two predictions ]);
+    0 if 1 does not fit (NOTE [ Searching the micro-batch with few predictions ]);
     ``peak_of`` is assumed non-decreasing. Unless the answer is 0 or ``limit``,
-    ``peak_of`` has been called at it and at one above."""
+    ``peak_of`` has been called at it and at one above. ``per_example``: bytes the peak
+    grows per example, read off the first prediction, for the first guess (else the
+    second prediction is at 2)."""
     points = {1: peak_of(1)}
     if points[1] > budget:
         return 0
@@ -60,12 +69,18 @@ def largest_batch(peak_of: Callable[[int], int], budget: int, *,
     while hi is None or hi - lo > 1:
         if hi is None:
             below = max(b for b in points if b < lo) if len(points) > 1 else None
-            guess = 2 * lo if below is None else _cross(below, points[below], lo,
-                                                        points[lo], budget)
+            if below is not None:
+                guess = _cross(below, points[below], lo, points[lo], budget)
+            elif per_example is not None:
+                guess = 1 + (budget - points[1]) // max(per_example(), 1)
+            else:
+                guess = 2
             guess = min(max(guess, lo + 1), limit)
         else:
             guess = _cross(lo, points[lo], hi, points[hi], budget)
-            if not lo < guess < hi:
+            if guess <= lo:           # the chord says lo: confirm with the one above
+                guess = lo + 1
+            elif guess >= hi:
                 guess = (lo + hi) // 2
         if guess == lo:               # lo == limit
             return lo
@@ -116,7 +131,8 @@ def fit_cluster(config, device_memory, *, world_sizes: Sequence[int] = (8, 64, 5
         runs = RankPredictions(config, fsdp, optimizer=optimizer, dtype=dtype)
         found: dict[str, dict] = {}
         for spec in ("none", "full"):
-            b = largest_batch(functools.partial(_peak, runs, spec), budget, limit=limit)
+            b = largest_batch(functools.partial(_peak, runs, spec), budget, limit=limit,
+                              per_example=functools.partial(_per_example, runs, spec))
             found[spec] = dict(strategy=spec, spec=spec, batch_size=b,
                                peak_bytes=runs.peak(b, spec) if b else None,
                                above_peak_bytes=runs.peak(b + 1, spec) if b < limit else None,
@@ -137,6 +153,16 @@ def _peak(runs: RankPredictions, spec: str, batch_size: int) -> int:
     return runs.peak(batch_size, spec)
 
 
+def _per_example(runs: RankPredictions, spec: str) -> int:
+    """What grows with the micro-batch at the largest rank's peak at batch 1: its
+    activations, temporaries (less the gathered parameters) and batch (memprop.sharded.
+    plan.rank_peak_parts); only the search's first guess (NOTE [ Searching the
+    micro-batch with two predictions ])."""
+    one = runs.get(1, spec)
+    parts = rank_peak_parts(one.rank(one.largest_rank))
+    return parts["activations"] + parts["other temporaries"] + parts["batch and buffers"]
+
+
 def _plan_row(config, fsdp: FSDPConfig, budget: int, full_batch: int,
               runs: RankPredictions, *, optimizer: str, dtype, limit: int) -> dict:
     """The per-rank plan's row: from ``full``'s largest batch (a plan fits wherever
@@ -145,7 +171,7 @@ def _plan_row(config, fsdp: FSDPConfig, budget: int, full_batch: int,
     best, b, above = None, max(full_batch, 1), None
     while b <= limit:
         p = plan_rank(config, b, fsdp, budget, optimizer=optimizer, dtype=dtype,
-                      predictions=runs)
+                      predictions=runs, rounds=PLAN_ROUNDS)
         if not p.fits:
             above = p
             break

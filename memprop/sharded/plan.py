@@ -123,13 +123,18 @@ def levers(parts: dict[str, int], fsdp: FSDPConfig, spec: str) -> list[str]:
     """What would lower the rank's peak, with the bytes each acts on at the peak (by
     arithmetic on ``parts``, not predicted)."""
     state = parts["sharded parameters"] + parts["gradients"] + parts["optimizer state"]
-    lines = ["levers (bytes at the peak each acts on; by arithmetic, not predicted):",
-             f"  more shards (--fsdp): sharded parameters, gradients and optimizer state "
-             f"{format_bytes(state)} divide by the shard degree ({fsdp.shard} now)"]
-    if fsdp.reshard_after_forward:
+    lines = ["levers (bytes at the peak each acts on; by arithmetic, not predicted):"]
+    if not fsdp.fsdp:                 # tensor parallelism alone: nothing FSDP2 does yet
+        lines.append(f"  FSDP2 (--fsdp): would shard the parameters, gradients and optimizer "
+                     f"state {format_bytes(state)} (tensor-parallel slices now) over its ranks")
+    else:
+        lines.append(f"  more shards (--fsdp): sharded parameters, gradients and optimizer "
+                     f"state {format_bytes(state)} divide by the shard degree "
+                     f"({fsdp.shard} now)")
+    if fsdp.fsdp and fsdp.reshard_after_forward:
         lines.append(f"  reshard after forward: on already; all-gathered parameters "
                      f"{format_bytes(parts['all-gathered parameters'])} at the peak")
-    else:
+    elif fsdp.fsdp:
         lines.append(f"  reshard after forward (--fsdp-reshard on): frees each block's "
                      f"gathered parameters after its forward "
                      f"({format_bytes(parts['all-gathered parameters'])} at the peak)")
