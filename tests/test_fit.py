@@ -5,8 +5,8 @@ hand (the closed forms)."""
 
 import json
 
+import pandas as pd
 import pytest
-import torch
 
 import memprop
 from memprop.cli import main
@@ -18,13 +18,14 @@ from memprop.sharded.closed_forms import (
     transformer_dims,
     zero_model_state_bytes,
 )
-from memprop.sharded.fit import fit_cluster, largest_batch
+from memprop.sharded.fit import largest_batch
 from memprop.sharded.plan import plan_rank
 
 # 2 blocks, 1.7 MB per rank of state under Adam: each prediction well under a second
 TINY = memprop.model_config("transformer", depth=2, d_model=64, heads=2, seq_len=32,
                             vocab=256)
 TWO = FSDPConfig(world_size=2)
+TINY_SETS = [a for kv in TINY.fields().items() for a in ("--set", f"{kv[0]}={kv[1]}")]
 
 
 def test_zero_model_states_by_hand():
@@ -94,15 +95,16 @@ def test_plan_rank_fits_and_equals_its_prediction():
     # the parts at the peak add up to it
     assert sum(p.peak_parts.values()) == p.predicted_peak_bytes
     # below full's peak nothing the planner finds fits: said, with the smallest found
-    low = plan_rank(TINY, 8, TWO, full // 2, optimizer="adam")
+    low = plan_rank(TINY, 8, TWO, full // 2, optimizer="adam", rounds=2)
     assert not low.fits and low.predicted_peak_bytes > full // 2
     assert "NOTHING FITS" in low.describe()
 
 
-def test_fit_largest_batch_fits_and_one_more_does_not():
+def test_fit_largest_batch_fits_and_one_more_does_not(capsys):
     budget = predict(TINY, 6, fsdp=TWO, optimizer="adam").peak_bytes   # none fits 6
-    table = fit_cluster(TINY, budget, world_sizes=(2,), optimizer="adam",
-                        dtype=torch.float32)
+    assert main(["fit", "--model", "transformer", *TINY_SETS, "--dtype", "float32",
+                 "--device-memory", str(budget), "--world-sizes", "2", "--json"]) == 0
+    table = pd.DataFrame(json.loads(capsys.readouterr().out)["rows"])
     rows = {r.strategy: r for r in table.itertuples()}
     assert rows["none"].batch_size == 6
     for name in ("none", "full", "plan"):
@@ -141,8 +143,7 @@ def test_plan_fsdp_refuses_what_it_cannot_plan(capsys):
 
 def test_plan_fsdp_json(capsys):
     plain = predict(TINY, 4, fsdp=TWO, optimizer="adam").peak_bytes
-    sets = [a for kv in TINY.fields().items() for a in ("--set", f"{kv[0]}={kv[1]}")]
-    assert main(["plan", "--model", "transformer", *sets, "--batch", "4", "--optimizer",
+    assert main(["plan", "--model", "transformer", *TINY_SETS, "--batch", "4", "--optimizer",
                  "adam", "--fsdp", "2", "--budget", str(plain), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["plan"]["spec"] == "none" and out["plan"]["predicted_peak_bytes"] == plain

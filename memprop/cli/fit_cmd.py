@@ -61,7 +61,7 @@ def add_parser(sub) -> None:
 
 
 SHOWN = ["world_size", "tp", "strategy", "batch_size", "peak_bytes", "above_peak_bytes",
-         "recompute_flops", "closed_form_batch_size", "closed_form_peak_bytes"]
+         "recompute_flops", "closed_form_batch_size", "closed_form_peak_bytes", "cell_s"]
 
 
 def gather_fit(args):
@@ -110,6 +110,7 @@ def fit_command(args) -> int:
           "above_peak_bytes: the peak at one more")
     print("  recompute_flops: per rank, backward FLOPs beyond the plain step's (the "
           "unsharded model at that batch, / tp)")
+    print("  cell_s: wall time of the world size's predictions (and plans), on this machine")
     print("  closed_form_*: a prediction by formula, not by memprop: ZeRO-3 model states "
           "(this run's bytes per parameter) + Megatron's activations (Korthikanti et al. "
           "2022; the plan's row: full recompute); they leave out the logits, the loss, "

@@ -112,7 +112,8 @@ def fit_cluster(config, device_memory, *, world_sizes: Sequence[int] = (8, 64, 5
     closed forms at that batch (ZeRO-3 model states, Megatron's activations, their sum
     as ``closed_form_peak_bytes``, and the largest batch that sum allows,
     ``closed_form_batch_size``). ``plan`` False leaves the plan rows out (each costs
-    single-device plans). ``seconds``: the wall time of the cell's predictions."""
+    single-device plans). ``cell_s``: the wall time of the cell (its predictions and
+    plans), seconds."""
     budget = parse_size(device_memory)
     cells = []
     for w in world_sizes:
@@ -145,7 +146,7 @@ def fit_cluster(config, device_memory, *, world_sizes: Sequence[int] = (8, 64, 5
         for row in found.values():
             rows.append(dict(world_size=fsdp.world_size, tp=fsdp.tp, shard=fsdp.shard,
                              **row, **_closed(config, fsdp, row, budget, optimizer, dtype),
-                             predictions=runs.made, seconds=seconds))
+                             predictions=runs.made, cell_s=seconds))
     return pd.DataFrame(rows)
 
 
