@@ -218,17 +218,32 @@ class Measurement:
 
     def summary(self) -> dict[str, Any]:
         """The scalar results as one flat dict (a result row): ``<phase>_peak_bytes`` is
-        the peak within a phase (forward, backward, optimizer), ``<category>_bytes_at_peak``
-        the bytes of one category at the step's peak (``optimizer`` is both)."""
+        the peak within a phase (forward, backward, optimizer); ``<category>_bytes_at_peak``
+        the bytes of one category at the step's peak (they add up to ``peak_bytes``;
+        None without a timeline), ``<category>_max_bytes`` its own maximum over the step
+        (maxima need not coincide); ``optimizer`` is a phase and a category."""
         row = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                if not isinstance(getattr(self, f.name), (pd.DataFrame, dict))}
         row["timing_spread"] = self.timing_spread
         for phase, value in self.peak_by_phase.items():
             row[f"{phase}_peak_bytes"] = value
+        at_peak = bytes_at_peak(self)
         for cat in CATEGORIES:
-            row[f"{cat}_bytes_at_peak"] = self.peak_by_category.get(cat, 0)
+            row[f"{cat}_bytes_at_peak"] = at_peak.get(cat)
+            row[f"{cat}_max_bytes"] = self.peak_by_category.get(cat, 0)
         row.update(self.meta)
         return row
+
+
+def bytes_at_peak(m: Measurement) -> dict[str, int]:
+    """Each category's bytes at the row of ``m``'s peak (the first timeline row whose
+    total is the largest): they add up to the peak, a stacked bar of what holds it.
+    Empty without a timeline."""
+    tl = m.timeline
+    if tl is None or tl.empty:
+        return {}
+    i = int(tl["total_bytes"].to_numpy().argmax())
+    return {c: int(tl[f"{c}_bytes"].iloc[i]) for c in CATEGORIES}
 
 
 def _sync(device: torch.device) -> None:

@@ -10,7 +10,7 @@ import torch
 from memprop.estimate import estimate
 from memprop.measure import measure_step
 from memprop.models import model_config
-from memprop.tracker import LiveMemoryTracker
+from memprop.tracker import CATEGORIES, LiveMemoryTracker
 from memprop.workload import build_workload, measure
 
 ZOO = {
@@ -188,8 +188,11 @@ def test_summary_keeps_the_optimizer_phase_apart_from_the_optimizer_category():
     m = measure_step(model, data, optimizer="adam", repeats=1, inference=False, timing=False)
     row = m.summary()
     assert row["optimizer_peak_bytes"] == m.peak_by_phase["optimizer"]
-    assert row["optimizer_bytes_at_peak"] == m.peak_by_category["optimizer"]
-    assert row["optimizer_peak_bytes"] != row["optimizer_bytes_at_peak"]
+    assert row["optimizer_max_bytes"] == m.peak_by_category["optimizer"]
+    assert row["optimizer_peak_bytes"] != row["optimizer_max_bytes"]
+    # the categories at the step's peak add up to it (their own maxima need not)
+    assert sum(row[f"{c}_bytes_at_peak"] for c in CATEGORIES) == m.peak_bytes
+    assert all(row[f"{c}_bytes_at_peak"] <= row[f"{c}_max_bytes"] for c in CATEGORIES)
 
 
 class _GradInsideNoGrad(torch.nn.Module):

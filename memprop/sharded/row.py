@@ -22,21 +22,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from memprop.measure import Measurement
+from memprop.measure import bytes_at_peak
 from memprop.sharded.result import ShardedMeasurement
 from memprop.tracker import CATEGORIES, PHASES
 
 __all__ = ["sharded_row", "bytes_at_peak"]
-
-
-def bytes_at_peak(m: Measurement) -> dict[str, int]:
-    """Each category's bytes at the row of ``m``'s peak (NOTE [ A rank's categories at
-    its peak ])."""
-    tl = m.timeline
-    if tl is None or tl.empty:
-        return {c: 0 for c in CATEGORIES}
-    i = int(tl["total_bytes"].to_numpy().argmax())
-    return {c: int(tl[f"{c}_bytes"].iloc[i]) for c in CATEGORIES}
 
 
 def sharded_row(s: ShardedMeasurement) -> dict[str, Any]:
@@ -48,7 +38,8 @@ def sharded_row(s: ShardedMeasurement) -> dict[str, Any]:
     for phase in PHASES[:3]:
         row[f"{phase}_peak_bytes"] = row["peak_by_phase"].get(phase, 0)
     del row["peak_by_phase"]
-    per_rank = {r: bytes_at_peak(m) for r, m in s.ranks.items()}
+    per_rank = {r: {c: bytes_at_peak(m).get(c, 0) for c in CATEGORIES}
+                for r, m in s.ranks.items()}
     for c in CATEGORIES:
         row[f"{c}_bytes_at_peak"] = per_rank[s.same_as[s.largest_rank]][c]
         row[f"rank_{c}_bytes_at_peak"] = [per_rank[s.same_as[r]][c]
