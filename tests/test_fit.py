@@ -50,6 +50,9 @@ def test_megatron_activations_by_hand():
     assert megatron_activation_bytes(tp=2, **kw) == 3 * 64 * 24.5                   # 4704
     assert megatron_activation_bytes(tp=2, sequence_parallel=True, **kw) == 3 * 64 * 39 / 2
     assert megatron_activation_bytes(recompute="full", **kw) == 3 * 2 * 64           # 384
+    # fused attention stores no s x s scores: 34 s b h per layer; with TP 10 + 24/t
+    assert megatron_activation_bytes(attention_scores=False, **kw) == 3 * 64 * 34    # 6528
+    assert megatron_activation_bytes(attention_scores=False, tp=2, **kw) == 3 * 64 * 22
     with pytest.raises(ConfigError, match="recompute 'some'"):
         megatron_activation_bytes(recompute="some", **kw)
 
@@ -63,8 +66,9 @@ def test_closed_forms_of_a_config():
     params = cf.params
     assert cf.bytes_per_param == 4 * (2 + 2)               # float32: weights, grads, 2 moments
     assert cf.zero3_bytes == int(16 * params / 2 / 2)      # / tp 2 / 2 shards
-    assert cf.megatron_none_bytes == megatron_activation_bytes(
+    assert cf.megatron_scores_bytes == megatron_activation_bytes(
         seq_len=32, batch=3, hidden=64, heads=2, layers=2, tp=2)
+    assert cf.megatron_none_bytes == 2 * 32 * 3 * 64 * (10 + 24 // 2)   # no scores, TP 2
     assert cf.peak("full") == cf.zero3_bytes + 2 * 32 * 3 * 64 * 2
 
 

@@ -113,6 +113,7 @@ def fit_command(args) -> int:
     print("  cell_s: wall time of the world size's predictions (and plans), on this machine")
     print("  closed_form_*: a prediction by formula, not by memprop: ZeRO-3 model states "
           "(this run's bytes per parameter) + Megatron's activations (Korthikanti et al. "
-          "2022; the plan's row: full recompute); they leave out the logits, the loss, "
-          "all-gather buffers and temporaries (memprop.sharded.closed_forms)")
+          "2022: 34sbh per layer, attention storing no s x s scores; full and the plan: "
+          "2sbh); they leave out the logits, the loss, all-gather buffers and temporaries "
+          "(memprop.sharded.closed_forms)")
     return 0

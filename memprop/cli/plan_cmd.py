@@ -278,7 +278,9 @@ def rank_plan_command(args) -> int:
     print(zero)
     if closed.megatron_none_bytes is not None:
         print(f"  + Megatron activations {format_bytes(closed.megatron_none_bytes)} (no "
-              f"recompute), {format_bytes(closed.megatron_full_bytes)} (full recompute) "
+              f"recompute, 34sbh per layer; {format_bytes(closed.megatron_scores_bytes)} "
+              f"with attention's s x s scores), {format_bytes(closed.megatron_full_bytes)} "
+              "(full recompute) "
               "(Korthikanti et al. 2022; no logits, loss, gathered parameters or "
               "temporaries: memprop.sharded.closed_forms)")
     print()

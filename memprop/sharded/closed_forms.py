@@ -18,7 +18,9 @@ NOTE [ What the closed forms leave out ]
   loss's logits). Megatron's activation formula (Korthikanti et al. 2022, "Reducing
   Activation Recomputation in Large Transformer Models", section 4) counts what one
   GPT-style layer stores for backward in 16-bit with dropout masks, a 4h GeLU MLP and
-  attention that materialises its a x s x s scores; it leaves out the embedding, the
+  attention that materialises its a x s x s scores (34 s b h + 5 a s^2 b bytes; memprop
+  shows the 34 s b h without the scores beside it, as fused attention stores none); it
+  leaves out the embedding, the
   final norm, the logits and the loss (s x b x vocab values: large at vocab 32000), the
   working set of the layer being recomputed, and any architecture that differs (Llama:
   SwiGLU MLP of its own width, RMSNorm, no dropout, grouped key-value heads). Neither
@@ -69,7 +71,7 @@ def zero_model_state_bytes(params: int, *, stage: int, shards: int, tp: int = 1,
 
 def megatron_activation_bytes(*, seq_len: int, batch: int, hidden: int, heads: int,
                               layers: int, tp: int = 1, sequence_parallel: bool = False,
-                              recompute: str = "none") -> int:
+                              recompute: str = "none", attention_scores: bool = True) -> int:
     """Megatron's activation bytes per rank of ``layers`` transformer layers (Korthikanti
     et al. 2022, equations 1-2 and section 4.3; NOTE [ What the closed forms leave
     out ]), with s = ``seq_len``, b = ``batch`` (micro-batch per rank), h = ``hidden``,
@@ -80,11 +82,14 @@ def megatron_activation_bytes(*, seq_len: int, batch: int, hidden: int, heads: i
       TP and sequence parallelism       s b h (34 + 5 a s / h) / t
       full recompute                    2 s b h (each layer's 16-bit input; / t with SP)
 
-    Bytes, rounded down."""
+    The 5 a s / h term is attention's s x s scores (softmax output, dropout mask and
+    output); ``attention_scores=False`` drops it, as for fused attention (FlashAttention,
+    torch's fused ``scaled_dot_product_attention`` kernels), which stores none: 34 s b h
+    per layer. Bytes, rounded down."""
     if recompute not in ("none", "full"):
         raise ConfigError(f"memprop.sharded.closed_forms: recompute {recompute!r} is not "
                           "allowed; choose one of: none, full")
-    s, b, h, a, t = seq_len, batch, hidden, heads, tp
+    s, b, h, a, t = seq_len, batch, hidden, heads if attention_scores else 0, tp
     if recompute == "full":
         per_layer = 2 * s * b * h / (t if sequence_parallel else 1)
     elif sequence_parallel or t == 1:
@@ -118,13 +123,17 @@ class ClosedForms:
     """One rank's figures by formula (bytes): ZeRO-3's model states at the paper's
     mixed-precision Adam (``zero3_paper_bytes``: 2+2+12 per parameter) and at this run's
     own bytes per parameter (``zero3_bytes``); Megatron's activations at the micro-batch
-    without and with full recompute (None for a model without transformer sizes)."""
+    without recompute (``megatron_none_bytes``: 34 s b h per layer, attention storing
+    no s x s scores, as torch's fused attention and FlashAttention do;
+    ``megatron_scores_bytes``: the paper's, with them) and with full recompute (None for
+    a model without transformer sizes)."""
 
     params: int
     bytes_per_param: float                    # this run's: parameter + gradient + optimizer
     zero3_paper_bytes: int
     zero3_bytes: int
     megatron_none_bytes: int | None
+    megatron_scores_bytes: int | None
     megatron_full_bytes: int | None
 
     def peak(self, recompute: str) -> int | None:
@@ -157,15 +166,19 @@ def closed_forms(config, batch_size: int, fsdp: FSDPConfig, *, optimizer: str = 
     per_param = size * (2 + states)
     zero = dict(params=params, stage=3, shards=fsdp.shard, tp=fsdp.tp)
     dims = transformer_dims(config)
-    act: dict[str, int | None] = {r: None for r in ("none", "full")}
+    act: dict[tuple[str, bool], int | None] = {
+        k: None for k in (("none", False), ("none", True), ("full", False))}
     if dims is not None:
-        for r in act:
-            act[r] = megatron_activation_bytes(
+        for recompute, scores in act:
+            act[recompute, scores] = megatron_activation_bytes(
                 seq_len=dims["seq_len"], batch=batch_size, hidden=dims["hidden"],
-                heads=dims["heads"], layers=dims["layers"], tp=fsdp.tp, recompute=r)
+                heads=dims["heads"], layers=dims["layers"], tp=fsdp.tp,
+                recompute=recompute, attention_scores=scores)
     return ClosedForms(params=params, bytes_per_param=per_param,
                        zero3_paper_bytes=zero_model_state_bytes(**zero),
                        zero3_bytes=zero_model_state_bytes(param_bytes=size, grad_bytes=size,
                                                           optimizer_bytes=size * states,
                                                           **zero),
-                       megatron_none_bytes=act["none"], megatron_full_bytes=act["full"])
+                       megatron_none_bytes=act["none", False],
+                       megatron_scores_bytes=act["none", True],
+                       megatron_full_bytes=act["full", False])
