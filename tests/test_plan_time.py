@@ -50,6 +50,22 @@ def test_the_default_plan_is_not_dominated_by_what_it_weighed():
     assert "predicted step" in text and "also fits" in text
 
 
+def test_plain_segments_are_weighed_against_a_plan_keeping_op_outputs():
+    """An ``ops:`` plan recomputes no matmul but runs its blocks through a Python policy:
+    under the time objective the placement of plain segments that fits is priced too
+    (NOTE [ Pricing a plan in seconds ]); under ``objective="flops"`` nothing else is."""
+    cfg, model, data = _workload()
+    budget = int(_plain_peak(cfg, model, data) * 0.8)
+    by_flops = plan(model, data, budget, loss_fn=cfg.loss, objective="flops")
+    assert by_flops.spec.startswith("ops:")        # keeps every matmul's output
+    by_time = plan(model, data, budget, loss_fn=cfg.loss)
+    weighed = {spec: (peak, ms) for spec, peak, ms in by_time.weighed}
+    segments = [spec for spec in weighed if spec.startswith("blocks:")]
+    assert by_flops.spec in weighed and segments, list(weighed)
+    assert all(weighed[spec][0] <= budget for spec in segments)
+    assert by_time.predicted_step_ms == min(ms for _, ms in weighed.values())
+
+
 def test_the_flops_objective_keeps_the_least_recompute():
     cfg, model, data = _workload()
     budget = int(_plain_peak(cfg, model, data) * 0.6)

@@ -497,13 +497,13 @@ def _search(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_
     costs, plain, n = s.costs, s.plain, s.n
     if chainless and metric == "stored":
         return _plan_stored(s, None, None, _whole_forms(model, batch, loss_fn, prof))
-    chained: Plan | None
+    chain_plans: list[Plan]                         # least FLOPs first
     error: StrategyError | None                     # why no plan, without a chain
     lowest: list[tuple[Strategy, Measurement]]      # candidates of the smallest budget
     if chainless or costs is None:                  # costs: profiled when not chainless
         if plain.peak_bytes <= budget_bytes:        # fits as it is
             return s.make_plan([], plain)
-        chained, error, lowest = None, _chainless_error(model), []
+        chain_plans, error, lowest = [], _chainless_error(model), []
     else:
         early = prof.early
         stops = levels.segment_stops(costs, early, prof.tail)   # plain segments' discount
@@ -511,15 +511,16 @@ def _search(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_
         if metric == "stored":
             return _plan_stored(s, stops, options, _whole_forms(model, batch, loss_fn, prof, n)
                                 if whole else [], full=True)
-        chained, lowest = _plan_peak(s, options, stops, early)
+        chain_plans, lowest = _plan_peak(s, options, stops, early)
         error = None
+    chained = chain_plans[0] if chain_plans else None
     # each saved tensor rebuilt on its own when backward needs it (remat:KEYS): weighed
     # when the chain's plan recomputes at all; equal FLOPs: the chain's plan, whose
     # rebuilds re-run fewer ops
     remat = whole and n <= levels.REMAT_MAX_BLOCKS
     front = levels.remat_front(model, batch, prof, loss_fn=loss_fn) if remat and (
         chained is None or chained.recompute_flops > 0) else None
-    fits = [chained] if chained is not None else []
+    fits = list(chain_plans)
     if front is not None:
         found = levels.remat_fit(front, budget_bytes, s.simulated, max_rounds=max_rounds)
         if found is not None and (objective == "time" or chained is None or found[1].backward_flops
@@ -588,30 +589,46 @@ def _chainless_error(model) -> StrategyError:
     return StrategyError(f"memprop.checkpoint: no chain of blocks in {type(model).__name__}")
 
 
-def _plan_peak(s: _Search, options, stops, early) -> tuple[Plan | None, list]:
+def _placement(s: _Search, options, stops) -> Plan | None:
+    """The single-level placement of least recompute (segments, and op-level blocks when
+    ``options``) whose simulated peak fits: the DP solved at the budget less the
+    calibrated overhead; a plan whose simulated peak overshoots tightens the model
+    budget by the excess (at most ``max_rounds`` solves)."""
+    costs, plain, budget_bytes = s.costs, s.plain, s.budget_bytes
+    assert costs is not None                        # a chain was profiled
+    overhead = plain.peak_bytes - model_peak(costs, ("S",) * costs.n)[0]
+    target = budget_bytes - overhead
+    for _ in range(s.max_rounds):
+        solution = solve(costs, target, options, stops) if target > 0 else None
+        if solution is None:
+            return None
+        segments = segments_of(solution[1])
+        strategy = levels.placement_strategy(segments)
+        result = s.simulated(strategy) if segments else plain
+        if result.peak_bytes <= budget_bytes:
+            return s.make_plan(segments, result,
+                               chosen=strategy if isinstance(strategy, Ops) else None)
+        target -= result.peak_bytes - budget_bytes
+    return None
+
+
+def _plan_peak(s: _Search, options, stops, early) -> tuple[list[Plan], list]:
     """``plan(metric="peak")`` on the chain: (single-level placements (segments and
     op-level blocks), else multi-level schedules, else the fallbacks; []), or, when
-    none fits, (None, the chain's candidates for the smallest feasible budget: NOTE
-    [ The smallest feasible budget ])."""
+    none fits, ([], the chain's candidates for the smallest feasible budget: NOTE
+    [ The smallest feasible budget ]). The first plan is the one of least recompute
+    FLOPs; under the time objective the plan of plain segments only follows when the
+    first keeps op outputs (NOTE [ Pricing a plan in seconds ]: an ``ops:`` block
+    re-runs its pointwise ops, and runs its forward, through a Python policy)."""
     costs, plain, budget_bytes, max_rounds = s.costs, s.plain, s.budget_bytes, s.max_rounds
     assert costs is not None                        # a chain was profiled
     simulated, make_plan, plan_of = s.simulated, s.make_plan, s.plan_of
-    # solve the model (segments and op-level blocks) at the budget less the calibrated
-    # overhead; a plan whose simulated peak overshoots tightens the model budget by the
-    # excess
-    overhead = plain.peak_bytes - model_peak(costs, ("S",) * costs.n)[0]
-    target = budget_bytes - overhead
-    for _ in range(max_rounds):
-        solution = solve(costs, target, options, stops) if target > 0 else None
-        if solution is None:
-            break
-        segments = segments_of(solution[1])
-        strategy = levels.placement_strategy(segments)
-        result = simulated(strategy) if segments else plain
-        if result.peak_bytes <= budget_bytes:
-            return make_plan(segments, result,
-                             chosen=strategy if isinstance(strategy, Ops) else None), []
-        target -= result.peak_bytes - budget_bytes
+    found = _placement(s, options, stops)
+    if found is not None:
+        if s.objective == "time" and isinstance(found.chosen, Ops):
+            segments_only = _placement(s, None, stops)
+            return [found] + ([segments_only] if segments_only is not None else []), []
+        return [found], []
     # below the single-level floor: checkpoints inside recomputed segments (blocks
     # called with one tensor only: multilevel.NestedChain refuses others)
     try:
@@ -624,7 +641,7 @@ def _plan_peak(s: _Search, options, stops, early) -> tuple[Plan | None, list]:
         found = deepest = None
     if found is not None:
         strategy, result = found
-        return make_plan(strategy.segments(costs.n), result, getattr(strategy, "tree", ())), []
+        return [make_plan(strategy.segments(costs.n), result, getattr(strategy, "tree", ()))], []
     # fallbacks, which also bound what is feasible: the placement of least modelled
     # peak, and the fixed strategies the model may misjudge (full, selective)
     least = levels.placement_strategy(segments_of(
@@ -632,8 +649,8 @@ def _plan_peak(s: _Search, options, stops, early) -> tuple[Plan | None, list]:
     candidates = [(least, simulated(least)), *((s, simulated(s)) for s in (Full(), Selective()))]
     fits = [(s, r) for s, r in candidates if r.peak_bytes <= budget_bytes]
     if fits:
-        return plan_of(*min(fits, key=lambda sr: (sr[1].backward_flops, sr[1].peak_bytes))), []
-    return None, candidates + ([(deepest, simulated(deepest))] if deepest is not None else [])
+        return [plan_of(*min(fits, key=lambda sr: (sr[1].backward_flops, sr[1].peak_bytes)))], []
+    return [], candidates + ([(deepest, simulated(deepest))] if deepest is not None else [])
 
 
 def _finds_chain(model) -> bool:

@@ -26,6 +26,14 @@ NOTE [ Pricing a plan in seconds ]
   plans are priced by the rates alone, per-op costs at the plain dispatch cost, and the
   plan says so. The model ranks plans; ``benchmarks/results/planner.md`` measures how
   well it predicts.
+  The candidates priced are the plans that fit from each search: the chain's placement
+  of least recompute FLOPs, and, when that placement keeps op outputs (``ops:``), the
+  placement of plain segments only (the DP without op-level options): an ``ops:``
+  block re-runs its pointwise ops, and runs its forward, through a Python policy, so
+  zero recompute FLOPs can cost more seconds than recomputing whole blocks (tiny
+  Llama at 60 % of its peak: ``ops:`` kept every matmul for 1.70x the plain step where
+  whole blocks cost less, measured); ``remat:``'s fit; and ``full`` whenever a plan
+  checkpoints.
 """
 
 from __future__ import annotations
