@@ -267,25 +267,76 @@ def _refuse_changed(before: dict[str, int], after: dict[str, int], first: str) -
         "step again, or call the model once before applying the strategy")
 
 
+# NOTE [ Buffers a forward changes ]
+#   A forward may read a buffer it also changes in place (a call counter; ibert's
+#   quantisation ranges, found by the architectures run): the recompute in backward
+#   would read the changed value and compute something else, silently (a plain
+#   checkpoint compares nothing). So a segment's recompute runs with the segment's
+#   buffers as its forward saw them: the forward keeps a copy of each buffer it changes,
+#   the recompute puts those values in, runs, and puts the changed values back, so the
+#   step leaves the buffers as one plain step does. Which buffers a forward changes is
+#   learnt from their version counters: the segment's first forward with gradients
+#   keeps a copy of every buffer of its blocks, and after it, only those whose version
+#   moved (names in ``SegmentForward.changes``); later forwards copy only those.
+#   BatchNorm's running statistics are left to ``norms_kept`` (written, never read, in
+#   training). A buffer replaced by a new tensor is a new buffer (its name is kept). A
+#   forward that changes a buffer its earlier forwards left alone cannot be replayed
+#   (no copy was kept): that step is refused, and the next keeps it. The copies are
+#   bookkeeping, made outside any dispatch mode as ``norms_kept``'s are: the tracker
+#   does not count them (the first step's copies of unchanged buffers live until its
+#   forward ends; later steps copy only the buffers that change, usually none).
+#   Checkpoints nested by ``nested:`` (memprop.checkpoint.forms.multilevel) do not keep
+#   them yet; verify_replay catches their different replay.
+
+def _buffers(seg: list[nn.Module]) -> dict[str, torch.Tensor]:
+    """The segment's buffers by name (``block:name``), BatchNorm's running statistics
+    apart (``norms_kept`` keeps them)."""
+    norms = {id(t) for bn in _norms(seg) for t in _running(bn)}
+    return {f"{i}:{n}": b for i, block in enumerate(seg) for n, b in block.named_buffers()
+            if id(b) not in norms}
+
+
+@contextlib.contextmanager
+def _as_forward_saw(kept: list):
+    """The buffers of ``kept`` ((buffer, its value when the forward ran) pairs) hold that
+    value inside, their current one after (NOTE [ Buffers a forward changes ])."""
+    with torch.no_grad(), _disable_current_modes():
+        now = [(b, b.clone()) for b, _ in kept]
+        for b, value in kept:
+            b.copy_(value)
+    try:
+        yield
+    finally:
+        with torch.no_grad(), _disable_current_modes():
+            for b, value in now:
+                b.copy_(value)
+
+
 class SegmentForward(PatchedForward):
     """The forward of a segment's first block: blocks ``seg`` in one checkpoint (NOTE
     [ How a segment is checkpointed without changing the model ]). ``box`` hands the
-    other blocks' outputs to their ``PassThrough``."""
+    other blocks' outputs to their ``PassThrough``; ``changes``: the names of the
+    buffers its forward changes in place, once learnt (NOTE [ Buffers a forward
+    changes ])."""
 
     def __init__(self, seg: list[nn.Module], names: list[str], box: dict,
                  context_fn: Callable | None):
         super().__init__(seg[0])
         self.seg, self.names, self.box, self.context_fn = seg, names, box, context_fn
+        self.changes: set[str] | None = None
 
-    def _run(self, call: _Call, *, recompute: bool, tail: dict | None = None) -> tuple:
+    def _run(self, call: _Call, *, recompute: bool, tail: dict | None = None,
+             kept: list | None = None) -> tuple:
         seg, names = self.seg, self.names
         # a recompute must not update BatchNorm's running statistics a second time:
         # snapshot them and put them back (the kernel path, and so the saved tensors
-        # checkpoint compares, stay exactly those of the first pass)
-        # (outside any dispatch mode: it is bookkeeping, not part of the model)
+        # checkpoint compares, stay exactly those of the first pass); it reads the
+        # buffers the forward changed as the forward saw them (NOTE [ Buffers a forward
+        # changes ]) (outside any dispatch mode: it is bookkeeping, not part of the model)
         _state.depth = getattr(_state, "depth", 0) + 1
         try:
-            with norms_kept(seg if recompute else []):
+            with norms_kept(seg if recompute else []), \
+                    _as_forward_saw(kept if recompute and kept else []):
                 outs: list = []
                 for p, block in enumerate(seg):
                     args, kwargs = (call.args, call.kwargs) if p == 0 else call.with_hidden(
@@ -330,7 +381,7 @@ class SegmentForward(PatchedForward):
                     filled[i] = t
                 a, kw = tree_unflatten(filled, spec)
                 return self._run(_Call(a, kw, call.slot, call.params),
-                                 recompute=calls[0] > 1, tail=tail)
+                                 recompute=calls[0] > 1, tail=tail, kept=kept)
 
             options: dict[str, Any] = dict(use_reentrant=False, preserve_rng_state=True)
             if is_verifying():               # NOTE [ Verifying a replay ]
@@ -338,8 +389,25 @@ class SegmentForward(PatchedForward):
             if context_fn is not None:
                 options["context_fn"] = context_fn
             before = _tree(seg)
+            buffers = _buffers(seg)
+            versions = {n: b._version for n, b in buffers.items()}
+            with torch.no_grad(), _disable_current_modes():   # NOTE [ Buffers a forward changes ]
+                kept = [(b, b.clone()) for n, b in buffers.items()
+                        if self.changes is None or n in self.changes]
             outs = checkpoint(segment, *(leaves[i] for i in where), **options)
             _refuse_changed(before, _tree(seg), names[0])
+            changed = {n for n, b in buffers.items() if b._version != versions[n]}
+            if self.changes is None:                 # learnt: keep only what changed
+                self.changes = changed
+                kept[:] = [(b, v) for b, v in kept if any(b is buffers[n] for n in changed)]
+            elif not changed <= self.changes:
+                self.changes |= changed
+                raise StrategyError(
+                    f"memprop.checkpoint: {names[0]} changed its buffer "
+                    f"{sorted(changed)[0].partition(':')[2]!r} in place during a checkpointed "
+                    "forward, which its earlier forwards did not: the recompute in backward "
+                    "would read the changed value (NOTE [ Buffers a forward changes ]); this "
+                    "step is refused. From the next step its value is kept for the recompute")
         if len(seg) > 1:
             box.update(outs=outs, next=1, call=call)
         return outs[0]
