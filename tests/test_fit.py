@@ -153,3 +153,23 @@ def test_plan_fsdp_json(capsys):
     assert out["plan"]["spec"] == "none" and out["plan"]["predicted_peak_bytes"] == plain
     assert [r["strategy"] for r in out["strategies"]] == ["none", "full", "plan: none"]
     assert out["closed_forms"]["zero3_bytes"] > 0
+
+
+def test_plan_rank_under_tensor_parallelism_equals_its_prediction():
+    fsdp = FSDPConfig(world_size=4, tp=2)            # FSDP2 over 2 x tensor parallel 2
+    plain = predict(TINY, 8, fsdp=fsdp, optimizer="adam").peak_bytes
+    full = predict(TINY, 8, fsdp=fsdp, optimizer="adam", strategy="full").peak_bytes
+    p = plan_rank(TINY, 8, fsdp, (plain + full) // 2, optimizer="adam", rounds=2)
+    assert p.fits and p.predicted_peak_bytes <= (plain + full) // 2
+    assert p.predicted_peak_bytes == predict(TINY, 8, fsdp=fsdp, optimizer="adam",
+                                             strategy=p.spec).peak_bytes
+
+
+def test_plan_fsdp_nothing_fits_is_one_line(capsys):
+    assert main(["plan", "--model", "transformer", *TINY_SETS, "--batch", "4", "--fsdp", "2",
+                 "--budget", "1KiB"]) == 2
+    captured = capsys.readouterr()
+    assert "NOTHING FITS" in captured.out
+    assert captured.err.startswith("error: memprop plan: no checkpointing plan fits 1.0 KiB "
+                                   "per rank at batch 4 per rank")
+    assert captured.err.count("\n") == 1
