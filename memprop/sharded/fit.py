@@ -168,8 +168,9 @@ def _per_example(runs: RankPredictions, spec: str) -> int:
 def _plan_row(config, fsdp: FSDPConfig, budget: int, full_batch: int,
               runs: RankPredictions, *, optimizer: str, dtype, limit: int) -> dict:
     """The per-rank plan's row: from ``full``'s largest batch (``full`` is among the
-    planner's candidates, so a plan usually fits there) upward while ``plan_rank`` fits, one batch at a
-    time; the plan at the largest that fits, and the one above it (not fitting)."""
+    planner's candidates, so a plan usually fits there) upward while ``plan_rank``
+    fits, one batch at a time; the plan at the largest that fits, and the one above it
+    (not fitting)."""
     best, b, above = None, max(full_batch, 1), None
     while b <= limit:
         p = plan_rank(config, b, fsdp, budget, optimizer=optimizer, dtype=dtype,
