@@ -20,6 +20,7 @@ Modules, in the order a step goes through them:
   verify     checkpointing under sharding: gradients bitwise equal; TP's loss, on real ranks
   result     ``ShardedMeasurement``: every rank's figures, the largest
   render     a ShardedMeasurement as text (``memprop profile --fsdp N --tp M``)
+  row        a ShardedMeasurement as one flat result row (what a sharded sweep stores)
 
 and what is chosen from predictions:
   predictions  one workload predicted at several micro-batches and strategies, each once
