@@ -102,7 +102,7 @@ from memprop.saved import SavedTensorRecorder, batch_tensors, per_module_table
 from memprop.tracker import CATEGORIES, LiveMemoryTracker
 
 __all__ = ["Measurement", "measure_step", "make_optimizer", "OPTIMIZERS", "AMP_MODES",
-           "phase_of", "StepScaler", "DataDependentStepError", "moe_routing"]
+           "phase_of", "StepScaler", "DataDependentStepError", "moe_routing", "values_needed"]
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 AMP_MODES = ("bf16", "fp16")
@@ -293,9 +293,11 @@ def moe_routing(model: nn.Module, *, predicted: bool) -> str | None:
             "worst case alike")
 
 
-def _data_dependent_error(exc: BaseException, model: nn.Module) -> DataDependentStepError:
+def _data_dependent_error(exc: BaseException, model: nn.Module,
+                          fix: str | None = None) -> DataDependentStepError:
     """``exc`` (fake tensors met a value they lack) as a clear error naming the op and
-    the innermost module of ``model`` that ran it."""
+    the innermost module of ``model`` that ran it; ``fix``: what to do instead (default:
+    measure the step)."""
     names = {id(m): n for n, m in model.named_modules()}
     where = None
     tb = exc.__traceback__
@@ -305,7 +307,7 @@ def _data_dependent_error(exc: BaseException, model: nn.Module) -> DataDependent
             where = f"{names[id(owner)] or '(the model)'} ({type(owner).__name__})"
         tb = tb.tb_next
     op = getattr(exc, "func", None)
-    fix = "; measure it instead (memprop profile without --estimate)"
+    fix = "; " + (fix or "measure it instead (memprop profile without --estimate)")
     if moe_routing(model, predicted=True) is not None:
         fix = ("; in a mixture-of-experts model that is the expert routing, here read to "
                "run the experts one by one" + fix)
@@ -321,13 +323,14 @@ def _data_dependent_error(exc: BaseException, model: nn.Module) -> DataDependent
 
 
 @contextlib.contextmanager
-def _values_needed(model: nn.Module):
+def values_needed(model: nn.Module, fix: str | None = None):
     """A step on fake tensors that needs a tensor's value raises
-    ``DataDependentStepError`` (NOTE [ MoE routing and the estimate ])."""
+    ``DataDependentStepError`` (NOTE [ MoE routing and the estimate ]); ``fix``: what
+    the error tells the user to do instead (default: measure the step)."""
     try:
         yield
     except _DATA_DEPENDENT as exc:
-        error = _data_dependent_error(exc, model)
+        error = _data_dependent_error(exc, model, fix)
         setattr(error, _PHASE_ATTR, getattr(exc, _PHASE_ATTR, None))
         raise error from exc
 
@@ -548,7 +551,7 @@ def measure_step(model: nn.Module, batch, *, optimizer: str = "sgd",
     loss_fn = step_loss(loss_fn)
     tensors = batch_tensors(batch)
     device = tensors[0].device if tensors else torch.device("cpu")
-    with _values_needed(model), _as_found(model, strategy, batch, loss_fn):
+    with values_needed(model), _as_found(model, strategy, batch, loss_fn):
         model.train()
         opt = make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad],
                              lr=0.0)

@@ -4,6 +4,7 @@ predicted peak matches the measured one, and impossible budgets say what is feas
 import random
 
 import pytest
+import torch
 from helpers import random_chain
 
 from memprop.checkpoint import apply_strategy, parse_strategy
@@ -11,7 +12,7 @@ from memprop.checkpoint.planning.dp import TIE, ChainCosts, brute_force, min_pea
 from memprop.checkpoint.planning.planner import plan
 from memprop.checkpoint.planning.simulate import simulate
 from memprop.errors import BudgetError
-from memprop.measure import measure_step
+from memprop.measure import DataDependentStepError, measure_step
 from memprop.models import model_config
 from memprop.workload import build_workload
 
@@ -149,3 +150,25 @@ def test_budget_strategy_string_applies_the_plan():
     m = measure_step(model, data, repeats=1, inference=False)
     assert m.peak_bytes <= budget
     assert str(strategy).startswith("budget:")
+
+
+class _ReadsAValue(torch.nn.Module):
+    """A block whose forward reads a tensor's value (ibert's quantisation does, with
+    ``.item()``): fake tensors have none."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.lin(x)
+        return y * 2 if y.abs().max().item() > 1 else y
+
+
+def test_a_forward_that_reads_values_gets_a_one_line_refusal_from_plan():
+    model = torch.nn.Sequential(_ReadsAValue(), _ReadsAValue(), _ReadsAValue())
+    x = torch.randn(4, 8)
+    with pytest.raises(DataDependentStepError, match=r"plan\(\) profiles the model on fake "
+                       r"tensors; choose a strategy by hand") as caught:
+        plan(model, x, 1000, loss_fn=lambda m, b: m(b).sum())
+    assert "\n" not in str(caught.value) and "_local_scalar_dense" in str(caught.value)

@@ -311,14 +311,31 @@ class _CountsItsCalls(nn.Module):
         return torch.tanh(y * 3)
 
 
+class _TracksItsRange(nn.Module):
+    """A forward that reads a buffer, then replaces it by a new tensor (``self.top =
+    ...``), as ibert's QuantAct replaces its range buffers."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.register_buffer("top", torch.ones(()))
+
+    def forward(self, x):
+        y = self.lin(x)
+        out = torch.tanh(y / self.top)
+        self.top = torch.maximum(self.top * 0.9, y.detach().abs().max())
+        return out
+
+
+@pytest.mark.parametrize("module", [_CountsItsCalls, _TracksItsRange])
 @pytest.mark.parametrize("form", ["full", "blocks:0-1", "selective", "ops:addmm"])
-def test_a_forward_that_reads_state_it_changes_replays_exactly(form):
+def test_a_forward_that_reads_state_it_changes_replays_exactly(form, module):
     """A checkpoint recomputes with the buffers as its forward saw them (NOTE [ Buffers
     a forward changes ]): gradients and buffers bitwise those of the plain model, step
     after step, and its replay verifies (before, a plain checkpoint recomputed the other
     branch silently, and selective ones met torch's RuntimeError)."""
     x = torch.randn(4, 8)
-    plain = nn.Sequential(_CountsItsCalls(), _CountsItsCalls())
+    plain = nn.Sequential(module(), module())
     model = copy.deepcopy(plain)
     quiet_apply(model, form)
     for _ in range(3):                 # the counter's parity flips the branch

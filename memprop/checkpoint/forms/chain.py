@@ -278,38 +278,52 @@ def _refuse_changed(before: dict[str, int], after: dict[str, int], first: str) -
 #   learnt from their version counters: the segment's first forward with gradients
 #   keeps a copy of every buffer of its blocks, and after it, only those whose version
 #   moved (names in ``SegmentForward.changes``); later forwards copy only those.
-#   BatchNorm's running statistics are left to ``norms_kept`` (written, never read, in
-#   training). A buffer replaced by a new tensor is a new buffer (its name is kept). A
-#   forward that changes a buffer its earlier forwards left alone cannot be replayed
-#   (no copy was kept): that step is refused, and the next keeps it. The copies are
+#   A buffer the forward replaces by a new tensor (``self.x_min = ...``: ibert's
+#   QuantAct) needs no copy: the recompute gets the tensor the forward read, by name,
+#   and the new one back after. BatchNorm's running statistics are left to
+#   ``norms_kept`` (written, never read, in training). A forward that changes a buffer
+#   in place that its earlier forwards left alone cannot be replayed (no copy was
+#   kept): that step is refused, and the next keeps it. The copies are
 #   bookkeeping, made outside any dispatch mode as ``norms_kept``'s are: the tracker
 #   does not count them (the first step's copies of unchanged buffers live until its
 #   forward ends; later steps copy only the buffers that change, usually none).
 #   Checkpoints nested by ``nested:`` (memprop.checkpoint.forms.multilevel) do not keep
 #   them yet; verify_replay catches their different replay.
 
-def _buffers(seg: list[nn.Module]) -> dict[str, torch.Tensor]:
-    """The segment's buffers by name (``block:name``), BatchNorm's running statistics
-    apart (``norms_kept`` keeps them)."""
+def _buffers(seg: list[nn.Module]) -> dict[str, tuple[nn.Module, str, torch.Tensor]]:
+    """The segment's buffers by name (``block:name``): (the module holding it, its
+    attribute, the tensor), BatchNorm's running statistics apart (``norms_kept``)."""
     norms = {id(t) for bn in _norms(seg) for t in _running(bn)}
-    return {f"{i}:{n}": b for i, block in enumerate(seg) for n, b in block.named_buffers()
-            if id(b) not in norms}
+    out = {}
+    for i, block in enumerate(seg):
+        for path, module in block.named_modules():
+            for attr, b in module._buffers.items():
+                if b is not None and id(b) not in norms:
+                    out[f"{i}:{path + '.' if path else ''}{attr}"] = (module, attr, b)
+    return out
 
 
 @contextlib.contextmanager
-def _as_forward_saw(kept: list):
-    """The buffers of ``kept`` ((buffer, its value when the forward ran) pairs) hold that
-    value inside, their current one after (NOTE [ Buffers a forward changes ])."""
+def _as_forward_saw(kept: list, swapped: list):
+    """Inside, the buffers of ``kept`` ((buffer, its value when the forward ran) pairs)
+    hold that value, and the modules of ``swapped`` ((module, attribute, the tensor the
+    forward read) triples: buffers the forward replaced) hold the tensor the forward
+    read; after, both as they were (NOTE [ Buffers a forward changes ])."""
     with torch.no_grad(), _disable_current_modes():
         now = [(b, b.clone()) for b, _ in kept]
         for b, value in kept:
             b.copy_(value)
+    current = [(module, attr, module._buffers[attr]) for module, attr, _ in swapped]
+    for module, attr, old in swapped:
+        module._buffers[attr] = old
     try:
         yield
     finally:
         with torch.no_grad(), _disable_current_modes():
             for b, value in now:
                 b.copy_(value)
+        for module, attr, tensor in current:
+            module._buffers[attr] = tensor
 
 
 class SegmentForward(PatchedForward):
@@ -326,7 +340,7 @@ class SegmentForward(PatchedForward):
         self.changes: set[str] | None = None
 
     def _run(self, call: _Call, *, recompute: bool, tail: dict | None = None,
-             kept: list | None = None) -> tuple:
+             kept: tuple | None = None) -> tuple:
         seg, names = self.seg, self.names
         # a recompute must not update BatchNorm's running statistics a second time:
         # snapshot them and put them back (the kernel path, and so the saved tensors
@@ -336,7 +350,7 @@ class SegmentForward(PatchedForward):
         _state.depth = getattr(_state, "depth", 0) + 1
         try:
             with norms_kept(seg if recompute else []), \
-                    _as_forward_saw(kept if recompute and kept else []):
+                    _as_forward_saw(*(kept if recompute and kept else ([], []))):
                 outs: list = []
                 for p, block in enumerate(seg):
                     args, kwargs = (call.args, call.kwargs) if p == 0 else call.with_hidden(
@@ -390,16 +404,24 @@ class SegmentForward(PatchedForward):
                 options["context_fn"] = context_fn
             before = _tree(seg)
             buffers = _buffers(seg)
-            versions = {n: b._version for n, b in buffers.items()}
+            versions = {n: b._version for n, (_, _, b) in buffers.items()}
             with torch.no_grad(), _disable_current_modes():   # NOTE [ Buffers a forward changes ]
-                kept = [(b, b.clone()) for n, b in buffers.items()
-                        if self.changes is None or n in self.changes]
+                copies = [(b, b.clone()) for n, (_, _, b) in buffers.items()
+                          if self.changes is None or n in self.changes]
+            swapped: list = []
+            kept = (copies, swapped)                 # read by the recompute (segment)
             outs = checkpoint(segment, *(leaves[i] for i in where), **options)
             _refuse_changed(before, _tree(seg), names[0])
-            changed = {n for n, b in buffers.items() if b._version != versions[n]}
+            after = _buffers(seg)
+            # a buffer the forward replaced: the recompute reads the tensor it read
+            swapped += [(m, attr, b) for n, (m, attr, b) in buffers.items()
+                        if n in after and after[n][2] is not b]
+            changed = {n for n, (_, _, b) in buffers.items()
+                       if (n not in after or after[n][2] is b) and b._version != versions[n]}
             if self.changes is None:                 # learnt: keep only what changed
                 self.changes = changed
-                kept[:] = [(b, v) for b, v in kept if any(b is buffers[n] for n in changed)]
+                copies[:] = [(b, v) for b, v in copies
+                             if any(b is buffers[n][2] for n in changed)]
             elif not changed <= self.changes:
                 self.changes |= changed
                 raise StrategyError(

@@ -78,7 +78,7 @@ from memprop.checkpoint.planning.timing import (
 )
 from memprop.errors import BudgetError, ConfigError, StrategyError
 from memprop.fake import fake_mode_of, is_fake
-from memprop.measure import Measurement
+from memprop.measure import Measurement, values_needed
 from memprop.models.user import step_loss as one_step_loss
 from memprop.units import format_bytes, format_flops, format_ms, format_ratio, parse_size
 
@@ -258,15 +258,22 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, chec
                       if p.device.type == "cuda"} - {None})
     rng = contextlib.ExitStack()
     rng.enter_context(torch.random.fork_rng(devices=devices))
+    # the profile and simulations run a fake twin: a forward that reads tensor values
+    # (ibert's quantisation: .item()) cannot be planned; said in one line, not fake
+    # tensors' own exception
+    cannot = ("plan() profiles the model on fake tensors; choose a strategy by hand "
+              "(full, sqrt, blocks:...) and check it with verify_replay")
     try:
-        found = _plan(model, batch, parse_size(budget), whole=whole, refused=refused,
-                      **options)
+        with values_needed(model, cannot):
+            found = _plan(model, batch, parse_size(budget), whole=whole, refused=refused,
+                          **options)
         refusal = _replay_refusal(model, batch, found, blocks_attr, step_loss,
                                   **options["select"])
         if refusal is not None and whole and isinstance(found.chosen, (Forward, Remat)):
             left_out = found.chosen.form
-            found = _plan(model, batch, parse_size(budget), whole=False, refused=refused,
-                          **options)
+            with values_needed(model, cannot):
+                found = _plan(model, batch, parse_size(budget), whole=False,
+                              refused=refused, **options)
             found.notes += (f"{left_out}: left out, its replay is not exact on this model "
                             f"({refusal})",)
             refusal = _replay_refusal(model, batch, found, blocks_attr, step_loss,
