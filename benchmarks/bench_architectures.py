@@ -172,8 +172,11 @@ def _message(exc: BaseException) -> str:
 
 
 def _refusal(exc: BaseException) -> bool:
+    """memprop's own refusals: a strategy that cannot replay, a budget nothing meets, a
+    plan that cannot be made on fake tensors (a forward reading tensor values)."""
     from memprop.errors import BudgetError, StrategyError
-    return isinstance(exc, (StrategyError, BudgetError))
+    from memprop.measure import DataDependentStepError
+    return isinstance(exc, (StrategyError, BudgetError, DataDependentStepError))
 
 
 class _Timeout(Exception):
