@@ -16,7 +16,7 @@ from memprop.checkpoint.planning.timing import (
     time_strategies,
     work_of,
 )
-from memprop.errors import ConfigError
+from memprop.errors import BudgetError, ConfigError
 from memprop.measure import measure_step
 from memprop.models import model_config
 from memprop.workload import build_workload
@@ -127,3 +127,58 @@ def test_the_time_model_orders_clearly_different_steps(name, batch, fields):
                                       timed[spec]) for spec, s in strategies.items()}
     assert not wrong, (wrong, measured, predicted)
     assert work_of(simulate(model, data, strategies["none"], loss_fn=cfg.loss))[2] > 0
+
+
+def test_a_plan_whose_replay_is_refused_falls_back_to_the_next_that_fits(monkeypatch):
+    """plan() never returns a plan that refuses: when the chosen plan's verified replay
+    is not exact, the next plan that fits, in the objective's order, is verified and
+    returned, and the plan says what was left out and why."""
+    import memprop.checkpoint.planning.planner as planner
+
+    cfg, model, data = _workload()
+    budget = int(_plain_peak(cfg, model, data) * 0.6)
+    first = plan(model, data, budget, loss_fn=cfg.loss)
+    assert first.alternatives                  # full, and the others that fit
+    assert [a.spec for a in first.alternatives] == [
+        spec for spec, _, ms in sorted(first.weighed, key=lambda w: w[2])
+        if spec != first.spec][:len(first.alternatives)]
+    real = planner._replay_refusal
+
+    def refuse_first(model_, batch, found, *args, **kwargs):
+        if found.spec == first.spec:
+            return "a stand-in refusal"
+        return real(model_, batch, found, *args, **kwargs)
+    monkeypatch.setattr(planner, "_replay_refusal", refuse_first)
+    second = plan(model, data, budget, loss_fn=cfg.loss)
+    # the next in its own pricing's order (a new plan() times the candidates again)
+    assert second.spec != first.spec
+    assert second.spec in {spec for spec, _, _ in first.weighed}
+    assert second.predicted_peak_bytes <= budget and second.verified
+    assert any("left out" in n and "a stand-in refusal" in n for n in second.notes)
+
+
+def test_a_candidate_that_refuses_to_run_is_never_chosen_nor_raised():
+    """A selective candidate whose kept matmul output the model changes in place cannot
+    run (memprop's StrategyError): the planner leaves it out and answers with what fits,
+    or the smallest feasible budget, never with that candidate's error."""
+    class ChangesItsMatmul(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(16, 16)
+
+        def forward(self, x):
+            y = self.lin(x)
+            y.mul_(0.5)
+            return torch.tanh(y)
+
+    model = torch.nn.Sequential(*[ChangesItsMatmul() for _ in range(6)])
+    x = torch.randn(64, 16)
+    loss = lambda m, b: m(b).square().mean()   # noqa: E731
+    peak = measure_step(model, x, loss_fn=loss, timing=False, inference=False).peak_bytes
+    for fraction in (0.9, 0.6):
+        try:
+            found = plan(model, x, int(peak * fraction), loss_fn=loss, objective="flops")
+        except BudgetError as exc:
+            assert exc.smallest_feasible_bytes > int(peak * fraction)
+        else:
+            assert found.predicted_peak_bytes <= int(peak * fraction)

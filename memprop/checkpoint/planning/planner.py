@@ -141,6 +141,9 @@ class Plan:
     # real step of the model (None: nothing replays from recorded calls, or a fake model)
     verified: bool | None = None
     notes: tuple = ()                    # forms left out, and why
+    # the other plans that fit, in the objective's order: what plan() falls back to when
+    # this one's replay is not exact (NOTE [ Verifying a replay ])
+    alternatives: tuple = dataclasses.field(default=(), repr=False)
 
     @property
     def strategy(self):
@@ -276,6 +279,15 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, chec
                               refused=refused, **options)
             found.notes += (f"{left_out}: left out, its replay is not exact on this model "
                             f"({refusal})",)
+            refusal = _replay_refusal(model, batch, found, blocks_attr, step_loss,
+                                      **options["select"])
+        while refusal is not None and found.alternatives:
+            # the next plan that fits, in the objective's order (a selective plan whose
+            # kept output the model changes in place: convbert; full replays it exactly)
+            left_out, found = found, found.alternatives[0]
+            found.alternatives = left_out.alternatives[1:]
+            found.notes += left_out.notes + (f"{short_spec(left_out.spec)}: left out, its "
+                                             f"replay is not exact on this model ({refusal})",)
             refusal = _replay_refusal(model, batch, found, blocks_attr, step_loss,
                                       **options["select"])
         if refusal is not None:
@@ -420,18 +432,21 @@ class _Search:
         return self.prof.costs.n if self.prof.costs is not None else 0
 
     def simulated(self, strategy: Strategy) -> Measurement:
-        """The simulated step with ``strategy``, once per strategy; a segment the
-        model's loop cannot replay (``SegmentRefused``) never fits (``_NEVER``)."""
+        """The simulated step with ``strategy``, once per strategy; a strategy that
+        refuses this model (a segment its loop cannot replay: ``SegmentRefused``; any
+        other ``StrategyError``) never fits (``_NEVER``)."""
         if strategy.spec not in self.simulations:
             try:
                 self.simulations[strategy.spec] = simulate(
                     self.model, self.batch, strategy, blocks_attr=self.blocks_attr,
                     **self.select, optimizer=self.optimizer, loss_fn=self.step_loss,
                     amp=self.amp, warm=self.warm)
-            except SegmentRefused as exc:
+            except StrategyError as exc:
                 # a segment of several blocks this model's loop cannot replay (gemma4:
-                # each layer gets its own per_layer_input): never chosen, and said why
-                if not self.refused:
+                # each layer gets its own per_layer_input): never chosen, and said why;
+                # any other candidate that refuses to run (selective keeping an op output
+                # the model changes in place) is never chosen either
+                if isinstance(exc, SegmentRefused) and not self.refused:
                     self.refused.append(str(exc).removeprefix("memprop.checkpoint: "))
                 self.simulations[strategy.spec] = dataclasses.replace(
                     self.plain, peak_bytes=_NEVER, saved_bytes=_NEVER,
@@ -474,11 +489,14 @@ class _Search:
             fits = fits + ([self.plan_of(Full(), result)] if value <= self.budget_bytes else [])
         fits = [p for i, p in enumerate(fits) if p.spec not in {q.spec for q in fits[:i]}]
         if self.objective == "flops" or len(fits) == 1 and fits[0].spec == "none":
-            return min(fits, key=lambda p: p.recompute_flops)
-        _price(self.model, self.batch, fits, self.plain, blocks_attr=self.blocks_attr,
-               select=self.select, optimizer=self.optimizer, loss_fn=self.step_loss,
-               amp=self.amp)
-        return min(fits, key=lambda p: (p.predicted_step_ms, p.recompute_flops))
+            ranked = sorted(fits, key=lambda p: p.recompute_flops)
+        else:
+            _price(self.model, self.batch, fits, self.plain, blocks_attr=self.blocks_attr,
+                   select=self.select, optimizer=self.optimizer, loss_fn=self.step_loss,
+                   amp=self.amp)
+            ranked = sorted(fits, key=lambda p: (p.predicted_step_ms, p.recompute_flops))
+        ranked[0].alternatives = tuple(ranked[1:])
+        return ranked[0]
 
 
 def _search(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_fn,
