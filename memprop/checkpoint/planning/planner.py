@@ -284,10 +284,11 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, chec
         while refusal is not None and found.alternatives:
             # the next plan that fits, in the objective's order (a selective plan whose
             # kept output the model changes in place: convbert; full replays it exactly)
-            left_out, found = found, found.alternatives[0]
-            found.alternatives = left_out.alternatives[1:]
-            found.notes += left_out.notes + (f"{short_spec(left_out.spec)}: left out, its "
-                                             f"replay is not exact on this model ({refusal})",)
+            refused_plan, found = found, found.alternatives[0]
+            found.alternatives = refused_plan.alternatives[1:]
+            found.notes += refused_plan.notes + (
+                f"{short_spec(refused_plan.spec)}: left out, its replay is not exact on this "
+                f"model ({refusal})",)
             refusal = _replay_refusal(model, batch, found, blocks_attr, step_loss,
                                       **options["select"])
         if refusal is not None:
