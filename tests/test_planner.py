@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 from helpers import random_chain
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from memprop.checkpoint import apply_strategy, parse_strategy
 from memprop.checkpoint.planning.dp import TIE, ChainCosts, brute_force, min_peak, model_peak, solve
@@ -172,3 +173,6 @@ def test_a_forward_that_reads_values_gets_a_one_line_refusal_from_plan():
                        r"tensors; choose a strategy by hand") as caught:
         plan(model, x, 1000, loss_fn=lambda m, b: m(b).sum())
     assert "\n" not in str(caught.value) and "_local_scalar_dense" in str(caught.value)
+    # nothing of the failed trace stays on torch's dispatch-mode stack (it did: every
+    # later step in the process ran under its FLOP counter and op trace)
+    assert _get_current_dispatch_mode_stack() == []

@@ -36,7 +36,11 @@ from collections import Counter
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import (
+    TorchDispatchMode,
+    _get_current_dispatch_mode_stack,
+    _pop_mode,
+)
 from torch.utils._pytree import tree_flatten
 
 from memprop.checkpoint.forms.blocks import find_blocks
@@ -84,6 +88,7 @@ def _trace(target, target_batch, loss_fn, collectors: list, counter: FlopCounter
     """One forward of ``loss_fn(target, target_batch)`` with every collector attached
     (NOTE [ One trace ]); ``mode``: the fake mode the twin lives in."""
     handles = [h for c in collectors for h in c.install()]
+    depth = len(_get_current_dispatch_mode_stack())
 
     def pack(t):
         for c in collectors:
@@ -103,6 +108,11 @@ def _trace(target, target_batch, loss_fn, collectors: list, counter: FlopCounter
     finally:
         for h in handles:
             h.remove()
+        # an exception raised inside a fake op (a forward reading a value: ibert's
+        # .item()) leaves the FLOP counter and the op trace on torch's dispatch-mode
+        # stack, measured; every later step of the process then ran under them
+        while len(_get_current_dispatch_mode_stack()) > depth:
+            _pop_mode()
 
 
 class _ChainCosts(_Collector):
