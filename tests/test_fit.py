@@ -173,3 +173,17 @@ def test_plan_fsdp_nothing_fits_is_one_line(capsys):
     assert captured.err.startswith("error: memprop plan: no checkpointing plan fits 1.0 KiB "
                                    "per rank at batch 4 per rank")
     assert captured.err.count("\n") == 1
+
+
+def test_the_rank_plan_falls_back_to_full_when_the_shifted_searches_miss():
+    """Just above full's per-rank peak the shifted single-device plans overshoot the
+    rank (the 70B run over 64 ranks said NOTHING FITS while full fitted at 18 GiB): full
+    is weighed as it is, predicted on the rank."""
+    cfg = memprop.model_config("transformer", depth=4, d_model=64, heads=4, seq_len=32,
+                               vocab=50)
+    fsdp = FSDPConfig(world_size=8)
+    full = predict(cfg, 8, fsdp=fsdp, optimizer="adam", strategy="full").peak_bytes
+    found = plan_rank(cfg, 8, fsdp, full + 1000, optimizer="adam")
+    assert found.fits and found.predicted_peak_bytes <= full + 1000
+    assert found.predicted_peak_bytes == predict(cfg, 8, fsdp=fsdp, optimizer="adam",
+                                                 strategy=found.spec).peak_bytes

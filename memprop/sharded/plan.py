@@ -176,6 +176,15 @@ def plan_rank(config, batch_size: int, fsdp: FSDPConfig, budget, *, optimizer: s
     shift = _non_activation(plain.rank(plain.largest_rank)) - _non_activation(single)
     tried = _search(model, batch, config, budget_bytes, budget_bytes - shift, runs,
                     batch_size, optimizer=optimizer, rounds=rounds)
+    if not any(t["peak_bytes"] <= budget_bytes for t in tried):
+        # the shifted searches found nothing that fits the rank (70B over 64 ranks: the
+        # single-device step holds 70B parameters' states, the rank a 64th, so the shift
+        # is hundreds of GiB): full is weighed as it is, predicted on the rank
+        tried.append(dict(target_bytes=None, spec="full",
+                          peak_bytes=runs.peak(batch_size, "full"),
+                          recompute_flops=RecomputeFlops(config, optimizer=optimizer,
+                                                         dtype=dtype).flops(batch_size,
+                                                                            "full")))
     fitting = [t for t in tried if t["peak_bytes"] <= budget_bytes]
     if fitting:
         best = min(fitting, key=lambda t: t["recompute_flops"])
