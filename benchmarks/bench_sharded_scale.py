@@ -70,7 +70,7 @@ def run() -> dict:
                   f"{planned.spec[:30]} {planned.predicted_peak_bytes / 2**30:.1f} GiB "
                   f"({plan_s:.0f} s)", flush=True)
     table = [{k: (f"{v / 2**30:.1f} GiB" if k.endswith("_bytes") and v is not None else
-                  (v if len(str(v)) <= 40 else str(v)[:37] + "...")) for k, v in row.items()}
+                  (v if k != "plan" or len(v) <= 40 else v[:37] + "...")) for k, v in row.items()}
              for row in rows]
     worst = {name: max(r["none_s"] for r in rows if r["model"] == name) for name in LLAMA_SHAPES}
     verdicts = [f"{name}: slowest single prediction {worst[name]:.1f} s (target "

@@ -350,7 +350,7 @@ class SegmentForward(PatchedForward):
         _state.depth = getattr(_state, "depth", 0) + 1
         try:
             with norms_kept(seg if recompute else []), \
-                    _as_forward_saw(*(kept if recompute and kept else ([], []))):
+                    _as_forward_saw(*(kept if recompute and kept is not None else ([], []))):
                 outs: list = []
                 for p, block in enumerate(seg):
                     args, kwargs = (call.args, call.kwargs) if p == 0 else call.with_hidden(
