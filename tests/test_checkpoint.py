@@ -322,6 +322,96 @@ def test_multi_block_segment_raises_when_the_loop_is_not_a_plain_chain(net_cls, 
     assert torch.equal(checkpointed, net(x))
 
 
+class MaskBlock(nn.Module):
+    """A block adding a mask of its own width (hf:lfm3, minimax: per-layer masks)."""
+
+    def __init__(self, w, k):
+        super().__init__()
+        self.lin, self.k = nn.Linear(w, w), k
+
+    def forward(self, x, mask):
+        return torch.tanh(self.lin(x)) + mask.reshape(x.shape[0], self.k).sum(-1, keepdim=True)
+
+
+class PerLayerMaskNet(nn.Module):
+    def __init__(self, w=8, n=4):
+        super().__init__()
+        self.layers = nn.ModuleList(MaskBlock(w, (3, 6)[i % 2]) for i in range(n))
+
+    def forward(self, x):
+        masks = [torch.ones(x.shape[0], 3), torch.ones(x.shape[0], 3, 2)]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, masks[i % 2])
+        return x.sum()
+
+
+@pytest.mark.parametrize("strategy", [Segments(2), Sqrt()])
+def test_a_block_that_fails_on_the_first_blocks_arguments_is_refused_not_raised(strategy):
+    # the segment runs block 1 with block 0's mask before the loop calls it: it raises;
+    # that is refused in one StrategyError naming the block and the cause, and
+    # no_grad inference runs every block as the loop calls it
+    net = PerLayerMaskNet()
+    x = torch.randn(5, 8)
+    plain = net(x)
+    strategy.apply(net, blocks_attr="layers")
+    with pytest.raises(StrategyError, match=r"block 1 \(MaskBlock\) raised RuntimeError "
+                       r"\(.*size.*\) when its segment ran it.*per-block") as err:
+        net(x)
+    assert isinstance(err.value.__cause__, RuntimeError)
+    with torch.no_grad():
+        assert torch.equal(net(x), plain)
+
+
+class CacheAppendingBlock(nn.Module):
+    """A block appending to a cache object it is handed (flaubert and xlm create one
+    on every forward, whatever use_cache says)."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.lin = nn.Linear(w, w)
+
+    def forward(self, x, cache):
+        cache.keys.append(self.lin(x))
+        return torch.tanh(torch.cat(cache.keys, -1)[..., :x.shape[-1]] + self.lin(x))
+
+
+class _Cache:
+    def __init__(self):
+        self.keys: list = []
+
+
+class CacheNet(nn.Module):
+    def __init__(self, w=8, n=3):
+        super().__init__()
+        self.layers = nn.ModuleList(CacheAppendingBlock(w) for _ in range(n))
+
+    def forward(self, x):
+        cache = _Cache()
+        for layer in self.layers:
+            x = layer(x, cache)
+        return x.sum()
+
+
+@pytest.mark.parametrize("spec", ["full", "blocks:1", "selective"])
+def test_a_block_changing_an_object_it_is_handed_is_refused(spec):
+    net = CacheNet()
+    apply_strategy(net, spec, blocks_attr="layers")
+    with pytest.raises(StrategyError, match=r"block \d \(CacheAppendingBlock\) changed the "
+                       r"_Cache object it was handed.*forward:-, remat:-"):
+        net(torch.randn(2, 8)).backward()
+    remove_strategy(net)
+    x = torch.randn(2, 8)
+    plain = net(x)
+    plain.backward()
+    grads = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    apply_strategy(net, "forward:-", blocks_attr="layers")    # replays recorded calls
+    out = net(x)
+    out.backward()
+    assert torch.equal(out, plain)
+    assert all(map(torch.equal, grads, [p.grad for p in net.parameters()]))
+
+
 def test_sequential_and_missing_chain():
     # an nn.Sequential is its own chain: segments:2 checkpoints its children 0-1 (the
     # last segment runs plainly), bitwise, and the forward stores less than plainly

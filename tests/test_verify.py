@@ -328,7 +328,8 @@ class _TracksItsRange(nn.Module):
 
 
 @pytest.mark.parametrize("module", [_CountsItsCalls, _TracksItsRange])
-@pytest.mark.parametrize("form", ["full", "blocks:0-1", "selective", "ops:addmm"])
+@pytest.mark.parametrize("form", ["full", "blocks:0-1", "selective", "ops:addmm",
+                                  "nested:0-1", "nested:0-1[0]"])
 def test_a_forward_that_reads_state_it_changes_replays_exactly(form, module):
     """A checkpoint recomputes with the buffers as its forward saw them (NOTE [ Buffers
     a forward changes ]): gradients and buffers bitwise those of the plain model, step

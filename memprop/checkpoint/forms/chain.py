@@ -24,8 +24,12 @@ NOTE [ How a segment is checkpointed without changing the model ]
   other tensor argument the same object, every other argument equal, and the blocks
   called in order. Anything else (the loop transforms the hidden state between blocks,
   passes other arguments, skips a block) raises ``StrategyError`` naming the block;
-  nothing is ever silently computed from other inputs. Single-block segments make no
-  assumption and work with any signature, arguments and outputs.
+  nothing is ever silently computed from other inputs. A block that raises when the
+  segment runs it with those arguments (a per-layer mask of another shape: hf:lfm3,
+  minimax) is refused the same way, before the loop could call it. Single-block
+  segments make no assumption and work with any signature, arguments and outputs.
+  Without gradients (``no_grad`` inference) nothing is saved or recomputed: every block
+  runs as the loop calls it.
   Every tensor argument, positional, keyword or nested (a mask, rotary cos/sin), is
   handed to ``checkpoint`` positionally, so the checkpoint saves it through autograd's
   saved-tensor hooks and memprop's recorder counts what the checkpoint keeps alive
@@ -57,7 +61,8 @@ from memprop.checkpoint.forms.tail import TailElision, TailRecord, hold
 from memprop.checkpoint.forms.verify import VerifyingContext, is_verifying
 from memprop.errors import StrategyError
 
-__all__ = ["find_blocks", "find_chains", "CheckpointedChain", "SegmentForward", "PassThrough"]
+__all__ = ["find_blocks", "find_chains", "CheckpointedChain", "SegmentForward", "PassThrough",
+           "KeptBuffers", "as_forward_saw"]
 
 _state = threading.local()   # .depth > 0 while a segment's blocks run
 
@@ -277,7 +282,7 @@ def _refuse_changed(before: dict[str, int], after: dict[str, int], first: str) -
 #   step leaves the buffers as one plain step does. Which buffers a forward changes is
 #   learnt from their version counters: the segment's first forward with gradients
 #   keeps a copy of every buffer of its blocks, and after it, only those whose version
-#   moved (names in ``SegmentForward.changes``); later forwards copy only those.
+#   moved (names in ``KeptBuffers.changes``); later forwards copy only those.
 #   A buffer the forward replaces by a new tensor (``self.x_min = ...``: ibert's
 #   QuantAct) needs no copy: the recompute gets the tensor the forward read, by name,
 #   and the new one back after. BatchNorm's running statistics are left to
@@ -287,8 +292,8 @@ def _refuse_changed(before: dict[str, int], after: dict[str, int], first: str) -
 #   bookkeeping, made outside any dispatch mode as ``norms_kept``'s are: the tracker
 #   does not count them (the first step's copies of unchanged buffers live until its
 #   forward ends; later steps copy only the buffers that change, usually none).
-#   Checkpoints nested by ``nested:`` (memprop.checkpoint.forms.multilevel) do not keep
-#   them yet; verify_replay catches their different replay.
+#   Checkpoints nested by ``nested:`` (memprop.checkpoint.forms.multilevel) keep them
+#   per checkpoint, each level as its own forward saw them (``KeptBuffers``).
 
 def _buffers(seg: list[nn.Module]) -> dict[str, tuple[nn.Module, str, torch.Tensor]]:
     """The segment's buffers by name (``block:name``): (the module holding it, its
@@ -304,7 +309,7 @@ def _buffers(seg: list[nn.Module]) -> dict[str, tuple[nn.Module, str, torch.Tens
 
 
 @contextlib.contextmanager
-def _as_forward_saw(kept: list, swapped: list):
+def as_forward_saw(kept: list, swapped: list):
     """Inside, the buffers of ``kept`` ((buffer, its value when the forward ran) pairs)
     hold that value, and the modules of ``swapped`` ((module, attribute, the tensor the
     forward read) triples: buffers the forward replaced) hold the tensor the forward
@@ -326,18 +331,111 @@ def _as_forward_saw(kept: list, swapped: list):
             module._buffers[attr] = tensor
 
 
+class KeptBuffers:
+    """One checkpoint's bookkeeping of the buffers its forward changes (NOTE [ Buffers a
+    forward changes ]). ``changes``: the names of those it changes in place, learnt on
+    its first forward with gradients (None before). ``before(seg)`` ahead of each forward
+    returns what ``after`` completes and the recompute reads (``seen``, the two lists
+    ``as_forward_saw`` takes)."""
+
+    def __init__(self):
+        self.changes: set[str] | None = None
+
+    def before(self, seg: list[nn.Module]) -> tuple:
+        buffers = _buffers(seg)
+        versions = {n: b._version for n, (_, _, b) in buffers.items()}
+        with torch.no_grad(), _disable_current_modes():
+            copies = [(b, b.clone()) for n, (_, _, b) in buffers.items()
+                      if self.changes is None or n in self.changes]
+        return buffers, versions, (copies, [])
+
+    def after(self, seg: list[nn.Module], state: tuple, first: str) -> None:
+        """Completes ``seen`` once the forward ran; StrategyError for a buffer changed in
+        place that earlier forwards left alone."""
+        buffers, versions, (copies, swapped) = state
+        after = _buffers(seg)
+        # a buffer the forward replaced: the recompute reads the tensor it read
+        swapped += [(m, attr, b) for n, (m, attr, b) in buffers.items()
+                    if n in after and after[n][2] is not b]
+        changed = {n for n, (_, _, b) in buffers.items()
+                   if (n not in after or after[n][2] is b) and b._version != versions[n]}
+        if self.changes is None:                 # learnt: keep only what changed
+            self.changes = changed
+            copies[:] = [(b, v) for b, v in copies
+                         if any(b is buffers[n][2] for n in changed)]
+        elif not changed <= self.changes:
+            self.changes |= changed
+            raise StrategyError(
+                f"memprop.checkpoint: {first} changed its buffer "
+                f"{sorted(changed)[0].partition(':')[2]!r} in place during a checkpointed "
+                "forward, which its earlier forwards did not: the recompute in backward "
+                "would read the changed value (NOTE [ Buffers a forward changes ]); this "
+                "step is refused. From the next step its value is kept for the recompute")
+
+
+# NOTE [ An object a block changes ]
+#   A block may be handed an object it changes: flaubert and xlm create a KV cache on
+#   every forward, whatever ``use_cache`` says, and each attention appends its keys and
+#   values to it. The recompute in backward would append again and read twice as many
+#   keys (a shape error at best). So a checkpointed forward notes the tensors reachable
+#   from each object argument (not a tensor, module or plain value) before and after it
+#   runs, and refuses the step if they changed, naming the object's type. Forms that
+#   replay recorded calls (``forward:``, ``remat:``) never rerun the block's Python and
+#   are unaffected.
+
+_PLAIN = (int, float, bool, str, bytes, complex, type(None), torch.dtype, torch.device,
+          torch.Size, torch.memory_format, torch.layout)
+
+
+def _tensors_of(obj, depth: int = 3) -> list[tuple[int, tuple, int]]:
+    """(id, shape, version) of the tensors reachable from ``obj``'s attributes, lists,
+    tuples and dicts, ``depth`` levels down: what a forward changing it would change."""
+    found: list = []
+    stack, seen = [(obj, depth)], set()
+    while stack:
+        x, d = stack.pop()
+        if isinstance(x, torch.Tensor):
+            found.append((id(x), tuple(x.shape), x._version))
+            continue
+        if d < 0 or id(x) in seen or isinstance(x, (_PLAIN, nn.Module)) or callable(x):
+            continue
+        seen.add(id(x))
+        items = (x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple))
+                 else vars(x).values() if hasattr(x, "__dict__") else ())
+        stack.extend((v, d - 1) for v in items)
+    return found
+
+
+def _objects(leaves: list) -> list:
+    """The leaves a forward could change that are neither tensors nor plain values."""
+    return [x for x in leaves if not isinstance(x, (torch.Tensor, _PLAIN, nn.Module))
+            and not callable(x) and hasattr(x, "__dict__")]
+
+
+def _refuse_object_changed(objects: list, before: list, first: str) -> None:
+    """StrategyError when a checkpointed forward changed an object it was handed (NOTE
+    above)."""
+    for obj, was in zip(objects, before):
+        if _tensors_of(obj) != was:
+            raise StrategyError(
+                f"memprop.checkpoint: {first} changed the {type(obj).__name__} object it "
+                "was handed during a checkpointed forward (a KV cache it appends to, say), "
+                "so the recompute in backward would not see what the forward saw (NOTE [ An "
+                "object a block changes ]); this model cannot be checkpointed by blocks: a "
+                "form replaying recorded calls (forward:-, remat:-) can")
+
+
 class SegmentForward(PatchedForward):
     """The forward of a segment's first block: blocks ``seg`` in one checkpoint (NOTE
     [ How a segment is checkpointed without changing the model ]). ``box`` hands the
-    other blocks' outputs to their ``PassThrough``; ``changes``: the names of the
-    buffers its forward changes in place, once learnt (NOTE [ Buffers a forward
-    changes ])."""
+    other blocks' outputs to their ``PassThrough``; ``kept``: the buffers its forward
+    changes (NOTE [ Buffers a forward changes ])."""
 
     def __init__(self, seg: list[nn.Module], names: list[str], box: dict,
                  context_fn: Callable | None):
         super().__init__(seg[0])
         self.seg, self.names, self.box, self.context_fn = seg, names, box, context_fn
-        self.changes: set[str] | None = None
+        self.kept = KeptBuffers()
 
     def _run(self, call: _Call, *, recompute: bool, tail: dict | None = None,
              kept: tuple | None = None) -> tuple:
@@ -350,15 +448,30 @@ class SegmentForward(PatchedForward):
         _state.depth = getattr(_state, "depth", 0) + 1
         try:
             with norms_kept(seg if recompute else []), \
-                    _as_forward_saw(*(kept if recompute and kept is not None else ([], []))):
+                    as_forward_saw(*(kept if recompute and kept is not None else ([], []))):
                 outs: list = []
                 for p, block in enumerate(seg):
                     args, kwargs = (call.args, call.kwargs) if p == 0 else call.with_hidden(
                         _hidden(outs[-1], names[p - 1]))
-                    if tail is None or p < len(seg) - 1:
-                        outs.append(block(*args, **kwargs))
-                    else:                    # NOTE [ A segment's output needs no recompute ]
-                        outs.append(_run_tail(block, args, kwargs, tail, recompute))
+                    try:
+                        if tail is None or p < len(seg) - 1:
+                            outs.append(block(*args, **kwargs))
+                        else:                # NOTE [ A segment's output needs no recompute ]
+                            outs.append(_run_tail(block, args, kwargs, tail, recompute))
+                    except StrategyError:
+                        raise
+                    except Exception as exc:
+                        if p == 0 or recompute:
+                            raise
+                        # run with block first's arguments, not those the loop gives it
+                        raise SegmentRefused(
+                            f"memprop.checkpoint: {names[p]} raised {type(exc).__name__} "
+                            f"({' '.join(str(exc).split())[:120]}) when its segment ran "
+                            f"it with the arguments of {names[0]} and "
+                            f"the hidden output of {names[p - 1]} (NOTE [ How a segment is "
+                            f"checkpointed without changing the model ]): the model's loop "
+                            f"probably passes it other arguments; "
+                            f"{_per_block_hint(names[0] + ' .. ' + names[-1])}") from exc
                 return tuple(outs)
         finally:
             _state.depth -= 1
@@ -372,64 +485,44 @@ class SegmentForward(PatchedForward):
                 f"memprop.checkpoint: the model's loop did not call {names[box['next']]} "
                 f"after {names[box['next'] - 1]} (a checkpointed segment runs them "
                 f"together); {_per_block_hint(names[0])}")
+        if not torch.is_grad_enabled():      # inference: nothing to save or recompute,
+            return self.original(*args, **kwargs)   # each block as the loop calls it
         call = _Call.of(self.original_signature(), args, kwargs, names[0]) if len(seg) > 1 \
             else _Call(args, kwargs, 0)
-        if not torch.is_grad_enabled():      # inference: nothing to save or recompute
-            outs = self._run(call, recompute=False)
-        else:
-            refuse_sharded(seg, f"the checkpoint of {names[0]}" + (
-                f" .. {names[-1]}" if len(seg) > 1 else ""))
-            # every tensor argument goes to checkpoint positionally, so it is saved
-            # through the saved-tensor hooks (NOTE above); the rest rides along
-            leaves, spec = tree_flatten((args, kwargs))
-            where = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
-            calls = [0]                      # 1st call: the forward pass; later: recomputes
-            # this call's held output (plain segments; lives as long as its graph);
-            # a verified replay recomputes it (NOTE [ Verifying a replay ])
-            tail = {} if context_fn is None and not is_verifying() else None
+        refuse_sharded(seg, f"the checkpoint of {names[0]}" + (
+            f" .. {names[-1]}" if len(seg) > 1 else ""))
+        # every tensor argument goes to checkpoint positionally, so it is saved
+        # through the saved-tensor hooks (NOTE above); the rest rides along
+        leaves, spec = tree_flatten((args, kwargs))
+        where = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+        calls = [0]                      # 1st call: the forward pass; later: recomputes
+        # this call's held output (plain segments; lives as long as its graph);
+        # a verified replay recomputes it (NOTE [ Verifying a replay ])
+        tail = {} if context_fn is None and not is_verifying() else None
 
-            def segment(*tensors):
-                calls[0] += 1
-                filled = list(leaves)
-                for i, t in zip(where, tensors):
-                    filled[i] = t
-                a, kw = tree_unflatten(filled, spec)
-                return self._run(_Call(a, kw, call.slot, call.params),
-                                 recompute=calls[0] > 1, tail=tail, kept=kept)
+        def segment(*tensors):
+            calls[0] += 1
+            filled = list(leaves)
+            for i, t in zip(where, tensors):
+                filled[i] = t
+            a, kw = tree_unflatten(filled, spec)
+            return self._run(_Call(a, kw, call.slot, call.params),
+                             recompute=calls[0] > 1, tail=tail, kept=kept)
 
-            options: dict[str, Any] = dict(use_reentrant=False, preserve_rng_state=True)
-            if is_verifying():               # NOTE [ Verifying a replay ]
-                context_fn = VerifyingContext(context_fn, f"the checkpoint of {names[0]}")
-            if context_fn is not None:
-                options["context_fn"] = context_fn
-            before = _tree(seg)
-            buffers = _buffers(seg)
-            versions = {n: b._version for n, (_, _, b) in buffers.items()}
-            with torch.no_grad(), _disable_current_modes():   # NOTE [ Buffers a forward changes ]
-                copies = [(b, b.clone()) for n, (_, _, b) in buffers.items()
-                          if self.changes is None or n in self.changes]
-            swapped: list = []
-            kept = (copies, swapped)                 # read by the recompute (segment)
-            outs = checkpoint(segment, *(leaves[i] for i in where), **options)
-            _refuse_changed(before, _tree(seg), names[0])
-            after = _buffers(seg)
-            # a buffer the forward replaced: the recompute reads the tensor it read
-            swapped += [(m, attr, b) for n, (m, attr, b) in buffers.items()
-                        if n in after and after[n][2] is not b]
-            changed = {n for n, (_, _, b) in buffers.items()
-                       if (n not in after or after[n][2] is b) and b._version != versions[n]}
-            if self.changes is None:                 # learnt: keep only what changed
-                self.changes = changed
-                copies[:] = [(b, v) for b, v in copies
-                             if any(b is buffers[n][2] for n in changed)]
-            elif not changed <= self.changes:
-                self.changes |= changed
-                raise StrategyError(
-                    f"memprop.checkpoint: {names[0]} changed its buffer "
-                    f"{sorted(changed)[0].partition(':')[2]!r} in place during a checkpointed "
-                    "forward, which its earlier forwards did not: the recompute in backward "
-                    "would read the changed value (NOTE [ Buffers a forward changes ]); this "
-                    "step is refused. From the next step its value is kept for the recompute")
+        options: dict[str, Any] = dict(use_reentrant=False, preserve_rng_state=True)
+        if is_verifying():               # NOTE [ Verifying a replay ]
+            context_fn = VerifyingContext(context_fn, f"the checkpoint of {names[0]}")
+        if context_fn is not None:
+            options["context_fn"] = context_fn
+        before = _tree(seg)
+        state = self.kept.before(seg)            # NOTE [ Buffers a forward changes ]
+        kept = state[2]                          # read by the recompute (segment)
+        objects = _objects(leaves)
+        states = [_tensors_of(x) for x in objects]
+        outs = checkpoint(segment, *(leaves[i] for i in where), **options)
+        _refuse_changed(before, _tree(seg), names[0])
+        _refuse_object_changed(objects, states, names[0])
+        self.kept.after(seg, state, names[0])
         if len(seg) > 1:
             box.update(outs=outs, next=1, call=call)
         return outs[0]
@@ -451,8 +544,8 @@ class PassThrough(PatchedForward):
 
     def __call__(self, *args, **kwargs):
         p, names, box = self.p, self.names, self.box
-        if _inside_segment():
-            return self.original(*args, **kwargs)
+        if _inside_segment() or (not torch.is_grad_enabled() and box.get("next") is None):
+            return self.original(*args, **kwargs)        # inside the segment; inference
         if box.get("next") != p:
             raise SegmentRefused(
                 f"memprop.checkpoint: the model called {names[p]} out of the order of "

@@ -28,6 +28,7 @@ NOTE [ How a multi-level schedule is applied ]
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import threading
@@ -37,7 +38,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from memprop.checkpoint.forms.chain import SegmentRefused, find_blocks, norms_kept
+from memprop.checkpoint.forms.chain import (
+    KeptBuffers,
+    SegmentRefused,
+    as_forward_saw,
+    find_blocks,
+    norms_kept,
+)
 from memprop.checkpoint.forms.patch import Applied, PatchedForward
 from memprop.checkpoint.forms.strategies import Strategy, refuse_applied
 from memprop.checkpoint.forms.verify import VerifyingContext, is_verifying
@@ -59,6 +66,7 @@ class NestedChain:
     def __init__(self, blocks: list[nn.Module], tree):
         self.blocks, self.tree = blocks, tree
         self.patches: list[PatchedForward] = []
+        self.kept: dict[tuple[int, int], KeptBuffers] = {}   # per checkpointed segment
 
     def apply(self) -> "NestedChain":
         for first, last, children in self.tree:
@@ -103,14 +111,22 @@ class NestedChain:
 
     def _checkpointed(self, first: int, last: int, children, x):
         calls = [0]                     # 1st call: a forward; later: recomputes
+        # its recompute reads the buffers its forward changed as that forward saw them,
+        # each level its own (NOTE [ Buffers a forward changes ], forms.chain)
+        seg = self.blocks[first:last + 1]
+        keeper = self.kept.setdefault((first, last), KeptBuffers())
+        state = keeper.before(seg)
 
         def segment(inp):
             calls[0] += 1
-            return self._run(first, last, children, inp,
-                             recompute=calls[0] > 1 or _get("recomputing") > 0)
+            with as_forward_saw(*state[2]) if calls[0] > 1 else contextlib.nullcontext():
+                return self._run(first, last, children, inp,
+                                 recompute=calls[0] > 1 or _get("recomputing") > 0)
         options: dict[str, Any] = dict(context_fn=VerifyingContext(
             None, f"the nested checkpoint of blocks {first}-{last}")) if is_verifying() else {}
-        return checkpoint(segment, x, use_reentrant=False, preserve_rng_state=True, **options)
+        out = checkpoint(segment, x, use_reentrant=False, preserve_rng_state=True, **options)
+        keeper.after(seg, state, f"the nested checkpoint of blocks {first}-{last}")
+        return out
 
 
 
