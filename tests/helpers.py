@@ -213,3 +213,27 @@ timeout = 120
 world_size = [1, 2, 4]
 estimate = true
 """
+
+
+# rank functions for memprop.sharded.spawn.run_on_ranks (the ranks import them by name:
+# a test puts tests/ on PYTHONPATH)
+def rank_fails_on_rank_1(job, mesh):
+    """Rank 1 raises; rank 0 waits in a barrier for a peer that never comes."""
+    import torch.distributed as dist
+    if dist.get_rank() == 1:
+        raise RuntimeError("rank 1 fails on purpose")
+    dist.barrier()
+    return "unreachable"
+
+
+def rank_writes_pid_and_waits(job, mesh):
+    """Writes this rank's pid to $MEMPROP_TEST_PIDS/<rank>, then waits (a killed parent)."""
+    import os
+    import time
+
+    import torch.distributed as dist
+    path = os.path.join(os.environ["MEMPROP_TEST_PIDS"], str(dist.get_rank()))
+    with open(path + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(path + ".tmp", path)
+    time.sleep(600)

@@ -170,3 +170,67 @@ def test_cli_fsdp_text_and_refusals(capsys):
     assert "--estimate" in capsys.readouterr().err
     assert main(["profile", "--fsdp", "2", "--amp", "bf16", "--estimate"]) != 0
     assert "--fsdp-mixed-precision" in capsys.readouterr().err
+
+
+def _tests_on_path(monkeypatch):
+    """The ranks import the rank functions of tests/helpers.py by name."""
+    import os
+    here = os.path.dirname(os.path.abspath(__file__))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        p for p in (here, os.environ.get("PYTHONPATH", "")) if p))
+
+
+def test_a_failing_rank_fails_the_run_at_once_with_its_own_error(monkeypatch):
+    # rank 0 waits in a barrier for rank 1, which raised: rank 0 is killed when rank 1
+    # ends, and the error is rank 1's (not a timeout, not rank 0's killed status)
+    from helpers import rank_fails_on_rank_1
+
+    from memprop.sharded.spawn import RankRunError, run_on_ranks
+    _tests_on_path(monkeypatch)
+    with pytest.raises(RankRunError, match=r"rank 1 of 2 failed \(exit 1\)"
+                                           r"(.|\n)*rank 1 fails on purpose"):
+        run_on_ranks(rank_fails_on_rank_1, [_job(MLP)], timeout_s=300)
+
+
+def test_ranks_end_when_the_process_that_started_them_is_killed(monkeypatch, tmp_path):
+    # a sweep killed by SIGKILL cannot kill its ranks: they notice their parent is gone
+    import os
+    import signal
+    import subprocess
+    import sys
+    _tests_on_path(monkeypatch)
+    monkeypatch.setenv("MEMPROP_TEST_PIDS", str(tmp_path))
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "from helpers import rank_writes_pid_and_waits as f\n"
+        "from test_sharded import MLP, _job\n"
+        "from memprop.sharded.spawn import run_on_ranks\n"
+        "run_on_ranks(f, [_job(MLP)], timeout_s=600)\n")])
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("[01]"))) < 2:
+            assert parent.poll() is None and time.monotonic() < deadline, "ranks never started"
+            time.sleep(0.2)
+        pids += [int((tmp_path / r).read_text()) for r in ("0", "1")]
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+
+        def alive(pid):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return False
+            with open(f"/proc/{pid}/stat") as f:       # an exited, unreaped child
+                return f.read().split(") ")[1][0] != "Z"
+        deadline = time.monotonic() + 60
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(p) for p in pids)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        for pid in pids:                  # left behind only when the test fails
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

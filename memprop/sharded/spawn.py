@@ -9,7 +9,8 @@ temporary folder), which joins ``init_process_group("gloo")``, builds the job's 
 (memprop.sharded.mesh) and runs ``rank_step`` for each job (NOTE [ One rank, two passes ],
 memprop.sharded.step): several jobs share one start-up. Torch runs one thread per
 rank, so N ranks do not fight over the cores. A rank that fails fails the run with its
-own error text.
+own error text, and the others are killed at once; a rank whose starting process is
+gone (a sweep killed by SIGKILL) ends itself within half a second.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from memprop.sharded.step import RankJob, rank_step
 
 __all__ = ["measure_ranks", "measure_jobs", "run_on_ranks", "RankRunError"]
 
+PARENT_ENV = "MEMPROP_RANKS_PARENT"   # the pid each rank outlives by at most half a second
+
 
 class RankRunError(MemPropError):
     """A rank of a real sharded run failed (its error text is in the message)."""
@@ -62,27 +65,74 @@ def run_on_ranks(fn, jobs: list[RankJob], *, timeout_s: float = 600) -> list[lis
         jobs_file = Path(tmp) / "jobs.pkl"
         jobs_file.write_bytes(pickle.dumps((f"{fn.__module__}:{fn.__qualname__}", jobs)))
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-               "OMP_NUM_THREADS": "1"}
-        procs = [subprocess.Popen([sys.executable, "-m", "memprop.sharded.spawn",
-                                   "--rank", str(r), "--world-size", str(n),
-                                   "--jobs", str(jobs_file), "--out", f"{tmp}/rank{r}.pkl"],
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-                 for r in range(n)]
+               "OMP_NUM_THREADS": "1", PARENT_ENV: str(os.getpid())}
+        logs = [open(Path(tmp) / f"rank{r}.log", "wb") for r in range(n)]
         try:
-            outputs = [p.communicate(timeout=timeout_s)[0].decode(errors="replace")
-                       for p in procs]
+            procs = [subprocess.Popen([sys.executable, "-m", "memprop.sharded.spawn",
+                                       "--rank", str(r), "--world-size", str(n),
+                                       "--jobs", str(jobs_file), "--out", f"{tmp}/rank{r}.pkl"],
+                                      env=env, stdout=logs[r], stderr=subprocess.STDOUT)
+                     for r in range(n)]
+            ended: list[int] = []          # ranks in the order they were seen to end
+            timed_out = _wait(procs, timeout_s, ended)
         finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-        per_rank = []
-        for r, (p, text) in enumerate(zip(procs, outputs)):
-            out = Path(tmp) / f"rank{r}.pkl"
+            for f in logs:
+                f.close()
+        outputs = [(Path(tmp) / f"rank{r}.log").read_bytes().decode(errors="replace")
+                   for r in range(n)]
+        if timed_out:
+            raise RankRunError(f"memprop.sharded: the {n} ranks did not end within "
+                               f"{timeout_s:g} s and were killed; rank 0 said:\n"
+                               f"{outputs[0][-2000:]}")
+        # the rank that failed first, not one whose collective then lost its peer
+        order = sorted(range(n), key=lambda r: (procs[r].returncode in (0, -9, None),
+                                                ended.index(r) if r in ended else n,
+                                                "by peer" in outputs[r]))
+        for r in order:
+            p, text, out = procs[r], outputs[r], Path(tmp) / f"rank{r}.pkl"
             if p.returncode != 0 or not out.exists():
                 raise RankRunError(f"memprop.sharded: rank {r} of {n} failed (exit "
                                    f"{p.returncode}):\n{text[-4000:]}")
-            per_rank.append(pickle.loads(out.read_bytes()))
+        per_rank = [pickle.loads((Path(tmp) / f"rank{r}.pkl").read_bytes()) for r in range(n)]
     return per_rank
+
+
+def _wait(procs: list, timeout_s: float, ended: list[int]) -> bool:
+    """Until every rank has ended; when one fails, or ``timeout_s`` passes, the others
+    are killed (a rank whose peer died would wait in its collective for gloo's own
+    timeout, 30 minutes). ``ended`` gets the ranks in the order they ended. True when
+    the time ran out."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while any(p.poll() is None for p in procs):
+            ended += [r for r, p in enumerate(procs) if p.returncode is not None
+                      and r not in ended]
+            if any(p.returncode not in (None, 0) for p in procs):
+                return False
+            if time.monotonic() > deadline:
+                return True
+            time.sleep(0.05)
+        return False
+    finally:                    # also on KeyboardInterrupt: no rank outlives the run
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for p in procs:
+            p.wait()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A daemon thread ending this rank when the process that started it is gone (a
+    sweep killed by SIGKILL cannot kill its ranks; they would wait in gloo for 30
+    minutes). Polls: portable, and unlike ``PR_SET_PDEATHSIG`` not tied to the thread
+    that spawned the rank."""
+    import threading
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(3)
+    threading.Thread(target=watch, daemon=True, name="memprop-parent-watch").start()
 
 
 def measured_step(job: RankJob, mesh) -> object:
@@ -141,6 +191,8 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    if os.environ.get(PARENT_ENV, "").isdigit():
+        _exit_with_parent(int(os.environ[PARENT_ENV]))
     try:
         _run_rank(args.rank, args.world_size, args.jobs, args.out)
     except BaseException:
