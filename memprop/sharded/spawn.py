@@ -84,15 +84,20 @@ def run_on_ranks(fn, jobs: list[RankJob], *, timeout_s: float = 600) -> list[lis
             raise RankRunError(f"memprop.sharded: the {n} ranks did not end within "
                                f"{timeout_s:g} s and were killed; rank 0 said:\n"
                                f"{outputs[0][-2000:]}")
-        # the rank that failed first, not one whose collective then lost its peer
+        # the rank that failed first, not one whose collective then lost its peer, in
+        # full; the others' last lines after it
         order = sorted(range(n), key=lambda r: (procs[r].returncode in (0, -9, None),
-                                                ended.index(r) if r in ended else n,
-                                                "by peer" in outputs[r]))
-        for r in order:
-            p, text, out = procs[r], outputs[r], Path(tmp) / f"rank{r}.pkl"
-            if p.returncode != 0 or not out.exists():
-                raise RankRunError(f"memprop.sharded: rank {r} of {n} failed (exit "
-                                   f"{p.returncode}):\n{text[-4000:]}")
+                                                "by peer" in outputs[r],
+                                                ended.index(r) if r in ended else n))
+        failed = [r for r in order if procs[r].returncode != 0
+                  or not (Path(tmp) / f"rank{r}.pkl").exists()]
+        if failed:
+            first, *rest = failed
+            raise RankRunError(
+                f"memprop.sharded: rank {first} of {n} failed (exit {procs[first].returncode}):"
+                f"\n{outputs[first][-4000:]}" + "".join(
+                    f"\n-- rank {r} also failed (exit {procs[r].returncode}), ending:\n"
+                    f"{outputs[r][-800:]}" for r in rest))
         per_rank = [pickle.loads((Path(tmp) / f"rank{r}.pkl").read_bytes()) for r in range(n)]
     return per_rank
 
