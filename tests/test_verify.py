@@ -10,7 +10,7 @@ from helpers import ParallelChain, quiet_apply
 from torch import nn
 
 import memprop.checkpoint.forms.remat as remat
-from memprop.checkpoint import verify_replay
+from memprop.checkpoint import remove_strategy, verify_replay
 from memprop.checkpoint.forms.verify import discarding_grads
 from memprop.checkpoint.planning.timing import time_strategies
 from memprop.errors import StrategyError
@@ -292,6 +292,41 @@ def test_a_kept_output_changed_in_place_is_refused_by_memprop(form):
     with pytest.raises(StrategyError, match=rf"{form.split(':')[0]}.* changes in place.*"
                                             r"use full"):
         model(torch.randn(4, 8)).sum().backward()
+
+
+class _AddsIntoItsAttention(nn.Module):
+    """A 4-d matmul (bmm under an ``_unsafe_view``, which shares no version counter with
+    it) written into in place, as hf:nystromformer's ``context += conv(v)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        q = self.lin(x).view(1, 2, 2, 8)
+        context = torch.matmul(q, q.transpose(-1, -2))
+        context += torch.tanh(q).sum(-1, keepdim=True)
+        return torch.tanh(context).reshape(4, 2).repeat(1, 4)
+
+
+@pytest.mark.parametrize("form", ["selective", "ops:bmm"])
+def test_a_write_into_a_kept_output_through_an_untracked_alias_is_refused(form):
+    """torch's own check reads the kept tensor's version counter, which this write does
+    not move: before, selective gave other gradients silently (NOTE [ A kept output
+    written through an alias ]); now the forward refuses, and full is exact."""
+    x = torch.randn(4, 8)
+    plain = nn.Sequential(*(_AddsIntoItsAttention() for _ in range(2)))
+    model = copy.deepcopy(plain)
+    quiet_apply(model, form)
+    with pytest.raises(StrategyError, match=r"keeps the output of bmm.* changes in place "
+                                            r"\(aten.add_.*use full"):
+        model(x).sum().backward()
+    remove_strategy(model)
+    quiet_apply(model, "full")
+    for m in (plain, model):
+        m(x).sum().backward()
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(plain.parameters(),
+                                                          model.parameters()))
 
 
 class _CountsItsCalls(nn.Module):

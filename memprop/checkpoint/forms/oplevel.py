@@ -33,10 +33,7 @@ import dataclasses
 import functools
 import re
 
-import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from memprop.checkpoint.forms.chain import CheckpointedChain
@@ -50,21 +47,23 @@ from memprop.checkpoint.forms.opkeys import (
     refuse_unmatched,
 )
 from memprop.checkpoint.forms.patch import Applied
-from memprop.checkpoint.forms.selective import Both, RefuseMutated
+from memprop.checkpoint.forms.selective import Both, RefuseMutated, WatchKept
 from memprop.checkpoint.forms.strategies import Strategy
 from memprop.errors import StrategyError
-from memprop.saved import report_stored
 
 __all__ = ["Ops", "op_context", "op_context_fn"]
 
 
-class _Report(TorchDispatchMode):
-    """Reports kept outputs as stored for backward (the forward pass only); on leaving,
-    refuses keys that named calls the run did not make (``refuse_unmatched``)."""
+class _Report(WatchKept):
+    """Reports kept outputs as stored for backward (the forward pass only), refusing a
+    write into one (NOTE [ A kept output written through an alias ], forms.selective);
+    on leaving, refuses keys that named calls the run did not make
+    (``refuse_unmatched``)."""
 
     def __init__(self, matcher: KeyMatcher, where: str = "block"):
         super().__init__()
         self.matcher, self.where = matcher, where
+        self.form = "ops:KEYS" if where == "block" else "forward:KEYS"
 
     def __exit__(self, *exc):
         super().__exit__(*exc)
@@ -72,11 +71,11 @@ class _Report(TorchDispatchMode):
             refuse_unmatched(self.matcher, self.where)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        self.refuse_writes(func, args, kwargs)
+        out = func(*args, **kwargs)
         if self.matcher.kept(func) and not draws_random(func, args, kwargs):
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor):
-                    report_stored(t, f"ops:{op_name(func)}")
+            self.keep(out, f"ops:{op_name(func)}")
         return out
 
 

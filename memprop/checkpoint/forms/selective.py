@@ -16,9 +16,9 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from memprop.checkpoint.forms.opkeys import SAVED_OPS, draws_random
 from memprop.errors import StrategyError
-from memprop.saved import report_stored
+from memprop.saved import report_stored, storage_key
 
-__all__ = ["selective_context_fn", "Both", "RefuseMutated"]
+__all__ = ["selective_context_fn", "Both", "RefuseMutated", "WatchKept"]
 
 def _policy(ctx, op, *args, **kwargs):
     if getattr(op, "overloadpacket", None) in SAVED_OPS and not draws_random(op, args, kwargs):
@@ -26,15 +26,67 @@ def _policy(ctx, op, *args, **kwargs):
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-class _ReportSaved(TorchDispatchMode):
+# NOTE [ A kept output written through an alias ]
+#   A selective checkpoint keeps an op's output for backward and hands the recompute
+#   that very tensor. If the forward then writes into its storage, the recompute reads
+#   the written value and writes again. torch checks the kept tensor's version counter
+#   ("has been mutated", RefuseMutated), but a write through an alias that does not
+#   share it escapes: matmul of 4-d tensors returns ``_unsafe_view`` of a bmm output, and
+#   ``context += conv(v)`` (hf:nystromformer) wrote into the kept bmm output unseen;
+#   selective then gave gradients off by 2e-4, silently. So the forward's dispatch mode
+#   notes each kept output's storage and refuses any op that writes into one (any
+#   argument its schema marks written), before the write runs.
+
+def _written(func, args, kwargs) -> list[torch.Tensor]:
+    """The tensors ``func`` writes into (arguments its schema marks ``(a!)``)."""
+    out = []
+    for i, a in enumerate(func._schema.arguments):
+        if a.alias_info is None or not a.alias_info.is_write:
+            continue
+        value = args[i] if i < len(args) else kwargs.get(a.name)
+        out += [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
+    return out
+
+
+class WatchKept(TorchDispatchMode):
+    """Base of the forward modes that report kept outputs: ``keep(out, label)`` reports
+    them as stored and notes their storages; a later op writing into one is refused
+    (NOTE above). ``form``: the strategy's name in the refusal."""
+
+    form = "selective"
+
+    def __init__(self):
+        super().__init__()
+        self._kept: dict[int, str] = {}          # storage key -> the op that made it
+
+    def refuse_writes(self, func, args, kwargs) -> None:
+        if not self._kept:
+            return
+        for t in _written(func, args, kwargs):
+            op = self._kept.get(storage_key(t))
+            if op is not None:
+                raise StrategyError(
+                    f"memprop.checkpoint: {self.form} keeps the output of {op}, which the "
+                    f"model then changes in place ({func} writes into its storage: NOTE [ A "
+                    "kept output written through an alias ]), so its recompute cannot read what the forward "
+                    "read; use full, blocks:... or ops: keys that leave that op out")
+
+    def keep(self, out, label: str) -> None:
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                report_stored(t, label)
+                self._kept[storage_key(t)] = label.partition(":")[2]
+
+
+class _ReportSaved(WatchKept):
     """Reports the outputs of ``SAVED_OPS`` as stored for backward (forward pass only)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        self.refuse_writes(func, args, kwargs)
+        out = func(*args, **kwargs)
         if func.overloadpacket in SAVED_OPS and not draws_random(func, args, kwargs):
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor):
-                    report_stored(t, f"selective:{func.overloadpacket.__name__}")
+            self.keep(out, f"selective:{func.overloadpacket.__name__}")
         return out
 
 
