@@ -68,8 +68,9 @@ class WatchKept(TorchDispatchMode):
                 raise StrategyError(
                     f"memprop.checkpoint: {self.form} keeps the output of {op}, which the "
                     f"model then changes in place ({func} writes into its storage: NOTE [ A "
-                    "kept output written through an alias ]), so its recompute cannot read what the forward "
-                    "read; use full, blocks:... or ops: keys that leave that op out")
+                    "kept output written through an alias ]), so its recompute cannot read "
+                    "what the forward read; use full, blocks:... or ops: keys that leave that "
+                    "op out")
 
     def keep(self, out, label: str) -> None:
         for t in tree_flatten(out)[0]:
