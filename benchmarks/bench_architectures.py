@@ -118,11 +118,11 @@ def sized_fields(model_type: str) -> dict:
     from memprop.models.hf import _default_config, _get, _sub_configs
     default = _default_config(model_type)
     fields = {"seq_len": SIZED["seq_len"], "pad": SIZED["pad"]}
-    if "use_cache" in default.to_dict():
-        fields["use_cache"] = False      # the exact reference (tests/test_hf.py's TINY)
     scopes = [("", default)] + [(f"{k}.", _get(default, k)) for k in _sub_configs(default)]
     layered = False
     for prefix, config in scopes:
+        if "use_cache" in config.to_dict():   # every sub-config's (qwen3_5's text_config)
+            fields[prefix + "use_cache"] = False   # the exact reference (test_hf's TINY)
         names = _fields_of(config)
         layer = next((f for f in _LAYER_FIELDS if f in names), None)
         if layer and not layered and (prefix == "" or "text" in prefix or "decoder" in prefix
@@ -275,7 +275,7 @@ def check(model_type: str, variant: str, emit=print, forms=FORMS) -> None:
     import torch
 
     from memprop.errors import BudgetError
-    from memprop.models.hf import _default_config
+    from memprop.models.hf import _default_config, _get, _sub_configs
     base = {"type": model_type, "variant": variant}
     t0 = time.perf_counter()
 
@@ -307,7 +307,9 @@ def check(model_type: str, variant: str, emit=print, forms=FORMS) -> None:
         return
     again = step(cfg)
     reproducible = compare(plain, again) is None
-    uses_cache = bool(getattr(_default_config(model_type), "use_cache", False))
+    default = _default_config(model_type)
+    uses_cache = any(getattr(c, "use_cache", False) is True for c in
+                     [default] + [_get(default, k) for k in _sub_configs(default)])
     plain_bytes = bytes_check(cfg, "none", inference=True)
     done(form="none", status="built", reproducible=reproducible, fields=fields,
          **plain_bytes)
