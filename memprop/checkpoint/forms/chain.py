@@ -6,28 +6,17 @@ NOTE [ How a segment is checkpointed without changing the model ]
   attributes, never by wrapping modules, so ``state_dict()`` keys do not change (a
   checkpointed model loads a plain checkpoint and vice versa) and the model's own
   ``forward`` loop still drives execution. The patches are objects the blocks hold
-  (``SegmentForward``, ``PassThrough``), so they deep-copy and pickle with the model
-  (NOTE [ A strategy travels with the model ], memprop.checkpoint.forms.patch):
-    * block ``i``'s forward runs blocks ``i..j`` inside one non-reentrant
-      ``torch.utils.checkpoint.checkpoint`` (RNG state preserved, so dropout replays)
-      and returns block ``i``'s output;
-    * blocks ``i+1..j`` hand back their own outputs from that run when the loop calls
-      them;
+  (``SegmentForward``; ``SpanFirst``, ``SpanNext``), so they deep-copy and pickle with
+  the model (NOTE [ A strategy travels with the model ], memprop.checkpoint.forms.patch):
+    * a segment of one block runs it inside one non-reentrant
+      ``torch.utils.checkpoint.checkpoint`` (RNG state preserved, so dropout replays);
+      it makes no assumption and works with any signature, arguments and outputs;
+    * a segment of several blocks is one checkpoint that spans the loop's calls of its
+      blocks: each block runs when the loop calls it, with the arguments the loop gives
+      it, and the recompute replays them in order (NOTE [ A segment that spans the
+      loop's calls ], memprop.checkpoint.forms.span);
     * while a segment runs (first time or recompute) each block runs its own forward,
       through ``__call__``, so module hooks still fire.
-  Inside a segment block ``k+1`` is called with every positional and keyword argument
-  block ``i`` got, the first (the hidden state; by keyword if block ``i`` got it so)
-  replaced by block ``k``'s *hidden output*: the output itself if a tensor, else its
-  first element (a tuple, or a transformers ``ModelOutput``). That is an assumption
-  about the model's loop, so it is verified when the loop calls block ``k+1``: the
-  hidden state must be the very tensor object (identity) the segment passed on, every
-  other tensor argument the same object, every other argument equal, and the blocks
-  called in order. Anything else (the loop transforms the hidden state between blocks,
-  passes other arguments, skips a block) raises ``StrategyError`` naming the block;
-  nothing is ever silently computed from other inputs. A block that raises when the
-  segment runs it with those arguments (a per-layer mask of another shape: hf:lfm3,
-  minimax) is refused the same way, before the loop could call it. Single-block
-  segments make no assumption and work with any signature, arguments and outputs.
   Without gradients (``no_grad`` inference) nothing is saved or recomputed: every block
   runs as the loop calls it.
   Every tensor argument, positional, keyword or nested (a mask, rotary cos/sin), is
@@ -45,7 +34,6 @@ NOTE [ How a segment is checkpointed without changing the model ]
 from __future__ import annotations
 
 import contextlib
-import inspect
 import threading
 from typing import Any, Callable
 
@@ -61,8 +49,8 @@ from memprop.checkpoint.forms.tail import TailElision, TailRecord, hold
 from memprop.checkpoint.forms.verify import VerifyingContext, is_verifying
 from memprop.errors import StrategyError
 
-__all__ = ["find_blocks", "find_chains", "CheckpointedChain", "SegmentForward", "PassThrough",
-           "KeptBuffers", "as_forward_saw"]
+__all__ = ["find_blocks", "find_chains", "CheckpointedChain", "SegmentForward", "KeptBuffers",
+           "as_forward_saw", "SegmentRefused"]
 
 _state = threading.local()   # .depth > 0 while a segment's blocks run
 
@@ -81,85 +69,11 @@ def _per_block_hint(name: str) -> str:
             "blocks:i,j, selective)")
 
 
-def _hidden(output, name: str) -> torch.Tensor:
-    """The tensor a block's output hands the next block (NOTE above)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    first = None
-    if isinstance(output, (tuple, list)) and output:
-        first = output[0]
-    elif hasattr(output, "to_tuple") and len(output):    # transformers ModelOutput
-        first = output[0]
-    if isinstance(first, torch.Tensor):
-        return first
-    raise StrategyError(
-        f"memprop.checkpoint: a multi-block segment passes each block's output to the next "
-        f"block, but {name} returned {type(output).__name__}, which has no hidden-state "
-        f"tensor first; {_per_block_hint('this model')}")
-
-
-def _same(a, b) -> bool:
-    """Tensors: the same object. Anything else: equal (NOTE above)."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return a is b
-    if a is b:
-        return True
-    try:
-        return type(a) is type(b) and bool(a == b)
-    except Exception:   # noqa: BLE001 - an __eq__ that cannot answer counts as different
-        return False
-
-
 class SegmentRefused(StrategyError):
     """A segment of several blocks cannot replay what the model computes (its loop
-    passes the blocks other arguments, transforms the hand-over, or calls them out of
-    order). One block per checkpoint still works: the planner leaves such segments out."""
-
-
-class _Call:
-    """One call's arguments, with the hidden state's place: index 0, or a keyword."""
-
-    def __init__(self, args: tuple, kwargs: dict, slot, params: tuple = ()):
-        self.args, self.kwargs, self.slot, self.params = args, kwargs, slot, params
-
-    @classmethod
-    def of(cls, forward, args, kwargs, name: str) -> "_Call":
-        try:
-            params = tuple(inspect.signature(forward).parameters)
-        except (TypeError, ValueError):   # no signature to read: positions stay unnamed
-            params = ()
-        if args:
-            return cls(args, kwargs, 0, params)
-        if params and params[0] in kwargs:
-            return cls(args, kwargs, params[0], params)
-        raise SegmentRefused(f"memprop.checkpoint: {name} was called without a hidden-state "
-                            f"argument a segment could chain; {_per_block_hint(name)}")
-
-    def with_hidden(self, hidden) -> tuple[tuple, dict]:
-        if self.slot == 0:
-            return (hidden, *self.args[1:]), self.kwargs
-        return self.args, {**self.kwargs, self.slot: hidden}
-
-    def mismatch(self, args, kwargs, hidden) -> str | None:
-        """What differs between this call with ``hidden`` and the loop's actual call."""
-        want_args, want_kwargs = self.with_hidden(hidden)
-        if len(args) != len(want_args) or set(kwargs) != set(want_kwargs):
-            return (f"its arguments differ ({len(args)} positional, keywords "
-                    f"{sorted(kwargs)}; expected {len(want_args)} positional, keywords "
-                    f"{sorted(want_kwargs)})")
-        named = [*((f"argument {i}" + (f" ({self.params[i]})" if i < len(self.params) else ""),
-                    a, b) for i, (a, b) in enumerate(zip(args, want_args))),
-                 *((f"keyword {k!r}", kwargs[k], want_kwargs[k]) for k in kwargs)]
-        for label, got, want in named:
-            got_leaves, got_spec = tree_flatten(got)
-            want_leaves, want_spec = tree_flatten(want)
-            if got_spec != want_spec or not all(map(_same, got_leaves, want_leaves)):
-                hidden_slot = label.startswith("argument 0") if self.slot == 0 else (
-                    label == f"keyword {self.slot!r}")
-                return ("the model's loop transformed the previous block's output before "
-                        "passing it on" if hidden_slot else
-                        f"its {label} is not the one the segment's first block received")
-        return None
+    calls the blocks out of order; a nested segment's blocks are not called with one
+    tensor). One block per checkpoint still works: the planner leaves such segments
+    out."""
 
 
 def _run_tail(block: nn.Module, args, kwargs, tail: dict, recompute: bool):
@@ -201,14 +115,18 @@ class CheckpointedChain:
         self.patches: list[PatchedForward] = []
 
     def apply(self) -> "CheckpointedChain":
+        from memprop.checkpoint.forms.span import Span, SpanFirst, SpanNext
         for first, last in self.segments:
             seg = self.blocks[first:last + 1]
             names = [f"block {k} ({type(b).__name__})" for k, b in
                      zip(range(first, last + 1), seg)]
-            box: dict = {}  # the segment's outputs and call, for blocks first+1..last
-            self.patches.append(SegmentForward(seg, names, box, self.context_fn).install())
-            for p in range(1, len(seg)):
-                self.patches.append(PassThrough(seg[p], p, names, box).install())
+            if len(seg) == 1:
+                self.patches.append(SegmentForward(seg, names, {}, self.context_fn).install())
+                continue
+            # NOTE [ A segment that spans the loop's calls ], memprop.checkpoint.forms.span
+            span = Span(seg, names, self.context_fn)
+            self.patches.append(SpanFirst(span).install())
+            self.patches += [SpanNext(span, p).install() for p in range(1, len(seg))]
         return self
 
     def remove(self) -> None:
@@ -426,20 +344,19 @@ def _refuse_object_changed(objects: list, before: list, first: str) -> None:
 
 
 class SegmentForward(PatchedForward):
-    """The forward of a segment's first block: blocks ``seg`` in one checkpoint (NOTE
-    [ How a segment is checkpointed without changing the model ]). ``box`` hands the
-    other blocks' outputs to their ``PassThrough``; ``kept``: the buffers its forward
-    changes (NOTE [ Buffers a forward changes ])."""
+    """The forward of a checkpointed block: the block in one ``checkpoint`` (NOTE [ How
+    a segment is checkpointed without changing the model ]). ``kept``: the buffers its
+    forward changes (NOTE [ Buffers a forward changes ]). A segment of several blocks
+    is a span (memprop.checkpoint.forms.span)."""
 
     def __init__(self, seg: list[nn.Module], names: list[str], box: dict,
                  context_fn: Callable | None):
         super().__init__(seg[0])
-        self.seg, self.names, self.box, self.context_fn = seg, names, box, context_fn
+        self.seg, self.names, self.context_fn = seg, names, context_fn
         self.kept = KeptBuffers()
 
-    def _run(self, call: _Call, *, recompute: bool, tail: dict | None = None,
-             kept: tuple | None = None) -> tuple:
-        seg, names = self.seg, self.names
+    def _run(self, args: tuple, kwargs: dict, *, recompute: bool, tail: dict | None,
+             kept: tuple) -> Any:
         # a recompute must not update BatchNorm's running statistics a second time:
         # snapshot them and put them back (the kernel path, and so the saved tensors
         # checkpoint compares, stay exactly those of the first pass); it reads the
@@ -447,50 +364,20 @@ class SegmentForward(PatchedForward):
         # changes ]) (outside any dispatch mode: it is bookkeeping, not part of the model)
         _state.depth = getattr(_state, "depth", 0) + 1
         try:
-            with norms_kept(seg if recompute else []), \
-                    as_forward_saw(*(kept if recompute and kept is not None else ([], []))):
-                outs: list = []
-                for p, block in enumerate(seg):
-                    args, kwargs = (call.args, call.kwargs) if p == 0 else call.with_hidden(
-                        _hidden(outs[-1], names[p - 1]))
-                    try:
-                        if tail is None or p < len(seg) - 1:
-                            outs.append(block(*args, **kwargs))
-                        else:                # NOTE [ A segment's output needs no recompute ]
-                            outs.append(_run_tail(block, args, kwargs, tail, recompute))
-                    except StrategyError:
-                        raise
-                    except Exception as exc:
-                        if p == 0 or recompute:
-                            raise
-                        # run with block first's arguments, not those the loop gives it
-                        raise SegmentRefused(
-                            f"memprop.checkpoint: {names[p]} raised {type(exc).__name__} "
-                            f"({' '.join(str(exc).split())[:120]}) when its segment ran "
-                            f"it with the arguments of {names[0]} and "
-                            f"the hidden output of {names[p - 1]} (NOTE [ How a segment is "
-                            f"checkpointed without changing the model ]): the model's loop "
-                            f"probably passes it other arguments; "
-                            f"{_per_block_hint(names[0] + ' .. ' + names[-1])}") from exc
-                return tuple(outs)
+            with norms_kept(self.seg if recompute else []), \
+                    as_forward_saw(*(kept if recompute else ([], []))):
+                if tail is None:
+                    return self.module(*args, **kwargs)
+                # NOTE [ A segment's output needs no recompute ]
+                return _run_tail(self.module, args, kwargs, tail, recompute)
         finally:
             _state.depth -= 1
 
     def __call__(self, *args, **kwargs):
-        seg, names, box, context_fn = self.seg, self.names, self.box, self.context_fn
-        if _inside_segment():                # called from inside a running segment
+        names, context_fn = self.names, self.context_fn
+        if _inside_segment() or not torch.is_grad_enabled():   # inside a run; inference
             return self.original(*args, **kwargs)
-        if box.get("next") is not None:
-            raise SegmentRefused(
-                f"memprop.checkpoint: the model's loop did not call {names[box['next']]} "
-                f"after {names[box['next'] - 1]} (a checkpointed segment runs them "
-                f"together); {_per_block_hint(names[0])}")
-        if not torch.is_grad_enabled():      # inference: nothing to save or recompute,
-            return self.original(*args, **kwargs)   # each block as the loop calls it
-        call = _Call.of(self.original_signature(), args, kwargs, names[0]) if len(seg) > 1 \
-            else _Call(args, kwargs, 0)
-        refuse_sharded(seg, f"the checkpoint of {names[0]}" + (
-            f" .. {names[-1]}" if len(seg) > 1 else ""))
+        refuse_sharded(self.seg, f"the checkpoint of {names[0]}")
         # every tensor argument goes to checkpoint positionally, so it is saved
         # through the saved-tensor hooks (NOTE above); the rest rides along
         leaves, spec = tree_flatten((args, kwargs))
@@ -506,61 +393,20 @@ class SegmentForward(PatchedForward):
             for i, t in zip(where, tensors):
                 filled[i] = t
             a, kw = tree_unflatten(filled, spec)
-            return self._run(_Call(a, kw, call.slot, call.params),
-                             recompute=calls[0] > 1, tail=tail, kept=kept)
+            return self._run(a, kw, recompute=calls[0] > 1, tail=tail, kept=kept)
 
         options: dict[str, Any] = dict(use_reentrant=False, preserve_rng_state=True)
         if is_verifying():               # NOTE [ Verifying a replay ]
             context_fn = VerifyingContext(context_fn, f"the checkpoint of {names[0]}")
         if context_fn is not None:
             options["context_fn"] = context_fn
-        before = _tree(seg)
-        state = self.kept.before(seg)            # NOTE [ Buffers a forward changes ]
+        before = _tree(self.seg)
+        state = self.kept.before(self.seg)       # NOTE [ Buffers a forward changes ]
         kept = state[2]                          # read by the recompute (segment)
         objects = _objects(leaves)
         states = [_tensors_of(x) for x in objects]
-        outs = checkpoint(segment, *(leaves[i] for i in where), **options)
-        _refuse_changed(before, _tree(seg), names[0])
+        out = checkpoint(segment, *(leaves[i] for i in where), **options)
+        _refuse_changed(before, _tree(self.seg), names[0])
         _refuse_object_changed(objects, states, names[0])
-        self.kept.after(seg, state, names[0])
-        if len(seg) > 1:
-            box.update(outs=outs, next=1, call=call)
-        return outs[0]
-
-    def original_signature(self):
-        """What ``inspect.signature`` reads for the first block's argument names."""
-        return self.previous if self.previous is not None else type(self.module).forward.__get__(
-            self.module)
-
-
-class PassThrough(PatchedForward):
-    """The forward of block ``p`` of a multi-block segment: hands back its output from
-    the segment's run, after checking the loop called it as the segment did (NOTE
-    above)."""
-
-    def __init__(self, block: nn.Module, p: int, names: list[str], box: dict):
-        super().__init__(block)
-        self.p, self.names, self.box = p, names, box
-
-    def __call__(self, *args, **kwargs):
-        p, names, box = self.p, self.names, self.box
-        if _inside_segment() or (not torch.is_grad_enabled() and box.get("next") is None):
-            return self.original(*args, **kwargs)        # inside the segment; inference
-        if box.get("next") != p:
-            raise SegmentRefused(
-                f"memprop.checkpoint: the model called {names[p]} out of the order of "
-                f"its checkpointed segment ({names[0]} .. {names[-1]}); "
-                f"{_per_block_hint(names[0])}")
-        problem = box["call"].mismatch(args, kwargs, _hidden(box["outs"][p - 1], names[p - 1]))
-        if problem:
-            box.clear()
-            raise SegmentRefused(
-                f"memprop.checkpoint: {names[p]} is in a segment with {names[p - 1]}, but "
-                f"when the model called it {problem}: the segment cannot replay what the "
-                f"model computes; {_per_block_hint(names[0] + ' .. ' + names[-1])}")
-        out = box["outs"][p]
-        if p == len(names) - 1:
-            box.clear()
-        else:
-            box["next"] = p + 1
+        self.kept.after(self.seg, state, names[0])
         return out
