@@ -207,4 +207,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # the results are written; leave without the interpreter's finalisation, where a
+    # thread the process group left behind can abort the rank ("terminate called
+    # without an active exception", exit -6, seen once in a 2-rank tensor-parallel run)
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

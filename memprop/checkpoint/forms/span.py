@@ -84,9 +84,6 @@ class _Run:
         self.tree = _tree(span.seg)                  # modules, to refuse a change
         self.kept_state = span.kept.before(span.seg)  # NOTE [ Buffers a forward changes ]
         self.kept = self.kept_state[2]
-        self.frame = _CheckpointFrame(
-            self.recompute, True, None,
-            _allowed_determinism_checks_to_fns[_DEFAULT_DETERMINISM_MODE])
         self.calls: list[tuple] = []        # (spec, leaves, cpu rng, device rng)
         # id(output leaf) -> (block, leaf index, a weak reference: ids are reused)
         self.made: dict[int, tuple[int, int, Any]] = {}
@@ -159,11 +156,12 @@ class Span:
         self.seg, self.names, self.context_fn = seg, names, context_fn
         self.kept = KeptBuffers()
         self.run: _Run | None = None
+        self.frame: Any = None                # the run's checkpoint frame
         self.next = 0
         self.had_device = False
 
     def __getstate__(self):                  # a copy or a pickle holds no step in progress
-        return {**self.__dict__, "run": None, "next": 0}
+        return {**self.__dict__, "run": None, "next": 0, "frame": None}
 
     # -- the forward: each block when the loop calls it ------------------------------------
 
@@ -182,6 +180,11 @@ class Span:
         # replay recomputes it (NOTE [ Verifying a replay ])
         tail: dict | None = {} if self.context_fn is None and not is_verifying() else None
         self.run, self.next = _Run(self, contexts, device_type, tail), 0
+        # the frame holds the run (its recompute), the run never the frame: no cycle, so
+        # the stored inputs go when backward drops the frame, not at the next gc
+        self.frame = _CheckpointFrame(
+            self.run.recompute, True, None,
+            _allowed_determinism_checks_to_fns[_DEFAULT_DETERMINISM_MODE])
 
     def call(self, p: int, original, args: tuple, kwargs: dict):
         """Block ``p``'s forward inside the segment's frame."""
@@ -191,7 +194,7 @@ class Span:
             run = self.run
         elif run is None or p != self.next:
             expected = names[self.next] if run is not None else names[0]
-            self.run, self.next = None, 0
+            self.run, self.next, self.frame = None, 0, None
             raise SegmentRefused(
                 f"memprop.checkpoint: the model called {names[p]} out of the order of its "
                 f"checkpointed segment ({names[0]} .. {names[-1]}; {expected} was next); "
@@ -205,7 +208,7 @@ class Span:
         last = p == len(self.seg) - 1
         _state.depth = getattr(_state, "depth", 0) + 1
         try:
-            with _checkpoint_hook(run.frame), forward_ctx:
+            with _checkpoint_hook(self.frame), forward_ctx:
                 if last and run.tail is not None:
                     out = _run_tail(self.seg[p], args, kwargs, run.tail, False)
                 else:
@@ -222,8 +225,8 @@ class Span:
     def finish(self) -> None:
         run = self.run
         assert run is not None
-        run.frame.forward_completed = True
-        self.run, self.next = None, 0
+        self.frame.forward_completed = True
+        self.run, self.next, self.frame = None, 0, None
         _refuse_changed(run.tree, _tree(self.seg), self.names[0])
         self.kept.after(self.seg, run.kept_state, self.names[0])
 
