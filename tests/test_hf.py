@@ -16,7 +16,7 @@ from memprop import estimate, measure, model_config  # noqa: E402
 from memprop.checkpoint import apply_strategy, find_blocks, remove_strategy  # noqa: E402
 from memprop.checkpoint.forms.blocks import find_chains  # noqa: E402
 from memprop.checkpoint.planning.simulate import simulate  # noqa: E402
-from memprop.errors import ConfigError, StrategyError  # noqa: E402
+from memprop.errors import ConfigError  # noqa: E402
 from memprop.measure import measure_step  # noqa: E402
 from memprop.saved import SavedTensorRecorder  # noqa: E402
 from memprop.tracker import LiveMemoryTracker  # noqa: E402
