@@ -30,11 +30,8 @@ SLOW = {"mamba"}                 # a Python scan: every form takes seconds
 # planning is the costly form (a remat: scan simulates many candidates): a few types here,
 # every type in the benchmark
 BUDGET_TYPES = ("gpt2", "llama", "bert")
-# (type, form) -> the StrategyError message expected instead of an exact step. falcon's
-# `mlp_output += attention_output` writes into a kept matmul output through an
-# _unsafe_view: refused (NOTE [ A kept output written through an alias ]); its gradients
-# were exact only because backward never reads that output
-REFUSED: dict = {("falcon", "selective"): r"selective keeps the output of .* changes in place"}
+# (type, form) -> the StrategyError message expected instead of an exact step; none now
+REFUSED: dict = {}
 
 
 def _params(forms):

@@ -161,9 +161,10 @@ def test_a_plan_whose_replay_is_refused_falls_back_to_the_next_that_fits(monkeyp
 
 
 def test_a_candidate_that_refuses_to_run_is_never_chosen_nor_raised():
-    """A selective candidate whose kept matmul output the model changes in place cannot
-    run (memprop's StrategyError): the planner leaves it out and answers with what fits,
-    or the smallest feasible budget, never with that candidate's error."""
+    """Candidates whose kept matmul output the model changes in place (selective and
+    ops: keep a copy for the recompute; NOTE [ A kept output written through an alias ]):
+    the planner answers with what fits, or the smallest feasible budget, never with an
+    error."""
     class ChangesItsMatmul(torch.nn.Module):
         def __init__(self):
             super().__init__()

@@ -55,13 +55,14 @@ __all__ = ["Ops", "op_context", "op_context_fn"]
 
 
 class _Report(WatchKept):
-    """Reports kept outputs as stored for backward (the forward pass only), refusing a
-    write into one (NOTE [ A kept output written through an alias ], forms.selective);
+    """Reports kept outputs as stored for backward (the forward pass only), copying one
+    for the recompute before the forward writes into it (NOTE [ A kept output written
+    through an alias ], forms.selective);
     on leaving, refuses keys that named calls the run did not make
     (``refuse_unmatched``)."""
 
-    def __init__(self, matcher: KeyMatcher, where: str = "block"):
-        super().__init__()
+    def __init__(self, matcher: KeyMatcher, where: str = "block", cache=None):
+        super().__init__(cache)
         self.matcher, self.where = matcher, where
         self.form = "ops:KEYS" if where == "block" else "forward:KEYS"
 
@@ -72,7 +73,7 @@ class _Report(WatchKept):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        self.refuse_writes(func, args, kwargs)
+        self.copy_before_writes(func, args, kwargs)
         out = func(*args, **kwargs)
         if self.matcher.kept(func) and not draws_random(func, args, kwargs):
             self.keep(out, f"ops:{op_name(func)}")
@@ -89,7 +90,7 @@ def op_context(keys: frozenset, where: str = "block"):
             return CheckpointPolicy.MUST_SAVE
         return CheckpointPolicy.PREFER_RECOMPUTE
     forward_ctx, recompute_ctx = create_selective_checkpoint_contexts(policy)
-    return (Both(forward_ctx, _Report(KeyMatcher(keys), where)),
+    return (Both(forward_ctx, _Report(KeyMatcher(keys), where, forward_ctx)),
             RefuseMutated(recompute_ctx, "ops:KEYS" if where == "block" else "forward:KEYS"))
 
 

@@ -34,8 +34,12 @@ def _policy(ctx, op, *args, **kwargs):
 #   share it escapes: matmul of 4-d tensors returns ``_unsafe_view`` of a bmm output, and
 #   ``context += conv(v)`` (hf:nystromformer) wrote into the kept bmm output unseen;
 #   selective then gave gradients off by 2e-4, silently. So the forward's dispatch mode
-#   notes each kept output's storage and refuses any op that writes into one (any
-#   argument its schema marks written), before the write runs.
+#   notes each kept output's storage, and before an op writes into one (any argument its
+#   schema marks written) it hands the selective cache a copy of the output as it is
+#   then: the recompute reads what the forward read, and the write goes ahead on the
+#   model's tensor. The copy is an allocation of the step like any other (the tracker
+#   sees it) and is reported stored. Without the cache to hand it to, the step is
+#   refused.
 
 def _written(func, args, kwargs) -> list[torch.Tensor]:
     """The tensors ``func`` writes into (arguments its schema marks ``(a!)``)."""
@@ -50,27 +54,48 @@ def _written(func, args, kwargs) -> list[torch.Tensor]:
 
 class WatchKept(TorchDispatchMode):
     """Base of the forward modes that report kept outputs: ``keep(out, label)`` reports
-    them as stored and notes their storages; a later op writing into one is refused
-    (NOTE above). ``form``: the strategy's name in the refusal."""
+    them as stored and notes their storages; before a later op writes into one, the
+    selective cache (``cache``: torch's caching dispatch mode) gets a copy (NOTE above).
+    ``form``: the strategy's name in a refusal."""
 
     form = "selective"
 
-    def __init__(self):
+    def __init__(self, cache=None):
         super().__init__()
+        self.cache = cache
         self._kept: dict[int, str] = {}          # storage key -> the op that made it
 
-    def refuse_writes(self, func, args, kwargs) -> None:
+    def _cached(self, key: int) -> list:
+        """The selective cache's entries (torch's version wrappers) of storage ``key``."""
+        found = []
+        for entries in getattr(self.cache, "storage", {}).values():
+            trees = entries.values() if isinstance(entries, dict) else entries
+            for tree in trees:
+                found += [w for w in tree_flatten(tree)[0]
+                          if isinstance(getattr(w, "val", None), torch.Tensor)
+                          and storage_key(w.val) == key]
+        return found
+
+    def copy_before_writes(self, func, args, kwargs) -> None:
         if not self._kept:
             return
         for t in _written(func, args, kwargs):
-            op = self._kept.get(storage_key(t))
-            if op is not None:
+            key = storage_key(t)
+            op = self._kept.pop(key, None)
+            if op is None:
+                continue
+            entries = self._cached(key)
+            if not entries:
                 raise StrategyError(
                     f"memprop.checkpoint: {self.form} keeps the output of {op}, which the "
                     f"model then changes in place ({func} writes into its storage: NOTE [ A "
                     "kept output written through an alias ]), so its recompute cannot read "
                     "what the forward read; use full, blocks:... or ops: keys that leave that "
                     "op out")
+            for w in entries:
+                w.val = w.val.clone()
+                w.version = w.val._version
+                report_stored(w.val, f"{self.form.partition(':')[0]}:{op}")
 
     def keep(self, out, label: str) -> None:
         for t in tree_flatten(out)[0]:
@@ -84,7 +109,7 @@ class _ReportSaved(WatchKept):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        self.refuse_writes(func, args, kwargs)
+        self.copy_before_writes(func, args, kwargs)
         out = func(*args, **kwargs)
         if func.overloadpacket in SAVED_OPS and not draws_random(func, args, kwargs):
             self.keep(out, f"selective:{func.overloadpacket.__name__}")
@@ -144,4 +169,5 @@ class RefuseMutated:
 def selective_context_fn():
     """``context_fn`` for ``checkpoint``: (forward context, recompute context)."""
     forward_ctx, recompute_ctx = create_selective_checkpoint_contexts(_policy)
-    return Both(forward_ctx, _ReportSaved()), RefuseMutated(recompute_ctx, "selective")
+    return (Both(forward_ctx, _ReportSaved(forward_ctx)),
+            RefuseMutated(recompute_ctx, "selective"))
