@@ -296,31 +296,40 @@ class KeptBuffers:
 #   every forward, whatever ``use_cache`` says, and each attention appends its keys and
 #   values to it. The recompute in backward would append again and read twice as many
 #   keys (a shape error at best). So a checkpointed forward notes the tensors reachable
-#   from each object argument (not a tensor, module or plain value) before and after it
-#   runs, and refuses the step if they changed, naming the object's type. Forms that
-#   replay recorded calls (``forward:``, ``remat:``) never rerun the block's Python and
-#   are unaffected.
+#   from each object argument (not a tensor, module or plain value), by path, before and
+#   after it runs, and refuses the step, naming the object's type and what changed,
+#   when anything in it changed. That includes entries an object only gains: gemma4
+#   hands every layer a dict in which a layer leaves its keys and values for later
+#   layers; a block reading every entry present would read later blocks' entries in its
+#   recompute, silently (tests/test_checkpoint.py). Forms that replay recorded calls
+#   (``forward:``, ``remat:``) never rerun the block's Python and are unaffected.
 
 _PLAIN = (int, float, bool, str, bytes, complex, type(None), torch.dtype, torch.device,
           torch.Size, torch.memory_format, torch.layout)
 
 
-def _tensors_of(obj, depth: int = 3) -> list[tuple[int, tuple, int]]:
+def _tensors_of(obj, depth: int = 3) -> dict[str, tuple[int, tuple, int]]:
     """(id, shape, version) of the tensors reachable from ``obj``'s attributes, lists,
-    tuples and dicts, ``depth`` levels down: what a forward changing it would change."""
-    found: list = []
-    stack, seen = [(obj, depth)], set()
+    tuples and dicts, ``depth`` levels down, by path: what a forward changing it would
+    change."""
+    found: dict = {}
+    stack, seen = [(obj, depth, "")], set()
     while stack:
-        x, d = stack.pop()
+        x, d, path = stack.pop()
         if isinstance(x, torch.Tensor):
-            found.append((id(x), tuple(x.shape), x._version))
+            found[path] = (id(x), tuple(x.shape), x._version)
             continue
         if d < 0 or id(x) in seen or isinstance(x, (_PLAIN, nn.Module)) or callable(x):
             continue
         seen.add(id(x))
-        items = (x.values() if isinstance(x, dict) else x if isinstance(x, (list, tuple))
-                 else vars(x).values() if hasattr(x, "__dict__") else ())
-        stack.extend((v, d - 1) for v in items)
+        if isinstance(x, dict):
+            items = [(f"{path}[{k!r}]", v) for k, v in x.items()]
+        elif isinstance(x, (list, tuple)):
+            items = [(f"{path}[{i}]", v) for i, v in enumerate(x)]
+        else:
+            items = [(f"{path}.{k}", v) for k, v in vars(x).items()] if hasattr(
+                x, "__dict__") else []
+        stack.extend((v, d - 1, p) for p, v in items)
     return found
 
 
@@ -334,13 +343,16 @@ def _refuse_object_changed(objects: list, before: list, first: str) -> None:
     """StrategyError when a checkpointed forward changed an object it was handed (NOTE
     above)."""
     for obj, was in zip(objects, before):
-        if _tensors_of(obj) != was:
-            raise StrategyError(
-                f"memprop.checkpoint: {first} changed the {type(obj).__name__} object it "
-                "was handed during a checkpointed forward (a KV cache it appends to, say), "
-                "so the recompute in backward would not see what the forward saw (NOTE [ An "
-                "object a block changes ]); this model cannot be checkpointed by blocks: a "
-                "form replaying recorded calls (forward:-, remat:-) can")
+        now = _tensors_of(obj)
+        if now == was:
+            continue
+        changed = sorted(p for p in was.keys() | now.keys() if now.get(p) != was.get(p))
+        raise StrategyError(
+            f"memprop.checkpoint: {first} changed the {type(obj).__name__} object it was "
+            f"handed during a checkpointed forward ({changed[0].lstrip('.')!r}), so the "
+            "recompute in backward would not see what the forward saw (NOTE [ An object a "
+            "block changes ]); this model cannot be checkpointed by blocks: a form "
+            "replaying recorded calls (forward:-, remat:-) can")
 
 
 class SegmentForward(PatchedForward):
