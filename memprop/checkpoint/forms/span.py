@@ -87,6 +87,7 @@ class _Run:
         self.calls: list[tuple] = []        # (spec, leaves, cpu rng, device rng)
         # id(output leaf) -> (block, leaf index, a weak reference: ids are reused)
         self.made: dict[int, tuple[int, int, Any]] = {}
+        self.stored: dict[int, Any] = {}     # id(tensor) -> its saved tensor
 
     def record(self, p: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Notes block ``p``'s call; returns the arguments to run it with (the same)."""
@@ -96,8 +97,10 @@ class _Run:
             made = self.made.get(id(x)) if isinstance(x, torch.Tensor) else None
             if made is not None and made[2]() is x:
                 kept.append(("out", made[0], made[1]))
-            elif isinstance(x, torch.Tensor):
-                kept.append(_make_saved_tensor(x, is_output=False))
+            elif isinstance(x, torch.Tensor):    # once per tensor: every block's mask
+                if id(x) not in self.stored:     # (the saved tensor keeps x, and its id)
+                    self.stored[id(x)] = _make_saved_tensor(x, is_output=False)
+                kept.append(self.stored[id(x)])
             else:
                 kept.append(x)
         devices = ((get_device_states(*[x for x in leaves if isinstance(x, torch.Tensor)]))
