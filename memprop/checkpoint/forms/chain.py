@@ -59,6 +59,17 @@ def _inside_segment() -> bool:
     return getattr(_state, "depth", 0) > 0
 
 
+@contextlib.contextmanager
+def running_segment():
+    """Marks a segment's blocks as running (forward or recompute): their patches then
+    run the block itself."""
+    _state.depth = getattr(_state, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _state.depth -= 1
+
+
 def _running(bn) -> list[torch.Tensor]:
     return [t for t in (bn.running_mean, bn.running_var, bn.num_batches_tracked)
             if t is not None]
@@ -374,16 +385,12 @@ class SegmentForward(PatchedForward):
         # checkpoint compares, stay exactly those of the first pass); it reads the
         # buffers the forward changed as the forward saw them (NOTE [ Buffers a forward
         # changes ]) (outside any dispatch mode: it is bookkeeping, not part of the model)
-        _state.depth = getattr(_state, "depth", 0) + 1
-        try:
-            with norms_kept(self.seg if recompute else []), \
-                    as_forward_saw(*(kept if recompute else ([], []))):
-                if tail is None:
-                    return self.module(*args, **kwargs)
-                # NOTE [ A segment's output needs no recompute ]
-                return _run_tail(self.module, args, kwargs, tail, recompute)
-        finally:
-            _state.depth -= 1
+        with running_segment(), norms_kept(self.seg if recompute else []), \
+                as_forward_saw(*(kept if recompute else ([], []))):
+            if tail is None:
+                return self.module(*args, **kwargs)
+            # NOTE [ A segment's output needs no recompute ]
+            return _run_tail(self.module, args, kwargs, tail, recompute)
 
     def __call__(self, *args, **kwargs):
         names, context_fn = self.names, self.context_fn

@@ -53,16 +53,17 @@ from memprop.checkpoint.forms.chain import (
     KeptBuffers,
     SegmentForward,
     SegmentRefused,
+    _inside_segment,
     _objects,
     _per_block_hint,
     _refuse_changed,
     _refuse_object_changed,
     _run_tail,
-    _state,
     _tensors_of,
     _tree,
     as_forward_saw,
     norms_kept,
+    running_segment,
 )
 from memprop.checkpoint.forms.patch import PatchedForward, refuse_sharded
 from memprop.checkpoint.forms.verify import VerifyingContext, is_verifying
@@ -89,8 +90,8 @@ class _Run:
         self.made: dict[int, tuple[int, int, Any]] = {}
         self.stored: dict[int, Any] = {}     # id(tensor) -> its saved tensor
 
-    def record(self, p: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """Notes block ``p``'s call; returns the arguments to run it with (the same)."""
+    def record(self, p: int, args: tuple, kwargs: dict) -> None:
+        """Notes block ``p``'s call."""
         leaves, spec = tree_flatten((args, kwargs))
         kept: list = []
         for x in leaves:
@@ -106,7 +107,6 @@ class _Run:
         devices = ((get_device_states(*[x for x in leaves if isinstance(x, torch.Tensor)]))
                    if self.span.had_device else None)
         self.calls.append((spec, kept, torch.get_rng_state(), devices))
-        return args, kwargs
 
     def returned(self, p: int, out) -> None:
         for k, leaf in enumerate(tree_flatten(out)[0]):
@@ -116,38 +116,31 @@ class _Run:
     def recompute(self, *_inputs) -> None:
         """The frame's recompute: every block run so far, in order, as it ran."""
         span = self.span
-        outs: list = []
+        outs: list[list] = []                # each block's recomputed output, flattened
         recompute_ctx = self.contexts[1] if self.contexts is not None else \
             contextlib.nullcontext()
         devices = self.calls[0][3][0] if self.calls and self.calls[0][3] else []
-        _state.depth = getattr(_state, "depth", 0) + 1
-        try:
-            with torch.random.fork_rng(devices=devices, device_type=self.device_type), \
-                    norms_kept(span.seg), as_forward_saw(*self.kept), \
-                    torch.amp.autocast(self.device_type, **self.autocast[0]) \
-                    if torch.amp.is_autocast_available(self.device_type) \
-                    else contextlib.nullcontext(), \
-                    torch.amp.autocast("cpu", **self.autocast[1]), recompute_ctx:
-                for p, (spec, leaves, rng, device_rng) in enumerate(self.calls):
-                    values = [outs_leaf(outs, x) if isinstance(x, tuple) and x[:1] == ("out",)
-                              else x.unpack() if isinstance(x, _SavedTensor) else x
-                              for x in leaves]
-                    args, kwargs = tree_unflatten(values, spec)
-                    torch.set_rng_state(rng)
-                    if device_rng is not None:
-                        set_device_states(*device_rng, device_type=self.device_type)
-                    block = span.seg[p]
-                    if self.tail is not None and p == len(span.seg) - 1:
-                        outs.append(_run_tail(block, args, kwargs, self.tail, True))
-                    else:
-                        outs.append(block(*args, **kwargs))
-        finally:
-            _state.depth -= 1
-
-
-def outs_leaf(outs: list, ref: tuple):
-    """Leaf ``k`` of block ``q``'s recomputed output (``ref`` = ``("out", q, k)``)."""
-    return tree_flatten(outs[ref[1]])[0][ref[2]]
+        with running_segment(), \
+                torch.random.fork_rng(devices=devices, device_type=self.device_type), \
+                norms_kept(span.seg), as_forward_saw(*self.kept), \
+                torch.amp.autocast(self.device_type, **self.autocast[0]) \
+                if torch.amp.is_autocast_available(self.device_type) \
+                else contextlib.nullcontext(), \
+                torch.amp.autocast("cpu", **self.autocast[1]), recompute_ctx:
+            for p, (spec, leaves, rng, device_rng) in enumerate(self.calls):
+                values = [outs[x[1]][x[2]] if isinstance(x, tuple) and x[:1] == ("out",)
+                          else x.unpack() if isinstance(x, _SavedTensor) else x
+                          for x in leaves]
+                args, kwargs = tree_unflatten(values, spec)
+                torch.set_rng_state(rng)
+                if device_rng is not None:
+                    set_device_states(*device_rng, device_type=self.device_type)
+                block = span.seg[p]
+                if self.tail is not None and p == len(span.seg) - 1:
+                    out = _run_tail(block, args, kwargs, self.tail, True)
+                else:
+                    out = block(*args, **kwargs)
+                outs.append(tree_flatten(out)[0])
 
 
 class Span:
@@ -203,21 +196,17 @@ class Span:
                 f"checkpointed segment ({names[0]} .. {names[-1]}; {expected} was next); "
                 f"{_per_block_hint(names[0])}")
         assert run is not None
-        args, kwargs = run.record(p, args, kwargs)
+        run.record(p, args, kwargs)
         objects = _objects(tree_flatten((args, kwargs))[0])
         states = [_tensors_of(x) for x in objects]
         forward_ctx = run.contexts[0] if run.contexts is not None else \
             contextlib.nullcontext()
         last = p == len(self.seg) - 1
-        _state.depth = getattr(_state, "depth", 0) + 1
-        try:
-            with _checkpoint_hook(self.frame), forward_ctx:
-                if last and run.tail is not None:
-                    out = _run_tail(self.seg[p], args, kwargs, run.tail, False)
-                else:
-                    out = original(*args, **kwargs)
-        finally:
-            _state.depth -= 1
+        with running_segment(), _checkpoint_hook(self.frame), forward_ctx:
+            if last and run.tail is not None:
+                out = _run_tail(self.seg[p], args, kwargs, run.tail, False)
+            else:
+                out = original(*args, **kwargs)
         _refuse_object_changed(objects, states, names[p])
         run.returned(p, out)
         self.next = p + 1
@@ -252,7 +241,7 @@ class _SpanPatch(PatchedForward):
 
     def __call__(self, *args, **kwargs):
         span = self.span
-        if getattr(_state, "depth", 0) > 0 or (not torch.is_grad_enabled()
+        if _inside_segment() or (not torch.is_grad_enabled()
                                                and (self.p == 0 or span.run is None)):
             return self.original(*args, **kwargs)     # inside a run; inference
         if torch.compiler.is_compiling():
