@@ -8,7 +8,9 @@ their elementwise buffer ], NOTE [ oneDNN RNN workspaces, measured ]).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
 
 import torch
 from torch import nn
@@ -17,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 __all__ = ["is_fake", "fake_mode_of", "fake_copy", "fake_batch", "grouped_mm_output",
-           "KernelStorages", "fake_target"]
+           "KernelStorages", "fake_target", "conversions_a_fake_build_survives"]
 
 
 # NOTE [ Fake grouped GEMMs allocate what the kernel allocates ]
@@ -218,6 +220,63 @@ class KernelStorages(TorchDispatchMode):
             return out                        # the kernel runs l1_loss: 4 bytes
         numel = torch.broadcast_shapes(args[0].shape, args[1].shape).numel()
         return out.new_empty(numel).as_strided((), ())
+
+
+# NOTE [ A model that converts itself while it is built ]
+#   Some architectures call ``Module.to`` on a submodule inside ``__init__`` (inkling's
+#   key/value projection: ``nn.Conv1d(...).to(dtype=torch.float32)``; deepseek_v4's and
+#   hy_v4's hyper-connections). ``Module._apply`` swaps each fake parameter with its
+#   converted copy (``torch.utils.swap_tensors``), and the swap fails on any fake
+#   tensor, which its mode holds a weak reference to ("_apply(): Couldn't swap
+#   Conv1d.weight"), even when the conversion changes nothing. So the real model built
+#   and its fake twin did not: the estimate raised. While a model is built, ``Module.to``
+#   on a module holding fake tensors converts by replacement instead: each parameter
+#   becomes a new ``Parameter`` of the converted tensor (the same one where nothing
+#   changes), each buffer its converted tensor, one conversion per tensor however many
+#   submodules share it - what ``Module.to`` does to real tensors, by other means.
+#   Real modules run torch's own.
+
+def _convert_fake(module: nn.Module, *args, **kwargs) -> nn.Module:
+    device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        floating = t.is_floating_point() or t.is_complex()
+        with torch.no_grad():
+            return t.to(device, dtype if floating else None, non_blocking,
+                        memory_format=memory_format or torch.preserve_format)
+
+    done: dict[int, torch.Tensor] = {}
+    for m in module.modules():
+        tables: tuple[tuple[dict, bool], ...] = ((m._parameters, True), (m._buffers, False))
+        for table, wrap in tables:
+            for key, t in table.items():
+                if t is None:
+                    continue
+                if id(t) not in done:
+                    new = convert(t)
+                    done[id(t)] = t if new is t else (
+                        nn.Parameter(new, requires_grad=t.requires_grad) if wrap else new)
+                table[key] = done[id(t)]
+    return module
+
+
+@contextlib.contextmanager
+def conversions_a_fake_build_survives():
+    """While building a model: ``Module.to`` on fake tensors converts by replacement
+    (NOTE [ A model that converts itself while it is built ])."""
+    original = nn.Module.to
+
+    def to(module, *args, **kwargs):
+        if any(isinstance(t, FakeTensor) for t in itertools.chain(
+                module.parameters(), module.buffers())):
+            return _convert_fake(module, *args, **kwargs)
+        return original(module, *args, **kwargs)
+
+    nn.Module.to = to   # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.to = original   # type: ignore[method-assign]
 
 
 def is_fake(model_or_tensor) -> bool:

@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from memprop.errors import ConfigError
+from memprop.fake import conversions_a_fake_build_survives
 
 __all__ = ["Batch", "ModelConfig", "ZooModel", "PHIS", "make_phi", "training_loss",
            "inference_forward"]
@@ -122,7 +123,8 @@ class ModelConfig:
             with torch.random.fork_rng(devices=[]), torch.device(device):
                 torch.manual_seed(seed)
                 torch.set_default_dtype(dtype)
-                model = self._build()
+                with conversions_a_fake_build_survives():
+                    model = self._build()
         finally:
             torch.set_default_dtype(previous)
         return model

@@ -247,10 +247,15 @@ class HFConfig(ModelConfig):
         except Exception as exc:   # noqa: BLE001 - any failure of transformers' own code
             raise _not_built(self.model_type, exc) from None
         # On fake tensors (an estimate) the weights' values are never read: build without
-        # initialising them (vit's trunc_normal_ init reads a value, as .item())
+        # initialising them (vit's trunc_normal_ init reads a value, as .item()). Skipping
+        # the init skips its tying too (transformers ties after loading a checkpoint):
+        # tie here, or the twin holds two embeddings where the real model holds one
         try:
             with _no_init_weights():
-                return auto.from_config(config)
+                model = auto.from_config(config)
+            if hasattr(model, "tie_weights"):
+                model.tie_weights()
+            return model
         except Exception as exc:   # noqa: BLE001
             raise _not_built(self.model_type, exc) from None
 
