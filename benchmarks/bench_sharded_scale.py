@@ -13,7 +13,12 @@ candidate confirmed by the prediction; ``none`` when the plain step fits). Close
 (a prediction by formula, not memprop's): ZeRO-3 model states at this run's bytes per
 parameter plus Megatron's activations (34sbh per layer without recompute, 2sbh with
 full recompute; Korthikanti et al. 2022), which leave out logits, loss, all-gather
-buffers and temporaries (memprop.sharded.closed_forms). Named only (tens of minutes).
+buffers and temporaries (memprop.sharded.closed_forms). Every prediction is made from
+the model at 3, 4 and 5 layers, extrapolated where every figure is linear in depth (NOTE
+[ Predicting a deep model from three shallow ones ], memprop.sharded.layers; what
+``memprop profile/plan/fit`` do by default); each 7B row's plain step is also predicted
+layer by layer (``every_layer_s``) and must equal it to the byte (``equal``). Named only
+(tens of minutes).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import time
 import torch
 from bench_sharded import LLAMA_SHAPES
 
-from memprop.sharded import FSDPConfig, closed_forms, plan_rank
+from memprop.sharded import FSDPConfig, closed_forms, plan_rank, predict
 from memprop.sharded.predictions import RankPredictions
 
 NAMED_ONLY = True
@@ -40,15 +45,29 @@ BUDGET = "80GiB"
 BATCH = 1
 
 
+def _figures(s) -> list:
+    """Each predicted rank's byte figures (what extrapolation promises)."""
+    return [(m.peak_bytes, m.saved_bytes, m.start_bytes, m.first_step_peak_bytes,
+             m.peak_by_phase, m.peak_by_category) for m in map(s.rank, range(s.world_size))]
+
+
 def run() -> dict:
     rows = []
     for name, config in LLAMA_SHAPES.items():
         for mesh in MESHES:
             fsdp = FSDPConfig(**mesh)
-            runs = RankPredictions(config, fsdp, optimizer="adam", dtype=torch.bfloat16)
+            runs = RankPredictions(config, fsdp, optimizer="adam", dtype=torch.bfloat16,
+                                   layers="extrapolate")
             t0 = time.perf_counter()
             none = runs.get(BATCH, "none")
             none_s = time.perf_counter() - t0
+            check: dict = {}
+            if name == "7B":                     # the same step, every layer predicted
+                t0 = time.perf_counter()
+                whole = predict(config, BATCH, fsdp=fsdp, optimizer="adam",
+                                dtype=torch.bfloat16, layers="all")
+                check = dict(every_layer_s=round(time.perf_counter() - t0, 1),
+                             equal=_figures(whole) == _figures(none))
             t0 = time.perf_counter()
             full = runs.get(BATCH, "full")
             full_s = time.perf_counter() - t0
@@ -64,7 +83,8 @@ def run() -> dict:
                 plan_recompute_vs_forward=round(
                     planned.recompute_flops / max(planned.forward_flops, 1), 3),
                 closed_none_bytes=forms.peak("none"), closed_full_bytes=forms.peak("full"),
-                none_s=round(none_s, 1), full_s=round(full_s, 1), plan_s=round(plan_s, 1)))
+                none_s=round(none_s, 1), full_s=round(full_s, 1), plan_s=round(plan_s, 1),
+                extrapolated=none.extrapolated_from is not None, **check))
             print(f"   {name} {fsdp.describe()}: none {none.peak_bytes / 2**30:.1f} GiB "
                   f"({none_s:.0f} s), full {full.peak_bytes / 2**30:.1f} GiB, plan "
                   f"{planned.spec[:30]} {planned.predicted_peak_bytes / 2**30:.1f} GiB "
@@ -75,6 +95,11 @@ def run() -> dict:
     worst = {name: max(r["none_s"] for r in rows if r["model"] == name) for name in LLAMA_SHAPES}
     verdicts = [f"{name}: slowest single prediction {worst[name]:.1f} s (target "
                 f"{'15' if name == '7B' else '60'} s)" for name in LLAMA_SHAPES]
+    checked = [r for r in rows if "equal" in r]
+    verdicts.append(f"7B: the extrapolated plain step equals every layer predicted in "
+                    f"{sum(r['equal'] for r in checked)} of {len(checked)} meshes; every "
+                    f"layer took {min(r['every_layer_s'] for r in checked):.1f}-"
+                    f"{max(r['every_layer_s'] for r in checked):.1f} s")
     for r in rows:
         chosen = "plan " + r["plan"][:40] if r["plan_fits"] else "NOTHING FITS"
         verdicts.append(f"{r['model']} {r['mesh']}: {chosen} at "

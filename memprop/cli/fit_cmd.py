@@ -21,7 +21,12 @@ from memprop.cli._common import (
     table_rows,
 )
 from memprop.cli._progress import Spinner
-from memprop.cli.profile_cmd import add_model_options, config_from_args, factory_errors
+from memprop.cli.profile_cmd import (
+    add_layers_argument,
+    add_model_options,
+    config_from_args,
+    factory_errors,
+)
 from memprop.errors import ConfigError
 from memprop.units import format_bytes
 
@@ -57,6 +62,7 @@ def add_parser(sub) -> None:
     p.add_argument("--max-batch", type=positive_int, default=4096,
                    help="largest micro-batch per rank searched")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
+    add_layers_argument(p)
     p.set_defaults(func=fit_command)
 
 
@@ -80,7 +86,8 @@ def gather_fit(args):
             table = fit_cluster(config, args.device_memory, world_sizes=args.world_sizes,
                                 tps=args.tp, optimizer=args.optimizer,
                                 dtype=parse_dtype(args.dtype), plan=args.plan,
-                                limit=args.max_batch, progress=spinner.say)
+                                limit=args.max_batch, progress=spinner.say,
+                                layers=args.layers)
     return config, table, time.perf_counter() - start
 
 
@@ -95,7 +102,8 @@ def fit_command(args) -> int:
                           "rows": table_rows(table)}, indent=2, default=str))
         return 0
     sizes = ", ".join(f"{k}={v}" for k, v in config.fields().items())
-    predictions = int(table.drop_duplicates(["world_size", "tp"]).predictions.sum())
+    cells = table.drop_duplicates(["world_size", "tp"])
+    predictions, extrapolated = int(cells.predictions.sum()), int(cells.extrapolated.sum())
     shown = table[SHOWN].assign(
         strategy=[s if s != "plan" else f"plan: {short_spec(spec or '-', 30)}"
                   for s, spec in zip(table.strategy, table.spec)])
@@ -103,7 +111,10 @@ def fit_command(args) -> int:
           f"{format_bytes(args.device_memory)} per rank (tensor-level peak of the largest "
           "rank)")
     print(f"PREDICTED on fake process groups and fake tensors, FSDP2 on every block, "
-          f"reshard after forward; {predictions} predictions in {seconds:.1f} s")
+          f"reshard after forward; {predictions} predictions in {seconds:.1f} s"
+          + (f", {extrapolated} of them from the model at 3, 4 and 5 layers, extrapolated "
+             "(every figure linear in depth, checked; --layers all runs every layer)"
+             if extrapolated else ""))
     print(render_table(shown))
     print()
     print("  batch_size: the largest micro-batch per rank that fits (0: not even one); "

@@ -20,6 +20,7 @@ from memprop.cli._common import (
 )
 from memprop.cli._progress import Spinner
 from memprop.cli.profile_cmd import (
+    add_layers_argument,
     add_model_options,
     config_from_args,
     factory_errors,
@@ -125,6 +126,7 @@ def add_parser(sub) -> None:
                    help="with --fsdp: free each block's gathered parameters after forward "
                         "(on, ZeRO-3) or keep them to backward (off, ZeRO-2)")
     p.set_defaults(fsdp_mixed_precision=None, fsdp_offload=False)
+    add_layers_argument(p)
     p.add_argument("--json", action="store_true", help="print the plan and the table as JSON")
     p.set_defaults(func=plan_command)
 
@@ -214,7 +216,8 @@ def gather_rank_plan(config, args):
                           "FLOPs (leave those options out)")
     fsdp = parallel_config(args)
     dtype = parse_dtype(args.dtype)
-    runs = RankPredictions(config, fsdp, optimizer=args.optimizer, dtype=dtype)
+    runs = RankPredictions(config, fsdp, optimizer=args.optimizer, dtype=dtype,
+                           layers=args.layers)
     flops = RecomputeFlops(config, optimizer=args.optimizer, dtype=dtype)
     with factory_errors(args, "plan"):
         found = plan_rank(config, args.batch, fsdp, args.budget, optimizer=args.optimizer,

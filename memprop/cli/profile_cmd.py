@@ -287,10 +287,20 @@ def add_parser(sub) -> None:
                    help="tensor parallelism over M ranks (colwise/rowwise plans; the zoo "
                         "transformer and hf: Llama-family models); with --fsdp N, FSDP2 "
                         "over N/M (a 2-D mesh), else M ranks in all")
+    add_layers_argument(p)
     p.set_defaults(func=profile_command)
 
 
 MAX_REAL_RANKS = 8      # --fsdp without --estimate: processes started on this machine
+
+
+def add_layers_argument(p) -> None:
+    """``--layers``: how a sharded prediction treats a deep model's layers."""
+    p.add_argument("--layers", choices=("extrapolate", "all"), default="extrapolate",
+                   help="sharded predictions: predict a model of more than 5 layers from "
+                        "the same model at 3, 4 and 5 layers where every figure is linear "
+                        "in depth (checked; else every layer is run) (extrapolate, the "
+                        "default), or run every layer (all)")
 
 
 def parallel_config(args):
@@ -340,7 +350,7 @@ def gather_sharded(config, args):
                           "fake process group")
     job = RankJob(config=config, batch_size=args.batch, fsdp=fsdp, optimizer=args.optimizer,
                   strategy=args.strategy, dtype=parse_dtype(args.dtype))
-    return predict_job(job) if args.estimate else measure_jobs([job])[0]
+    return predict_job(job, layers=args.layers) if args.estimate else measure_jobs([job])[0]
 
 
 def sharded_command(args) -> int:

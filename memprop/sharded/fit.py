@@ -104,8 +104,8 @@ def _cross(a: int, pa: int, b: int, pb: int, budget: int) -> int:
 def fit_cluster(config, device_memory, *, world_sizes: Sequence[int] = (8, 64, 512),
                 tps: Sequence[int] = (1,), optimizer: str = "adam",
                 dtype: torch.dtype = torch.bfloat16, plan: bool = True,
-                limit: int = BATCH_LIMIT, progress: Callable[[str], None] | None = None
-                ) -> pd.DataFrame:
+                limit: int = BATCH_LIMIT, progress: Callable[[str], None] | None = None,
+                layers: str = "all") -> pd.DataFrame:
     """One row per (world size, TP degree, strategy in none / full / plan): the largest
     micro-batch per rank whose predicted per-rank peak fits ``device_memory`` (bytes or
     a size string; 0: not even one), the peak there and at one more
@@ -114,7 +114,8 @@ def fit_cluster(config, device_memory, *, world_sizes: Sequence[int] = (8, 64, 5
     as ``closed_form_peak_bytes``, and the largest batch that sum allows,
     ``closed_form_batch_size``). ``plan`` False leaves the plan rows out (each costs
     single-device plans). ``cell_s``: the wall time of the cell (its predictions and
-    plans), seconds."""
+    plans), seconds; ``predictions``: how many it made, ``extrapolated`` of them from
+    the model at 3, 4 and 5 layers (``layers``: ``memprop.sharded.predict``'s)."""
     budget = parse_size(device_memory)
     cells = []
     for w in world_sizes:
@@ -130,7 +131,7 @@ def fit_cluster(config, device_memory, *, world_sizes: Sequence[int] = (8, 64, 5
         if progress:
             progress(f"world size {fsdp.world_size}, tp {fsdp.tp}")
         start = time.perf_counter()
-        runs = RankPredictions(config, fsdp, optimizer=optimizer, dtype=dtype)
+        runs = RankPredictions(config, fsdp, optimizer=optimizer, dtype=dtype, layers=layers)
         found: dict[str, dict] = {}
         for spec in ("none", "full"):
             b = largest_batch(functools.partial(_peak, runs, spec), budget, limit=limit,
@@ -147,7 +148,8 @@ def fit_cluster(config, device_memory, *, world_sizes: Sequence[int] = (8, 64, 5
         for row in found.values():
             rows.append(dict(world_size=fsdp.world_size, tp=fsdp.tp, shard=fsdp.shard,
                              **row, **_closed(config, fsdp, row, budget, optimizer, dtype),
-                             predictions=runs.made, cell_s=seconds))
+                             predictions=runs.made, extrapolated=runs.extrapolated,
+                             cell_s=seconds))
     return pd.DataFrame(rows)
 
 

@@ -123,8 +123,17 @@ class GlooReduceScatter(DefaultReduceScatter):
         before = _use_counts(buffer)
         dist.all_reduce(buffer.view(buffer.shape), op=op, group=group)
         _await_release(before)
-        output_tensor.copy_(buffer.chunk(dist.get_world_size(group))[dist.get_rank(group)])
+        output_tensor.copy_(_chunk(buffer, dist.get_world_size(group), dist.get_rank(group)))
         return None
+
+
+def _chunk(buffer: torch.Tensor, world: int, rank: int) -> torch.Tensor:
+    """``buffer.chunk(world)[rank]``, a view, without making the other ``world - 1``
+    views (at 512 ranks, a quarter of a predicted step's time went to them)."""
+    rows = buffer.shape[0]
+    if rows % world:
+        return buffer.chunk(world)[rank]
+    return buffer.narrow(0, rank * (rows // world), rows // world)
 
 
 def use_gloo_collectives(model: torch.nn.Module) -> None:

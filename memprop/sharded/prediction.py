@@ -39,6 +39,7 @@ NOTE [ One process group per predicted rank ]
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -51,12 +52,22 @@ from memprop.errors import ConfigError
 from memprop.fake import KernelStorages
 from memprop.sharded.apply import shard_layout
 from memprop.sharded.config import FSDPConfig
+from memprop.sharded.layers import (
+    DEPTHS,
+    NotLinear,
+    extrapolate_rank,
+    layer_count,
+    uniform_strategy,
+    with_layers,
+)
 from memprop.sharded.mesh import rank_mesh
 from memprop.sharded.result import ShardedMeasurement
 from memprop.sharded.step import RankJob, rank_step
 from memprop.sharded.tensor_parallel import tp_local_shapes
 
-__all__ = ["predict", "predict_job", "rank_classes"]
+__all__ = ["predict", "predict_job", "rank_classes", "LAYERS"]
+
+LAYERS = ("all", "extrapolate")     # how a prediction treats a deep model's layers
 
 
 def rank_classes(config, fsdp: FSDPConfig, *, dtype=torch.float32) -> list[int]:
@@ -91,26 +102,68 @@ def _forget_meshes() -> None:
     _redistribute._gen_transform_infos.cache_clear()
 
 
-def predict_job(job: RankJob) -> ShardedMeasurement:
-    """Every rank's predicted step of ``job``: one fake rank per shard layout."""
+def predict_job(job: RankJob, *, layers: str = "all") -> ShardedMeasurement:
+    """Every rank's predicted step of ``job``: one fake rank per shard layout.
+    ``layers="extrapolate"``: a deep model from its predictions at 2, 3 and 4 layers
+    where its figures are linear in depth (NOTE [ Predicting a deep model from three
+    shallow ones ], memprop.sharded.layers), else whole; ``"all"``: always whole."""
+    if layers not in LAYERS:
+        raise ConfigError(f"memprop.sharded: layers {layers!r} is not allowed; choose one "
+                          f"of: {', '.join(LAYERS)}")
     if dist.is_initialized():
         raise ConfigError("memprop.sharded: a process group is already initialized in this "
                           "process; a prediction runs its own fake process group, so call "
                           "it outside torch.distributed (or destroy_process_group() first)")
     start = time.perf_counter()
+    refused = None
+    if layers == "extrapolate":
+        found = _extrapolated(job)
+        if isinstance(found, ShardedMeasurement):
+            found.seconds = time.perf_counter() - start
+            return found
+        refused = found
     same_as = rank_classes(job.config, job.fsdp, dtype=job.dtype)
     ranks = {r: _predict_rank(job, r) for r in sorted(set(same_as))}
     return ShardedMeasurement(fsdp=job.fsdp, predicted=True, ranks=ranks, same_as=same_as,
-                              seconds=time.perf_counter() - start)
+                              seconds=time.perf_counter() - start,
+                              extrapolation_refused=refused)
+
+
+def _extrapolated(job: RankJob) -> ShardedMeasurement | str | None:
+    """``job`` predicted from its shallow twins, or why not (None: too shallow to gain)."""
+    counted = layer_count(job.config)
+    if counted is None:
+        return "its layers are not one stack of a depth field memprop can set"
+    field, depth = counted
+    if depth <= DEPTHS[-1]:
+        return None
+    if not uniform_strategy(job.strategy):
+        return (f"strategy {job.strategy!r} does not treat every layer alike (only "
+                "none, full and selective do)")
+    shallow = [predict_job(dataclasses.replace(job, config=with_layers(job.config, field, d)))
+               for d in DEPTHS]
+    same_as = shallow[-1].same_as
+    if any(s.same_as != same_as for s in shallow):
+        return "its ranks fall into other shard layouts at another depth"
+    try:
+        ranks = {r: extrapolate_rank([s.ranks[r] for s in shallow], depth)
+                 for r in sorted(set(same_as))}
+    except NotLinear as exc:
+        return str(exc)
+    return ShardedMeasurement(fsdp=job.fsdp, predicted=True, ranks=ranks, same_as=same_as,
+                              extrapolated_from=DEPTHS)
 
 
 def predict(config, batch_size: int, *, world_size: int | None = None,
             fsdp: FSDPConfig | None = None, optimizer: str = "sgd", strategy: str = "none",
-            dtype=torch.float32, seed: int = 0) -> ShardedMeasurement:
+            dtype=torch.float32, seed: int = 0, layers: str = "all") -> ShardedMeasurement:
     """Each rank's predicted training step of ``config`` at ``batch_size`` examples per
     rank under FSDP2: pass ``world_size`` (defaults for the rest) or an ``FSDPConfig``.
-    ``strategy`` (a checkpointing strategy) is applied before sharding."""
+    ``strategy`` (a checkpointing strategy) is applied before sharding. ``layers``:
+    ``"all"`` predicts every layer; ``"extrapolate"`` predicts a deep model from 2, 3 and
+    4 layers where that is exact (NOTE [ Predicting a deep model from three shallow
+    ones ], memprop.sharded.layers)."""
     fsdp = FSDPConfig.of(world_size, fsdp, "predict")
     return predict_job(RankJob(config=config, batch_size=batch_size, fsdp=fsdp,
                                optimizer=optimizer, strategy=strategy, dtype=dtype,
-                               seed=seed))
+                               seed=seed), layers=layers)

@@ -30,14 +30,18 @@ __all__ = ["RankPredictions", "RecomputeFlops"]
 class RankPredictions:
     """Predictions (``memprop.sharded.predict``) of ``config`` under ``fsdp`` with one
     optimizer and dtype, kept by (micro-batch per rank, strategy spec). ``seconds``:
-    the wall time spent predicting; ``made``: how many predictions ran."""
+    the wall time spent predicting; ``made``: how many predictions ran; ``extrapolated``:
+    how many of them came from the model at 3, 4 and 5 layers (``layers="extrapolate"``,
+    NOTE [ Predicting a deep model from three shallow ones ], memprop.sharded.layers)."""
 
     def __init__(self, config, fsdp: FSDPConfig, *, optimizer: str = "sgd",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, layers: str = "all"):
         self.config, self.fsdp, self.optimizer, self.dtype = config, fsdp, optimizer, dtype
+        self.layers = layers
         self._kept: dict[tuple[int, str], ShardedMeasurement] = {}
         self.seconds = 0.0
         self.made = 0
+        self.extrapolated = 0
 
     def get(self, batch_size: int, strategy: str = "none") -> ShardedMeasurement:
         key = (batch_size, strategy)
@@ -45,9 +49,10 @@ class RankPredictions:
             start = time.perf_counter()
             self._kept[key] = predict(self.config, batch_size, fsdp=self.fsdp,
                                       optimizer=self.optimizer, strategy=strategy,
-                                      dtype=self.dtype)
+                                      dtype=self.dtype, layers=self.layers)
             self.seconds += time.perf_counter() - start
             self.made += 1
+            self.extrapolated += self._kept[key].extrapolated_from is not None
         return self._kept[key]
 
     def peak(self, batch_size: int, strategy: str = "none") -> int:

@@ -42,6 +42,12 @@ def render_sharded(s: ShardedMeasurement, config, *, batch_size: int) -> str:
     groups.insert(0, "ranks", [rank_ranges(r) for r in groups["rank"]])
     shown = groups[["ranks", *SHOWN]]
     took = f" in {s.seconds:.1f} s" if s.seconds is not None else ""
+    if s.extrapolated_from:
+        took += (f"; from the model at {', '.join(map(str, s.extrapolated_from[:-1]))} and "
+                 f"{s.extrapolated_from[-1]} layers, extrapolated to {m.meta.get('layers')} "
+                 "(every figure linear in depth, checked)")
+    elif s.extrapolation_refused:
+        took += f"; every layer run ({s.extrapolation_refused})"
     held = m.peak_by_category
     # tensor parallelism alone: whole slices of each layer, nothing FSDP2 gathers
     params = "sharded parameters" if s.fsdp.fsdp else "parameters (its tensor-parallel slices)"

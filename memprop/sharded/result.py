@@ -32,6 +32,10 @@ class ShardedMeasurement:
     ranks: dict[int, Measurement]
     same_as: list[int]
     seconds: float | None = None            # wall time of the prediction or the run
+    # layers="extrapolate": the depths predicted (NOTE [ Predicting a deep model from
+    # three shallow ones ], memprop.sharded.layers), or None and why the whole model was
+    extrapolated_from: tuple[int, ...] | None = None
+    extrapolation_refused: str | None = None
 
     @property
     def world_size(self) -> int:
@@ -88,6 +92,8 @@ class ShardedMeasurement:
                 "rank_peak_bytes": self.rank_peak_bytes,
                 "rank_saved_bytes": self.rank_saved_bytes,
                 "ranks_run": sorted(self.ranks), "seconds": self.seconds,
+                "extrapolated_from": list(self.extrapolated_from or []) or None,
+                "extrapolation_refused": self.extrapolation_refused,
                 "batch_size_per_rank": first.batch_size, "optimizer": first.optimizer,
                 "strategy": first.strategy,
                 "peak_by_phase": first.peak_by_phase}
