@@ -17,9 +17,9 @@ from memprop.sharded.layers import NotLinear, extrapolate_rank, layer_count
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="no torch.distributed")
 
-TRANSFORMER = memprop.model_config("transformer", depth=7, d_model=32, heads=2, seq_len=16,
+TRANSFORMER = memprop.model_config("transformer", depth=13, d_model=32, heads=2, seq_len=16,
                                    vocab=50)
-LLAMA = memprop.model_config("hf:llama", num_hidden_layers=7)
+LLAMA = memprop.model_config("hf:llama", num_hidden_layers=13)
 
 
 def _figures(s):
@@ -50,7 +50,7 @@ def test_extrapolated_figures_equal_every_layer_predicted(name):
     assert fast.extrapolated_from == (3, 4, 5) and whole.extrapolated_from is None
     assert fast.same_as == whole.same_as
     assert _figures(fast) == _figures(whole)
-    assert fast.rank(0).meta["layers"] == 7 and fast.rank(0).timeline is None
+    assert fast.rank(0).meta["layers"] == 13 and fast.rank(0).timeline is None
 
 
 def test_what_is_not_extrapolated_is_predicted_whole_and_says_why():
@@ -61,14 +61,14 @@ def test_what_is_not_extrapolated_is_predicted_whole_and_says_why():
     assert s.extrapolated_from is None and "'every:2' does not treat every layer" in \
         s.extrapolation_refused
     assert _figures(s) == _figures(predict(TRANSFORMER, 2, fsdp=fsdp, strategy="every:2"))
-    # 5 layers or fewer: nothing to gain, nothing refused
-    shallow = dataclasses.replace(TRANSFORMER, depth=5)
+    # 12 layers or fewer cost no more whole than at 3, 4 and 5: nothing refused
+    shallow = dataclasses.replace(TRANSFORMER, depth=12)
     s = predict(shallow, 2, fsdp=fsdp, layers="extrapolate")
     assert s.extrapolated_from is None and s.extrapolation_refused is None
     # the layer field of a zoo and an hf: model; a composite hf model's layers are a
     # sub-config's: not resized
-    assert layer_count(TRANSFORMER) == ("depth", 7)
-    assert layer_count(LLAMA) == ("num_hidden_layers", 7)
+    assert layer_count(TRANSFORMER) == ("depth", 13)
+    assert layer_count(LLAMA) == ("num_hidden_layers", 13)
     assert layer_count(memprop.model_config("hf:gemma3")) is None
     with pytest.raises(ConfigError, match="layers 'some' is not allowed; choose one of: "
                                           "all, extrapolate"):
@@ -90,7 +90,7 @@ def test_a_figure_off_the_line_is_not_extrapolated():
 
 
 def test_cli_estimate_says_it_extrapolated(capsys):
-    args = ["profile", "--model", "transformer", "--set", "depth=7", "--set", "d_model=32",
+    args = ["profile", "--model", "transformer", "--set", "depth=13", "--set", "d_model=32",
             "--set", "heads=2", "--set", "seq_len=16", "--set", "vocab=50", "--batch", "2",
             "--fsdp", "4", "--estimate"]
     assert main([*args, "--json"]) == 0
@@ -102,7 +102,7 @@ def test_cli_estimate_says_it_extrapolated(capsys):
     assert (fast["rank_peak_bytes"], fast["rank_saved_bytes"]) == (
         whole["rank_peak_bytes"], whole["rank_saved_bytes"])
     assert main(args) == 0
-    assert ("from the model at 3, 4 and 5 layers, extrapolated to 7 (every figure linear in "
+    assert ("from the model at 3, 4 and 5 layers, extrapolated to 13 (every figure linear in "
             "depth, checked)") in capsys.readouterr().out
     assert main([*args, "--layers", "half"]) == 2
     assert "invalid choice: 'half'" in capsys.readouterr().err

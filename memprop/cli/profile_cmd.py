@@ -297,7 +297,7 @@ MAX_REAL_RANKS = 8      # --fsdp without --estimate: processes started on this m
 def add_layers_argument(p) -> None:
     """``--layers``: how a sharded prediction treats a deep model's layers."""
     p.add_argument("--layers", choices=("extrapolate", "all"), default="extrapolate",
-                   help="sharded predictions: predict a model of more than 5 layers from "
+                   help="sharded predictions: predict a model of more than 12 layers from "
                         "the same model at 3, 4 and 5 layers where every figure is linear "
                         "in depth (checked; else every layer is run) (extrapolate, the "
                         "default), or run every layer (all)")

@@ -15,7 +15,8 @@ NOTE [ Predicting a deep model from three shallow ones ]
   zoo transformer under FSDP2 at 4 ranks, the temporaries at the peak are 2939528,
   3006472 and 3006472 bytes at 2, 3 and 4 layers (a 2-layer model's backward prefetch
   overlaps otherwise).
-  ``layers="extrapolate"`` predicts the model at 3, 4 and 5 layers (same widths, same
+  ``layers="extrapolate"`` predicts a model of more than 12 layers (3 + 4 + 5: a
+  shallower one costs less to predict whole) at 3, 4 and 5 layers (same widths, same
   rank layouts, same strategy) and extrapolates every byte figure of every predicted
   rank: peak and stored bytes, each phase's peak, each category at the peak, live bytes
   before the step, the first step's peak, the gathered parameters. It does so only

@@ -130,12 +130,13 @@ def predict_job(job: RankJob, *, layers: str = "all") -> ShardedMeasurement:
 
 
 def _extrapolated(job: RankJob) -> ShardedMeasurement | str | None:
-    """``job`` predicted from its shallow twins, or why not (None: too shallow to gain)."""
+    """``job`` predicted from its shallow twins, or why not (None: 12 layers or fewer, which
+    cost no more to predict whole than the three shallow models do)."""
     counted = layer_count(job.config)
     if counted is None:
         return "its layers are not one stack of a depth field memprop can set"
     field, depth = counted
-    if depth <= DEPTHS[-1]:
+    if depth <= sum(DEPTHS):                 # the shallow models cost as many layers
         return None
     if not uniform_strategy(job.strategy):
         return (f"strategy {job.strategy!r} does not treat every layer alike (only "
