@@ -305,65 +305,103 @@ class KeptBuffers:
 # NOTE [ An object a block changes ]
 #   A block may be handed an object it changes: flaubert and xlm create a KV cache on
 #   every forward, whatever ``use_cache`` says, and each attention appends its keys and
-#   values to it. The recompute in backward would append again and read twice as many
-#   keys (a shape error at best). So a checkpointed forward notes the tensors reachable
-#   from each object argument (not a tensor, module or plain value), by path, before and
-#   after it runs, and refuses the step, naming the object's type and what changed,
-#   when anything in it changed. That includes entries an object only gains: gemma4
-#   hands every layer a dict in which a layer leaves its keys and values for later
-#   layers; a block reading every entry present would read later blocks' entries in its
-#   recompute, silently (tests/test_checkpoint.py). Forms that replay recorded calls
-#   (``forward:``, ``remat:``) never rerun the block's Python and are unaffected.
+#   values to it; gemma4 hands every layer a dict in which a layer leaves its keys and
+#   values for later layers. The recompute in backward runs after the whole forward, so
+#   it would find the object as the last block left it: appending again and reading
+#   twice as many keys (a shape error at best), or a block that reads every entry
+#   present reading later blocks' entries, silently. So a checkpointed forward takes,
+#   before each block runs, the contents of every container reachable from each object
+#   argument (not a tensor, module or plain value): each dict's and list's items and
+#   each object's attributes, shallow, three levels down (``ObjectState``). The
+#   recompute of that block runs with every container put back as it was then, and
+#   afterwards as it was when the recompute began: it sees what the forward saw, and
+#   what it writes is dropped (the forward's writes are the ones later blocks read,
+#   with the same values). What a shallow rewind cannot undo is refused in one line:
+#   a tensor in the object changed in place (its version moved), between the block's
+#   forward and its recompute. Containers handed directly (a dict or list argument)
+#   are flattened by pytree: the forward runs on the caller's own containers and the
+#   recompute on containers rebuilt from the items they held when the block was called.
+#   Forms that replay recorded calls (``forward:``, ``remat:``) never rerun the block's
+#   Python and need none of this.
 
 _PLAIN = (int, float, bool, str, bytes, complex, type(None), torch.dtype, torch.device,
           torch.Size, torch.memory_format, torch.layout)
 
 
-def _tensors_of(obj, depth: int = 3) -> dict[str, tuple[int, tuple, int]]:
-    """(id, shape, version) of the tensors reachable from ``obj``'s attributes, lists,
-    tuples and dicts, ``depth`` levels down, by path: what a forward changing it would
-    change."""
-    found: dict = {}
-    stack, seen = [(obj, depth, "")], set()
-    while stack:
-        x, d, path = stack.pop()
-        if isinstance(x, torch.Tensor):
-            found[path] = (id(x), tuple(x.shape), x._version)
-            continue
-        if d < 0 or id(x) in seen or isinstance(x, (_PLAIN, nn.Module)) or callable(x):
-            continue
-        seen.add(id(x))
-        if isinstance(x, dict):
-            items = [(f"{path}[{k!r}]", v) for k, v in x.items()]
-        elif isinstance(x, (list, tuple)):
-            items = [(f"{path}[{i}]", v) for i, v in enumerate(x)]
-        else:
-            items = [(f"{path}.{k}", v) for k, v in vars(x).items()] if hasattr(
-                x, "__dict__") else []
-        stack.extend((v, d - 1, p) for p, v in items)
-    return found
+class ObjectState:
+    """The contents of every container reachable from ``objects`` (dicts, lists, an
+    object's attributes; ``depth`` levels down) as they are now, shallow, and the
+    version of each tensor in them (NOTE [ An object a block changes ])."""
+
+    def __init__(self, objects: list, depth: int = 3):
+        self.objects = objects
+        self.held: list[tuple[Any, Any]] = []            # (container, its contents)
+        self.tensors: list[tuple[str, torch.Tensor, int]] = []   # (path, tensor, version)
+        stack = [(x, depth, type(x).__name__) for x in objects]
+        seen: set[int] = set()
+        while stack:
+            x, d, path = stack.pop()
+            if isinstance(x, torch.Tensor):
+                self.tensors.append((path, x, x._version))
+                continue
+            if d < 0 or id(x) in seen or isinstance(x, (_PLAIN, nn.Module)) or callable(x):
+                continue
+            seen.add(id(x))
+            if isinstance(x, dict):
+                self.held.append((x, dict(x)))
+                items = [(f"{path}[{k!r}]", v) for k, v in x.items()]
+            elif isinstance(x, list):
+                self.held.append((x, list(x)))
+                items = [(f"{path}[{i}]", v) for i, v in enumerate(x)]
+            elif isinstance(x, tuple):
+                items = [(f"{path}[{i}]", v) for i, v in enumerate(x)]
+            elif hasattr(x, "__dict__"):
+                self.held.append((x, dict(vars(x))))
+                items = [(f"{path}.{k}", v) for k, v in vars(x).items()]
+            else:
+                items = []
+            stack.extend((v, d - 1, p) for p, v in items)
+
+    def restore(self) -> None:
+        """Every container's contents as they were when this state was taken."""
+        for x, contents in self.held:
+            if isinstance(x, dict):
+                dict.clear(x)
+                dict.update(x, contents)
+            elif isinstance(x, list):
+                list.__setitem__(x, slice(None), contents)
+            else:
+                vars(x).clear()
+                vars(x).update(contents)
+
+    def refuse_changed_in_place(self, block: str, when: str) -> None:
+        """StrategyError when a tensor in the objects changed in place since."""
+        for path, t, version in self.tensors:
+            if t._version != version:
+                raise StrategyError(
+                    f"memprop.checkpoint: a tensor in the object {block} was handed "
+                    f"({path}) changed in place {when}, so the recompute in backward "
+                    "would not see what the forward saw (NOTE [ An object a block "
+                    "changes ]); this model cannot be checkpointed by blocks: a form "
+                    "replaying recorded calls (forward:-, remat:-) can")
+
+    @contextlib.contextmanager
+    def rewound(self, block: str):
+        """Inside: every container as it was when this state was taken; on leaving, as
+        it was on entering."""
+        self.refuse_changed_in_place(block, "before its recompute")
+        now = ObjectState(self.objects)
+        self.restore()
+        try:
+            yield
+        finally:
+            now.restore()
 
 
 def _objects(leaves: list) -> list:
     """The leaves a forward could change that are neither tensors nor plain values."""
     return [x for x in leaves if not isinstance(x, (torch.Tensor, _PLAIN, nn.Module))
             and not callable(x) and hasattr(x, "__dict__")]
-
-
-def _refuse_object_changed(objects: list, before: list, first: str) -> None:
-    """StrategyError when a checkpointed forward changed an object it was handed (NOTE
-    above)."""
-    for obj, was in zip(objects, before):
-        now = _tensors_of(obj)
-        if now == was:
-            continue
-        changed = sorted(p for p in was.keys() | now.keys() if now.get(p) != was.get(p))
-        raise StrategyError(
-            f"memprop.checkpoint: {first} changed the {type(obj).__name__} object it was "
-            f"handed during a checkpointed forward ({changed[0].lstrip('.')!r}), so the "
-            "recompute in backward would not see what the forward saw (NOTE [ An object a "
-            "block changes ]); this model cannot be checkpointed by blocks: a form "
-            "replaying recorded calls (forward:-, remat:-) can")
 
 
 class SegmentForward(PatchedForward):
@@ -408,11 +446,14 @@ class SegmentForward(PatchedForward):
 
         def segment(*tensors):
             calls[0] += 1
-            filled = list(leaves)
+            if calls[0] == 1:            # the forward: the caller's own arguments
+                return self._run(args, kwargs, recompute=False, tail=tail, kept=kept)
+            filled = list(leaves)        # a recompute: the arguments as they were handed
             for i, t in zip(where, tensors):
                 filled[i] = t
             a, kw = tree_unflatten(filled, spec)
-            return self._run(a, kw, recompute=calls[0] > 1, tail=tail, kept=kept)
+            with objects.rewound(names[0]):   # NOTE [ An object a block changes ]
+                return self._run(a, kw, recompute=True, tail=tail, kept=kept)
 
         options: dict[str, Any] = dict(use_reentrant=False, preserve_rng_state=True)
         if is_verifying():               # NOTE [ Verifying a replay ]
@@ -422,10 +463,9 @@ class SegmentForward(PatchedForward):
         before = _tree(self.seg)
         state = self.kept.before(self.seg)       # NOTE [ Buffers a forward changes ]
         kept = state[2]                          # read by the recompute (segment)
-        objects = _objects(leaves)
-        states = [_tensors_of(x) for x in objects]
+        objects = ObjectState(_objects(leaves))  # NOTE [ An object a block changes ]
         out = checkpoint(segment, *(leaves[i] for i in where), **options)
         _refuse_changed(before, _tree(self.seg), names[0])
-        _refuse_object_changed(objects, states, names[0])
+        objects.refuse_changed_in_place(names[0], "during its forward")
         self.kept.after(self.seg, state, names[0])
         return out

@@ -51,15 +51,14 @@ from torch.utils.checkpoint import (
 
 from memprop.checkpoint.forms.chain import (
     KeptBuffers,
+    ObjectState,
     SegmentForward,
     SegmentRefused,
     _inside_segment,
     _objects,
     _per_block_hint,
     _refuse_changed,
-    _refuse_object_changed,
     _run_tail,
-    _tensors_of,
     _tree,
     as_forward_saw,
     norms_kept,
@@ -85,13 +84,14 @@ class _Run:
         self.tree = _tree(span.seg)                  # modules, to refuse a change
         self.kept_state = span.kept.before(span.seg)  # NOTE [ Buffers a forward changes ]
         self.kept = self.kept_state[2]
-        self.calls: list[tuple] = []        # (spec, leaves, cpu rng, device rng)
+        # (spec, leaves, cpu rng, device rng, the objects it was handed as they were)
+        self.calls: list[tuple] = []
         # id(output leaf) -> (block, leaf index, a weak reference: ids are reused)
         self.made: dict[int, tuple[int, int, Any]] = {}
         self.stored: dict[int, Any] = {}     # id(tensor) -> its saved tensor
 
-    def record(self, p: int, args: tuple, kwargs: dict) -> None:
-        """Notes block ``p``'s call."""
+    def record(self, p: int, args: tuple, kwargs: dict) -> ObjectState:
+        """Notes block ``p``'s call; returns the objects it was handed, as they are."""
         leaves, spec = tree_flatten((args, kwargs))
         kept: list = []
         for x in leaves:
@@ -106,7 +106,9 @@ class _Run:
                 kept.append(x)
         devices = ((get_device_states(*[x for x in leaves if isinstance(x, torch.Tensor)]))
                    if self.span.had_device else None)
-        self.calls.append((spec, kept, torch.get_rng_state(), devices))
+        objects = ObjectState(_objects(leaves))    # NOTE [ An object a block changes ]
+        self.calls.append((spec, kept, torch.get_rng_state(), devices, objects))
+        return objects
 
     def returned(self, p: int, out) -> None:
         for k, leaf in enumerate(tree_flatten(out)[0]):
@@ -127,7 +129,7 @@ class _Run:
                 if torch.amp.is_autocast_available(self.device_type) \
                 else contextlib.nullcontext(), \
                 torch.amp.autocast("cpu", **self.autocast[1]), recompute_ctx:
-            for p, (spec, leaves, rng, device_rng) in enumerate(self.calls):
+            for p, (spec, leaves, rng, device_rng, objects) in enumerate(self.calls):
                 values = [outs[x[1]][x[2]] if isinstance(x, tuple) and x[:1] == ("out",)
                           else x.unpack() if isinstance(x, _SavedTensor) else x
                           for x in leaves]
@@ -136,10 +138,11 @@ class _Run:
                 if device_rng is not None:
                     set_device_states(*device_rng, device_type=self.device_type)
                 block = span.seg[p]
-                if self.tail is not None and p == len(span.seg) - 1:
-                    out = _run_tail(block, args, kwargs, self.tail, True)
-                else:
-                    out = block(*args, **kwargs)
+                with objects.rewound(span.names[p]):
+                    if self.tail is not None and p == len(span.seg) - 1:
+                        out = _run_tail(block, args, kwargs, self.tail, True)
+                    else:
+                        out = block(*args, **kwargs)
                 outs.append(tree_flatten(out)[0])
 
 
@@ -196,9 +199,7 @@ class Span:
                 f"checkpointed segment ({names[0]} .. {names[-1]}; {expected} was next); "
                 f"{_per_block_hint(names[0])}")
         assert run is not None
-        run.record(p, args, kwargs)
-        objects = _objects(tree_flatten((args, kwargs))[0])
-        states = [_tensors_of(x) for x in objects]
+        objects = run.record(p, args, kwargs)
         forward_ctx = run.contexts[0] if run.contexts is not None else \
             contextlib.nullcontext()
         last = p == len(self.seg) - 1
@@ -207,7 +208,7 @@ class Span:
                 out = _run_tail(self.seg[p], args, kwargs, run.tail, False)
             else:
                 out = original(*args, **kwargs)
-        _refuse_object_changed(objects, states, names[p])
+        objects.refuse_changed_in_place(names[p], "during its forward")
         run.returned(p, out)
         self.next = p + 1
         if last:
