@@ -143,7 +143,7 @@ def test_a_killed_driver_keeps_finished_trials_and_a_rerun_runs_only_the_rest(cl
            "--quiet", "--executor", "ray", "--ray-address", cluster]
     driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    stored, deadline = 0, time.monotonic() + 60
+    stored, deadline = 0, time.monotonic() + 300    # a ceiling: loaded machines are slow
     while stored < 1 and time.monotonic() < deadline and driver.poll() is None:
         time.sleep(0.1)
         if db.exists():
