@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import threading
 
 import torch
 from torch import nn
@@ -260,23 +261,31 @@ def _convert_fake(module: nn.Module, *args, **kwargs) -> nn.Module:
     return module
 
 
+_building = threading.local()           # depth of conversions_a_fake_build_survives
+_torch_to = nn.Module.to
+
+
+def _to(module, *args, **kwargs):
+    """``Module.to``, by replacement on a module holding fake tensors while one is built."""
+    if getattr(_building, "depth", 0) and any(isinstance(t, FakeTensor) for t in
+                                              itertools.chain(module.parameters(),
+                                                              module.buffers())):
+        return _convert_fake(module, *args, **kwargs)
+    return _torch_to(module, *args, **kwargs)
+
+
 @contextlib.contextmanager
 def conversions_a_fake_build_survives():
-    """While building a model: ``Module.to`` on fake tensors converts by replacement
-    (NOTE [ A model that converts itself while it is built ])."""
-    original = nn.Module.to
-
-    def to(module, *args, **kwargs):
-        if any(isinstance(t, FakeTensor) for t in itertools.chain(
-                module.parameters(), module.buffers())):
-            return _convert_fake(module, *args, **kwargs)
-        return original(module, *args, **kwargs)
-
-    nn.Module.to = to   # type: ignore[method-assign]
+    """While building a model (in this thread): ``Module.to`` on fake tensors converts
+    by replacement (NOTE [ A model that converts itself while it is built ]). The
+    wrapper is installed once and stays: outside a build it is torch's own, so threads
+    entering and leaving in any order never leave another's patch behind."""
+    nn.Module.to = _to   # type: ignore[method-assign]
+    _building.depth = getattr(_building, "depth", 0) + 1
     try:
         yield
     finally:
-        nn.Module.to = original   # type: ignore[method-assign]
+        _building.depth -= 1
 
 
 def is_fake(model_or_tensor) -> bool:

@@ -532,7 +532,9 @@ def test_a_fake_module_converts_by_replacement_while_built():
         assert tied[0].weight is tied[1].weight and tied[1].weight.dtype == torch.float16
         assert isinstance(tied[0].weight, nn.Parameter) and isinstance(tied[0].weight,
                                                                        FakeTensor)
-    assert nn.Module.to.__qualname__ == "Module.to"                  # restored
+    with FakeTensorMode():                                          # outside a build:
+        with pytest.raises(RuntimeError, match="Couldn't swap"):     # torch's own
+            nn.Conv1d(4, 4, 3).to(dtype=torch.float32)
     real = nn.Linear(2, 2)
     with conversions_a_fake_build_survives():                        # real: torch's own
         w = real.weight
