@@ -176,6 +176,10 @@ class Measurement:
     peak_by_phase: dict[str, int] = dataclasses.field(default_factory=dict)
     peak_by_category: dict[str, int] = dataclasses.field(default_factory=dict)
     timeline: pd.DataFrame = dataclasses.field(default=None, repr=False)
+    # each category's bytes at the peak where there is no timeline to read them from (an
+    # extrapolated rank, NOTE [ Predicting a deep model from three shallow ones ],
+    # memprop.sharded.layers); ``bytes_at_peak`` reads either
+    composition_at_peak: dict[str, int] = dataclasses.field(default_factory=dict)
     first_step_peak_bytes: int = 0                              # the step creating opt. state
     budget_peak_bytes: int = 0          # max over every pass: what a tensor budget must hold
     # claim C4: the same batch as prediction
@@ -238,10 +242,11 @@ class Measurement:
 def bytes_at_peak(m: Measurement) -> dict[str, int]:
     """Each category's bytes at the row of ``m``'s peak (the first timeline row whose
     total is the largest): they add up to the peak, a stacked bar of what holds it.
-    Empty without a timeline."""
+    Without a timeline, the ``composition_at_peak`` the measurement carries (empty if
+    none)."""
     tl = m.timeline
     if tl is None or tl.empty:
-        return {}
+        return dict(m.composition_at_peak)
     i = int(tl["total_bytes"].to_numpy().argmax())
     return {c: int(tl[f"{c}_bytes"].iloc[i]) for c in CATEGORIES}
 

@@ -12,7 +12,9 @@ import torch.distributed as dist
 import memprop
 from memprop.cli import main
 from memprop.errors import ConfigError
-from memprop.sharded import FSDPConfig, predict
+from memprop.measure import bytes_at_peak
+from memprop.sharded import FSDPConfig, plan_rank, predict
+from memprop.sharded.predictions import RankPredictions
 from memprop.sharded.layers import NotLinear, extrapolate_rank, layer_count
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="no torch.distributed")
@@ -26,7 +28,7 @@ def _figures(s):
     """Every figure extrapolation promises, per rank."""
     return [(m.peak_bytes, m.saved_bytes, m.saved_count, m.start_bytes,
              m.first_step_peak_bytes, m.budget_peak_bytes, m.peak_by_phase,
-             m.peak_by_category, m.meta.get("gathered_bytes_at_peak"),
+             m.peak_by_category, bytes_at_peak(m), m.meta.get("gathered_bytes_at_peak"),
              m.meta.get("gathered_peak_bytes")) for m in map(s.rank, range(s.world_size))]
 
 
@@ -87,6 +89,21 @@ def test_a_figure_off_the_line_is_not_extrapolated():
              for v in (0, 10**6, 2 * 10**6)]
     with pytest.raises(NotLinear, match="the peak moves between phases"):
         extrapolate_rank(moved, 10**4)
+
+
+def test_a_rank_is_planned_on_extrapolated_predictions():
+    # the rank planner reads the bytes by category at the plain step's peak, which an
+    # extrapolated rank carries without a timeline: the plan and its predicted peak are
+    # those planned on every layer
+    fsdp = FSDPConfig(world_size=4)
+    plain = predict(TRANSFORMER, 2, fsdp=fsdp, layers="all")
+    budget = int(plain.peak_bytes * 0.9)
+    plans = [plan_rank(TRANSFORMER, 2, fsdp, budget, predictions=RankPredictions(
+        TRANSFORMER, fsdp, layers=layers)) for layers in ("extrapolate", "all")]
+    fast, whole = plans
+    assert fast.plain.extrapolated_from == (3, 4, 5) and fast.spec != "none"
+    assert (fast.spec, fast.fits, fast.predicted_peak_bytes) == (
+        whole.spec, whole.fits, whole.predicted_peak_bytes)
 
 
 def test_cli_estimate_says_it_extrapolated(capsys):

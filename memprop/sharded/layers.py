@@ -27,7 +27,9 @@ NOTE [ Predicting a deep model from three shallow ones ]
   name blocks by index), the whole model is predicted and ``extrapolated_from`` is None;
   ``extrapolation_refused`` says why. An extrapolated rank has no timeline and no
   per-storage rows (the shallow models' would be of another model); its ``meta``
-  names the depths it came from. Linear at 3, 4 and 5 is checked, not proven for every
+  names the depths it came from, and its ``composition_at_peak`` holds each category's
+  bytes at the peak, extrapolated the same way (they must add up to the peak): what
+  the rank planner and the sweep rows read. Linear at 3, 4 and 5 is checked, not proven for every
   depth: tests/test_sharded_layers.py checks the extrapolated figures equal the whole
   model's prediction, to the byte, on the zoo transformer and a Llama under FSDP2 with
   and without resharding, HSDP and tensor parallelism, plain and checkpointed, and
@@ -41,7 +43,7 @@ from typing import Any
 
 import pandas as pd
 
-from memprop.measure import Measurement
+from memprop.measure import Measurement, bytes_at_peak
 from memprop.models import model_config
 
 __all__ = ["DEPTHS", "layer_count", "with_layers", "uniform_strategy", "extrapolate_rank",
@@ -124,8 +126,13 @@ def extrapolate_rank(shallow: list[Measurement], layers: int) -> Measurement:
         if f in last.meta and last.meta[f] is not None:
             meta[f] = _line([m.meta[f] for m in shallow], f, layers)
     meta.update(extrapolated_from=DEPTHS, layers=layers)
+    parts = [bytes_at_peak(m) for m in shallow]
+    at_peak = {k: _line([p.get(k, 0) for p in parts], f"{k} bytes at the peak", layers)
+               for k in sorted(set().union(*parts))}
+    if sum(at_peak.values()) != ints["peak_bytes"]:
+        raise NotLinear("the bytes by category at the peak do not add up to the peak")
     return dataclasses.replace(
-        last, **ints, **dicts, meta=meta, timeline=None,
+        last, **ints, **dicts, meta=meta, timeline=None, composition_at_peak=at_peak,
         saved=pd.DataFrame(columns=last.saved.columns), work={},
         allocations=last.allocations.iloc[0:0])
 

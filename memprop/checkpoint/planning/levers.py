@@ -27,7 +27,7 @@ from torch import nn
 
 from memprop.checkpoint.forms.strategies import NoCheckpoint, Strategy
 from memprop.checkpoint.planning.simulate import simulate
-from memprop.measure import Measurement, make_optimizer
+from memprop.measure import Measurement, bytes_at_peak, make_optimizer
 from memprop.models import training_loss
 from memprop.units import format_bytes
 
@@ -38,10 +38,13 @@ _STATIC = ("parameter", "gradient", "optimizer")
 
 
 def peak_composition(m: Measurement) -> dict[str, int]:
-    """Bytes by category at the step's peak (NOTE [ What sets the peak ])."""
-    row = m.timeline.loc[m.timeline["total_bytes"].idxmax()]
-    return {c[:-len("_bytes")]: int(row[c]) for c in m.timeline.columns
-            if c.endswith("_bytes") and c != "total_bytes"}
+    """Bytes by category at the step's peak (NOTE [ What sets the peak ]); a
+    ``ValueError`` for a measurement that does not say."""
+    parts = bytes_at_peak(m)
+    if not parts:
+        raise ValueError("this measurement has no timeline and no bytes by category at its "
+                         "peak")
+    return parts
 
 
 class StepInBackward:
