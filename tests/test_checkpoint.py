@@ -151,6 +151,36 @@ def test_held_segment_output_is_exact_and_costs_no_bytes():
     assert all(torch.equal(grads0[k], grads1[k]) for k in grads0)
 
 
+@pytest.mark.parametrize("phi,recorded", [("gelu", [True, False, False]),
+                                          ("relu", [True, True, True])])
+def test_a_block_with_nothing_to_skip_is_recorded_once(monkeypatch, phi, recorded):
+    """Recording a block's forward for the skip costs a Python dispatch per op (NOTE [ A
+    segment's output needs no recompute ]): a GELU block (its output is GELU's, which
+    saves its input) has nothing to skip, so only its first forward is recorded, also
+    after the strategy is applied again; a ReLU block's every forward is (its recompute
+    skips the matmul). Gradients stay bitwise either way."""
+    from memprop.checkpoint.forms import tail
+    cfg = model_config("mlp", depth=4, width=16, d_in=16, d_out=3, phi=phi)
+    model, batch = build_workload(cfg, 4)
+    ops = []
+    original = tail.TailRecord.__torch_dispatch__
+
+    def counting(self, func, types, args=(), kwargs=None):
+        ops.append(func)
+        return original(self, func, types, args, kwargs)
+    monkeypatch.setattr(tail.TailRecord, "__torch_dispatch__", counting)
+    plain = [p.grad for p in (training_loss(model, batch).backward(), *model.parameters())[1:]]
+    model.zero_grad(set_to_none=True)
+    for step in range(3):
+        apply_strategy(model, "full")
+        before = len(ops)
+        training_loss(model, batch).backward()
+        assert (len(ops) > before) == recorded[step], step
+        assert all(torch.equal(a, p.grad) for a, p in zip(plain, model.parameters()))
+        model.zero_grad(set_to_none=True)
+        remove_strategy(model)
+
+
 def test_full_checkpointing_stores_only_block_inputs():
     # gelu MLP: each block saves its input (Linear) and z (gelu's input); checkpointing
     # every block keeps only the block inputs: x, then depth-1 block outputs
