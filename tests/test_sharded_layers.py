@@ -14,8 +14,8 @@ from memprop.cli import main
 from memprop.errors import ConfigError
 from memprop.measure import bytes_at_peak
 from memprop.sharded import FSDPConfig, plan_rank, predict
-from memprop.sharded.predictions import RankPredictions
 from memprop.sharded.layers import NotLinear, extrapolate_rank, layer_count
+from memprop.sharded.predictions import RankPredictions
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="no torch.distributed")
 
