@@ -40,7 +40,7 @@ WORKLOADS = {
 }
 BATCH = 8
 FRACTION = 0.6
-ROUNDS = 7
+ROUNDS = 15
 
 
 def _peak(cfg, model, data) -> int:
