@@ -29,11 +29,12 @@ NOTE [ Predicting a deep model from three shallow ones ]
   per-storage rows (the shallow models' would be of another model); its ``meta``
   names the depths it came from, and its ``composition_at_peak`` holds each category's
   bytes at the peak, extrapolated the same way (they must add up to the peak): what
-  the rank planner and the sweep rows read. Linear at 3, 4 and 5 is checked, not proven for every
-  depth: tests/test_sharded_layers.py checks the extrapolated figures equal the whole
-  model's prediction, to the byte, on the zoo transformer and a Llama under FSDP2 with
-  and without resharding, HSDP and tensor parallelism, plain and checkpointed, and
-  benchmarks/bench_sharded_scale.py on the 7B Llama at 8 and 512 ranks.
+  the rank planner and the sweep rows read. Linear at 3, 4 and 5 is checked, not
+  proven for every depth: tests/test_sharded_layers.py checks the extrapolated figures
+  equal the whole model's prediction, to the byte, on the zoo transformer and a Llama
+  under FSDP2 with and without resharding, HSDP and tensor parallelism, plain and
+  checkpointed, and benchmarks/bench_sharded_scale.py on the 7B Llama at 8, 64 and 512
+  ranks, with and without tensor parallelism.
 """
 
 from __future__ import annotations
