@@ -151,34 +151,55 @@ def test_held_segment_output_is_exact_and_costs_no_bytes():
     assert all(torch.equal(grads0[k], grads1[k]) for k in grads0)
 
 
-@pytest.mark.parametrize("phi,recorded", [("gelu", [True, False, False]),
-                                          ("relu", [True, True, True])])
-def test_a_block_with_nothing_to_skip_is_recorded_once(monkeypatch, phi, recorded):
+def test_a_block_with_nothing_to_skip_is_recorded_once_per_mode(monkeypatch):
     """Recording a block's forward for the skip costs a Python dispatch per op (NOTE [ A
-    segment's output needs no recompute ]): a GELU block (its output is GELU's, which
-    saves its input) has nothing to skip, so only its first forward is recorded, also
-    after the strategy is applied again; a ReLU block's every forward is (its recompute
-    skips the matmul). Gradients stay bitwise either way."""
+    segment's output needs no recompute ]). A GELU block's output is GELU's, which saves
+    its input: nothing to skip, so its forward is recorded once per training mode,
+    whatever strategy wraps it later. A ReLU block's is recorded every time (its
+    recompute skips the matmul), and a forward with nothing to skip for a passing
+    reason (no graph: every parameter frozen) marks nothing. Gradients stay bitwise."""
     from memprop.checkpoint.forms import tail
-    cfg = model_config("mlp", depth=4, width=16, d_in=16, d_out=3, phi=phi)
-    model, batch = build_workload(cfg, 4)
-    ops = []
+    ops: list = []
     original = tail.TailRecord.__torch_dispatch__
 
     def counting(self, func, types, args=(), kwargs=None):
         ops.append(func)
         return original(self, func, types, args, kwargs)
     monkeypatch.setattr(tail.TailRecord, "__torch_dispatch__", counting)
-    plain = [p.grad for p in (training_loss(model, batch).backward(), *model.parameters())[1:]]
-    model.zero_grad(set_to_none=True)
-    for step in range(3):
-        apply_strategy(model, "full")
-        before = len(ops)
-        training_loss(model, batch).backward()
-        assert (len(ops) > before) == recorded[step], step
-        assert all(torch.equal(a, p.grad) for a, p in zip(plain, model.parameters()))
+
+    def recorded(model, batch, strategy, *, train=True, step=True) -> bool:
+        apply_strategy(model, strategy)
+        model.train(train)
         model.zero_grad(set_to_none=True)
-        remove_strategy(model)
+        before = len(ops)
+        try:
+            loss = training_loss(model, batch)
+            if step:
+                loss.backward()
+                assert all(torch.equal(a, p.grad) for a, p in zip(plain, model.parameters()))
+        finally:
+            remove_strategy(model)
+        return len(ops) > before
+
+    def mlp(phi):
+        return build_workload(model_config("mlp", depth=4, width=16, d_in=16, d_out=3,
+                                           phi=phi), 4)
+    plain: list = []
+    for phi in ("gelu", "relu"):
+        model, batch = mlp(phi)
+        training_loss(model, batch).backward()
+        plain = [p.grad.clone() for p in model.parameters()]
+        if phi == "gelu":
+            assert [recorded(model, batch, s) for s in ("full", "full", "segments:2")] == [
+                True, False, False]
+            # eval mode is another mode: recorded once in it too
+            assert [recorded(model, batch, "full", train=False, step=False)
+                    for _ in range(2)] == [True, False]
+    model.requires_grad_(False)                    # a frozen warm-up: no graph
+    assert recorded(model, batch, "full", step=False)
+    model.requires_grad_(True)
+    assert [recorded(model, batch, s) for s in ("full", "full", "segments:2")] == [
+        True, True, True]
 
 
 def test_full_checkpointing_stores_only_block_inputs():

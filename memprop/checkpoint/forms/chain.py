@@ -100,11 +100,13 @@ def _run_tail(block: nn.Module, args, kwargs, tail: dict, recompute: bool):
     Recording runs every op of the forward through a Python dispatch mode: a tiny
     Llama's (hidden 128) block forward took 2 ms longer recorded, and its 4-block
     ``full`` step 1.56x the plain step against 1.41x unrecorded. So a block whose
-    recorded forward had nothing to skip (its output a residual add, a tuple) is not
-    recorded again in that training mode, whatever strategy wraps it later: it runs as
-    it is and its recompute in full. Skipping is never needed for a correct gradient,
-    only cheaper; a block whose forward changes what it ends with loses the skip, never
-    exactness."""
+    recorded forward had nothing to skip because of what its code ends with (a
+    residual add, a tuple: ``TailRecord.structural``) is not recorded again in that
+    training mode, whatever strategy wraps it later: it runs as it is and its recompute
+    in full. A forward that had nothing to skip for its own reasons (no graph: frozen
+    parameters and an input needing no gradient; its input handed back; an op output
+    a hook kept) marks nothing. Skipping is never needed for a correct gradient, only
+    cheaper: a mark can cost speed, never exactness."""
     if not recompute:
         modes = _UNTAILED.setdefault(block, set())
         if block.training in modes:
@@ -113,9 +115,9 @@ def _run_tail(block: nn.Module, args, kwargs, tail: dict, recompute: bool):
         with record:
             out = block(*args, **kwargs)
         found = record.plan(out)
-        if found is None:
+        if found is None and record.structural:
             modes.add(block.training)
-        else:
+        elif found is not None:
             tail.update(calls=record.calls, found=found, held=hold(out),
                         version=out._version)
         return out

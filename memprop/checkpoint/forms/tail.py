@@ -91,6 +91,7 @@ class TailRecord(TorchDispatchMode):
         self.counter = counter
         self._ids: dict = {}            # storage address -> (id, weakref to the storage)
         self._count = 0
+        self.structural = False         # set by plan()
 
     def _id(self, t: torch.Tensor) -> int:
         storage = t.untyped_storage()
@@ -122,13 +123,20 @@ class TailRecord(TorchDispatchMode):
         """(index of d, index of p) in the block's calls, or None (NOTE above). Called
         when the block has returned: d's output must be freed by then (no module
         attribute or hook kept it, so nothing but the recompute can see the
-        placeholder)."""
-        if not isinstance(output, torch.Tensor) or output.grad_fn is None:
+        placeholder). After a None, ``structural`` says whether the block's code
+        refused (what its output is, the ops ending it: so every forward of it would)
+        or this forward did (no graph, its input handed back, d's output still held)."""
+        self.structural = False
+        if not isinstance(output, torch.Tensor):
+            self.structural = True
+            return None
+        if output.grad_fn is None:
             return None
         key = self._id(output)
         p = max((i for i, c in enumerate(self.calls) if key in c.outs), default=None)
         if p is None:
             return None
+        self.structural = True
         pc = self.calls[p]
         node = output.grad_fn
         if (len(pc.outs) != 1 or len(pc.ins) != 1 or not _plain_op(pc.func)
@@ -143,12 +151,14 @@ class TailRecord(TorchDispatchMode):
                              if i not in (d, p))
         inputs = [n for n, _ in node.next_functions if n is not None]
         if (len(dc.outs) != 1 or read_elsewhere or not _plain_op(dc.func)
-                or dc.outs[0] == key or len(inputs) != 1 or self.alive(dc.outs[0])
+                or dc.outs[0] == key or len(inputs) != 1
                 or any(name.startswith("_raw_saved_result") for name in
                        _saved_names(inputs[0]))):
             return None
+        self.structural = False
+        if self.alive(dc.outs[0]):
+            return None
         return d, p
-
 
     def skipped_flops(self, output) -> float:
         """FLOPs a recompute of this block skips when ``output`` is held (0 if none):
