@@ -186,3 +186,28 @@ def test_a_candidate_that_refuses_to_run_is_never_chosen_nor_raised():
             assert exc.smallest_feasible_bytes > int(peak * fraction)
         else:
             assert found.predicted_peak_bytes <= int(peak * fraction)
+
+
+def test_a_selective_policy_is_priced_for_every_call_it_sees():
+    # a fake model is priced by the rates alone: an ops: block's every aten call passes
+    # through the policy twice (forward, recompute), kept or not, not only the calls
+    # recomputed; plain checkpoints pass none, forward: the whole forward's
+    from memprop.checkpoint.forms.strategies import parse_strategy
+    from memprop.checkpoint.planning.profile import profile
+    from memprop.checkpoint.planning.simulate import simulate
+    from memprop.checkpoint.planning.timing import python_ops_of
+    cfg, model, data = _workload()
+    block_ops = tuple(map(len, profile(model, data, loss_fn=cfg.loss).block_calls))
+    assert len(block_ops) == 4 and min(block_ops) > 10
+    plain = simulate(model, data, parse_strategy("none"), loss_fn=cfg.loss)
+
+    def hops(spec):
+        strategy = parse_strategy(spec)
+        m = simulate(model, data, strategy, loss_fn=cfg.loss)
+        return python_ops_of(strategy, m, plain, None, block_ops)
+    assert hops("ops:0-1=addmm#0,3") == (0.0, 2.0 * (block_ops[0] + block_ops[1]))
+    assert hops("ops:addmm") == hops("selective") == (0.0, 2.0 * sum(block_ops))
+    assert hops("full") == hops("blocks:0-1") == (0.0, 0.0)
+    assert hops("forward:addmm")[1] == 2.0 * plain.work["forward"][0]
+    # the calibrated price of a call the policy sees is measured, never negative
+    assert calibrate(torch.device("cpu"), torch.float32).ms_per_policy_op >= 0.0

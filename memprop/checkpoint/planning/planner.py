@@ -310,11 +310,12 @@ OBJECTIVES = ("time", "flops")
 
 
 def _price(model, batch, plans: list[Plan], plain: Measurement, *, blocks_attr, select,
-           optimizer, loss_fn, amp) -> None:
+           optimizer, loss_fn, amp, block_ops: tuple[int, ...] = ()) -> None:
     """Set each plan's predicted step time and the plain step's (NOTE [ Pricing a plan
     in seconds ], memprop.checkpoint.planning.timing): on a real model each candidate
     and the plain step timed at ``SMALL_ROWS`` rows (interleaved, medians), the rest of
-    the batch priced at the device's rates; a fake model priced by the rates alone."""
+    the batch priced at the device's rates; a fake model priced by the rates alone
+    (``block_ops``: each block's aten calls, which a selective policy sees twice)."""
     first = next(iter(model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
     rates = calibrate(device, first.dtype if first is not None else torch.float32)
@@ -326,7 +327,8 @@ def _price(model, batch, plans: list[Plan], plain: Measurement, *, blocks_attr, 
     if fake_mode_of(model) is not None:
         ratios = {p.spec: p.rebuild_ratio for p in plans}
         ms = {spec: predict_ms(rates, m, python_ops=python_ops_of(
-            strategies[spec], m, plain, ratios.get(spec))) for spec, m in full.items()}
+            strategies[spec], m, plain, ratios.get(spec), block_ops))
+            for spec, m in full.items()}
         basis = "rates"
     else:
         small = first_rows(batch)
@@ -494,7 +496,7 @@ class _Search:
         else:
             _price(self.model, self.batch, fits, self.plain, blocks_attr=self.blocks_attr,
                    select=self.select, optimizer=self.optimizer, loss_fn=self.step_loss,
-                   amp=self.amp)
+                   amp=self.amp, block_ops=tuple(map(len, self.prof.block_calls)))
             ranked = sorted(fits, key=lambda p: (p.predicted_step_ms, p.recompute_flops))
         ranked[0].alternatives = tuple(ranked[1:])
         return ranked[0]

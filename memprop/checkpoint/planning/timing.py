@@ -23,9 +23,13 @@ NOTE [ Pricing a plan in seconds ]
   with FLOPs and bytes written over the step's forward and backward, counted on fake
   tensors by the simulation (NOTE [ A step's work ], memprop.flops). Nothing of the full
   step is allocated. A fake model (a config planned from the CLI) cannot be timed: its
-  plans are priced by the rates alone, per-op costs at the plain dispatch cost, and the
-  plan says so. The model ranks plans; ``benchmarks/results/planner.md`` measures how
-  well it predicts.
+  plans are priced by the rates alone, per-op costs at the plain dispatch cost, plus
+  what each call a form runs through Python costs more (``python_ops_of``: a selective
+  policy sees every call of its blocks twice, in the forward and in the recompute, at
+  ``ms_per_policy_op``, calibrated on ``ops:`` itself: 10 us a call here, three Python
+  hops; hf:gpt2's ``ops:`` plans were priced below whole blocks they measured 0.1x of
+  the step above), and the plan says so. The model ranks plans;
+  ``benchmarks/results/planner.md`` measures how well it predicts.
   The candidates priced are the plans that fit from each search: the chain's placement
   of least recompute FLOPs, and, when that placement keeps op outputs (``ops:``), the
   placement of plain segments only (the DP without op-level options): an ``ops:``
@@ -45,6 +49,7 @@ import time
 import warnings
 
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -70,6 +75,9 @@ class Rates:
     ms_per_byte: float        # a large pointwise add's time per byte written
     ms_per_op: float          # one small aten call's dispatch
     ms_per_python_op: float   # what an aten call costs more through a Python dispatch mode
+    # what an aten call costs more each time a selective-checkpoint policy (``ops:``)
+    # sees it, against a plain checkpoint of the same block: a policy call, a cache
+    ms_per_policy_op: float = 0.0
 
 
 def _median_ms(fn, repeats: int = 5) -> float:
@@ -104,7 +112,54 @@ def _calibrate(device: str, dtype: torch.dtype, threads: int) -> Rates:
         python_op = run(lambda: torch.add(tiny, tiny), 200)
     return Rates(ms_per_flop=max(mm - op, 0.0) / (2 * n ** 3),
                  ms_per_byte=max(add - op, 0.0) / (big.numel() * big.element_size()),
-                 ms_per_op=op, ms_per_python_op=max(python_op - op, 0.0))
+                 ms_per_op=op, ms_per_python_op=max(python_op - op, 0.0),
+                 ms_per_policy_op=_policy_op_ms(dev, dtype, sync))
+
+
+class _Calls(nn.Module):
+    """A block of ``_CALLS`` tiny multiplications."""
+
+    def forward(self, x):
+        for _ in range(_CALLS):
+            x = x * 1.0001
+        return x
+
+
+class _Chain(nn.Module):
+    def __init__(self, device, dtype):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(4, device=device, dtype=dtype))
+        self.blocks = nn.ModuleList([_Calls() for _ in range(2)])
+
+    def forward(self, x):
+        x = x * self.w
+        for block in self.blocks:
+            x = block(x)
+        return x.sum()
+
+
+_CALLS = 50
+
+
+def _policy_op_ms(dev: torch.device, dtype: torch.dtype, sync) -> float:
+    """A selective policy's cost per call it sees: a chain of two blocks of tiny
+    multiplications, stepped under ``ops:`` (keeping every other one) and under ``full``,
+    the difference per call seen (each call twice: forward and recompute)."""
+    model, x = _Chain(dev, dtype), torch.randn(4, device=dev, dtype=dtype)
+
+    def step_ms(spec: str) -> float:
+        parse_strategy(spec).apply(model, blocks_attr="blocks")
+        try:
+            def go():
+                model(x).backward()
+                sync()
+            return _median_ms(go, repeats=9)
+        finally:
+            remove_strategy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        policy, plain = step_ms("ops:mul#0"), step_ms("full")
+    return max(policy - plain, 0.0) / (2 * 2 * _CALLS)
 
 
 class _PassThrough(TorchDispatchMode):
@@ -116,8 +171,9 @@ class _PassThrough(TorchDispatchMode):
 
 def calibrate(device: torch.device, dtype: torch.dtype) -> Rates:
     """This device's ``Rates`` for ``dtype`` at the current thread count, measured once
-    per process (a 512x512 matmul, a 16 MiB add, a 4-element add, and that add through a
-    Python dispatch mode; medians of 5)."""
+    per process (a 512x512 matmul, a 16 MiB add, a 4-element add, that add through a
+    Python dispatch mode, and 200 tiny multiplications under ``ops:`` against ``full``;
+    medians of 5 and 9)."""
     return _calibrate(str(device), dtype, torch.get_num_threads())
 
 
@@ -139,34 +195,51 @@ def work_of(m: Measurement) -> tuple[int, int, int]:
 
 
 def predict_ms(rates: Rates, full: Measurement, small: Measurement | None = None,
-               small_ms: float | None = None, python_ops: float = 0.0) -> float:
+               small_ms: float | None = None, python_ops: tuple[float, float] = (0.0, 0.0)
+               ) -> float:
     """Predicted step time (ms) of the step ``full`` simulates: ``small_ms``, measured at
     the rows ``small`` simulates, plus the extra work priced at ``rates``; without a
-    timing, the whole work priced at ``rates``, each op at the plain dispatch cost and
-    ``python_ops`` of them (a form's own, ``python_ops_of``) at a Python hop more."""
+    timing, the whole work priced at ``rates``, each op at the plain dispatch cost, and
+    the calls a form runs through Python (``python_ops_of``: through a dispatch mode,
+    through a selective policy) at what each costs more."""
     flops, written, ops = work_of(full)
     if small is None or small_ms is None:
+        hops, policy = python_ops
         return (flops * rates.ms_per_flop + written * rates.ms_per_byte
-                + ops * rates.ms_per_op + python_ops * rates.ms_per_python_op)
+                + ops * rates.ms_per_op + hops * rates.ms_per_python_op
+                + policy * rates.ms_per_policy_op)
     small_flops, small_written, _ = work_of(small)
     return (small_ms + (flops - small_flops) * rates.ms_per_flop
             + (written - small_written) * rates.ms_per_byte)
 
 
 def python_ops_of(strategy, full: Measurement, plain: Measurement,
-                  rebuild_ratio: float | None = None) -> float:
-    """Aten calls a form runs through memprop's or torch's Python dispatch (untimed, a
-    fake model): ``remat:`` records every forward call and replays its rebuilds
-    (``rebuild_ratio`` of them per forward call); a selective-checkpoint policy
-    (``ops:``, ``selective``, ``forward:``) sees each recomputed call twice, in the
-    forward and in its recompute; plain checkpoints none."""
+                  rebuild_ratio: float | None = None,
+                  block_ops: tuple[int, ...] = ()) -> tuple[float, float]:
+    """(calls through a Python dispatch mode, calls a selective policy sees) of a form's
+    step (untimed, a fake model): ``remat:`` records every forward call and replays its
+    rebuilds (``rebuild_ratio`` of them per forward call); a selective-checkpoint policy
+    sees every call of the region it covers twice, in the forward and in the recompute
+    (a kept call returns its cached output, still through the policy): each block's
+    calls (``block_ops``, per block of the chain) for ``ops:``'s keyed blocks and
+    ``selective``, the whole forward's for ``forward:``; without ``block_ops``, twice
+    the calls recomputed. Plain checkpoints none."""
     forward_ops = full.work.get("forward", (0, 0))[0]
     extra = full.work.get("backward", (0, 0))[0] - plain.work.get("backward", (0, 0))[0]
     if isinstance(strategy, Remat):
-        return forward_ops * (1 + (rebuild_ratio or 0.0))
-    if isinstance(strategy, (Ops, Forward, Selective)):
-        return 2.0 * max(extra, 0)
-    return 0.0
+        return forward_ops * (1 + (rebuild_ratio or 0.0)), 0.0
+    if isinstance(strategy, Forward):
+        return 0.0, 2.0 * forward_ops
+    if block_ops and isinstance(strategy, Selective):
+        return 0.0, 2.0 * sum(block_ops)
+    if block_ops and isinstance(strategy, Ops):
+        if strategy.every is not None:
+            return 0.0, 2.0 * sum(block_ops)
+        return 0.0, 2.0 * sum(sum(block_ops[a:b + 1]) for a, b, keys in strategy.parts
+                              if keys)
+    if isinstance(strategy, (Ops, Selective)):
+        return 0.0, 2.0 * max(extra, 0)
+    return 0.0, 0.0
 
 
 def time_strategies(model, batch, loss_fn, strategies: dict, *, rounds: int = 5,
