@@ -116,6 +116,9 @@ def _calibrate(device: str, dtype: torch.dtype, threads: int) -> Rates:
                  ms_per_policy_op=_policy_op_ms(dev, dtype, sync))
 
 
+_CALLS = 50                 # tiny multiplications per block of the policy's calibration
+
+
 class _Calls(nn.Module):
     """A block of ``_CALLS`` tiny multiplications."""
 
@@ -136,9 +139,6 @@ class _Chain(nn.Module):
         for block in self.blocks:
             x = block(x)
         return x.sum()
-
-
-_CALLS = 50
 
 
 def _policy_op_ms(dev: torch.device, dtype: torch.dtype, sync) -> float:
@@ -230,16 +230,14 @@ def python_ops_of(strategy, full: Measurement, plain: Measurement,
         return forward_ops * (1 + (rebuild_ratio or 0.0)), 0.0
     if isinstance(strategy, Forward):
         return 0.0, 2.0 * forward_ops
-    if block_ops and isinstance(strategy, Selective):
-        return 0.0, 2.0 * sum(block_ops)
-    if block_ops and isinstance(strategy, Ops):
-        if strategy.every is not None:
-            return 0.0, 2.0 * sum(block_ops)
+    if not isinstance(strategy, (Ops, Selective)):
+        return 0.0, 0.0
+    if not block_ops:
+        return 0.0, 2.0 * max(extra, 0)
+    if isinstance(strategy, Ops) and strategy.every is None:     # its keyed blocks
         return 0.0, 2.0 * sum(sum(block_ops[a:b + 1]) for a, b, keys in strategy.parts
                               if keys)
-    if isinstance(strategy, (Ops, Selective)):
-        return 0.0, 2.0 * max(extra, 0)
-    return 0.0, 0.0
+    return 0.0, 2.0 * sum(block_ops)                             # every block
 
 
 def time_strategies(model, batch, loss_fn, strategies: dict, *, rounds: int = 5,
