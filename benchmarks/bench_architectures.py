@@ -255,7 +255,9 @@ def bytes_check(cfg, spec: str, inference: bool) -> dict:
                    estimate_where=_where(exc))
         return out
     try:
-        e = estimate(cfg, BATCH, strategy=spec, flops=False, inference=inference)
+        # experts run one by one: predicted under the routing the measured step ran
+        e = estimate(cfg, BATCH, strategy=spec, flops=False, inference=inference,
+                     routing="batch")
     except Exception as exc:   # noqa: BLE001
         out.update(estimate="error", estimate_error=_message(exc), estimate_where=_where(exc))
         return out

@@ -59,12 +59,14 @@ NOTE [ MoE routing and the estimate ]
     which reads no value (NOTE [ Fake grouped GEMMs allocate what the kernel allocates
     ], memprop.fake) - is the real step for EVERY routing: exact for the batch's own
     routing, a uniform split and the worst case alike. ``Measurement.routing`` says so.
-  * Per expert (``experts_implementation="eager"``, JetMoE's experts, ...): the step
-    reads the routing (``nonzero``, ``.tolist()``) and allocates one slice per expert,
-    so shapes depend on values. Fake tensors cannot run it: ``measure_step`` on fake
-    tensors raises ``DataDependentStepError`` naming the op and the module, instead of
-    predicting under a silent assumption. Measure such a step, or estimate it with the
-    grouped experts (``--set _experts_implementation=grouped_mm``).
+  * Per expert (``experts_implementation="eager"``, JetMoE's experts, LongCat-Flash's,
+    ...): the step reads the routing (``nonzero``, ``.tolist()``) and allocates one
+    slice per expert, so shapes depend on values. ``estimate`` predicts it under a
+    routing it names - the batch's own, a uniform split, or the capacity bound - with
+    the capacity bound's peak beside it (NOTE [ Predicting experts that run one by one
+    ], memprop.routing). Bare fake tensors cannot run it: ``measure_step`` on fake
+    tensors without a routing raises ``DataDependentStepError`` naming the op and the
+    module, instead of predicting under a silent assumption.
   A measured step states the routing it ran with: the batch's own.
 
 NOTE [ How a tensor budget covers every pass ]
@@ -80,7 +82,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
 import resource
 import statistics
 import sys
@@ -98,6 +99,7 @@ from memprop.errors import ConfigError, MemPropError
 from memprop.fake import is_fake
 from memprop.flops import FlopCounter
 from memprop.models.user import own_forward, split_batch, step_loss
+from memprop.routing import MOE_CLASS
 from memprop.saved import SavedTensorRecorder, batch_tensors, per_module_table
 from memprop.tracker import CATEGORIES, LiveMemoryTracker
 
@@ -170,6 +172,9 @@ class Measurement:
     # mixture of experts: the routing these bytes hold for (NOTE [ MoE routing and the
     # estimate ]); None for a model without experts
     routing: str | None = None
+    # experts run one by one: the predicted peak with every token routed to the same
+    # experts (the capacity bound), where the bytes depend on the routing (memprop.routing)
+    capacity_routing_peak_bytes: int | None = None
     # live memory (NOTE [ What counts as live memory ], memprop.tracker)
     peak_bytes: int = 0
     start_bytes: int = 0                                        # live before the step
@@ -269,7 +274,6 @@ class DataDependentStepError(MemPropError):
 
 _DATA_DEPENDENT = (DataDependentOutputException, DynamicOutputShapeException,
                    GuardOnDataDependentSymNode)
-_MOE_CLASS = re.compile(r"(Experts?|MoE|Moe)(?![a-z])")
 
 
 def _experts_implementations(model: nn.Module) -> list[str]:
@@ -285,7 +289,7 @@ def moe_routing(model: nn.Module, *, predicted: bool) -> str | None:
     estimate ]): None without mixture-of-experts modules (found by class name:
     ``...Experts``, ``...MoE``/``...Moe...``)."""
     classes = {type(m).__name__ for m in model.modules()}
-    if not any(_MOE_CLASS.search(c) for c in classes):
+    if not any(MOE_CLASS.search(c) for c in classes):
         return None
     impls = _experts_implementations(model)
     how = f" (experts_implementation {', '.join(impls)})" if impls else ""
@@ -314,8 +318,9 @@ def _data_dependent_error(exc: BaseException, model: nn.Module,
     op = getattr(exc, "func", None)
     fix = "; " + (fix or "measure it instead (memprop profile without --estimate)")
     if moe_routing(model, predicted=True) is not None:
-        fix = ("; in a mixture-of-experts model that is the expert routing, here read to "
-               "run the experts one by one" + fix)
+        fix = ("; in a mixture-of-experts model that may be the expert routing, here read "
+               "to run the experts one by one, which memprop.estimate predicts under a "
+               "routing it names" + fix)
         if _experts_implementations(model):
             fix += (", or estimate it with grouped experts, whose bytes hold for every "
                     "routing: --set _experts_implementation=grouped_mm (transformers' "

@@ -46,8 +46,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from memprop.checkpoint import applied_strategy, parse_strategy
 from memprop.dtypes import parse_dtype
 from memprop.errors import ConfigError, MemPropError
-from memprop.fake import KernelStorages, fake_batch, fake_copy
-from memprop.measure import DataDependentStepError, Measurement, measure_step
+from memprop.fake import KernelStorages, fake_batch, fake_copy, is_fake
+from memprop.measure import _AMP_DTYPES, DataDependentStepError, Measurement, measure_step
+from memprop.models.user import step_loss
+from memprop.routing import ROUTINGS, RoutedValues, Routing, record_routing
+from memprop.saved import batch_tensors
 from memprop.units import format_bytes
 
 __all__ = ["build_workload", "check_device", "measure", "estimate", "WontFitError",
@@ -96,19 +99,54 @@ def available_bytes(device="cpu") -> int:
     return psutil.virtual_memory().available
 
 
-def _predict(make: Callable[[FakeTensorMode], tuple[nn.Module, Any]], **step) -> Measurement:
+def _predict(make: Callable[[FakeTensorMode], tuple[nn.Module, Any]], routing: Routing,
+             **step) -> tuple[Measurement, int]:
     """One step measured on the fake (model, batch) that ``make(mode)`` returns (NOTE
     [ One estimate for configs and modules ]); fake results sized as the kernels size
-    them (``KernelStorages``, memprop.fake)."""
-    with FakeTensorMode(allow_non_fake_inputs=False) as mode, KernelStorages():
+    them (``KernelStorages``, memprop.fake); experts that run one by one routed by
+    ``routing`` (``RoutedValues``, memprop.routing). Also returns how many values the
+    step read from the routing (0: its bytes do not depend on it)."""
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode, KernelStorages(), \
+            RoutedValues(routing) as routed:
         model, batch = make(mode)
-        return measure_step(model, batch, timing=False, predicted=True, **step)
+        routed.name_modules(model)
+        return measure_step(model, batch, timing=False, predicted=True, **step), routed.read
+
+
+def _routed(make, routing: str | None, record: Callable[[], Routing] | None,
+            **step) -> Measurement:
+    """The estimate of ``make``'s step under ``routing`` (NOTE [ Predicting experts that
+    run one by one ], memprop.routing): None is the batch's own where ``record`` can
+    read it (a real batch), else a uniform split. Where the step's bytes depend on the
+    routing, ``Measurement.routing`` names it and ``capacity_routing_peak_bytes`` gives
+    the capacity bound's peak beside it; elsewhere the routing changes nothing and is not read."""
+    kind = routing or ("batch" if record is not None else "uniform")
+    if kind not in ROUTINGS:
+        raise ConfigError(f"memprop.estimate: routing {kind!r} is not allowed; choose one "
+                          f"of: {', '.join(ROUTINGS)} (batch: the batch's own, read from "
+                          "one real forward; uniform: an even split; capacity: every token "
+                          "to the same experts)")
+    if kind == "batch" and record is None:
+        raise ConfigError("memprop.estimate: routing='batch' reads the routing from one real "
+                          "forward of a real batch, and this model or batch is fake; choose "
+                          "routing='uniform' or 'capacity'")
+    first = Routing("uniform" if kind == "batch" else kind)
+    result, read = _predict(make, first, **step)
+    if not read:                       # no allocation depended on the routing
+        return result
+    chosen = record() if kind == "batch" else first     # type: ignore[misc]
+    if kind == "batch":
+        result, _ = _predict(make, chosen, **step)
+    bound = result if kind == "capacity" else _predict(make, Routing("capacity"), **step)[0]
+    result.routing = chosen.describe()
+    result.capacity_routing_peak_bytes = bound.peak_bytes
+    return result
 
 
 def estimate(model, batch, *, dtype=None, device=None, strategy="none",
              optimizer: str = "sgd", amp: str | None = None, seed: int | None = None,
              flops: bool = True, inference: bool = True, loss_fn=None,
-             forward_fn=None) -> Measurement:
+             forward_fn=None, routing: str | None = None) -> Measurement:
     """A ``Measurement`` with ``predicted=True``: bytes and FLOPs of one training step,
     computed on fake tensors (no times, no device peak), of either
     * a model config (``model_config(...)``) at a batch size (``batch``, an int), built
@@ -123,13 +161,21 @@ def estimate(model, batch, *, dtype=None, device=None, strategy="none",
     but no data, so the recorder, the tracker and the FLOP counter see exactly the
     storages a real step would create and free. What fake tensors cannot predict: time,
     and memory that never surfaces as a tensor (allocator rounding and caching, kernel
-    workspaces, the Python process itself)."""
+    workspaces, the Python process itself).
+
+    ``routing``: for mixture-of-experts layers whose experts run one by one, which
+    experts the routers choose (NOTE [ Predicting experts that run one by one ],
+    memprop.routing): "batch" (the default for a real module and batch: the batch's
+    own, from one real forward without gradients; for a config it builds the model
+    and batch for real), "uniform" (the default otherwise) or "capacity" (every token
+    to the same experts)."""
     strat = parse_strategy(strategy)
     step = dict(optimizer=optimizer, amp=amp, flops=flops, inference=inference)
     if isinstance(model, nn.Module):
         return _estimate_module(model, batch, strat, dict(dtype=dtype, device=device,
                                                           seed=seed),
-                                loss_fn=loss_fn, forward_fn=forward_fn, **step)
+                                loss_fn=loss_fn, forward_fn=forward_fn, routing=routing,
+                                **step)
     config = model
     given = [k for k, v in (("loss_fn", loss_fn), ("forward_fn", forward_fn)) if v is not None]
     if given or not hasattr(config, "build"):
@@ -142,15 +188,24 @@ def estimate(model, batch, *, dtype=None, device=None, strategy="none",
     dtype = torch.float32 if dtype is None else dtype
     device = "cpu" if device is None else device
     seed = 0 if seed is None else seed
-    result = _predict(lambda mode: build_workload(config, batch, dtype=dtype, device=device,
-                                                  strategy=strat, seed=seed),
-                      strategy=strat.spec, loss_fn=config.loss, forward_fn=config.forward,
-                      **step)
+
+    def record() -> Routing:          # routing="batch": the config's model and batch, real
+        real, real_batch = build_workload(config, batch, dtype=dtype, device=device,
+                                          strategy=strat, seed=seed)
+        return record_routing(real, real_batch, step_loss(config.loss),
+                              amp_dtype=_AMP_DTYPES.get(amp or ""))
+
+    result = _routed(lambda mode: build_workload(config, batch, dtype=dtype, device=device,
+                                                 strategy=strat, seed=seed),
+                     routing, record if routing == "batch" else None,
+                     strategy=strat.spec, loss_fn=config.loss, forward_fn=config.forward,
+                     **step)
     result.meta.update(config.row_fields())
     return result
 
 
-def _estimate_module(model: nn.Module, batch, strat, config_only: dict, **step) -> Measurement:
+def _estimate_module(model: nn.Module, batch, strat, config_only: dict, *, routing,
+                     **step) -> Measurement:
     """``estimate`` of a module on its example batch, on a fake twin (NOTE [ One
     estimate for configs and modules ])."""
     given = [k for k, v in config_only.items() if v is not None]
@@ -172,8 +227,15 @@ def _estimate_module(model: nn.Module, batch, strat, config_only: dict, **step) 
             f"leave strategy={strat.spec!r} out to predict it as it runs, or call "
             "remove_strategy(model) first")
     label = strat if strat.spec != "none" else (running.spec if running else "none")
-    return _predict(lambda mode: (fake_copy(model, mode, keep_strategy=True),
-                                  fake_batch(batch, mode)), strategy=label, **step)
+    real = not is_fake(model) and not any(is_fake(t) for t in batch_tensors(batch))
+
+    def record() -> Routing:        # the batch's own: one real forward, no gradients kept
+        return record_routing(model, batch, step_loss(step.get("loss_fn")),
+                              amp_dtype=_AMP_DTYPES.get(step["amp"]))
+
+    return _routed(lambda mode: (fake_copy(model, mode, keep_strategy=True),
+                                 fake_batch(batch, mode)), routing,
+                   record if real else None, strategy=label, **step)
 
 
 def measure(config, batch_size: int, *, dtype=torch.float32, device="cpu",

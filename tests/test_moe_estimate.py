@@ -2,8 +2,7 @@
 the kernel allocates (NOTE [ Fake grouped GEMMs allocate what the kernel allocates ],
 memprop.fake), so the estimate of hf:mixtral and other grouped-experts models equals
 the measured step to the byte, for every routing (NOTE [ MoE routing and the estimate
-], memprop.measure), and says so; experts run one by one (routing-dependent shapes) are
-a clear error on fake tensors, while their measurement still runs."""
+], memprop.measure), and says so. Experts run one by one: tests/test_routing.py."""
 
 import warnings
 
@@ -13,10 +12,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import memprop.fake  # noqa: F401 - registers the fake grouped-GEMM rule
 from memprop.cli import main
-from memprop.measure import DataDependentStepError, measure_step
+from memprop.measure import measure_step
 from memprop.models import model_config
-from memprop.sweep.trial import Trial
-from memprop.sweep.worker import run_trial
 from memprop.workload import build_workload, estimate, measure
 
 pytest.importorskip("transformers")
@@ -160,36 +157,6 @@ def test_other_grouped_experts_models_are_estimated_exactly(arch, fields):
     fake = estimate(cfg, 2, flops=False, inference=False)
     assert figures(fake) == figures(real)
     assert (real.timeline.op == "_grouped_mm").any() and fake.routing.startswith("any")
-
-
-def test_experts_run_one_by_one_are_a_clear_error_on_fake_tensors_and_still_measured():
-    """experts_implementation="eager" reads the routing (nonzero) and allocates per
-    expert: no fake step; the error says where and what to do; measuring still works
-    (its won't-fit check cannot predict it and is skipped), and so does a sweep trial."""
-    cfg = mixtral(num_hidden_layers=2, _experts_implementation="eager")
-    with pytest.raises(DataDependentStepError,
-                       match=r"aten.nonzero.default in model.layers.0.mlp.experts "
-                             r"\(MixtralExperts\).*_experts_implementation=grouped_mm"):
-        estimate(cfg, 2)
-    real = measure(cfg, 2, repeats=1, flops=False, inference=False)
-    assert real.routing == "measured with this batch's own routing (experts_implementation eager)"
-    trial = Trial(spec="moe", model=cfg.name, model_fields=tuple(sorted(cfg.fields().items())),
-                  batch=2, repeats=1, warmup=0)
-    row = run_trial(trial)
-    assert row["status"] == "ok", row.get("error")
-    assert "aten.nonzero" in row["predicted_error"] and "predicted_peak_bytes" not in row
-    assert row["routing"].startswith("measured")
-
-
-def test_cli_estimate_of_per_expert_routing_is_one_line(capsys):
-    args = ["profile", "--model", "hf:mixtral", "--batch", "2", "--estimate",
-            "--set", "_experts_implementation=eager"]
-    for key, value in MIXTRAL.items():
-        args += ["--set", f"{key}={value}"]
-    assert main(args) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: memprop: this step reads tensor values") and "\n" == err[-1]
-    assert err.count("\n") == 1
 
 
 def test_cli_profile_prints_the_routing(capsys):

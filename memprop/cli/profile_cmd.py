@@ -188,6 +188,11 @@ def render_profile(m, config, *, closed_form: dict | None = None,
     ]
     if m.routing:       # mixture of experts (NOTE [ MoE routing and the estimate ])
         lines.append(f"  expert routing        {m.routing}")
+    if m.capacity_routing_peak_bytes is not None:     # memprop.routing
+        more = m.capacity_routing_peak_bytes - m.peak_bytes
+        lines.append(f"  capacity bound        peak {format_bytes(m.capacity_routing_peak_bytes)} "
+                     f"({'+' if more >= 0 else '-'}{format_bytes(abs(more))}) with every "
+                     "token routed to the same k experts (each receives every token)")
     if m.predicted and m.amp == "fp16":    # NOTE [ fp16's inf check on fake tensors ]
         lines.append("  fp16 loss scaling     assumes the GradScaler finds no inf or NaN "
                      "gradient: the optimizer step is taken, as in every healthy step")
@@ -254,6 +259,12 @@ def add_parser(sub) -> None:
                    help="timed steps (median reported)")
     p.add_argument("--estimate", action="store_true",
                    help="predict on fake tensors: no memory allocated, no times")
+    p.add_argument("--routing", choices=("batch", "uniform", "capacity"), default=None,
+                   help="with --estimate, mixture-of-experts layers whose experts run one by "
+                        "one: the routing predicted (batch: the example batch's own, read "
+                        "from one real forward of the model built for real; uniform: an "
+                        "even split; capacity: every token to the same experts) (default: "
+                        "uniform; the capacity bound's peak is printed beside it)")
     p.add_argument("--timeline", metavar="FILE.csv", help="write the live-memory timeline "
                    "as CSV, one row per op (default: not written)")
     p.add_argument("--trace", metavar="FILE.json", help="write the live-memory timeline as a "
@@ -383,7 +394,7 @@ def gather_profile(config, args):
     with factory_errors(args, "profile"):
         if args.estimate:
             from memprop.workload import estimate
-            result = estimate(config, args.batch, **common)
+            result = estimate(config, args.batch, routing=args.routing, **common)
         else:
             from memprop.workload import measure
             with CpuLoad() as load:
@@ -408,6 +419,10 @@ def profile_command(args) -> int:
     # output paths first: a typo must not cost a measurement
     timeline = args.timeline and check_output_file(args.timeline, "--timeline", "profile")
     trace = args.trace and check_output_file(args.trace, "--trace", "profile")
+    if args.routing is not None and not args.estimate:
+        raise ConfigError(f"memprop profile: --routing {args.routing} chooses the routing "
+                          "an --estimate predicts; a measured step runs the batch's own "
+                          "routing: add --estimate or leave --routing out")
     with Spinner("predicting on fake tensors" if args.estimate else "measuring one step"):
         config = config_from_args(args)
         result, closed, timing = gather_profile(config, args)

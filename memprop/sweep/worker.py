@@ -182,7 +182,9 @@ def run_trial(trial: Trial) -> dict:
                               predicted_budget_peak_bytes=predicted.budget_peak_bytes,
                               predicted_forward_flops=predicted.forward_flops,
                               predicted_backward_flops=predicted.backward_flops,
-                              predicted_routing=predicted.routing)
+                              predicted_routing=predicted.routing,
+                              predicted_capacity_routing_peak_bytes=(
+                                  predicted.capacity_routing_peak_bytes))
         limit, budget_row = _set_budget(trial, config, strategy)
         result.update(budget_row)
         model, batch = build_workload(config, trial.batch, dtype=trial.dtype,
