@@ -37,6 +37,7 @@ NOTE [ Refuse what cannot fit ]
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import torch
@@ -47,7 +48,13 @@ from memprop.checkpoint import applied_strategy, parse_strategy
 from memprop.dtypes import parse_dtype
 from memprop.errors import ConfigError, MemPropError
 from memprop.fake import KernelStorages, fake_batch, fake_copy, is_fake
-from memprop.measure import _AMP_DTYPES, DataDependentStepError, Measurement, measure_step
+from memprop.measure import (
+    _AMP_DTYPES,
+    DataDependentStepError,
+    Measurement,
+    measure_step,
+    moe_routing,
+)
 from memprop.models.user import step_loss
 from memprop.routing import ROUTINGS, RoutedValues, Routing, record_routing
 from memprop.saved import batch_tensors
@@ -106,11 +113,14 @@ def _predict(make: Callable[[FakeTensorMode], tuple[nn.Module, Any]], routing: R
     them (``KernelStorages``, memprop.fake); experts that run one by one routed by
     ``routing`` (``RoutedValues``, memprop.routing). Also returns how many values the
     step read from the routing (0: its bytes do not depend on it)."""
-    with FakeTensorMode(allow_non_fake_inputs=False) as mode, KernelStorages(), \
-            RoutedValues(routing) as routed:
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode, KernelStorages():
         model, batch = make(mode)
-        routed.name_modules(model)
-        return measure_step(model, batch, timing=False, predicted=True, **step), routed.read
+        # routers live in mixture-of-experts modules only: elsewhere no op pays for it
+        routed = RoutedValues(routing, model) if moe_routing(model, predicted=True) \
+            else None
+        with routed or contextlib.nullcontext():
+            result = measure_step(model, batch, timing=False, predicted=True, **step)
+        return result, routed.read if routed else 0
 
 
 def _routed(make, routing: str | None, record: Callable[[], Routing] | None,
