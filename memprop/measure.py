@@ -99,7 +99,7 @@ from memprop.errors import ConfigError, MemPropError
 from memprop.fake import is_fake
 from memprop.flops import FlopCounter
 from memprop.models.user import own_forward, split_batch, step_loss
-from memprop.routing import MOE_CLASS
+from memprop.routing import has_experts
 from memprop.saved import SavedTensorRecorder, batch_tensors, per_module_table
 from memprop.tracker import CATEGORIES, LiveMemoryTracker
 
@@ -288,8 +288,7 @@ def moe_routing(model: nn.Module, *, predicted: bool) -> str | None:
     """What ``Measurement.routing`` says for ``model`` (NOTE [ MoE routing and the
     estimate ]): None without mixture-of-experts modules (found by class name:
     ``...Experts``, ``...MoE``/``...Moe...``)."""
-    classes = {type(m).__name__ for m in model.modules()}
-    if not any(MOE_CLASS.search(c) for c in classes):
+    if not has_experts(model):
         return None
     impls = _experts_implementations(model)
     how = f" (experts_implementation {', '.join(impls)})" if impls else ""

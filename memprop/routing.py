@@ -18,7 +18,8 @@ NOTE [ Predicting experts that run one by one ]
     Where random ops before a router (dropout) route the batch otherwise in each step -
     a second forward tells - the estimate says so: it is exact for the first forward's
     draws, and each step differs from it a little (tiny JetMoE with dropout 0.1: peaks
-    within 512 bytes).
+    within 512 bytes). The first rows of the batch (the planner times and calibrates
+    on a few) take the first rows of its routing: routers route each token on its own.
   * ``Routing.uniform`` - the (token, choice) pairs dealt round-robin: token t's j-th
     choice is expert (t*k + j) mod n, so every expert receives t*k/n pairs, give or take
     one; the default when there is no real batch (a config's estimate).
@@ -49,11 +50,18 @@ NOTE [ Predicting experts that run one by one ]
   it would: every storage the step creates has the real step's size for that routing
   (tests/test_routing.py checks the prediction against a real step forced to the same
   routing, ``ForcedRouting``, and against the batch's own).
+  The planner routes its fake steps the same way (``planned_under`` around a planning
+  run, ``routed`` around each fake step): the batch's own for a real model and batch, an
+  even split for fake ones (``memprop plan``). Where a step read its routing, the op
+  calls a block makes depend on it (an expert with no token makes none), so op keys,
+  which count calls, would name other calls in another step: the plan keeps to
+  block-level forms and says so in its notes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import re
 from typing import Any, Callable
 
@@ -72,7 +80,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from memprop.errors import ConfigError, MemPropError
 
 __all__ = ["Routing", "RoutedValues", "ForcedRouting", "record_routing", "ROUTINGS",
-           "MOE_CLASS", "RoutingMismatch"]
+           "MOE_CLASS", "RoutingMismatch", "has_experts", "planned_under", "routed",
+           "routing_read"]
 
 ROUTINGS = ("batch", "uniform", "capacity")
 
@@ -85,6 +94,11 @@ _FACTORIES = {torch.ops.aten.zeros, torch.ops.aten.ones, torch.ops.aten.full,
               torch.ops.aten.full_like, torch.ops.aten.new_zeros, torch.ops.aten.new_ones,
               torch.ops.aten.new_full, torch.ops.aten.scalar_tensor, torch.ops.aten.eye}
 _VALUE_NEEDED = (DataDependentOutputException, DynamicOutputShapeException)
+
+
+def has_experts(model: nn.Module) -> bool:
+    """Whether ``model`` holds a mixture-of-experts module (by class name)."""
+    return any(MOE_CLASS.search(type(m).__name__) for m in model.modules())
 
 
 class RoutingMismatch(MemPropError):
@@ -134,6 +148,9 @@ class Routing:
         ``shape[dim]`` of ``choices`` experts along ``dim``."""
         if self.kind == "batch":
             got = self.recorded.get(key)
+            if got is not None and dim > 0 and got.shape[1:] == shape[1:] \
+                    and shape[0] <= got.shape[0]:
+                got = got[:shape[0]]       # the first rows of the batch (a planner's slice)
             if got is None or tuple(got.shape) != tuple(shape):
                 seen = "not at all" if got is None else f"with shape {tuple(got.shape)}"
                 raise RoutingMismatch(
@@ -329,6 +346,53 @@ def _written_args(func, args, kwargs) -> list[Any]:
             value = kwargs.get(arg.name, args[i] if i < len(args) else None)
             out.extend(value if isinstance(value, (list, tuple)) else [value])
     return out
+
+
+class _Use:
+    """The routing the fake steps of one planning run are routed by, and how many
+    values they read from it (0: no allocation depended on it)."""
+
+    def __init__(self, routing: Routing):
+        self.routing, self.read = routing, 0
+
+
+_PLANNED: contextvars.ContextVar[_Use | None] = contextvars.ContextVar("memprop_routing",
+                                                                       default=None)
+
+
+@contextlib.contextmanager
+def planned_under(routing: Routing | None):
+    """While inside: every fake step that ``routed`` wraps is routed by ``routing`` (the
+    planner's profile and simulations, NOTE [ Predicting experts that run one by one
+    ]); yields the ``_Use`` that counts the values read. None: routes nothing."""
+    use = _Use(routing) if routing is not None else None
+    token = _PLANNED.set(use)
+    try:
+        yield use
+    finally:
+        _PLANNED.reset(token)
+
+
+def routing_read() -> bool:
+    """Whether a fake step inside ``planned_under`` has read values of its routing: the
+    model's op calls then depend on the routing (experts with no token skipped)."""
+    use = _PLANNED.get()
+    return use is not None and use.read > 0
+
+
+@contextlib.contextmanager
+def routed(model: nn.Module):
+    """Around one fake step of ``model``, inside its ``FakeTensorMode`` and outside the
+    tracker: the routing ``planned_under`` set, if any and if the model has experts."""
+    use = _PLANNED.get()
+    if use is None or not has_experts(model):
+        yield
+        return
+    with RoutedValues(use.routing, model) as values:
+        try:
+            yield
+        finally:
+            use.read += values.read
 
 
 class ForcedRouting(_Routers):

@@ -230,3 +230,31 @@ def test_a_routing_that_varies_from_step_to_step_is_said_to():
     assert "a second forward routed it otherwise" in fake.routing
     assert "second forward" not in estimate(toy_net(), toy_batch(),
                                             loss_fn=F.cross_entropy).routing
+
+
+@pytest.mark.parametrize("fraction", [0.8, 0.7])
+def test_a_plan_for_experts_run_one_by_one_peaks_where_it_says(fraction):
+    """plan() routes its fake steps as the batch is routed, keeps to block-level forms
+    (op keys count calls, and an expert with no token makes none), and says both; the
+    plan's predicted peak is the measured one."""
+    from memprop.checkpoint import apply_strategy, plan, remove_strategy
+    model, batch = toy_net(), toy_batch(64)
+    plain = _measure(model, batch, loss_fn=F.cross_entropy)
+    found = plan(model, batch, int(plain.peak_bytes * fraction), loss_fn=F.cross_entropy,
+                 blocks_attr="")
+    assert any(n.startswith("experts run one by one: planned under this batch's own")
+               for n in found.notes)
+    assert not found.spec.startswith(("ops:", "remat:", "forward:"))
+    apply_strategy(model, found.spec, blocks_attr="")
+    try:
+        real = _measure(model, batch, loss_fn=F.cross_entropy)
+    finally:
+        remove_strategy(model)
+    assert real.peak_bytes == found.predicted_peak_bytes <= plain.peak_bytes * fraction
+
+
+def test_cli_plan_of_experts_run_one_by_one_names_its_routing(capsys):
+    pytest.importorskip("transformers")
+    assert main(["plan", *_mixtral_args(), "--budget", "3.5MiB"]) == 0
+    out = capsys.readouterr().out
+    assert "experts run one by one: planned under a uniform split" in out

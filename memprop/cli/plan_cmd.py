@@ -50,6 +50,7 @@ def gather_plan(config, batch_size: int, budget, *, dtype, optimizer="sgd",
     from memprop.checkpoint.planning.planner import plan
     from memprop.checkpoint.planning.simulate import simulate
     from memprop.errors import BudgetError, ConfigError
+    from memprop.routing import Routing, has_experts, planned_under
     from memprop.units import parse_size
 
     budget_bytes = parse_size(budget)
@@ -57,32 +58,35 @@ def gather_plan(config, batch_size: int, budget, *, dtype, optimizer="sgd",
         model = config.build(dtype=dtype)
         batch = config.example_batch(batch_size, dtype=dtype)
     n = len(find_blocks(model))
-    rows, plain = [], None
-    # as plan() does, the comparison runs with the KV cache off (NOTE [ Checkpointing and
-    # KV caches ]), without warning once per strategy
-    restore_cache = cache_off(model, warn=False)
-    try:
-        for spec in compare:
-            m = simulate(model, batch, parse_strategy(spec), optimizer=optimizer,
-                                  loss_fn=config.loss, amp=amp)
-            plain = plain or m
-            rows.append(dict(strategy=spec, peak_bytes=m.peak_bytes,
-                             saved_bytes=m.saved_bytes,
-                             recompute_flops=m.backward_flops - plain.backward_flops))
-    finally:
-        restore_cache()
-    if plain is None:
-        raise ConfigError("memprop plan: compare names no strategy; the first it names "
-                          "(e.g. 'none') is the baseline of the recompute columns")
-    result: Plan | BudgetError
-    try:
-        result = plan(model, batch, budget_bytes, optimizer=optimizer, loss_fn=config.loss,
-                      metric=metric, whole=whole, amp=amp, objective=objective)
-        rows.append(dict(strategy=f"plan: {result.spec}", peak_bytes=result.predicted_peak_bytes,
-                         saved_bytes=result.predicted_saved_bytes,
-                         recompute_flops=result.recompute_flops))
-    except BudgetError as exc:
-        result = exc
+    # experts run one by one: every fake step routed by an even split (memprop.routing)
+    with planned_under(Routing("uniform") if has_experts(model) else None):
+        rows, plain = [], None
+        # as plan() does, the comparison runs with the KV cache off (NOTE [ Checkpointing and
+        # KV caches ]), without warning once per strategy
+        restore_cache = cache_off(model, warn=False)
+        try:
+            for spec in compare:
+                m = simulate(model, batch, parse_strategy(spec), optimizer=optimizer,
+                             loss_fn=config.loss, amp=amp)
+                plain = plain or m
+                rows.append(dict(strategy=spec, peak_bytes=m.peak_bytes,
+                                 saved_bytes=m.saved_bytes,
+                                 recompute_flops=m.backward_flops - plain.backward_flops))
+        finally:
+            restore_cache()
+        if plain is None:
+            raise ConfigError("memprop plan: compare names no strategy; the first it names "
+                              "(e.g. 'none') is the baseline of the recompute columns")
+        result: Plan | BudgetError
+        try:
+            result = plan(model, batch, budget_bytes, optimizer=optimizer, loss_fn=config.loss,
+                          metric=metric, whole=whole, amp=amp, objective=objective)
+            rows.append(dict(strategy=f"plan: {result.spec}",
+                             peak_bytes=result.predicted_peak_bytes,
+                             saved_bytes=result.predicted_saved_bytes,
+                             recompute_flops=result.recompute_flops))
+        except BudgetError as exc:
+            result = exc
     table = pd.DataFrame(rows)
     table["recompute_vs_forward"] = table.recompute_flops / plain.forward_flops
     table["fits"] = table["saved_bytes" if metric == "stored" else "peak_bytes"] <= budget_bytes

@@ -80,6 +80,8 @@ from memprop.errors import BudgetError, ConfigError, StrategyError
 from memprop.fake import fake_mode_of, is_fake
 from memprop.measure import Measurement, values_needed
 from memprop.models.user import step_loss as one_step_loss
+from memprop.routing import Routing, has_experts, planned_under, record_routing, routing_read
+from memprop.saved import batch_tensors
 from memprop.units import format_bytes, format_flops, format_ms, format_ratio, parse_size
 
 __all__ = ["Plan", "plan", "Budget", "short_spec"]
@@ -261,6 +263,10 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, chec
                       if p.device.type == "cuda"} - {None})
     rng = contextlib.ExitStack()
     rng.enter_context(torch.random.fork_rng(devices=devices))
+    # experts run one by one: the fake steps are routed as the batch is (NOTE [ Predicting
+    # experts that run one by one ], memprop.routing), a fake batch evenly
+    routing = _routing_of(model, batch, step_loss, amp)
+    use = rng.enter_context(planned_under(routing))
     # the profile and simulations run a fake twin: a forward that reads tensor values
     # (ibert's quantisation: .item()) cannot be planned; said in one line, not fake
     # tensors' own exception
@@ -296,6 +302,10 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, chec
                                 f"replay this model exactly: {refusal}")
         if refused:
             found.notes += (f"segments of several blocks: left out ({refused[0]})",)
+        if use is not None and use.read:
+            found.notes += (f"experts run one by one: planned under {use.routing.describe()}; "
+                            "op-level forms (ops:, forward:, remat:) left out, as the op "
+                            "calls of a block depend on its routing",)
         return found
     finally:
         rng.close()
@@ -303,6 +313,17 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, chec
             for b, value in buffers:
                 b.copy_(value)
         restore_cache()
+
+
+def _routing_of(model: nn.Module, batch, step_loss, amp) -> Routing | None:
+    """The routing the planner's fake steps run under: None without experts; the batch's
+    own for a real model and batch (two forwards without gradients, memprop.routing);
+    a uniform split for a fake one."""
+    if not has_experts(model):
+        return None
+    if is_fake(model) or any(is_fake(t) for t in batch_tensors(batch)):
+        return Routing("uniform")
+    return record_routing(model, batch, step_loss)
 
 
 # what plan() minimises among the plans that fit (NOTE [ Pricing a plan in seconds ])
@@ -516,6 +537,11 @@ def _search(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_
     # NOTE [ One trace ]: everything the searches read, from one forward on a fake twin
     prof = profile(model, batch, blocks_attr=blocks_attr, **select, loss_fn=loss_fn,
                    chain=not chainless, whole=whole)
+    # experts run one by one (memprop.routing): which op calls a block makes depends on
+    # its routing (an expert with no token is skipped), so op keys (ops:, forward:,
+    # remat:), which count calls, would name other calls in another step: blocks only
+    by_op = not routing_read()
+    whole = whole and by_op
     # a fake model just profiled (its forward has run): its simulations need no first
     # step when the optimizer keeps no state (measure_step's warm)
     s = _Search(model, batch, budget_bytes, prof, metric, objective, max_rounds, blocks_attr,
@@ -535,7 +561,7 @@ def _search(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_
     else:
         early = prof.early
         stops = levels.segment_stops(costs, early, prof.tail)   # plain segments' discount
-        options = levels.op_options(prof)
+        options = levels.op_options(prof) if by_op else None
         if metric == "stored":
             return _plan_stored(s, stops, options, _whole_forms(model, batch, loss_fn, prof, n)
                                 if whole else [], full=True)

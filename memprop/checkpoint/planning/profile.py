@@ -54,6 +54,7 @@ from memprop.errors import StrategyError
 from memprop.fake import fake_target
 from memprop.flops import FlopCounter
 from memprop.models import training_loss
+from memprop.routing import routed
 from memprop.saved import storage_key, storage_keys
 
 __all__ = ["Profile", "profile", "profile_chain", "stop_flops", "early_stop_flops",
@@ -98,6 +99,7 @@ def _trace(target, target_batch, loss_fn, collectors: list, counter: FlopCounter
         with contextlib.ExitStack() as stack:
             if mode is not None:
                 stack.enter_context(mode)
+            stack.enter_context(routed(target))   # experts run one by one: memprop.routing
             stack.enter_context(counter)
             for c in collectors:
                 if c.mode is not None:
@@ -484,7 +486,7 @@ def rebuild_ratio(model: nn.Module, batch, keys=frozenset(), *,
     forward: its time overhead in ops, FLOPs apart (NOTE above). One forward on fake
     tensors, no backward."""
     mode, target, target_batch = fake_target(model, batch)
-    with mode:
+    with mode, routed(target):
         Remat(keys).apply(target)
         try:
             loss = loss_fn(target, target_batch)

@@ -12,6 +12,7 @@ from memprop.checkpoint.forms.strategies import Blocks, Strategy, remove_strateg
 from memprop.fake import fake_target
 from memprop.measure import Measurement, measure_step
 from memprop.models import training_loss
+from memprop.routing import routed
 
 __all__ = ["simulate"]
 
@@ -34,7 +35,7 @@ def simulate(model, batch, strategy, *, blocks_attr=None, blocks=None, check_fn=
         strategy = Blocks(tuple(strategy))
     mode, target, target_batch = fake_target(model, batch)
     fused = StepInBackward(optimizer) if step_in_backward else None
-    with mode:
+    with mode, routed(target):        # experts run one by one (memprop.routing)
         with warnings.catch_warnings():     # the twin's KV cache: the user is told at apply
             warnings.filterwarnings("ignore", message=".*use_cache=True is incompatible")
             strategy.apply(target, blocks_attr=blocks_attr, blocks=blocks, check_fn=check_fn)
