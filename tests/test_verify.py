@@ -117,6 +117,44 @@ def test_a_recompute_that_differs_is_caught_for_checkpointed_segments():
         verify_replay(model, x, loss_fn=loss_fn)
 
 
+class _FilledEmpty(nn.Module):
+    """Fills an empty tensor slice by slice (LongCat-Flash's key_states): the slices are
+    uninitialised memory when taken, different in the recompute, and mean nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.lin(x)
+        out = h.new_empty(h.shape[0], 16)
+        out[:, :8].copy_(h)
+        out[:, 8:].copy_(torch.tanh(h))
+        return out[:, ::2] * out[:, 1::2]
+
+
+def test_views_of_uninitialised_memory_are_not_compared_but_their_writes_are():
+    torch.manual_seed(0)
+    model = nn.Sequential(*(_FilledEmpty() for _ in range(3)))
+    x = torch.randn(4, 8)
+    loss_fn = lambda m, batch: m(batch).sum()             # noqa: E731
+    quiet_apply(model, "full")
+    verify_replay(model, x, loss_fn=loss_fn)
+    calls = {"n": 0}
+    real_tanh = torch.tanh
+
+    def drifting(t):                    # the recompute's fill differs: still caught
+        calls["n"] += 1
+        return real_tanh(t) + (calls["n"] > 3)
+    torch.tanh = drifting
+    try:
+        with pytest.raises(StrategyError, match=r"block 2 \(_FilledEmpty\) replayed add in 2 "
+                                                r"and got a different"):
+            verify_replay(model, x, loss_fn=loss_fn)
+    finally:
+        torch.tanh = real_tanh
+
+
 def test_default_loss_is_measure_steps():
     # no loss_fn: the batch and loss read as measure_step reads them, a zoo model's
     # (inputs, targets) with its objective, or a bare tensor with the synthetic objective

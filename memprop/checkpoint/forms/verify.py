@@ -14,7 +14,8 @@ NOTE [ Verifying a replay ]
       ``nested:``): the forward records, in order, a copy of every op call's tensor
       outputs; the recompute compares each call's outputs with the recorded ones, in
       the same order (torch may stop a recompute early: a prefix is compared). Calls
-      whose output is uninitialised memory (``empty``) are not compared. While
+      whose output is uninitialised memory (``empty``, and views of its storage) are
+      not compared. While
       verifying, a plain segment recomputes its last block in full (NOTE [ A segment's
       output needs no recompute ], memprop.checkpoint.forms.tail, is off).
     * ``remat:``: each saved tensor is packed with a copy of the original; when backward
@@ -157,14 +158,23 @@ class _Originals(TorchDispatchMode):
     def __init__(self, calls: list):
         super().__init__()
         self.calls = calls
+        self.unset: set[int] = set()     # storages an empty op made (data pointers)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
         if name in _IGNORED or _updates_buffer(name, args):
             return out
+        outs = _tensors(out)
+        # a view of an empty op's storage (a slice about to be filled: LongCat-Flash's
+        # key_states) shows uninitialised memory too; a view computes nothing, and the
+        # writes that fill it are compared
+        unset = name in _UNINITIALISED or func.is_view and any(
+            t.untyped_storage().data_ptr() in self.unset for t in outs)
+        if name in _UNINITIALISED:
+            self.unset.update(t.untyped_storage().data_ptr() for t in outs)
         with _disable_current_modes(), torch.no_grad():
-            copies = None if name in _UNINITIALISED else [t.clone() for t in _tensors(out)]
+            copies = None if unset else [t.clone() for t in outs]
         self.calls.append((name, where_now(), copies))
         return out
 
