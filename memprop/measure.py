@@ -315,15 +315,21 @@ def _data_dependent_error(exc: BaseException, model: nn.Module,
             where = f"{names[id(owner)] or '(the model)'} ({type(owner).__name__})"
         tb = tb.tb_next
     op = getattr(exc, "func", None)
-    fix = "; " + (fix or "measure it instead (memprop profile without --estimate)")
+    fix = "; " + (fix or "measure it instead (memprop profile without --estimate; "
+                         "Python: measure_step)")
+    # the estimate routes experts run one by one (memprop.routing): values computed from
+    # a router's topk indices, inside a module named as experts; not this one
     if moe_routing(model, predicted=True) is not None:
-        fix = ("; in a mixture-of-experts model that may be the expert routing, here read "
-               "to run the experts one by one, which memprop.estimate predicts under a "
-               "routing it names" + fix)
+        fix = ("; the routing memprop predicts gives only values computed from a router's "
+               "top-k indices, and this one is not" + fix)
         if _experts_implementations(model):
             fix += (", or estimate it with grouped experts, whose bytes hold for every "
                     "routing: --set _experts_implementation=grouped_mm (transformers' "
                     "default)")
+    else:
+        fix += ("; if it is an expert routing, memprop predicts it once the experts' "
+                "module class is named ...Experts, ...MoE or ...Moe (how it finds "
+                "routers)")
     return DataDependentStepError(
         f"memprop: this step reads tensor values to decide shapes or control flow "
         f"({op if op is not None else type(exc).__name__}"

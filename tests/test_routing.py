@@ -258,3 +258,15 @@ def test_cli_plan_of_experts_run_one_by_one_names_its_routing(capsys):
     assert main(["plan", *_mixtral_args(), "--budget", "3.5MiB"]) == 0
     out = capsys.readouterr().out
     assert "experts run one by one: planned under a uniform split" in out
+
+
+class Mixer(ToyMoE):
+    """The toy's experts under a name memprop does not take for experts."""
+
+
+def test_experts_under_another_name_are_refused_saying_how_to_route_them():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), Mixer(), nn.Linear(8, 3))
+    with pytest.raises(DataDependentStepError, match=r"aten.bincount.default in 1 \(Mixer\).*"
+                                                     r"class is named \.\.\.Experts, \.\.\.MoE"):
+        estimate(model, toy_batch(), loss_fn=F.cross_entropy)
