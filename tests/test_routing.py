@@ -253,11 +253,33 @@ def test_a_plan_for_experts_run_one_by_one_peaks_where_it_says(fraction):
     assert real.peak_bytes == found.predicted_peak_bytes <= plain.peak_bytes * fraction
 
 
+def test_a_plan_for_the_capacity_bound_peaks_where_it_says_under_that_routing():
+    from memprop.checkpoint import apply_strategy, plan, remove_strategy
+    model, batch = toy_net(), toy_batch(64)
+    bound = Routing("capacity")
+    plain = _measure(model, batch, bound, loss_fn=F.cross_entropy)
+    found = plan(model, batch, int(plain.peak_bytes * 0.8), loss_fn=F.cross_entropy,
+                 blocks_attr="", routing="capacity")
+    assert any("planned under the capacity bound" in n for n in found.notes)
+    apply_strategy(model, found.spec, blocks_attr="")
+    try:
+        assert _measure(model, batch, bound, loss_fn=F.cross_entropy).peak_bytes == \
+            found.predicted_peak_bytes
+    finally:
+        remove_strategy(model)
+    with pytest.raises(ConfigError, match="routing 'most' is not allowed"):
+        plan(model, batch, plain.peak_bytes, loss_fn=F.cross_entropy, blocks_attr="",
+             routing="most")
+
+
 def test_cli_plan_of_experts_run_one_by_one_names_its_routing(capsys):
     pytest.importorskip("transformers")
     assert main(["plan", *_mixtral_args(), "--budget", "3.5MiB"]) == 0
     out = capsys.readouterr().out
     assert "experts run one by one: planned under a uniform split" in out
+    assert main(["plan", *_mixtral_args(), "--budget", "3.5MiB", "--routing",
+                 "capacity"]) == 0
+    assert "planned under the capacity bound" in capsys.readouterr().out
 
 
 class Mixer(ToyMoE):

@@ -35,13 +35,14 @@ if TYPE_CHECKING:
 
 def gather_plan(config, batch_size: int, budget, *, dtype, optimizer="sgd",
                 compare=("none", "sqrt", "full"), metric: str = "peak", whole: bool = True,
-                amp: str | None = None, objective: str = "time"):
+                amp: str | None = None, objective: str = "time", routing: str = "uniform"):
     """(Plan or BudgetError, comparison DataFrame, number of blocks): one row per strategy
     with predicted peak, stored bytes and recompute FLOPs; ``fits`` says whether it meets
     the budget (on the step's peak, or with ``metric="stored"`` on the bytes stored).
     The plan's row holds its whole spec (``plan: SPEC``); ``amp``: every row's step
     under autocast (``bf16``, ``fp16``), as ``memprop profile --amp``; ``objective``:
-    what the plan minimises among the plans that fit (``time``, ``flops``)."""
+    what the plan minimises among the plans that fit (``time``, ``flops``); ``routing``:
+    for experts run one by one, the routing planned for (``uniform``, ``capacity``)."""
     import pandas as pd
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -58,8 +59,8 @@ def gather_plan(config, batch_size: int, budget, *, dtype, optimizer="sgd",
         model = config.build(dtype=dtype)
         batch = config.example_batch(batch_size, dtype=dtype)
     n = len(find_blocks(model))
-    # experts run one by one: every fake step routed by an even split (memprop.routing)
-    with planned_under(Routing("uniform") if has_experts(model) else None):
+    # experts run one by one: every fake step routed alike (memprop.routing)
+    with planned_under(Routing(routing) if has_experts(model) else None):
         rows, plain = [], None
         # as plan() does, the comparison runs with the KV cache off (NOTE [ Checkpointing and
         # KV caches ]), without warning once per strategy
@@ -80,7 +81,8 @@ def gather_plan(config, batch_size: int, budget, *, dtype, optimizer="sgd",
         result: Plan | BudgetError
         try:
             result = plan(model, batch, budget_bytes, optimizer=optimizer, loss_fn=config.loss,
-                          metric=metric, whole=whole, amp=amp, objective=objective)
+                          metric=metric, whole=whole, amp=amp, objective=objective,
+                          routing=routing)
             rows.append(dict(strategy=f"plan: {result.spec}",
                              peak_bytes=result.predicted_peak_bytes,
                              saved_bytes=result.predicted_saved_bytes,
@@ -112,6 +114,10 @@ def add_parser(sub) -> None:
                    help="mixed precision: plan the step with its forward under "
                         "torch.autocast and float32 master weights (fp16 adds a "
                         "GradScaler), as memprop profile --amp measures it (default: off)")
+    p.add_argument("--routing", choices=("uniform", "capacity"), default="uniform",
+                   help="mixture-of-experts layers whose experts run one by one: plan for "
+                        "an even split of the tokens (uniform) or every token routed to "
+                        "the same k experts (capacity) (default: uniform)")
     p.add_argument("--objective", choices=("time", "flops"), default=None,
                    help="among the plans that fit: the least predicted step time (time; "
                         "on fake tensors priced at this machine's measured rates) or the "
@@ -168,7 +174,8 @@ def plan_command(args) -> int:
             result, table, n = gather_plan(config, args.batch, args.budget,
                                            dtype=parse_dtype(args.dtype), optimizer=args.optimizer,
                                            metric=args.metric, whole=args.whole, amp=args.amp,
-                                           objective=args.objective or "time")
+                                           objective=args.objective or "time",
+                                           routing=args.routing)
     failed = isinstance(result, BudgetError)
     if args.json:
         print(json.dumps({

@@ -213,7 +213,7 @@ class Plan:
 def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, check_fn=None,
          optimizer="sgd", loss_fn=None, max_rounds: int = 8,
          metric: str = "peak", whole: bool = True, amp: str | None = None,
-         objective: str = "time") -> Plan:
+         objective: str = "time", routing: str | None = None) -> Plan:
     """The plan of least predicted step time (``objective``) whose simulated peak fits
     ``budget`` (bytes or a size string); with ``metric="stored"``, whose bytes stored
     for backward fit it. Below the single-level floor of the peak, a multi-level schedule. Raises
@@ -240,7 +240,11 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, chec
 
     ``objective``: among the plans that fit (the chain's, ``remat:``'s, ``full``), the
     one of least predicted step time (``"time"``: NOTE [ Pricing a plan in seconds ],
-    memprop.checkpoint.planning.timing), or of least recompute FLOPs (``"flops"``)."""
+    memprop.checkpoint.planning.timing), or of least recompute FLOPs (``"flops"``).
+
+    ``routing``: for experts run one by one, the routing planned for (NOTE [ Predicting
+    experts that run one by one ], memprop.routing): "batch" (the default for a real
+    model and batch), "uniform" (the default for a fake one) or "capacity"."""
     if objective not in OBJECTIVES:
         raise ConfigError(f"memprop.checkpoint: unknown plan objective {objective!r}; "
                           f"choose one of: {', '.join(OBJECTIVES)} (time: least predicted "
@@ -263,16 +267,15 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, chec
                       if p.device.type == "cuda"} - {None})
     rng = contextlib.ExitStack()
     rng.enter_context(torch.random.fork_rng(devices=devices))
-    # experts run one by one: the fake steps are routed as the batch is (NOTE [ Predicting
-    # experts that run one by one ], memprop.routing), a fake batch evenly
-    routing = _routing_of(model, batch, step_loss, amp)
-    use = rng.enter_context(planned_under(routing))
     # the profile and simulations run a fake twin: a forward that reads tensor values
     # (ibert's quantisation: .item()) cannot be planned; said in one line, not fake
     # tensors' own exception
     cannot = ("plan() profiles the model on fake tensors; choose a strategy by hand "
               "(full, sqrt, blocks:...) and check it with verify_replay")
     try:
+        # experts run one by one: the fake steps are routed as the batch is (NOTE
+        # [ Predicting experts that run one by one ], memprop.routing), a fake one evenly
+        use = rng.enter_context(planned_under(_routing_of(model, batch, step_loss, routing)))
         with values_needed(model, cannot):
             found = _plan(model, batch, parse_size(budget), whole=whole, refused=refused,
                           **options)
@@ -315,15 +318,19 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, chec
         restore_cache()
 
 
-def _routing_of(model: nn.Module, batch, step_loss, amp) -> Routing | None:
-    """The routing the planner's fake steps run under: None without experts; the batch's
-    own for a real model and batch (two forwards without gradients, memprop.routing);
-    a uniform split for a fake one."""
+def _routing_of(model: nn.Module, batch, step_loss, kind: str | None) -> Routing | None:
+    """The routing the planner's fake steps run under (``plan``'s ``routing``): None
+    without experts; by default the batch's own for a real model and batch (two
+    forwards without gradients, memprop.routing), a uniform split for a fake one."""
+    fake = is_fake(model) or any(is_fake(t) for t in batch_tensors(batch))
+    if kind == "batch" and fake:
+        raise ConfigError("memprop.checkpoint: routing='batch' reads the routing from one "
+                          "real forward of a real batch, and this model or batch is fake; "
+                          "choose routing='uniform' or 'capacity'")
+    chosen = Routing(kind or ("uniform" if fake else "batch"))     # refuses an unknown one
     if not has_experts(model):
         return None
-    if is_fake(model) or any(is_fake(t) for t in batch_tensors(batch)):
-        return Routing("uniform")
-    return record_routing(model, batch, step_loss)
+    return record_routing(model, batch, step_loss) if chosen.kind == "batch" else chosen
 
 
 # what plan() minimises among the plans that fit (NOTE [ Pricing a plan in seconds ])
