@@ -292,3 +292,9 @@ def test_experts_under_another_name_are_refused_saying_how_to_route_them():
     with pytest.raises(DataDependentStepError, match=r"aten.bincount.default in 1 \(Mixer\).*"
                                                      r"class is named \.\.\.Experts, \.\.\.MoE"):
         estimate(model, toy_batch(), loss_fn=F.cross_entropy)
+
+
+def test_cli_routing_on_a_model_without_such_experts_says_it_changed_nothing(capsys):
+    assert main(["profile", "--model", "mlp", "--batch", "2", "--estimate", "--routing",
+                 "capacity"]) == 0
+    assert "note: --routing capacity changed nothing" in capsys.readouterr().out

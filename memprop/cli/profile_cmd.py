@@ -445,6 +445,9 @@ def profile_command(args) -> int:
         return 0
     print(render_profile(result, config, closed_form=closed, modules=args.modules,
                          timing=timing))
+    if args.routing is not None and result.capacity_routing_peak_bytes is None:
+        print(f"note: --routing {args.routing} changed nothing: no expert in this step "
+              "reads its routing to size what it allocates")
     for path, what in ((timeline, "timeline (CSV)"), (trace, "Chrome trace")):
         if path:
             print(f"{what}: {len(result.timeline)} ops written to {path}")
