@@ -262,10 +262,10 @@ class RoutedValues(_Routers):
             return self._route(args, kwargs)
         if not self.in_experts and not self._shadow and not self._recipe:
             return func(*args, **kwargs)       # outside experts, nothing routed alive
-        flat, _ = tree_flatten((args, kwargs))
-        tensors = [t for t in flat if isinstance(t, torch.Tensor)]
         if func.namespace != "aten":
             return func(*args, **kwargs)
+        flat, _ = tree_flatten((args, kwargs))
+        tensors = [t for t in flat if isinstance(t, torch.Tensor)]
         if func.overloadpacket in _FACTORIES and self.in_experts \
                 and not any(self._has(t) for t in tensors):
             out = func(*args, **kwargs)
@@ -322,17 +322,13 @@ def _factory_recipe(func, args, kwargs) -> Callable[[], torch.Tensor]:
     """The factory call ``func(*args, **kwargs)`` made real on the CPU, for later: a
     ``*_like`` input becomes a real CPU tensor of its shape, strides and dtype (its
     values are never read)."""
-    def real_of(x):
-        if isinstance(x, torch.Tensor):
-            return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype)
-        return torch.device("cpu") if isinstance(x, torch.device) else x
     flat, spec = tree_flatten((args, kwargs))
-    meta = [(x.shape, x.stride(), x.dtype) if isinstance(x, torch.Tensor) else x for x in flat]
+    meta: list[Any] = [(x.shape, x.stride(), x.dtype) if isinstance(x, torch.Tensor) else
+                       torch.device("cpu") if isinstance(x, torch.device) else x for x in flat]
 
     def make() -> torch.Tensor:
-        values = [torch.empty_strided(m[0], m[1], dtype=m[2])
-                  if isinstance(x, torch.Tensor) else real_of(x)
-                  for x, m in zip(flat, meta)]
+        values = [torch.empty_strided(*m[:2], dtype=m[2]) if isinstance(x, torch.Tensor)
+                  else m for x, m in zip(flat, meta)]
         a, kw = tree_unflatten(values, spec)
         return func(*a, **kw)
     return make

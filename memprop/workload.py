@@ -144,7 +144,7 @@ def _routed(make, routing: str | None, record: Callable[[], Routing] | None,
     result, read = _predict(make, first, **step)
     if not read:                       # no allocation depended on the routing
         return result
-    chosen = record() if kind == "batch" else first     # type: ignore[misc]
+    chosen = record() if record is not None and kind == "batch" else first
     if kind == "batch":
         result, _ = _predict(make, chosen, **step)
     bound = result if kind == "capacity" else _predict(make, Routing("capacity"), **step)[0]
