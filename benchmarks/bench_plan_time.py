@@ -7,7 +7,9 @@ batch 8, CPU, random weights, half the rows left-padded) at 60 % of the plain st
 measured peak. For each: the default plan (``objective="time"``: least predicted step
 time among the plans that fit, NOTE [ Pricing a plan in seconds ]), the plan of least
 recompute FLOPs (``objective="flops"``, the planner's choice before), the chain's plan
-(``whole=False``: checkpoints on the block chain only), and ``full``. Columns: the
+(``whole=False``: checkpoints on the block chain only), the fastest plan of plain
+segments the default weighed (``segments only``: the default before a block could
+checkpoint a part of itself, ``ops:2=@mlp``), and ``full``. Columns: the
 predicted peak (fake tensors) and the measured one, the predicted step time as a ratio
 to the plain step's (timed at two rows, the rest priced at the machine's rates) and the
 measured ratio: one forward and backward, medians of ROUNDS interleaved rounds in one
@@ -63,10 +65,16 @@ def run() -> dict:
             p = plan(model, data, budget, loss_fn=cfg.loss, **kw)
             plans[label] = (p, time.perf_counter() - start)
         specs = {label: p.spec for label, (p, _) in plans.items()}
+        # the best plan of plain segments the default weighed: the default before blocks
+        # could checkpoint a part of themselves (NOTE [ Checkpointing a part of a block ])
+        default = plans["default (time)"][0]
+        segments = min(((spec, ms) for spec, _, ms in default.weighed
+                        if spec.startswith("blocks:")), key=lambda s: s[1], default=None)
+        if segments is not None:
+            specs["segments only"] = segments[0]
         specs["full"] = "full"
         measured = time_strategies(model, data, step_loss(cfg.loss), {
             spec: spec for spec in ["none", *dict.fromkeys(specs.values())]}, rounds=ROUNDS)
-        default = plans["default (time)"][0]
         for label, spec in specs.items():
             p, seconds = plans.get(label, (None, None))
             apply_strategy(model, spec)
@@ -79,7 +87,9 @@ def run() -> dict:
                 predicted_peak_bytes=p.predicted_peak_bytes if p else None,
                 measured_peak_bytes=peak, peak_ratio=round(peak / plain, 3),
                 predicted_step_ratio=(round(p.predicted_step_ms / p.plain_step_ms, 3)
-                                      if p and p.predicted_step_ms else None),
+                                      if p and p.predicted_step_ms else
+                                      round(segments[1] / default.plain_step_ms, 3)
+                                      if label == "segments only" and segments else None),
                 measured_step_ratio=round(measured[spec] / measured["none"], 3),
                 planning_s=round(seconds, 1) if seconds is not None else None))
         ratio = measured[default.spec] / measured["none"]

@@ -25,7 +25,7 @@ CFG = model_config("transformer", depth=3, d_model=16, heads=2, seq_len=8, vocab
                    dropout=0.2)
 FORMS = ["none", "full", "every:2", "segments:2", "sqrt", "blocks:0-1", "selective",
          "offload", "nested:0-2[0-1]", "ops:addmm", "ops:0-1=addmm#0,2", "forward:-",
-         "forward:addmm#0-3", "remat:-", "remat:addmm#0-3", "budget"]
+         "forward:addmm#0-3", "remat:-", "remat:addmm#0-3", "ops:0,1-2=@mlp", "budget"]
 
 
 def loss_of(model, batch):

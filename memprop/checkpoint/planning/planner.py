@@ -165,13 +165,21 @@ class Plan:
                                    check_fn=check_fn)
 
     def describe(self) -> str:
-        n_ckpt = sum(b - a + 1 for a, b in self.segments)
+        # blocks checkpointing a part of themselves (ops:2=@mlp) are not segments
+        parts = self.chosen.children(self.n_blocks) if isinstance(self.chosen, Ops) else []
+        segments = [seg for seg in self.segments if seg[:2] not in {(k, k) for k, _ in parts}]
+        n_ckpt = sum(seg[1] - seg[0] + 1 for seg in segments)
         lines = [
             f"plan for a budget of {format_bytes(self.budget_bytes)} of "
             f"{'tensor peak' if self.metric == 'peak' else 'bytes stored for backward'}: "
             f"{short_spec(self.spec)}",
-            f"  {len(self.segments)} checkpointed segment(s) covering {n_ckpt} of "
-            f"{self.n_blocks} blocks" if not isinstance(self.chosen, (Forward, Remat)) else
+            "  " + "; ".join(
+                ([f"{len(segments)} checkpointed segment(s) covering {n_ckpt} of "
+                  f"{self.n_blocks} blocks"] if segments or not parts else [])
+                + ([f"{len(parts)} of {self.n_blocks} blocks checkpoint a part of "
+                    f"themselves alone ("
+                    f"{', '.join(sorted({'+'.join('@' + c for c in cs) for _, cs in parts}))})"]
+                   if parts else [])) if not isinstance(self.chosen, (Forward, Remat)) else
             "  one checkpoint around the whole forward, recomputed in one burst as backward "
             "begins (memprop.checkpoint.forms.whole)" if isinstance(self.chosen, Forward) else
             "  each saved tensor rebuilt on its own just before backward needs it "
@@ -487,8 +495,12 @@ class _Search:
     def make_plan(self, segments, result: Measurement, tree=(), chosen=None) -> Plan:
         n, plain = self.n, self.plain
         segments = [tuple(seg[:2]) for seg in segments]
+        # NOTE [ Checkpointing a part of a block ]: such a block is not checkpointed whole
+        parts = dict(chosen.children(n)) if isinstance(chosen, Ops) else {}
         blocks_table = self.prof.table.assign(
-            checkpointed=[any(a <= k <= b for a, b in segments) for k in range(n)])
+            checkpointed=[k not in parts and any(a <= k <= b for a, b in segments)
+                          for k in range(n)],
+            checkpointed_part=["+".join("@" + c for c in parts.get(k, ())) for k in range(n)])
         found = Plan(segments=segments, n_blocks=n, budget_bytes=self.budget_bytes,
                      metric=self.metric, tree=tree, chosen=chosen,
                      predicted_peak_bytes=result.peak_bytes,
@@ -650,27 +662,30 @@ def _chainless_error(model) -> StrategyError:
     return StrategyError(f"memprop.checkpoint: no chain of blocks in {type(model).__name__}")
 
 
-def _placement(s: _Search, options, stops) -> Plan | None:
+def _placement(s: _Search, options, stops, excess: int = 0) -> tuple[Plan | None, int]:
     """The single-level placement of least recompute (segments, and op-level blocks when
-    ``options``) whose simulated peak fits: the DP solved at the budget less the
-    calibrated overhead; a plan whose simulated peak overshoots tightens the model
-    budget by the excess (at most ``max_rounds`` solves)."""
+    ``options``) whose simulated peak fits, and the bytes its model budget was tightened
+    by: the DP solved at the budget less the calibrated overhead (less ``excess``, a
+    tightening another placement needed: each round simulates a whole step); a plan
+    whose simulated peak overshoots tightens the model budget by the excess (at most
+    ``max_rounds`` solves)."""
     costs, plain, budget_bytes = s.costs, s.plain, s.budget_bytes
     assert costs is not None                        # a chain was profiled
     overhead = plain.peak_bytes - model_peak(costs, ("S",) * costs.n)[0]
-    target = budget_bytes - overhead
+    target = budget_bytes - overhead - excess
     for _ in range(s.max_rounds):
         solution = solve(costs, target, options, stops) if target > 0 else None
         if solution is None:
-            return None
+            return None, excess
         segments = segments_of(solution[1])
         strategy = levels.placement_strategy(segments)
         result = s.simulated(strategy) if segments else plain
         if result.peak_bytes <= budget_bytes:
             return s.make_plan(segments, result,
-                               chosen=strategy if isinstance(strategy, Ops) else None)
+                               chosen=strategy if isinstance(strategy, Ops) else None), excess
+        excess += result.peak_bytes - budget_bytes
         target -= result.peak_bytes - budget_bytes
-    return None
+    return None, excess
 
 
 def _plan_peak(s: _Search, options, stops, early) -> tuple[list[Plan], list]:
@@ -684,12 +699,23 @@ def _plan_peak(s: _Search, options, stops, early) -> tuple[list[Plan], list]:
     costs, plain, budget_bytes, max_rounds = s.costs, s.plain, s.budget_bytes, s.max_rounds
     assert costs is not None                        # a chain was profiled
     simulated, make_plan, plan_of = s.simulated, s.make_plan, s.plan_of
-    found = _placement(s, options, stops)
+    found, excess = _placement(s, options, stops)
     if found is not None:
-        if s.objective == "time" and isinstance(found.chosen, Ops):
-            segments_only = _placement(s, None, stops)
-            return [found] + ([segments_only] if segments_only is not None else []), []
-        return [found], []
+        if s.objective != "time" or not found.recompute_flops and not isinstance(
+                found.chosen, Ops):
+            return [found], []
+        # priced too: plain segments only, and plain segments with blocks that
+        # checkpoint a part of themselves (NOTE [ Checkpointing a part of a block ],
+        # forms.oplevel): neither runs a selective policy. The latter starts from the
+        # tightening the former needed (their peaks fall at the same moments: a 48-block
+        # chain re-simulated the same three rounds)
+        others = []
+        if isinstance(found.chosen, Ops):
+            segments_only, excess = _placement(s, None, stops)
+            others.append(segments_only)
+        if any(s.prof.block_children):
+            others.append(_placement(s, levels.child_options(s.prof), stops, excess)[0])
+        return [found] + [p for p in others if p is not None], []
     # below the single-level floor: checkpoints inside recomputed segments (blocks
     # called with one tensor only: multilevel.NestedChain refuses others)
     try:

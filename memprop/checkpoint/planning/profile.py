@@ -59,7 +59,7 @@ from memprop.saved import storage_key, storage_keys
 
 __all__ = ["Profile", "profile", "profile_chain", "stop_flops", "early_stop_flops",
            "block_times_ms", "OpCall", "trace_blocks", "traced_modules", "block_options",
-           "rebuild_ratio"]
+           "rebuild_ratio", "ChildCost"]
 
 
 def _first_tensor(value):
@@ -235,6 +235,90 @@ class _Stops(_Collector):
 
 
 @dataclasses.dataclass(frozen=True)
+class ChildCost:
+    """One child module of a block, as a checkpoint of it alone would change the block
+    (NOTE [ Checkpointing a part of a block ], memprop.checkpoint.forms.oplevel)."""
+
+    path: str             # below the block: "mlp"
+    freed: int            # bytes the block would no longer store (its input, output kept)
+    flops: int            # its forward FLOPs: what its recompute re-runs
+
+
+class _Children(_Collector):
+    """Per block, each direct child called once in its forward: the storages saved
+    inside it, those the block saves outside it, and its input, output and FLOPs."""
+
+    def __init__(self, blocks: list, counter: FlopCounter, skip: set):
+        self.blocks, self.counter, self.skip = blocks, counter, skip
+        self.block: int | None = None
+        self.child: str | None = None
+        self.flops_at = 0
+        # block -> child path -> [calls, {saved key: bytes}, in key, out key, FLOPs]
+        self.seen: dict[int, dict[str, list]] = {k: {} for k in range(len(blocks))}
+        self.outside: dict[int, dict[int, int]] = {k: {} for k in range(len(blocks))}
+
+    def install(self) -> list:
+        handles = []
+        for k, block in enumerate(self.blocks):
+            def enter(module, args, k=k):
+                self.block = k
+
+            def leave(module, args, output):
+                self.block = None
+            handles += [block.register_forward_pre_hook(enter),
+                        block.register_forward_hook(leave)]
+            for path, child in block.named_children():
+                def pre(module, args, k=k, path=path):
+                    if self.block != k or self.child is not None:
+                        return
+                    self.child, self.flops_at = path, self.counter.total
+                    t = _first_tensor(args)
+                    rec = self.seen[k].setdefault(path, [0, {}, None, None, 0])
+                    rec[0] += 1
+                    rec[2] = storage_key(t) if t is not None else None
+
+                def post(module, args, output, k=k, path=path):
+                    if self.block != k or self.child != path:
+                        return
+                    rec = self.seen[k][path]
+                    t = _first_tensor(output)
+                    rec[3] = storage_key(t) if t is not None else None
+                    rec[4] += self.counter.total - self.flops_at
+                    self.child = None
+                handles += [child.register_forward_pre_hook(pre),
+                            child.register_forward_hook(post)]
+        return handles
+
+    def pack(self, t):
+        key = storage_key(t)
+        if self.block is None or key in self.skip:
+            return
+        nbytes = t.untyped_storage().nbytes()
+        if self.child is None:
+            self.outside[self.block][key] = nbytes
+        else:
+            self.seen[self.block][self.child][1][key] = nbytes
+
+    def result(self) -> list[list[ChildCost]]:
+        out = []
+        owners: Counter[int] = Counter(id(m) for b in self.blocks for m in b.modules())
+        for k in range(len(self.blocks)):
+            costs = []
+            for path, (calls, saved, in_key, out_key, flops) in self.seen[k].items():
+                if calls != 1 or not saved or owners[id(self.blocks[k].get_submodule(
+                        path))] > 1:             # called twice, nothing saved, shared
+                    continue
+                others = set(self.outside[k]) | {key for p, rec in self.seen[k].items()
+                                                 if p != path for key in rec[1]}
+                # the checkpoint stores the child's input and holds its output
+                kept = others | {in_key, out_key}
+                costs.append(ChildCost(path, sum(v for key, v in saved.items()
+                                                 if key not in kept), flops))
+            out.append([c for c in costs if c.freed > 0])
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
 class OpCall:
     key: str              # name#i within its block
     out_bytes: int        # bytes of output storages not seen before in the block
@@ -342,6 +426,8 @@ class Profile:
     forward_calls: list | None
     forward_early: float
     forwards: int = 1                  # traced forwards this profile ran
+    # per block: its children a checkpoint of their own would free bytes of (ChildCost)
+    block_children: list = dataclasses.field(default_factory=list)
 
 
 def profile(model: nn.Module, batch, *, blocks_attr=None, blocks=None, check_fn=None,
@@ -359,15 +445,18 @@ def profile(model: nn.Module, batch, *, blocks_attr=None, blocks=None, check_fn=
         collectors["costs"] = _ChainCosts(target, target_batch, regions, counter)
         collectors["stops"] = _Stops(regions, counter, whole=False)
         collectors["ops"] = _OpCalls(regions, counter, whole=False)
+        collectors["children"] = _Children(regions, counter, storage_keys(
+            [*target.parameters(), *target.buffers()]))
     if whole:
         collectors["whole_stops"] = _Stops([target], counter, whole=True)
         collectors["whole_ops"] = _OpCalls([target], counter, whole=True)
     _trace(target, target_batch, loss_fn, list(collectors.values()), counter, mode)
-    costs, table, early, tail, calls = None, pd.DataFrame(), (), (), []
+    costs, table, early, tail, calls, children = None, pd.DataFrame(), (), (), [], []
     if chain:
         costs, table = collectors["costs"].result()        # type: ignore[attr-defined]
         early, tail = collectors["stops"].result()         # type: ignore[attr-defined]
         calls = collectors["ops"].result()                 # type: ignore[attr-defined]
+        children = collectors["children"].result()         # type: ignore[attr-defined]
     forward_calls, forward_early = None, 0.0
     if whole:
         try:
@@ -375,7 +464,8 @@ def profile(model: nn.Module, batch, *, blocks_attr=None, blocks=None, check_fn=
             forward_early = collectors["whole_stops"].result()[0][0]  # type: ignore[attr-defined]
         except StrategyError:          # the loss calls the model more than once
             forward_calls = None
-    return Profile(costs, table, early, tail, calls, forward_calls, forward_early)
+    return Profile(costs, table, early, tail, calls, forward_calls, forward_early,
+                   block_children=children)
 
 
 def profile_chain(model: nn.Module, batch, *, blocks_attr=None, blocks=None, check_fn=None,

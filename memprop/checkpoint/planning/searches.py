@@ -21,6 +21,7 @@ NOTE [ The two metrics ]
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Callable
 
 import torch
@@ -32,7 +33,7 @@ from memprop.checkpoint.forms.strategies import Blocks, NoCheckpoint, Strategy
 from memprop.checkpoint.forms.whole import Forward
 from memprop.checkpoint.planning import rotor
 from memprop.checkpoint.planning.dp import ChainCosts
-from memprop.checkpoint.planning.fronts import forward_front
+from memprop.checkpoint.planning.fronts import forward_front, pareto
 from memprop.checkpoint.planning.profile import (
     Profile,
     block_options,
@@ -49,7 +50,7 @@ from memprop.models import training_loss
 from memprop.saved import storage_key
 
 __all__ = ["METRICS", "metric_of", "fit", "nested_solver",
-           "segment_stops", "op_options",
+           "segment_stops", "op_options", "child_options",
            "placement_strategy", "lowest_nested", "stored_solver", "stored_model_bytes",
            "strategy_of", "whole_solver", "whole_front", "remat_fit",
            "REMAT_SCAN", "REMAT_MAX_BLOCKS", "rebuilds_within_limit", "remat_front",
@@ -207,6 +208,26 @@ def op_options(prof: Profile, *, max_calls: int = 6) -> list:
     early = prof.early or (0.0,) * len(prof.block_calls)
     return [block_options(calls, early=e, max_calls=max_calls)
             for calls, e in zip(prof.block_calls, early)]
+
+
+def child_options(prof: Profile, *, max_children: int = 4) -> list:
+    """Per block, the options of checkpointing some of its children alone (NOTE
+    [ Checkpointing a part of a block ], memprop.checkpoint.forms.oplevel), as the chain's
+    DP takes op-level options: (``{"@path", ...}``, bytes the block still stores, the
+    children's forward FLOPs), the Pareto set. The bytes freed by several children are
+    summed; each plan is checked by simulating the step."""
+    assert prof.costs is not None                   # a chain was profiled
+    out = []
+    for inner, children in zip(prof.costs.inner, prof.block_children):
+        heavy = sorted(children, key=lambda c: -c.freed)[:max_children]
+        options = [(frozenset("@" + c.path for c in subset),
+                    max(inner - sum(c.freed for c in subset), 0),
+                    float(sum(c.flops for c in subset)))
+                   for r in range(1, len(heavy) + 1)
+                   for subset in itertools.combinations(heavy, r)]
+        out.append(pareto(options, need=lambda o: o[1], cost=lambda o: o[2],
+                          tie=lambda o: len(o[0])))
+    return out
 
 
 # remat:KEYS is weighed by plan(metric="peak") only while its rebuilds re-run at most this
