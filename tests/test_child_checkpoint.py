@@ -16,7 +16,7 @@ from memprop.checkpoint.planning.planner import plan
 from memprop.checkpoint.planning.profile import profile
 from memprop.checkpoint.planning.searches import child_options
 from memprop.checkpoint.planning.simulate import simulate
-from memprop.checkpoint.planning.timing import python_ops_of
+from memprop.checkpoint.planning.timing import checkpoints_of, python_ops_of
 from memprop.errors import StrategyError
 from memprop.measure import measure_step
 from memprop.models import model_config
@@ -163,3 +163,13 @@ def test_child_shared_between_blocks_is_refused_and_never_offered():
     prof = profile(model, data, loss_fn=CFG.loss, whole=False)
     assert all(c.path != "ln2" for block in prof.block_children for c in block)
     assert any(c.path == "mlp" for block in prof.block_children for c in block)
+
+
+@pytest.mark.parametrize("spec, checkpoints", [
+    ("none", 0), ("full", 4), ("blocks:0-1,3", 2), ("ops:0-1,2-3=@attn+@mlp", 5),
+    ("ops:@mlp", 4), ("ops:0=addmm,1-3", 2), ("forward:-", 1), ("remat:-", 0),
+    ("offload", 0)])
+def test_checkpoints_a_form_enters(spec, checkpoints):
+    """What a fake model's pricing charges one checkpoint's own cost for (Rates
+    .ms_per_checkpoint): one per segment, per keyed block, per checkpointed child."""
+    assert checkpoints_of(parse_strategy(spec), 4) == checkpoints

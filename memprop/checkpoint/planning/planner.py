@@ -71,6 +71,7 @@ from memprop.checkpoint.planning.simulate import simulate
 from memprop.checkpoint.planning.timing import (
     SMALL_ROWS,
     calibrate,
+    checkpoints_of,
     first_rows,
     predict_ms,
     python_ops_of,
@@ -363,7 +364,8 @@ def _price(model, batch, plans: list[Plan], plain: Measurement, *, blocks_attr, 
     if fake_mode_of(model) is not None:
         ratios = {p.spec: p.rebuild_ratio for p in plans}
         ms = {spec: predict_ms(rates, m, python_ops=python_ops_of(
-            strategies[spec], m, plain, ratios.get(spec), block_ops))
+            strategies[spec], m, plain, ratios.get(spec), block_ops),
+            checkpoints=checkpoints_of(strategies[spec], len(block_ops)))
             for spec, m in full.items()}
         basis = "rates"
     else:

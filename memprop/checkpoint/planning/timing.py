@@ -23,7 +23,10 @@ NOTE [ Pricing a plan in seconds ]
   with FLOPs and bytes written over the step's forward and backward, counted on fake
   tensors by the simulation (NOTE [ A step's work ], memprop.flops). Nothing of the full
   step is allocated. A fake model (a config planned from the CLI) cannot be timed: its
-  plans are priced by the rates alone, per-op costs at the plain dispatch cost, plus
+  plans are priced by the rates alone, per-op costs at the plain dispatch cost, each
+  checkpoint the form enters at one checkpoint's own cost (``checkpoints_of``,
+  ``ms_per_checkpoint``: 0.1-0.25 ms here, forward and recompute, so nine checkpointed
+  children cost more than one segment of the same FLOPs), plus
   what each call a form runs through Python costs more (``python_ops_of``: a selective
   policy sees every call of its blocks twice, in the forward and in the recompute, at
   ``ms_per_policy_op``, calibrated on ``ops:`` itself: 10 us a call here, three Python
@@ -58,10 +61,11 @@ from memprop.checkpoint.forms.remat import Remat
 from memprop.checkpoint.forms.strategies import Selective, parse_strategy, remove_strategy
 from memprop.checkpoint.forms.verify import discarding_grads
 from memprop.checkpoint.forms.whole import Forward
+from memprop.errors import StrategyError
 from memprop.measure import Measurement
 
 __all__ = ["Rates", "calibrate", "SMALL_ROWS", "first_rows", "work_of", "predict_ms",
-           "python_ops_of", "time_strategies"]
+           "python_ops_of", "checkpoints_of", "time_strategies"]
 
 # rows of the batch each candidate is timed at (NOTE above): per-op costs, little work
 SMALL_ROWS = 2
@@ -78,6 +82,9 @@ class Rates:
     # what an aten call costs more each time a selective-checkpoint policy (``ops:``)
     # sees it, against a plain checkpoint of the same block: a policy call, a cache
     ms_per_policy_op: float = 0.0
+    # one checkpoint's own cost, forward and recompute (torch's checkpoint frame, its
+    # saved-tensor hooks, memprop's patch): what a plan of many small checkpoints pays
+    ms_per_checkpoint: float = 0.0
 
 
 def _median_ms(fn, repeats: int = 5) -> float:
@@ -110,29 +117,34 @@ def _calibrate(device: str, dtype: torch.dtype, threads: int) -> Rates:
     op = run(lambda: torch.add(tiny, tiny), 200)
     with _PassThrough():
         python_op = run(lambda: torch.add(tiny, tiny), 200)
+    policy, checkpoint = _checkpoint_ms(dev, dtype, sync)
     return Rates(ms_per_flop=max(mm - op, 0.0) / (2 * n ** 3),
                  ms_per_byte=max(add - op, 0.0) / (big.numel() * big.element_size()),
                  ms_per_op=op, ms_per_python_op=max(python_op - op, 0.0),
-                 ms_per_policy_op=_policy_op_ms(dev, dtype, sync))
+                 ms_per_policy_op=policy, ms_per_checkpoint=checkpoint)
 
 
 _CALLS = 50                 # tiny multiplications per block of the policy's calibration
 
 
 class _Calls(nn.Module):
-    """A block of ``_CALLS`` tiny multiplications."""
+    """A block of ``calls`` tiny multiplications."""
+
+    def __init__(self, calls: int):
+        super().__init__()
+        self.calls = calls
 
     def forward(self, x):
-        for _ in range(_CALLS):
+        for _ in range(self.calls):
             x = x * 1.0001
         return x
 
 
 class _Chain(nn.Module):
-    def __init__(self, device, dtype):
+    def __init__(self, device, dtype, blocks: int, calls: int):
         super().__init__()
         self.w = nn.Parameter(torch.ones(4, device=device, dtype=dtype))
-        self.blocks = nn.ModuleList([_Calls() for _ in range(2)])
+        self.blocks = nn.ModuleList([_Calls(calls) for _ in range(blocks)])
 
     def forward(self, x):
         x = x * self.w
@@ -141,13 +153,18 @@ class _Chain(nn.Module):
         return x.sum()
 
 
-def _policy_op_ms(dev: torch.device, dtype: torch.dtype, sync) -> float:
-    """A selective policy's cost per call it sees: a chain of two blocks of tiny
-    multiplications, stepped under ``ops:`` (keeping every other one) and under ``full``,
-    the difference per call seen (each call twice: forward and recompute)."""
-    model, x = _Chain(dev, dtype), torch.randn(4, device=dev, dtype=dtype)
+_CHECKPOINTS = 20           # one-call blocks of the checkpoint's calibration
 
-    def step_ms(spec: str) -> float:
+
+def _checkpoint_ms(dev: torch.device, dtype: torch.dtype, sync) -> tuple[float, float]:
+    """(a selective policy's cost per call it sees, one plain checkpoint's cost): a
+    chain of two blocks of ``_CALLS`` tiny multiplications stepped under ``ops:``
+    (keeping every other one) and under ``full``, the difference per call seen (each
+    call twice: forward and recompute); a chain of ``_CHECKPOINTS`` one-call blocks under
+    ``full`` and plainly, the difference per block less the call it recomputes."""
+    x = torch.randn(4, device=dev, dtype=dtype)
+
+    def step_ms(model, spec: str) -> float:
         parse_strategy(spec).apply(model, blocks_attr="blocks")
         try:
             def go():
@@ -156,10 +173,12 @@ def _policy_op_ms(dev: torch.device, dtype: torch.dtype, sync) -> float:
             return _median_ms(go, repeats=9)
         finally:
             remove_strategy(model)
+    calls, many = _Chain(dev, dtype, 2, _CALLS), _Chain(dev, dtype, _CHECKPOINTS, 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        policy, plain = step_ms("ops:mul#0"), step_ms("full")
-    return max(policy - plain, 0.0) / (2 * 2 * _CALLS)
+        policy = max(step_ms(calls, "ops:mul#0") - step_ms(calls, "full"), 0.0)
+        checkpoints = max(step_ms(many, "full") - step_ms(many, "none"), 0.0)
+    return policy / (2 * 2 * _CALLS), checkpoints / _CHECKPOINTS
 
 
 class _PassThrough(TorchDispatchMode):
@@ -195,19 +214,20 @@ def work_of(m: Measurement) -> tuple[int, int, int]:
 
 
 def predict_ms(rates: Rates, full: Measurement, small: Measurement | None = None,
-               small_ms: float | None = None, python_ops: tuple[float, float] = (0.0, 0.0)
-               ) -> float:
+               small_ms: float | None = None, python_ops: tuple[float, float] = (0.0, 0.0),
+               checkpoints: int = 0) -> float:
     """Predicted step time (ms) of the step ``full`` simulates: ``small_ms``, measured at
     the rows ``small`` simulates, plus the extra work priced at ``rates``; without a
-    timing, the whole work priced at ``rates``, each op at the plain dispatch cost, and
-    the calls a form runs through Python (``python_ops_of``: through a dispatch mode,
-    through a selective policy) at what each costs more."""
+    timing, the whole work priced at ``rates``, each op at the plain dispatch cost, the
+    calls a form runs through Python (``python_ops_of``: through a dispatch mode,
+    through a selective policy) at what each costs more, and each of its
+    ``checkpoints`` (``checkpoints_of``) at one checkpoint's own cost."""
     flops, written, ops = work_of(full)
     if small is None or small_ms is None:
         hops, policy = python_ops
         return (flops * rates.ms_per_flop + written * rates.ms_per_byte
                 + ops * rates.ms_per_op + hops * rates.ms_per_python_op
-                + policy * rates.ms_per_policy_op)
+                + policy * rates.ms_per_policy_op + checkpoints * rates.ms_per_checkpoint)
     small_flops, small_written, _ = work_of(small)
     return (small_ms + (flops - small_flops) * rates.ms_per_flop
             + (written - small_written) * rates.ms_per_byte)
@@ -242,6 +262,24 @@ def python_ops_of(strategy, full: Measurement, plain: Measurement,
         return 0.0, 2.0 * sum(sum(block_ops[a:b + 1]) for a, b, keys in strategy.parts
                               if keys and not any(map(is_child, keys)))
     return 0.0, 2.0 * sum(block_ops)                             # every block
+
+
+def checkpoints_of(strategy, n: int) -> int:
+    """Checkpoints a form enters per step on a chain of ``n`` blocks: one per segment
+    (a keyed ``ops:`` block, a plain range, each block under ``selective``), one per
+    checkpointed child (``ops:2=@mlp``), one around the forward for ``forward:``, none
+    for ``remat:`` (its recorder is priced per call) and the forms that recompute
+    nothing."""
+    if isinstance(strategy, Remat):
+        return 0
+    if isinstance(strategy, Forward):
+        return 1
+    try:
+        segments = strategy.segments(n)
+    except (NotImplementedError, StrategyError):
+        return 0
+    children = strategy.children(n) if isinstance(strategy, Ops) else []
+    return len(segments) + sum(len(paths) for _, paths in children)
 
 
 def time_strategies(model, batch, loss_fn, strategies: dict, *, rounds: int = 5,
