@@ -27,9 +27,9 @@ when backward needs it, memprop.checkpoint.forms.remat) for both metrics, ``forw
 keys come from an exact knapsack over the forward's matmul and attention calls, and
 their peaks from simulation.
 
-4. Among the plans that fit (the chain's, ``remat:``'s, ``full``), choose the one of least
-   predicted step time (NOTE [ Pricing a plan in seconds ],
-   memprop.checkpoint.planning.timing), or of least recompute FLOPs with
+4. Among the plans that fit (the chain's, with checkpointed children too, ``remat:``'s,
+   ``full``), choose the one of least predicted step time (NOTE [ Pricing a plan in
+   seconds ], memprop.checkpoint.planning.timing), or of least recompute FLOPs with
    ``objective="flops"``; verify its replay on one real step at two rows (NOTE
    [ Verifying a replay ], memprop.checkpoint.forms.verify).
 """

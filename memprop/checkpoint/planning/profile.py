@@ -8,7 +8,8 @@ NOTE [ One trace ]
   ``profile`` runs the loss once on the fake twin with every collector attached: the
   chain's costs (``ChainCosts``: block inputs, outputs, what each saves, FLOPs, the
   parameters each first uses), early stops and held outputs per block, every block's op
-  calls, and the whole forward's op calls and early stop (for ``forward:`` and
+  calls, what checkpointing each block's children alone would free (``ChildCost``), and
+  the whole forward's op calls and early stop (for ``forward:`` and
   ``remat:``). Collectors share one FLOP counter and one saved-tensor hook (torch runs
   only the innermost); each keeps its own module hooks and dispatch mode. The
   functions ``profile_chain``, ``stop_flops`` and ``trace_blocks`` run one collector

@@ -39,8 +39,10 @@ NOTE [ Pricing a plan in seconds ]
   block re-runs its pointwise ops, and runs its forward, through a Python policy, so
   zero recompute FLOPs can cost more seconds than recomputing whole blocks (tiny
   Llama at 60 % of its peak: ``ops:`` kept every matmul for 1.70x the plain step where
-  whole blocks cost less, measured); ``remat:``'s fit; and ``full`` whenever a plan
-  checkpoints.
+  whole blocks cost less, measured); the placement of plain segments and blocks that
+  checkpoint a part of themselves (``ops:0,1,2=@mlp``: no policy, NOTE [ Checkpointing
+  a part of a block ], memprop.checkpoint.forms.oplevel); ``remat:``'s fit; and ``full``
+  whenever a plan checkpoints.
 """
 
 from __future__ import annotations
