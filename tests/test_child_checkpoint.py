@@ -173,3 +173,26 @@ def test_checkpoints_a_form_enters(spec, checkpoints):
     """What a fake model's pricing charges one checkpoint's own cost for (Rates
     .ms_per_checkpoint): one per segment, per keyed block, per checkpointed child."""
     assert checkpoints_of(parse_strategy(spec), 4) == checkpoints
+
+
+def test_containers_aliases_and_mixed_every_are_refused(zoo):
+    """Never less than asked, silently: a ModuleList is never called (its checkpoint
+    would cover nothing), one module under two paths would be checkpointed twice, and an
+    every-block entry mixing children and op keys would drop the keys."""
+    model = copy.deepcopy(zoo[0])
+    model.blocks[0].extra = torch.nn.ModuleList([torch.nn.Identity()])
+    with pytest.raises(StrategyError, match=r"@extra in block 0, a container that is never "
+                                            r"called: name the modules in it \(@extra.0\)"):
+        parse_strategy("ops:0=@extra").apply(model)
+    model.blocks[0].alias = model.blocks[0].mlp
+    with pytest.raises(StrategyError, match="names twice under two paths"):
+        parse_strategy("ops:0=@alias+@mlp").apply(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    with pytest.raises(StrategyError, match="names child modules and op keys"):
+        Ops(every=frozenset({"@mlp", "addmm"}))
+
+
+def test_sequential_children_are_named_by_index():
+    """A block that is an nn.Sequential of composite modules: its children are 0, 1, ...;
+    the planner's spec names them (@0) and parses back."""
+    assert parse_strategy("ops:0-1=@0.1").spec == "ops:0-1=@0.1"

@@ -66,7 +66,7 @@ from memprop.checkpoint.forms.selective import Both, RefuseMutated, WatchKept
 from memprop.checkpoint.forms.strategies import Strategy
 from memprop.errors import StrategyError
 
-__all__ = ["Ops", "op_context", "op_context_fn", "is_child"]
+__all__ = ["Ops", "op_context", "op_context_fn", "is_child", "CHILD_KEY"]
 
 
 class _Report(WatchKept):
@@ -131,7 +131,8 @@ class Ops(Strategy):
         # NOTE [ Compact op-level specs ]: keys in their shortest form, and keyed blocks
         # in runs, so that every spelling of one strategy is one value
         parts = tuple((int(a), int(b), frozenset(canonical_keys(k))) for a, b, k in self.parts)
-        mixed = [keys for _, _, keys in parts if len({is_child(k) for k in keys}) > 1]
+        mixed = [keys for _, _, keys in parts + ((0, 0, self.every),) * (self.every is not None)
+                 if len({is_child(k) for k in keys}) > 1]
         if mixed:
             object.__setattr__(self, "parts", parts)
             raise StrategyError(f"memprop.checkpoint: {self.spec} names child modules and op "
@@ -229,6 +230,11 @@ class Ops(Strategy):
         return Applied.record(model, self, patches)
 
 
+# a child entry: @ and the module's path below the block (attribute names, or indices of
+# a Sequential), as a spec writes it (parse_strategy reads specs in lower case)
+CHILD_KEY = re.compile(r"@[a-z0-9_]+(\.[a-z0-9_]+)*")
+
+
 def is_child(key: str) -> bool:
     """Whether an entry's key names a child module (``@mlp``), not an op."""
     return key.startswith("@")
@@ -244,7 +250,7 @@ def _entry(text: str, spec: str) -> frozenset:
     keys = [k for k in text.split("+") if k]
     if not any(map(is_child, keys)):
         return parse_keys(text, spec)
-    bad = sorted(k for k in keys if not re.fullmatch(r"@[a-z_][a-z0-9_]*(\.[a-z0-9_]+)*", k))
+    bad = sorted(k for k in keys if not CHILD_KEY.fullmatch(k))
     if bad:
         raise StrategyError(f"memprop.checkpoint: ops:{spec} has bad entry key(s) {bad}; a "
                             "child module is @ and its path below the block (@mlp, "
@@ -257,7 +263,7 @@ def _resolved(blocks: list, k: int, paths: tuple[str, ...], spec: str) -> list:
     """(path, submodule) of each of ``paths`` in block ``k``, or a ``StrategyError``
     naming its children (a typo would checkpoint nothing, silently), or naming the other
     block that shares the submodule (its checkpoint would cover that block's call too)."""
-    block, out = blocks[k], []
+    block, out = blocks[k], list[tuple[str, nn.Module]]()
     for path in paths:
         try:
             child = block.get_submodule(path)
@@ -267,6 +273,13 @@ def _resolved(blocks: list, k: int, paths: tuple[str, ...], spec: str) -> list:
                 f"memprop.checkpoint: {spec} names @{path} in block {k} "
                 f"({type(block).__name__}), which has no such submodule; its children: "
                 f"{names}") from None
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)) or any(
+                child is other for _, other in out):
+            raise StrategyError(
+                f"memprop.checkpoint: {spec} names @{path} in block {k}, "
+                + ("a container that is never called: name the modules in it (@"
+                   f"{path}.0)" if isinstance(child, (nn.ModuleList, nn.ModuleDict)) else
+                   "a module the entry names twice under two paths"))
         shared = next((j for j, other in enumerate(blocks) if j != k and any(
             m is child for m in other.modules())), None)
         if shared is not None:

@@ -46,7 +46,7 @@ from torch import nn
 from memprop.checkpoint.forms.cache import cache_off
 from memprop.checkpoint.forms.chain import SegmentRefused, find_blocks
 from memprop.checkpoint.forms.multilevel import Nested
-from memprop.checkpoint.forms.oplevel import Ops
+from memprop.checkpoint.forms.oplevel import Ops, is_child
 from memprop.checkpoint.forms.patch import APPLIED
 from memprop.checkpoint.forms.remat import Remat
 from memprop.checkpoint.forms.strategies import (
@@ -168,8 +168,8 @@ class Plan:
     def describe(self) -> str:
         # blocks checkpointing a part of themselves (ops:2=@mlp) are not segments
         parts = self.chosen.children(self.n_blocks) if isinstance(self.chosen, Ops) else []
-        segments = [seg for seg in self.segments if seg[:2] not in {(k, k) for k, _ in parts}]
-        n_ckpt = sum(seg[1] - seg[0] + 1 for seg in segments)
+        segments = self.segments
+        n_ckpt = sum(b - a + 1 for a, b in segments)
         lines = [
             f"plan for a budget of {format_bytes(self.budget_bytes)} of "
             f"{'tensor peak' if self.metric == 'peak' else 'bytes stored for backward'}: "
@@ -496,12 +496,12 @@ class _Search:
 
     def make_plan(self, segments, result: Measurement, tree=(), chosen=None) -> Plan:
         n, plain = self.n, self.plain
-        segments = [tuple(seg[:2]) for seg in segments]
-        # NOTE [ Checkpointing a part of a block ]: such a block is not checkpointed whole
+        # NOTE [ Checkpointing a part of a block ]: such a block is not a segment
+        segments = [tuple(seg[:2]) for seg in segments
+                    if len(seg) < 3 or not any(map(is_child, seg[2]))]
         parts = dict(chosen.children(n)) if isinstance(chosen, Ops) else {}
         blocks_table = self.prof.table.assign(
-            checkpointed=[k not in parts and any(a <= k <= b for a, b in segments)
-                          for k in range(n)],
+            checkpointed=[any(a <= k <= b for a, b in segments) for k in range(n)],
             checkpointed_part=["+".join("@" + c for c in parts.get(k, ())) for k in range(n)])
         found = Plan(segments=segments, n_blocks=n, budget_bytes=self.budget_bytes,
                      metric=self.metric, tree=tree, chosen=chosen,
@@ -713,8 +713,9 @@ def _plan_peak(s: _Search, options, stops, early) -> tuple[list[Plan], list]:
         # chain re-simulated the same three rounds)
         others = []
         if isinstance(found.chosen, Ops):
-            segments_only, excess = _placement(s, None, stops)
+            segments_only, tightened = _placement(s, None, stops)
             others.append(segments_only)
+            excess = tightened if segments_only is not None else 0
         if any(s.prof.block_children):
             others.append(_placement(s, levels.child_options(s.prof), stops, excess)[0])
         return [found] + [p for p in others if p is not None], []

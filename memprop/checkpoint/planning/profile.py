@@ -46,6 +46,7 @@ from torch.utils._pytree import tree_flatten
 
 from memprop.checkpoint.forms.blocks import find_blocks
 from memprop.checkpoint.forms.opkeys import draws_random, op_name
+from memprop.checkpoint.forms.oplevel import CHILD_KEY
 from memprop.checkpoint.forms.remat import Remat
 from memprop.checkpoint.forms.strategies import remove_strategy
 from memprop.checkpoint.forms.tail import TailRecord
@@ -269,14 +270,16 @@ class _Children(_Collector):
             handles += [block.register_forward_pre_hook(enter),
                         block.register_forward_hook(leave)]
             for path, child in block.named_children():
-                def pre(module, args, k=k, path=path):
+                def pre(module, args, kwargs, k=k, path=path):
                     if self.block != k or self.child is not None:
                         return
                     self.child, self.flops_at = path, self.counter.total
-                    t = _first_tensor(args)
-                    rec = self.seen[k].setdefault(path, [0, {}, None, None, 0])
+                    rec = self.seen[k].setdefault(path, [0, {}, set(), None, 0])
                     rec[0] += 1
-                    rec[2] = storage_key(t) if t is not None else None
+                    # every tensor it is given (positional or keyword): the checkpoint
+                    # stores them
+                    rec[2] = storage_keys([t for t in tree_flatten((args, kwargs))[0]
+                                           if isinstance(t, torch.Tensor)])
 
                 def post(module, args, output, k=k, path=path):
                     if self.block != k or self.child != path:
@@ -286,7 +289,7 @@ class _Children(_Collector):
                     rec[3] = storage_key(t) if t is not None else None
                     rec[4] += self.counter.total - self.flops_at
                     self.child = None
-                handles += [child.register_forward_pre_hook(pre),
+                handles += [child.register_forward_pre_hook(pre, with_kwargs=True),
                             child.register_forward_hook(post)]
         return handles
 
@@ -305,14 +308,14 @@ class _Children(_Collector):
         owners: Counter[int] = Counter(id(m) for b in self.blocks for m in b.modules())
         for k in range(len(self.blocks)):
             costs = []
-            for path, (calls, saved, in_key, out_key, flops) in self.seen[k].items():
+            for path, (calls, saved, in_keys, out_key, flops) in self.seen[k].items():
                 if calls != 1 or not saved or owners[id(self.blocks[k].get_submodule(
-                        path))] > 1:             # called twice, nothing saved, shared
-                    continue
+                        path))] > 1 or not CHILD_KEY.fullmatch("@" + path):
+                    continue      # called twice, nothing saved, shared, no spec names it
                 others = set(self.outside[k]) | {key for p, rec in self.seen[k].items()
                                                  if p != path for key in rec[1]}
-                # the checkpoint stores the child's input and holds its output
-                kept = others | {in_key, out_key}
+                # the checkpoint stores the child's inputs and holds its output
+                kept = others | in_keys | {out_key}
                 costs.append(ChildCost(path, sum(v for key, v in saved.items()
                                                  if key not in kept), flops))
             out.append([c for c in costs if c.freed > 0])

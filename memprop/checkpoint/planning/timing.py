@@ -163,7 +163,7 @@ def _checkpoint_ms(dev: torch.device, dtype: torch.dtype, sync) -> tuple[float, 
     chain of two blocks of ``_CALLS`` tiny multiplications stepped under ``ops:``
     (keeping every other one) and under ``full``, the difference per call seen (each
     call twice: forward and recompute); a chain of ``_CHECKPOINTS`` one-call blocks under
-    ``full`` and plainly, the difference per block less the call it recomputes."""
+    ``full`` and plainly, the difference per block (its one recomputed call included)."""
     x = torch.randn(4, device=dev, dtype=dtype)
 
     def step_ms(model, spec: str) -> float:
