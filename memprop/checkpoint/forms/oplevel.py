@@ -66,7 +66,7 @@ from memprop.checkpoint.forms.selective import Both, RefuseMutated, WatchKept
 from memprop.checkpoint.forms.strategies import Strategy
 from memprop.errors import StrategyError
 
-__all__ = ["Ops", "op_context", "op_context_fn", "is_child", "CHILD_KEY"]
+__all__ = ["Ops", "op_context", "op_context_fn", "is_child", "child_paths", "CHILD_KEY"]
 
 
 class _Report(WatchKept):
@@ -187,29 +187,35 @@ class Ops(Strategy):
         """The checkpointed segments: a plain range is one, a keyed range one per block;
         blocks that checkpoint children only (``=@mlp``) are not among them."""
         if self.every is not None:
-            return [] if _children(self.every) else [(k, k) for k in range(n)]
-        return [seg for a, b, keys in self.parts if not _children(keys)
+            return [] if child_paths(self.every) else [(k, k) for k in range(n)]
+        return [seg for a, b, keys in self.parts if not child_paths(keys)
                 for seg in ([(k, k) for k in range(a, b + 1)] if keys else [(a, b)])]
+
+    @property
+    def runs_policy(self) -> bool:
+        """Whether some block runs under a selective policy (op keys; not children)."""
+        entries = [self.every] if self.every is not None else [k for _, _, k in self.parts]
+        return any(keys and not child_paths(keys) for keys in entries)
 
     def children(self, n: int) -> list[tuple[int, tuple[str, ...]]]:
         """(block, child paths) of each block that checkpoints children only (NOTE
         [ Checkpointing a part of a block ]), of a chain of ``n`` blocks."""
         if self.every is not None:
-            return [(k, _children(self.every)) for k in range(n) if _children(self.every)]
-        return [(k, _children(keys)) for a, b, keys in self.parts if _children(keys)
+            return [(k, child_paths(self.every)) for k in range(n) if child_paths(self.every)]
+        return [(k, child_paths(keys)) for a, b, keys in self.parts if child_paths(keys)
                 for k in range(a, b + 1)]
 
     def groups(self, n: int) -> dict:
         """keys -> segments checkpointed with them (empty keys: plain segments); entries
         naming children are not among them (``children``)."""
         if self.every is not None:
-            return {} if _children(self.every) else {self.every: [(k, k) for k in range(n)]}
+            return {} if child_paths(self.every) else {self.every: [(k, k) for k in range(n)]}
         out: dict = {}
         for a, b, keys in self.parts:
             if b >= n:
                 raise StrategyError(f"memprop.checkpoint: {self.spec} names block {b} but "
                                     f"the chain has blocks 0..{n - 1}")
-            if not _children(keys):
+            if not child_paths(keys):
                 out.setdefault(keys, []).extend([(a, b)] if not keys else
                                                  [(k, k) for k in range(a, b + 1)])
         return out
@@ -240,7 +246,7 @@ def is_child(key: str) -> bool:
     return key.startswith("@")
 
 
-def _children(keys: frozenset) -> tuple[str, ...]:
+def child_paths(keys) -> tuple[str, ...]:
     """The child module paths an entry names (``@mlp`` -> ``mlp``); () for op keys."""
     return tuple(sorted(k[1:] for k in keys if is_child(k)))
 

@@ -46,7 +46,7 @@ from torch import nn
 from memprop.checkpoint.forms.cache import cache_off
 from memprop.checkpoint.forms.chain import SegmentRefused, find_blocks
 from memprop.checkpoint.forms.multilevel import Nested
-from memprop.checkpoint.forms.oplevel import Ops, is_child
+from memprop.checkpoint.forms.oplevel import Ops, child_paths
 from memprop.checkpoint.forms.patch import APPLIED
 from memprop.checkpoint.forms.remat import Remat
 from memprop.checkpoint.forms.strategies import (
@@ -498,7 +498,7 @@ class _Search:
         n, plain = self.n, self.plain
         # NOTE [ Checkpointing a part of a block ]: such a block is not a segment
         segments = [tuple(seg[:2]) for seg in segments
-                    if len(seg) < 3 or not any(map(is_child, seg[2]))]
+                    if len(seg) < 3 or not child_paths(seg[2])]
         parts = dict(chosen.children(n)) if isinstance(chosen, Ops) else {}
         blocks_table = self.prof.table.assign(
             checkpointed=[any(a <= k <= b for a, b in segments) for k in range(n)],

@@ -58,7 +58,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from memprop.checkpoint.forms.oplevel import Ops, is_child
+from memprop.checkpoint.forms.oplevel import Ops, child_paths
 from memprop.checkpoint.forms.remat import Remat
 from memprop.checkpoint.forms.strategies import Selective, parse_strategy, remove_strategy
 from memprop.checkpoint.forms.verify import discarding_grads
@@ -253,16 +253,14 @@ def python_ops_of(strategy, full: Measurement, plain: Measurement,
         return forward_ops * (1 + (rebuild_ratio or 0.0)), 0.0
     if isinstance(strategy, Forward):
         return 0.0, 2.0 * forward_ops
-    if not isinstance(strategy, (Ops, Selective)) or isinstance(strategy, Ops) and not any(
-            keys and not any(map(is_child, keys)) for keys in
-            ([strategy.every] if strategy.every is not None else
-             [keys for _, _, keys in strategy.parts])):
+    if not isinstance(strategy, (Ops, Selective)) or isinstance(
+            strategy, Ops) and not strategy.runs_policy:
         return 0.0, 0.0                        # no selective policy runs
     if not block_ops:
         return 0.0, 2.0 * max(extra, 0)
     if isinstance(strategy, Ops) and strategy.every is None:     # its keyed blocks
         return 0.0, 2.0 * sum(sum(block_ops[a:b + 1]) for a, b, keys in strategy.parts
-                              if keys and not any(map(is_child, keys)))
+                              if keys and not child_paths(keys))
     return 0.0, 2.0 * sum(block_ops)                             # every block
 
 
