@@ -59,14 +59,15 @@ NOTE [ MoE routing and the estimate ]
     which reads no value (NOTE [ Fake grouped GEMMs allocate what the kernel allocates
     ], memprop.fake) - is the real step for EVERY routing: exact for the batch's own
     routing, a uniform split and the worst case alike. ``Measurement.routing`` says so.
-  * Per expert (``experts_implementation="eager"``, JetMoE's experts, LongCat-Flash's,
-    ...): the step reads the routing (``nonzero``, ``.tolist()``) and allocates one
-    slice per expert, so shapes depend on values. ``estimate`` predicts it under a
-    routing it names - the batch's own, a uniform split, or the capacity bound - with
-    the capacity bound's peak beside it (NOTE [ Predicting experts that run one by one
-    ], memprop.routing). Bare fake tensors cannot run it: ``measure_step`` on fake
-    tensors without a routing raises ``DataDependentStepError`` naming the op and the
-    module, instead of predicting under a silent assumption.
+  * Per expert (``experts_implementation="eager"``, JetMoE's experts, LongCat-Flash's
+    before transformers 5.25, ...): the step reads the routing (``nonzero``,
+    ``.tolist()``) and allocates one slice per expert, so shapes depend on values.
+    ``estimate`` predicts it under a routing it names - the batch's own, a uniform
+    split, or the capacity bound - with the capacity bound's peak beside it (NOTE [
+    Predicting experts that run one by one ], memprop.routing). Bare fake tensors
+    cannot run it: ``measure_step`` on fake tensors without a routing raises
+    ``DataDependentStepError`` naming the op and the module, instead of predicting under
+    a silent assumption.
   A measured step states the routing it ran with: the batch's own.
 
 NOTE [ How a tensor budget covers every pass ]
@@ -324,7 +325,7 @@ def _data_dependent_error(exc: BaseException, model: nn.Module,
                "top-k indices, and this one is not" + fix)
         if _experts_implementations(model):
             fix += (", or estimate it with grouped experts, whose bytes hold for every "
-                    "routing: --set _experts_implementation=grouped_mm (transformers' "
+                    "routing: --set experts_implementation=grouped_mm (transformers' "
                     "default)")
     else:
         fix += ("; if it is an expert routing, memprop predicts it once the experts' "

@@ -8,9 +8,9 @@ one by one, predicted under a routing it names.
 
 NOTE [ Predicting experts that run one by one ]
   A mixture-of-experts layer whose experts run one by one (transformers'
-  ``experts_implementation="eager"``, JetMoE's experts, LongCat-Flash's) reads the
-  routing to size each expert's slice: ``nonzero`` of the expert mask, ``.tolist()`` of
-  the tokens per expert. Fake tensors have no values (NOTE [ MoE routing and the
+  ``experts_implementation="eager"``, JetMoE's experts, LongCat-Flash's before transformers
+  5.25) reads the routing to size each expert's slice: ``nonzero`` of the expert mask,
+  ``.tolist()`` of the tokens per expert. Fake tensors have no values (NOTE [ MoE routing and the
   estimate ], memprop.measure), so the step is predicted under a routing it states:
   * ``Routing.batch`` - the user's own batch: the expert indices every router's
     ``topk`` chose in one real forward of the batch (``record_routing``: no gradients

@@ -13,7 +13,7 @@ from torch import nn
 
 from memprop.cli import main
 from memprop.errors import ConfigError
-from memprop.measure import DataDependentStepError, measure_step
+from memprop.measure import DataDependentStepError, measure_step, moe_routing
 from memprop.models import model_config
 from memprop.routing import ForcedRouting, Routing
 from memprop.sweep.trial import Trial
@@ -129,13 +129,14 @@ def test_a_value_the_routing_does_not_give_stays_a_clear_error():
 
 
 TINY_MIXTRAL = dict(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
-                    num_key_value_heads=2, seq_len=16, _experts_implementation="eager")
+                    num_key_value_heads=2, seq_len=16, experts_implementation="eager")
 
 
 @pytest.mark.parametrize("name,fields", [
     ("hf:mixtral", TINY_MIXTRAL),
     ("hf:jetmoe", {}),                # memprop's tiny defaults, as a user types it
-    ("hf:longcat_flash", {}),         # zero-compute experts besides the routed ones
+    ("hf:longcat_flash",              # zero-compute experts besides the routed ones
+     {"experts_implementation": "eager"}),   # (grouped by default from transformers 5.25)
 ])
 def test_transformers_experts_run_one_by_one_are_estimated_exactly(name, fields):
     pytest.importorskip("transformers")
@@ -154,11 +155,24 @@ def test_transformers_experts_run_one_by_one_are_estimated_exactly(name, fields)
 
 def test_grouped_experts_read_no_routing_and_say_so():
     pytest.importorskip("transformers")
-    fields = {k: v for k, v in TINY_MIXTRAL.items() if k != "_experts_implementation"}
+    fields = {k: v for k, v in TINY_MIXTRAL.items() if k != "experts_implementation"}
     model, batch = build_workload(model_config("hf:mixtral", **fields), 2)
     fake = estimate(model, batch)
     assert fake.routing.startswith("any (experts_implementation grouped_mm)")
     assert fake.capacity_routing_peak_bytes is None
+
+
+@pytest.mark.parametrize("key", ["experts_implementation", "_experts_implementation"])
+def test_the_experts_implementation_a_user_sets_is_the_one_built(key):
+    """Either spelling (the config kwarg, or the attribute a config reads back) builds
+    experts run one by one: transformers 5.25 ignores the private one as a keyword, so a
+    user's setting silently became grouped experts."""
+    pytest.importorskip("transformers")
+    fields = {k: v for k, v in TINY_MIXTRAL.items() if k != "experts_implementation"}
+    cfg = model_config("hf:mixtral", **fields, **{key: "eager"})
+    assert cfg.hf_config()._experts_implementation == "eager"
+    model, _ = build_workload(cfg, 2)
+    assert moe_routing(model, predicted=False).endswith("(experts_implementation eager)")
 
 
 def test_routing_batch_needs_a_real_batch():

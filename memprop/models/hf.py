@@ -70,7 +70,11 @@ SMALL_DEFAULTS = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_head
 
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 _WORKLOAD = ("task", "seq_len", "pad", "image_size", "num_labels")
-_CONFIG_KWARGS = ("attn_implementation",)   # accepted by every config, not in to_dict()
+_CONFIG_KWARGS = ("attn_implementation", "experts_implementation")   # accepted by every
+# config, not in to_dict(). Their private spellings (what the config object reads back) are
+# read as them: transformers >= 5.25 ignores a private one passed as a keyword argument
+_PUBLIC_KWARGS = {"_attn_implementation": "attn_implementation",
+                  "_experts_implementation": "experts_implementation"}
 
 
 def _transformers():
@@ -212,7 +216,7 @@ class HFConfig(ModelConfig):
         tiny and consistent from them (NOTE [ A tiny config that stays consistent ])."""
         transformers = _transformers()
         default = _default_config(self.model_type)
-        own = lambda key: default.attribute_map.get(key, key)  # noqa: E731
+        own = lambda key: _PUBLIC_KWARGS.get(key, default.attribute_map.get(key, key))  # noqa: E731
         user = _nest({own(k): v for k, v in self.options})
         values = _derive(default, user, seq_len=self.seq_len, image_size=self.image_size)
         values["num_labels"] = self.num_labels
