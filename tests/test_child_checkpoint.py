@@ -200,9 +200,9 @@ def test_sequential_children_are_named_by_index():
 
 def test_hf_children_bitwise_eager_and_within_rounding_compiled():
     """NOTE [ A part of a block under torch.compile ] (forms.oplevel): eager, a
-    checkpointed child is bitwise; compiled, Dynamo splits the graph at it and autograd sums the residual's
-    gradient in another order than one compiled graph does: equal loss, gradients
-    within rounding of the compiled plain model (measured <= 2.2e-8 here)."""
+    checkpointed child is bitwise; compiled, Dynamo splits the graph at it and autograd
+    sums the residual's gradient in another order than one compiled graph does: equal
+    loss, gradients within rounding of the compiled plain model (measured <= 2.2e-8 here)."""
     pytest.importorskip("transformers")
     cfg = model_config("hf:llama", num_hidden_layers=2, seq_len=32, pad=2)
     base, data = build_workload(cfg, 2)
