@@ -172,9 +172,12 @@ def norms_kept(blocks: list[nn.Module]):
     """BatchNorm running statistics of ``blocks`` (those training) as they were on entry,
     put back on exit: a recompute must not update them a second time. Snapshot and
     restore run outside any dispatch mode (bookkeeping, not part of the model)."""
+    training = [bn for bn in _norms(blocks) if bn.training]
+    if not training:                  # nothing to keep: no dispatch modes to leave
+        yield
+        return
     with _disable_current_modes():
-        snapshot = [(bn, [t.clone() for t in _running(bn)]) for bn in _norms(blocks)
-                    if bn.training]
+        snapshot = [(bn, [t.clone() for t in _running(bn)]) for bn in training]
     try:
         yield
     finally:
@@ -264,19 +267,22 @@ def as_forward_saw(kept: list, swapped: list):
     hold that value, and the modules of ``swapped`` ((module, attribute, the tensor the
     forward read) triples: buffers the forward replaced) hold the tensor the forward
     read; after, both as they were (NOTE [ Buffers a forward changes ])."""
-    with torch.no_grad(), _disable_current_modes():
-        now = [(b, b.clone()) for b, _ in kept]
-        for b, value in kept:
-            b.copy_(value)
+    now: list = []
+    if kept:                          # (most checkpoints keep none: no modes to leave)
+        with torch.no_grad(), _disable_current_modes():
+            now = [(b, b.clone()) for b, _ in kept]
+            for b, value in kept:
+                b.copy_(value)
     current = [(module, attr, module._buffers[attr]) for module, attr, _ in swapped]
     for module, attr, old in swapped:
         module._buffers[attr] = old
     try:
         yield
     finally:
-        with torch.no_grad(), _disable_current_modes():
-            for b, value in now:
-                b.copy_(value)
+        if now:
+            with torch.no_grad(), _disable_current_modes():
+                for b, value in now:
+                    b.copy_(value)
         for module, attr, tensor in current:
             module._buffers[attr] = tensor
 
@@ -294,9 +300,12 @@ class KeptBuffers:
     def before(self, seg: list[nn.Module]) -> tuple:
         buffers = _buffers(seg)
         versions = {n: b._version for n, (_, _, b) in buffers.items()}
-        with torch.no_grad(), _disable_current_modes():
-            copies = [(b, b.clone()) for n, (_, _, b) in buffers.items()
-                      if self.changes is None or n in self.changes]
+        wanted = [b for n, (_, _, b) in buffers.items()
+                  if self.changes is None or n in self.changes]
+        copies = []
+        if wanted:                    # (no dispatch modes to leave for none)
+            with torch.no_grad(), _disable_current_modes():
+                copies = [(b, b.clone()) for b in wanted]
         return buffers, versions, (copies, [])
 
     def after(self, seg: list[nn.Module], state: tuple, first: str) -> None:
