@@ -175,6 +175,17 @@ def test_the_experts_implementation_a_user_sets_is_the_one_built(key):
     assert moe_routing(model, predicted=False).endswith("(experts_implementation eager)")
 
 
+@pytest.mark.parametrize("fields", [
+    {"text_config.experts_implementation": "eager"},     # transformers would drop it
+    {"text_config._attn_implementation": "eager"},
+    {"experts_implementation": "eager", "_experts_implementation": "grouped_mm"},
+])
+def test_an_implementation_set_where_it_would_be_dropped_is_refused(fields):
+    pytest.importorskip("transformers")
+    with pytest.raises(ConfigError, match="implementation"):
+        model_config("hf:llama4", **fields)
+
+
 def test_routing_batch_needs_a_real_batch():
     """A model that is already fake has no values to route a batch with."""
     from torch._subclasses.fake_tensor import FakeTensorMode

@@ -190,6 +190,19 @@ class HFConfig(ModelConfig):
         default = _default_config(self.model_type)
         allowed = sorted(k for k in {*default.to_dict(), *default.attribute_map, *_CONFIG_KWARGS}
                          if not k.startswith("_"))
+        keys = [key for key, _ in self.options]
+        for key in keys:
+            last = key.rpartition(".")[2]
+            public = _PUBLIC_KWARGS.get(last, last)
+            if public in _PUBLIC_KWARGS.values() and "." in key:
+                # transformers sets these on the top-level config, which hands them to
+                # every sub-config (a sub-config's own would be overwritten: dropped)
+                raise ConfigError(f"memprop.models: set {public!r} at the top level "
+                                  f"(--set {public}=...), not as {key!r}: transformers "
+                                  "applies it to every sub-config")
+            if public != key and public in keys:
+                raise ConfigError(f"memprop.models: {key!r} and {public!r} are the same "
+                                  f"setting; give {public!r} only")
         for key, _ in self.options:
             if not _has_field(default, key):
                 head, _, rest = key.partition(".")
