@@ -42,8 +42,9 @@ NOTE [ Checkpointing a part of a block ]
   ``apply``.
 
 NOTE [ A part of a block under torch.compile ]
-  Dynamo cannot trace a checkpoint's bookkeeping (the snapshot of buffers its forward
-  changes, the objects it rewinds), so it splits the graph at each checkpointed child
+  Dynamo cannot trace a checkpoint's bookkeeping (the objects it rewinds, the checks
+  that its modules and buffers are unchanged, a snapshot of the buffers its forward
+  changes where there are any), so it splits the graph at each checkpointed child
   and runs that checkpoint eagerly between two compiled graphs, as it does for a whole
   checkpointed block (and for transformers' own gradient checkpointing, whose hub
   kernels it cannot trace inside a checkpoint either). Cutting a block there leaves a
