@@ -70,9 +70,9 @@ SMALL_DEFAULTS = {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_head
 
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 _WORKLOAD = ("task", "seq_len", "pad", "image_size", "num_labels")
-_CONFIG_KWARGS = ("attn_implementation", "experts_implementation")   # accepted by every
-# config, not in to_dict(). Their private spellings (what the config object reads back) are
-# read as them: transformers >= 5.25 ignores a private one passed as a keyword argument
+# accepted by every config, not in to_dict(); their private spellings (what a config
+# object reads back) are passed as them: transformers >= 5.25 ignores a private keyword
+_CONFIG_KWARGS = ("attn_implementation", "experts_implementation")
 _PUBLIC_KWARGS = {"_attn_implementation": "attn_implementation",
                   "_experts_implementation": "experts_implementation"}
 
