@@ -520,6 +520,40 @@ def test_peak_search_beyond_fit_and_the_smallest_it_found():
         plan(model, data, p.predicted_peak_bytes - 1, loss_fn=cfg.loss)
     assert info.value.smallest_feasible_bytes == p.predicted_peak_bytes
 
+def _landscape(peaks: list[int], params: int = 0):
+    """A front of len(peaks) entries (kept bytes i, FLOPs falling with i) and a simulate
+    that answers peaks[i] for entry i, counting its calls: remat_lowest's search alone."""
+    from types import SimpleNamespace
+    front = [(i, 10_000 - i, frozenset({f"mm#{i}"})) for i in range(len(peaks))]
+    calls = []
+
+    def simulate(strategy):
+        (key,) = strategy.keys
+        calls.append(int(key.partition("#")[2]))
+        return SimpleNamespace(peak_bytes=peaks[calls[-1]])
+    model = nn.Linear(1, params, bias=False) if params else nn.Module()
+    return model, front, simulate, calls
+
+
+def test_remat_lowest_finds_a_dip_past_a_plateau_within_its_cap():
+    # a sized hf:mixtral's front: its first 66 entries (in order of kept bytes) peak
+    # alike, the least lies at the 71st, and the bound (kept + parameters) never stops
+    # the scan; in order of kept bytes alone the 48 simulations end on the plateau
+    # (its front sampled every 5th entry: 3,766,472 B to the 66th, 3,651,784 at the 71st,
+    # 3,668,168 from the 76th to the 111th, higher after, 3,668,168 again later)
+    peaks = ([3_766_472] * 70 + [3_651_784] * 3 + [3_668_168] * 40 + [3_848_904] * 40
+             + [3_668_168] * 251)
+    model, front, simulate, calls = _landscape(peaks)
+    found = levels.remat_lowest(model, simulate, front)
+    assert len(set(calls)) <= levels.REMAT_LOWEST + 1 and found[-1][0].keys == front[-1][2]
+    assert min(r.peak_bytes for _, r in found) == 3_651_784
+    # the bound still stops it where kept bytes plus parameters reach the least peak
+    # (then the least is the least over the whole front), before patience runs out
+    model, front, simulate, calls = _landscape([200, 155, 156, 157, 158, 159, 300], params=38)
+    levels.remat_lowest(model, simulate, front)          # parameters: 38 float32, 152 B
+    assert sorted(set(calls)) == [0, 1, 2, 6]            # 152 + 3 >= 155; 6: keep every
+
+
 
 class _Unchained(nn.Module):
     """Six matmuls over a ParameterList: no chain of blocks to find."""

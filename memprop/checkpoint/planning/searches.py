@@ -54,7 +54,8 @@ __all__ = ["METRICS", "metric_of", "fit", "nested_solver",
            "placement_strategy", "lowest_nested", "stored_solver", "stored_model_bytes",
            "strategy_of", "whole_solver", "whole_front", "remat_fit",
            "REMAT_SCAN", "REMAT_MAX_BLOCKS", "rebuilds_within_limit", "remat_front",
-           "remat_lowest", "REMAT_LOWEST", "autocast_loss", "REBUILD_LIMIT"]
+           "remat_lowest", "REMAT_LOWEST", "REMAT_PATIENCE", "REMAT_SPREAD", "autocast_loss",
+           "REBUILD_LIMIT"]
 
 METRICS = ("peak", "stored")
 
@@ -308,34 +309,73 @@ def remat_fit(front: list | None, budget_bytes: int, simulate: Callable, *,
         return None
 
 
-# simulations remat_lowest spends at most, in order of kept bytes, before its bound stops
-# it: hf:gpt2 (batch 32) reaches its lowest peak at the 4th of 31 entries, a 4-block zoo
-# transformer at the 13th of 45
+# simulations remat_lowest spends at most. In order of kept bytes first, until the bound
+# stops it: hf:gpt2 (batch 32) reaches its lowest peak at the 4th of 31 entries, a 4-block
+# zoo transformer at the 13th of 45. A sized hf:mixtral's 404 entries peak alike for the
+# first 66 (rebuilds held at once in backward) and lowest at the 71st, out of that order's
+# reach: after REMAT_PATIENCE simulations in a row that lower nothing, the rest of the
+# front is sampled evenly (REMAT_SPREAD) and the best sample refined by halving steps
 REMAT_LOWEST = 48
+REMAT_PATIENCE = 6
+REMAT_SPREAD = 12
 
 
 def remat_lowest(model, simulate: Callable, front: list | None) -> list:
     """(``Remat``, simulated Measurement) of the candidates that bound ``remat:``'s
     smallest feasible peak, the same whatever the budget (NOTE [ The smallest feasible
-    budget ], memprop.checkpoint.planning.planner): the front's entries in order of kept bytes,
-    while their kept bytes plus the parameters (both alive at the end of the forward,
-    distinct storages: a lower bound on the peak) stay below the least peak simulated,
-    at most ``REMAT_LOWEST``; and keeping every kept-able output (the fewest rebuilds).
-    When the bound stops it before the cap, the least is the least over the whole
-    front, so no budget's search (``remat_fit``) finds a lower peak. [] when ``remat:`` is
-    not weighed (``remat_front``) or cannot replay this model."""
+    budget ], memprop.checkpoint.planning.planner), at most ``REMAT_LOWEST`` simulations:
+    the front's entries in order of kept bytes while their kept bytes plus the parameters
+    (both alive at the end of the forward, distinct storages: a lower bound on the peak)
+    stay below the least peak simulated. When that bound stops it, the least is the least
+    over the whole front, so no budget's search (``remat_fit``) finds a lower peak. When
+    ``REMAT_PATIENCE`` entries in a row lower nothing, the entries left that the bound
+    does not rule out are sampled evenly (``REMAT_SPREAD``) and the best (the fewest
+    kept bytes among equals: hf:mixtral's dip lies at its plateau's edge) refined: its
+    neighbours at half the sampling stride, then half that, down to adjacent entries.
+    Last, keeping every kept-able output (the fewest rebuilds). [] when ``remat:`` is not
+    weighed (``remat_front``) or cannot replay this model."""
     if not front:
         return []
     params = sum({storage_key(p): p.untyped_storage().nbytes()
                   for p in model.parameters()}.values())
-    out, least = [], None
+    entries = sorted(front, key=lambda e: (e[0], e[1]))
+    found: dict[int, tuple] = {}            # entry index -> (Remat, Measurement)
+    _NONE = float("inf")                    # not simulated: the cap was reached
+
+    def peak(i: int) -> float:
+        if i not in found and len(found) < REMAT_LOWEST:
+            found[i] = (Remat(entries[i][2]), simulate(Remat(entries[i][2])))
+        return found[i][1].peak_bytes if i in found else _NONE
+
+    def least() -> float:
+        return min((r.peak_bytes for _, r in found.values()), default=_NONE)
+
+    def open_below() -> int:
+        """The first entry the bound rules out (it and every later one)."""
+        return next((i for i, e in enumerate(entries) if params + e[0] >= least()),
+                    len(entries))
     try:
-        for kept, _, keys in sorted(front, key=lambda e: (e[0], e[1]))[:REMAT_LOWEST]:
-            if least is not None and params + kept >= least:
-                break                    # no later entry can peak lower
-            out.append((Remat(keys), simulate(Remat(keys))))
-            least = min(least or out[-1][1].peak_bytes, out[-1][1].peak_bytes)
-        out.append((Remat(front[-1][2]), simulate(Remat(front[-1][2]))))
+        stale, i = 0, 0
+        while i < open_below() and stale < REMAT_PATIENCE and len(found) < REMAT_LOWEST:
+            before = least()
+            stale = 0 if peak(i) < before else stale + 1
+            i += 1
+        rest = range(i, open_below())
+        if stale >= REMAT_PATIENCE and rest:
+            stride = max(1, len(rest) / REMAT_SPREAD)
+            for k in range(REMAT_SPREAD):
+                peak(rest[min(len(rest) - 1, round(k * stride))])
+            step = max(1, round(stride / 2))
+            while True:     # among equal peaks, the one of fewest kept bytes
+                best = min(found, key=lambda j: (found[j][1].peak_bytes, j))
+                for j in (best - step, best + step):
+                    if 0 <= j < open_below():
+                        peak(j)
+                if step == 1 or len(found) >= REMAT_LOWEST:
+                    break
+                step = max(1, step // 2)
+        out = [found[i] for i in sorted(found)]
+        out.append((Remat(entries[-1][2]), simulate(Remat(entries[-1][2]))))
     except StrategyError:           # remat cannot replay this model: not weighed
         return []
     return out
