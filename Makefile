@@ -1,6 +1,6 @@
 # memprop: two commands on a fresh machine.
 #   make demo   create .venv, install memprop (torch pinned), run the main job
-#   make test   same install, then the test suite
+#   make test   same install, then the test suite (files in parallel: TEST_WORKERS)
 #   make lint   same install, then ruff and mypy (rules: pyproject.toml)
 # Override the torch install, e.g. for a CUDA build:
 #   make test TORCH_SPEC="torch==2.13.0" TORCH_INDEX=https://download.pytorch.org/whl/cu128
@@ -10,6 +10,9 @@ VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
+# test files run in parallel, each file whole in one worker (its module fixtures built
+# once): one worker per core, at most 4; TEST_WORKERS=0 runs them in this process
+TEST_WORKERS ?= auto
 EXTRAS      ?= test,hf,ray
 
 BIN   := $(VENV)/bin
@@ -30,7 +33,7 @@ demo: install  ## writes reports/demo/ (ignored by git); reports/quickstart/ is 
 	$(BIN)/memprop report reports/demo/results.sqlite -o reports/demo
 
 test: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile $(PYTEST_ARGS)
 
 lint: install  ## ruff (pyflakes, imports, bugbear, style) and mypy, as configured in pyproject.toml
 	$(BIN)/ruff check memprop tests benchmarks experiments
