@@ -334,11 +334,11 @@ def check(model_type: str, variant: str, emit=print, forms=FORMS) -> None:
                     if not exc.smallest_feasible_bytes:
                         raise
                     row.update(budget_note=f"{BUDGET_FRACTION:.0%} of the plain peak is below "
-                               f"the smallest feasible budget; planned for that instead "
-                               f"({_message(exc)})")
+                               f"the smallest feasible budget; the plan the error carries "
+                               f"for that budget instead ({_message(exc)})")
                     budget = exc.smallest_feasible_bytes
                     row.update(budget_bytes=budget)
-                    run = step(cfg, plan_budget=budget)
+                    run = (*step(cfg, exc.plan.spec)[:2], exc.plan)
                 row.update(spec=run[2].spec, predicted_peak=run[2].predicted_peak_bytes)
             else:
                 run = step(cfg, form)

@@ -20,8 +20,15 @@ class StrategyError(MemPropError, ValueError):
 
 
 class BudgetError(MemPropError):
-    """No checkpointing plan fits the requested memory budget."""
+    """No checkpointing plan fits the requested memory budget. The planner's error says
+    the smallest feasible budget it found (``smallest_feasible_bytes``, bytes) and
+    carries the plan that reaches it (``plan``, a ``memprop.checkpoint.Plan`` for that
+    budget, the strategy the message names), not priced in seconds
+    (``predicted_step_ms`` None). Planning at the figure searches again and may find a
+    faster plan; ``plan`` saves that search where a plan that fits is enough."""
 
-    def __init__(self, message: str, *, smallest_feasible_bytes: int | None = None):
+    def __init__(self, message: str, *, smallest_feasible_bytes: int | None = None,
+                 plan=None):
         super().__init__(message)
         self.smallest_feasible_bytes = smallest_feasible_bytes
+        self.plan = plan

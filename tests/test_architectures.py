@@ -89,9 +89,10 @@ def test_form_is_exact_and_estimated(model_type, form, plain_steps):
         budget = int(peak * bench.BUDGET_FRACTION)
         try:
             run = bench.step(cfg, plan_budget=budget)
-        except BudgetError as exc:        # 60 % is below any plan: the smallest it found
-            budget = exc.smallest_feasible_bytes
-            run = bench.step(cfg, plan_budget=budget)
+        except BudgetError as exc:        # 60 % is below any plan: the plan its error
+            budget = exc.smallest_feasible_bytes    # carries for the smallest it found
+            assert exc.plan.predicted_peak_bytes == budget == exc.plan.budget_bytes
+            run = (*bench.step(cfg, exc.plan.spec)[:2], exc.plan)
         spec = run[2].spec
     else:
         run, spec = bench.step(cfg, form), form

@@ -8,7 +8,7 @@ import torch
 from helpers import random_chain
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
-from memprop.checkpoint import apply_strategy, parse_strategy
+from memprop.checkpoint import apply_strategy, parse_strategy, remove_strategy
 from memprop.checkpoint.planning.dp import TIE, ChainCosts, brute_force, min_peak, model_peak, solve
 from memprop.checkpoint.planning.planner import plan
 from memprop.checkpoint.planning.simulate import simulate
@@ -119,6 +119,19 @@ def test_impossible_budget_states_smallest_feasible_and_that_one_fits():
     assert f"({smallest} bytes, with remat:" in str(info.value)   # below full's 1101832
     p = plan(model, data, smallest)
     assert p.predicted_peak_bytes <= smallest
+    # the error carries the plan that reached it: no second search needed to apply one
+    carried = info.value.plan
+    assert carried.spec.startswith("remat:")
+    assert carried.predicted_peak_bytes == carried.budget_bytes == smallest
+    carried.apply(model)
+    measured = measure_step(model, data, repeats=1, timing=False, inference=False)
+    remove_strategy(model)
+    assert measured.peak_bytes == smallest
+    # the same for the bytes stored for backward
+    with pytest.raises(BudgetError) as info:
+        plan(model, data, 1000, metric="stored")
+    smallest, carried = info.value.smallest_feasible_bytes, info.value.plan
+    assert carried.predicted_saved_bytes == carried.budget_bytes == smallest
 
 
 def test_generous_budget_recomputes_nothing():

@@ -620,7 +620,9 @@ def _search(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_
         return s.choose([s.plan_of(*sr) for sr in sorted(
             fitting, key=lambda sr: (sr[1].backward_flops, sr[1].peak_bytes))])
     strategy, result = min(lowest, key=lambda sr: (sr[1].peak_bytes, sr[1].backward_flops))
-    raise _peak_budget_error(budget_bytes, result.peak_bytes, plain, strategy.spec)
+    raise _peak_budget_error(budget_bytes, result.peak_bytes, plain, strategy.spec,
+                             dataclasses.replace(s.plan_of(strategy, result),
+                                                 budget_bytes=result.peak_bytes))
 
 
 # NOTE [ The smallest feasible budget ]
@@ -646,16 +648,18 @@ def _search(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_
 #   proven (tests/test_plan_smallest.py checks budgets just below it on two models).
 
 
-def _peak_budget_error(budget_bytes: int, smallest: int, plain, reached_by: str):
+def _peak_budget_error(budget_bytes: int, smallest: int, plain, reached_by: str,
+                       reaching: Plan):
     """No plan fits a peak budget: the smallest feasible one found (NOTE [ The smallest
-    feasible budget ]), reached by the strategy ``reached_by``."""
+    feasible budget ]), reached by the strategy ``reached_by`` (``reaching``: its plan,
+    which the error carries)."""
     return BudgetError(
         f"memprop.checkpoint: no checkpointing plan fits a budget of "
         f"{format_bytes(budget_bytes)} ({budget_bytes} bytes); the smallest feasible "
         f"budget found is about {format_bytes(smallest)} ({smallest} bytes, with "
         f"{short_spec(reached_by)}; planning at it finds a plan) - the plain step "
         f"needs {format_bytes(plain.peak_bytes)}. Raise the budget or shrink the batch",
-        smallest_feasible_bytes=smallest)
+        smallest_feasible_bytes=smallest, plan=reaching)
 
 
 def _chainless_error(model) -> StrategyError:
@@ -819,7 +823,8 @@ def _plan_stored(s: _Search, stops, options, wholes, *, full: bool = False) -> P
         f"feasible is about {format_bytes(smallest)} ({smallest} bytes, with "
         f"{short_spec(reached_by.spec)}) - the plain step stores "
         f"{format_bytes(plain.saved_bytes)}. Raise the budget or shrink the batch",
-        smallest_feasible_bytes=smallest)
+        smallest_feasible_bytes=smallest,
+        plan=dataclasses.replace(plan_of(reached_by, result), budget_bytes=smallest))
 
 
 @dataclasses.dataclass(frozen=True)
