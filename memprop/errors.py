@@ -23,9 +23,10 @@ class BudgetError(MemPropError):
     """No checkpointing plan fits the requested memory budget. The planner's error says
     the smallest feasible budget it found (``smallest_feasible_bytes``, bytes) and
     carries the plan that reaches it (``plan``, a ``memprop.checkpoint.Plan`` for that
-    budget, the strategy the message names), not priced in seconds
-    (``predicted_step_ms`` None). Planning at the figure searches again and may find a
-    faster plan; ``plan`` saves that search where a plan that fits is enough."""
+    budget, the strategy the message names; its replay checked as a returned plan's is,
+    else None), not priced in seconds (``predicted_step_ms`` None) nor given levers.
+    Planning at the figure searches again and may find a faster plan; ``plan`` saves
+    that search where a plan that fits is enough."""
 
     def __init__(self, message: str, *, smallest_feasible_bytes: int | None = None,
                  plan=None):

@@ -166,7 +166,8 @@ def test_after_make_demo_a_missing_quickstart_store_points_to_the_demo(tmp_path,
     import shutil
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    shutil.copytree(root / "experiments", tmp_path / "experiments")
+    shutil.copytree(root / "experiments", tmp_path / "experiments",   # another test file
+                    ignore=shutil.ignore_patterns("__pycache__"))   # may be writing it
     (tmp_path / "reports" / "demo").mkdir(parents=True)
     (tmp_path / "reports" / "demo" / "results.sqlite").write_bytes(b"")
     monkeypatch.chdir(tmp_path)

@@ -319,6 +319,13 @@ def plan(model: nn.Module, batch, budget, *, blocks_attr=None, blocks=None, chec
                             "op-level forms (ops:, forward:, remat:) left out, as the op "
                             "calls of a block depend on its routing",)
         return found
+    except BudgetError as exc:
+        # the plan the error carries is checked as a returned one is: a replay that is
+        # not exact leaves the error without one (planning at the figure falls back)
+        if exc.plan is not None and _replay_refusal(model, batch, exc.plan, blocks_attr,
+                                                    step_loss, **options["select"]):
+            exc.plan = None
+        raise
     finally:
         rng.close()
         with torch.no_grad():

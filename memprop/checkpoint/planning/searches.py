@@ -328,8 +328,10 @@ def remat_lowest(model, simulate: Callable, front: list | None) -> list:
     (both alive at the end of the forward, distinct storages: a lower bound on the peak)
     stay below the least peak simulated. When that bound stops it, the least is the least
     over the whole front, so no budget's search (``remat_fit``) finds a lower peak. When
-    ``REMAT_PATIENCE`` entries in a row lower nothing, the entries left that the bound
-    does not rule out are sampled evenly (``REMAT_SPREAD``) and the best (the fewest
+    ``REMAT_PATIENCE`` entries in a row lower nothing and more entries are left than the
+    cap leaves simulations for (the bound could not stop the scan in time), the entries
+    left that the bound does not rule out are sampled evenly (``REMAT_SPREAD``) and the
+    best (the fewest
     kept bytes among equals: hf:mixtral's dip lies at its plateau's edge) refined: its
     neighbours at half the sampling stride, then half that, down to adjacent entries.
     Last, keeping every kept-able output (the fewest rebuilds). [] when ``remat:`` is not
@@ -360,11 +362,16 @@ def remat_lowest(model, simulate: Callable, front: list | None) -> list:
             before = least()
             stale = 0 if peak(i) < before else stale + 1
             i += 1
+            # patience only where the scan in order could not reach the bound's stop
+            if stale >= REMAT_PATIENCE and open_below() - i <= REMAT_LOWEST - len(found):
+                stale = 0
         rest = range(i, open_below())
         if stale >= REMAT_PATIENCE and rest:
             stride = max(1, len(rest) / REMAT_SPREAD)
             for k in range(REMAT_SPREAD):
-                peak(rest[min(len(rest) - 1, round(k * stride))])
+                j = rest[min(len(rest) - 1, round(k * stride))]
+                if j < open_below():            # the bound may have moved meanwhile
+                    peak(j)
             step = max(1, round(stride / 2))
             while True:     # among equal peaks, the one of fewest kept bytes
                 best = min(found, key=lambda j: (found[j][1].peak_bytes, j))
