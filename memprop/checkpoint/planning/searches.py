@@ -313,8 +313,9 @@ def remat_fit(front: list | None, budget_bytes: int, simulate: Callable, *,
 # stops it: hf:gpt2 (batch 32) reaches its lowest peak at the 4th of 31 entries, a 4-block
 # zoo transformer at the 13th of 45. A sized hf:mixtral's 404 entries peak alike for the
 # first 66 (rebuilds held at once in backward) and lowest at the 71st, out of that order's
-# reach: after REMAT_PATIENCE simulations in a row that lower nothing, the rest of the
-# front is sampled evenly (REMAT_SPREAD) and the best sample refined by halving steps
+# reach: after REMAT_PATIENCE simulations in a row that lower nothing, where the cap would
+# stop the scan before the bound does, the rest of the front is sampled evenly
+# (REMAT_SPREAD) and the best sample refined by halving steps
 REMAT_LOWEST = 48
 REMAT_PATIENCE = 6
 REMAT_SPREAD = 12
@@ -331,9 +332,9 @@ def remat_lowest(model, simulate: Callable, front: list | None) -> list:
     ``REMAT_PATIENCE`` entries in a row lower nothing and more entries are left than the
     cap leaves simulations for (the bound could not stop the scan in time), the entries
     left that the bound does not rule out are sampled evenly (``REMAT_SPREAD``) and the
-    best (the fewest
-    kept bytes among equals: hf:mixtral's dip lies at its plateau's edge) refined: its
-    neighbours at half the sampling stride, then half that, down to adjacent entries.
+    best (the fewest kept bytes among equals: hf:mixtral's dip lies at its plateau's
+    edge) refined: its neighbours at half the sampling stride, then half that, down to
+    adjacent entries.
     Last, keeping every kept-able output (the fewest rebuilds). [] when ``remat:`` is not
     weighed (``remat_front``) or cannot replay this model."""
     if not front:
