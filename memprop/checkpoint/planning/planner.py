@@ -531,6 +531,13 @@ class _Search:
                               chosen=None if isinstance(strategy, (Blocks, Nested, NoCheckpoint))
                               else strategy)
 
+    def reaching(self, strategy: Strategy, result: Measurement) -> Plan:
+        """``plan_of`` for the candidate that reaches the smallest feasible budget,
+        planned for that budget (its peak, or its stored bytes under ``metric="stored"``):
+        the plan a ``BudgetError`` carries."""
+        figure = result.peak_bytes if self.metric == "peak" else result.saved_bytes
+        return dataclasses.replace(self.plan_of(strategy, result), budget_bytes=figure)
+
     def choose(self, fits: list[Plan], *, full: bool = False) -> Plan:
         """The plan the objective prefers among plans that fit (first among equals);
         ``full``: weigh ``full`` too when it fits, under the time objective (a plan is
@@ -627,9 +634,7 @@ def _search(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_
         return s.choose([s.plan_of(*sr) for sr in sorted(
             fitting, key=lambda sr: (sr[1].backward_flops, sr[1].peak_bytes))])
     strategy, result = min(lowest, key=lambda sr: (sr[1].peak_bytes, sr[1].backward_flops))
-    raise _peak_budget_error(budget_bytes, result.peak_bytes, plain, strategy.spec,
-                             dataclasses.replace(s.plan_of(strategy, result),
-                                                 budget_bytes=result.peak_bytes))
+    raise _peak_budget_error(budget_bytes, plain, s.reaching(strategy, result))
 
 
 # NOTE [ The smallest feasible budget ]
@@ -655,11 +660,10 @@ def _search(model, batch, budget_bytes, *, blocks_attr, select, optimizer, loss_
 #   proven (tests/test_plan_smallest.py checks budgets just below it on two models).
 
 
-def _peak_budget_error(budget_bytes: int, smallest: int, plain, reached_by: str,
-                       reaching: Plan):
+def _peak_budget_error(budget_bytes: int, plain, reaching: Plan):
     """No plan fits a peak budget: the smallest feasible one found (NOTE [ The smallest
-    feasible budget ]), reached by the strategy ``reached_by`` (``reaching``: its plan,
-    which the error carries)."""
+    feasible budget ]), reached by the plan ``reaching``, which the error carries."""
+    smallest, reached_by = reaching.predicted_peak_bytes, reaching.spec
     return BudgetError(
         f"memprop.checkpoint: no checkpointing plan fits a budget of "
         f"{format_bytes(budget_bytes)} ({budget_bytes} bytes); the smallest feasible "
@@ -830,8 +834,7 @@ def _plan_stored(s: _Search, stops, options, wholes, *, full: bool = False) -> P
         f"feasible is about {format_bytes(smallest)} ({smallest} bytes, with "
         f"{short_spec(reached_by.spec)}) - the plain step stores "
         f"{format_bytes(plain.saved_bytes)}. Raise the budget or shrink the batch",
-        smallest_feasible_bytes=smallest,
-        plan=dataclasses.replace(plan_of(reached_by, result), budget_bytes=smallest))
+        smallest_feasible_bytes=smallest, plan=s.reaching(reached_by, result))
 
 
 @dataclasses.dataclass(frozen=True)
