@@ -42,7 +42,7 @@ WORKLOADS = {
 }
 BATCH = 8
 FRACTION = 0.6
-ROUNDS = 15
+ROUNDS = 25
 
 
 def _peak(cfg, model, data) -> int:

@@ -191,3 +191,23 @@ def test_a_forward_that_reads_values_gets_a_one_line_refusal_from_plan():
     # nothing of the failed trace stays on torch's dispatch-mode stack (it did: every
     # later step in the process ran under its FLOP counter and op trace)
     assert _get_current_dispatch_mode_stack() == []
+
+
+def test_a_profile_keeps_nothing_of_its_trace_alive():
+    """The traced forward's graph held its saved tensors, each saved output its own node
+    (a cycle through autograd that Python's collector cannot see): every plan() kept
+    its trace alive (about 17,000 objects on a tiny Mistral). After a profile, nothing
+    of it remains."""
+    import gc
+
+    from memprop.checkpoint.planning.profile import OpTrace, profile
+
+    def traces() -> int:
+        gc.collect()
+        return sum(isinstance(o, OpTrace) for o in gc.get_objects())
+
+    cfg = model_config("transformer", depth=2, d_model=32, seq_len=8, vocab=50)
+    model, data = build_workload(cfg, 2)
+    before = traces()
+    prof = profile(model, data, loss_fn=cfg.loss)
+    assert prof.block_calls and traces() == before

@@ -283,18 +283,23 @@ def checkpoints_of(strategy, n: int) -> int:
 
 
 def time_strategies(model, batch, loss_fn, strategies: dict, *, rounds: int = 5,
+                    seconds: float = 0.0, max_rounds: int | None = None,
                     apply_kwargs: dict | None = None) -> dict:
     """Median ms of one forward and backward of ``loss_fn(model, batch)`` under each of
     ``strategies`` (name -> ``Strategy`` or spec), applied in turn round by round
-    (``rounds`` rounds after one warm-up round): a shared machine's noise falls on every
+    (``rounds`` rounds after one warm-up round; then more rounds while the timed steps
+    add up to less than ``seconds``, up to ``max_rounds``: short steps are timed more
+    often, so a shared machine's jitter weighs less): its noise falls on every
     candidate alike. The parameters' gradients are dropped as they arrive
     (``discarding_grads``: timing never holds them) and the ones held before are put
     back afterwards."""
     params = [p for p in model.parameters() if p.requires_grad]
     cuda = bool(params) and params[0].device.type == "cuda"
     times: dict = {name: [] for name in strategies}
+    most = max(rounds, max_rounds or rounds)
+    timed_s, round_ = 0.0, 0
     with discarding_grads(model):
-        for round_ in range(rounds + 1):
+        while round_ <= rounds or timed_s < seconds and round_ <= most:
             for name, strategy in strategies.items():
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -305,7 +310,10 @@ def time_strategies(model, batch, loss_fn, strategies: dict, *, rounds: int = 5,
                     if cuda:
                         torch.cuda.synchronize(params[0].device)
                     if round_:                       # the first round warms up
-                        times[name].append((time.perf_counter() - start) * 1e3)
+                        elapsed = time.perf_counter() - start
+                        times[name].append(elapsed * 1e3)
+                        timed_s += elapsed
                 finally:
                     remove_strategy(model)
+            round_ += 1
     return {name: statistics.median(t) for name, t in times.items()}
