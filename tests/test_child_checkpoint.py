@@ -150,6 +150,24 @@ def test_planner_weighs_children_and_prices_no_policy(zoo):
         assert "blocks checkpoint a part of themselves alone" in found.describe()
 
 
+def test_each_further_child_costs_a_checkpoint_in_the_options(zoo):
+    """child_options(per_checkpoint=c): an option of r children costs their FLOPs and
+    (r - 1) * c (the DP charges the first), so a norm's checkpoint, which recomputes no
+    FLOPs, is no longer free; the bytes each option stores do not change."""
+    model, data, _ = zoo
+    prof = profile(model, data, loss_fn=CFG.loss, whole=False)
+    free, priced = child_options(prof), child_options(prof, per_checkpoint=1e9)
+    by_keys = [{keys: (kept, cost) for keys, kept, cost in block} for block in free]
+    compared = 0
+    for block, costs in zip(priced, by_keys):
+        for keys, kept, cost in block:
+            if keys in costs:
+                assert kept == costs[keys][0]
+                assert cost == costs[keys][1] + 1e9 * (len(keys) - 1)
+                compared += 1
+    assert compared and any(len(keys) > 1 for block in free for keys, _, _ in block)
+
+
 def test_child_shared_between_blocks_is_refused_and_never_offered():
     """A module two blocks share (one rotary table, one norm): its checkpoint would cover
     both blocks' calls, so applying it is refused, and the profile offers it to no block."""

@@ -70,7 +70,9 @@ from memprop.checkpoint.planning.rotor import stored_fronts
 from memprop.checkpoint.planning.simulate import simulate
 from memprop.checkpoint.planning.timing import (
     SMALL_ROWS,
+    Rates,
     calibrate,
+    checkpoint_flops,
     checkpoints_of,
     first_rows,
     predict_ms,
@@ -360,9 +362,7 @@ def _price(model, batch, plans: list[Plan], plain: Measurement, *, blocks_attr, 
     and the plain step timed at ``SMALL_ROWS`` rows (interleaved, medians), the rest of
     the batch priced at the device's rates; a fake model priced by the rates alone
     (``block_ops``: each block's aten calls, which a selective policy sees twice)."""
-    first = next(iter(model.parameters()), None)
-    device = first.device if first is not None else torch.device("cpu")
-    rates = calibrate(device, first.dtype if first is not None else torch.float32)
+    rates = _rates_of(model)
     strategies = {NoCheckpoint().spec: NoCheckpoint(), **{p.spec: p.strategy for p in plans}}
     full: dict[str, Measurement] = {NoCheckpoint().spec: plain}
     for p in plans:
@@ -393,6 +393,13 @@ def _price(model, batch, plans: list[Plan], plain: Measurement, *, blocks_attr, 
     weighed = tuple((p.spec, p.predicted_peak_bytes, p.predicted_step_ms) for p in plans)
     for p in plans:
         p.weighed = weighed
+
+
+def _rates_of(model: nn.Module) -> Rates:
+    """The time model's rates for the device and dtype of the model's parameters."""
+    first = next(iter(model.parameters()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    return calibrate(device, first.dtype if first is not None else torch.float32)
 
 
 # rounds each candidate is timed at SMALL_ROWS rows, after one warm-up round; then more
@@ -744,7 +751,11 @@ def _plan_peak(s: _Search, options, stops, early) -> tuple[list[Plan], list]:
             others.append(segments_only)
             excess = tightened if segments_only is not None else 0
         if any(s.prof.block_children):
-            others.append(_placement(s, levels.child_options(s.prof), stops, excess)[0])
+            # a block's second and later children priced at a checkpoint's own cost
+            # too: a norm's recomputes no FLOPs, yet costs what a checkpoint costs
+            per = checkpoint_flops(_rates_of(s.model))
+            others.append(_placement(s, levels.child_options(s.prof, per_checkpoint=per),
+                                     stops, excess)[0])
         return [found] + [p for p in others if p is not None], []
     # below the single-level floor: checkpoints inside recomputed segments (blocks
     # called with one tensor only: multilevel.NestedChain refuses others)

@@ -211,19 +211,20 @@ def op_options(prof: Profile, *, max_calls: int = 6) -> list:
             for calls, e in zip(prof.block_calls, early)]
 
 
-def child_options(prof: Profile, *, max_children: int = 4) -> list:
+def child_options(prof: Profile, *, max_children: int = 4, per_checkpoint: float = 0.0) -> list:
     """Per block, the options of checkpointing some of its children alone (NOTE
     [ Checkpointing a part of a block ], memprop.checkpoint.forms.oplevel), as the chain's
     DP takes op-level options: (``{"@path", ...}``, bytes the block still stores, the
-    children's forward FLOPs), the Pareto set. The bytes freed by several children are
-    summed; each plan is checked by simulating the step."""
+    children's forward FLOPs and ``per_checkpoint`` for each child past the first: the
+    DP charges one checkpoint per option), the Pareto set. The bytes freed by several
+    children are summed; each plan is checked by simulating the step."""
     assert prof.costs is not None                   # a chain was profiled
     out = []
     for inner, children in zip(prof.costs.inner, prof.block_children):
         heavy = sorted(children, key=lambda c: -c.freed)[:max_children]
         options = [(frozenset("@" + c.path for c in subset),
                     max(inner - sum(c.freed for c in subset), 0),
-                    float(sum(c.flops for c in subset)))
+                    float(sum(c.flops for c in subset)) + per_checkpoint * (r - 1))
                    for r in range(1, len(heavy) + 1)
                    for subset in itertools.combinations(heavy, r)]
         out.append(pareto(options, need=lambda o: o[1], cost=lambda o: o[2],
