@@ -130,16 +130,20 @@ class Applied:
         return f"<Applied {self.strategy}: {len(self.patches)} patches>"
 
 
-def refuse_sharded(modules: list[nn.Module], what: str) -> None:
+def refuse_sharded(modules: list[nn.Module], what: str, *, inside: list | None = None) -> None:
     """``StrategyError`` if FSDP2 (``fully_shard``) manages a module that runs inside one
     replayed region ``modules`` other than a lone block itself: its all-gathers and
     output hooks run inside the region, and a replay meets them in another state
     (measured: ``forward:`` and ``remat:`` fail, a multi-block segment finds the
     hand-over changed). One block per checkpoint is fine (``full``, ``selective``,
-    ``ops:``, ``nested:`` with one-block top segments)."""
-    inside = [m for root in modules for m in (root.modules() if len(modules) > 1
-                                               else list(root.modules())[1:])]
-    if _FSDP_MODULES and any(isinstance(m, _FSDP_MODULES) for m in inside):
+    ``ops:``, ``nested:`` with one-block top segments). ``inside``: those modules, if
+    the caller walked them already."""
+    if not _FSDP_MODULES:
+        return
+    if inside is None:
+        inside = [m for root in modules for m in (root.modules() if len(modules) > 1
+                                                   else list(root.modules())[1:])]
+    if any(isinstance(m, _FSDP_MODULES) for m in inside):
         raise StrategyError(
             f"memprop.checkpoint: {what} spans modules sharded with FSDP2 (fully_shard), "
             "whose all-gathers and hooks cannot be replayed inside one region; use a "

@@ -55,6 +55,7 @@ from memprop.checkpoint.forms.chain import (
     SegmentForward,
     SegmentRefused,
     _inside_segment,
+    _modules,
     _objects,
     _per_block_hint,
     _refuse_changed,
@@ -78,11 +79,13 @@ class _Run:
     arguments (``spec`` and ``leaves``: a stored tensor, an earlier block's output
     leaf ``("out", q, k)``, or a plain value) and the RNG state it started with."""
 
-    def __init__(self, span: "Span", contexts, device_type: str, tail: dict | None):
+    def __init__(self, span: "Span", contexts, device_type: str, tail: dict | None,
+                 modules: list):
         self.span, self.contexts, self.device_type, self.tail = span, contexts, device_type, tail
         self.autocast = _get_autocast_kwargs(device_type=device_type)
-        self.tree = _tree(span.seg)                  # modules, to refuse a change
-        self.kept_state = span.kept.before(span.seg)  # NOTE [ Buffers a forward changes ]
+        self.tree = _tree(span.seg, modules)          # modules, to refuse a change
+        # NOTE [ Buffers a forward changes ]
+        self.kept_state = span.kept.before(span.seg, modules)
         self.kept = self.kept_state[2]
         # (spec, leaves, cpu rng, device rng, the objects it was handed as they were)
         self.calls: list[tuple] = []
@@ -166,7 +169,9 @@ class Span:
 
     def start(self, args: tuple, kwargs: dict) -> None:
         seg, names = self.seg, self.names
-        refuse_sharded(seg, f"the checkpoint of {names[0]} .. {names[-1]}")
+        walked = _modules(seg)
+        refuse_sharded(seg, f"the checkpoint of {names[0]} .. {names[-1]}",
+                       inside=[m for _, m in walked])
         leaves = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
         device_type = _infer_device_type(*leaves)
         module = _get_device_module(device_type)
@@ -178,7 +183,7 @@ class Span:
         # plain segments hold their output until the recompute (forms.tail); a verified
         # replay recomputes it (NOTE [ Verifying a replay ])
         tail: dict | None = {} if self.context_fn is None and not is_verifying() else None
-        self.run, self.next = _Run(self, contexts, device_type, tail), 0
+        self.run, self.next = _Run(self, contexts, device_type, tail, walked), 0
         # the frame holds the run (its recompute), the run never the frame: no cycle, so
         # the stored inputs go when backward drops the frame, not at the next gc
         self.frame = _CheckpointFrame(
@@ -220,8 +225,9 @@ class Span:
         assert run is not None
         self.frame.forward_completed = True
         self.run, self.next, self.frame = None, 0, None
-        _refuse_changed(run.tree, _tree(self.seg), self.names[0])
-        self.kept.after(self.seg, run.kept_state, self.names[0])
+        walked = _modules(self.seg)
+        _refuse_changed(run.tree, _tree(self.seg, walked), self.names[0])
+        self.kept.after(self.seg, run.kept_state, self.names[0], walked)
 
 
 # NOTE [ A span under torch.compile ]
