@@ -152,8 +152,9 @@ def test_planner_weighs_children_and_prices_no_policy(zoo):
 
 def test_each_further_child_costs_a_checkpoint_in_the_options(zoo):
     """child_options(per_checkpoint=c): an option of r children costs their FLOPs and
-    (r - 1) * c (the DP charges the first), so a norm's checkpoint, which recomputes no
-    FLOPs, is no longer free; the bytes each option stores do not change."""
+    (r - 1) * c (the first stands in for the block's own checkpoint), so a norm's
+    checkpoint, which recomputes no FLOPs, is no longer free; the bytes each option
+    stores do not change."""
     model, data, _ = zoo
     prof = profile(model, data, loss_fn=CFG.loss, whole=False)
     free, priced = child_options(prof), child_options(prof, per_checkpoint=1e9)

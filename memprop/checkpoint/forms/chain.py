@@ -267,10 +267,10 @@ def _buffers(seg: list[nn.Module], modules: list | None = None
     norms = {id(t) for bn in _norms(seg, modules) for t in _running(bn)}
     out = {}
     for name, module in modules:
+        dot = "." if name.partition(":")[2] else ""     # a block itself: "i:attr"
         for attr, b in module._buffers.items():
             if b is not None and id(b) not in norms:
-                out[f"{name}.{attr}" if not name.endswith(":") else f"{name}{attr}"] = (
-                    module, attr, b)
+                out[f"{name}{dot}{attr}"] = (module, attr, b)
     return out
 
 
@@ -480,9 +480,9 @@ class SegmentForward(PatchedForward):
         if _inside_segment() or not torch.is_grad_enabled():   # inside a run; inference
             return self.original(*args, **kwargs)
         walked = _modules(self.seg)
+        # inside the checkpoint: a lone block's modules but itself (walked first)
         refuse_sharded(self.seg, f"the checkpoint of {names[0]}",
-                       inside=[m for name, m in walked if len(self.seg) > 1
-                               or not name.endswith(":")])
+                       inside=[m for _, m in (walked[1:] if len(self.seg) == 1 else walked)])
         # every tensor argument goes to checkpoint positionally, so it is saved
         # through the saved-tensor hooks (NOTE above); the rest rides along
         leaves, spec = tree_flatten((args, kwargs))

@@ -136,8 +136,9 @@ def refuse_sharded(modules: list[nn.Module], what: str, *, inside: list | None =
     output hooks run inside the region, and a replay meets them in another state
     (measured: ``forward:`` and ``remat:`` fail, a multi-block segment finds the
     hand-over changed). One block per checkpoint is fine (``full``, ``selective``,
-    ``ops:``, ``nested:`` with one-block top segments). ``inside``: those modules, if
-    the caller walked them already."""
+    ``ops:``, ``nested:`` with one-block top segments). ``inside``: the modules that
+    run inside the region, if the caller walked them already (a lone block's modules
+    without the block itself; every module of several)."""
     if not _FSDP_MODULES:
         return
     if inside is None:

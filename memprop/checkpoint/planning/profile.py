@@ -86,6 +86,15 @@ class _Collector:
         pass
 
 
+def _unpack(box: list):
+    if not box:
+        raise StrategyError(
+            "memprop.checkpoint: a backward reached a forward that plan() traced on fake "
+            "tensors (the model kept a tensor of that forward); its saved tensors are "
+            "gone: detach what the model keeps between calls")
+    return box[0]
+
+
 def _trace(target, target_batch, loss_fn, collectors: list, counter: FlopCounter,
            mode=None) -> None:
     """One forward of ``loss_fn(target, target_batch)`` with every collector attached
@@ -114,8 +123,7 @@ def _trace(target, target_batch, loss_fn, collectors: list, counter: FlopCounter
             for c in collectors:
                 if c.mode is not None:
                     stack.enter_context(c.mode)
-            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(
-                pack, lambda box: box[0]))
+            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, _unpack))
             loss = loss_fn(target, target_batch)
             del loss
     finally:

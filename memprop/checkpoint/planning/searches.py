@@ -216,7 +216,8 @@ def child_options(prof: Profile, *, max_children: int = 4, per_checkpoint: float
     [ Checkpointing a part of a block ], memprop.checkpoint.forms.oplevel), as the chain's
     DP takes op-level options: (``{"@path", ...}``, bytes the block still stores, the
     children's forward FLOPs and ``per_checkpoint`` for each child past the first: the
-    DP charges one checkpoint per option), the Pareto set. The bytes freed by several
+    first stands in for the block's own checkpoint, which a segment's cost does not
+    count either; the DP adds ``TIE`` per option), the Pareto set. The bytes freed by several
     children are summed; each plan is checked by simulating the step."""
     assert prof.costs is not None                   # a chain was profiled
     out = []
