@@ -211,3 +211,19 @@ def test_a_profile_keeps_nothing_of_its_trace_alive():
     before = traces()
     prof = profile(model, data, loss_fn=cfg.loss)
     assert prof.block_calls and traces() == before
+
+
+def test_a_larger_budget_never_needs_more_recompute_on_the_chain():
+    """The chain's placement tightens its model budget by each simulated overshoot; on
+    tiny Mistral at 24 MiB small overshoots used up its rounds and the plan fell back to
+    three whole blocks, where at 23.8 MiB an ops: placement of fewer FLOPs fit. After
+    the rounds by the overshoot it at least doubles the tightening, so a larger budget
+    finds a plan at least as cheap."""
+    pytest.importorskip("transformers")
+    cfg = model_config("hf:mistral", num_hidden_layers=4, hidden_size=128, seq_len=128)
+    torch.manual_seed(0)
+    model, data = build_workload(cfg, 8)
+    smaller, larger = (plan(model, data, budget, loss_fn=cfg.loss, whole=False,
+                            objective="flops") for budget in (24_959_832, 24 * 2**20))
+    assert larger.predicted_peak_bytes <= 24 * 2**20
+    assert larger.recompute_flops <= smaller.recompute_flops, (larger.spec, smaller.spec)
