@@ -43,9 +43,9 @@ NOTE [ Pricing a plan in seconds ]
   checkpoint a part of themselves (``ops:0,1,2=@mlp``: no policy, NOTE [ Checkpointing
   a part of a block ], memprop.checkpoint.forms.oplevel), where each further child of a
   block costs one checkpoint's own cost in FLOPs (``checkpoint_flops``: tiny Mistral at
-  60 % now checkpoints its MLPs alone, 1.13x the plain step against 1.15x with its norms
-  too, 60 interleaved rounds); ``remat:``'s fit; and ``full`` whenever a plan
-  checkpoints.
+  60 % now checkpoints two whole blocks and a third's MLP alone, ``ops:0,1,2=@mlp``,
+  1.13x the plain step against 1.15x with that block's two norms too, 60 interleaved
+  rounds); ``remat:``'s fit; and ``full`` whenever a plan checkpoints.
 """
 
 from __future__ import annotations
